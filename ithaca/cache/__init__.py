@@ -1,0 +1,1 @@
+"""Step caches (TeaCache, block caching, TaylorSeer) with per-branch state."""

@@ -1,0 +1,82 @@
+"""Plain request and result types: the only objects that cross process boundaries.
+
+The HTTP edge converts its pydantic models into :class:`GenerationParams`
+(``to_params()``); the engine hands batches of them to a pipeline on every rank and
+gets :class:`GenerationResult` objects back from the returning rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass
+class GenerationParams:
+    """One request's sampling parameters. ``None`` means "the model's default"."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    """Embedded guidance (guidance-distilled models) or the second expert's scale."""
+    true_cfg_scale: float | None = None
+    """Classifier-free guidance scale with a negative branch (Qwen-Image semantics)."""
+    seed: int | None = None
+    num_images: int = 1
+    images: list[Image.Image] = field(default_factory=list)
+    """Input images for edit pipelines, or the first frame for image-to-video."""
+    # video
+    num_frames: int | None = None
+    fps: int | None = None
+    guidance_scale_2: float | None = None
+    flow_shift: float | None = None
+    # acceleration, per request
+    cache_backend: str | None = None
+    cache_config: dict[str, Any] | None = None
+    partial_images: int = 0
+    """Number of intermediate previews to report through the step callback."""
+    request_id: str = ""
+
+
+@dataclass
+class GenerationResult:
+    """What the returning rank hands back for one request."""
+
+    request_id: str = ""
+    images: list[Image.Image] = field(default_factory=list)
+    frames: np.ndarray | None = None
+    """Video frames ``(F, H, W, 3)`` uint8, or None for images."""
+    fps: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """seed, steps, timings, cache hit ratio, ..."""
+
+
+@dataclass
+class StepEvent:
+    """Progress of one denoising step, reported on the returning rank."""
+
+    request_ids: list[str]
+    step: int
+    total_steps: int
+    previews: list[Image.Image] | None = None
+    """Decoded intermediate images when a request asked for partial images."""
+
+
+StepCallback = Callable[[StepEvent], bool]
+"""Called after each step on the returning rank; returning True cancels the batch.
+The cancel decision is broadcast by the pipeline so every rank stops at the same step."""
+
+
+class Pipeline(Protocol):
+    """What the engine drives on every rank of a worker group."""
+
+    def generate(
+        self, batch: list[GenerationParams], callback: StepCallback | None = None
+    ) -> list[GenerationResult]: ...

@@ -1,0 +1,1 @@
+"""Model families: sp plans, attention adapters, denoising loops, registry."""

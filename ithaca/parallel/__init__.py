@@ -1,0 +1,49 @@
+"""Splitting one diffusion-transformer forward across ranks.
+
+- :mod:`state`: the process-group layout (:class:`ParallelState`) and rank map;
+- :mod:`comm`: collectives with shape comments and byte counts;
+- :mod:`kernels`: local attention returning log-sum-exp, partial merging;
+- :mod:`attention`: the entry point for attention processors (local / Ulysses /
+  Ring / hybrid, joint text, key masks, auto_pad masking);
+- :mod:`sp_plan`, :mod:`hooks`, :mod:`sharding`: declarative ``_sp_plan`` sharding;
+- :mod:`cfg`: CFG-parallel.
+"""
+
+from ithaca.parallel.attention import ParallelAttention
+from ithaca.parallel.cfg import apply_guidance, predict_branches
+from ithaca.parallel.hooks import SequenceParallelRuntime, apply_sequence_parallel
+from ithaca.parallel.sharding import (
+    ShardingValidator,
+    sp_gather,
+    sp_shard,
+    sp_shard_with_padding,
+)
+from ithaca.parallel.sp_plan import (
+    SequenceParallelInput,
+    SequenceParallelModelPlan,
+    SequenceParallelOutput,
+    SequenceParallelPartialInput,
+    get_sp_plan_from_model,
+    validate_sp_plan,
+)
+from ithaca.parallel.state import ParallelState, SequenceParallelConfig
+
+__all__ = [
+    "ParallelAttention",
+    "ParallelState",
+    "SequenceParallelConfig",
+    "SequenceParallelInput",
+    "SequenceParallelModelPlan",
+    "SequenceParallelOutput",
+    "SequenceParallelPartialInput",
+    "SequenceParallelRuntime",
+    "ShardingValidator",
+    "apply_guidance",
+    "apply_sequence_parallel",
+    "get_sp_plan_from_model",
+    "predict_branches",
+    "sp_gather",
+    "sp_shard",
+    "sp_shard_with_padding",
+    "validate_sp_plan",
+]

@@ -1,0 +1,116 @@
+"""Collectives over one :class:`~ithaca.parallel.state.Axis`, with shapes and byte counts.
+
+Every function here is collective over its axis: every rank of the axis must call it,
+in the same order, with tensors of the same shape. Bytes counted are the bytes this
+rank puts on the wire (its own chunk of an all-to-all stays local and is not counted).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ithaca.parallel.state import Axis
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def seq_to_heads(x: torch.Tensor, axis: Axis) -> torch.Tensor:
+    """Ulysses forward all-to-all: ``(B, S/P, H, D) -> (B, S, H/P, D)``.
+
+    Rank ``i`` holds sequence shard ``i``; afterwards it holds the whole (axis-local)
+    sequence for head group ``i``.
+    """
+    p = axis.size
+    if p == 1:
+        return x
+    b, s_local, h, d = x.shape
+    # (B, S/P, H, D) -> (B, S/P, P, H/P, D) -> (P, B, S/P, H/P, D): chunk j goes to rank j
+    send = x.reshape(b, s_local, p, h // p, d).permute(2, 0, 1, 3, 4).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=axis.group)
+    axis.stats.record("all_to_all", _nbytes(send) * (p - 1) // p)
+    # recv[j] is rank j's sequence shard of my heads: (P, B, S/P, H/P, D) -> (B, S, H/P, D)
+    return recv.permute(1, 0, 2, 3, 4).reshape(b, p * s_local, h // p, d)
+
+
+def heads_to_seq(x: torch.Tensor, axis: Axis) -> torch.Tensor:
+    """Ulysses inverse all-to-all: ``(B, S, H/P, D) -> (B, S/P, H, D)``."""
+    p = axis.size
+    if p == 1:
+        return x
+    b, s, h_local, d = x.shape
+    # (B, S, H/P, D) -> (B, P, S/P, H/P, D) -> (P, B, S/P, H/P, D): sequence chunk j to rank j
+    send = x.reshape(b, p, s // p, h_local, d).permute(1, 0, 2, 3, 4).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=axis.group)
+    axis.stats.record("all_to_all", _nbytes(send) * (p - 1) // p)
+    # recv[j] is my sequence shard of rank j's heads: -> (B, S/P, P, H/P, D) -> (B, S/P, H, D)
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, s // p, p * h_local, d)
+
+
+def all_gather(x: torch.Tensor, axis: Axis, dim: int) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim`` in group-rank order."""
+    if axis.size == 1:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(axis.size)]
+    dist.all_gather(parts, x, group=axis.group)
+    axis.stats.record("all_gather", _nbytes(x) * (axis.size - 1))
+    return torch.cat(parts, dim=dim)
+
+
+def all_reduce(x: torch.Tensor, axis: Axis, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce over the axis; returns ``x``."""
+    if axis.size > 1:
+        dist.all_reduce(x, op=op, group=axis.group)
+        axis.stats.record("all_reduce", _nbytes(x))
+    return x
+
+
+def shard(x: torch.Tensor, axis: Axis, dim: int) -> torch.Tensor:
+    """This rank's equal chunk of ``x`` along ``dim`` (no communication)."""
+    if axis.size == 1:
+        return x
+    size = x.shape[dim]
+    if size % axis.size:
+        raise ValueError(
+            f"cannot shard dim {dim} of size {size} over {axis.size} {axis.name} ranks "
+            f"evenly; pad it (auto_pad=True / sp_shard_with_padding)"
+        )
+    return x.chunk(axis.size, dim=dim)[axis.rank].contiguous()
+
+
+class RingExchange:
+    """Double-buffered peer-to-peer rotation around the ring axis.
+
+    ``start(tensors)`` posts the send of ``tensors`` to the next ring rank and the
+    receive of the previous rank's tensors of the same shapes; ``wait()`` returns the
+    received tensors. Compute on the current block runs between the two calls, so the
+    next block is in flight while this one is used.
+    """
+
+    def __init__(self, axis: Axis):
+        self.axis = axis
+        self.next = axis.global_rank(axis.rank + 1)
+        self.prev = axis.global_rank(axis.rank - 1)
+        self._reqs: list = []
+        self._recv: list[torch.Tensor] = []
+
+    def start(self, tensors: list[torch.Tensor]) -> None:
+        assert not self._reqs, "wait() for the previous exchange first"
+        self._recv = [torch.empty_like(t) for t in tensors]
+        ops = []
+        for send, recv in zip(tensors, self._recv, strict=True):
+            ops.append(dist.P2POp(dist.isend, send.contiguous(), self.next, self.axis.group))
+            ops.append(dist.P2POp(dist.irecv, recv, self.prev, self.axis.group))
+            self.axis.stats.record("p2p", _nbytes(send))
+        self._reqs = dist.batch_isend_irecv(ops)
+
+    def wait(self) -> list[torch.Tensor]:
+        for req in self._reqs:
+            req.wait()
+        self._reqs = []
+        return self._recv

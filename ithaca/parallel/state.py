@@ -1,0 +1,326 @@
+"""Process-group layout: one explicit object with named axes, built once per process.
+
+Rank map. A world of ``dp * cfg * ring * ulysses`` ranks is laid out with ulysses as
+the innermost, contiguous axis (its all-to-all stays between adjacent GPUs, i.e. on
+NVLink), then ring, then cfg, with dp outermost::
+
+    rank = ((dp_idx * cfg + cfg_idx) * ring + ring_idx) * ulysses + ulysses_idx
+
+Example, 8 ranks with ulysses=2, ring=2, cfg=2 (dp=1)::
+
+    rank  cfg  ring  ulysses   sp rank
+      0    0    0      0          0      cfg branch 0 (positive prompt)
+      1    0    0      1          1
+      2    0    1      0          2
+      3    0    1      1          3
+      4    1    0      0          0      cfg branch 1 (negative prompt)
+      5    1    0      1          1
+      6    1    1      0          2
+      7    1    1      1          3
+
+    ulysses groups: [0,1] [2,3] [4,5] [6,7]
+    ring groups:    [0,2] [1,3] [4,6] [5,7]
+    sp groups:      [0,1,2,3] [4,5,6,7]     (sp rank = ring_idx * ulysses + ulysses_idx)
+    cfg groups:     [0,4] [1,5] [2,6] [3,7]
+    replica groups: [0..7]                  (all ranks serving one request)
+
+The sequence-parallel rank orders shards ring-major, so the ``ulysses`` ranks of one
+ring position hold adjacent sequence shards: after the Ulysses all-to-all they hold
+one contiguous segment, which is the block the ring rotates.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ithaca.config import ParallelConfig
+
+AXES = ("dp", "cfg", "ring", "ulysses")  # outermost -> innermost
+
+
+@dataclass
+class CommStats:
+    """Bytes this rank sent, by collective kind (for benchmarks and tests)."""
+
+    bytes_sent: dict[str, int] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+
+    def record(self, kind: str, nbytes: int) -> None:
+        self.bytes_sent[kind] = self.bytes_sent.get(kind, 0) + int(nbytes)
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+
+    def total(self) -> int:
+        return sum(self.bytes_sent.values())
+
+    def reset(self) -> None:
+        self.bytes_sent.clear()
+        self.calls.clear()
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One named group this rank belongs to."""
+
+    name: str
+    ranks: tuple[int, ...]
+    """Global ranks of the group, in group-rank order."""
+    rank: int
+    """This process's index in ``ranks``."""
+    group: dist.ProcessGroup | None
+    """The process group; ``None`` when the axis has a single rank."""
+    stats: CommStats
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def global_rank(self, index: int) -> int:
+        return self.ranks[index % self.size]
+
+
+def _coords(rank: int, dims: dict[str, int]) -> dict[str, int]:
+    out = {}
+    for name in reversed(AXES):
+        out[name] = rank % dims[name]
+        rank //= dims[name]
+    return out
+
+
+def _rank(coords: dict[str, int], dims: dict[str, int]) -> int:
+    rank = 0
+    for name in AXES:
+        rank = rank * dims[name] + coords[name]
+    return rank
+
+
+def _enumerate_groups(dims: dict[str, int], free: tuple[str, ...]) -> list[tuple[int, ...]]:
+    """All groups whose members differ only along ``free`` axes (outer->inner order)."""
+    fixed = [a for a in AXES if a not in free]
+    groups = []
+    for fixed_vals in itertools.product(*(range(dims[a]) for a in fixed)):
+        coords = dict(zip(fixed, fixed_vals, strict=True))
+        members = []
+        for free_vals in itertools.product(*(range(dims[a]) for a in free)):
+            coords.update(zip(free, free_vals, strict=True))
+            members.append(_rank(coords, dims))
+        groups.append(tuple(members))
+    return groups
+
+
+class ParallelState:
+    """Named process groups for the dp, cfg, ring, ulysses, sp and replica axes.
+
+    Built once per process with :meth:`from_env` (torchrun) or :meth:`build` (an
+    already initialised default group), and passed explicitly to whatever needs it.
+    Two states can live in one process (each owns its groups).
+    """
+
+    def __init__(
+        self,
+        config: ParallelConfig,
+        rank: int,
+        device: torch.device,
+        axes: dict[str, Axis],
+        cpu_group: dist.ProcessGroup | None,
+        owned_groups: list[dist.ProcessGroup],
+        stats: CommStats,
+    ):
+        self.config = config
+        self.rank = rank
+        self.world_size = config.world_size
+        self.device = device
+        self.dp = axes["dp"]
+        self.cfg = axes["cfg"]
+        self.ring = axes["ring"]
+        self.ulysses = axes["ulysses"]
+        self.sp = axes["sp"]
+        self.replica = axes["replica"]
+        self.cpu_group = cpu_group
+        """Gloo group over the whole world, for CPU metadata (requests, decisions)."""
+        self.stats = stats
+        self._owned = owned_groups
+
+    def __repr__(self) -> str:
+        return (
+            f"ParallelState(rank={self.rank}/{self.world_size}, dp={self.dp.rank}/{self.dp.size}, "
+            f"cfg={self.cfg.rank}/{self.cfg.size}, ring={self.ring.rank}/{self.ring.size}, "
+            f"ulysses={self.ulysses.rank}/{self.ulysses.size}, device={self.device})"
+        )
+
+    @classmethod
+    def single(cls, config: ParallelConfig | None = None, device: str | torch.device = "cpu"):
+        """A one-rank state that needs no process group."""
+        config = config or ParallelConfig()
+        if config.world_size != 1:
+            raise ValueError(f"a single-process state needs world size 1, not {config.world_size}")
+        stats = CommStats()
+        axes = {
+            name: Axis(name, (0,), 0, None, stats)
+            for name in (*AXES, "sp", "replica")
+        }
+        return cls(config, 0, torch.device(device), axes, None, [], stats)
+
+    @classmethod
+    def build(cls, config: ParallelConfig, device: str | torch.device | None = None):
+        """Create every group of the layout. Collective: all ranks call it, in order."""
+        if not dist.is_initialized():
+            if config.world_size == 1:
+                return cls.single(config, device or "cpu")
+            raise RuntimeError("torch.distributed is not initialised; use ParallelState.from_env")
+        world = dist.get_world_size()
+        if world != config.world_size:
+            raise ValueError(
+                f"world size ({world}) must equal data_parallel_size * cfg_parallel_size * "
+                f"ring_degree * ulysses_degree ({config.world_size}) for {config}"
+            )
+        rank = dist.get_rank()
+        device = torch.device(device) if device is not None else _default_device()
+        dims = {
+            "dp": config.data_parallel_size,
+            "cfg": config.cfg_parallel_size,
+            "ring": config.ring_degree,
+            "ulysses": config.ulysses_degree,
+        }
+        free_axes = {
+            "ulysses": ("ulysses",),
+            "ring": ("ring",),
+            "sp": ("ring", "ulysses"),
+            "cfg": ("cfg",),
+            "replica": ("cfg", "ring", "ulysses"),
+            "dp": ("dp",),
+        }
+        stats = CommStats()
+        owned: list[dist.ProcessGroup] = []
+        axes: dict[str, Axis] = {}
+        # Every rank creates every group in the same order (new_group is collective).
+        for name, free in free_axes.items():
+            for members in _enumerate_groups(dims, free):
+                group = None
+                if len(members) > 1:
+                    group = dist.new_group(list(members))
+                    owned.append(group)
+                if rank in members:
+                    axes[name] = Axis(name, members, members.index(rank), group, stats)
+        cpu_group = None
+        if dist.get_backend() != "gloo":
+            cpu_group = dist.new_group(backend="gloo")
+            owned.append(cpu_group)
+        return cls(config, rank, device, axes, cpu_group, owned, stats)
+
+    @classmethod
+    def from_env(cls, config: ParallelConfig, device: str | torch.device | None = None):
+        """Initialise torch.distributed from the torchrun environment and build the groups.
+
+        Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+        ``MASTER_PORT``. NCCL on CUDA (one device per local rank), gloo on CPU.
+        """
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != config.world_size:
+            raise ValueError(
+                f"WORLD_SIZE ({world}) must equal the product of the parallel degrees "
+                f"({config.world_size}) for {config}"
+            )
+        if world == 1 and "MASTER_ADDR" not in os.environ:
+            return cls.single(config, device or _default_device())
+        device = torch.device(device) if device is not None else _default_device()
+        if not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+                dist.init_process_group("nccl", device_id=device)
+            else:
+                dist.init_process_group("gloo")
+        return cls.build(config, device)
+
+    def destroy(self) -> None:
+        """Release the groups this state created (not the default group)."""
+        for group in self._owned:
+            dist.destroy_process_group(group)
+        self._owned = []
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+@dataclass
+class SequenceParallelConfig:
+    """The reference API's sequence-parallel view over a :class:`ParallelState`.
+
+    ``setup`` attaches it to a state (given, or built from the torchrun environment
+    with ``ulysses_degree * ring_degree`` sequence-parallel ranks per replica).
+    """
+
+    ulysses_degree: int = 1
+    ring_degree: int = 1
+    convert_to_fp32: bool = True
+    """Merge ring partial outputs and log-sum-exp in float32."""
+    _state: ParallelState | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ParallelConfig(ulysses_degree=self.ulysses_degree, ring_degree=self.ring_degree)
+
+    def setup(
+        self,
+        rank: int,
+        world_size: int,
+        device: torch.device | str,
+        state: ParallelState | None = None,
+    ) -> None:
+        sp = self.ulysses_degree * self.ring_degree
+        if state is None:
+            if world_size % sp:
+                raise ValueError(
+                    f"world_size ({world_size}) must be a multiple of ulysses_degree * "
+                    f"ring_degree ({sp})"
+                )
+            config = ParallelConfig(
+                ulysses_degree=self.ulysses_degree,
+                ring_degree=self.ring_degree,
+                data_parallel_size=world_size // sp,
+            )
+            state = ParallelState.build(config, device)
+        if state.rank != rank or state.world_size != world_size:
+            raise ValueError(
+                f"setup(rank={rank}, world_size={world_size}) does not match the process "
+                f"group (rank {state.rank} of {state.world_size})"
+            )
+        if (state.ulysses.size, state.ring.size) != (self.ulysses_degree, self.ring_degree):
+            raise ValueError(
+                f"state has ulysses={state.ulysses.size} ring={state.ring.size}, config asks "
+                f"for ulysses={self.ulysses_degree} ring={self.ring_degree}"
+            )
+        self._state = state
+
+    def is_initialized(self) -> bool:
+        return self._state is not None
+
+    @property
+    def state(self) -> ParallelState:
+        if self._state is None:
+            raise RuntimeError("SequenceParallelConfig.setup() has not been called")
+        return self._state
+
+    def get_rank(self) -> int:
+        return self.state.sp.rank
+
+    def get_world_size(self) -> int:
+        return self.state.sp.size
+
+    def get_ulysses_rank(self) -> int:
+        return self.state.ulysses.rank
+
+    def get_ulysses_world_size(self) -> int:
+        return self.state.ulysses.size
+
+    def get_ring_rank(self) -> int:
+        return self.state.ring.rank
+
+    def get_ring_world_size(self) -> int:
+        return self.state.ring.size

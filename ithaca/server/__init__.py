@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP edge: protocol, routes, errors, media encoding."""

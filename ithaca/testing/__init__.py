@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks: multi-process harness, tiny checkpoints."""
