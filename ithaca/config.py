@@ -63,3 +63,124 @@ class ParallelConfig:
 
 # The reference system's name for the same object.
 DiffusionParallelConfig = ParallelConfig
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Which step cache the pipeline uses and how it is tuned (per server or request)."""
+
+    backend: str | None = None
+    """``None`` for no cache, else a cache name the model registry understands
+    (``"tea_cache"``, ``"cache_dit"``, ...)."""
+
+    options: tuple[tuple[str, object], ...] = ()
+    """Backend-specific settings as sorted key/value pairs (hashable); see :meth:`as_dict`."""
+
+    @classmethod
+    def from_dict(cls, backend: str | None, options: dict | None) -> CacheConfig:
+        if options and backend is None:
+            raise ValueError(f"cache_config ({options!r}) given without a cache_backend")
+        return cls(backend, tuple(sorted((options or {}).items())))
+
+    def as_dict(self) -> dict:
+        return dict(self.options)
+
+
+ON_WORKER_FAILURE = ("restart", "exit")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The front process: HTTP, queueing, batching and worker-group supervision."""
+
+    model: str | None = None
+    """Checkpoint path or hub id; ``None`` serves the embedded default model."""
+
+    served_model_name: str | None = None
+    """Name clients pass as ``model``; defaults to ``model`` (or ``"ithaca-default"``)."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind."""
+
+    port: int = 8091
+    """TCP port to bind (0 picks a free one)."""
+
+    dtype: str | None = None
+    """``bfloat16`` / ``float16`` / ``float32``; ``None`` lets the model decide."""
+
+    api_key: str | None = None
+    """When set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``."""
+
+    max_queue_size: int = 64
+    """Requests waiting beyond this get 429 with ``Retry-After``."""
+
+    max_batch_size: int = 4
+    """Images per forward pass when compatible requests are batched (1 disables batching)."""
+
+    batch_wait_ms: float = 10.0
+    """How long the oldest request waits for compatible company before it runs alone."""
+
+    executor: str = "torchrun"
+    """``torchrun`` (worker groups in subprocesses) or ``inprocess`` (one rank, no subprocess)."""
+
+    on_worker_failure: str = "restart"
+    """``restart`` the worker group or ``exit`` the server (non-zero) when a rank dies."""
+
+    startup_timeout_s: float = 600.0
+    """Every rank must load weights and report READY within this many seconds."""
+
+    heartbeat_interval_s: float = 1.0
+    """Idle worker groups prove liveness by a collective ping this often."""
+
+    liveness_timeout_s: float = 10.0
+    """No heartbeat (idle) for this long means the group is hung."""
+
+    step_timeout_s: float = 300.0
+    """No denoising step finished for this long while a batch runs means the group is hung."""
+
+    drain_timeout_s: float = 30.0
+    """After SIGTERM, running requests get this long to finish."""
+
+    output_ttl_s: float = 3600.0
+    """``response_format=url`` outputs are kept and served for this long."""
+
+    state_dir: str | None = None
+    """Video jobs (SQLite) and stored outputs live here; ``None`` uses ``~/.cache/ithaca``."""
+
+    nnodes: int = 1
+    """Nodes the worker group spans (torchrun static rendezvous)."""
+
+    node_rank: int = 0
+    """This node's index; the front runs on node 0, other nodes run ``ithaca worker-node``."""
+
+    master_addr: str = "127.0.0.1"
+    """Address of node 0 for the rendezvous."""
+
+    master_port: int | None = None
+    """Rendezvous port of the first worker group (``None`` picks a free one)."""
+
+    def __post_init__(self) -> None:
+        _require_positive("max_queue_size", self.max_queue_size)
+        _require_positive("max_batch_size", self.max_batch_size)
+        _require_positive("nnodes", self.nnodes)
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port ({self.port}) must be in 0..65535")
+        if self.batch_wait_ms < 0:
+            raise ValueError(f"batch_wait_ms ({self.batch_wait_ms}) must be >= 0")
+        if self.executor not in ("torchrun", "inprocess"):
+            raise ValueError(f"executor ({self.executor!r}) must be 'torchrun' or 'inprocess'")
+        if self.on_worker_failure not in ON_WORKER_FAILURE:
+            raise ValueError(
+                f"on_worker_failure ({self.on_worker_failure!r}) must be one of {ON_WORKER_FAILURE}"
+            )
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank ({self.node_rank}) must be in 0..nnodes-1 ({self.nnodes})")
+        if self.dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype ({self.dtype!r}) must be bfloat16, float16 or float32")
+        for name in ("heartbeat_interval_s", "liveness_timeout_s", "step_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be > 0")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model or "ithaca-default"

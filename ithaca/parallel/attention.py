@@ -82,7 +82,9 @@ class ParallelAttention:
             if has_joint:
                 h_local = heads // ulysses.size
                 heads_here = slice(ulysses.rank * h_local, (ulysses.rank + 1) * h_local)
-                joint_q, joint_k, joint_v = (t[:, :, heads_here] for t in (joint_q, joint_k, joint_v))
+                joint_q, joint_k, joint_v = (
+                    t[:, :, heads_here] for t in (joint_q, joint_k, joint_v)
+                )
 
         joint = None
         if has_joint:

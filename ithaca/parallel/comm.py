@@ -114,3 +114,18 @@ class RingExchange:
             req.wait()
         self._reqs = []
         return self._recv
+
+
+def broadcast_object(obj, axis: Axis, src: int = 0, group: dist.ProcessGroup | None = None):
+    """Pickle ``obj`` on axis rank ``src`` and return it on every rank of the axis.
+
+    For CPU metadata (requests, decisions), not tensors. ``group`` overrides
+    ``axis.group`` when the axis has a CPU twin (a gloo group with the same members,
+    e.g. ``ParallelState.cpu_group`` when the axis is the whole world on NCCL).
+    Collective: every rank of the axis calls it, in the same order.
+    """
+    if axis.size == 1:
+        return obj
+    box = [obj if axis.rank == src else None]
+    dist.broadcast_object_list(box, src=axis.global_rank(src), group=group or axis.group)
+    return box[0]

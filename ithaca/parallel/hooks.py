@@ -115,7 +115,9 @@ class SequenceParallelRuntime:
         return pad_to_multiple(tensor, dim, world)[0]
 
     def _shard(self, tensor, spec: SequenceParallelInput, where: str):
-        if not isinstance(tensor, torch.Tensor) or not self._dims_ok(tensor, spec.expected_dims, where):
+        if not isinstance(tensor, torch.Tensor) or not self._dims_ok(
+            tensor, spec.expected_dims, where
+        ):
             return tensor
         dim = spec.split_dim % tensor.dim()
         key = (id(tensor), dim)
@@ -129,16 +131,20 @@ class SequenceParallelRuntime:
 
     def _shard_partial(self, tensor, spec: SequenceParallelPartialInput, text_len: int, where):
         """``[text, image]`` along split_dim: keep the text, shard (and pad) the image."""
-        if not isinstance(tensor, torch.Tensor) or not self._dims_ok(tensor, spec.expected_dims, where):
+        if not isinstance(tensor, torch.Tensor) or not self._dims_ok(
+            tensor, spec.expected_dims, where
+        ):
             return tensor
         dim = spec.split_dim % tensor.dim()
         text, image = tensor.split([text_len, tensor.shape[dim] - text_len], dim=dim)
-        image = self._pad(image, dim, False, where)
+        image = self._pad(image, dim, spec.auto_pad, where)
         self.sharded.append(where)
         return torch.cat([text, comm.shard(image, self.state.sp, dim)], dim=dim)
 
     def _gather(self, tensor, spec: SequenceParallelOutput, where: str):
-        if not isinstance(tensor, torch.Tensor) or not self._dims_ok(tensor, spec.expected_dims, where):
+        if not isinstance(tensor, torch.Tensor) or not self._dims_ok(
+            tensor, spec.expected_dims, where
+        ):
             return tensor
         dim = spec.gather_dim % tensor.dim()
         out = comm.all_gather(tensor, self.state.sp, dim)
@@ -205,7 +211,9 @@ class _ModuleHooks:
         items = list(output) if is_seq else [output]
         for index, spec in self.outputs.items():
             if index >= len(items):
-                raise ValueError(f"_sp_plan[{self.name!r}] indexes output {index}, module returned {len(items)}")
+                raise ValueError(
+                    f"_sp_plan[{self.name!r}] indexes output {index}, module returned {len(items)}"
+                )
             where = f"{self.name}[{index}]"
             if isinstance(spec, SequenceParallelOutput):
                 items[index] = self.runtime._gather(items[index], spec, where)
@@ -236,14 +244,15 @@ def apply_sequence_parallel(
         raise ValueError(f"{type(model).__name__} declares no _sp_plan and none was given")
     validate_sp_plan(plan)
     runtime = SequenceParallelRuntime(model, state, strict)
-    if state.sp.size == 1:
-        return runtime
-    # Resolve everything before installing anything, so a bad plan installs nothing.
+    # Resolve everything before installing anything, so a bad plan installs nothing
+    # (and is rejected on one rank as on many).
     hooks = [
         _ModuleHooks(runtime, name, module, specs)
         for key, specs in plan.items()
         for name, module in resolve_modules(model, key)
     ]
+    if state.sp.size == 1:
+        return runtime
     # The root's bookkeeping hooks wrap every plan hook: begin first, end last.
     runtime._handles.append(model.register_forward_pre_hook(runtime._begin, with_kwargs=True))
     for hook in hooks:

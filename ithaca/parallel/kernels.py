@@ -78,7 +78,11 @@ def local_attention(q, k, v, key_mask=None, scale=None):
 
 
 def _cuda_attention(q, k, v, key_mask, scale):  # pragma: no cover - needs a GPU
-    if _flash_attn_func is not None and key_mask is None and q.dtype in (torch.float16, torch.bfloat16):
+    if (
+        _flash_attn_func is not None
+        and key_mask is None
+        and q.dtype in (torch.float16, torch.bfloat16)
+    ):
         # flash-attn takes (B, S, H, D) directly; lse comes back as (B, H, S_q)
         out, lse, _ = _flash_attn_func(q, k, v, softmax_scale=scale, return_attn_probs=True)
         return out, lse.transpose(1, 2)

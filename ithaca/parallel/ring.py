@@ -61,7 +61,9 @@ def ring_attention(
     txt_parts: list = [None] * size
     if joint is not None:
         # Text keys: one partial for image queries and one for text queries, once.
-        acc_img = _accumulate(None, local_attention(q, joint.k, joint.v, joint.mask, scale), accum_dtype)
+        acc_img = _accumulate(
+            None, local_attention(q, joint.k, joint.v, joint.mask, scale), accum_dtype
+        )
         txt_keys_part = local_attention(joint.q, joint.k, joint.v, joint.mask, scale)
 
     # (2, B, S_seg, H, D): K and V travel as one message; the mask travels beside them.

@@ -54,13 +54,16 @@ class SequenceParallelPartialInput:
     """Split only the image part of a ``[text, image]`` tensor; the text stays whole.
 
     ``text_len_source`` is a forward parameter name (its ``shape[0]`` if a tensor, its
-    value if an int) or a fixed text length.
+    value if an int) or a fixed text length. ``auto_pad`` (an extension of the
+    reference API) pads the image part as :class:`SequenceParallelInput` does; without
+    it the image part still follows a padding another spec of the same forward made.
     """
 
     split_dim: int
     text_len_source: str | int
     expected_dims: int | None = None
     split_output: bool = False
+    auto_pad: bool = False
 
 
 SequenceParallelInputType = SequenceParallelInput | SequenceParallelPartialInput
@@ -121,8 +124,10 @@ def _check_spec(where: str, key: str | int, spec) -> None:
             )
         if isinstance(spec, SequenceParallelPartialInput):
             src = spec.text_len_source
-            if isinstance(src, bool) or not isinstance(src, str | int) or (
-                isinstance(src, int) and src < 0
+            if (
+                isinstance(src, bool)
+                or not isinstance(src, str | int)
+                or (isinstance(src, int) and src < 0)
             ):
                 raise ValueError(
                     f"{where}: text_len_source ({src!r}) must be a parameter name or a "
@@ -168,7 +173,9 @@ def resolve_modules(model: nn.Module, key: str) -> list[tuple[str, nn.Module]]:
     try:
         return [(key, model.get_submodule(key))]
     except AttributeError as exc:
-        raise ValueError(f"_sp_plan key {key!r} names no submodule of {type(model).__name__}") from exc
+        raise ValueError(
+            f"_sp_plan key {key!r} names no submodule of {type(model).__name__}"
+        ) from exc
 
 
 def check_parameter_names(module: nn.Module, module_key: str, names: list[str]) -> None:

@@ -83,14 +83,6 @@ class Axis:
         return self.ranks[index % self.size]
 
 
-def _coords(rank: int, dims: dict[str, int]) -> dict[str, int]:
-    out = {}
-    for name in reversed(AXES):
-        out[name] = rank % dims[name]
-        rank //= dims[name]
-    return out
-
-
 def _rank(coords: dict[str, int], dims: dict[str, int]) -> int:
     rank = 0
     for name in AXES:
@@ -110,6 +102,27 @@ def _enumerate_groups(dims: dict[str, int], free: tuple[str, ...]) -> list[tuple
             members.append(_rank(coords, dims))
         groups.append(tuple(members))
     return groups
+
+
+_FREE_AXES = {
+    "ulysses": ("ulysses",),
+    "ring": ("ring",),
+    "sp": ("ring", "ulysses"),
+    "cfg": ("cfg",),
+    "replica": ("cfg", "ring", "ulysses"),
+    "dp": ("dp",),
+}
+
+
+def layout_groups(config: ParallelConfig) -> dict[str, list[tuple[int, ...]]]:
+    """Every group of every axis, as global ranks in group-rank order (the rank map)."""
+    dims = {
+        "dp": config.data_parallel_size,
+        "cfg": config.cfg_parallel_size,
+        "ring": config.ring_degree,
+        "ulysses": config.ulysses_degree,
+    }
+    return {name: _enumerate_groups(dims, free) for name, free in _FREE_AXES.items()}
 
 
 class ParallelState:
@@ -159,10 +172,7 @@ class ParallelState:
         if config.world_size != 1:
             raise ValueError(f"a single-process state needs world size 1, not {config.world_size}")
         stats = CommStats()
-        axes = {
-            name: Axis(name, (0,), 0, None, stats)
-            for name in (*AXES, "sp", "replica")
-        }
+        axes = {name: Axis(name, (0,), 0, None, stats) for name in (*AXES, "sp", "replica")}
         return cls(config, 0, torch.device(device), axes, None, [], stats)
 
     @classmethod
@@ -180,26 +190,12 @@ class ParallelState:
             )
         rank = dist.get_rank()
         device = torch.device(device) if device is not None else _default_device()
-        dims = {
-            "dp": config.data_parallel_size,
-            "cfg": config.cfg_parallel_size,
-            "ring": config.ring_degree,
-            "ulysses": config.ulysses_degree,
-        }
-        free_axes = {
-            "ulysses": ("ulysses",),
-            "ring": ("ring",),
-            "sp": ("ring", "ulysses"),
-            "cfg": ("cfg",),
-            "replica": ("cfg", "ring", "ulysses"),
-            "dp": ("dp",),
-        }
         stats = CommStats()
         owned: list[dist.ProcessGroup] = []
         axes: dict[str, Axis] = {}
         # Every rank creates every group in the same order (new_group is collective).
-        for name, free in free_axes.items():
-            for members in _enumerate_groups(dims, free):
+        for name, groups in layout_groups(config).items():
+            for members in groups:
                 group = None
                 if len(members) > 1:
                     group = dist.new_group(list(members))

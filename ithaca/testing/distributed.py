@@ -49,7 +49,9 @@ def _worker_main(rank: int, world_size: int, port: int, tasks, results, threads:
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
     )
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
+    )
     results.put((rank, "ready", None))
     while True:
         task = tasks.get()
@@ -104,7 +106,9 @@ class WorkerPool:
                 rank, status, value = self._results.get(timeout=timeout)
             except queue.Empty:
                 self.close()
-                raise WorkerError(f"ranks {sorted(pending)} did not answer within {timeout} s") from None
+                raise WorkerError(
+                    f"ranks {sorted(pending)} did not answer within {timeout} s"
+                ) from None
             if status == "error":
                 self.close()
                 raise WorkerError(f"rank {rank} raised:\n{value}")

@@ -90,7 +90,11 @@ def run_attention(layout: dict, case: Case):
             )  # fmt: skip
         out, text_out = attn(*(s for s, _ in shards), key_mask=local_mask, **joint)
         full = sp_gather(out, 1, state)[:, : case.image_len]
-        return full.float(), None if text_out is None else text_out.float(), dict(state.stats.bytes_sent)
+        return (
+            full.float(),
+            None if text_out is None else text_out.float(),
+            dict(state.stats.bytes_sent),
+        )
 
 
 def check(results, case: Case, tol: float):
