@@ -129,3 +129,16 @@ def broadcast_object(obj, axis: Axis, src: int = 0, group: dist.ProcessGroup | N
     box = [obj if axis.rank == src else None]
     dist.broadcast_object_list(box, src=axis.global_rank(src), group=group or axis.group)
     return box[0]
+
+
+def broadcast(x: torch.Tensor, axis: Axis, src_index: int = 0) -> torch.Tensor:
+    """In-place broadcast of ``x`` from group rank ``src_index`` to every rank of the axis.
+
+    Every rank passes a tensor of the same shape and dtype; returns ``x``.
+    """
+    if axis.size > 1:
+        dist.broadcast(x, src=axis.global_rank(src_index), group=axis.group)
+        if axis.rank == src_index:
+            axis.stats.record("broadcast", _nbytes(x))
+    return x
+

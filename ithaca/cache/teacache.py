@@ -1,0 +1,86 @@
+"""TeaCache: skip the whole block stack when the timestep-modulated input barely moved.
+
+At each forward the first block's modulated input is compared with the previous
+step's (relative L1 over all valid tokens, all ranks). A per-model polynomial rescales
+that change into an estimate of the output's change; the estimates accumulate, and
+while the sum stays under ``rel_l1_thresh`` the step reuses the residual
+``blocks_out - blocks_in`` of the last computed step instead of running the blocks.
+The first and last steps always compute. ``rel_l1_thresh=0`` never skips.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ithaca.cache.base import StepCache
+
+logger = logging.getLogger(__name__)
+
+TEACACHE_OPTIONS = {"rel_l1_thresh", "coefficients"}
+
+
+class TeaCache(StepCache):
+    name = "tea_cache"
+
+    def __init__(self, *args, rel_l1_thresh: float = 0.2, coefficients=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not rel_l1_thresh >= 0:
+            raise ValueError(f"rel_l1_thresh ({rel_l1_thresh!r}) must be >= 0")
+        if self.adapter.modulated_input is None:
+            raise ValueError(f"{type(self.transformer).__name__} has no TeaCache indicator")
+        coefficients = coefficients or self.adapter.teacache_coefficients
+        if not coefficients:
+            logger.warning(
+                "no TeaCache coefficients for %s: using the raw relative L1 change "
+                "(run `ithaca calibrate-teacache` to fit them)",
+                type(self.transformer).__name__,
+            )
+            coefficients = (1.0, 0.0)
+        self.thresh = float(rel_l1_thresh)
+        self.coefficients = tuple(float(c) for c in coefficients)
+        self._poly = np.poly1d(self.coefficients)
+
+    def new_branch_state(self) -> dict:
+        return {"previous": None, "accumulated": 0.0, "residual": None, "skip": False}
+
+    def decide(self, indicator) -> bool:
+        """Whether this forward reuses the cached residual (agreed by every rank)."""
+        st = self.branch_state
+        previous, st["previous"] = st["previous"], indicator
+        first_or_last = self.step_index == 0 or self.step_index >= self.num_steps - 1
+        if previous is None or st["residual"] is None or first_or_last or self.thresh == 0:
+            st["accumulated"] = 0.0
+            return False
+        st["accumulated"] += float(self._poly(self.rel_l1(indicator, previous)))
+        skip = self.agree(st["accumulated"] < self.thresh)
+        if not skip:
+            st["accumulated"] = 0.0
+        return skip
+
+    def run_block(self, index, call, hidden, context, bound):
+        st = self.branch_state
+        if index == 0:
+            indicator = self.adapter.modulated_input(self.blocks[0], bound.arguments)
+            st["skip"] = self.decide(indicator)
+            self.stats.record(self.step_index, self.branch, st["skip"])
+            st["blocks_in"] = hidden
+        last = index == self.num_blocks - 1
+        if st["skip"]:
+            if last:
+                hidden = hidden + st["residual"]
+            return self.pack(hidden, context)
+        output = call(*bound.args, **bound.kwargs)
+        if last:
+            out_hidden, _ = self.unpack(output)
+            st["residual"] = out_hidden - st.pop("blocks_in")
+        return output
+
+
+def fit_coefficients(input_changes, output_changes, degree: int = 4) -> list[float]:
+    """Least-squares polynomial from indicator changes to output changes (calibration)."""
+    x, y = np.asarray(input_changes, dtype=np.float64), np.asarray(output_changes, np.float64)
+    if len(x) <= degree:
+        raise ValueError(f"need more than {degree} calibration points, got {len(x)}")
+    return [float(c) for c in np.polyfit(x, y, degree)]
