@@ -87,8 +87,8 @@ class DBCache(StepCache):
     def __init__(
         self,
         *args,
-        Fn_compute_blocks: int = 1,  # noqa: N803 - the reference API's spelling
-        Bn_compute_blocks: int = 0,  # noqa: N803
+        Fn_compute_blocks: int = 1,  # the reference API spells these with capitals
+        Bn_compute_blocks: int = 0,
         max_warmup_steps: int = 4,
         residual_diff_threshold: float = 0.24,
         max_cached_steps: int = -1,
