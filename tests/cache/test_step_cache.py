@@ -204,3 +204,24 @@ def test_removing_a_cache_restores_the_blocks():
     assert all("forward" in b.__dict__ for b in model.blocks)
     cache.remove()
     assert all("forward" not in b.__dict__ for b in model.blocks)
+
+
+def test_calibrator_collects_one_pair_per_step_and_branch_after_the_first():
+    from ithaca.cache.calibrate import TeaCacheCalibrator
+
+    torch.manual_seed(0)
+    model = toy.ToyTransformer(layers=4).eval()
+    calibrator = TeaCacheCalibrator(model, TOY_ADAPTER, ParallelState.single())
+    calibrator.begin(STEPS)
+    latents, pos_txt, _, mask = toy.make_inputs(IMAGE_LEN)
+    for i in range(STEPS):
+        t = torch.full((latents.shape[0],), 1.0 - i / STEPS)
+        for branch, txt in enumerate((pos_txt, torch.zeros_like(pos_txt))):
+            with torch.no_grad(), calibrator.step(i, branch):
+                out = model(latents, txt, t, mask)
+        latents = latents - out / STEPS
+    assert len(calibrator.samples) == 2 * (STEPS - 1)
+    x, y = zip(*calibrator.samples, strict=True)
+    assert all(v > 0 for v in x + y)
+    coefficients = fit_coefficients(x, y, degree=2)
+    assert len(coefficients) == 3 and all(np.isfinite(coefficients))
