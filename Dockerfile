@@ -25,7 +25,7 @@ RUN pip install -c constraints/cpu.txt .
 
 RUN useradd --create-home --uid 1000 ithaca \
     && mkdir -p "$HF_HOME" && chown -R ithaca:ithaca /home/ithaca
-USER ithaca
+USER 1000:1000
 WORKDIR /home/ithaca
 
 EXPOSE 8091
