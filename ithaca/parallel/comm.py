@@ -141,4 +141,3 @@ def broadcast(x: torch.Tensor, axis: Axis, src_index: int = 0) -> torch.Tensor:
         if axis.rank == src_index:
             axis.stats.record("broadcast", _nbytes(x))
     return x
-

@@ -1,0 +1,273 @@
+"""The denoising loop every model family reuses, and the batch bookkeeping around it.
+
+A family subclasses :class:`DenoisingPipeline` and supplies:
+
+- ``resolve(params) -> Request``: validated settings, the same on every rank;
+- ``condition(request) -> dict``: text embeddings, encoded input images (runs only on
+  the replica's rank 0, where the text encoder and the VAE live; the result is
+  broadcast to the other ranks of the replica);
+- ``prepare(requests, conds) -> Job``: initial latents, timesteps, forward inputs;
+- ``predict(job, branch, i, t) -> noise prediction`` for one guidance branch;
+- ``decode(job, latents) -> list[list[Image]]`` (rank 0 only).
+
+The loop owns CFG-parallel (``predict_branches``), batching of compatible requests,
+per-step progress, cancellation between steps (the returning rank's decision is
+broadcast so that every rank stops at the same step) and partial-image previews.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ithaca.engine.types import GenerationParams, GenerationResult, StepCallback, StepEvent
+from ithaca.parallel import ParallelState, apply_guidance, comm, predict_branches
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    """One request after validation and defaults; identical on every rank."""
+
+    params: GenerationParams
+    width: int
+    height: int
+    steps: int
+    true_cfg_scale: float
+    do_cfg: bool
+    seed: int | None
+    extra_key: tuple = ()
+    """Family-specific settings two requests must share to run in one batch."""
+
+    @property
+    def batch_key(self) -> tuple:
+        return (
+            self.width,
+            self.height,
+            self.steps,
+            self.do_cfg,
+            self.true_cfg_scale,
+            self.extra_key,
+        )
+
+
+@dataclass
+class Job:
+    """A batch of compatible requests going through the loop together."""
+
+    requests: list[Request]
+    seeds: list[int]
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    scheduler: Any
+    inputs: dict[str, Any] = field(default_factory=dict)
+    """Family-specific forward inputs (embeddings per branch, shapes, ...)."""
+
+
+def preview_steps(total: int, count: int) -> set[int]:
+    """0-based steps after which to report ``count`` evenly spaced previews (not the last)."""
+    if count <= 0 or total <= 1:
+        return set()
+    steps = {round((j + 1) * total / (count + 1)) - 1 for j in range(count)}
+    return {s for s in steps if 0 <= s < total - 1}
+
+
+class DenoisingPipeline:
+    """Generic ``generate``: group, condition, broadcast, denoise, decode."""
+
+    default_width: int = 1024
+    default_height: int = 1024
+    default_steps: int = 50
+    default_true_cfg_scale: float = 4.0
+
+    def __init__(self, state: ParallelState, dtype: torch.dtype):
+        self.state = state
+        self.dtype = dtype
+        self.device = state.device
+
+    # -- family hooks ----------------------------------------------------------
+    def resolve(self, params: GenerationParams) -> Request:
+        raise NotImplementedError
+
+    def condition(self, request: Request) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def prepare(self, requests: list[Request], conds: list[dict[str, Any]]) -> Job:
+        raise NotImplementedError
+
+    def predict(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, job: Job, latents: torch.Tensor) -> list[list[Image.Image]]:
+        raise NotImplementedError
+
+    def guide(
+        self, positive: torch.Tensor, negative: torch.Tensor | None, scale: float
+    ) -> torch.Tensor:
+        """Combine the branch predictions (``negative`` is None without CFG).
+
+        Default: Qwen-Image's true CFG, rescaled to the positive prediction's norm.
+        Families whose reference combines without the rescale override this.
+        """
+        return apply_guidance(positive, negative, scale, rescale_to_positive_norm=True)
+
+    def step_guidance_scale(self, job: Job, t: torch.Tensor) -> float:
+        """The guidance scale of the step at timestep ``t`` (default: the request's).
+
+        Wan2.2's two-expert models use a second scale once the low-noise expert takes over.
+        """
+        return job.requests[0].true_cfg_scale
+
+    def preview(self, job: Job, x0: torch.Tensor) -> list[Image.Image]:
+        """One preview image per request of ``job`` from the x0 estimate (returning rank)."""
+        return [images[0] for images in self.decode(job, x0)]
+
+    def fill_result(self, result: GenerationResult, request: Request, output) -> None:
+        """Store one request's ``decode`` output (default: images) on its result."""
+        result.images = output
+
+    # -- the loop --------------------------------------------------------------
+    @property
+    def is_returning_rank(self) -> bool:
+        return self.state.replica.rank == 0
+
+    def generate(
+        self, batch: list[GenerationParams], callback: StepCallback | None = None
+    ) -> list[GenerationResult]:
+        """Run ``batch``; results in batch order (empty on ranks other than the returning one).
+
+        Requests with equal size, steps and guidance settings share one loop. A callback
+        returning True cancels the whole batch: the unfinished requests come back without
+        images and with ``metadata["cancelled"] = True``.
+        """
+        requests = [self.resolve(p) for p in batch]  # raises ValueError before any work
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.batch_key, []).append(i)
+        results = [GenerationResult(request_id=p.request_id) for p in batch]
+        cancelled = False
+        for indices in groups.values():  # insertion order: the same on every rank
+            members = [requests[i] for i in indices]
+            if cancelled:
+                outputs, meta = None, {"cancelled": True}
+            else:
+                outputs, meta = self._run_group(members, callback)
+                cancelled = bool(meta.get("cancelled"))
+            for j, i in enumerate(indices):
+                results[i].metadata.update(meta.get("per_request", [{}] * len(indices))[j])
+                results[i].metadata["cancelled"] = bool(meta.get("cancelled"))
+                if outputs is not None and self.is_returning_rank:
+                    self.fill_result(results[i], requests[i], outputs[j])
+        return results
+
+    def _conditions(self, requests: list[Request]) -> list[dict[str, Any]]:
+        """Condition every request on the replica's rank 0 and broadcast the results."""
+        replica = self.state.replica
+        conds: list[dict[str, Any]] | tuple[str, str] = []
+        failure = None
+        if replica.rank == 0:
+            try:
+                for r in requests:
+                    cond = self.condition(r)
+                    cond["seed"] = r.seed if r.seed is not None else random.randrange(2**31)
+                    conds.append(cond)
+            except Exception as exc:
+                if replica.size == 1:
+                    raise
+                # The other ranks wait in the broadcast below: send them the failure.
+                logger.exception("conditioning failed on the returning rank")
+                failure = exc
+                conds = (type(exc).__name__, f"conditioning failed on rank 0: {exc}")
+        if replica.size > 1:
+            if replica.rank == 0 and failure is None:
+                conds = [_to_device(c, "cpu") for c in conds]
+            # Every rank of the replica reaches this broadcast once per group, in group order.
+            conds = comm.broadcast_object(conds, replica)
+            if failure is not None:
+                raise failure
+            if isinstance(conds, tuple):  # rank 0 failed: a user error stays a ValueError
+                kind, message = conds
+                raise (ValueError if kind == "ValueError" else RuntimeError)(message)
+            conds = [_to_device(c, self.device) for c in conds]
+        return conds
+
+    def _run_group(self, requests: list[Request], callback: StepCallback | None):
+        started = time.perf_counter()
+        conds = self._conditions(requests)
+        t_cond = time.perf_counter() - started
+        job = self.prepare(requests, conds)
+        total = len(job.timesteps)
+        previews_at: set[int] = set()
+        for r in requests:
+            previews_at |= preview_steps(total, r.params.partial_images)
+        do_cfg = requests[0].do_cfg
+        ids = [r.params.request_id for r in requests]
+        cancelled_at = None
+        job.scheduler.set_begin_index(0)
+        for i, t in enumerate(job.timesteps):
+            positive, negative = predict_branches(
+                self.state, lambda branch, t=t: self.predict(job, branch, t), do_cfg
+            )
+            noise = self.guide(positive, negative, self.step_guidance_scale(job, t))
+            sigma = job.scheduler.sigmas[i]  # begin index 0: step i uses sigma i
+            latents = job.scheduler.step(noise, t, job.latents, return_dict=False)[0]
+            stop = False
+            if self.is_returning_rank and callback is not None:
+                previews = None
+                if i in previews_at:
+                    # The x0 estimate of flow matching: x_t - sigma * v.
+                    x0 = (job.latents.float() - sigma * noise.float()).to(job.latents.dtype)
+                    previews = self.preview(job, x0)
+                stop = bool(callback(StepEvent(ids, i + 1, total, previews)))
+            job.latents = latents
+            if self._agree(stop):
+                cancelled_at = i + 1
+                break
+        t_loop = time.perf_counter() - started - t_cond
+        per_request = [
+            {
+                "seed": c["seed"],
+                "width": r.width,
+                "height": r.height,
+                "num_inference_steps": r.steps,
+                "true_cfg_scale": r.true_cfg_scale if r.do_cfg else None,
+            }
+            for r, c in zip(requests, conds, strict=True)
+        ]
+        meta: dict[str, Any] = {"per_request": per_request}
+        if cancelled_at is not None:
+            meta["cancelled"] = True
+            for m in per_request:
+                m["steps_done"] = cancelled_at
+            return None, meta
+        outputs = self.decode(job, job.latents) if self.is_returning_rank else None
+        t_total = time.perf_counter() - started
+        for m in per_request:
+            m["timings"] = {"condition_s": t_cond, "denoise_s": t_loop, "total_s": t_total}
+        return outputs, meta
+
+    def _agree(self, stop: bool) -> bool:
+        """The returning rank's cancel decision, on every rank of the replica."""
+        replica = self.state.replica
+        if replica.size == 1:
+            return stop
+        flag = torch.tensor([1 if stop else 0], dtype=torch.int32, device=self.device)
+        # Every rank reaches this broadcast once per step, so all stop at the same step.
+        return bool(comm.broadcast(flag, replica).item())
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj

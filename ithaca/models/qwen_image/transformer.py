@@ -1,0 +1,132 @@
+"""Qwen-Image's transformer under sequence parallelism: the ``_sp_plan`` and the processor.
+
+The math is diffusers' ``QwenImageTransformer2DModel``; this module only declares where
+its sequence is split and installs an attention processor that sends the joint
+text+image attention through :class:`ithaca.parallel.ParallelAttention`.
+
+Plan (``auto_pad`` everywhere a length may not divide by the sequence-parallel size):
+
+- ``pos_embed`` output 0, the image RoPE frequencies ``(S_img, D/2)`` complex: sharded
+  on dim 0 with the image tokens (output 1, the text frequencies, stays whole);
+- ``transformer_blocks.0`` input ``hidden_states`` ``(B, S_img, C)``: the image tokens
+  (for edit: noise tokens followed by every input image's tokens) are sharded on dim 1;
+  every later block receives the shard from the previous one;
+- ``transformer_blocks.*`` input ``modulate_index`` ``(B, S_img)`` (only models with
+  ``zero_cond_t``): sharded like the image tokens;
+- ``proj_out`` output ``(B, S_img, C_out)``: gathered on dim 1 (padding trimmed).
+
+Text tokens (``encoder_hidden_states``, its mask, the timestep embedding) are
+replicated. No diffusers code is subclassed beyond declaring the plan: every tensor the
+plan needs crosses a module boundary in diffusers' forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import QwenImageTransformer2DModel as _DiffusersQwenImageTransformer
+from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+from ithaca.parallel import (
+    ParallelState,
+    SequenceParallelInput,
+    SequenceParallelOutput,
+    SequenceParallelRuntime,
+    apply_sequence_parallel,
+)
+
+QWEN_IMAGE_SP_PLAN = {
+    "pos_embed": {
+        0: SequenceParallelInput(split_dim=0, expected_dims=2, split_output=True, auto_pad=True),
+    },
+    "transformer_blocks.0": {
+        "hidden_states": SequenceParallelInput(split_dim=1, expected_dims=3, auto_pad=True),
+    },
+    "transformer_blocks.*": {
+        "modulate_index": SequenceParallelInput(split_dim=1, expected_dims=2, auto_pad=True),
+    },
+    "proj_out": SequenceParallelOutput(gather_dim=1, expected_dims=3),
+}
+
+
+class QwenImageTransformer2DModel(_DiffusersQwenImageTransformer):
+    """diffusers' Qwen-Image transformer with its sequence-parallel plan declared."""
+
+    _sp_plan = QWEN_IMAGE_SP_PLAN
+
+
+class ParallelJointAttnProcessor:
+    """Qwen-Image's double-stream joint attention, routed through ``ParallelAttention``.
+
+    Same projections, QK norms and RoPE as diffusers' ``QwenDoubleStreamAttnProcessor2_0``;
+    the attention itself runs on this rank's image shard and the whole text.
+    """
+
+    def __init__(self, runtime: SequenceParallelRuntime):
+        self.runtime = runtime
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if encoder_hidden_states is None:
+            raise ValueError("Qwen-Image joint attention needs encoder_hidden_states")
+        if attention_mask is not None:
+            raise ValueError("pass encoder_hidden_states_mask, not attention_mask")
+        head_dim = attn.inner_dim // attn.heads
+
+        # (B, S/P, C) -> (B, S/P, H, D) image; (B, T, C) -> (B, T, H, D) text
+        img_q, img_k, img_v = (
+            proj(hidden_states).unflatten(-1, (-1, head_dim))
+            for proj in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        txt_q, txt_k, txt_v = (
+            proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+            for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        )
+        if attn.norm_q is not None:
+            img_q = attn.norm_q(img_q)
+        if attn.norm_k is not None:
+            img_k = attn.norm_k(img_k)
+        if attn.norm_added_q is not None:
+            txt_q = attn.norm_added_q(txt_q)
+        if attn.norm_added_k is not None:
+            txt_k = attn.norm_added_k(txt_k)
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb  # (S/P, D/2) sharded, (T, D/2) whole
+            img_q = apply_rotary_emb_qwen(img_q, img_freqs, use_real=False)
+            img_k = apply_rotary_emb_qwen(img_k, img_freqs, use_real=False)
+            txt_q = apply_rotary_emb_qwen(txt_q, txt_freqs, use_real=False)
+            txt_k = apply_rotary_emb_qwen(txt_k, txt_freqs, use_real=False)
+
+        text_mask = None
+        if encoder_hidden_states_mask is not None:
+            text_mask = encoder_hidden_states_mask.to(torch.bool)  # (B, T), True = attend
+        # Joint sequence [text, image], as in diffusers: joint_strategy="front".
+        img_out, txt_out = self.runtime.attention(
+            img_q, img_k, img_v,
+            joint_q=txt_q, joint_k=txt_k, joint_v=txt_v,
+            joint_mask=text_mask, joint_strategy="front",
+        )  # fmt: skip
+        # (B, S/P, H, D) -> (B, S/P, H*D); (B, T, H, D) -> (B, T, H*D)
+        img_out = img_out.flatten(2, 3).to(img_q.dtype)
+        txt_out = txt_out.flatten(2, 3).to(txt_q.dtype)
+        img_out = attn.to_out[0](img_out.contiguous())
+        if len(attn.to_out) > 1:
+            img_out = attn.to_out[1](img_out)  # dropout
+        txt_out = attn.to_add_out(txt_out.contiguous())
+        return img_out, txt_out
+
+
+def parallelize(transformer: torch.nn.Module, state: ParallelState) -> SequenceParallelRuntime:
+    """Apply the plan for ``state`` and route every block's attention through it."""
+    state.config.validate_heads(transformer.config.num_attention_heads)
+    runtime = apply_sequence_parallel(transformer, QWEN_IMAGE_SP_PLAN, state)
+    processor = ParallelJointAttnProcessor(runtime)
+    for block in transformer.transformer_blocks:
+        block.attn.set_processor(processor)
+    return runtime

@@ -1,0 +1,118 @@
+"""Checkpoint -> pipeline: ``model_index.json``'s ``_class_name`` selects our class.
+
+``load_pipeline`` takes a hub name (``Qwen/Qwen-Image``) or a local diffusers directory;
+with ``HF_HUB_OFFLINE=1`` a local directory loads without any network access.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ithaca.engine.types import Pipeline
+from ithaca.parallel import ParallelState
+
+# _class_name -> (module, class): imported lazily so that the registry stays cheap.
+PIPELINES: dict[str, tuple[str, str]] = {
+    "QwenImagePipeline": ("ithaca.models.qwen_image.pipeline", "QwenImagePipeline"),
+    "QwenImageEditPipeline": ("ithaca.models.qwen_image.pipeline", "QwenImageEditPipeline"),
+    "QwenImageEditPlusPipeline": (
+        "ithaca.models.qwen_image.pipeline",
+        "QwenImageEditPlusPipeline",
+    ),
+    "FluxPipeline": ("ithaca.models.flux.pipeline", "FluxPipeline"),
+    "ZImagePipeline": ("ithaca.models.z_image.pipeline", "ZImagePipeline"),
+    "StableDiffusion3Pipeline": ("ithaca.models.sd3.pipeline", "StableDiffusion3Pipeline"),
+    "LongCatImagePipeline": ("ithaca.models.longcat_image.pipeline", "LongCatImagePipeline"),
+    "LongCatImageEditPipeline": (
+        "ithaca.models.longcat_image.pipeline",
+        "LongCatImageEditPipeline",
+    ),
+    "OvisImagePipeline": ("ithaca.models.ovis_image.pipeline", "OvisImagePipeline"),
+    "WanPipeline": ("ithaca.models.wan.pipeline", "WanPipeline"),
+    "WanImageToVideoPipeline": ("ithaca.models.wan.pipeline", "WanImageToVideoPipeline"),
+}
+
+DEFAULT_MODEL_SEED = 0
+_DEFAULT_MODEL_VERSION = "v1"  # bump when the tiny builder changes its output
+
+
+def _model_index(model: str) -> dict:
+    if os.path.isdir(model):
+        path = os.path.join(model, "model_index.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"{model} is a directory without model_index.json")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(model, "model_index.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def pipeline_class(model: str) -> type:
+    """The pipeline class for a checkpoint, or ``ValueError`` naming the supported ones."""
+    import importlib
+
+    class_name = _model_index(model).get("_class_name")
+    if class_name not in PIPELINES:
+        raise ValueError(
+            f"{model}: pipeline class {class_name!r} is not supported; supported classes: "
+            f"{sorted(PIPELINES)}"
+        )
+    module, name = PIPELINES[class_name]
+    return getattr(importlib.import_module(module), name)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_pipeline(
+    model: str,
+    state: ParallelState,
+    dtype: torch.dtype | None = None,
+    cache_backend: str | None = None,
+    cache_config: dict | None = None,
+) -> Pipeline:
+    """Load ``model`` on this rank for ``state``. Collective over the replica only in use.
+
+    ``dtype`` defaults to bf16 on CUDA and fp32 on CPU. ``cache_backend`` and
+    ``cache_config`` are accepted for the engine's sake and ignored until step caching
+    lands (the caching issue); passing them changes nothing yet.
+
+    The returned pipeline exposes ``default_width``, ``default_height`` and
+    ``default_steps`` for the server to report.
+    """
+    del cache_backend, cache_config  # step caching is a later issue
+    cls = pipeline_class(model)
+    return cls(model, state, dtype or default_dtype(state.device))
+
+
+def default_model_path() -> str:
+    """A tiny random-weight Qwen-Image checkpoint, built on first use (deterministic).
+
+    Lives in ``$ITHACA_CACHE`` or ``~/.cache/ithaca``; built into a temporary folder and
+    renamed, so concurrent first uses do not see a half-written checkpoint.
+    """
+    root = Path(os.environ.get("ITHACA_CACHE", Path.home() / ".cache" / "ithaca"))
+    path = root / f"tiny-qwen-image-{_DEFAULT_MODEL_VERSION}"
+    if (path / "model_index.json").is_file():
+        return str(path)
+    import tempfile
+
+    from ithaca.testing.tiny import build_tiny_qwen_image
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="tiny-qwen-image-", dir=root))
+    build_tiny_qwen_image(tmp, "t2i", seed=DEFAULT_MODEL_SEED)
+    try:
+        tmp.rename(path)
+    except OSError:  # another process won the race
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)

@@ -1,0 +1,72 @@
+"""Module-level functions the multi-rank tests send to every rank (and call in-process)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ithaca.config import ParallelConfig
+from ithaca.engine.types import GenerationParams
+from ithaca.models.registry import load_pipeline
+from ithaca.testing.distributed import parallel_state
+
+
+def generate(layout: dict, path: str, batch: list[dict]):
+    """Run ``batch`` under ``layout``; return (images as uint8 arrays, final latents,
+    info) with images and latents only on the returning rank; ``info`` says what the
+    last forward sharded and gathered and which encoders this rank loaded."""
+    with parallel_state(ParallelConfig(**layout)) as state:
+        pipe = load_pipeline(path, state)
+        captured = []
+        decode = pipe.decode
+
+        def record(job, latents):
+            captured.append(latents.float().cpu())
+            return decode(job, latents)
+
+        pipe.decode = record
+        results = pipe.generate([GenerationParams(**b) for b in batch])
+        images = [[np.asarray(im) for im in r.images] for r in results]
+        info = {
+            "sharded": list(pipe.runtime.sharded),
+            "gathered": list(pipe.runtime.gathered),
+            "has_text_encoder": pipe.text_encoder is not None,
+            "has_vae": pipe.vae is not None,
+        }
+        pipe.runtime.remove()
+        return images, (captured[-1] if captured else None), info
+
+
+def fail_on_rank0(layout: dict, path: str) -> str:
+    """Conditioning raises on the returning rank; every rank must raise, none may hang."""
+    with parallel_state(ParallelConfig(**layout)) as state:
+        pipe = load_pipeline(path, state)
+
+        def broken(request):
+            raise ValueError("tokenizer exploded")
+
+        pipe.condition = broken
+        try:
+            pipe.generate(
+                [GenerationParams(prompt="x", width=64, height=64, num_inference_steps=2)]
+            )
+        except (RuntimeError, ValueError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            pipe.runtime.remove()
+        return "no error"
+
+
+def cancel_after_first_step(layout: dict, path: str):
+    """The returning rank's callback cancels after step 1; every rank must stop there."""
+    with parallel_state(ParallelConfig(**layout)) as state:
+        pipe = load_pipeline(path, state)
+        calls = []
+
+        def callback(event):
+            calls.append(event.step)
+            return True
+
+        params = GenerationParams(prompt="x", width=64, height=64, num_inference_steps=3, seed=1)
+        result = pipe.generate([params], callback)[0]
+        pipe.runtime.remove()
+        return calls, result.metadata.get("cancelled"), result.metadata.get("steps_done")

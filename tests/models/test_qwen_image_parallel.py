@@ -1,0 +1,119 @@
+"""Every parallel layout of the Qwen-Image pipeline equals the 1-rank pipeline.
+
+Pyramid: plan/registry/1-rank-vs-diffusers in test_qwen_image.py (no processes); here
+2-, 4- and 8-rank gloo runs of the whole pipeline (text encoder on rank 0, broadcast
+embeddings, sharded transformer, CFG-parallel, decode on rank 0). The image grid (3x3
+latent patches) and the prompt lengths divide by none of the world sizes, so every
+sharded run pads (``auto_pad``). Tolerances: final latents max abs <= 1e-4 (fp32; the
+sum order of attention changes with the layout), images within 1/255. Also: every
+sharded run did shard and gather (no silent fallback), the encoders live on the
+returning rank only, a failure and a cancel decision on that rank reach every rank.
+"""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.models._run import cancel_after_first_step, fail_on_rank0, generate
+
+# Two requests in one batch: different prompt lengths (padded text with a mask),
+# true CFG, two images for the first request.
+T2I_BATCH = [
+    dict(prompt="a red cat", negative_prompt="blurry", true_cfg_scale=4.0, width=96,
+         height=96, num_inference_steps=2, seed=11, num_images=2, request_id="a"),
+    dict(prompt="a small blue bird near a tree", negative_prompt="dark", true_cfg_scale=4.0,
+         width=96, height=96, num_inference_steps=2, seed=12, request_id="b"),
+]  # fmt: skip
+
+LAYOUTS_2 = {"ulysses2": dict(ulysses_degree=2), "ring2": dict(ring_degree=2),
+             "cfg2": dict(cfg_parallel_size=2)}  # fmt: skip
+LAYOUTS_4 = {
+    "ulysses4": dict(ulysses_degree=4),
+    "ring4": dict(ring_degree=4),
+    "hybrid2x2": dict(ulysses_degree=2, ring_degree=2),
+    "cfg2_ulysses2": dict(cfg_parallel_size=2, ulysses_degree=2),
+}
+LATENT_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoints):
+    return generate({}, tiny_checkpoints["t2i"], T2I_BATCH)
+
+
+def check(results, reference, layout):
+    ref_images, ref_latents, _ = reference
+    sp = layout.get("ulysses_degree", 1) * layout.get("ring_degree", 1)
+    for _, _, info in results:
+        # Not a silent fallback to an unsharded run: the plan's hooks acted on every rank.
+        sharded = ["pos_embed[0]", "transformer_blocks.0.hidden_states"] if sp > 1 else []
+        assert info["sharded"] == sharded
+        assert info["gathered"] == (["proj_out[0]"] if sp > 1 else [])
+    images, latents, _ = results[0]
+    err = (latents - ref_latents).abs().max().item()
+    assert err <= LATENT_TOL, f"final latents differ by {err:.2e}"
+    assert len(images) == len(ref_images)
+    for got, want in zip(images, ref_images, strict=True):
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            diff = np.abs(a.astype(int) - b.astype(int)).max()
+            assert diff <= 1, f"images differ by {diff}/255"
+    for images, latents, info in results[1:]:  # only the returning rank returns anything
+        assert latents is None and all(not im for im in images)
+        # The text encoder and the VAE live on the returning rank only.
+        assert not info["has_text_encoder"] and not info["has_vae"]
+    assert results[0][2]["has_text_encoder"] and results[0][2]["has_vae"]
+    print(f"max latent error {err:.2e}")
+    return err
+
+
+@pytest.mark.parametrize("layout", LAYOUTS_2.values(), ids=LAYOUTS_2.keys())
+def test_two_ranks(worker_pool, tiny_checkpoints, reference, layout):
+    check(
+        worker_pool(2).run(generate, layout, tiny_checkpoints["t2i"], T2I_BATCH), reference, layout
+    )
+
+
+@pytest.mark.parametrize("layout", LAYOUTS_4.values(), ids=LAYOUTS_4.keys())
+def test_four_ranks(worker_pool, tiny_checkpoints, reference, layout):
+    check(
+        worker_pool(4).run(generate, layout, tiny_checkpoints["t2i"], T2I_BATCH), reference, layout
+    )
+
+
+@pytest.mark.slow
+def test_eight_ranks_cfg_ulysses_ring(worker_pool, tiny_checkpoints, reference):
+    layout = dict(cfg_parallel_size=2, ulysses_degree=2, ring_degree=2)
+    check(
+        worker_pool(8).run(generate, layout, tiny_checkpoints["t2i"], T2I_BATCH), reference, layout
+    )
+
+
+def _edit_inputs():
+    rng = np.random.default_rng(3)
+    first = Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    second = Image.fromarray(rng.integers(0, 255, (64, 48, 3), dtype=np.uint8))
+    return [first, second]
+
+
+def test_edit_two_images_hybrid(worker_pool, tiny_checkpoints):
+    # Noise tokens followed by both input images' tokens, all sharded together.
+    batch = [dict(prompt="make it red", negative_prompt=" ", true_cfg_scale=4.0, width=96,
+                  height=64, num_inference_steps=2, seed=5, images=_edit_inputs())]  # fmt: skip
+    path = tiny_checkpoints["edit_plus"]
+    reference = generate({}, path, batch)
+    layout = dict(ulysses_degree=2, ring_degree=2)
+    check(worker_pool(4).run(generate, layout, path, batch), reference, layout)
+
+
+def test_a_failure_on_the_returning_rank_reaches_every_rank(worker_pool, tiny_checkpoints):
+    errors = worker_pool(2).run(fail_on_rank0, LAYOUTS_2["ulysses2"], tiny_checkpoints["t2i"])
+    assert errors[0] == "ValueError: tokenizer exploded"
+    assert errors[1] == "ValueError: conditioning failed on rank 0: tokenizer exploded"
+
+
+def test_cancel_decision_reaches_every_rank(worker_pool, tiny_checkpoints):
+    layout = dict(cfg_parallel_size=2)
+    results = worker_pool(2).run(cancel_after_first_step, layout, tiny_checkpoints["t2i"])
+    assert results[0] == ([1], True, 1)  # the callback runs on the returning rank only
+    assert results[1] == ([], True, 1)  # the other rank stopped at the same step
