@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ithaca.cache import BlockCacheAdapter, StepCache, build_cache, validate_cache_options
 from ithaca.engine.types import GenerationParams, GenerationResult, StepCallback, StepEvent
 from ithaca.parallel import ParallelState, apply_guidance, comm, predict_branches
 
@@ -91,6 +92,15 @@ class DenoisingPipeline:
         self.state = state
         self.dtype = dtype
         self.device = state.device
+        self.cache_default: tuple[str | None, dict] = (None, {})
+        """The server's step cache (backend, options); a request may override it."""
+        self._cache: StepCache | None = None
+        self._cache_key: tuple | None = None
+
+    def configure_cache(self, backend: str | None, options: dict | None = None) -> None:
+        """Set the default step cache (``"tea_cache"``, ``"cache_dit"`` or None)."""
+        validate_cache_options(backend, options)
+        self.cache_default = (backend, dict(options or {}))
 
     # -- family hooks ----------------------------------------------------------
     def resolve(self, params: GenerationParams) -> Request:
@@ -129,6 +139,21 @@ class DenoisingPipeline:
         """One preview image per request of ``job`` from the x0 estimate (returning rank)."""
         return [images[0] for images in self.decode(job, x0)]
 
+    def make_cache(self, backend: str, options: dict) -> StepCache:
+        """Install a step cache on the transformer (families with other layouts override)."""
+        return build_cache(
+            backend,
+            options,
+            self.transformer,
+            self.cache_adapter(),
+            self.state,
+            getattr(self, "runtime", None),
+        )
+
+    def cache_adapter(self) -> BlockCacheAdapter:
+        """How this family's blocks look to a step cache."""
+        raise ValueError(f"{type(self).__name__} does not support step caching")
+
     def fill_result(self, result: GenerationResult, request: Request, output) -> None:
         """Store one request's ``decode`` output (default: images) on its result."""
         result.images = output
@@ -148,9 +173,13 @@ class DenoisingPipeline:
         images and with ``metadata["cancelled"] = True``.
         """
         requests = [self.resolve(p) for p in batch]  # raises ValueError before any work
+        caches = [self._cache_settings(r) for r in requests]
         groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault(r.batch_key, []).append(i)
+        for i, (r, cache) in enumerate(zip(requests, caches, strict=True)):
+            # A cache decides per forward from the whole batch, so a cached request runs
+            # alone: batched, it could skip other steps than it would alone.
+            key = (*r.batch_key, cache, i if cache[0] else None)
+            groups.setdefault(key, []).append(i)
         results = [GenerationResult(request_id=p.request_id) for p in batch]
         cancelled = False
         for indices in groups.values():  # insertion order: the same on every rank
@@ -198,12 +227,55 @@ class DenoisingPipeline:
             conds = [_to_device(c, self.device) for c in conds]
         return conds
 
+    def _cache_settings(self, request: Request) -> tuple:
+        """``(backend, sorted options)`` for a request: its own, else the server's."""
+        params = request.params
+        if params.cache_backend is not None or params.cache_config:
+            backend, options = params.cache_backend, params.cache_config or {}
+            validate_cache_options(backend, options)
+        else:
+            backend, options = self.cache_default
+        return backend, tuple(sorted(options.items()))
+
+    def _install_cache(self, settings: tuple) -> StepCache | None:
+        """The cache for ``settings``, reinstalled only when the settings change."""
+        if settings != self._cache_key:
+            if self._cache is not None:
+                self._cache.remove()
+            backend, options = settings
+            self._cache = self.make_cache(backend, dict(options)) if backend else None
+            self._cache_key = settings
+        return self._cache
+
+    def _cache_stats(self, cache: StepCache, do_cfg: bool) -> dict:
+        counts = torch.tensor([cache.stats.computed, cache.stats.cached], dtype=torch.int64)
+        if do_cfg and self.state.cfg.size > 1:  # each cfg rank saw one branch
+            comm.all_reduce(counts, self.state.cfg)
+        computed, cached = (int(c) for c in counts)
+        total = computed + cached
+        return {
+            "backend": cache.name,
+            "computed_steps": computed,
+            "cached_steps": cached,
+            "hit_ratio": round(cached / total, 4) if total else 0.0,
+        }
+
     def _run_group(self, requests: list[Request], callback: StepCallback | None):
         started = time.perf_counter()
+        cache = self._install_cache(self._cache_settings(requests[0]))
         conds = self._conditions(requests)
         t_cond = time.perf_counter() - started
         job = self.prepare(requests, conds)
         total = len(job.timesteps)
+        if cache is not None:
+            cache.begin(total)
+
+        def predict(branch: int, i: int, t: torch.Tensor) -> torch.Tensor:
+            if cache is None:
+                return self.predict(job, branch, t)
+            with cache.step(i, branch):
+                return self.predict(job, branch, t)
+
         previews_at: set[int] = set()
         for r in requests:
             previews_at |= preview_steps(total, r.params.partial_images)
@@ -213,7 +285,7 @@ class DenoisingPipeline:
         job.scheduler.set_begin_index(0)
         for i, t in enumerate(job.timesteps):
             positive, negative = predict_branches(
-                self.state, lambda branch, t=t: self.predict(job, branch, t), do_cfg
+                self.state, lambda branch, i=i, t=t: predict(branch, i, t), do_cfg
             )
             noise = self.guide(positive, negative, self.step_guidance_scale(job, t))
             sigma = job.scheduler.sigmas[i]  # begin index 0: step i uses sigma i
@@ -241,6 +313,10 @@ class DenoisingPipeline:
             }
             for r, c in zip(requests, conds, strict=True)
         ]
+        if cache is not None:
+            stats = self._cache_stats(cache, do_cfg)
+            for m in per_request:
+                m["cache"] = stats
         meta: dict[str, Any] = {"per_request": per_request}
         if cancelled_at is not None:
             meta["cancelled"] = True

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ithaca.cache import validate_cache_options
 from ithaca.engine.types import Pipeline
 from ithaca.parallel import ParallelState
 
@@ -81,15 +82,17 @@ def load_pipeline(
     """Load ``model`` on this rank for ``state``. Collective over the replica only in use.
 
     ``dtype`` defaults to bf16 on CUDA and fp32 on CPU. ``cache_backend`` and
-    ``cache_config`` are accepted for the engine's sake and ignored until step caching
-    lands (the caching issue); passing them changes nothing yet.
+    ``cache_config`` set the pipeline's default step cache (``"tea_cache"`` or
+    ``"cache_dit"``; see ``ithaca.cache``); a request may override them.
 
     The returned pipeline exposes ``default_width``, ``default_height`` and
     ``default_steps`` for the server to report.
     """
-    del cache_backend, cache_config  # step caching is a later issue
+    validate_cache_options(cache_backend, cache_config)  # before loading any weights
     cls = pipeline_class(model)
-    return cls(model, state, dtype or default_dtype(state.device))
+    pipeline = cls(model, state, dtype or default_dtype(state.device))
+    pipeline.configure_cache(cache_backend, cache_config)
+    return pipeline
 
 
 def default_model_path() -> str:

@@ -45,6 +45,7 @@ from PIL import Image
 from ithaca.engine.types import GenerationParams
 from ithaca.models.base import DenoisingPipeline, Job, Request
 from ithaca.models.qwen_image import templates
+from ithaca.models.qwen_image.cache import cache_adapter
 from ithaca.models.qwen_image.transformer import QwenImageTransformer2DModel, parallelize
 from ithaca.parallel import ParallelState
 from ithaca.parallel.cfg import POSITIVE
@@ -93,6 +94,9 @@ class QwenImagePipeline(DenoisingPipeline):
         self.vae = self.text_encoder = self.tokenizer = None
         if self.is_returning_rank:
             self._load_encoders(model)
+
+    def cache_adapter(self):
+        return cache_adapter(self.model)
 
     def _load_encoders(self, model: str) -> None:
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration

@@ -1,0 +1,109 @@
+"""Step caches inside the Qwen-Image pipeline, under every layout.
+
+Pyramid: cache mechanics on a toy model in tests/cache; here the real pipeline on a
+tiny checkpoint, 8 steps with true CFG: threshold 0 equals the uncached images bit
+for bit, a real threshold skips steps, and ulysses 2 / ring 2 / cfg 2 reproduce the
+1-rank cached images (within 1/255) with the same skipped steps on every rank.
+"""
+
+import numpy as np
+import pytest
+
+from ithaca.config import ParallelConfig
+from ithaca.engine.types import GenerationParams
+from ithaca.models.registry import load_pipeline
+from ithaca.testing.distributed import parallel_state
+
+REQUEST = dict(
+    prompt="a red cat on a mat",
+    negative_prompt="blurry",
+    true_cfg_scale=4.0,
+    width=80,
+    height=80,
+    num_inference_steps=8,
+    seed=5,
+)
+
+CACHES = {
+    "teacache": ("tea_cache", {"rel_l1_thresh": 0.6}),
+    "dbcache_taylorseer": (
+        "cache_dit",
+        {"residual_diff_threshold": 0.5, "max_warmup_steps": 2, "enable_taylorseer": True},
+    ),
+}
+
+
+def run(layout: dict, path: str, backend=None, options=None, request=None):
+    """Generate on every rank; rank 0 returns (image, metadata), all return the pattern."""
+    with parallel_state(ParallelConfig(**layout)) as state:
+        pipe = load_pipeline(path, state, cache_backend=backend, cache_config=options)
+        result = pipe.generate([GenerationParams(**(request or REQUEST))])[0]
+        pattern = pipe._cache.stats.pattern if pipe._cache is not None else []
+        pipe.runtime.remove()
+        image = np.asarray(result.images[0]) if result.images else None
+        return image, result.metadata, pattern
+
+
+@pytest.fixture(scope="module")
+def uncached(tiny_checkpoints):
+    return run({}, tiny_checkpoints["t2i"])
+
+
+@pytest.mark.parametrize(
+    "backend,options",
+    [
+        ("tea_cache", {"rel_l1_thresh": 0.0}),
+        ("cache_dit", {"residual_diff_threshold": 0.0, "max_warmup_steps": 0}),
+    ],
+)
+def test_threshold_zero_is_the_uncached_image(tiny_checkpoints, uncached, backend, options):
+    image, meta, _ = run({}, tiny_checkpoints["t2i"], backend, options)
+    assert meta["cache"]["cached_steps"] == 0
+    assert np.array_equal(image, uncached[0])
+
+
+@pytest.mark.parametrize("backend,options", CACHES.values(), ids=CACHES.keys())
+def test_cache_skips_steps_and_reports_it(tiny_checkpoints, uncached, backend, options):
+    image, meta, pattern = run({}, tiny_checkpoints["t2i"], backend, options)
+    stats = meta["cache"]
+    assert stats["backend"] == backend
+    assert stats["cached_steps"] > 0 and stats["computed_steps"] + stats["cached_steps"] == 16
+    assert stats["hit_ratio"] == pytest.approx(stats["cached_steps"] / 16, abs=1e-4)
+    assert len(pattern) == 16
+    assert not np.array_equal(image, uncached[0])  # skipping changed something
+
+
+def test_request_overrides_the_server_cache(tiny_checkpoints, uncached):
+    request = dict(REQUEST, cache_backend="tea_cache", cache_config={"rel_l1_thresh": 0.0})
+    image, meta, _ = run({}, tiny_checkpoints["t2i"], "tea_cache", {"rel_l1_thresh": 0.6}, request)
+    assert meta["cache"]["cached_steps"] == 0
+    assert np.array_equal(image, uncached[0])
+
+
+LAYOUTS = {
+    "ulysses2": dict(ulysses_degree=2),
+    "ring2": dict(ring_degree=2),
+    "cfg2": dict(cfg_parallel_size=2),
+}
+
+
+@pytest.mark.parametrize("backend,options", CACHES.values(), ids=CACHES.keys())
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_layouts_cache_like_one_rank(worker_pool, tiny_checkpoints, layout, backend, options):
+    path = tiny_checkpoints["t2i"]
+    ref_image, ref_meta, ref_pattern = run({}, path, backend, options)
+    results = worker_pool(2).run(run, layout, path, backend, options)
+    image, meta, _ = results[0]
+    diff = np.abs(image.astype(int) - ref_image.astype(int)).max()
+    assert diff <= 1, f"image differs by {diff}/255"
+    assert meta["cache"] == ref_meta["cache"]
+    for rank, (_, _, pattern) in enumerate(results):
+        if layout.get("cfg_parallel_size", 1) == 2:  # cfg rank r runs branch r only
+            assert pattern == [p for p in ref_pattern if p[1] == rank]
+        else:
+            assert pattern == ref_pattern, f"rank {rank} skipped other steps"
+
+
+def test_unknown_cache_options_fail_before_loading(tiny_checkpoints):
+    with pytest.raises(ValueError, match="unknown keys"):
+        run({}, tiny_checkpoints["t2i"], "tea_cache", {"thresh": 0.1})
