@@ -10,10 +10,13 @@ TaylorSeer and SCM) on a transformer's blocks. The denoising loop calls
 from __future__ import annotations
 
 from ithaca.cache.base import BlockCacheAdapter, CacheStats, StepCache
+from ithaca.cache.calibrate import TeaCacheCalibrator
 from ithaca.cache.dbcache import CACHE_DIT_OPTIONS, DBCache, TaylorSeer, scm_mask
 from ithaca.cache.teacache import TEACACHE_OPTIONS, TeaCache, fit_coefficients
 
 BACKENDS = {"tea_cache": (TeaCache, TEACACHE_OPTIONS), "cache_dit": (DBCache, CACHE_DIT_OPTIONS)}
+# Not for users: the calibration probe that `ithaca calibrate-teacache` installs.
+_INTERNAL = {TeaCacheCalibrator.name: TeaCacheCalibrator}
 
 
 def validate_cache_options(backend: str | None, options: dict | None) -> None:
@@ -33,6 +36,8 @@ def validate_cache_options(backend: str | None, options: dict | None) -> None:
 
 
 def build_cache(backend, options, transformer, adapter, state, padding=None) -> StepCache:
+    if backend in _INTERNAL:
+        return _INTERNAL[backend](transformer, adapter, state, padding)
     validate_cache_options(backend, options)
     cls = BACKENDS[backend][0]
     return cls(transformer, adapter, state, padding, **(options or {}))

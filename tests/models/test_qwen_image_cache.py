@@ -107,3 +107,24 @@ def test_layouts_cache_like_one_rank(worker_pool, tiny_checkpoints, layout, back
 def test_unknown_cache_options_fail_before_loading(tiny_checkpoints):
     with pytest.raises(ValueError, match="unknown keys"):
         run({}, tiny_checkpoints["t2i"], "tea_cache", {"thresh": 0.1})
+
+
+def test_calibration_fits_coefficients_that_teacache_then_uses(tiny_checkpoints, tmp_path):
+    import json
+    import shutil
+
+    from ithaca.cache.calibrate import calibrate_teacache
+
+    coefficients, samples = calibrate_teacache(
+        tiny_checkpoints["t2i"], prompts=["a red cat", "a blue bird"], steps=4, width=64, height=64
+    )
+    assert len(samples) == 2 * 3  # two prompts, one branch, every step after the first
+    assert len(coefficients) == 5 and all(np.isfinite(coefficients))
+    # A checkpoint carrying them in ithaca.json gets them as its TeaCache default.
+    path = tmp_path / "calibrated"
+    shutil.copytree(tiny_checkpoints["t2i"], path)
+    (path / "ithaca.json").write_text(json.dumps({"teacache_coefficients": coefficients}))
+    with parallel_state(ParallelConfig()) as state:
+        pipe = load_pipeline(str(path), state, cache_backend="tea_cache")
+        pipe.generate([GenerationParams(**dict(REQUEST, num_inference_steps=2))])
+        assert pipe._cache.coefficients == tuple(coefficients)
