@@ -1,0 +1,89 @@
+"""Where Wan2.2's two denoising experts live: both on the device, or only the active one.
+
+Wan2.2 A14B denoises with a high-noise expert while ``t >= boundary`` and a low-noise
+expert afterwards. Timesteps decrease, so a request uses expert 0 for its first steps
+and expert 1 for the rest: one switch per request, and one more when the next request
+starts on expert 0 again.
+
+With ``offload=True`` each expert keeps a host copy of every parameter and buffer
+(pinned on CUDA) and only the active expert has device copies. Deactivating an expert
+just drops its device tensors (weights never change during inference, so there is
+nothing to copy back); activating one is a single host-to-device copy. The weights and
+the device the math runs on are the same as with both experts resident, so outputs are
+identical; the price is one copy of an expert per switch (about 28 GB for A14B in bf16,
+~1-2 s over PCIe 4 from pinned memory). See ``docs/video.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def should_offload(expert_bytes: int, device: torch.device, budget: float = 0.6) -> bool:
+    """Auto policy: offload when both experts would take more than ``budget`` of the GPU.
+
+    Only the weights are counted; the rest of the budget is left to activations, the
+    text encoder and the VAE (on the returning rank). Never on CPU: there is no other
+    memory to move to.
+    """
+    if device.type != "cuda":
+        return False
+    total = torch.cuda.get_device_properties(device).total_memory
+    return 2 * expert_bytes > budget * total
+
+
+class ExpertPlacement:
+    """The experts of one pipeline and which of them has its weights on ``device``."""
+
+    def __init__(self, experts: list[nn.Module], device: torch.device, offload: bool):
+        self.experts = experts
+        self.device = torch.device(device)
+        self.offload = offload and len(experts) > 1
+        self.active: int | None = None
+        self.swaps: list[tuple[int | None, int]] = []
+        """(deactivated, activated) per switch; what the tests check."""
+        self._host: list[dict[str, torch.Tensor]] = []
+        if not self.offload:
+            for expert in experts:
+                expert.to(self.device)
+            return
+        pin = self.device.type == "cuda"
+        for expert in experts:
+            host = {}
+            for name, tensor in _tensors(expert):
+                copy = tensor.detach().to("cpu")  # no copy if already there
+                host[name] = copy.pin_memory() if pin else copy
+                tensor.data = host[name]
+            self._host.append(host)
+
+    def activate(self, index: int) -> nn.Module:
+        """Expert ``index`` with its weights on the device (the other one's dropped)."""
+        if not self.offload or self.active == index:
+            return self.experts[index]
+        previous = self.active
+        if previous is not None:
+            # Drop the device copies first, so that the two experts never coexist there.
+            for name, tensor in _tensors(self.experts[previous]):
+                tensor.data = self._host[previous][name]
+        for name, tensor in _tensors(self.experts[index]):
+            tensor.data = self._host[index][name].to(self.device, non_blocking=True)
+        self.active = index
+        self.swaps.append((previous, index))
+        logger.debug("expert %s -> %s on %s", previous, index, self.device)
+        return self.experts[index]
+
+
+def _tensors(module: nn.Module):
+    yield from module.named_parameters()
+    yield from module.named_buffers()

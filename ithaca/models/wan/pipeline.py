@@ -1,0 +1,437 @@
+"""Wan2.2 text/image-to-video pipelines over the shared denoising loop.
+
+Numerics follow diffusers' ``WanPipeline`` (T2V-A14B with ``transformer_2`` and
+``boundary_ratio``; TI2V-5B with ``expand_timesteps``) and ``WanImageToVideoPipeline``
+(I2V-A14B; TI2V-5B with an input image):
+
+- prompt: cleaned as diffusers does (``prompt_clean``), UMT5 last hidden state of the
+  real tokens, zero-padded to 512 tokens without a mask (the model was trained so);
+- noise: ``torch.randn((1, z, (F-1)/4+1, H/s, W/s), generator=cpu Generator(seed))`` in
+  fp32, what diffusers draws for a CPU generator; latents stay fp32, the transformer
+  input is cast to the model dtype;
+- experts: the first transformer while ``t >= boundary_ratio * 1000`` with
+  ``guidance_scale``, then ``transformer_2`` with ``guidance_scale_2`` (default: the
+  first scale). CFG (``guidance_scale > 1``, negative prompt default ``""``) combines
+  ``negative + scale * (positive - negative)`` without Qwen-Image's norm rescale;
+- I2V-A14B: the input image followed by ``F-1`` black frames is VAE-encoded; the
+  transformer sees ``[noise, first-frame mask (4 channels), condition latents]``;
+- TI2V-5B (``expand_timesteps``): one timestep per token (0 on the first latent frame
+  when an image is given, whose latents replace the noise there at every step);
+- scheduler: the checkpoint's ``UniPCMultistepScheduler`` with the request's
+  ``flow_shift``; ``num_frames`` must be ``4k+1``; width and height are rounded down to a
+  multiple of ``vae_scale * patch`` (16, or 32 for TI2V-5B) as diffusers does.
+
+Placement: tokenizer, text encoder and VAE (fp32, as diffusers' Wan examples load it)
+live on the replica's rank 0 only; every rank holds the experts, each sharded by the
+same ``_sp_plan``. The idle expert can live in host memory (``expert_offload``, see
+:mod:`ithaca.models.wan.experts` and ``docs/video.md``). Outputs are uint8 frames
+``(F, H, W, 3)``; MP4 encoding is the server's, once, after ``generate`` returns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+from diffusers.video_processor import VideoProcessor
+from PIL import Image
+
+from ithaca.engine.types import GenerationParams, GenerationResult
+from ithaca.models.base import DenoisingPipeline, Job, Request
+from ithaca.models.wan.experts import ExpertPlacement, module_bytes, should_offload
+from ithaca.models.wan.transformer import WanTransformer3DModel, parallelize
+from ithaca.parallel import ParallelState, apply_guidance
+from ithaca.parallel.cfg import POSITIVE
+
+logger = logging.getLogger(__name__)
+
+MAX_SEQUENCE_LENGTH = 512
+"""Text tokens the transformer sees (the reference pads every prompt to this)."""
+
+
+def _read_json(model: str, *parts: str) -> dict:
+    if os.path.isdir(model):
+        with open(os.path.join(model, *parts)) as f:
+            return json.load(f)
+    from huggingface_hub import hf_hub_download
+
+    with open(hf_hub_download(model, "/".join(parts))) as f:
+        return json.load(f)
+
+
+@dataclass(frozen=True)
+class VideoSettings:
+    """Per-request settings two requests must share to be denoised in one batch."""
+
+    num_frames: int
+    guidance_scale_2: float | None
+    flow_shift: float
+    image_size: tuple[int, int] | None
+    """(width, height) of the input image's condition, None without an image."""
+
+
+class WanPipeline(DenoisingPipeline):
+    """Text-to-video (T2V-A14B, two experts) and text(+image)-to-video (TI2V-5B)."""
+
+    default_width = 1280
+    default_height = 720
+    default_steps = 40
+    default_true_cfg_scale = 4.0
+    default_num_frames = 81
+    default_fps = 16
+    takes_image: str = "optional"  # with expand_timesteps; else "never" (see __init__)
+
+    def __init__(
+        self,
+        model: str,
+        state: ParallelState,
+        dtype: torch.dtype,
+        expert_offload: bool | None = None,
+    ):
+        super().__init__(state, dtype)
+        self.model = model
+        index = _read_json(model, "model_index.json")
+        if index.get("image_encoder", [None])[0] is not None:
+            raise ValueError(f"{model}: Wan2.1 I2V (CLIP image encoder) is not supported")
+        self.boundary_ratio = index.get("boundary_ratio")
+        self.expand_timesteps = bool(index.get("expand_timesteps", False))
+        names = ["transformer"]
+        if index.get("transformer_2", [None])[0] is not None:
+            names.append("transformer_2")
+        if len(names) == 2 and self.boundary_ratio is None:
+            raise ValueError(f"{model}: two transformers but no boundary_ratio in model_index")
+        self.experts = [
+            WanTransformer3DModel.from_pretrained(model, subfolder=name, torch_dtype=dtype)
+            for name in names
+        ]
+        for expert in self.experts:
+            expert.eval().requires_grad_(False)
+        if expert_offload is None:
+            expert_offload = should_offload(module_bytes(self.experts[0]), self.device)
+        self.placement = ExpertPlacement(self.experts, self.device, expert_offload)
+        # Both experts are sharded by the same plan; each has its own runtime (hooks).
+        self.runtimes = [parallelize(e, state, self.expand_timesteps) for e in self.experts]
+        self.runtime = self.runtimes[0]
+        config = self.experts[0].config
+        self.patch_size = tuple(config.patch_size)
+        self.scheduler_config = _read_json(model, "scheduler", "scheduler_config.json")
+        vae_config = _read_json(model, "vae", "config.json")
+        self.latent_channels = vae_config["z_dim"]
+        self.scale_temporal = vae_config.get("scale_factor_temporal", 4)
+        self.scale_spatial = vae_config.get("scale_factor_spatial", 8)
+        self.multiple = self.scale_spatial * self.patch_size[1]
+        assert self.patch_size[1] == self.patch_size[2], self.patch_size
+        self.concat_condition = config.in_channels != self.latent_channels
+        if self.expand_timesteps:  # TI2V-5B's published defaults
+            self.default_width, self.default_height = 1280, 704
+            self.default_num_frames, self.default_fps = 121, 24
+            self.default_steps, self.default_true_cfg_scale = 50, 5.0
+        else:
+            self.takes_image = "always" if self.concat_condition else "never"
+        self.video_processor = VideoProcessor(vae_scale_factor=self.scale_spatial)
+        self.vae = self.text_encoder = self.tokenizer = None
+        if self.is_returning_rank:
+            self._load_encoders(model)
+
+    def _load_encoders(self, model: str) -> None:
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        self.vae = AutoencoderKLWan.from_pretrained(
+            model, subfolder="vae", torch_dtype=torch.float32
+        ).to(self.device)
+        self.vae.eval().requires_grad_(False)
+        self.text_encoder = UMT5EncoderModel.from_pretrained(
+            model, subfolder="text_encoder", dtype=self.dtype
+        ).to(self.device)
+        self.text_encoder.eval().requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
+
+    # -- request validation ----------------------------------------------------
+    @staticmethod
+    def _number(name: str, value, kind=float, allow_zero: bool = False):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = ok and (value >= 0 if allow_zero else value > 0)
+        if not ok or (kind is int and not isinstance(value, int)):
+            sign = "non-negative" if allow_zero else "positive"
+            raise ValueError(f"{name} ({value!r}) must be a {sign} {kind.__name__}")
+        return kind(value)
+
+    def _size(self, name: str, value: int | None, default: int) -> int:
+        value = default if value is None else value
+        if not isinstance(value, int) or value < self.multiple:
+            raise ValueError(
+                f"{name} ({value!r}) must be an integer of at least {self.multiple} "
+                f"(sizes are rounded down to a multiple of {self.multiple})"
+            )
+        return value // self.multiple * self.multiple
+
+    def _num_frames(self, value: int | None) -> int:
+        n = self.default_num_frames if value is None else value
+        k = self.scale_temporal
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1 or (n - 1) % k:
+            below = max(1, (n - 1) // k * k + 1) if isinstance(n, int) else 1
+            raise ValueError(
+                f"num_frames ({n!r}) must be {k}k+1 (1, {k + 1}, {2 * k + 1}, ..., 81): the "
+                f"Wan VAE compresses time {k}x after the first frame; nearest valid: "
+                f"{below} or {below + k}"
+            )
+        return n
+
+    def resolve(self, params: GenerationParams) -> Request:
+        if not params.prompt:
+            raise ValueError("prompt must be a non-empty string")
+        if params.num_images != 1:
+            raise ValueError(
+                f"num_images ({params.num_images}) must be 1 for video: one request makes "
+                f"one video (send several requests; compatible ones are batched)"
+            )
+        if params.true_cfg_scale is not None:
+            raise ValueError("true_cfg_scale is a Qwen-Image parameter; Wan uses guidance_scale")
+        n_images = len(params.images or [])
+        if self.takes_image == "never" and n_images:
+            raise ValueError(f"{type(self).__name__} ({self.model}) takes no input image")
+        if self.takes_image == "always" and n_images != 1:
+            raise ValueError(f"image-to-video needs exactly one input image, got {n_images}")
+        if n_images > 1:
+            raise ValueError(f"at most one input image (the first frame), got {n_images}")
+        steps = params.num_inference_steps or self.default_steps
+        self._number("num_inference_steps", steps, int)
+        scale = params.guidance_scale
+        scale = self.default_true_cfg_scale if scale is None else scale
+        scale = self._number("guidance_scale", scale, allow_zero=True)
+        scale_2 = params.guidance_scale_2
+        if scale_2 is not None and len(self.experts) == 1:
+            raise ValueError("guidance_scale_2 needs a two-expert (A14B) checkpoint")
+        if len(self.experts) == 2:
+            scale_2 = scale if scale_2 is None else scale_2
+            scale_2 = self._number("guidance_scale_2", scale_2, allow_zero=True)
+        shift = params.flow_shift
+        shift = self.scheduler_config.get("flow_shift", 1.0) if shift is None else shift
+        shift = self._number("flow_shift", shift)
+        if params.fps is not None:
+            self._number("fps", params.fps, int)
+        w = self._size("width", params.width, self.default_width)
+        h = self._size("height", params.height, self.default_height)
+        frames = self._num_frames(params.num_frames)
+        settings = VideoSettings(frames, scale_2, shift, (w, h) if n_images else None)
+        return Request(params, w, h, steps, scale, scale > 1, params.seed, (settings,))
+
+    # -- conditioning (returning rank only) ------------------------------------
+    @torch.no_grad()
+    def _encode_text(self, text: str) -> torch.Tensor:
+        """UMT5 last hidden state of the real tokens: (T, D), T <= 512."""
+        tokens = self.tokenizer(
+            [prompt_clean(text)],
+            padding="max_length",
+            max_length=MAX_SEQUENCE_LENGTH,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+        hidden = self.text_encoder(ids, mask).last_hidden_state  # (1, 512, D)
+        return hidden[0, : int(mask.gt(0).sum())].to(self.dtype)
+
+    def _normalize(self, latents: torch.Tensor) -> torch.Tensor:
+        z = self.latent_channels
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents)
+        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1).to(latents)
+        return (latents - mean) * inv_std
+
+    @torch.no_grad()
+    def _encode_image(self, request: Request) -> torch.Tensor:
+        """Normalised condition latents (1, z, F_lat or 1, h, w) of the input image, fp32."""
+        settings: VideoSettings = request.extra_key[0]
+        w, h = settings.image_size
+        image = request.params.images[0].convert("RGB")  # RGBA / L uploads
+        image = self.video_processor.preprocess(image, height=h, width=w)
+        image = image.to(self.device, torch.float32).unsqueeze(2)  # (1, 3, 1, H, W)
+        if not self.expand_timesteps:
+            # I2V-A14B: the image, then F-1 black frames, encoded as one video.
+            rest = image.new_zeros(1, 3, settings.num_frames - 1, h, w)
+            image = torch.cat([image, rest], dim=2)
+        latents = self.vae.encode(image.to(self.vae.dtype)).latent_dist.mode()
+        return self._normalize(latents.float())
+
+    def condition(self, request: Request) -> dict[str, Any]:
+        p = request.params
+        cond = {"embeds": self._encode_text(p.prompt)}
+        if request.do_cfg:
+            cond["negative"] = self._encode_text(p.negative_prompt or "")
+        if p.images:
+            cond["image_latents"] = self._encode_image(request)
+        return cond
+
+    # -- the batch -------------------------------------------------------------
+    def _latent_shape(self, request: Request) -> tuple[int, int, int, int]:
+        frames = request.extra_key[0].num_frames
+        f = (frames - 1) // self.scale_temporal + 1
+        h, w = request.height // self.scale_spatial, request.width // self.scale_spatial
+        return self.latent_channels, f, h, w
+
+    def _noise(self, request: Request, seed: int) -> torch.Tensor:
+        """diffusers' ``prepare_latents`` for one CPU generator: (1, z, F, h, w) fp32."""
+        generator = torch.Generator("cpu").manual_seed(seed)
+        shape = (1, *self._latent_shape(request))
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+
+    @staticmethod
+    def _pad_text(embeds: list[torch.Tensor]) -> torch.Tensor:
+        """Per-request (T_i, D) -> (B, 512, D), zero-padded as the reference does."""
+        return torch.stack(
+            [
+                torch.cat([e, e.new_zeros(MAX_SEQUENCE_LENGTH - e.shape[0], e.shape[1])])
+                for e in embeds
+            ]
+        )
+
+    def _first_frame_mask(self, request: Request) -> torch.Tensor:
+        """I2V-A14B's 4-channel mask (1, 4, F, h, w): 1 on the first video frame, else 0."""
+        _, f, h, w = self._latent_shape(request)
+        k = self.scale_temporal
+        frames = torch.zeros(1, 1, request.extra_key[0].num_frames, h, w, device=self.device)
+        frames[:, :, 0] = 1
+        # The first frame stands for k frames: (1, 1, F + k - 1, h, w) -> (1, k, F_lat, h, w)
+        frames = torch.cat([frames[:, :, :1].repeat_interleave(k, dim=2), frames[:, :, 1:]], dim=2)
+        return frames.view(1, f, k, h, w).transpose(1, 2)
+
+    def prepare(self, requests: list[Request], conds: list[dict[str, Any]]) -> Job:
+        seeds = [c["seed"] for c in conds]
+        latents = torch.cat([self._noise(r, s) for r, s in zip(requests, seeds, strict=True)])
+        inputs: dict[str, Any] = {"text": {POSITIVE: self._pad_text([c["embeds"] for c in conds])}}
+        if requests[0].do_cfg:
+            inputs["text"][1] = self._pad_text([c["negative"] for c in conds])
+        settings: VideoSettings = requests[0].extra_key[0]
+        _, f, h, w = latents.shape[1:]
+        if settings.image_size is not None:
+            image = torch.cat([c["image_latents"] for c in conds])
+            if self.expand_timesteps:
+                inputs["image_latents"] = image  # (B, z, 1, h, w): replaces latent frame 0
+            else:
+                mask = self._first_frame_mask(requests[0]).expand(len(requests), -1, -1, -1, -1)
+                inputs["condition"] = torch.cat([mask, image], dim=1)  # (B, 4 + z, F, h, w)
+        if self.expand_timesteps:
+            # One timestep per token, 0 where the image's latents stand: (F * h/p * w/p,)
+            p = self.patch_size[1]
+            token_mask = torch.ones(f, h // p, w // p, device=self.device)
+            if settings.image_size is not None:
+                token_mask[0] = 0
+            inputs["token_mask"] = token_mask.flatten()
+        scheduler = UniPCMultistepScheduler.from_config(
+            self.scheduler_config, flow_shift=settings.flow_shift
+        )
+        scheduler.set_timesteps(requests[0].steps, device=self.device)
+        return Job(requests, seeds, latents, scheduler.timesteps, scheduler, inputs)
+
+    # -- one step ----------------------------------------------------------------
+    def _expert_index(self, t: torch.Tensor) -> int:
+        if len(self.experts) == 1:
+            return 0
+        boundary = self.boundary_ratio * self.scheduler_config.get("num_train_timesteps", 1000)
+        return 0 if t >= boundary else 1
+
+    def step_guidance_scale(self, job: Job, t: torch.Tensor) -> float:
+        request = job.requests[0]
+        if self._expert_index(t) == 1:
+            return request.extra_key[0].guidance_scale_2
+        return request.true_cfg_scale
+
+    def guide(self, positive, negative, scale: float) -> torch.Tensor:
+        return apply_guidance(positive, negative, scale, rescale_to_positive_norm=False)
+
+    def _with_image(self, job: Job, latents: torch.Tensor) -> torch.Tensor:
+        """TI2V with an image: the image's latents in place of latent frame 0."""
+        image = job.inputs.get("image_latents")
+        if image is None:
+            return latents
+        return torch.cat([image.to(latents.dtype), latents[:, :, 1:]], dim=2)
+
+    @torch.no_grad()
+    def predict(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
+        index = self._expert_index(t)
+        expert = self.placement.activate(index)
+        self.runtime = self.runtimes[index]
+        latents = job.latents
+        b = latents.shape[0]
+        if self.expand_timesteps:
+            hidden = self._with_image(job, latents)
+            timestep = (job.inputs["token_mask"] * t).unsqueeze(0).expand(b, -1)  # (B, S)
+        else:
+            hidden = latents
+            if "condition" in job.inputs:
+                hidden = torch.cat([latents, job.inputs["condition"]], dim=1)
+            timestep = t.expand(b)  # (B,)
+        dtype = expert.dtype
+        return expert(
+            hidden_states=hidden.to(dtype),
+            timestep=timestep,
+            encoder_hidden_states=job.inputs["text"][branch].to(dtype),
+            return_dict=False,
+        )[0]
+
+    # -- decoding (returning rank only) ------------------------------------------
+    @torch.no_grad()
+    def _decode_frames(self, job: Job, latents: torch.Tensor) -> np.ndarray:
+        """Latents (B, z, F, h, w) -> uint8 frames (B, F', H, W, 3)."""
+        latents = self._with_image(job, latents.float()).to(self.vae.dtype)
+        z = self.latent_channels
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents)
+        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1).to(latents)
+        video = self.vae.decode(latents / inv_std + mean, return_dict=False)[0]
+        frames = self.video_processor.postprocess_video(video, output_type="np")  # [0, 1]
+        return (frames * 255).round().astype(np.uint8)
+
+    def decode(self, job: Job, latents: torch.Tensor) -> list[np.ndarray]:
+        """One ``(F, H, W, 3)`` uint8 video per request."""
+        return list(self._decode_frames(job, latents))
+
+    def preview(self, job: Job, x0: torch.Tensor) -> list[Image.Image]:
+        """The first frame of each request's x0 estimate.
+
+        The Wan VAE is causal in time, so latent frame 0 alone decodes to exactly the
+        first video frame: a preview costs one frame's decode, not the whole video's.
+        """
+        frames = self._decode_frames(job, x0[:, :, :1])  # (B, 1, H, W, 3)
+        return [Image.fromarray(f[0]) for f in frames]
+
+    def fill_result(self, result: GenerationResult, request: Request, output) -> None:
+        settings: VideoSettings = request.extra_key[0]
+        result.frames = output
+        result.fps = request.params.fps or self.default_fps
+        result.metadata.update(
+            num_frames=settings.num_frames,
+            fps=result.fps,
+            guidance_scale=request.true_cfg_scale if request.do_cfg else None,
+            guidance_scale_2=settings.guidance_scale_2 if request.do_cfg else None,
+            flow_shift=settings.flow_shift,
+        )
+
+
+class WanImageToVideoPipeline(WanPipeline):
+    """Image-to-video (I2V-A14B): the input image is the first frame.
+
+    Also loads a TI2V-5B checkpoint (``expand_timesteps``) as diffusers'
+    ``WanImageToVideoPipeline`` does; there the image is required as well.
+    """
+
+    default_width = 832
+    default_height = 480
+    default_true_cfg_scale = 3.5
+
+    def __init__(
+        self,
+        model: str,
+        state: ParallelState,
+        dtype: torch.dtype,
+        expert_offload: bool | None = None,
+    ):
+        super().__init__(model, state, dtype, expert_offload)
+        self.takes_image = "always"

@@ -1,0 +1,132 @@
+"""Wan's video transformer under sequence parallelism: the ``_sp_plan`` and the processor.
+
+The math is diffusers' ``WanTransformer3DModel``; this module declares where its video
+token sequence (frames x height x width patches, flattened in that order) is split and
+installs an attention processor that sends self-attention through
+:class:`ithaca.parallel.ParallelAttention`. Cross-attention needs no communication:
+every rank holds the whole text, and each query token attends to it independently.
+
+Plan (``auto_pad`` everywhere: the token count rarely divides by the world size):
+
+- ``rope`` outputs 0 and 1, the RoPE ``cos`` / ``sin`` ``(1, S, 1, D)``: sharded on dim 1
+  with the tokens;
+- ``blocks.0`` input ``hidden_states`` ``(B, S, C)``: sharded on dim 1; every later block
+  receives the shard from the previous one;
+- ``proj_out`` output ``(B, S, C_out)``: gathered on dim 1 (padding trimmed) before the
+  unpatchify reshape;
+- per-token timesteps only (``WAN_SP_PLAN_PER_TOKEN_TIMESTEPS``, Wan2.2 TI2V): the root's
+  ``timestep`` input ``(B, S)`` is sharded on dim 1 like the tokens, so the per-token
+  modulation ``(B, S/P, 6, C)`` and the output norm's shift/scale ``(B, S/P, C)`` line
+  up with the shard. With one timestep per sample ``(B,)`` there is nothing to shard,
+  and declaring the entry would make the strict runtime report a skipped spec.
+
+Text (``encoder_hidden_states``) and the per-sample timestep embedding stay replicated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import WanTransformer3DModel as _DiffusersWanTransformer
+
+from ithaca.parallel import (
+    ParallelState,
+    SequenceParallelInput,
+    SequenceParallelOutput,
+    SequenceParallelRuntime,
+    apply_sequence_parallel,
+)
+
+WAN_SP_PLAN = {
+    "rope": {
+        0: SequenceParallelInput(split_dim=1, expected_dims=4, split_output=True, auto_pad=True),
+        1: SequenceParallelInput(split_dim=1, expected_dims=4, split_output=True, auto_pad=True),
+    },
+    "blocks.0": {
+        "hidden_states": SequenceParallelInput(split_dim=1, expected_dims=3, auto_pad=True),
+    },
+    "proj_out": SequenceParallelOutput(gather_dim=1, expected_dims=3),
+}
+
+WAN_SP_PLAN_PER_TOKEN_TIMESTEPS = {
+    **WAN_SP_PLAN,
+    "": {"timestep": SequenceParallelInput(split_dim=1, expected_dims=2, auto_pad=True)},
+}
+
+
+class WanTransformer3DModel(_DiffusersWanTransformer):
+    """diffusers' Wan transformer with its sequence-parallel plan declared."""
+
+    _sp_plan = WAN_SP_PLAN
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved RoPE on ``(B, S, H, D)`` with ``cos`` / ``sin`` ``(1, S, 1, D)``."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # even / odd channels: (B, S, H, D/2)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class ParallelWanAttnProcessor:
+    """Wan's self- and cross-attention; self-attention runs through ``ParallelAttention``.
+
+    Same projections, QK norms (across heads) and RoPE as diffusers' ``WanAttnProcessor``.
+    Self-attention sees this rank's token shard ``(B, S/P, C)``; padding added by
+    ``auto_pad`` is masked by the runtime. Cross-attention attends from the shard to the
+    full text with a local kernel. Wan2.1's image-embedding cross-attention
+    (``add_k_proj``) is not supported: no Wan2.2 checkpoint has it.
+    """
+
+    def __init__(self, runtime: SequenceParallelRuntime):
+        self.runtime = runtime
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if attn.add_k_proj is not None:
+            raise ValueError("Wan2.1 image cross-attention (added_kv_proj_dim) is not supported")
+        if attention_mask is not None:
+            raise ValueError("Wan attention takes no attention_mask")
+        if getattr(attn, "fused_projections", False):
+            raise ValueError("fused Wan projections are not supported; unfuse them first")
+        cross = encoder_hidden_states is not None
+        context = encoder_hidden_states if cross else hidden_states
+        # (B, S/P, C) -> (B, S/P, H, D) queries; keys/values from the tokens or the text
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(attn.to_k(context)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(context).unflatten(2, (attn.heads, -1))
+        if cross:
+            # (B, S/P, H, D) x (B, T, H, D) -> (B, S/P, H, D): per query, no communication
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            ).transpose(1, 2)
+        else:
+            if rotary_emb is not None:
+                cos, sin = rotary_emb  # (1, S/P, 1, D): sharded with the tokens
+                q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            out, _ = self.runtime.attention(q, k, v)  # (B, S/P, H, D)
+        out = out.flatten(2, 3).type_as(q)  # (B, S/P, H, D) -> (B, S/P, H*D)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)  # dropout
+
+
+def parallelize(
+    transformer: torch.nn.Module, state: ParallelState, per_token_timesteps: bool
+) -> SequenceParallelRuntime:
+    """Apply the plan for ``state`` and route every block's attention through it."""
+    state.config.validate_heads(transformer.config.num_attention_heads)
+    plan = WAN_SP_PLAN_PER_TOKEN_TIMESTEPS if per_token_timesteps else WAN_SP_PLAN
+    runtime = apply_sequence_parallel(transformer, plan, state)
+    processor = ParallelWanAttnProcessor(runtime)
+    for block in transformer.blocks:
+        block.attn1.set_processor(processor)
+        block.attn2.set_processor(processor)
+    return runtime
