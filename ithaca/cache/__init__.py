@@ -9,7 +9,7 @@ TaylorSeer and SCM) on a transformer's blocks. The denoising loop calls
 
 from __future__ import annotations
 
-from ithaca.cache.base import BlockCacheAdapter, CacheStats, StepCache
+from ithaca.cache.base import BlockCacheAdapter, CacheGroup, CacheStats, StepCache
 from ithaca.cache.calibrate import TeaCacheCalibrator
 from ithaca.cache.dbcache import CACHE_DIT_OPTIONS, DBCache, TaylorSeer, scm_mask
 from ithaca.cache.teacache import TEACACHE_OPTIONS, TeaCache, fit_coefficients
@@ -46,6 +46,7 @@ def build_cache(backend, options, transformer, adapter, state, padding=None) -> 
 __all__ = [
     "BACKENDS",
     "BlockCacheAdapter",
+    "CacheGroup",
     "CacheStats",
     "DBCache",
     "StepCache",

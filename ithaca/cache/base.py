@@ -36,8 +36,9 @@ class BlockCacheAdapter:
     """Attribute holding the ``nn.ModuleList`` of dual-stream blocks."""
     hidden_arg: str = "hidden_states"
     context_arg: str = "encoder_hidden_states"
-    returns_context_first: bool = True
-    """Blocks return ``(context, hidden)`` (diffusers Qwen-Image, FLUX) or the reverse."""
+    returns: str = "context_hidden"
+    """What a block returns: ``"context_hidden"`` (diffusers Qwen-Image, FLUX),
+    ``"hidden_context"``, or ``"hidden"`` alone (Wan: the context is only read)."""
     modulated_input: Callable[[nn.Module, dict], torch.Tensor] | None = None
     """TeaCache's indicator: the first block's timestep-modulated input, from the block
     and its bound forward arguments."""
@@ -143,14 +144,18 @@ class StepCache:
     def run_block(self, index: int, call: Callable, hidden, context, bound) -> tuple:
         raise NotImplementedError
 
-    def pack(self, hidden, context) -> tuple:
+    def pack(self, hidden, context):
         """A block's return value in the family's order."""
-        return (context, hidden) if self.adapter.returns_context_first else (hidden, context)
+        if self.adapter.returns == "hidden":
+            return hidden
+        return (context, hidden) if self.adapter.returns == "context_hidden" else (hidden, context)
 
     def unpack(self, output) -> tuple:
-        """``(hidden, context)`` from a block's return value."""
+        """``(hidden, context or None)`` from a block's return value."""
+        if self.adapter.returns == "hidden":
+            return output, None
         first, second = output
-        return (second, first) if self.adapter.returns_context_first else (first, second)
+        return (second, first) if self.adapter.returns == "context_hidden" else (first, second)
 
     def rel_l1(self, current: torch.Tensor, previous: torch.Tensor) -> float:
         """``sum|cur - prev| / sum|prev|`` over every valid token of the whole sequence.
@@ -205,3 +210,39 @@ class StepCache:
             return self.run_block(index, forward, hidden, context, bound)
 
         return wrapped
+
+
+class CacheGroup:
+    """One step cache per transformer (Wan2.2's two experts), driven as one cache.
+
+    Every member sees every ``step``; only the transformer that actually runs consults
+    its own, so each expert keeps its own per-branch state and residuals.
+    """
+
+    def __init__(self, caches: list[StepCache]):
+        self.caches = caches
+        self.name = caches[0].name
+
+    def begin(self, num_steps: int) -> None:
+        for cache in self.caches:
+            cache.begin(num_steps)
+
+    @contextlib.contextmanager
+    def step(self, index: int, branch: int = 0):
+        with contextlib.ExitStack() as stack:
+            for cache in self.caches:
+                stack.enter_context(cache.step(index, branch))
+            yield
+
+    def remove(self) -> None:
+        for cache in self.caches:
+            cache.remove()
+
+    @property
+    def stats(self) -> CacheStats:
+        merged = CacheStats()
+        for cache in self.caches:
+            merged.computed += cache.stats.computed
+            merged.cached += cache.stats.cached
+            merged.pattern += cache.stats.pattern
+        return merged

@@ -180,7 +180,7 @@ class DBCache(StepCache):
         if st["skip"]:
             if index == self.middle_end - 1:
                 hidden = hidden + st["seer"][0].predict(self.step_index)
-                if context is not None:
+                if context is not None and st["seer"][1].step is not None:
                     context = context + st["seer"][1].predict(self.step_index)
             return self.pack(hidden, context)
         if index == self.fn:

@@ -43,8 +43,10 @@ from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from diffusers.video_processor import VideoProcessor
 from PIL import Image
 
+from ithaca.cache import CacheGroup, build_cache
 from ithaca.engine.types import GenerationParams, GenerationResult
 from ithaca.models.base import DenoisingPipeline, Job, Request
+from ithaca.models.wan.cache import cache_adapter
 from ithaca.models.wan.experts import ExpertPlacement, module_bytes, should_offload
 from ithaca.models.wan.transformer import WanTransformer3DModel, parallelize
 from ithaca.parallel import ParallelState, apply_guidance
@@ -139,6 +141,16 @@ class WanPipeline(DenoisingPipeline):
         self.vae = self.text_encoder = self.tokenizer = None
         if self.is_returning_rank:
             self._load_encoders(model)
+
+    def make_cache(self, backend: str, options: dict) -> CacheGroup:
+        """One cache per expert, each over its own blocks and its own plan's padding."""
+        adapter = cache_adapter(self.model)
+        return CacheGroup(
+            [
+                build_cache(backend, options, expert, adapter, self.state, runtime)
+                for expert, runtime in zip(self.experts, self.runtimes, strict=True)
+            ]
+        )
 
     def _load_encoders(self, model: str) -> None:
         from transformers import AutoTokenizer, UMT5EncoderModel
