@@ -1,0 +1,147 @@
+"""FLUX.1's transformer under sequence parallelism: the ``_sp_plan`` and the processor.
+
+The math is diffusers' ``FluxTransformer2DModel``; this module declares where its
+sequence is split and installs one attention processor, for both kinds of block, that
+sends the joint text+image attention through :class:`ithaca.parallel.ParallelAttention`.
+
+Plan (``auto_pad`` wherever the image length may not divide by the sequence-parallel
+size):
+
+- root input ``hidden_states`` ``(B, S_img, C_in)``: the packed latents, sharded on
+  dim 1 before ``x_embedder``; every block then works on ``S_img/P`` image tokens;
+- root input ``img_ids`` ``(S_img, 3)``: sharded on dim 0 the same way, so the forward's
+  own ``cat(txt_ids, img_ids)`` and ``pos_embed`` yield the RoPE of
+  ``[whole text, this rank's image tokens]`` ``(T + S_img/P, D)``;
+- ``proj_out`` output ``(B, S_img, C_out)``: gathered on dim 1 (padding trimmed).
+
+Text tokens stay replicated. Double-stream blocks keep text and image apart, so their
+processor sees both directly. Single-stream blocks concatenate ``[text, image shard]``
+inside their forward; their processor splits that sequence again at the text length,
+which a forward pre-hook on each single block reads from the block's
+``encoder_hidden_states`` input just before the block runs, so no diffusers forward
+is copied. LongCat-Image and Ovis-Image share this layout and reuse plan and processor.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from diffusers import FluxTransformer2DModel as _DiffusersFluxTransformer
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+from ithaca.parallel import (
+    ParallelState,
+    SequenceParallelInput,
+    SequenceParallelOutput,
+    SequenceParallelRuntime,
+    apply_sequence_parallel,
+)
+
+FLUX_SP_PLAN = {
+    "": {
+        "hidden_states": SequenceParallelInput(split_dim=1, expected_dims=3, auto_pad=True),
+        "img_ids": SequenceParallelInput(split_dim=0, expected_dims=2, auto_pad=True),
+    },
+    "proj_out": SequenceParallelOutput(gather_dim=1, expected_dims=3),
+}
+
+
+class FluxTransformer2DModel(_DiffusersFluxTransformer):
+    """diffusers' FLUX.1 transformer with its sequence-parallel plan declared."""
+
+    _sp_plan = FLUX_SP_PLAN
+
+
+class FluxParallelAttnProcessor:
+    """FLUX joint attention (double- and single-stream) routed through ``ParallelAttention``.
+
+    Same projections, QK norms and RoPE as diffusers' ``FluxAttnProcessor``; the
+    attention runs over this rank's image shard and the whole text, text first.
+    """
+
+    def __init__(self, runtime: SequenceParallelRuntime):
+        self.runtime = runtime
+        self._text_len: int | None = None
+
+    def watch_single_blocks(self, blocks) -> None:
+        """Route the single-stream ``blocks`` through this processor.
+
+        Each block's pre-hook records its text length before the block concatenates
+        ``[text, image]``; the processor splits at it. Blocks run one at a time, so the
+        recorded length is always the running block's.
+        """
+        for block in blocks:
+            block.attn.set_processor(self)
+            signature = inspect.signature(block.forward)
+
+            def record(module, args, kwargs, signature=signature):
+                text = signature.bind_partial(*args, **kwargs).arguments["encoder_hidden_states"]
+                self._text_len = text.shape[1]  # (B, T, C)
+
+            block.register_forward_pre_hook(record, with_kwargs=True)
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        if attention_mask is not None:
+            raise ValueError("FLUX attention takes no attention_mask (every text token attends)")
+        single = encoder_hidden_states is None
+        if single and self._text_len is None:
+            raise ValueError(
+                "single-stream blocks must be registered with watch_single_blocks() so that "
+                "the processor knows where [text, image] splits"
+            )
+        q, k, v, txt_q, txt_k, txt_v = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states
+        )
+        # (B, L, H*D) -> (B, L, H, D)
+        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if single:
+            # (B, T + S/P, H, D) -> text (B, T, H, D) and image (B, S/P, H, D)
+            t = self._text_len
+            (txt_q, q), (txt_k, k), (txt_v, v) = (
+                x.split([t, x.shape[1] - t], 1) for x in (q, k, v)
+            )
+        else:
+            t = encoder_hidden_states.shape[1]
+            txt_q, txt_k, txt_v = (
+                x.unflatten(-1, (-1, attn.head_dim)) for x in (txt_q, txt_k, txt_v)
+            )
+            txt_q, txt_k = attn.norm_added_q(txt_q), attn.norm_added_k(txt_k)
+        if image_rotary_emb is not None:
+            # (T + S/P, D) cos and sin: the text rows first, then this rank's image rows
+            cos, sin = image_rotary_emb
+            txt_rope, img_rope = (cos[:t], sin[:t]), (cos[t:], sin[t:])
+            q, k = (apply_rotary_emb(x, img_rope, sequence_dim=1) for x in (q, k))
+            txt_q, txt_k = (apply_rotary_emb(x, txt_rope, sequence_dim=1) for x in (txt_q, txt_k))
+
+        img_out, txt_out = self.runtime.attention(
+            q, k, v, joint_q=txt_q, joint_k=txt_k, joint_v=txt_v, joint_strategy="front"
+        )
+        # (B, S/P, H, D) -> (B, S/P, H*D); (B, T, H, D) -> (B, T, H*D)
+        img_out = img_out.flatten(2, 3).to(q.dtype)
+        txt_out = txt_out.flatten(2, 3).to(q.dtype)
+        if single:
+            return torch.cat([txt_out, img_out], dim=1)  # (B, T + S/P, H*D), no out projection
+        img_out = attn.to_out[1](attn.to_out[0](img_out.contiguous()))  # linear, dropout
+        txt_out = attn.to_add_out(txt_out.contiguous())
+        return img_out, txt_out
+
+
+def parallelize(transformer: torch.nn.Module, state: ParallelState) -> SequenceParallelRuntime:
+    """Apply the plan for ``state`` and route every block's attention through it."""
+    state.config.validate_heads(transformer.config.num_attention_heads)
+    runtime = apply_sequence_parallel(transformer, FLUX_SP_PLAN, state)
+    processor = FluxParallelAttnProcessor(runtime)
+    for block in transformer.transformer_blocks:
+        block.attn.set_processor(processor)
+    processor.watch_single_blocks(transformer.single_transformer_blocks)
+    return runtime

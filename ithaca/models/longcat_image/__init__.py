@@ -1,0 +1,1 @@
+"""LongCat-Image (meituan-longcat/LongCat-Image)."""

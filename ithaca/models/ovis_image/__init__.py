@@ -1,0 +1,1 @@
+"""Ovis-Image (AIDC-AI/Ovis-Image)."""

@@ -1,0 +1,107 @@
+"""SD3 / SD3.5's transformer under sequence parallelism: the ``_sp_plan`` and the processor.
+
+The math is diffusers' ``SD3Transformer2DModel`` (MMDiT ``JointTransformerBlock`` s);
+this module declares where its sequence is split and installs one attention processor
+that sends the joint image+text attention (and SD3.5's image-only second attention)
+through :class:`ithaca.parallel.ParallelAttention`.
+
+Plan (``auto_pad`` where the image length may not divide by the sequence-parallel size):
+
+- ``transformer_blocks.0`` input ``hidden_states`` ``(B, S_img, C)``: the patch tokens
+  after ``pos_embed`` (which adds the position embedding while the image is whole),
+  sharded on dim 1; every later block receives the shard from the previous one;
+- ``proj_out`` output ``(B, S_img, p*p*C_out)``: gathered on dim 1 (padding trimmed),
+  before the forward's own unpatchify.
+
+Text tokens stay replicated. The joint sequence is ``[image, text]`` (text last,
+``joint_strategy="rear"``), as in diffusers' ``JointAttnProcessor2_0``. There is no
+RoPE and no mask: the processor needs nothing beyond its inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import SD3Transformer2DModel as _DiffusersSD3Transformer
+
+from ithaca.parallel import (
+    ParallelState,
+    SequenceParallelInput,
+    SequenceParallelOutput,
+    SequenceParallelRuntime,
+    apply_sequence_parallel,
+)
+
+SD3_SP_PLAN = {
+    "transformer_blocks.0": {
+        "hidden_states": SequenceParallelInput(split_dim=1, expected_dims=3, auto_pad=True),
+    },
+    "proj_out": SequenceParallelOutput(gather_dim=1, expected_dims=3),
+}
+
+
+class SD3Transformer2DModel(_DiffusersSD3Transformer):
+    """diffusers' SD3 transformer with its sequence-parallel plan declared."""
+
+    _sp_plan = SD3_SP_PLAN
+
+
+class SD3ParallelAttnProcessor:
+    """SD3 joint attention (``attn``) and SD3.5 image self-attention (``attn2``).
+
+    Same projections and QK norms as diffusers' ``JointAttnProcessor2_0``.
+    """
+
+    def __init__(self, runtime: SequenceParallelRuntime):
+        self.runtime = runtime
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ):
+        if attention_mask is not None:
+            raise ValueError("SD3 attention takes no attention_mask")
+        # (B, S/P, H*D) -> (B, S/P, H, D)
+        q, k, v = (
+            proj(hidden_states).unflatten(-1, (attn.heads, -1))
+            for proj in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if encoder_hidden_states is None:  # SD3.5's image-only attention
+            out, _ = self.runtime.attention(q, k, v)
+            return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(q.dtype)))
+        # (B, T, H*D) -> (B, T, H, D)
+        txt_q, txt_k, txt_v = (
+            proj(encoder_hidden_states).unflatten(-1, (attn.heads, -1))
+            for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        )
+        if attn.norm_added_q is not None:
+            txt_q = attn.norm_added_q(txt_q)
+        if attn.norm_added_k is not None:
+            txt_k = attn.norm_added_k(txt_k)
+        out, txt_out = self.runtime.attention(
+            q, k, v, joint_q=txt_q, joint_k=txt_k, joint_v=txt_v, joint_strategy="rear"
+        )
+        # (B, S/P, H, D) -> (B, S/P, H*D); (B, T, H, D) -> (B, T, H*D)
+        out = attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(q.dtype)))  # linear, dropout
+        txt_out = txt_out.flatten(2, 3).to(q.dtype)
+        if not attn.context_pre_only:
+            txt_out = attn.to_add_out(txt_out)
+        return out, txt_out
+
+
+def parallelize(transformer: torch.nn.Module, state: ParallelState) -> SequenceParallelRuntime:
+    """Apply the plan for ``state`` and route every block's attention through it."""
+    state.config.validate_heads(transformer.config.num_attention_heads)
+    runtime = apply_sequence_parallel(transformer, SD3_SP_PLAN, state)
+    processor = SD3ParallelAttnProcessor(runtime)
+    for block in transformer.transformer_blocks:
+        block.attn.set_processor(processor)
+        if block.attn2 is not None:
+            block.attn2.set_processor(processor)
+    return runtime

@@ -1,0 +1,143 @@
+"""Z-Image's transformer under sequence parallelism: the ``_sp_plan`` and the processor.
+
+The math is diffusers' ``ZImageTransformer2DModel``. Its forward builds sequences
+inline (patchify, pad to 32, ``pad_sequence``, ``cat([image, caption])``), but every
+sequence then enters a list of blocks whose forward takes it as an argument
+``(x, attn_mask, freqs_cis, ...)``: the blocks are the module boundary the plan uses, so
+no diffusers forward is copied. Plan (``auto_pad`` everywhere):
+
+- ``noise_refiner.0`` input ``x`` ``(B, S_img, C)`` and ``noise_refiner.*`` inputs
+  ``attn_mask`` ``(B, S_img)`` and ``freqs_cis`` ``(B, S_img, D/2)`` complex: the image
+  tokens are sharded on dim 1 through the refiner; its last block's output is gathered
+  (the forward then slices and concatenates whole sequences);
+- ``context_refiner``: captions only, replicated (diffusers' own processor);
+- ``layers.0`` input ``x`` ``(B, S_img + S_cap, C)`` and ``layers.*`` inputs
+  ``attn_mask`` / ``freqs_cis``: the unified ``[image, caption]`` sequence is sharded as
+  one sequence (image and caption tokens are treated alike by these blocks: one
+  self-attention, per-token norms and feed-forward);
+- ``all_final_layer.<p>-<f>`` output ``(B, S_img + S_cap, C_out)``: gathered on dim 1
+  (``auto_pad`` padding trimmed) before the forward's own unpatchify.
+
+Z-Image pads every segment to a multiple of 32 tokens itself, so the sharded lengths
+divide by 2, 4, 8, ...; other sizes (3, 6) are padded by ``auto_pad`` and masked.
+
+Heads: Z-Image has 30 heads. When the Ulysses degree does not divide them, the
+processor appends all-zero heads up to the next multiple (zero queries and keys give
+uniform weights over zero values: the extra heads output zeros) and drops them after
+the attention; 30 heads at Ulysses 4 run as 32 (7% more attention work).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import ZImageTransformer2DModel as _DiffusersZImageTransformer
+from diffusers.models.embeddings import apply_rotary_emb
+
+from ithaca.parallel import (
+    ParallelState,
+    SequenceParallelInput,
+    SequenceParallelOutput,
+    SequenceParallelRuntime,
+    apply_sequence_parallel,
+)
+
+
+def _shard(dims: int) -> SequenceParallelInput:
+    return SequenceParallelInput(split_dim=1, expected_dims=dims, auto_pad=True)
+
+
+def z_image_sp_plan(n_refiner_layers: int = 2, patches: tuple[str, ...] = ("2-1",)) -> dict:
+    """The plan for a transformer with ``n_refiner_layers`` and final layers ``patches``."""
+    plan: dict = {}
+
+    def add(key: str, specs: dict) -> None:
+        plan.setdefault(key, {}).update(specs)
+
+    add("noise_refiner.0", {"x": _shard(3)})
+    add("noise_refiner.*", {"attn_mask": _shard(2), "freqs_cis": _shard(3)})
+    add(f"noise_refiner.{n_refiner_layers - 1}", {0: SequenceParallelOutput(1, expected_dims=3)})
+    add("layers.0", {"x": _shard(3)})
+    add("layers.*", {"attn_mask": _shard(2), "freqs_cis": _shard(3)})
+    for patch in patches:
+        add(f"all_final_layer.{patch}", {0: SequenceParallelOutput(1, expected_dims=3)})
+    return plan
+
+
+class ZImageTransformer2DModel(_DiffusersZImageTransformer):
+    """diffusers' Z-Image transformer with its sequence-parallel plan declared."""
+
+    _sp_plan = z_image_sp_plan()
+
+
+def pad_heads(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``(B, S, H, D) -> (B, S, H', D)`` with zero heads appended, ``H'`` a multiple."""
+    extra = -x.shape[2] % multiple
+    if extra == 0:
+        return x
+    return torch.cat([x, x.new_zeros(*x.shape[:2], extra, x.shape[3])], dim=2)
+
+
+class ZImageParallelAttnProcessor:
+    """Z-Image self-attention over this rank's shard, through ``ParallelAttention``.
+
+    Same projections, QK norms and complex RoPE as diffusers' ``ZSingleStreamAttnProcessor``.
+    """
+
+    def __init__(self, runtime: SequenceParallelRuntime, heads_multiple: int = 1):
+        self.runtime = runtime
+        self.heads_multiple = heads_multiple
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        freqs_cis: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None:
+            raise ValueError("Z-Image attention is self-attention (no encoder_hidden_states)")
+        # (B, S/P, H*D) -> (B, S/P, H, D)
+        q, k, v = (
+            proj(hidden_states).unflatten(-1, (attn.heads, -1))
+            for proj in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if freqs_cis is not None:  # (B, S/P, D/2) complex, sharded with the tokens
+            q = apply_rotary_emb(q, freqs_cis, use_real=False)
+            k = apply_rotary_emb(k, freqs_cis, use_real=False)
+        key_mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError(f"expected a (B, S) key mask, got {tuple(attention_mask.shape)}")
+            key_mask = attention_mask.to(torch.bool)  # (B, S/P), True = attend
+        heads = q.shape[2]
+        # (B, S/P, H, D) -> (B, S/P, H', D): H' divisible by the Ulysses degree
+        q, k, v = (pad_heads(t, self.heads_multiple) for t in (q, k, v))
+        out, _ = self.runtime.attention(q, k, v, key_mask=key_mask)
+        # (B, S/P, H', D) -> (B, S/P, H*D): the appended heads dropped
+        out = out[:, :, :heads].flatten(2, 3).to(q.dtype)
+        out = attn.to_out[0](out)
+        if len(attn.to_out) > 1:
+            out = attn.to_out[1](out)  # dropout
+        return out
+
+
+def parallelize(transformer: torch.nn.Module, state: ParallelState) -> SequenceParallelRuntime:
+    """Apply the plan for ``state`` and route the image and unified blocks through it.
+
+    The caption refiner keeps diffusers' processor: it sees whole, replicated captions.
+    """
+    config = transformer.config
+    patches = tuple(
+        f"{p}-{f}" for p, f in zip(config.all_patch_size, config.all_f_patch_size, strict=True)
+    )
+    plan = z_image_sp_plan(config.n_refiner_layers, patches)
+    runtime = apply_sequence_parallel(transformer, plan, state)
+    processor = ZImageParallelAttnProcessor(runtime, heads_multiple=state.ulysses.size)
+    for block in (*transformer.noise_refiner, *transformer.layers):
+        block.attention.set_processor(processor)
+    return runtime

@@ -1,0 +1,587 @@
+"""Tiny random-weight checkpoints of the other image families, built offline.
+
+Each builder writes a directory in the diffusers format that both the diffusers
+reference pipeline (``DiffusionPipeline.from_pretrained``) and
+:func:`ithaca.models.registry.load_pipeline` load, with ``HF_HUB_OFFLINE=1``:
+
+- ``build_tiny_flux(path, seed, guidance_embeds=True)``: FLUX.1 (``FluxPipeline``): a
+  ``FluxTransformer2DModel`` (2 double + 2 single blocks, 4 heads of 16), a CLIP text
+  encoder and CLIP BPE tokenizer, a T5 encoder and T5 unigram tokenizer, a 2-stage
+  ``AutoencoderKL`` (``vae_scale_factor`` 2, so sizes are multiples of 4 px);
+  ``guidance_embeds=False`` gives a FLUX.1-schnell-like checkpoint.
+
+Tokenizers are built from a fixed word list rather than downloaded: a CLIP BPE whose
+merges spell every listed word as one token (other text falls back to characters), and
+a T5 unigram vocabulary of the same words plus single characters.
+
+Weights are a function of ``seed``: the global RNG is seeded before each model is built
+and restored afterwards. Random VAE decoders output a near-constant grey dominated by
+their biases; the builders zero the decoder biases and widen the output layer so the
+image follows the latents and uint8 comparisons mean something.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "and",
+    "with",
+    "on",
+    "in",
+    "under",
+    "over",
+    "near",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "black",
+    "white",
+    "small",
+    "large",
+    "cat",
+    "dog",
+    "bird",
+    "tree",
+    "house",
+    "car",
+    "boat",
+    "mountain",
+    "river",
+    "sky",
+    "sun",
+    "moon",
+    "city",
+    "street",
+    "photo",
+    "painting",
+    "drawing",
+    "style",
+    "bright",
+    "dark",
+    "blurry",
+    "ugly",
+    "person",
+    "woman",
+    "man",
+    "child",
+    "flower",
+    "field",
+    "beach",
+    "snow",
+    "rain",
+    "night",
+    "day",
+]
+TEXT_HIDDEN = 32
+
+
+# -- tokenizers ------------------------------------------------------------------
+def clip_tokenizer(max_length: int = 77):
+    """A CLIP BPE tokenizer: byte alphabet, every word of :data:`WORDS` one token."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    for ch in alphabet:
+        vocab[ch + "</w>"] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    for word in sorted(set(WORDS)):
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            pair = (current, piece)
+            current = current + piece
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(current, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def t5_tokenizer(max_length: int = 512):
+    """A T5 unigram tokenizer over :data:`WORDS` and single characters (no extra ids)."""
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -1.0) for w in sorted(set(WORDS))]
+    vocab += [("\u2581", -2.0)]
+    vocab += [
+        (c, -5.0) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789,.!?'-"
+    ]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+# -- encoders --------------------------------------------------------------------
+def _seeded(seed: int, build):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build()
+    return model.eval()
+
+
+def clip_text_model(tok, seed: int, with_projection: bool = False, hidden: int = TEXT_HIDDEN):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    config = CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        projection_dim=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=tok.model_max_length,
+        bos_token_id=tok.convert_tokens_to_ids("<|startoftext|>"),
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return _seeded(seed, lambda: cls(config))
+
+
+def t5_encoder(tok, seed: int, hidden: int = TEXT_HIDDEN):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tok),
+        d_model=hidden,
+        d_kv=8,
+        d_ff=2 * hidden,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    return _seeded(seed, lambda: T5EncoderModel(config))
+
+
+def sharpen_decoder(decoder: torch.nn.Module, *extra: torch.nn.Module) -> None:
+    """Zero a random decoder's biases and double its output layer (see the module doc)."""
+    with torch.no_grad():
+        for module in (decoder, *extra):
+            for name, param in module.named_parameters():
+                if name.endswith("bias"):
+                    param.zero_()
+        decoder.conv_out.weight.mul_(2.0)
+
+
+def autoencoder_kl(
+    seed: int, latent_channels: int, scaling_factor: float, shift_factor, stages: int = 2
+):
+    """An ``AutoencoderKL`` with ``stages`` blocks: ``vae_scale_factor`` ``2**(stages-1)``."""
+    from diffusers import AutoencoderKL
+
+    def build():
+        return AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * stages,
+            up_block_types=("UpDecoderBlock2D",) * stages,
+            block_out_channels=(8,) * (stages - 1) + (16,),
+            layers_per_block=1,
+            latent_channels=latent_channels,
+            norm_num_groups=4,
+            sample_size=32,
+            scaling_factor=scaling_factor,
+            shift_factor=shift_factor,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+
+    vae = _seeded(seed, build)
+    sharpen_decoder(vae.decoder)
+    return vae
+
+
+def flow_scheduler(**config):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**config)
+
+
+def _write_index(path: Path, class_name: str, components: dict[str, tuple[str, str]]) -> None:
+    index = {"_class_name": class_name, "_diffusers_version": "0.42.1"}
+    index.update({k: list(v) for k, v in sorted(components.items())})
+    (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# -- FLUX.1 ------------------------------------------------------------------------
+def build_tiny_flux(path: str | os.PathLike, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """A tiny FLUX.1-dev (``guidance_embeds=True``) or -schnell checkpoint at ``path``."""
+    from diffusers import FluxTransformer2DModel
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer()
+    transformer = _seeded(
+        seed + 1,
+        lambda: FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            joint_attention_dim=TEXT_HIDDEN,
+            pooled_projection_dim=TEXT_HIDDEN,
+            guidance_embeds=guidance_embeds,
+            axes_dims_rope=(4, 6, 6),
+        ),
+    )
+    transformer.save_pretrained(path / "transformer")
+    autoencoder_kl(seed + 2, 4, 0.3611, 0.1159).save_pretrained(path / "vae")
+    clip_text_model(clip_tok, seed + 3).save_pretrained(path / "text_encoder")
+    t5_encoder(t5_tok, seed + 4).save_pretrained(path / "text_encoder_2")
+    clip_tok.save_pretrained(path / "tokenizer")
+    t5_tok.save_pretrained(path / "tokenizer_2")
+    # FLUX.1-dev's published scheduler settings.
+    flow_scheduler(
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=4096,
+        max_shift=1.15,
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+    ).save_pretrained(path / "scheduler")
+    _write_index(
+        path,
+        "FluxPipeline",
+        {
+            "transformer": ("diffusers", "FluxTransformer2DModel"),
+            "vae": ("diffusers", "AutoencoderKL"),
+            "text_encoder": ("transformers", "CLIPTextModel"),
+            "text_encoder_2": ("transformers", "T5EncoderModel"),
+            "tokenizer": ("transformers", "CLIPTokenizer"),
+            "tokenizer_2": ("transformers", "T5TokenizerFast"),
+            "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+            "image_encoder": (None, None),
+            "feature_extractor": (None, None),
+        },
+    )
+    return path
+
+
+# -- Z-Image -----------------------------------------------------------------------
+# Qwen3's chat template, reduced to what Z-Image's prompt encoding uses: user turns and
+# the generation prompt, with an empty thinking block when enable_thinking is false.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+
+
+def qwen3_tokenizer():
+    """A's tiny Qwen2 BPE tokenizer with :data:`QWEN3_CHAT_TEMPLATE`."""
+    from ithaca.testing.tiny import train_tokenizer
+
+    tok = train_tokenizer()
+    tok.chat_template = QWEN3_CHAT_TEMPLATE
+    return tok
+
+
+def qwen3_text_encoder(tok, seed: int, hidden: int = TEXT_HIDDEN):
+    """A 3-layer ``Qwen3Model`` (diffusers' Z-Image reads the second-to-last layer)."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    pad = tok.convert_tokens_to_ids("<|endoftext|>")
+    config = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=1024,
+        pad_token_id=pad,
+        bos_token_id=pad,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+    )
+    return _seeded(seed, lambda: Qwen3Model(config))
+
+
+def build_tiny_z_image(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny Z-Image-Turbo checkpoint at ``path``: 30 heads of 8, 2 + 2 + 2 blocks."""
+    from diffusers import ZImageTransformer2DModel
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = qwen3_tokenizer()
+    qwen3_text_encoder(tok, seed + 3).save_pretrained(path / "text_encoder")
+    tok.save_pretrained(path / "tokenizer")
+    transformer = _seeded(
+        seed + 1,
+        lambda: ZImageTransformer2DModel(
+            all_patch_size=(2,),
+            all_f_patch_size=(1,),
+            in_channels=4,
+            dim=240,
+            n_layers=2,
+            n_refiner_layers=2,
+            n_heads=30,
+            n_kv_heads=30,
+            cap_feat_dim=TEXT_HIDDEN,
+            axes_dims=[2, 2, 4],
+            axes_lens=[1024, 64, 64],
+        ),
+    )
+    transformer.save_pretrained(path / "transformer")
+    autoencoder_kl(seed + 2, 4, 0.3611, 0.1159).save_pretrained(path / "vae")
+    # Z-Image-Turbo's published scheduler settings.
+    flow_scheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False).save_pretrained(
+        path / "scheduler"
+    )
+    _write_index(
+        path,
+        "ZImagePipeline",
+        {
+            "transformer": ("diffusers", "ZImageTransformer2DModel"),
+            "vae": ("diffusers", "AutoencoderKL"),
+            "text_encoder": ("transformers", "Qwen3Model"),
+            "tokenizer": ("transformers", "Qwen2Tokenizer"),
+            "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+        },
+    )
+    return path
+
+
+# -- SD3 / SD3.5 ---------------------------------------------------------------------
+def build_tiny_sd3(path: str | os.PathLike, seed: int = 0, dual_attention: bool = True) -> Path:
+    """A tiny SD3.5 checkpoint at ``path``: 2 MMDiT blocks, 4 heads of 16, QK RMS norms.
+
+    ``dual_attention=True`` gives block 0 SD3.5-medium's second, image-only attention
+    (the last block never has one, as in the real model); False is SD3.5-large-like.
+    """
+    from diffusers import SD3Transformer2DModel
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer(max_length=256)
+    clip_hidden = TEXT_HIDDEN // 2  # both CLIP widths side by side fit T5's width
+    transformer = _seeded(
+        seed + 1,
+        lambda: SD3Transformer2DModel(
+            sample_size=16,
+            patch_size=2,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            joint_attention_dim=TEXT_HIDDEN,
+            caption_projection_dim=64,
+            pooled_projection_dim=2 * clip_hidden,
+            out_channels=4,
+            pos_embed_max_size=16,
+            dual_attention_layers=(0,) if dual_attention else (),
+            qk_norm="rms_norm",
+        ),
+    )
+    transformer.save_pretrained(path / "transformer")
+    autoencoder_kl(seed + 2, 4, 1.5305, 0.0609).save_pretrained(path / "vae")
+    for i, name in enumerate(("text_encoder", "text_encoder_2")):
+        clip = clip_text_model(clip_tok, seed + 3 + i, with_projection=True, hidden=clip_hidden)
+        clip.save_pretrained(path / name)
+    t5_encoder(t5_tok, seed + 5).save_pretrained(path / "text_encoder_3")
+    clip_tok.save_pretrained(path / "tokenizer")
+    clip_tok.save_pretrained(path / "tokenizer_2")
+    t5_tok.save_pretrained(path / "tokenizer_3")
+    # SD3.5's published scheduler settings.
+    flow_scheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(path / "scheduler")
+    _write_index(
+        path,
+        "StableDiffusion3Pipeline",
+        {
+            "transformer": ("diffusers", "SD3Transformer2DModel"),
+            "vae": ("diffusers", "AutoencoderKL"),
+            "text_encoder": ("transformers", "CLIPTextModelWithProjection"),
+            "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+            "text_encoder_3": ("transformers", "T5EncoderModel"),
+            "tokenizer": ("transformers", "CLIPTokenizer"),
+            "tokenizer_2": ("transformers", "CLIPTokenizer"),
+            "tokenizer_3": ("transformers", "T5TokenizerFast"),
+            "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+            "image_encoder": (None, None),
+            "feature_extractor": (None, None),
+        },
+    )
+    return path
+
+
+# -- LongCat-Image -----------------------------------------------------------------
+def qwen2_5_vl_text_encoder(tok, seed: int, hidden: int = TEXT_HIDDEN):
+    """A 2-layer Qwen2.5-VL (its vision tower is built but unused by text-only prompts)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")}
+    special = {
+        name: tok.convert_tokens_to_ids(token)
+        for name, token in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        )
+    }
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 2048,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1000000.0,
+                "mrope_section": [2, 3, 3],
+            },
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": hidden,
+            "fullatt_block_indexes": [0],
+        },
+        **special,
+    )
+    return _seeded(seed, lambda: Qwen2_5_VLForConditionalGeneration(config))
+
+
+def build_tiny_longcat_image(path: str | os.PathLike, seed: int = 0, edit: bool = False) -> Path:
+    """A tiny LongCat-Image (or, ``edit=True``, -Edit) checkpoint at ``path``.
+
+    FLUX-like, 2 + 2 blocks, 4 heads of 16. The real pipelines hard-code 16 latent
+    channels, so the VAE has 16 and the transformer 64 input channels. For t2i the
+    ``text_processor`` (only used by diffusers' prompt rewriting) is not written: load
+    the reference with ``text_processor=None``. For edit it holds the Qwen2-VL image
+    processor (and the tokenizer), and the VAE has 4 stages (``vae_scale_factor`` 8,
+    one packed token per 16 px) so that edit sizes, multiples of 16 px, can still give
+    an odd token count.
+    """
+    from diffusers import LongCatImageTransformer2DModel
+
+    from ithaca.testing.tiny import build_image_processor, train_tokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer()
+    transformer = _seeded(
+        seed + 1,
+        lambda: LongCatImageTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            joint_attention_dim=TEXT_HIDDEN,
+            pooled_projection_dim=TEXT_HIDDEN,
+            axes_dims_rope=[4, 6, 6],
+        ),
+    )
+    transformer.save_pretrained(path / "transformer")
+    stages = 4 if edit else 2
+    autoencoder_kl(seed + 2, 16, 0.3611, 0.1159, stages).save_pretrained(path / "vae")
+    qwen2_5_vl_text_encoder(tok, seed + 3).save_pretrained(path / "text_encoder")
+    tok.save_pretrained(path / "tokenizer")
+    text_processor = (None, None)
+    if edit:
+        build_image_processor().save_pretrained(path / "text_processor")
+        tok.save_pretrained(path / "text_processor")
+        config = {"processor_class": "Qwen2VLProcessor"}
+        (path / "text_processor" / "processor_config.json").write_text(json.dumps(config) + "\n")
+        text_processor = ("transformers", "Qwen2VLProcessor")
+    flow_scheduler(
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=4096,
+        max_shift=1.15,
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+    ).save_pretrained(path / "scheduler")
+    _write_index(
+        path,
+        "LongCatImageEditPipeline" if edit else "LongCatImagePipeline",
+        {
+            "transformer": ("diffusers", "LongCatImageTransformer2DModel"),
+            "vae": ("diffusers", "AutoencoderKL"),
+            "text_encoder": ("transformers", "Qwen2_5_VLForConditionalGeneration"),
+            "tokenizer": ("transformers", "Qwen2Tokenizer"),
+            "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+            "text_processor": text_processor,
+        },
+    )
+    return path
+
+
+# -- Ovis-Image ----------------------------------------------------------------------
+def build_tiny_ovis_image(path: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny Ovis-Image checkpoint at ``path``: FLUX-like, 2 + 2 blocks, 4 heads of 16."""
+    from diffusers import OvisImageTransformer2DModel
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = qwen3_tokenizer()
+    transformer = _seeded(
+        seed + 1,
+        lambda: OvisImageTransformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            joint_attention_dim=TEXT_HIDDEN,
+            axes_dims_rope=(4, 6, 6),
+        ),
+    )
+    transformer.save_pretrained(path / "transformer")
+    autoencoder_kl(seed + 2, 4, 0.3611, 0.1159).save_pretrained(path / "vae")
+    qwen3_text_encoder(tok, seed + 3).save_pretrained(path / "text_encoder")
+    tok.save_pretrained(path / "tokenizer")
+    flow_scheduler(
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=4096,
+        max_shift=1.15,
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+    ).save_pretrained(path / "scheduler")
+    _write_index(
+        path,
+        "OvisImagePipeline",
+        {
+            "transformer": ("diffusers", "OvisImageTransformer2DModel"),
+            "vae": ("diffusers", "AutoencoderKL"),
+            "text_encoder": ("transformers", "Qwen3Model"),
+            "tokenizer": ("transformers", "Qwen2Tokenizer"),
+            "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+        },
+    )
+    return path

@@ -1,0 +1,264 @@
+"""Functions the family tests run in-process or send to every rank of a worker pool.
+
+``generate`` runs our pipeline under a layout; ``diffusers_reference`` runs the
+diffusers pipeline of the same checkpoint on one request. Both return the final
+latents (before decoding, fp32) and the images as uint8 arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from ithaca.config import ParallelConfig
+from ithaca.engine.types import GenerationParams
+from ithaca.models.registry import load_pipeline
+from ithaca.testing.distributed import parallel_state
+
+
+def generate(layout: dict, path: str, batch: list[dict], attrs: dict | None = None):
+    """Run ``batch`` under ``layout``: ``(images, latents, info)`` in batch order.
+
+    ``latents`` holds each request's final latents ``(num_images, ...)`` fp32 (requests
+    need distinct ``request_id`` s). Images and latents come back only from the
+    returning rank (elsewhere: empty lists). ``info`` lists what the last forward
+    sharded and gathered and whether this rank loaded the text encoder. ``attrs`` are
+    set on the loaded pipeline (e.g. a small ``target_area`` for edit pipelines).
+    """
+    with parallel_state(ParallelConfig(**layout)) as state:
+        pipe = load_pipeline(path, state)
+        for name, value in (attrs or {}).items():
+            setattr(pipe, name, value)
+        captured: dict[str, torch.Tensor] = {}
+        decode = pipe.decode
+
+        def record(job, latents):
+            start = 0
+            for r in job.requests:  # the job's rows: each request's images in turn
+                n = r.params.num_images
+                captured[r.params.request_id] = latents[start : start + n].float().cpu()
+                start += n
+            return decode(job, latents)
+
+        pipe.decode = record
+        results = pipe.generate([GenerationParams(**b) for b in batch])
+        images = [[np.asarray(im) for im in r.images] for r in results]
+        info = {
+            "sharded": list(pipe.runtime.sharded),
+            "gathered": list(pipe.runtime.gathered),
+            "has_text_encoder": pipe.text_encoder is not None,
+            "metadata": [r.metadata for r in results],
+            # padded length -> valid length, for every sequence the last forward padded
+            "valid_lengths": {
+                n: pipe.runtime.valid_length(n)
+                for n in range(1, 4097)
+                if pipe.runtime.valid_length(n) is not None
+            },
+        }
+        pipe.runtime.remove()
+        latents = [captured[b["request_id"]] for b in batch] if captured else []
+        return images, latents, info
+
+
+def _flux_kwargs(r: dict) -> dict:
+    kw = dict(guidance_scale=r.get("guidance_scale", 3.5))
+    if r.get("negative_prompt") is not None:
+        kw.update(negative_prompt=r["negative_prompt"], true_cfg_scale=r.get("true_cfg_scale", 1.0))
+    return kw
+
+
+def _cfg_kwargs(r: dict) -> dict:
+    """Families whose diffusers pipeline calls the CFG scale ``guidance_scale``."""
+    kw = dict(guidance_scale=r.get("true_cfg_scale", 0.0))
+    if r.get("negative_prompt") is not None:
+        kw["negative_prompt"] = r["negative_prompt"]
+    return kw
+
+
+FAMILY_KWARGS = {
+    "FluxPipeline": _flux_kwargs,
+    "ZImagePipeline": _cfg_kwargs,
+    "StableDiffusion3Pipeline": _cfg_kwargs,
+    "LongCatImagePipeline": lambda r: dict(_cfg_kwargs(r), enable_prompt_rewrite=False),
+    "OvisImagePipeline": _cfg_kwargs,
+    "LongCatImageEditPipeline": lambda r: dict(_cfg_kwargs(r), image=r["images"][0]),
+}
+
+
+class _VisionOnlyProcessor:
+    """Stands in for a Qwen2VLProcessor where only its ``image_processor`` is read."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+
+def _load_reference(class_name: str, path: str):
+    """The diffusers pipeline of ``path``, around what cannot load here."""
+    from diffusers import DiffusionPipeline
+
+    if class_name == "LongCatImagePipeline":
+        # text_processor is only used by prompt rewriting, which we skip.
+        return DiffusionPipeline.from_pretrained(path, text_processor=None)
+    if class_name == "LongCatImageEditPipeline":
+        from diffusers import (
+            AutoencoderKL,
+            FlowMatchEulerDiscreteScheduler,
+            LongCatImageEditPipeline,
+            LongCatImageTransformer2DModel,
+        )
+        from transformers import (
+            AutoTokenizer,
+            Qwen2_5_VLForConditionalGeneration,
+            Qwen2VLImageProcessor,
+        )
+
+        # Qwen2VLProcessor needs torchvision for its video part, and from_pretrained
+        # type-checks components; the pipeline only reads text_processor.image_processor.
+        vision = Qwen2VLImageProcessor.from_pretrained(path, subfolder="text_processor")
+        return LongCatImageEditPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
+            text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                path, subfolder="text_encoder"
+            ),
+            tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            text_processor=_VisionOnlyProcessor(vision),
+            transformer=LongCatImageTransformer2DModel.from_pretrained(
+                path, subfolder="transformer"
+            ),
+        )
+    return DiffusionPipeline.from_pretrained(path)
+
+
+@torch.no_grad()
+def diffusers_reference(path: str, request: dict, target_area: int | None = None):
+    """The diffusers pipeline on one request: ``(final latents fp32, images uint8)``.
+
+    ``target_area`` replaces the 1024*1024 px output area of LongCat-Image-Edit.
+    """
+    import contextlib
+    import inspect
+    from unittest import mock
+
+    with open(os.path.join(path, "model_index.json")) as f:
+        class_name = json.load(f)["_class_name"]
+    pipe = _load_reference(class_name, path)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(
+        prompt=request["prompt"],
+        num_inference_steps=request["num_inference_steps"],
+        num_images_per_prompt=request.get("num_images", 1),
+        **FAMILY_KWARGS[class_name](request),
+    )
+    if "image" not in kwargs:
+        kwargs.update(width=request["width"], height=request["height"])
+    patch = contextlib.nullcontext()
+    if target_area is not None:
+        from diffusers.pipelines.longcat_image import pipeline_longcat_image_edit as module
+
+        original = module.calculate_dimensions
+        patch = mock.patch.object(
+            module, "calculate_dimensions", lambda area, ratio: original(target_area, ratio)
+        )
+
+    def run(**extra):
+        generator = torch.Generator("cpu").manual_seed(request["seed"])
+        with patch:
+            return pipe(generator=generator, **kwargs, **extra).images
+
+    if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+        captured = {}
+
+        def on_step(pipeline, i, t, tensors):
+            captured["latents"] = tensors["latents"].float().clone()
+            return {}
+
+        images = run(
+            callback_on_step_end=on_step,
+            callback_on_step_end_tensor_inputs=["latents"],
+            output_type="pil",
+        )
+        latents = captured["latents"]
+    else:  # no step callback: the same seeded run twice, once stopping at the latents
+        latents = run(output_type="latent").float()
+        images = run(output_type="pil")
+    return latents, [np.asarray(im) for im in images]
+
+
+def max_image_diff(a: list, b: list) -> int:
+    """Largest uint8 difference between two lists of images of equal shapes."""
+    assert len(a) == len(b), (len(a), len(b))
+    worst = 0
+    for x, y in zip(a, b, strict=True):
+        assert x.shape == y.shape, (x.shape, y.shape)
+        worst = max(worst, int(np.abs(x.astype(int) - y.astype(int)).max()))
+    return worst
+
+
+def record(family: str, layout: str, latent_err: float, image_diff: int, cache: str = "none"):
+    """Append one passed parity check to ``$ITHACA_SUPPORT_RECORD`` (JSON lines), if set.
+
+    ``python -m ithaca.models.support_matrix`` sets it, runs these tests and renders
+    ``docs/support-matrix.md`` from the records: the table lists what passed, nothing else.
+    """
+    print(f"{family} {layout}: max latent error {latent_err:.2e}, max image diff {image_diff}/255")
+    target = os.environ.get("ITHACA_SUPPORT_RECORD")
+    if not target:
+        return
+    entry = dict(family=family, layout=layout, cache=cache, latent_err=latent_err,
+                 image_diff=image_diff)  # fmt: skip
+    with open(target, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+LAYOUT_LATENT_TOL = 1e-4
+"""Final latents of a layout vs our 1-rank run (fp32; attention's sum order changes)."""
+
+
+def world_size(layout: dict) -> int:
+    size = 1
+    for degree in layout.values():
+        size *= degree
+    return size
+
+
+def check_layout(results: list, one_rank: tuple, sharded=None, gathered=None, valid=None):
+    """Assert a layout's per-rank ``generate`` results equal the 1-rank run.
+
+    Latents within :data:`LAYOUT_LATENT_TOL`, images within 1/255, outputs and text
+    encoders only on the returning rank; with ``sharded`` / ``gathered`` / ``valid``
+    also what the plan's hooks did on every rank (not a silent unsharded run).
+    Returns ``(max latent error, max image diff)``.
+    """
+    ref_images, ref_latents, _ = one_rank
+    images, latents, info = results[0]
+    err = max((a - b).abs().max().item() for a, b in zip(latents, ref_latents, strict=True))
+    assert err <= LAYOUT_LATENT_TOL, f"final latents differ from 1 rank by {err:.2e}"
+    diff = max(max_image_diff(a, b) for a, b in zip(images, ref_images, strict=True))
+    assert diff <= 1, f"images differ from 1 rank by {diff}/255"
+    assert info["has_text_encoder"]
+    for other_images, other_latents, other in results[1:]:
+        assert not other_latents and all(not im for im in other_images)
+        assert not other["has_text_encoder"]
+    for _, _, rank_info in results:
+        if sharded is not None:
+            assert rank_info["sharded"] == sharded, rank_info["sharded"]
+        if gathered is not None:
+            assert rank_info["gathered"] == gathered, rank_info["gathered"]
+        if valid is not None:
+            assert rank_info["valid_lengths"] == valid, rank_info["valid_lengths"]
+    return err, diff
+
+
+def check_reference(one_rank: tuple, index: int, reference: tuple, tol: float = 1e-5):
+    """Assert request ``index`` of a 1-rank run equals diffusers' ``reference``."""
+    images, latents, _ = one_rank
+    ref_latents, ref_images = reference
+    err = (latents[index] - ref_latents).abs().max().item()
+    assert err <= tol, f"final latents differ from diffusers by {err:.2e}"
+    diff = max_image_diff(images[index], ref_images)
+    assert diff == 0, f"images differ from diffusers by {diff}/255"
+    return err, diff

@@ -1,0 +1,76 @@
+"""LongCat-Image-Edit: 1 rank equals diffusers' LongCatImageEditPipeline; every layout
+equals 1 rank.
+
+Pyramid: an in-process 1-rank run against the diffusers reference (fp32 latents within
+1e-5, identical uint8 images); then 2- and 4-rank gloo runs against our 1-rank run
+(latents within 1e-4, images within 1/255). Same plan and processor as FLUX.1.
+
+Both pipelines size the output from the input's aspect ratio at a target area (1024^2
+px in the real pipeline; 3200 px here, on both sides): a 64x40 input gives an 80x48
+output, 5x3 = 15 noise tokens followed by the input image's 15 tokens. 30 does not
+divide by 4 (hybrid pads to 32); at 2 ranks no edit sequence can be odd (noise and
+image tokens come in equal numbers).
+"""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ithaca.testing.tiny_families import build_tiny_longcat_image
+from tests.models._families_run import (
+    check_layout,
+    check_reference,
+    diffusers_reference,
+    generate,
+    record,
+    world_size,
+)
+
+AREA = 3200
+ATTRS = {"target_area": AREA}
+LAYOUTS = {
+    "ulysses2": dict(ulysses_degree=2),
+    "ring2": dict(ring_degree=2),
+    "cfg2": dict(cfg_parallel_size=2),
+    "hybrid2x2": dict(ulysses_degree=2, ring_degree=2),
+}
+
+
+def _batch():
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 255, (40, 64, 3), dtype=np.uint8))
+    return [dict(prompt="make it 'red'", negative_prompt="blurry", true_cfg_scale=4.0,
+                 num_inference_steps=2, seed=3, num_images=2, images=[image],
+                 request_id="edit")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("longcat_edit") / "edit"
+    return str(build_tiny_longcat_image(path, seed=0, edit=True))
+
+
+@pytest.fixture(scope="module")
+def one_rank(checkpoint):
+    return generate({}, checkpoint, _batch(), ATTRS)
+
+
+def test_one_rank_matches_diffusers(checkpoint, one_rank):
+    assert one_rank[1][0].shape == (2, 15, 64)  # 80x48 px output: 5x3 packed tokens
+    reference = diffusers_reference(checkpoint, _batch()[0], target_area=AREA)
+    err, diff = check_reference(one_rank, 0, reference)
+    record("LongCat-Image-Edit", "1 rank vs diffusers", err, diff)
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_layout_matches_one_rank(worker_pool, checkpoint, one_rank, name):
+    layout = LAYOUTS[name]
+    results = worker_pool(world_size(layout)).run(generate, layout, checkpoint, _batch(), ATTRS)
+    expect = {}
+    if name != "cfg2":  # the plan's hooks acted on every rank
+        # 15 noise + 15 image tokens: padded to 32 at 4 ranks, unpadded at 2.
+        valid = {32: 30} if world_size(layout) == 4 else {}
+        expect = dict(sharded=[".hidden_states", ".img_ids"], gathered=["proj_out[0]"],
+                      valid=valid)  # fmt: skip
+    err, diff = check_layout(results, one_rank, **expect)
+    record("LongCat-Image-Edit", name, err, diff)
