@@ -1,0 +1,211 @@
+"""``ithaca serve | generate | worker-node``: argparse -> config objects -> run.
+
+ithaca serve Qwen/Qwen-Image --usp 2 --ring 2          # OpenAI-compatible server
+ithaca generate --prompt "a fox" --output fox.png      # offline, same engine
+ithaca worker-node MODEL --usp 4 --nnodes 2 --node-rank 1 --master-addr HOST --master-port P
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from ithaca.config import CacheConfig, ParallelConfig, ServerConfig
+
+
+def _parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--usp", "--ulysses-degree", dest="ulysses_degree", type=int, default=1)
+    g.add_argument("--ring", "--ring-degree", dest="ring_degree", type=int, default=1)
+    g.add_argument("--cfg-parallel-size", type=int, default=1)
+    g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
+    g.add_argument("--cache-backend", default=None, help="step cache, e.g. tea_cache")
+    g.add_argument("--cache-config", default=None, help="JSON object of cache settings")
+
+
+def _parallel(args, dp: int = 1) -> ParallelConfig:
+    return ParallelConfig(
+        ulysses_degree=args.ulysses_degree,
+        ring_degree=args.ring_degree,
+        cfg_parallel_size=args.cfg_parallel_size,
+        data_parallel_size=dp,
+    )
+
+
+def _cache(args) -> CacheConfig:
+    options = None
+    if args.cache_config:
+        try:
+            options = json.loads(args.cache_config)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--cache-config is not valid JSON: {exc}") from exc
+        if not isinstance(options, dict):
+            raise ValueError("--cache-config must be a JSON object")
+    return CacheConfig.from_dict(args.cache_backend, options)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ithaca", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the OpenAI-compatible server")
+    s.add_argument("model", nargs="?", default=None, help="checkpoint (default: embedded model)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8091)
+    s.add_argument("--data-parallel-size", type=int, default=1)
+    s.add_argument("--api-key", default=os.environ.get("ITHACA_API_KEY"))
+    s.add_argument("--max-queue-size", type=int, default=64)
+    s.add_argument("--max-batch-size", type=int, default=4)
+    s.add_argument("--batch-wait-ms", type=float, default=10.0)
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--omni", action="store_true", help="accepted and ignored (reference CLI)")
+    s.add_argument("--on-worker-failure", choices=["restart", "exit"], default="restart")
+    s.add_argument("--executor", choices=["torchrun", "inprocess"], default="torchrun")
+    s.add_argument("--state-dir", default=None, help="video jobs and url outputs")
+    s.add_argument("--drain-timeout", type=float, default=30.0)
+    s.add_argument("--startup-timeout", type=float, default=600.0)
+    s.add_argument("--liveness-timeout", type=float, default=10.0)
+    s.add_argument("--step-timeout", type=float, default=300.0)
+    s.add_argument("--output-ttl", type=float, default=3600.0)
+    s.add_argument("--nnodes", type=int, default=1)
+    s.add_argument("--master-addr", default="127.0.0.1")
+    s.add_argument("--master-port", type=int, default=None)
+    _parallel_args(s)
+
+    g = sub.add_parser("generate", help="generate offline (no HTTP)")
+    g.add_argument("--model", default=None)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--num-inference-steps", type=int, default=None)
+    g.add_argument("--guidance-scale", type=float, default=None)
+    g.add_argument("--true-cfg-scale", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--image", action="append", default=[], help="input image (edits); repeat")
+    g.add_argument("--num-frames", type=int, default=None, help="video: frame count")
+    g.add_argument("--fps", type=int, default=None)
+    g.add_argument("--guidance-scale-2", type=float, default=None)
+    g.add_argument("--flow-shift", type=float, default=None)
+    g.add_argument("--output", default="out.png", help="out.png / .jpg / .webp / .mp4")
+    _parallel_args(g)
+
+    w = sub.add_parser("worker-node", help="join a multi-node worker group as node_rank > 0")
+    w.add_argument("model", nargs="?", default=None)
+    w.add_argument("--nnodes", type=int, required=True)
+    w.add_argument("--node-rank", type=int, required=True)
+    w.add_argument("--master-addr", required=True)
+    w.add_argument("--master-port", type=int, required=True)
+    _parallel_args(w)
+    return parser
+
+
+def cmd_serve(args) -> int:
+    from ithaca.server.serve import serve
+
+    config = ServerConfig(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        host=args.host,
+        port=args.port,
+        dtype=args.dtype,
+        api_key=args.api_key,
+        max_queue_size=args.max_queue_size,
+        max_batch_size=args.max_batch_size,
+        batch_wait_ms=args.batch_wait_ms,
+        executor=args.executor,
+        on_worker_failure=args.on_worker_failure,
+        startup_timeout_s=args.startup_timeout,
+        liveness_timeout_s=args.liveness_timeout,
+        step_timeout_s=args.step_timeout,
+        drain_timeout_s=args.drain_timeout,
+        output_ttl_s=args.output_ttl,
+        state_dir=args.state_dir,
+        nnodes=args.nnodes,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+    )
+    return serve(config, _parallel(args, args.data_parallel_size), _cache(args))
+
+
+def cmd_generate(args) -> int:
+    from ithaca.api import Ithaca
+    from ithaca.server.media import encode_image, encode_mp4
+
+    ext = os.path.splitext(args.output)[1].lower().lstrip(".")
+    fmt = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "webp": "webp", "mp4": "mp4"}.get(ext)
+    if fmt is None:
+        raise ValueError(f"--output ({args.output}) must end in .png, .jpg, .webp or .mp4")
+    sampling = {
+        k: getattr(args, k)
+        for k in (
+            "negative_prompt", "width", "height", "num_inference_steps", "guidance_scale",
+            "true_cfg_scale", "seed", "num_frames", "fps", "guidance_scale_2", "flow_shift",
+        )
+    }  # fmt: skip
+    with Ithaca(args.model, parallel=_parallel(args), cache=_cache(args), dtype=args.dtype) as gen:
+        result = gen.generate(
+            {"prompt": args.prompt, "images": args.image}, num_images=args.num_images, **sampling
+        )
+    if fmt == "mp4":
+        if result.frames is None:
+            raise ValueError("the model returned images, not video; use a .png output")
+        data = encode_mp4(result.frames, result.fps or args.fps or 16)
+        outputs = [args.output]
+        blobs = [data]
+    else:
+        if not result.images:
+            raise ValueError("the model returned video; use an .mp4 output")
+        stem, suffix = os.path.splitext(args.output)
+        outputs = [args.output] + [f"{stem}_{i}{suffix}" for i in range(1, len(result.images))]
+        blobs = [encode_image(img, fmt) for img in result.images]
+    for path, blob in zip(outputs, blobs, strict=True):
+        with open(path, "wb") as f:
+            f.write(blob)
+        print(path)
+    return 0
+
+
+def cmd_worker_node(args) -> int:
+    from ithaca.engine.executor import PipelineSpec
+    from ithaca.engine.group import torchrun_command
+    from ithaca.engine.worker import ENV_CONFIG, spec_to_json
+
+    parallel = _parallel(args)
+    if parallel.world_size % args.nnodes:
+        raise ValueError(
+            f"world size ({parallel.world_size}) must be a multiple of nnodes ({args.nnodes})"
+        )
+    spec = PipelineSpec(args.model, args.dtype, _cache(args), parallel)
+    os.environ[ENV_CONFIG] = spec_to_json(spec, heartbeat_interval_s=1.0)
+    cmd = torchrun_command(
+        parallel.world_size // args.nnodes,
+        args.nnodes,
+        args.node_rank,
+        args.master_addr,
+        args.master_port,
+    )
+    os.execv(cmd[0], cmd)
+    return 0  # unreachable
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "generate":
+            return cmd_generate(args)
+        return cmd_worker_node(args)
+    except ValueError as exc:
+        print(f"ithaca: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

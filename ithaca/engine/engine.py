@@ -1,0 +1,375 @@
+"""The engine: one bounded queue feeding one dispatcher thread per worker group.
+
+``submit`` -> :class:`~ithaca.engine.scheduler.Scheduler` -> a dispatcher takes a
+batch -> its :class:`~ithaca.engine.executor.Executor` runs it (in process or on a
+torchrun group) -> per-request futures resolve. Step events flow back per request
+(progress, previews) and each step's hook answers "cancel?" (True once every request
+of the batch is cancelled).
+
+Failure rule: when a group dies, its running batch fails with
+:class:`EngineDeadError`; if no other group is alive the queued requests fail too (a
+request never waits on a dead engine). Then the group restarts
+(``on_worker_failure="restart"``) or ``on_fatal`` is called (``"exit"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+from ithaca.config import CacheConfig, ParallelConfig, ServerConfig
+from ithaca.engine.errors import (
+    DrainingError,
+    EngineDeadError,
+    EngineNotReadyError,
+    GenerationFailedError,
+    RequestCancelledError,
+    WorkerGroupDiedError,
+)
+from ithaca.engine.executor import Executor
+from ithaca.engine.metrics import EngineMetrics
+from ithaca.engine.scheduler import EngineRequest, ProgressCallback, Scheduler
+from ithaca.engine.types import GenerationParams, GenerationResult, StepEvent
+
+log = logging.getLogger(__name__)
+
+
+def split_previews(event: StepEvent, batch: list[EngineRequest]) -> dict[str, list]:
+    """Previews of one step event by request: one per request, or one per image."""
+    if not event.previews:
+        return {}
+    previews = list(event.previews)
+    by_id = {r.request_id: r for r in batch}
+    ids = [rid for rid in event.request_ids if rid in by_id]
+    if len(previews) == len(event.request_ids):
+        return {rid: [p] for rid, p in zip(event.request_ids, previews, strict=True)}
+    out, i = {}, 0
+    for rid in ids:
+        n = by_id[rid].weight
+        out[rid] = previews[i : i + n]
+        i += n
+    return out
+
+
+class Engine:
+    """Queue, batching and supervision over one or more executors (data parallel)."""
+
+    def __init__(
+        self,
+        executors: list[Executor],
+        *,
+        max_queue_size: int = 64,
+        max_batch_size: int = 4,
+        batch_wait_ms: float = 10.0,
+        on_worker_failure: str = "restart",
+        metrics: EngineMetrics | None = None,
+        on_fatal: Callable[[str], None] | None = None,
+    ):
+        if not executors:
+            raise ValueError("an engine needs at least one executor")
+        self.executors = executors
+        self.scheduler = Scheduler(max_queue_size, max_batch_size, batch_wait_ms)
+        self.on_worker_failure = on_worker_failure
+        self.metrics = metrics or EngineMetrics()
+        self.on_fatal = on_fatal
+        self.fatal_reason: str | None = None
+        self._ready = [threading.Event() for _ in executors]
+        self._reasons = ["" for _ in executors]
+        self._stopping = threading.Event()
+        self._draining = False
+        self._threads: list[threading.Thread] = []
+        self._running: set[EngineRequest] = set()
+        self._lock = threading.Lock()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self, wait: bool = True, timeout: float | None = None) -> None:
+        for i in range(len(self.executors)):
+            t = threading.Thread(
+                target=self._dispatch, args=(i,), name=f"dispatch-{i}", daemon=True
+            )
+            t.start()
+            self._threads.append(t)
+        if wait:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for ev in self._ready:
+                while not ev.wait(0.1):
+                    if self.fatal_reason:
+                        raise EngineDeadError(self.fatal_reason)
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise EngineNotReadyError("worker groups did not become ready in time")
+
+    @property
+    def ready(self) -> bool:
+        """Weights loaded and every rank of every group joined; not draining."""
+        return self.alive and not self._draining
+
+    @property
+    def alive(self) -> bool:
+        """Every rank of every group is alive."""
+        return all(
+            ev.is_set() and ex.is_alive()
+            for ev, ex in zip(self._ready, self.executors, strict=True)
+        )
+
+    def describe(self) -> list[dict]:
+        return [ex.describe() for ex in self.executors]
+
+    def _fatal(self, reason: str) -> None:
+        self.fatal_reason = reason
+        self._stopping.set()
+        self.scheduler.close()
+        for req in self.scheduler.take_all():
+            self._fail(req, EngineDeadError(reason))
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
+
+    def begin_drain(self) -> None:
+        """Stop taking requests; queued and running ones continue."""
+        self._draining = True
+
+    def shutdown(self, drain_timeout: float = 0.0) -> None:
+        """Drain for up to ``drain_timeout`` s, fail what is left, stop every group (bounded)."""
+        self._draining = True
+        deadline = time.monotonic() + drain_timeout
+        while time.monotonic() < deadline and (len(self.scheduler) or self._running):
+            time.sleep(0.05)
+        self._stopping.set()
+        self.scheduler.close()
+        for req in self.scheduler.take_all():
+            self._fail(req, DrainingError("the server shut down before this request ran"))
+        for t in self._threads:
+            t.join(timeout=max(1.0, deadline - time.monotonic()))
+        for ex in self.executors:
+            ex.shutdown()
+        with self._lock:
+            running = list(self._running)
+        for req in running:
+            self._fail(req, DrainingError("the server shut down while this request ran"))
+
+    # -- requests ------------------------------------------------------------------------
+
+    def submit(
+        self, params: GenerationParams, on_progress: ProgressCallback | None = None
+    ) -> EngineRequest:
+        if self.fatal_reason:
+            raise EngineDeadError(f"the engine stopped: {self.fatal_reason}")
+        if self._draining or self._stopping.is_set():
+            raise DrainingError("the server is shutting down and takes no new requests")
+        if not any(ev.is_set() for ev in self._ready):
+            raise EngineNotReadyError("the model is still loading; retry shortly")
+        if not any(ex.is_alive() for ex in self.executors):
+            raise EngineDeadError("no worker group is alive (restarting)")
+        params = dataclasses.replace(params, request_id=uuid.uuid4().hex)
+        req = EngineRequest(params, on_progress)
+        self.scheduler.add(req)
+        self.metrics.requests.inc()
+        self.metrics.waiting.set(len(self.scheduler))
+        return req
+
+    def cancel(self, req: EngineRequest) -> None:
+        """Cancel a request: at once if it still waits, else at the next denoising step."""
+        req.cancelled.set()
+        if self.scheduler.remove(req):
+            self.metrics.waiting.set(len(self.scheduler))
+            self._fail(req, RequestCancelledError("the request was cancelled"))
+
+    def generate(self, params: GenerationParams, timeout: float | None = None) -> GenerationResult:
+        """Blocking convenience: submit and wait."""
+        return self.submit(params).future.result(timeout)
+
+    def _fail(self, req: EngineRequest, error: Exception) -> None:
+        if not req.future.done():
+            self.metrics.failures.labels(getattr(error, "reason", "internal")).inc()
+        req.finish(error=error)
+
+    # -- dispatch ------------------------------------------------------------------------
+
+    def _start_executor(self, i: int, first: bool) -> bool:
+        ex = self.executors[i]
+        try:
+            ex.start()
+        except Exception as exc:
+            log.error("%s failed to start: %s", ex.name, exc)
+            if first or self.on_worker_failure == "exit":
+                self._fatal(f"{ex.name} failed to start: {exc}")
+            return False
+        self._ready[i].set()
+        self._reasons[i] = ""
+        self.metrics.groups_alive.set(sum(e.is_alive() for e in self.executors))
+        return True
+
+    def _handle_death(self, i: int) -> None:
+        ex = self.executors[i]
+        reason = getattr(ex, "death_reason", "") or self._reasons[i] or "worker group died"
+        self._ready[i].clear()
+        self.metrics.groups_alive.set(sum(e.is_alive() for e in self.executors))
+        if not any(e.is_alive() for e in self.executors):
+            for req in self.scheduler.take_all():
+                self._fail(req, EngineDeadError(f"worker group died: {reason}"))
+            self.metrics.waiting.set(0)
+        if self.on_worker_failure == "exit":
+            self._fatal(f"{ex.name} died: {reason}")
+            return
+        ex.shutdown(timeout=1.0)
+        backoff = 1.0
+        while not self._stopping.is_set():
+            log.warning("restarting %s after: %s", ex.name, reason)
+            if self._start_executor(i, first=False):
+                self.metrics.restarts.inc()
+                return
+            self._stopping.wait(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    def _dispatch(self, i: int) -> None:
+        ex = self.executors[i]
+        if not self._start_executor(i, first=True):
+            return
+        while not self._stopping.is_set():
+            if not ex.is_alive():
+                self._handle_death(i)
+                continue
+            batch = self.scheduler.next_batch(timeout=0.25)
+            if not batch:
+                continue
+            self.metrics.waiting.set(len(self.scheduler))
+            if not ex.is_alive():
+                for req in batch:
+                    self._fail(req, EngineDeadError(f"worker group {ex.name} died"))
+                continue
+            self._run(i, batch)
+
+    def _run(self, i: int, batch: list[EngineRequest]) -> None:
+        ex = self.executors[i]
+        start = time.monotonic()
+        for req in batch:
+            req.started = start
+            self.metrics.queue_time.observe(start - req.arrival)
+        with self._lock:
+            self._running.update(batch)
+        self.metrics.running.inc(len(batch))
+        self.metrics.batch_size.observe(len(batch))
+        last = [start]
+
+        def on_step(event: StepEvent) -> bool:
+            now = time.monotonic()
+            self.metrics.step_latency.observe(now - last[0])
+            last[0] = now
+            previews = split_previews(event, batch)
+            for req in batch:
+                req.step, req.total_steps = event.step, event.total_steps
+                if req.on_progress is not None and not req.cancelled.is_set():
+                    try:
+                        req.on_progress(event.step, event.total_steps, previews.get(req.request_id))
+                    except Exception:
+                        log.exception("progress callback of %s failed", req.request_id)
+            return all(req.cancelled.is_set() for req in batch)
+
+        try:
+            results = ex.execute([req.params for req in batch], on_step)
+        except WorkerGroupDiedError as exc:
+            self._reasons[i] = str(exc)
+            for req in batch:
+                self._fail(req, EngineDeadError(str(exc)))
+        except GenerationFailedError as exc:
+            for req in batch:
+                self._fail(req, GenerationFailedError(str(exc), exc.kind))
+        except Exception as exc:  # an executor bug: fail the batch, keep serving
+            log.exception("%s raised outside the pipeline", ex.name)
+            for req in batch:
+                self._fail(req, GenerationFailedError(f"{type(exc).__name__}: {exc}"))
+        else:
+            by_id = {res.request_id: res for res in results}
+            done = time.monotonic()
+            for req in batch:
+                if req.cancelled.is_set():
+                    self._fail(req, RequestCancelledError("the request was cancelled"))
+                elif req.request_id in by_id:
+                    self.metrics.e2e_latency.observe(done - req.arrival)
+                    req.finished = done
+                    req.finish(by_id[req.request_id])
+                else:
+                    self._fail(req, GenerationFailedError("the pipeline returned no result"))
+        finally:
+            self.metrics.running.dec(len(batch))
+            with self._lock:
+                self._running.difference_update(batch)
+
+
+def build_engine(
+    server: ServerConfig,
+    parallel: ParallelConfig,
+    cache: CacheConfig | None = None,
+    *,
+    metrics: EngineMetrics | None = None,
+    on_fatal: Callable[[str], None] | None = None,
+    env: dict[str, str] | None = None,
+) -> Engine:
+    """One executor per data-parallel replica, each a worker group of
+    ``cfg * ring * ulysses`` ranks (or in-process when ``server.executor == "inprocess"``)."""
+    from ithaca.engine.executor import InProcessExecutor, PipelineSpec
+    from ithaca.engine.group import WorkerGroupExecutor
+
+    group = dataclasses.replace(parallel, data_parallel_size=1)
+    spec = PipelineSpec(server.model, server.dtype, cache or CacheConfig(), group)
+    executors: list[Executor] = []
+    for i in range(parallel.data_parallel_size):
+        if server.executor == "inprocess":
+            if parallel.data_parallel_size != 1:
+                raise ValueError(
+                    f"data_parallel_size ({parallel.data_parallel_size}) needs the torchrun "
+                    "executor"
+                )
+            executors.append(InProcessExecutor(spec, name=f"inprocess-{i}"))
+            continue
+        group_env = dict(env or {})
+        visible = _visible_devices(i, group.world_size // server.nnodes)
+        if visible is not None:
+            group_env["CUDA_VISIBLE_DEVICES"] = visible
+        port = None if server.master_port is None else server.master_port + i
+        executors.append(
+            WorkerGroupExecutor(
+                spec,
+                name=f"group-{i}",
+                startup_timeout_s=server.startup_timeout_s,
+                heartbeat_interval_s=server.heartbeat_interval_s,
+                liveness_timeout_s=server.liveness_timeout_s,
+                step_timeout_s=server.step_timeout_s,
+                nnodes=server.nnodes,
+                master_addr=server.master_addr,
+                master_port=port,
+                env=group_env,
+            )
+        )
+    return Engine(
+        executors,
+        max_queue_size=server.max_queue_size,
+        max_batch_size=server.max_batch_size,
+        batch_wait_ms=server.batch_wait_ms,
+        on_worker_failure=server.on_worker_failure,
+        metrics=metrics,
+        on_fatal=on_fatal,
+    )
+
+
+def _visible_devices(group_index: int, per_node: int) -> str | None:
+    """Data-parallel group ``i`` owns local GPUs ``[i*per_node, (i+1)*per_node)``."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(d) for d in range(torch.cuda.device_count())]
+    mine = devices[group_index * per_node : (group_index + 1) * per_node]
+    if len(mine) < per_node:
+        raise ValueError(
+            f"data-parallel group {group_index} needs {per_node} GPUs but only "
+            f"{len(devices)} are visible"
+        )
+    return ",".join(mine)

@@ -1,0 +1,76 @@
+"""Engine failures: one exception type per way a request can fail.
+
+The server maps each to an HTTP status (``status``) and an OpenAI error ``type`` /
+``code``; ``reason`` labels the failure in metrics. User mistakes stay ``ValueError``.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """A request could not be served."""
+
+    status = 500
+    reason = "internal"
+    code = "internal_error"
+
+
+class QueueFullError(EngineError):
+    """The bounded queue is full; the client should retry after ``retry_after`` s."""
+
+    status = 429
+    reason = "queue_full"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineDeadError(EngineError):
+    """No live worker group: a rank died or hung, or the engine is restarting."""
+
+    status = 503
+    reason = "engine_dead"
+    code = "engine_unavailable"
+
+
+class EngineNotReadyError(EngineDeadError):
+    """Weights are still loading or not every rank has joined yet."""
+
+    reason = "not_ready"
+
+
+class DrainingError(EngineDeadError):
+    """The server is shutting down and takes no new requests."""
+
+    reason = "draining"
+    code = "server_shutting_down"
+
+
+class RequestCancelledError(EngineError):
+    """The client went away or the request was deleted."""
+
+    status = 499
+    reason = "cancelled"
+    code = "request_cancelled"
+
+
+class GenerationFailedError(EngineError):
+    """The pipeline raised on a worker; ``kind`` is ``invalid_request`` for its ValueErrors."""
+
+    def __init__(self, message: str, kind: str = "internal"):
+        super().__init__(message)
+        self.kind = kind
+        if kind == "invalid_request":
+            self.status = 400
+            self.reason = "invalid_request"
+            self.code = "invalid_value"
+        else:
+            self.reason = "pipeline_error"
+
+
+class WorkerGroupDiedError(EngineDeadError):
+    """Raised by an executor whose worker group died or hung while (or before) running."""
+
+    reason = "worker_died"

@@ -1,0 +1,141 @@
+"""Executors run batches on a pipeline: in this process, or on a torchrun worker group.
+
+Both implement :class:`Executor`; the engine cannot tell them apart. The in-process
+executor is the twin of :class:`~ithaca.engine.group.WorkerGroupExecutor` for tests
+and the offline Python API (one rank, no subprocess).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ithaca.config import CacheConfig, ParallelConfig
+from ithaca.engine.errors import GenerationFailedError, WorkerGroupDiedError
+from ithaca.engine.types import GenerationParams, GenerationResult, Pipeline, StepEvent
+
+log = logging.getLogger(__name__)
+
+StepHandler = Callable[[StepEvent], bool]
+"""The engine's per-step hook: returns True when every request of the batch is cancelled."""
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """What every rank needs to build the same pipeline (plain data; crosses processes)."""
+
+    model: str | None = None
+    """Checkpoint / hub id, ``None`` for the embedded default, or ``package.module:factory``
+    for a custom pipeline factory called as ``factory(state, dtype=, cache_backend=,
+    cache_config=)`` (how tests plug in a pipeline double)."""
+    dtype: str | None = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def default_model_path() -> str:
+    from ithaca.models.registry import default_model_path as _default  # lazy: models is optional
+
+    return _default()
+
+
+def load_pipeline(spec: PipelineSpec, state) -> Pipeline:
+    """Build the pipeline of ``spec`` on this rank (collective if the model needs it)."""
+    import torch
+
+    model = spec.model
+    kwargs = dict(
+        dtype=getattr(torch, spec.dtype) if spec.dtype else None,
+        cache_backend=spec.cache.backend,
+        cache_config=spec.cache.as_dict(),
+    )
+    if model and ":" in model and not os.path.exists(model):
+        module, _, attr = model.partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+        return factory(state, **kwargs)
+    from ithaca.models.registry import load_pipeline as registry_load
+
+    return registry_load(model or default_model_path(), state, **kwargs)
+
+
+def classify_failure(exc: BaseException) -> str:
+    """``invalid_request`` for the pipeline's ValueErrors (the user's fault), else ``internal``."""
+    return "invalid_request" if isinstance(exc, ValueError) else "internal"
+
+
+class Executor(Protocol):
+    """Runs batches; raises :class:`WorkerGroupDiedError` when its ranks are gone."""
+
+    name: str
+
+    def start(self) -> None:
+        """Load weights on every rank; return once all are READY (or raise)."""
+
+    def execute(
+        self, batch: list[GenerationParams], on_step: StepHandler
+    ) -> list[GenerationResult]:
+        """Run one batch; results in any order, matched by ``request_id``."""
+
+    def is_alive(self) -> bool: ...
+
+    def describe(self) -> dict:
+        """Ranks, pids and hosts for ``/health``."""
+
+    def shutdown(self, timeout: float = 10.0) -> None: ...
+
+
+class InProcessExecutor:
+    """One rank in the calling process; ``execute`` runs on the caller's thread."""
+
+    def __init__(
+        self, spec: PipelineSpec, name: str = "inprocess-0", pipeline: Pipeline | None = None
+    ):
+        if spec.parallel.world_size != 1:
+            raise ValueError(
+                f"the in-process executor runs one rank; world size is {spec.parallel.world_size} "
+                f"for {spec.parallel} (use the torchrun executor)"
+            )
+        self.spec = spec
+        self.name = name
+        self.pipeline = pipeline
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        if self.pipeline is None:
+            from ithaca.parallel.state import ParallelState
+
+            self.pipeline = load_pipeline(self.spec, ParallelState.single(self.spec.parallel))
+        self._closed = False
+
+    def execute(
+        self, batch: list[GenerationParams], on_step: StepHandler
+    ) -> list[GenerationResult]:
+        if self._closed or self.pipeline is None:
+            raise WorkerGroupDiedError(f"{self.name} is not running")
+        with self._lock:
+            try:
+                return self.pipeline.generate(batch, on_step)
+            except Exception as exc:
+                log.exception("%s: pipeline failed on %d request(s)", self.name, len(batch))
+                raise GenerationFailedError(
+                    f"{type(exc).__name__}: {exc}", classify_failure(exc)
+                ) from exc
+
+    def is_alive(self) -> bool:
+        return not self._closed and self.pipeline is not None
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "alive": self.is_alive(),
+            "ranks": [{"rank": 0, "pid": os.getpid()}],
+        }
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._closed = True

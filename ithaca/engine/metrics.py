@@ -1,0 +1,54 @@
+"""Prometheus metrics of one engine (its own registry: two engines can share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class EngineMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("ithaca_requests", "Requests accepted into the queue", registry=r)
+        self.running = Gauge("ithaca_requests_running", "Requests in a running batch", registry=r)
+        self.waiting = Gauge("ithaca_requests_waiting", "Requests waiting in the queue", registry=r)
+        self.queue_time = Histogram(
+            "ithaca_request_queue_time_seconds",
+            "Submit to batch start",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.step_latency = Histogram(
+            "ithaca_step_latency_seconds",
+            "One denoising step of a batch",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.e2e_latency = Histogram(
+            "ithaca_request_latency_seconds",
+            "Submit to result inside the engine",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.http_latency = Histogram(
+            "ithaca_http_request_duration_seconds",
+            "HTTP request to response (includes encoding)",
+            ["route"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "ithaca_batch_size",
+            "Requests per executed batch",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+            registry=r,
+        )
+        self.failures = Counter(
+            "ithaca_request_failures", "Failed requests by reason", ["reason"], registry=r
+        )
+        self.restarts = Counter(
+            "ithaca_worker_group_restarts", "Worker groups restarted after a failure", registry=r
+        )
+        self.groups_alive = Gauge("ithaca_worker_groups_alive", "Live worker groups", registry=r)

@@ -1,0 +1,235 @@
+"""The per-rank program of a worker group (``torchrun ... -m ithaca.engine.worker``).
+
+Every rank builds its :class:`ParallelState` from the torchrun environment and loads
+the pipeline. Rank 0 of the group connects to the front's local socket; the others
+only ever hear from rank 0, by broadcast. The loop, on every rank, in lockstep:
+
+    rank 0 picks the next command (a batch from the front, or a ping when idle)
+    broadcast_object(command)                  # every rank, same order
+    ping  -> all_reduce(1 element)             # proves every rank is here; rank 0 says "alive"
+    batch -> pipeline.generate(batch, cb)      # SPMD; cb on rank 0: sends steps, reads cancels
+             all_gather_object(status)         # every rank agrees whether the batch failed
+
+READY: after loading, every rank reports ``{rank, pid, host, error}`` through an
+all_gather_object; rank 0 forwards the list as ``("ready", ranks)`` or, if any rank
+failed to load, ``("failed", message)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from ithaca.config import CacheConfig, ParallelConfig
+from ithaca.engine.executor import PipelineSpec, classify_failure, load_pipeline
+from ithaca.engine.ipc import Channel, ChannelClosed
+from ithaca.parallel.comm import broadcast_object
+from ithaca.parallel.state import ParallelState
+
+log = logging.getLogger("ithaca.worker")
+
+ENV_CONFIG = "ITHACA_WORKER_CONFIG"
+ENV_SOCKET = "ITHACA_FRONT_SOCKET"
+ENV_TOKEN = "ITHACA_FRONT_TOKEN"
+
+
+def spec_to_json(spec: PipelineSpec, heartbeat_interval_s: float) -> str:
+    return json.dumps(
+        {
+            "model": spec.model,
+            "dtype": spec.dtype,
+            "cache_backend": spec.cache.backend,
+            "cache_config": spec.cache.as_dict(),
+            "parallel": {
+                "ulysses_degree": spec.parallel.ulysses_degree,
+                "ring_degree": spec.parallel.ring_degree,
+                "cfg_parallel_size": spec.parallel.cfg_parallel_size,
+            },
+            "heartbeat_interval_s": heartbeat_interval_s,
+        }
+    )
+
+
+def spec_from_json(text: str) -> tuple[PipelineSpec, float]:
+    raw = json.loads(text)
+    spec = PipelineSpec(
+        model=raw["model"],
+        dtype=raw["dtype"],
+        cache=CacheConfig.from_dict(raw["cache_backend"], raw["cache_config"]),
+        parallel=ParallelConfig(**raw["parallel"]),
+    )
+    return spec, float(raw["heartbeat_interval_s"])
+
+
+class WorkerLoop:
+    """The lockstep loop above; ``channel`` is set on rank 0 only."""
+
+    def __init__(self, state: ParallelState, pipeline, channel: Channel | None, heartbeat_s: float):
+        # One worker group serves one replica: its replica axis is the whole world.
+        assert state.replica.size == state.world_size, "a worker group is one replica (dp=1)"
+        self.state = state
+        self.pipeline = pipeline
+        self.channel = channel
+        self.heartbeat_s = heartbeat_s
+        self.cpu_group = state.cpu_group  # gloo twin of the world group on NCCL, else None
+        self.inbox: queue.Queue = queue.Queue()
+        self.cancelled: set[int] = set()
+        self.front_gone = False
+        if channel is not None:
+            threading.Thread(target=self._read_front, name="front-reader", daemon=True).start()
+
+    @property
+    def is_root(self) -> bool:
+        return self.state.replica.rank == 0
+
+    def _read_front(self) -> None:
+        """Rank 0: commands go to the inbox, cancels take effect at the next step."""
+        assert self.channel is not None
+        while True:
+            try:
+                msg = self.channel.recv()
+            except ChannelClosed:
+                # The front died: cancel the running batch at its next step, then stop
+                # every rank through the normal shutdown broadcast.
+                self.front_gone = True
+                self.inbox.put(("shutdown", "front closed the connection"))
+                return
+            if msg[0] == "cancel":
+                self.cancelled.add(msg[1])
+            else:
+                self.inbox.put(msg)
+
+    def _send(self, message: tuple) -> None:
+        """Rank 0 to the front; a vanished front is handled by the reader's shutdown."""
+        assert self.channel is not None
+        try:
+            self.channel.send(message)
+        except ChannelClosed:
+            self.front_gone = True
+
+    def _broadcast(self, obj):
+        return broadcast_object(obj, self.state.replica, group=self.cpu_group)
+
+    def run(self) -> None:
+        while True:
+            command = None
+            if self.is_root:
+                try:
+                    command = self.inbox.get(timeout=self.heartbeat_s)
+                except queue.Empty:
+                    command = ("ping",)
+            command = self._broadcast(command)
+            kind = command[0]
+            if kind == "shutdown":
+                return
+            if kind == "ping":
+                # Every rank must reach this all_reduce: completing it proves all are alive.
+                flag = torch.ones(1)
+                if self.state.world_size > 1:
+                    dist.all_reduce(flag, group=self.cpu_group)
+                if self.is_root:
+                    self._send(("alive", int(flag.item())))
+            elif kind == "batch":
+                self._run_batch(command[1], command[2])
+            else:
+                raise AssertionError(f"unknown command {kind!r}")
+
+    def _run_batch(self, batch_id: int, batch) -> None:
+        callback = None
+        if self.is_root:
+
+            def callback(event) -> bool:
+                self._send(("step", batch_id, event))
+                return self.front_gone or batch_id in self.cancelled
+
+        results, status = None, (True, "", "")
+        try:
+            results = self.pipeline.generate(batch, callback)
+        except Exception as exc:
+            log.error(
+                "rank %d: batch %d failed:\n%s", self.state.rank, batch_id, traceback.format_exc()
+            )
+            status = (False, classify_failure(exc), f"{type(exc).__name__}: {exc}")
+        # Every rank learns every rank's outcome, so all move on together.
+        statuses = [status]
+        if self.state.world_size > 1:
+            statuses = [None] * self.state.world_size
+            dist.all_gather_object(statuses, status, group=self.cpu_group)
+        self.cancelled.discard(batch_id)
+        if not self.is_root:
+            return
+        failed = [(r, s) for r, s in enumerate(statuses) if not s[0]]
+        if failed:
+            rank, (_, failure_kind, message) = failed[0]
+            if failure_kind != "invalid_request":  # the user's mistake needs no rank number
+                message = f"rank {rank}: {message}"
+            self._send(("error", batch_id, failure_kind, message))
+        else:
+            self._send(("result", batch_id, results))
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    spec, heartbeat_s = spec_from_json(os.environ[ENV_CONFIG])
+    rank = int(os.environ.get("RANK", "0"))
+    channel = None
+    if rank == 0:
+        channel = Channel.connect(os.environ[ENV_SOCKET])
+        channel.send(("hello", os.environ.get(ENV_TOKEN, ""), os.getpid()))
+    state = ParallelState.from_env(spec.parallel)
+    error = ""
+    pipeline = None
+    try:
+        pipeline = load_pipeline(spec, state)
+    except Exception:
+        error = traceback.format_exc()
+        log.error("rank %d failed to load the pipeline:\n%s", rank, error)
+    me = {"rank": state.rank, "pid": os.getpid(), "host": socket.gethostname(), "error": error}
+    ranks = [me]
+    if state.world_size > 1:
+        ranks = [None] * state.world_size
+        dist.all_gather_object(ranks, me, group=state.cpu_group)
+    errors = [r for r in ranks if r["error"]]
+    if errors:
+        if channel is not None:
+            channel.send(
+                ("failed", f"rank {errors[0]['rank']} failed to load:\n{errors[0]['error']}")
+            )
+        return 1
+    if channel is not None:
+        channel.send(("ready", [{k: r[k] for k in ("rank", "pid", "host")} for r in ranks]))
+    loop = WorkerLoop(state, pipeline, channel, heartbeat_s)
+    try:
+        loop.run()
+    except Exception:
+        # A collective failed: a peer died or the group desynchronised. Nothing to resume,
+        # and tearing down a broken process group can block: leave at once.
+        log.error("rank %d: worker loop aborted:\n%s", rank, traceback.format_exc())
+        if channel is not None:
+            with contextlib.suppress(ChannelClosed):
+                channel.send(("fatal", f"rank {rank}: {traceback.format_exc(limit=1)}"))
+        _exit(1)
+    if state.world_size > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def _exit(code: int) -> None:
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

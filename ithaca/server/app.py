@@ -1,0 +1,162 @@
+"""The FastAPI application: edge middleware, model/health/metrics routes, lifespan.
+
+``create_app(engine, config)`` wires one engine into one app (nothing global, so
+tests can run several). The lifespan starts the engine without waiting (``/health``
+and ``/ready`` answer 503 while weights load) and on shutdown drains it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import re
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ithaca.config import ServerConfig
+from ithaca.engine.engine import Engine
+from ithaca.server import errors, images, videos
+from ithaca.server.errors import APIError
+from ithaca.server.outputs import OutputStore
+from ithaca.server.state import ServerState, server_state
+from ithaca.server.video_store import VideoStore
+
+log = logging.getLogger("ithaca.server")
+_ID = re.compile(r"/(video_[0-9a-f]+|[A-Za-z0-9_-]{20,}\.\w+)")
+
+
+def _route_label(path: str) -> str:
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{id}"
+    return _ID.sub("/{id}", path)
+
+
+class EdgeMiddleware:
+    """Pure ASGI (streaming- and disconnect-safe): ``x-request-id`` in and out,
+    ``--api-key`` on ``/v1/*`` in constant time, HTTP latency metric."""
+
+    def __init__(self, app, api_key: str | None, metrics):
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        rid = headers.get("x-request-id") or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", rid.encode("latin-1")),
+                ]
+            await send(message)
+
+        path = scope["path"]
+        if self.api_key is not None and path.startswith("/v1/"):
+            auth = headers.get("authorization", "")
+            given = auth[7:].encode() if auth.startswith("Bearer ") else b""
+            if not hmac.compare_digest(given, self.api_key):
+                response = APIError(
+                    401, "Incorrect or missing API key", code="invalid_api_key"
+                ).response()
+                return await response(scope, receive, send_with_id)
+        start = time.monotonic()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.metrics.http_latency.labels(_route_label(path)).observe(time.monotonic() - start)
+
+
+def create_app(
+    engine: Engine, config: ServerConfig, *, start_engine: bool = True, state_dir: str | None = None
+) -> FastAPI:
+    state_dir = state_dir or config.state_dir or os.path.expanduser("~/.cache/ithaca")
+    state = ServerState(
+        engine=engine,
+        config=config,
+        outputs=OutputStore(os.path.join(state_dir, "outputs"), config.output_ttl_s),
+        videos=VideoStore(state_dir),
+    )
+    if state.videos.recovered:
+        log.warning(
+            "marked %d unfinished video job(s) from a previous run failed", state.videos.recovered
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if start_engine:
+            engine.start(wait=False)
+        sweeper = asyncio.create_task(_sweep(state))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            await asyncio.to_thread(engine.shutdown, config.drain_timeout_s)
+            for _, task in list(state.video_jobs.values()):
+                task.cancel()
+            await asyncio.gather(*(t for _, t in state.video_jobs.values()), return_exceptions=True)
+            state.videos.close()
+
+    app = FastAPI(title="ithaca", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.ithaca = state
+    errors.install(app)
+    app.add_middleware(EdgeMiddleware, api_key=config.api_key, metrics=engine.metrics)
+    app.include_router(images.router)
+    app.include_router(videos.router)
+
+    def model_card() -> dict:
+        return {
+            "id": config.model_name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "ithaca",
+            "root": config.model,
+        }
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(request: Request, model_id: str):
+        server_state(request).resolve_model(model_id)
+        return model_card()
+
+    @app.get("/health")
+    async def health():
+        groups = engine.describe()
+        if engine.alive:
+            return {"status": "ok", "groups": groups}
+        body = APIError(503, "not every rank is alive", code="engine_unavailable").body()
+        return JSONResponse({**body, "groups": groups}, status_code=503)
+
+    @app.get("/ready")
+    async def ready():
+        if engine.ready:
+            return {"status": "ready"}
+        reason = "draining" if engine.alive else "weights loading or a worker group is down"
+        return APIError(503, f"not ready: {reason}", code="not_ready").response()
+
+    @app.get("/metrics")
+    async def metrics():
+        engine.metrics.waiting.set(len(engine.scheduler))
+        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _sweep(state: ServerState) -> None:
+    while True:
+        await asyncio.sleep(min(60.0, state.config.output_ttl_s))
+        await asyncio.to_thread(state.outputs.sweep)

@@ -1,0 +1,147 @@
+"""Pydantic request models of the HTTP API; the only place pydantic is used.
+
+Every optional field accepts ``null``. Unknown fields are kept aside
+(``model_extra``) so the route can log and ignore them. Multipart forms go through
+the same models: pydantic's lax mode turns ``"2"`` into ``2`` and ``"true"`` into
+``True``. ``to_params()`` produces the plain :class:`GenerationParams` the engine takes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ithaca.engine.types import GenerationParams
+
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+MAX_SIDE = 4096
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """``"WxH"`` -> (W, H); ``"auto"`` / None -> the model's default."""
+    if size is None or size == "auto":
+        return None, None
+    m = _SIZE.match(size)
+    if not m:
+        raise ValueError(f"size ({size!r}) must be 'auto' or WIDTHxHEIGHT, e.g. 1024x1024")
+    w, h = int(m.group(1)), int(m.group(2))
+    if not (16 <= w <= MAX_SIDE and 16 <= h <= MAX_SIDE):
+        raise ValueError(f"size ({size}) must have both sides in 16..{MAX_SIDE}")
+    return w, h
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    prompt: str = Field(min_length=1, max_length=32000)
+    model: str | None = None
+    user: str | None = None
+    # extensions shared by images and videos
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = Field(default=None, ge=1, le=1000)
+    guidance_scale: float | None = Field(default=None, ge=0, le=100)
+    true_cfg_scale: float | None = Field(default=None, ge=0, le=100)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+    @field_validator("size", check_fields=False)
+    @classmethod
+    def _size(cls, v):
+        parse_size(v)
+        return v
+
+    def extra_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+class ImageRequest(_Request):
+    """``POST /v1/images/generations`` (JSON) and the fields of ``/v1/images/edits``."""
+
+    n: int | None = Field(default=None, ge=1, le=10)
+    size: str | None = None
+    quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    moderation: str | None = None
+    style: str | None = None
+    input_fidelity: str | None = None
+    stream: bool | None = None
+    partial_images: int | None = Field(default=None, ge=0, le=3)
+
+    def to_params(self) -> GenerationParams:
+        width, height = parse_size(self.size)
+        return GenerationParams(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            width=width,
+            height=height,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            true_cfg_scale=self.true_cfg_scale,
+            seed=self.seed,
+            num_images=self.n or 1,
+            partial_images=(self.partial_images or 0) if self.stream else 0,
+        )
+
+
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    image_url: str | None = None
+    file_id: str | None = None
+
+
+class ImageEditJSON(ImageRequest):
+    """The JSON form of ``/v1/images/edits``: ``images: [{"image_url": "data:..."}]``."""
+
+    images: list[ImageURL] = Field(min_length=1, max_length=16)
+    mask: ImageURL | None = None
+
+
+class VideoRequest(_Request):
+    """``POST /v1/videos`` (multipart as the SDK sends it, or JSON)."""
+
+    seconds: str | None = None
+    size: str | None = None
+    num_frames: int | None = Field(default=None, ge=1, le=1024)
+    fps: int | None = Field(default=None, ge=1, le=120)
+    guidance_scale_2: float | None = Field(default=None, ge=0, le=100)
+    flow_shift: float | None = Field(default=None, gt=0, le=100)
+
+    @field_validator("seconds", mode="before")
+    @classmethod
+    def _seconds(cls, v):
+        if v is None:
+            return v
+        v = str(v)
+        try:
+            ok = 0 < float(v) <= 60
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"seconds ({v!r}) must be a number in (0, 60]")
+        return v
+
+    def to_params(self, default_fps: int = 16) -> GenerationParams:
+        width, height = parse_size(self.size)
+        fps = self.fps or default_fps
+        frames = self.num_frames
+        if frames is None:
+            frames = max(1, round(float(self.seconds or 4) * fps)) + 1  # Wan-style 4k+1 frames
+            frames = frames - (frames - 1) % 4
+        return GenerationParams(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            width=width,
+            height=height,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            true_cfg_scale=self.true_cfg_scale,
+            guidance_scale_2=self.guidance_scale_2,
+            flow_shift=self.flow_shift,
+            seed=self.seed,
+            num_frames=frames,
+            fps=fps,
+        )

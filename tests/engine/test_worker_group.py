@@ -1,0 +1,88 @@
+"""A real torchrun worker group (--usp 2, gloo) behind the engine: READY handshake,
+results equal to the in-process twin, hang detection (a stopped rank), restart, bounded
+shutdown that leaves no rank behind, startup failure with the rank's error."""
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from ithaca.config import ParallelConfig
+from ithaca.engine.engine import Engine
+from ithaca.engine.errors import EngineDeadError
+from ithaca.engine.executor import InProcessExecutor, PipelineSpec
+from ithaca.engine.group import WorkerGroupExecutor
+from ithaca.engine.types import GenerationParams
+from tests.server.harness import FAKE, REPO
+
+USP2 = ParallelConfig(ulysses_degree=2)
+
+
+def P(seed=0, steps=3):
+    return GenerationParams("a cat", width=32, height=32, num_inference_steps=steps, seed=seed)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(cond, timeout: float) -> float:
+    start = time.monotonic()
+    while not cond():
+        if time.monotonic() - start > timeout:
+            raise TimeoutError
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_group_serves_detects_a_hang_and_restarts():
+    group = WorkerGroupExecutor(
+        PipelineSpec(FAKE, parallel=USP2),
+        liveness_timeout_s=3.0,
+        heartbeat_interval_s=0.5,
+        env={"PYTHONPATH": REPO, "ITHACA_FAKE_STEP_S": "0.1"},
+    )
+    twin = InProcessExecutor(PipelineSpec(FAKE))
+    engine = Engine([group], max_batch_size=1)
+    engine.start(timeout=120)
+    twin.start()
+    try:
+        ranks = group.describe()["ranks"]
+        assert [r["rank"] for r in ranks] == [0, 1] and len({r["pid"] for r in ranks}) == 2
+        out = engine.generate(P(seed=7), timeout=30)
+        ref = twin.execute([P(seed=7)], lambda e: False)[0]
+        assert np.array_equal(np.asarray(out.images[0]), np.asarray(ref.images[0]))
+
+        # SIGKILL of a rank under load (503 within 10 s, restart) is proven end to end
+        # through HTTP in tests/server/test_openai_sdk.py; here: a hang.
+        # SIGSTOP rank 1 while idle: the collective ping stalls, the group is declared hung.
+        old = group.pids()
+        os.kill(old[1], signal.SIGSTOP)
+        detected = wait_for(lambda: not engine.alive, 10)
+        assert detected < 3.0 + 2.0
+        wait_for(lambda: engine.alive, 60)
+        assert not any(alive(p) for p in old)  # the stopped rank was killed, not leaked
+        assert engine.generate(P(seed=3), timeout=30).images
+        assert engine.metrics.restarts._value.get() == 1
+    finally:
+        pids = group.pids()
+        engine.shutdown()
+    wait_for(lambda: not any(alive(p) for p in pids), 10)
+
+
+def test_a_rank_that_fails_to_load_fails_startup_with_its_error():
+    group = WorkerGroupExecutor(
+        PipelineSpec("tests.engine.doubles:crash_on_load", parallel=USP2),
+        env={"PYTHONPATH": REPO},
+    )
+    engine = Engine([group])
+    with pytest.raises(EngineDeadError, match="weights are corrupt"):
+        engine.start(timeout=120)
+    engine.shutdown()
+    assert group._proc.poll() is not None

@@ -1,0 +1,193 @@
+"""Every error class of the HTTP API, with its status and body shape, on a real server."""
+
+import concurrent.futures as cf
+import re
+import time
+
+import httpx
+import pytest
+
+from tests.server.conftest import API_KEY
+from tests.server.harness import metric
+
+OK = {"prompt": "a cat", "size": "32x32", "num_inference_steps": 2}
+
+
+def assert_error(r: httpx.Response, status: int, param=None, code=None) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}, body  # never FastAPI's {"detail": ...}
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"]
+    assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "patch, param",
+    [
+        ({"n": 11}, "n"),
+        ({"n": 0}, "n"),
+        ({"size": "huge"}, "size"),
+        ({"size": "8x8"}, "size"),
+        ({"partial_images": 4}, "partial_images"),
+        ({"output_format": "gif"}, "output_format"),
+        ({"response_format": "xml"}, "response_format"),
+        ({"output_compression": 101}, "output_compression"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"prompt": None}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_validation_errors_are_400_with_param(fake_server, patch, param):
+    r = fake_server.client.post("/v1/images/generations", json={**OK, **patch})
+    err = assert_error(r, 400, param=param)
+    assert err["type"] == "invalid_request_error"
+
+
+def test_missing_prompt_and_bad_json(fake_server):
+    c = fake_server.client
+    assert_error(c.post("/v1/images/generations", json={"n": 1}), 400, param="prompt")
+    assert_error(c.post("/v1/images/generations", content=b"{nope"), 400, code="invalid_json")
+    assert_error(c.post("/v1/images/generations", json=[1, 2]), 400, code="invalid_json")
+
+
+def test_pipeline_value_error_is_400(fake_server):
+    r = fake_server.client.post("/v1/images/generations", json={**OK, "size": "24x32"})
+    err = assert_error(r, 400)
+    assert "multiple of 16" in err["message"]
+
+
+def test_null_for_every_optional_field_and_unknown_fields_are_ignored(fake_server):
+    nulls = {
+        k: None
+        for k in [
+            "model",
+            "n",
+            "size",
+            "quality",
+            "response_format",
+            "output_format",
+            "output_compression",
+            "background",
+            "user",
+            "stream",
+            "partial_images",
+            "moderation",
+            "negative_prompt",
+            "guidance_scale",
+            "true_cfg_scale",
+            "seed",
+        ]
+    }
+    body = {**nulls, "prompt": "a cat", "num_inference_steps": 2, "frobnicate": 3}
+    r = fake_server.client.post("/v1/images/generations", json=body)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["data"]) == 1 and r.json()["size"] == "64x64"  # double's default
+    queue, engine = (float(r.headers[f"x-ithaca-{k}-seconds"]) for k in ("queue", "engine"))
+    assert 0 <= queue <= engine < 30
+    deadline = time.monotonic() + 5
+    while "ignoring unknown fields frobnicate" not in fake_server.log():
+        assert time.monotonic() < deadline, "no log line for the unknown field"
+        time.sleep(0.1)
+
+
+def test_unknown_model_is_404(fake_server):
+    c = fake_server.client
+    assert_error(
+        c.post("/v1/images/generations", json={**OK, "model": "dall-e-9"}),
+        404,
+        param="model",
+        code="model_not_found",
+    )
+    assert_error(c.get("/v1/models/dall-e-9"), 404, param="model", code="model_not_found")
+    served = c.get("/v1/models").json()["data"][0]["id"]
+    assert c.get(f"/v1/models/{served}").json()["id"] == served
+
+
+def test_unknown_route_and_method_keep_the_error_shape(fake_server):
+    assert_error(fake_server.client.get("/v1/nothing-here"), 404, code="not_found")
+    assert_error(fake_server.client.get("/v1/images/generations"), 405)
+
+
+def test_api_key_guards_v1_only(fake_server):
+    url = fake_server.url
+    with httpx.Client(base_url=url, timeout=30) as anon:
+        assert_error(anon.get("/v1/models"), 401, code="invalid_api_key")
+        wrong = {"Authorization": "Bearer sk-wrong"}
+        assert_error(anon.get("/v1/models", headers=wrong), 401, code="invalid_api_key")
+        right = {"Authorization": f"Bearer {API_KEY}"}
+        assert anon.get("/v1/models", headers=right).status_code == 200
+        assert anon.get("/health").status_code == 200
+        assert anon.get("/ready").status_code == 200
+        assert anon.get("/metrics").status_code == 200
+
+
+def test_request_id_is_echoed_or_generated(fake_server):
+    c = fake_server.client
+    r = c.get("/v1/models", headers={"x-request-id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    r = c.post("/v1/images/generations", json={"n": 20, "prompt": "x"})
+    assert r.status_code == 400 and re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
+
+
+def test_queue_full_is_429_with_retry_after(fake_server):
+    # Six requests of different sizes (no batching), 1 s each: one runs, two wait
+    # (--max-queue-size 2), the rest are refused at once.
+    sizes = [32, 48, 64, 80, 96, 112]
+
+    def post(size):
+        body = {"prompt": "a cat", "size": f"{size}x{size}", "num_inference_steps": 20}
+        return fake_server.client.post("/v1/images/generations", json=body)
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        futures = []
+        for s in sizes:
+            futures.append(pool.submit(post, s))
+            time.sleep(0.05)  # keep arrival order
+        responses = [f.result(60) for f in futures]
+    codes = [r.status_code for r in responses]
+    assert codes.count(200) == 3 and codes.count(429) == 3, codes
+    for r in responses:
+        if r.status_code == 429:
+            assert_error(r, 429, code="rate_limit_exceeded")
+            assert int(r.headers["Retry-After"]) >= 1
+
+
+def test_edit_input_errors(fake_server):
+    c = fake_server.client
+    form = {"prompt": "make it blue", "size": "32x32"}
+    assert_error(c.post("/v1/images/edits", data=form, files={"x": ("a", b"1")}), 400, "image")
+    r = c.post("/v1/images/edits", data=form, files={"image": ("a.png", b"not an image")})
+    assert_error(r, 400, "image", code="invalid_image_format")
+    from tests.server.test_units import png_bytes
+
+    many = [("image[]", (f"{i}.png", png_bytes(), "image/png")) for i in range(17)]
+    assert_error(c.post("/v1/images/edits", data=form, files=many), 400, "image")
+    r = c.post("/v1/images/edits", data={**form, "n": "eleven"}, files={"image": png_bytes()})
+    assert_error(r, 400, "n")
+    body = {**OK, "images": [{"file_id": "file-123"}]}
+    assert_error(c.post("/v1/images/edits", json=body), 400, "images[0]")
+    assert_error(c.post("/v1/images/edits", json={**OK, "images": []}), 400, "images")
+
+
+def test_client_disconnect_cancels_between_steps(fake_server):
+    before = metric(fake_server.client.get("/metrics").text, "ithaca_request_failures_total",
+                    'reason="cancelled"')  # fmt: skip
+    body = {"prompt": "a cat", "size": "32x32", "num_inference_steps": 400}  # 20 s if not cancelled
+    with pytest.raises(httpx.ReadTimeout):
+        fake_server.client.post("/v1/images/generations", json=body, timeout=1.0)
+    deadline = time.monotonic() + 5
+    while True:
+        text = fake_server.client.get("/metrics").text
+        if metric(text, "ithaca_request_failures_total", 'reason="cancelled"') == before + 1:
+            break
+        assert time.monotonic() < deadline, "the request was not cancelled"
+        time.sleep(0.1)
+    t0 = time.monotonic()
+    assert fake_server.client.post("/v1/images/generations", json=OK).status_code == 200
+    assert time.monotonic() - t0 < 5  # the worker is free again

@@ -1,0 +1,89 @@
+"""Process lifecycle of ``ithaca serve``: CLI parsing, SIGTERM drain, and
+``--on-worker-failure exit`` ending the server non-zero."""
+
+import concurrent.futures as cf
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from ithaca.cli import build_parser, main
+from tests.server.harness import FAKE, ServerProcess
+
+
+def test_cli_accepts_the_reference_command_line_and_rejects_bad_configs(capsys):
+    args = build_parser().parse_args(
+        ["serve", "Qwen/Qwen-Image", "--omni", "--usp", "2", "--ring", "2", "--port", "9000",
+         "--cache-backend", "tea_cache", "--cache-config", '{"rel_l1_thresh": 0.2}']
+    )  # fmt: skip
+    assert (args.model, args.ulysses_degree, args.ring_degree, args.port) == (
+        "Qwen/Qwen-Image", 2, 2, 9000,
+    )  # fmt: skip
+    assert build_parser().parse_args(["serve"]).model is None  # embedded default model
+    assert main(["serve", "--max-batch-size", "0"]) == 2
+    assert "max_batch_size (0) must be a positive integer" in capsys.readouterr().err
+    assert main(["serve", "--cache-config", "{oops"]) == 2
+    assert main(["generate", "--prompt", "x", "--output", "out.gif"]) == 2
+
+
+def test_sigterm_drains_running_requests(tmp_path):
+    server = ServerProcess(FAKE, "--usp", "2", state_dir=str(tmp_path),
+                           env={"ITHACA_FAKE_STEP_S": "0.05"})  # fmt: skip
+    try:
+        server.wait_healthy(120)
+        body = {"prompt": "x", "size": "32x32", "num_inference_steps": 30}  # ~1.5 s
+        with cf.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(server.client.post, "/v1/images/generations", json=body)
+            time.sleep(0.7)
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            with pytest.raises(httpx.TransportError):  # no new connections while draining
+                httpx.post(server.url + "/v1/images/generations", json=body, timeout=5)
+            assert running.result(30).status_code == 200  # the running one finished
+        server.proc.wait(timeout=30)
+        assert server.proc.returncode in (0, -signal.SIGTERM)
+    finally:
+        server.stop()
+
+
+def test_on_worker_failure_exit_ends_the_server_non_zero(tmp_path):
+    server = ServerProcess(FAKE, "--usp", "2", "--on-worker-failure", "exit",
+                           state_dir=str(tmp_path))  # fmt: skip
+    try:
+        server.wait_healthy(120)
+        os.kill(server.worker_pids()[1], signal.SIGKILL)
+        assert server.proc.wait(timeout=30) == 1
+        assert "fatal" in server.log()
+    finally:
+        server.stop()
+
+
+def test_data_parallel_groups_serve_in_parallel_and_fail_alone(tmp_path):
+    server = ServerProcess(FAKE, "--data-parallel-size", "2", "--max-batch-size", "1",
+                           state_dir=str(tmp_path), env={"ITHACA_FAKE_STEP_S": "0.05"})  # fmt: skip
+    try:
+        groups = server.wait_healthy(120)["groups"]
+        assert [len(g["ranks"]) for g in groups] == [1, 1]
+
+        def post(size, steps):
+            body = {"prompt": "x", "size": f"{size}x{size}", "num_inference_steps": steps}
+            return server.client.post("/v1/images/generations", json=body)
+
+        with cf.ThreadPoolExecutor(2) as pool:
+            t0 = time.monotonic()
+            done = list(pool.map(post, (32, 48), (30, 30)))  # 1.5 s each, not batchable
+            elapsed = time.monotonic() - t0
+        assert [r.status_code for r in done] == [200, 200] and elapsed < 2.8
+
+        with cf.ThreadPoolExecutor(2) as pool:
+            a, b = pool.submit(post, 32, 60), pool.submit(post, 48, 60)  # 3 s each
+            time.sleep(1.0)
+            os.kill(groups[0]["ranks"][0]["pid"], signal.SIGKILL)  # group-0 runs one of them
+            codes = sorted([a.result(30).status_code, b.result(30).status_code])
+        assert codes == [200, 503]  # the other group's request is unaffected
+        server.wait_healthy(120)
+        assert post(32, 2).status_code == 200
+    finally:
+        server.stop()
