@@ -87,6 +87,11 @@ class DenoisingPipeline:
     default_height: int = 1024
     default_steps: int = 50
     default_true_cfg_scale: float = 4.0
+    fuse_batches: bool = False
+    """Run compatible requests of one batch through shared forward passes. Off by
+    default: matrix multiplies round differently with the batch size (CPU and GPU
+    alike), so a fused request can differ from the same request alone by 1/255; unfused,
+    each request of an engine batch runs its own loop and gets exactly its solo bytes."""
 
     def __init__(self, state: ParallelState, dtype: torch.dtype):
         self.state = state
@@ -176,9 +181,10 @@ class DenoisingPipeline:
         caches = [self._cache_settings(r) for r in requests]
         groups: dict[tuple, list[int]] = {}
         for i, (r, cache) in enumerate(zip(requests, caches, strict=True)):
-            # A cache decides per forward from the whole batch, so a cached request runs
-            # alone: batched, it could skip other steps than it would alone.
-            key = (*r.batch_key, cache, i if cache[0] else None)
+            # Unless fusing is on, every request runs its own loop (exact solo bytes). A
+            # cache decides from the whole forward, so a cached request always runs alone.
+            alone = cache[0] is not None or not self.fuse_batches
+            key = (*r.batch_key, cache, i if alone else None)
             groups.setdefault(key, []).append(i)
         results = [GenerationResult(request_id=p.request_id) for p in batch]
         cancelled = False

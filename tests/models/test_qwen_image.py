@@ -72,8 +72,9 @@ def run_reference(path: str, params: GenerationParams):
     return (images * 255).round().astype(np.uint8), captured["latents"]
 
 
-def run_ours(path: str, batch: list[GenerationParams], callback=None):
+def run_ours(path: str, batch: list[GenerationParams], callback=None, fuse=False):
     pipe = registry.load_pipeline(path, ParallelState.single())
+    pipe.fuse_batches = fuse
     captured = []
     decode = pipe.decode
 
@@ -180,7 +181,7 @@ def test_batch_equals_requests_run_alone(tiny_checkpoints):
                          width=64, seed=2, request_id="b", **common)  # fmt: skip
     # Another size: its own group.
     c = GenerationParams(prompt="a dog", width=96, seed=3, request_id="c", **common)
-    together, lat_together = run_ours(path, [a, b, c])
+    together, lat_together = run_ours(path, [a, b, c], fuse=True)
     assert [r.request_id for r in together] == ["a", "b", "c"]
     assert len(lat_together) == 2  # (a, b) in one loop, c in another
     for i, p in enumerate((a, b)):
@@ -190,6 +191,20 @@ def test_batch_equals_requests_run_alone(tiny_checkpoints):
         diff = np.abs(np.asarray(together[i].images[0], int) - np.asarray(alone[0].images[0], int))
         assert diff.max() <= 1
     assert together[2].images[0].size == (96, 64)
+
+
+def test_unfused_batch_gives_every_request_exactly_its_solo_bytes(tiny_checkpoints):
+    path = tiny_checkpoints["t2i"]
+    batch = [
+        GenerationParams(prompt=p, negative_prompt="blurry", width=64, height=64,
+                         num_inference_steps=2, seed=s, request_id=p)
+        for p, s in (("a red cat", 1), ("a small blue bird near a tree", 2), ("a dog", 3))
+    ]  # fmt: skip
+    together, loops = run_ours(path, batch)
+    assert len(loops) == 3  # one loop per request
+    for i, params in enumerate(batch):
+        alone, _ = run_ours(path, [params])
+        assert np.array_equal(np.asarray(together[i].images[0]), np.asarray(alone[0].images[0]))
 
 
 def test_progress_cancellation_and_previews(tiny_checkpoints):
