@@ -70,8 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--liveness-timeout", type=float, default=10.0)
     s.add_argument("--step-timeout", type=float, default=300.0)
     s.add_argument("--output-ttl", type=float, default=3600.0)
-    s.add_argument("--nnodes", type=int, default=1)
-    s.add_argument("--master-addr", default="127.0.0.1")
+    # Multi-node: defaults come from a LeaderWorkerSet's variables when present, so every
+    # pod of a group can run the same command line; node rank > 0 runs only its ranks.
+    s.add_argument("--nnodes", type=int, default=int(os.environ.get("LWS_GROUP_SIZE", "1")))
+    s.add_argument(
+        "--node-rank", type=int, default=int(os.environ.get("LWS_WORKER_INDEX", "0")),
+        help="this node's index; > 0 joins the group's torchrun ranks without HTTP",
+    )  # fmt: skip
+    s.add_argument("--master-addr", default=os.environ.get("LWS_LEADER_ADDRESS", "127.0.0.1"))
     s.add_argument("--master-port", type=int, default=None)
     _parallel_args(s)
 
@@ -106,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_serve(args) -> int:
     from ithaca.server.serve import serve
+
+    if not 0 <= args.node_rank < args.nnodes:
+        raise ValueError(f"--node-rank ({args.node_rank}) must be in 0..{args.nnodes - 1}")
+    if args.node_rank > 0:  # a worker node: its torchrun ranks only, no HTTP front
+        if args.master_port is None:
+            raise ValueError("--master-port is required on a node with --node-rank > 0")
+        return cmd_worker_node(args)
 
     config = ServerConfig(
         model=args.model,

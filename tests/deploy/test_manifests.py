@@ -116,3 +116,53 @@ def test_dockerfile_passes_hadolint():
         [hadolint, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _containers():
+    for _, doc in (p.values for p in manifests()):
+        if doc["kind"] == "Deployment":
+            yield "single", doc["spec"]["template"]["spec"]["containers"][0], {}
+        elif doc["kind"] == "LeaderWorkerSet":
+            lwt = doc["spec"]["leaderWorkerTemplate"]
+            env = {
+                "LWS_GROUP_SIZE": str(lwt["size"]),
+                "LWS_LEADER_ADDRESS": "ithaca-wan-0.ithaca-wan",
+            }
+            yield (
+                "leader",
+                lwt["leaderTemplate"]["spec"]["containers"][0],
+                {**env, "LWS_WORKER_INDEX": "0"},
+            )
+            yield (
+                "worker",
+                lwt["workerTemplate"]["spec"]["containers"][0],
+                {**env, "LWS_WORKER_INDEX": "1"},
+            )
+
+
+def test_container_command_lines_parse_with_the_cli():
+    import re
+
+    from ithaca.cli import _parallel, build_parser
+
+    entrypoint = re.search(r"^ENTRYPOINT (.*)$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert json.loads(entrypoint.group(1)) == ["ithaca", "serve"]
+    seen = set()
+    for role, container, env in _containers():
+        env = {**env, "ITHACA_API_KEY": "sk-x"}
+        # Kubernetes expands $(VAR) in args from the container's environment.
+        args = [
+            re.sub(r"\$\((\w+)\)", lambda m, e=env: e[m.group(1)], a) for a in container["args"]
+        ]
+        parsed = build_parser().parse_args(["serve", *args])
+        parallel = _parallel(parsed)
+        gpus = container["resources"]["limits"]["nvidia.com/gpu"]
+        nodes = parsed.nnodes
+        assert parallel.world_size == gpus * nodes, (role, parallel, gpus, nodes)
+        assert parsed.host == "0.0.0.0" and parsed.api_key == "sk-x"
+        if role == "leader":
+            assert parsed.node_rank == 0 and nodes == 2 and parsed.master_port
+        if role == "worker":
+            assert parsed.node_rank == 1 and parsed.master_addr == env["LWS_LEADER_ADDRESS"]
+        seen.add(role)
+    assert seen == {"single", "leader", "worker"}
