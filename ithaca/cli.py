@@ -100,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", default="out.png", help="out.png / .jpg / .webp / .mp4")
     _parallel_args(g)
 
+    c = sub.add_parser(
+        "calibrate-teacache", help="fit TeaCache coefficients for a model and print them"
+    )
+    c.add_argument("model", nargs="?", default=None, help="checkpoint (default: embedded model)")
+    c.add_argument("--prompt", action="append", default=None, help="repeat; default: a set")
+    c.add_argument("--num-inference-steps", type=int, default=None)
+    c.add_argument("--width", type=int, default=None)
+    c.add_argument("--height", type=int, default=None)
+    c.add_argument("--degree", type=int, default=4)
+    c.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
+    c.add_argument("--write", action="store_true", help="store them in MODEL/ithaca.json")
+
     w = sub.add_parser("worker-node", help="join a multi-node worker group as node_rank > 0")
     w.add_argument("model", nargs="?", default=None)
     w.add_argument("--nnodes", type=int, required=True)
@@ -183,6 +195,38 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_calibrate_teacache(args) -> int:
+    import json
+
+    import torch
+
+    from ithaca.cache.calibrate import DEFAULT_PROMPTS, calibrate_teacache
+    from ithaca.engine.executor import default_model_path
+
+    model = args.model or default_model_path()
+    coefficients, samples = calibrate_teacache(
+        model,
+        prompts=args.prompt or DEFAULT_PROMPTS,
+        steps=args.num_inference_steps,
+        width=args.width,
+        height=args.height,
+        degree=args.degree,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+    )
+    print(f"# {len(samples)} (input change, output change) samples from {model}")
+    print(json.dumps({"teacache_coefficients": coefficients}))
+    if args.write:
+        path = os.path.join(model, "ithaca.json")
+        existing = {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                existing = json.load(f)
+        with open(path, "w") as f:
+            json.dump({**existing, "teacache_coefficients": coefficients}, f, indent=2)
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_worker_node(args) -> int:
     from ithaca.engine.executor import PipelineSpec
     from ithaca.engine.group import torchrun_command
@@ -214,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "calibrate-teacache":
+            return cmd_calibrate_teacache(args)
         return cmd_worker_node(args)
     except ValueError as exc:
         print(f"ithaca: error: {exc}", file=sys.stderr)

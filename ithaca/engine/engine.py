@@ -290,6 +290,7 @@ class Engine:
                     self._fail(req, RequestCancelledError("the request was cancelled"))
                 elif req.request_id in by_id:
                     self.metrics.e2e_latency.observe(done - req.arrival)
+                    self.metrics.observe_result(by_id[req.request_id].metadata)
                     req.finished = done
                     req.finish(by_id[req.request_id])
                 else:

@@ -52,3 +52,25 @@ class EngineMetrics:
             "ithaca_worker_group_restarts", "Worker groups restarted after a failure", registry=r
         )
         self.groups_alive = Gauge("ithaca_worker_groups_alive", "Live worker groups", registry=r)
+        self.cache_steps = Counter(
+            "ithaca_cache_steps",
+            "Transformer forwards under a step cache, by backend and outcome (computed/cached)",
+            ["backend", "outcome"],
+            registry=r,
+        )
+        self.cache_hit_ratio = Histogram(
+            "ithaca_cache_hit_ratio",
+            "Share of a request's transformer forwards served from the step cache",
+            ["backend"],
+            buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+            registry=r,
+        )
+
+    def observe_result(self, metadata: dict) -> None:
+        """Record what one finished request reports (its step-cache statistics)."""
+        cache = metadata.get("cache")
+        if cache:
+            backend = cache["backend"]
+            self.cache_steps.labels(backend, "computed").inc(cache["computed_steps"])
+            self.cache_steps.labels(backend, "cached").inc(cache["cached_steps"])
+            self.cache_hit_ratio.labels(backend).observe(cache["hit_ratio"])

@@ -132,10 +132,10 @@ async def _serve(request, state: ServerState, body: ImageRequest, params: Genera
         else:
             data.append({"b64_json": media.b64(blob)})
     size = f"{images[0].width}x{images[0].height}" if images else None
-    return JSONResponse(
-        {"created": int(time.time()), "data": data, **meta, "size": size, "usage": USAGE},
-        headers=timing_headers(req, result),
-    )
+    body_out = {"created": int(time.time()), "data": data, **meta, "size": size, "usage": USAGE}
+    if "cache" in result.metadata:  # extension: what the step cache skipped for this request
+        body_out["cache"] = result.metadata["cache"]
+    return JSONResponse(body_out, headers=timing_headers(req, result))
 
 
 def timing_headers(req, result: GenerationResult) -> dict[str, str]:

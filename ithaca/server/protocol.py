@@ -8,11 +8,13 @@ the same models: pydantic's lax mode turns ``"2"`` into ``2`` and ``"true"`` int
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ithaca.cache import validate_cache_options
 from ithaca.engine.types import GenerationParams
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
@@ -44,6 +46,34 @@ class _Request(BaseModel):
     guidance_scale: float | None = Field(default=None, ge=0, le=100)
     true_cfg_scale: float | None = Field(default=None, ge=0, le=100)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    cache_backend: str | None = None
+    cache_config: dict | None = None
+    """Per-request step cache (overrides the server's); multipart sends it as JSON text."""
+
+    @field_validator("cache_config", mode="before")
+    @classmethod
+    def _cache_config_json(cls, v):
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"cache_config must be a JSON object: {exc}") from None
+        return v
+
+    @field_validator("cache_backend")
+    @classmethod
+    def _cache_backend(cls, v):
+        validate_cache_options(v, None)
+        return v
+
+    @field_validator("cache_config")
+    @classmethod
+    def _cache_options(cls, v, info):
+        validate_cache_options(info.data.get("cache_backend"), v)
+        return v
+
+    def cache_fields(self) -> dict:
+        return {"cache_backend": self.cache_backend, "cache_config": self.cache_config}
 
     @field_validator("size", check_fields=False)
     @classmethod
@@ -84,6 +114,7 @@ class ImageRequest(_Request):
             seed=self.seed,
             num_images=self.n or 1,
             partial_images=(self.partial_images or 0) if self.stream else 0,
+            **self.cache_fields(),
         )
 
 
@@ -144,4 +175,5 @@ class VideoRequest(_Request):
             seed=self.seed,
             num_frames=frames,
             fps=fps,
+            **self.cache_fields(),
         )

@@ -128,3 +128,22 @@ def test_calibration_fits_coefficients_that_teacache_then_uses(tiny_checkpoints,
         pipe = load_pipeline(str(path), state, cache_backend="tea_cache")
         pipe.generate([GenerationParams(**dict(REQUEST, num_inference_steps=2))])
         assert pipe._cache.coefficients == tuple(coefficients)
+
+
+def test_calibrate_teacache_command_writes_ithaca_json(tiny_checkpoints, tmp_path, capsys):
+    import json
+    import shutil
+
+    from ithaca.cli import main
+
+    path = tmp_path / "model"
+    shutil.copytree(tiny_checkpoints["t2i"], path)
+    argv = ["calibrate-teacache", str(path), "--num-inference-steps", "3", "--width", "64",
+            "--height", "64", "--degree", "2", "--write"]  # fmt: skip
+    for prompt in ("a red cat", "a blue bird", "a green tree"):
+        argv += ["--prompt", prompt]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[1])
+    stored = json.loads((path / "ithaca.json").read_text())
+    assert stored["teacache_coefficients"] == printed["teacache_coefficients"]
+    assert len(stored["teacache_coefficients"]) == 3

@@ -41,6 +41,10 @@ def assert_error(r: httpx.Response, status: int, param=None, code=None) -> dict:
         ({"prompt": None}, "prompt"),
         ({"prompt": ""}, "prompt"),
         ({"seed": -1}, "seed"),
+        ({"cache_backend": "fast_cache"}, "cache_backend"),
+        ({"cache_backend": "tea_cache", "cache_config": {"thresh": 1}}, "cache_config"),
+        ({"cache_config": {"rel_l1_thresh": 0.1}}, "cache_config"),
+        ({"cache_backend": "tea_cache", "cache_config": "{not json"}, "cache_config"),
     ],
 )
 def test_validation_errors_are_400_with_param(fake_server, patch, param):

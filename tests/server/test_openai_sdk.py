@@ -152,3 +152,19 @@ def test_killed_worker_fails_pending_requests_fast_and_the_group_restarts(client
     assert decode(res.data[0].b64_json).size == (64, 64)
     text = server.client.get("/metrics").text
     assert metric(text, "ithaca_worker_group_restarts_total") == 1
+
+
+def test_step_cache_per_request_reports_hits_in_body_and_metrics(server, client):
+    cache = {"cache_backend": "tea_cache", "cache_config": {"rel_l1_thresh": 0.6}}
+    res = client.images.generate(
+        model="ithaca-default",
+        prompt="a red cat",
+        size="64x64",
+        extra_body={"num_inference_steps": 6, "seed": 1, **cache},
+    )
+    stats = res.model_extra["cache"]
+    assert stats["backend"] == "tea_cache"
+    assert stats["computed_steps"] + stats["cached_steps"] == 6 and stats["cached_steps"] > 0
+    text = server.client.get("/metrics").text
+    assert metric(text, "ithaca_cache_steps_total", 'outcome="cached"') >= stats["cached_steps"]
+    assert metric(text, "ithaca_cache_hit_ratio_count", 'backend="tea_cache"') >= 1
