@@ -144,6 +144,56 @@ class DenoisingPipeline:
         """One preview image per request of ``job`` from the x0 estimate (returning rank)."""
         return [images[0] for images in self.decode(job, x0)]
 
+    # -- shared request validation (families call these from ``resolve``) ------
+    multiple: int = 16
+    """Width and height are rounded down to a multiple of this (latent patch x VAE)."""
+    family_name: str = "this model"
+    """How error messages name the family."""
+
+    def checked_steps(self, params: GenerationParams) -> int:
+        """Validate prompt, step count and image count; return the step count."""
+        if not params.prompt:
+            raise ValueError("prompt must be a non-empty string")
+        steps = params.num_inference_steps or self.default_steps
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"num_inference_steps ({steps!r}) must be a positive integer")
+        if params.num_images < 1:
+            raise ValueError(f"num_images ({params.num_images}) must be at least 1")
+        return steps
+
+    def rounded_size(self, width: int | None, height: int | None) -> tuple[int, int]:
+        """Defaults filled in, then rounded down to ``multiple`` as diffusers does."""
+        w = width if width is not None else self.default_width
+        h = height if height is not None else self.default_height
+        for name, value in (("width", w), ("height", h)):
+            if not isinstance(value, int) or value < self.multiple:
+                raise ValueError(
+                    f"{name} ({value!r}) must be an integer of at least {self.multiple} "
+                    f"(sizes are rounded down to a multiple of {self.multiple})"
+                )
+        return w // self.multiple * self.multiple, h // self.multiple * self.multiple
+
+    def single_cfg_scale(self, params: GenerationParams) -> float:
+        """The CFG scale of a family with one scale, accepting either API name."""
+        scale = params.true_cfg_scale
+        if params.guidance_scale is not None:
+            if scale is not None and float(scale) != float(params.guidance_scale):
+                raise ValueError(
+                    f"{self.family_name} has one guidance scale: true_cfg_scale ({scale}) and "
+                    f"guidance_scale ({params.guidance_scale}) differ"
+                )
+            scale = params.guidance_scale
+        return self.default_true_cfg_scale if scale is None else float(scale)
+
+    def resolve_text_to_image(self, params: GenerationParams, cfg_above: float = 1.0) -> Request:
+        """``resolve`` of a text-to-image family with one CFG scale (on above ``cfg_above``)."""
+        if params.images:
+            raise ValueError(f"{type(self).__name__} is text-to-image and takes no input images")
+        steps = self.checked_steps(params)
+        scale = self.single_cfg_scale(params)
+        w, h = self.rounded_size(params.width, params.height)
+        return Request(params, w, h, steps, scale, scale > cfg_above, params.seed)
+
     def make_cache(self, backend: str, options: dict) -> StepCache:
         """Install a step cache on the transformer (families with other layouts override)."""
         return build_cache(

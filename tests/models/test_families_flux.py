@@ -67,7 +67,7 @@ def test_batched_guidance_scales_match_diffusers(checkpoints):
     other = dict(DISTILLED, prompt="a dark city street", guidance_scale=5.0, seed=13,
                  request_id="g5")  # fmt: skip
     batch = [DISTILLED, other]
-    ours = generate({}, checkpoints["dev"], batch)
+    ours = generate({}, checkpoints["dev"], batch, attrs={"fuse_batches": True})
     assert ours[2]["metadata"][0]["timings"] == ours[2]["metadata"][1]["timings"]  # one loop
     for index, request in enumerate(batch):
         reference = diffusers_reference(checkpoints["dev"], request)

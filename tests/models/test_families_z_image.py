@@ -40,6 +40,7 @@ CFG = dict(prompt="a small blue bird near a tree", negative_prompt="blurry",
 LONG = dict(TURBO, prompt=" ".join(["a small red bird near a blue tree on a dark street"] * 4),
             num_images=1, seed=5, request_id="long")  # fmt: skip
 BATCH = [TURBO, CFG, LONG]
+FUSED = {"fuse_batches": True}  # TURBO and LONG share forwards (exercises caption masks)
 LAYOUTS = {
     "ulysses2": dict(ulysses_degree=2),
     "ring2": dict(ring_degree=2),
@@ -59,7 +60,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_rank(checkpoint):
-    return generate({}, checkpoint, BATCH)
+    return generate({}, checkpoint, BATCH, FUSED)
 
 
 def test_plan_is_valid_and_gathers_every_shard():
@@ -87,7 +88,7 @@ def test_one_rank_matches_diffusers(checkpoint, one_rank, index):
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_layout_matches_one_rank(worker_pool, checkpoint, one_rank, name):
     layout = LAYOUTS[name]
-    results = worker_pool(world_size(layout)).run(generate, layout, checkpoint, BATCH)
+    results = worker_pool(world_size(layout)).run(generate, layout, checkpoint, BATCH, FUSED)
     expect = {}
     if name != "cfg2":  # the plan's hooks acted on every rank
         expect = dict(sharded=SHARDED, gathered=["noise_refiner.1[0]", "all_final_layer.2-1[0]"])

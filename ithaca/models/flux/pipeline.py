@@ -97,24 +97,10 @@ class FluxPipeline(DenoisingPipeline):
     def resolve(self, params: GenerationParams) -> Request:
         if params.images:
             raise ValueError(f"{type(self).__name__} is text-to-image and takes no input images")
-        if not params.prompt:
-            raise ValueError("prompt must be a non-empty string")
-        steps = params.num_inference_steps or self.default_steps
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"num_inference_steps ({steps!r}) must be a positive integer")
-        if params.num_images < 1:
-            raise ValueError(f"num_images ({params.num_images}) must be at least 1")
+        steps = self.checked_steps(params)
         if params.guidance_scale is not None and not self.guidance_embeds:
             logger.warning("guidance_scale is ignored: this FLUX.1 model has no guidance input")
-        w = params.width if params.width is not None else self.default_width
-        h = params.height if params.height is not None else self.default_height
-        for name, value in (("width", w), ("height", h)):
-            if not isinstance(value, int) or value < self.multiple:
-                raise ValueError(
-                    f"{name} ({value!r}) must be an integer of at least {self.multiple} "
-                    f"(sizes are rounded down to a multiple of {self.multiple})"
-                )
-        w, h = w // self.multiple * self.multiple, h // self.multiple * self.multiple
+        w, h = self.rounded_size(params.width, params.height)
         scale = params.true_cfg_scale
         scale = self.default_true_cfg_scale if scale is None else float(scale)
         do_cfg = scale > 1 and params.negative_prompt is not None

@@ -41,6 +41,8 @@ from ithaca.parallel.cfg import NEGATIVE, POSITIVE
 class StableDiffusion3Pipeline(DenoisingPipeline):
     """SD3 / SD3.5 text-to-image with true CFG."""
 
+    family_name = "SD3"
+
     default_width = 1024
     default_height = 1024
     default_steps = 28
@@ -94,34 +96,7 @@ class StableDiffusion3Pipeline(DenoisingPipeline):
 
     # -- request validation ----------------------------------------------------
     def resolve(self, params: GenerationParams) -> Request:
-        if params.images:
-            raise ValueError(f"{type(self).__name__} is text-to-image and takes no input images")
-        if not params.prompt:
-            raise ValueError("prompt must be a non-empty string")
-        steps = params.num_inference_steps or self.default_steps
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"num_inference_steps ({steps!r}) must be a positive integer")
-        if params.num_images < 1:
-            raise ValueError(f"num_images ({params.num_images}) must be at least 1")
-        scale = params.true_cfg_scale
-        if params.guidance_scale is not None:
-            if scale is not None and float(scale) != float(params.guidance_scale):
-                raise ValueError(
-                    f"SD3 has one guidance scale: true_cfg_scale ({scale}) and "
-                    f"guidance_scale ({params.guidance_scale}) differ"
-                )
-            scale = params.guidance_scale
-        scale = self.default_true_cfg_scale if scale is None else float(scale)
-        w = params.width if params.width is not None else self.default_width
-        h = params.height if params.height is not None else self.default_height
-        for name, value in (("width", w), ("height", h)):
-            if not isinstance(value, int) or value < self.multiple:
-                raise ValueError(
-                    f"{name} ({value!r}) must be an integer of at least {self.multiple} "
-                    f"(sizes are rounded down to a multiple of {self.multiple})"
-                )
-        w, h = w // self.multiple * self.multiple, h // self.multiple * self.multiple
-        return Request(params, w, h, steps, scale, scale > 1, params.seed)
+        return self.resolve_text_to_image(params)
 
     # -- conditioning (returning rank only) ------------------------------------
     @torch.no_grad()
