@@ -118,9 +118,7 @@ def main() -> None:
             pool.close()
 
     print(f"cores: {os.cpu_count()}, heads x head_dim: {HEADS} x {HEAD_DIM}, fp32, batch 1")
-    header = (
-        "| seq | layout | P | time (s) | speed-up | efficiency | MiB sent/rank | theory MiB |"
-    )
+    header = "| seq | layout | P | time (s) | speed-up | efficiency | MiB sent/rank | theory MiB |"
     print(header)
     print("|" + "---|" * 8)
     for seq, kind, p, t, eff, sent, theory in rows:

@@ -16,6 +16,9 @@ def generate(layout: dict, path: str, batch: list[dict]):
     last forward sharded and gathered and which encoders this rank loaded."""
     with parallel_state(ParallelConfig(**layout)) as state:
         pipe = load_pipeline(path, state)
+        # Fused: the two requests of a batch share forwards, so prompts of different
+        # lengths go through the shards padded, with a key mask.
+        pipe.fuse_batches = True
         captured = []
         decode = pipe.decode
 
