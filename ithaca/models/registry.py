@@ -96,6 +96,18 @@ def load_pipeline(
 
 
 def default_model_path() -> str:
+    """The embedded default model: the trained shapes checkpoint shipped in the package
+    (``ithaca.models.shapes``), or, in a tree without it, a tiny random-weight Qwen-Image
+    checkpoint built on first use (deterministic)."""
+    from ithaca.models.shapes import shipped_checkpoint_path
+
+    try:
+        return shipped_checkpoint_path()
+    except FileNotFoundError:
+        return tiny_model_path()
+
+
+def tiny_model_path() -> str:
     """A tiny random-weight Qwen-Image checkpoint, built on first use (deterministic).
 
     Lives in ``$ITHACA_CACHE`` or ``~/.cache/ithaca``; built into a temporary folder and

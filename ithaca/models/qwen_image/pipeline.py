@@ -21,7 +21,9 @@ embeddings; every rank holds the transformer. See ``docs/models.md``.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -75,6 +77,7 @@ class QwenImagePipeline(DenoisingPipeline):
     def __init__(self, model: str, state: ParallelState, dtype: torch.dtype):
         super().__init__(state, dtype)
         self.model = model
+        self._apply_checkpoint_defaults(model)
         self.transformer = QwenImageTransformer2DModel.from_pretrained(
             model, subfolder="transformer", torch_dtype=dtype
         ).to(self.device)
@@ -94,6 +97,18 @@ class QwenImagePipeline(DenoisingPipeline):
         self.vae = self.text_encoder = self.tokenizer = None
         if self.is_returning_rank:
             self._load_encoders(model)
+
+    def _apply_checkpoint_defaults(self, model: str) -> None:
+        """A checkpoint may state the size and steps it was trained for in
+        ``model_index.json`` ``_ithaca_defaults`` (diffusers ignores ``_`` keys)."""
+        path = os.path.join(model, "model_index.json")
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            defaults = json.load(f).get("_ithaca_defaults", {})
+        self.default_width = int(defaults.get("width", self.default_width))
+        self.default_height = int(defaults.get("height", self.default_height))
+        self.default_steps = int(defaults.get("num_inference_steps", self.default_steps))
 
     def cache_adapter(self):
         return cache_adapter(self.model)
