@@ -144,6 +144,23 @@ class DenoisingPipeline:
         """One preview image per request of ``job`` from the x0 estimate (returning rank)."""
         return [images[0] for images in self.decode(job, x0)]
 
+    # -- shared loading ----------------------------------------------------------
+    def load_transformer(self, cls, model: str, subfolder: str = "transformer"):
+        """The checkpoint's transformer on this rank's device, frozen for inference."""
+        transformer = cls.from_pretrained(model, subfolder=subfolder, torch_dtype=self.dtype)
+        return transformer.to(self.device).eval().requires_grad_(False)
+
+    def load_flow_configs(self, model: str) -> None:
+        """Scheduler config and VAE scale of an ``AutoencoderKL`` flow-matching family
+        (FLUX-like)."""
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+        self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(
+            model, subfolder="scheduler"
+        )
+        vae_config = AutoencoderKL.load_config(model, subfolder="vae")
+        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+
     # -- shared request validation (families call these from ``resolve``) ------
     multiple: int = 16
     """Width and height are rounded down to a multiple of this (latent patch x VAE)."""

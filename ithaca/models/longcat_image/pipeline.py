@@ -68,16 +68,9 @@ class LongCatImagePipeline(DenoisingPipeline):
     def __init__(self, model: str, state: ParallelState, dtype: torch.dtype):
         super().__init__(state, dtype)
         self.model = model
-        self.transformer = LongCatImageTransformer2DModel.from_pretrained(
-            model, subfolder="transformer", torch_dtype=dtype
-        ).to(self.device)
-        self.transformer.eval().requires_grad_(False)
+        self.transformer = self.load_transformer(LongCatImageTransformer2DModel, model)
         self.runtime = parallelize(self.transformer, state)
-        self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(
-            model, subfolder="scheduler"
-        )
-        vae_config = AutoencoderKL.load_config(model, subfolder="vae")
-        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        self.load_flow_configs(model)
         self.multiple = self.vae_scale_factor * 2
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.multiple)
         self.vae = self.text_encoder = self.tokenizer = None
