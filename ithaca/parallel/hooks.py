@@ -60,6 +60,10 @@ class SequenceParallelRuntime:
         return self._pads.get(global_len)
 
     # -- lifecycle -------------------------------------------------------------
+    def track(self, handle) -> None:
+        """Remove ``handle`` (a hook a model's plan added elsewhere) with ``remove()``."""
+        self._handles.append(handle)
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()

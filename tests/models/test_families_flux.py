@@ -108,3 +108,20 @@ def test_request_validation(checkpoints):
         dev.resolve(GenerationParams(prompt="a cat", height=2))
     schnell = load_pipeline(checkpoints["schnell"], ParallelState.single())
     assert schnell.resolve(GenerationParams(prompt="a cat")).steps == 4  # timestep-distilled
+
+
+def test_runtime_remove_leaves_no_hooks(checkpoints):
+    """``parallelize`` hooks the model and its single-stream blocks; ``remove()`` takes
+    every one of those hooks off again (the blocks' text-length pre-hooks included)."""
+    from ithaca.models.flux.transformer import FluxTransformer2DModel, parallelize
+
+    model = FluxTransformer2DModel.from_pretrained(checkpoints["dev"], subfolder="transformer")
+
+    def hooks():
+        return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+    before = hooks()
+    runtime = parallelize(model, ParallelState.single())
+    assert hooks() > before + len(model.single_transformer_blocks) - 1
+    runtime.remove()
+    assert hooks() == before

@@ -80,7 +80,7 @@ class FluxParallelAttnProcessor:
                 text = signature.bind_partial(*args, **kwargs).arguments["encoder_hidden_states"]
                 self._text_len = text.shape[1]  # (B, T, C)
 
-            block.register_forward_pre_hook(record, with_kwargs=True)
+            self.runtime.track(block.register_forward_pre_hook(record, with_kwargs=True))
 
     def __call__(
         self,
