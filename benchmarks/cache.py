@@ -9,6 +9,11 @@ worst). The reference's figure to beat: 1.9x at PSNR >= 30 dB.
     python benchmarks/cache.py                                # embedded model, 8 prompts
     python benchmarks/cache.py --n 16 --steps 30 --plot docs/cache_speed_quality.png
     python benchmarks/cache.py --model /path/to/Qwen-Image --size 1024 --steps 50
+    python benchmarks/cache.py --tiny flux --size 64        # a tiny random-weight FLUX.1
+
+``--tiny FAMILY`` builds a tiny random-weight checkpoint of that family offline (the test
+suite's builders): its images are noise, so only speed and PSNR / SSIM against its own
+uncached output mean anything, not the pictures.
 """
 
 from __future__ import annotations
@@ -74,9 +79,29 @@ def run(pipe, prompts, args, backend=None, options=None):
     return images, seconds / len(prompts), float(np.mean(hits))
 
 
+TINY = {
+    "qwen_image": ("ithaca.testing.tiny", "build_tiny_qwen_image"),
+    "flux": ("ithaca.testing.tiny_families", "build_tiny_flux"),
+    "z_image": ("ithaca.testing.tiny_families", "build_tiny_z_image"),
+    "sd3": ("ithaca.testing.tiny_families", "build_tiny_sd3"),
+    "longcat_image": ("ithaca.testing.tiny_families", "build_tiny_longcat_image"),
+    "ovis_image": ("ithaca.testing.tiny_families", "build_tiny_ovis_image"),
+}
+
+
+def tiny_checkpoint(family: str) -> str:
+    import importlib
+    import tempfile
+
+    module, builder = TINY[family]
+    root = tempfile.mkdtemp(prefix=f"ithaca-bench-{family}-")
+    return str(getattr(importlib.import_module(module), builder)(os.path.join(root, family)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None)
+    parser.add_argument("--tiny", choices=sorted(TINY), help="a tiny random checkpoint instead")
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=None)
@@ -85,7 +110,7 @@ def main() -> None:
     parser.add_argument("--plot", help="write a PNG of speed-up vs PSNR")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = args.model or default_model_path()
+    model = tiny_checkpoint(args.tiny) if args.tiny else args.model or default_model_path()
     pipe = load_pipeline(model, ParallelState.single())
     args.size = args.size or pipe.default_width
     prompts = (PROMPTS * (args.n // len(PROMPTS) + 1))[: args.n]

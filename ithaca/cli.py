@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("model", nargs="?", default=None, help="checkpoint (default: embedded model)")
     c.add_argument("--prompt", action="append", default=None, help="repeat; default: a set")
+    c.add_argument("--image", action="append", default=[], help="input image (edits); repeat")
     c.add_argument("--num-inference-steps", type=int, default=None)
     c.add_argument("--width", type=int, default=None)
     c.add_argument("--height", type=int, default=None)
@@ -199,6 +200,7 @@ def cmd_calibrate_teacache(args) -> int:
     import json
 
     import torch
+    from PIL import Image
 
     from ithaca.cache.calibrate import DEFAULT_PROMPTS, calibrate_teacache
     from ithaca.engine.executor import default_model_path
@@ -212,6 +214,7 @@ def cmd_calibrate_teacache(args) -> int:
         height=args.height,
         degree=args.degree,
         dtype=getattr(torch, args.dtype) if args.dtype else None,
+        images=[Image.open(path).convert("RGB") for path in args.image],
     )
     print(f"# {len(samples)} (input change, output change) samples from {model}")
     print(json.dumps({"teacache_coefficients": coefficients}))

@@ -12,7 +12,13 @@ from __future__ import annotations
 from ithaca.cache.base import BlockCacheAdapter, CacheGroup, CacheStats, StepCache
 from ithaca.cache.calibrate import TeaCacheCalibrator
 from ithaca.cache.dbcache import CACHE_DIT_OPTIONS, DBCache, TaylorSeer, scm_mask
-from ithaca.cache.teacache import TEACACHE_OPTIONS, TeaCache, fit_coefficients
+from ithaca.cache.teacache import (
+    FLUX_COEFFICIENTS,
+    TEACACHE_OPTIONS,
+    TeaCache,
+    checkpoint_coefficients,
+    fit_coefficients,
+)
 
 BACKENDS = {"tea_cache": (TeaCache, TEACACHE_OPTIONS), "cache_dit": (DBCache, CACHE_DIT_OPTIONS)}
 # Not for users: the calibration probe that `ithaca calibrate-teacache` installs.
@@ -45,6 +51,7 @@ def build_cache(backend, options, transformer, adapter, state, padding=None) -> 
 
 __all__ = [
     "BACKENDS",
+    "FLUX_COEFFICIENTS",
     "BlockCacheAdapter",
     "CacheGroup",
     "CacheStats",
@@ -53,6 +60,7 @@ __all__ = [
     "TaylorSeer",
     "TeaCache",
     "build_cache",
+    "checkpoint_coefficients",
     "fit_coefficients",
     "scm_mask",
     "validate_cache_options",

@@ -32,13 +32,16 @@ from ithaca.parallel.state import ParallelState
 class BlockCacheAdapter:
     """How a family's transformer blocks look to a step cache."""
 
-    blocks: str
-    """Attribute holding the ``nn.ModuleList`` of dual-stream blocks."""
+    blocks: str | tuple[str, ...]
+    """Attribute(s) holding the ``nn.ModuleList`` s of blocks, in the order the forward
+    runs them: FLUX's double-stream then single-stream blocks are one stack to a cache
+    (TeaCache probes the first block and caches the residual over all of them)."""
     hidden_arg: str = "hidden_states"
     context_arg: str = "encoder_hidden_states"
     returns: str = "context_hidden"
-    """What a block returns: ``"context_hidden"`` (diffusers Qwen-Image, FLUX),
-    ``"hidden_context"``, or ``"hidden"`` alone (Wan: the context is only read)."""
+    """What every block returns: ``"context_hidden"`` (diffusers Qwen-Image, FLUX's both
+    kinds, SD3, whose last block returns ``None`` context), ``"hidden_context"``, or
+    ``"hidden"`` alone (Wan: the context is only read; Z-Image: one unified sequence)."""
     modulated_input: Callable[[nn.Module, dict], torch.Tensor] | None = None
     """TeaCache's indicator: the first block's timestep-modulated input, from the block
     and its bound forward arguments."""
@@ -97,7 +100,9 @@ class StepCache:
         self.state = state
         self.padding = padding
         """Knows the valid length of an auto_pad-ed sequence (the SP runtime), or None."""
-        self.blocks: nn.ModuleList = getattr(transformer, adapter.blocks)
+        names = (adapter.blocks,) if isinstance(adapter.blocks, str) else adapter.blocks
+        self.blocks: list[nn.Module] = [b for name in names for b in getattr(transformer, name)]
+        """Every block of the stack, in run order; a block's index is its place here."""
         self.num_blocks = len(self.blocks)
         self.stats = CacheStats()
         self.num_steps = 0
@@ -105,7 +110,6 @@ class StepCache:
         self.branch = 0
         self._states: dict[int, dict] = {}
         self._active = False
-        self._signature = inspect.signature(self.blocks[0].forward)
         for index, block in enumerate(self.blocks):
             block.forward = self._wrap(index, block.forward)
 
@@ -199,7 +203,7 @@ class StepCache:
         return (positions < valid).to(torch.float32).expand(x.shape[0], local)
 
     def _wrap(self, index: int, forward: Callable) -> Callable:
-        signature = self._signature
+        signature = inspect.signature(forward)  # per block: a stack may mix block classes
 
         def wrapped(*args, **kwargs):
             if not self._active:

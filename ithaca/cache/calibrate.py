@@ -63,9 +63,11 @@ def calibrate_teacache(
     degree: int = 4,
     seed: int = 0,
     dtype=None,
+    images=(),
 ):
     """Run ``model`` uncached on ``prompts`` and fit TeaCache coefficients.
 
+    ``images`` (PIL) go with every prompt: the input images of an edit model.
     Returns ``(coefficients, samples)``; one process (the fit does not need more).
     """
     from ithaca.cache.teacache import fit_coefficients
@@ -84,6 +86,7 @@ def calibrate_teacache(
             width=width,
             height=height,
             seed=seed + i,
+            images=list(images),
         )
         pipe.generate([params])
     x, y = zip(*calibrator.samples, strict=True)

@@ -10,7 +10,9 @@ The first and last steps always compute. ``rel_l1_thresh=0`` never skips.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 
 import numpy as np
 
@@ -19,6 +21,20 @@ from ithaca.cache.base import StepCache
 logger = logging.getLogger(__name__)
 
 TEACACHE_OPTIONS = {"rel_l1_thresh", "coefficients"}
+
+FLUX_COEFFICIENTS = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
+"""TeaCache's published FLUX.1-dev fit (ali-vilab/TeaCache, ``TeaCache4FLUX``), highest
+power first: the default of every image family without a fit of its own (docs/caching.md)."""
+
+
+def checkpoint_coefficients(model_dir: str | None, default: tuple[float, ...] = ()) -> tuple:
+    """The coefficients fitted for a checkpoint (``teacache_coefficients`` in its
+    ``ithaca.json``, written by ``ithaca calibrate-teacache --write``), else ``default``."""
+    path = os.path.join(model_dir or "", "ithaca.json")
+    if model_dir is None or not os.path.isfile(path):
+        return tuple(default)
+    with open(path) as f:
+        return tuple(json.load(f).get("teacache_coefficients", default))
 
 
 class TeaCache(StepCache):

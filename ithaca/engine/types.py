@@ -32,6 +32,9 @@ class GenerationParams:
     num_images: int = 1
     images: list[Image.Image] = field(default_factory=list)
     """Input images for edit pipelines, or the first frame for image-to-video."""
+    layers: int | None = None
+    """Output layers per image (layered decomposition, e.g. Qwen-Image-Layered): a
+    request returns ``num_images * layers`` RGBA images, image-major."""
     # video
     num_frames: int | None = None
     fps: int | None = None

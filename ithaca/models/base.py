@@ -166,6 +166,8 @@ class DenoisingPipeline:
     """Width and height are rounded down to a multiple of this (latent patch x VAE)."""
     family_name: str = "this model"
     """How error messages name the family."""
+    takes_layers: bool = False
+    """Whether requests may set ``layers`` (layered decomposition models only)."""
 
     def checked_steps(self, params: GenerationParams) -> int:
         """Validate prompt, step count and image count; return the step count."""
@@ -244,6 +246,12 @@ class DenoisingPipeline:
         returning True cancels the whole batch: the unfinished requests come back without
         images and with ``metadata["cancelled"] = True``.
         """
+        for p in batch:
+            if p.layers is not None and not self.takes_layers:
+                raise ValueError(
+                    f"layers is only for layered models (Qwen-Image-Layered); "
+                    f"{type(self).__name__} returns flat images"
+                )
         requests = [self.resolve(p) for p in batch]  # raises ValueError before any work
         caches = [self._cache_settings(r) for r in requests]
         groups: dict[tuple, list[int]] = {}

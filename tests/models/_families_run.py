@@ -25,8 +25,10 @@ def generate(layout: dict, path: str, batch: list[dict], attrs: dict | None = No
     ``latents`` holds each request's final latents ``(num_images, ...)`` fp32 (requests
     need distinct ``request_id`` s). Images and latents come back only from the
     returning rank (elsewhere: empty lists). ``info`` lists what the last forward
-    sharded and gathered and whether this rank loaded the text encoder. ``attrs`` are
-    set on the loaded pipeline (e.g. a small ``target_area`` for edit pipelines).
+    sharded and gathered, whether this rank loaded the text encoder and each request's
+    metadata (on every rank; a cached request's ``["cache"]["pattern"]`` is this rank's
+    ``(step, branch, cached)`` list). ``attrs`` are set on the loaded pipeline (e.g. a
+    small ``target_area`` for edit pipelines).
     """
     with parallel_state(ParallelConfig(**layout)) as state:
         pipe = load_pipeline(path, state)
@@ -44,6 +46,8 @@ def generate(layout: dict, path: str, batch: list[dict], attrs: dict | None = No
             return decode(job, latents)
 
         pipe.decode = record
+        stats = pipe._cache_stats  # every rank: a cached request's (step, branch, cached) list
+        pipe._cache_stats = lambda c, cfg: dict(stats(c, cfg), pattern=list(c.stats.pattern))
         results = pipe.generate([GenerationParams(**b) for b in batch])
         images = [[np.asarray(im) for im in r.images] for r in results]
         info = {
@@ -202,7 +206,7 @@ def record(family: str, layout: str, latent_err: float, image_diff: int, cache: 
     """Append one passed parity check to ``$ITHACA_SUPPORT_RECORD`` (JSON lines), if set.
 
     ``python -m ithaca.models.support_matrix`` sets it, runs these tests and renders
-    ``docs/support-matrix.md`` from the records: the table lists what passed, nothing else.
+    the support matrix of ``docs/models.md`` from them: it lists what passed, nothing else.
     """
     print(f"{family} {layout}: max latent error {latent_err:.2e}, max image diff {image_diff}/255")
     target = os.environ.get("ITHACA_SUPPORT_RECORD")
@@ -216,6 +220,37 @@ def record(family: str, layout: str, latent_err: float, image_diff: int, cache: 
 
 LAYOUT_LATENT_TOL = 1e-4
 """Final latents of a layout vs our 1-rank run (fp32; attention's sum order changes)."""
+
+LAYOUTS = {
+    "ulysses2": dict(ulysses_degree=2),
+    "ring2": dict(ring_degree=2),
+    "cfg2": dict(cfg_parallel_size=2),
+    "hybrid2x2": dict(ulysses_degree=2, ring_degree=2),
+}
+"""The layouts every family is checked under (families add their own on top)."""
+
+CFG_REQUEST = dict(prompt="a red cat", negative_prompt="blurry", true_cfg_scale=4.0, width=28,
+                   height=20, num_inference_steps=2, seed=3, num_images=2,
+                   request_id="cfg")  # fmt: skip
+NO_CFG_REQUEST = dict(prompt="a small blue bird near a tree", true_cfg_scale=1.0, width=28,
+                      height=20, num_inference_steps=2, seed=4, request_id="no_cfg")  # fmt: skip
+"""A CFG request (two images) and one with CFG off, 28x20 px: 7x5 = 35 packed tokens,
+divisible by none of the sequence-parallel sizes (``auto_pad``)."""
+
+FLUX_STYLE_HOOKS = dict(sharded=[".hidden_states", ".img_ids"], gathered=["proj_out[0]"],
+                        valid={36: 35})  # fmt: skip
+"""What FLUX.1's plan does to a 35-token image on every rank (padded to 36)."""
+
+
+def check_family_layout(worker_pool, family: str, name: str, layout: dict, checkpoint: str,
+                        batch: list[dict], one_rank: tuple, hooks: dict, attrs=None):  # fmt: skip
+    """Run ``batch`` under ``layout`` on a worker pool, check it against ``one_rank``
+    (with ``hooks``, what the plan did on every rank, when the layout shards the
+    sequence) and record the cell ``family`` x ``name``."""
+    results = worker_pool(world_size(layout)).run(generate, layout, checkpoint, batch, attrs)
+    sharded = "ulysses_degree" in layout or "ring_degree" in layout
+    err, diff = check_layout(results, one_rank, **(hooks if sharded else {}))
+    record(family, name, err, diff)
 
 
 def world_size(layout: dict) -> int:

@@ -18,12 +18,13 @@ from ithaca.models.registry import load_pipeline
 from ithaca.parallel import ParallelState
 from ithaca.testing.tiny_families import build_tiny_flux
 from tests.models._families_run import (
-    check_layout,
+    FLUX_STYLE_HOOKS,
+    LAYOUTS,
+    check_family_layout,
     check_reference,
     diffusers_reference,
     generate,
     record,
-    world_size,
 )
 
 CFG = dict(prompt="a red cat", negative_prompt="blurry", true_cfg_scale=4.0,
@@ -32,12 +33,6 @@ CFG = dict(prompt="a red cat", negative_prompt="blurry", true_cfg_scale=4.0,
 DISTILLED = dict(prompt="a small blue bird near a tree", guidance_scale=2.0, width=28,
                  height=20, num_inference_steps=2, seed=12, request_id="distilled")  # fmt: skip
 BATCH = [CFG, DISTILLED]
-LAYOUTS = {
-    "ulysses2": dict(ulysses_degree=2),
-    "ring2": dict(ring_degree=2),
-    "cfg2": dict(cfg_parallel_size=2),
-    "hybrid2x2": dict(ulysses_degree=2, ring_degree=2),
-}
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +81,8 @@ def test_schnell_matches_diffusers(checkpoints):
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_layout_matches_one_rank(worker_pool, checkpoints, one_rank, name):
     layout = LAYOUTS[name]
-    results = worker_pool(world_size(layout)).run(generate, layout, checkpoints["dev"], BATCH)
-    expect = {}
-    if "ulysses_degree" in layout or "ring_degree" in layout:
-        # The plan's hooks acted on every rank; 35 image tokens were padded to 36.
-        expect = dict(sharded=[".hidden_states", ".img_ids"], gathered=["proj_out[0]"],
-                      valid={36: 35})  # fmt: skip
-    err, diff = check_layout(results, one_rank, **expect)
-    record("FLUX.1-dev", name, err, diff)
+    check_family_layout(worker_pool, "FLUX.1-dev", name, layout, checkpoints["dev"], BATCH,
+                        one_rank, FLUX_STYLE_HOOKS)  # fmt: skip
 
 
 def test_request_validation(checkpoints):

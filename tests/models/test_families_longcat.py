@@ -14,26 +14,20 @@ import pytest
 
 from ithaca.testing.tiny_families import build_tiny_longcat_image
 from tests.models._families_run import (
-    check_layout,
+    CFG_REQUEST,
+    FLUX_STYLE_HOOKS,
+    LAYOUTS,
+    NO_CFG_REQUEST,
+    check_family_layout,
     check_reference,
     diffusers_reference,
     generate,
     record,
-    world_size,
 )
 
-CFG = dict(prompt="a red cat 'on' a mat", negative_prompt="blurry", true_cfg_scale=4.0,
-           width=28, height=20, num_inference_steps=2, seed=3, num_images=2,
-           request_id="cfg")  # fmt: skip
-NO_CFG = dict(prompt="a small blue bird near a tree", true_cfg_scale=1.0, width=28,
-              height=20, num_inference_steps=2, seed=4, request_id="no_cfg")  # fmt: skip
-BATCH = [CFG, NO_CFG]
-LAYOUTS = {
-    "ulysses2": dict(ulysses_degree=2),
-    "ring2": dict(ring_degree=2),
-    "cfg2": dict(cfg_parallel_size=2),
-    "hybrid2x2": dict(ulysses_degree=2, ring_degree=2),
-}
+# A quoted span (tokenized per character) and CFG renorm.
+CFG = dict(CFG_REQUEST, prompt="a red cat 'on' a mat")
+BATCH = [CFG, NO_CFG_REQUEST]
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +50,5 @@ def test_one_rank_matches_diffusers(checkpoint, one_rank, index):
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_layout_matches_one_rank(worker_pool, checkpoint, one_rank, name):
     layout = LAYOUTS[name]
-    results = worker_pool(world_size(layout)).run(generate, layout, checkpoint, BATCH)
-    expect = {}
-    if name != "cfg2":  # the plan's hooks acted on every rank; 35 tokens padded to 36
-        expect = dict(sharded=[".hidden_states", ".img_ids"], gathered=["proj_out[0]"],
-                      valid={36: 35})  # fmt: skip
-    err, diff = check_layout(results, one_rank, **expect)
-    record("LongCat-Image", name, err, diff)
+    check_family_layout(worker_pool, "LongCat-Image", name, layout, checkpoint, BATCH, one_rank,
+                        FLUX_STYLE_HOOKS)  # fmt: skip

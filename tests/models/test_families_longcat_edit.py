@@ -18,6 +18,7 @@ from PIL import Image
 
 from ithaca.testing.tiny_families import build_tiny_longcat_image
 from tests.models._families_run import (
+    LAYOUTS,
     check_layout,
     check_reference,
     diffusers_reference,
@@ -28,12 +29,6 @@ from tests.models._families_run import (
 
 AREA = 3200
 ATTRS = {"target_area": AREA}
-LAYOUTS = {
-    "ulysses2": dict(ulysses_degree=2),
-    "ring2": dict(ring_degree=2),
-    "cfg2": dict(cfg_parallel_size=2),
-    "hybrid2x2": dict(ulysses_degree=2, ring_degree=2),
-}
 
 
 def _batch():

@@ -20,25 +20,19 @@ from ithaca.models.registry import load_pipeline
 from ithaca.parallel import ParallelState
 from ithaca.testing.tiny_families import build_tiny_sd3
 from tests.models._families_run import (
-    check_layout,
+    CFG_REQUEST,
+    LAYOUTS,
+    NO_CFG_REQUEST,
+    check_family_layout,
     check_reference,
     diffusers_reference,
     generate,
     record,
-    world_size,
 )
 
-CFG = dict(prompt="a red cat", negative_prompt="blurry", true_cfg_scale=4.0, width=28,
-           height=20, num_inference_steps=2, seed=3, num_images=2, request_id="cfg")  # fmt: skip
-NO_CFG = dict(prompt="a small blue bird near a tree", true_cfg_scale=1.0, width=28,
-              height=20, num_inference_steps=2, seed=4, request_id="no_cfg")  # fmt: skip
-BATCH = [CFG, NO_CFG]
-LAYOUTS = {
-    "ulysses2": dict(ulysses_degree=2),
-    "ring2": dict(ring_degree=2),
-    "cfg2": dict(cfg_parallel_size=2),
-    "hybrid2x2": dict(ulysses_degree=2, ring_degree=2),
-}
+BATCH = [CFG_REQUEST, NO_CFG_REQUEST]
+SD3_HOOKS = dict(sharded=["transformer_blocks.0.hidden_states"], gathered=["proj_out[0]"],
+                 valid={36: 35})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +54,8 @@ def test_one_rank_matches_diffusers(checkpoint, one_rank, index):
 
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_layout_matches_one_rank(worker_pool, checkpoint, one_rank, name):
-    layout = LAYOUTS[name]
-    results = worker_pool(world_size(layout)).run(generate, layout, checkpoint, BATCH)
-    expect = {}
-    if name != "cfg2":  # the plan's hooks acted on every rank; 35 tokens padded to 36
-        expect = dict(sharded=["transformer_blocks.0.hidden_states"], gathered=["proj_out[0]"],
-                      valid={36: 35})  # fmt: skip
-    err, diff = check_layout(results, one_rank, **expect)
-    record("SD3.5", name, err, diff)
+    check_family_layout(worker_pool, "SD3.5", name, LAYOUTS[name], checkpoint, BATCH, one_rank,
+                        SD3_HOOKS)  # fmt: skip
 
 
 def test_request_validation(checkpoint):

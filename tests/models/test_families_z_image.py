@@ -21,6 +21,7 @@ from ithaca.models.registry import load_pipeline
 from ithaca.models.z_image.transformer import pad_heads, z_image_sp_plan
 from ithaca.parallel import ParallelState, validate_sp_plan
 from ithaca.testing.tiny_families import build_tiny_z_image
+from tests.models._families_run import LAYOUTS as FAMILY_LAYOUTS
 from tests.models._families_run import (
     check_layout,
     check_reference,
@@ -42,12 +43,9 @@ LONG = dict(TURBO, prompt=" ".join(["a small red bird near a blue tree on a dark
 BATCH = [TURBO, CFG, LONG]
 FUSED = {"fuse_batches": True}  # TURBO and LONG share forwards (exercises caption masks)
 LAYOUTS = {
-    "ulysses2": dict(ulysses_degree=2),
-    "ring2": dict(ring_degree=2),
-    "cfg2": dict(cfg_parallel_size=2),
-    "ulysses4": dict(ulysses_degree=4),
-    "hybrid2x2": dict(ulysses_degree=2, ring_degree=2),
-    "ulysses3": dict(ulysses_degree=3),
+    **FAMILY_LAYOUTS,
+    "ulysses4": dict(ulysses_degree=4),  # 30 heads: padded to 32
+    "ulysses3": dict(ulysses_degree=3),  # 64 refiner tokens: padded to 66
 }
 # Each tensor is listed once: later blocks reuse the shard of the same tensor.
 SHARDED = ["noise_refiner.0.x", "noise_refiner.0.freqs_cis", "layers.0.x", "layers.0.freqs_cis"]

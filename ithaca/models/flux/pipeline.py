@@ -33,6 +33,7 @@ from PIL import Image
 
 from ithaca.engine.types import GenerationParams
 from ithaca.models.base import DenoisingPipeline, Job, Request
+from ithaca.models.flux.cache import cache_adapter
 from ithaca.models.flux.transformer import FluxTransformer2DModel, parallelize
 from ithaca.parallel import ParallelState, apply_guidance
 from ithaca.parallel.cfg import POSITIVE
@@ -205,6 +206,9 @@ class FluxPipeline(DenoisingPipeline):
             img_ids=job.inputs["img_ids"],
             return_dict=False,
         )[0]
+
+    def cache_adapter(self):
+        return cache_adapter(self.model)
 
     def guide(self, positive, negative, scale):
         return apply_guidance(positive, negative, scale)  # diffusers' FLUX: no norm rescale

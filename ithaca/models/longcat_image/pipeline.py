@@ -40,6 +40,7 @@ from PIL import Image
 
 from ithaca.engine.types import GenerationParams
 from ithaca.models.base import DenoisingPipeline, Job, Request
+from ithaca.models.flux.cache import cache_adapter  # FLUX.1's blocks
 from ithaca.models.longcat_image.transformer import LongCatImageTransformer2DModel, parallelize
 from ithaca.parallel import ParallelState, apply_guidance
 from ithaca.parallel.cfg import NEGATIVE, POSITIVE
@@ -221,6 +222,9 @@ class LongCatImagePipeline(DenoisingPipeline):
             return_dict=False,
         )[0]
         return out[:, : latents.shape[1]]
+
+    def cache_adapter(self):
+        return cache_adapter(self.model)
 
     def guide(self, positive, negative, scale):
         if negative is None:

@@ -29,6 +29,7 @@ from PIL import Image
 
 from ithaca.engine.types import GenerationParams
 from ithaca.models.base import DenoisingPipeline, Job, Request
+from ithaca.models.flux.cache import cache_adapter  # FLUX.1's blocks
 from ithaca.models.ovis_image.transformer import OvisImageTransformer2DModel, parallelize
 from ithaca.parallel import ParallelState, apply_guidance
 from ithaca.parallel.cfg import NEGATIVE, POSITIVE
@@ -172,6 +173,9 @@ class OvisImagePipeline(DenoisingPipeline):
             img_ids=job.inputs["img_ids"],
             return_dict=False,
         )[0]
+
+    def cache_adapter(self):
+        return cache_adapter(self.model)
 
     def guide(self, positive, negative, scale):
         return apply_guidance(positive, negative, scale)  # diffusers' Ovis: no norm rescale

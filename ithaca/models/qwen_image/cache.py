@@ -13,21 +13,9 @@ calibrate-teacache`` writes.
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 
-from ithaca.cache import BlockCacheAdapter
-
-# FLUX.1 coefficients published with TeaCache (highest power first).
-FLUX_TEACACHE_COEFFICIENTS = (
-    4.98651651e02,
-    -2.83781631e02,
-    5.58554382e01,
-    -3.82021401e00,
-    2.64230861e-01,
-)
+from ithaca.cache import FLUX_COEFFICIENTS, BlockCacheAdapter, checkpoint_coefficients
 
 
 def modulated_input(block: torch.nn.Module, args: dict) -> torch.Tensor:
@@ -40,12 +28,8 @@ def modulated_input(block: torch.nn.Module, args: dict) -> torch.Tensor:
 
 def cache_adapter(model_dir: str | None = None) -> BlockCacheAdapter:
     """The adapter, with coefficients from the checkpoint's ``ithaca.json`` if present."""
-    coefficients = FLUX_TEACACHE_COEFFICIENTS
-    if model_dir is not None and os.path.isfile(os.path.join(model_dir, "ithaca.json")):
-        with open(os.path.join(model_dir, "ithaca.json")) as f:
-            coefficients = tuple(json.load(f).get("teacache_coefficients", coefficients))
     return BlockCacheAdapter(
         blocks="transformer_blocks",
         modulated_input=modulated_input,
-        teacache_coefficients=coefficients,
+        teacache_coefficients=checkpoint_coefficients(model_dir, FLUX_COEFFICIENTS),
     )

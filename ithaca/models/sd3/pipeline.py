@@ -33,6 +33,7 @@ from PIL import Image
 
 from ithaca.engine.types import GenerationParams
 from ithaca.models.base import DenoisingPipeline, Job, Request
+from ithaca.models.sd3.cache import cache_adapter
 from ithaca.models.sd3.transformer import SD3Transformer2DModel, parallelize
 from ithaca.parallel import ParallelState, apply_guidance
 from ithaca.parallel.cfg import NEGATIVE, POSITIVE
@@ -177,6 +178,9 @@ class StableDiffusion3Pipeline(DenoisingPipeline):
             pooled_projections=pooled,
             return_dict=False,
         )[0]
+
+    def cache_adapter(self):
+        return cache_adapter(self.model)
 
     def guide(self, positive, negative, scale):
         return apply_guidance(positive, negative, scale)  # diffusers' SD3: no norm rescale

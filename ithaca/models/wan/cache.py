@@ -13,12 +13,9 @@ experts default to the uncalibrated identity (TeaCache logs a warning); fit them
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 
-from ithaca.cache import BlockCacheAdapter
+from ithaca.cache import BlockCacheAdapter, checkpoint_coefficients
 
 
 def modulated_input(block: torch.nn.Module, args: dict) -> torch.Tensor:
@@ -32,14 +29,9 @@ def modulated_input(block: torch.nn.Module, args: dict) -> torch.Tensor:
 
 
 def cache_adapter(model_dir: str | None = None) -> BlockCacheAdapter:
-    coefficients: tuple[float, ...] = ()
-    path = os.path.join(model_dir or "", "ithaca.json")
-    if model_dir is not None and os.path.isfile(path):
-        with open(path) as f:
-            coefficients = tuple(json.load(f).get("teacache_coefficients", ()))
     return BlockCacheAdapter(
         blocks="blocks",
         returns="hidden",
         modulated_input=modulated_input,
-        teacache_coefficients=coefficients,
+        teacache_coefficients=checkpoint_coefficients(model_dir),
     )

@@ -33,6 +33,7 @@ from PIL import Image
 
 from ithaca.engine.types import GenerationParams
 from ithaca.models.base import DenoisingPipeline, Job, Request
+from ithaca.models.z_image.cache import cache_adapter
 from ithaca.models.z_image.transformer import ZImageTransformer2DModel, parallelize
 from ithaca.parallel import ParallelState
 from ithaca.parallel.cfg import NEGATIVE, POSITIVE
@@ -152,6 +153,9 @@ class ZImagePipeline(DenoisingPipeline):
         frames = list(latents.to(self.dtype).unsqueeze(2).unbind(dim=0))
         out = self.transformer(frames, timestep, job.inputs["text"][branch], return_dict=False)[0]
         return -torch.stack([o.float() for o in out]).squeeze(2)  # (B, C, h, w)
+
+    def cache_adapter(self):
+        return cache_adapter(self.model)
 
     def guide(self, positive, negative, scale):
         if negative is None:
