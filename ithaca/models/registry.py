@@ -24,6 +24,7 @@ PIPELINES: dict[str, tuple[str, str]] = {
         "ithaca.models.qwen_image.pipeline",
         "QwenImageEditPlusPipeline",
     ),
+    "QwenImageLayeredPipeline": ("ithaca.models.qwen_image.layered", "QwenImageLayeredPipeline"),
     "FluxPipeline": ("ithaca.models.flux.pipeline", "FluxPipeline"),
     "ZImagePipeline": ("ithaca.models.z_image.pipeline", "ZImagePipeline"),
     "StableDiffusion3Pipeline": ("ithaca.models.sd3.pipeline", "StableDiffusion3Pipeline"),

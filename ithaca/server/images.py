@@ -59,7 +59,9 @@ async def edits(request: Request):
             f"mask size {mask.size} must equal the first image's size {images[0].size}", "mask"
         )
     params = body.to_params()
-    params.images = [img.convert("RGB") for img in images]
+    # A layered request keeps the inputs' alpha; every other pipeline takes RGB.
+    mode = "RGB" if params.layers is None else "RGBA"
+    params.images = [img.convert(mode) for img in images]
     return await _serve(request, state, body, params, "image_edit")
 
 
@@ -132,10 +134,17 @@ async def _serve(request, state: ServerState, body: ImageRequest, params: Genera
         else:
             data.append({"b64_json": media.b64(blob)})
     size = f"{images[0].width}x{images[0].height}" if images else None
+    meta["background"] = _background(images[0], fmt) if images else meta["background"]
     body_out = {"created": int(time.time()), "data": data, **meta, "size": size, "usage": USAGE}
     if "cache" in result.metadata:  # extension: what the step cache skipped for this request
         body_out["cache"] = result.metadata["cache"]
     return JSONResponse(body_out, headers=timing_headers(req, result))
+
+
+def _background(image: Image.Image, fmt: str) -> str:
+    """``transparent`` for PNGs with alpha (layers of a layered model), else ``opaque``
+    (JPEG and WebP outputs are encoded as RGB)."""
+    return "transparent" if image.mode == "RGBA" and fmt == "png" else "opaque"
 
 
 def timing_headers(req, result: GenerationResult) -> dict[str, str]:
@@ -179,6 +188,7 @@ def _stream(request, state: ServerState, body, params: GenerationParams, kind: s
             "created_at": int(time.time()),
             "size": size,
             **meta,
+            "background": _background(image, fmt),
             **extra,
         }
         return _sse(event)

@@ -19,6 +19,7 @@ from ithaca.engine.types import GenerationParams
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 MAX_SIDE = 4096
+MAX_LAYERS = 16
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
@@ -100,6 +101,9 @@ class ImageRequest(_Request):
     input_fidelity: str | None = None
     stream: bool | None = None
     partial_images: int | None = Field(default=None, ge=0, le=3)
+    layers: int | None = Field(default=None, ge=1, le=MAX_LAYERS)
+    """Extension for layered models (Qwen-Image-Layered): RGBA layers per image; the
+    response has ``n * layers`` entries, image-major."""
 
     def to_params(self) -> GenerationParams:
         width, height = parse_size(self.size)
@@ -113,6 +117,7 @@ class ImageRequest(_Request):
             true_cfg_scale=self.true_cfg_scale,
             seed=self.seed,
             num_images=self.n or 1,
+            layers=self.layers,
             partial_images=(self.partial_images or 0) if self.stream else 0,
             **self.cache_fields(),
         )

@@ -1,12 +1,15 @@
 """Tiny random-weight checkpoints in the diffusers directory format, built offline.
 
-``build_tiny_qwen_image(path, kind="t2i" | "edit" | "edit_plus", seed=0)`` writes a
+``build_tiny_qwen_image(path, kind="t2i" | "edit" | "edit_plus" | "layered", seed=0)`` writes a
 directory that ``diffusers.DiffusionPipeline.from_pretrained`` and
 :func:`ithaca.models.registry.load_pipeline` both load: ``model_index.json``, a
 ``QwenImageTransformer2DModel``, an ``AutoencoderKLQwenImage``, a
 ``Qwen2_5_VLForConditionalGeneration`` text encoder, a ``Qwen2Tokenizer`` trained on the
 spot with ``tokenizers`` (for edit also a ``Qwen2VLProcessor``) and a
-``FlowMatchEulerDiscreteScheduler`` with Qwen-Image's settings.
+``FlowMatchEulerDiscreteScheduler`` with Qwen-Image's settings. ``layered``
+(``QwenImageLayeredPipeline``) has the Qwen-Image-Layered architecture flags: a
+transformer with the layer-axis RoPE (``use_layer3d_rope``) and the RGB/RGBA timestep
+embedding (``use_additional_t_cond``), and an RGBA VAE (``input_channels=4``).
 
 The tokenizer is trained so that every pre-token of the prompt templates is one token:
 the system prefixes then have exactly the token counts of the real tokenizer (34 and
@@ -32,6 +35,7 @@ PIPELINE_CLASSES = {
     "t2i": "QwenImagePipeline",
     "edit": "QwenImageEditPipeline",
     "edit_plus": "QwenImageEditPlusPipeline",
+    "layered": "QwenImageLayeredPipeline",
 }
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -148,8 +152,11 @@ def _build_text_encoder(tok, seed: int):
     return model.eval()
 
 
-def _build_transformer(seed: int):
+def _build_transformer(seed: int, layered: bool = False):
     from diffusers import QwenImageTransformer2DModel
+
+    # Qwen-Image-Layered's flags; the other kinds keep the defaults (same config bytes).
+    flags = dict(use_layer3d_rope=True, use_additional_t_cond=True) if layered else {}
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
@@ -162,12 +169,16 @@ def _build_transformer(seed: int):
             num_attention_heads=4,
             joint_attention_dim=TEXT_HIDDEN,
             axes_dims_rope=(4, 6, 6),
+            **flags,
         )
     return model.eval()
 
 
-def _build_vae(seed: int):
+def _build_vae(seed: int, input_channels: int = 3):
     from diffusers import AutoencoderKLQwenImage
+
+    # Qwen-Image-Layered's VAE encodes and decodes RGBA (input_channels=4).
+    channels = {"input_channels": input_channels} if input_channels != 3 else {}
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 2)
@@ -177,6 +188,7 @@ def _build_vae(seed: int):
             dim_mult=[1, 1, 1, 1, 1],
             num_res_blocks=1,
             temperal_downsample=[False, True, True, False],
+            **channels,
         )
         # A random decoder's output is dominated by its biases (a near-constant grey
         # whatever the latents). Without biases, and with a wider output layer, the image
@@ -242,8 +254,9 @@ def build_tiny_qwen_image(path: str | os.PathLike, kind: str = "t2i", seed: int 
         "tokenizer": ("transformers", "Qwen2Tokenizer"),
         "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
     }
-    _build_transformer(seed).save_pretrained(path / "transformer")
-    _build_vae(seed).save_pretrained(path / "vae")
+    layered = kind == "layered"
+    _build_transformer(seed, layered).save_pretrained(path / "transformer")
+    _build_vae(seed, 4 if layered else 3).save_pretrained(path / "vae")
     _build_text_encoder(tok, seed).save_pretrained(path / "text_encoder")
     tok.save_pretrained(path / "tokenizer")
     _build_scheduler().save_pretrained(path / "scheduler")

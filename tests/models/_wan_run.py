@@ -14,6 +14,9 @@ from ithaca.testing.distributed import parallel_state
 from ithaca.testing.tiny_wan import build_tiny_wan
 
 KINDS = ("t2v_a14b", "i2v_a14b", "ti2v_5b")
+FAMILIES = {"t2v_a14b": "Wan2.2-T2V-A14B", "i2v_a14b": "Wan2.2-I2V-A14B",
+            "ti2v_5b": "Wan2.2-TI2V-5B"}  # fmt: skip
+"""Support-matrix names of the tiny checkpoint kinds."""
 
 
 def tiny_wan_paths(root: Path) -> dict[str, str]:

@@ -23,6 +23,7 @@ from ithaca.models import registry
 from ithaca.models.qwen_image import templates
 from ithaca.parallel import ParallelState
 from ithaca.testing.tiny import build_tiny_qwen_image
+from tests.models._families_run import max_image_diff, record
 
 LATENT_TOL = 1e-5
 
@@ -94,6 +95,8 @@ def edit_images():
     return [first, second]
 
 
+FAMILIES = {"t2i": "Qwen-Image", "edit": "Qwen-Image-Edit", "edit_plus": "Qwen-Image-Edit-2509"}
+"""Support-matrix names of the tiny checkpoint kinds."""
 CASES = {
     "t2i": ("t2i", dict(prompt="a red cat")),
     "t2i_true_cfg": ("t2i", dict(prompt="a red cat", negative_prompt="blurry", num_images=2)),
@@ -119,6 +122,7 @@ def test_equals_diffusers(tiny_checkpoints, case):
     assert ours.shape == ref_images.shape == (params.num_images, 64, 96, 3)
     assert np.array_equal(ours, ref_images)
     assert ours.std() > 10  # the tiny decoder draws a real picture, not a flat grey
+    record(FAMILIES[kind], "1 rank vs diffusers", err, max_image_diff(list(ours), list(ref_images)))
 
 
 def test_templates_match_reference(tiny_checkpoints):

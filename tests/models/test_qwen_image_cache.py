@@ -13,6 +13,7 @@ from ithaca.config import ParallelConfig
 from ithaca.engine.types import GenerationParams
 from ithaca.models.registry import load_pipeline
 from ithaca.testing.distributed import parallel_state
+from tests.models._families_run import record
 
 REQUEST = dict(
     prompt="a red cat on a mat",
@@ -33,15 +34,25 @@ CACHES = {
 }
 
 
-def run(layout: dict, path: str, backend=None, options=None, request=None):
-    """Generate on every rank; rank 0 returns (image, metadata), all return the pattern."""
+def run(layout: dict, path: str, backend=None, options=None, request=None, latents=None):
+    """Generate on every rank; rank 0 returns (image, metadata), all return the pattern.
+    ``latents``, a list, receives rank 0's final latents."""
     with parallel_state(ParallelConfig(**layout)) as state:
         pipe = load_pipeline(path, state, cache_backend=backend, cache_config=options)
+        if latents is not None:
+            decode = pipe.decode
+            pipe.decode = lambda job, x: (latents.append(x.float().cpu()), decode(job, x))[1]
         result = pipe.generate([GenerationParams(**(request or REQUEST))])[0]
         pattern = pipe._cache.stats.pattern if pipe._cache is not None else []
         pipe.runtime.remove()
         image = np.asarray(result.images[0]) if result.images else None
         return image, result.metadata, pattern
+
+
+def run_with_latents(layout: dict, path: str, backend, options):
+    """``run``, and rank 0's final latents fp32 (None elsewhere)."""
+    latents: list = []
+    return (*run(layout, path, backend, options, latents=latents), latents[0] if latents else None)
 
 
 @pytest.fixture(scope="module")
@@ -88,16 +99,19 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("backend,options", CACHES.values(), ids=CACHES.keys())
-@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
-def test_layouts_cache_like_one_rank(worker_pool, tiny_checkpoints, layout, backend, options):
-    path = tiny_checkpoints["t2i"]
-    ref_image, ref_meta, ref_pattern = run({}, path, backend, options)
-    results = worker_pool(2).run(run, layout, path, backend, options)
-    image, meta, _ = results[0]
-    diff = np.abs(image.astype(int) - ref_image.astype(int)).max()
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_layouts_cache_like_one_rank(worker_pool, tiny_checkpoints, name, backend, options):
+    path, layout = tiny_checkpoints["t2i"], LAYOUTS[name]
+    ref_image, ref_meta, ref_pattern, ref_latents = run_with_latents({}, path, backend, options)
+    results = worker_pool(2).run(run_with_latents, layout, path, backend, options)
+    image, meta, _, latents = results[0]
+    diff = int(np.abs(image.astype(int) - ref_image.astype(int)).max())
     assert diff <= 1, f"image differs by {diff}/255"
     assert meta["cache"] == ref_meta["cache"]
-    for rank, (_, _, pattern) in enumerate(results):
+    err = (latents - ref_latents).abs().max().item()
+    assert err <= 1e-4, f"final latents differ by {err:.2e}"
+    record("Qwen-Image", name, err, diff, cache=backend)
+    for rank, (_, _, pattern, _) in enumerate(results):
         if layout.get("cfg_parallel_size", 1) == 2:  # cfg rank r runs branch r only
             assert pattern == [p for p in ref_pattern if p[1] == rank]
         else:

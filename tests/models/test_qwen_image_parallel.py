@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.models._families_run import record
 from tests.models._run import cancel_after_first_step, fail_on_rank0, generate
 
 # Two requests in one batch: different prompt lengths (padded text with a mask),
@@ -53,40 +54,40 @@ def check(results, reference, layout):
     err = (latents - ref_latents).abs().max().item()
     assert err <= LATENT_TOL, f"final latents differ by {err:.2e}"
     assert len(images) == len(ref_images)
+    worst = 0
     for got, want in zip(images, ref_images, strict=True):
         assert len(got) == len(want)
         for a, b in zip(got, want, strict=True):
-            diff = np.abs(a.astype(int) - b.astype(int)).max()
+            diff = int(np.abs(a.astype(int) - b.astype(int)).max())
             assert diff <= 1, f"images differ by {diff}/255"
+            worst = max(worst, diff)
     for images, latents, info in results[1:]:  # only the returning rank returns anything
         assert latents is None and all(not im for im in images)
         # The text encoder and the VAE live on the returning rank only.
         assert not info["has_text_encoder"] and not info["has_vae"]
     assert results[0][2]["has_text_encoder"] and results[0][2]["has_vae"]
-    print(f"max latent error {err:.2e}")
-    return err
+    return err, worst
 
 
-@pytest.mark.parametrize("layout", LAYOUTS_2.values(), ids=LAYOUTS_2.keys())
-def test_two_ranks(worker_pool, tiny_checkpoints, reference, layout):
-    check(
-        worker_pool(2).run(generate, layout, tiny_checkpoints["t2i"], T2I_BATCH), reference, layout
-    )
+@pytest.mark.parametrize("name", LAYOUTS_2)
+def test_two_ranks(worker_pool, tiny_checkpoints, reference, name):
+    layout = LAYOUTS_2[name]
+    results = worker_pool(2).run(generate, layout, tiny_checkpoints["t2i"], T2I_BATCH)
+    record("Qwen-Image", name, *check(results, reference, layout))
 
 
-@pytest.mark.parametrize("layout", LAYOUTS_4.values(), ids=LAYOUTS_4.keys())
-def test_four_ranks(worker_pool, tiny_checkpoints, reference, layout):
-    check(
-        worker_pool(4).run(generate, layout, tiny_checkpoints["t2i"], T2I_BATCH), reference, layout
-    )
+@pytest.mark.parametrize("name", LAYOUTS_4)
+def test_four_ranks(worker_pool, tiny_checkpoints, reference, name):
+    layout = LAYOUTS_4[name]
+    results = worker_pool(4).run(generate, layout, tiny_checkpoints["t2i"], T2I_BATCH)
+    record("Qwen-Image", name, *check(results, reference, layout))
 
 
 @pytest.mark.slow
 def test_eight_ranks_cfg_ulysses_ring(worker_pool, tiny_checkpoints, reference):
     layout = dict(cfg_parallel_size=2, ulysses_degree=2, ring_degree=2)
-    check(
-        worker_pool(8).run(generate, layout, tiny_checkpoints["t2i"], T2I_BATCH), reference, layout
-    )
+    results = worker_pool(8).run(generate, layout, tiny_checkpoints["t2i"], T2I_BATCH)
+    record("Qwen-Image", "cfg2_ulysses2_ring2", *check(results, reference, layout))
 
 
 def _edit_inputs():
@@ -103,7 +104,8 @@ def test_edit_two_images_hybrid(worker_pool, tiny_checkpoints):
     path = tiny_checkpoints["edit_plus"]
     reference = generate({}, path, batch)
     layout = dict(ulysses_degree=2, ring_degree=2)
-    check(worker_pool(4).run(generate, layout, path, batch), reference, layout)
+    results = worker_pool(4).run(generate, layout, path, batch)
+    record("Qwen-Image-Edit-2509", "hybrid2x2", *check(results, reference, layout))
 
 
 def test_a_failure_on_the_returning_rank_reaches_every_rank(worker_pool, tiny_checkpoints):

@@ -11,6 +11,7 @@ final latents max abs <= 1e-4 (fp32); ithaca vs diffusers images within 2/255.
 """
 
 import dataclasses
+import functools
 import json
 import random
 
@@ -20,7 +21,11 @@ import torch
 
 from ithaca.models.shapes import analysis, scenes, shipped_checkpoint_path
 from ithaca.models.shapes.evaluate import TARGETS, DiffusersGenerator, heldout_cases, run
+from tests.models._families_run import record
 from tests.models._run import generate
+
+FAMILY = "shapes (default model)"
+"""The support-matrix name of the embedded default model."""
 
 STEPS = 20
 N_ADHERENCE = 24
@@ -156,11 +161,29 @@ def test_same_image_as_diffusers_reference(ithaca_pipe):
                "a small red circle at the top left and a blue triangle at the bottom right "
                "on a white background"]  # fmt: skip
     seeds = [3, 4]
-    ours = _generate(ithaca_pipe, prompts, seeds)
-    ref = DiffusersGenerator(shipped_checkpoint_path())(prompts, seeds, 128, 128, STEPS, 1.0, "")
+    latents, decode = [], ithaca_pipe.decode
+    ithaca_pipe.decode = lambda job, x: (latents.append(x.float()), decode(job, x))[1]
+    try:
+        ours = _generate(ithaca_pipe, prompts, seeds)  # one loop per request
+    finally:
+        del ithaca_pipe.decode
+    reference = DiffusersGenerator(shipped_checkpoint_path())
+    captured = {}
+
+    def keep(_pipe, _i, _t, tensors):
+        captured["latents"] = tensors["latents"].float()
+        return tensors
+
+    reference.pipe = functools.partial(reference.pipe, callback_on_step_end=keep)
+    ref = reference(prompts, seeds, 128, 128, STEPS, 1.0, "")  # one batched loop
+    err = (torch.cat(latents) - captured["latents"]).abs().max().item()
+    assert err <= 1e-4, f"ithaca and diffusers latents differ by {err:.2e}"
+    worst = 0
     for a, b in zip(ours, ref, strict=True):
-        diff = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max()
+        diff = int(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max())
         assert diff <= 2, f"ithaca and diffusers images differ by {diff}/255"
+        worst = max(worst, diff)
+    record(FAMILY, "1 rank vs diffusers", err, worst)
 
 
 # -- sequence parallelism -------------------------------------------------------------------
@@ -178,17 +201,21 @@ def one_rank():
     return generate({}, shipped_checkpoint_path(), PARITY_BATCH)
 
 
-@pytest.mark.parametrize(
-    "layout", [dict(ulysses_degree=2), dict(ring_degree=2)], ids=["ulysses2", "ring2"]
-)
-def test_two_ranks_match_one_rank(worker_pool, one_rank, layout):
+TWO_RANKS = {"ulysses2": dict(ulysses_degree=2), "ring2": dict(ring_degree=2)}
+
+
+@pytest.mark.parametrize("name", TWO_RANKS)
+def test_two_ranks_match_one_rank(worker_pool, one_rank, name):
     ref_images, ref_latents, _ = one_rank
     images, latents, info = worker_pool(2).run(
-        generate, layout, shipped_checkpoint_path(), PARITY_BATCH
+        generate, TWO_RANKS[name], shipped_checkpoint_path(), PARITY_BATCH
     )[0]
     assert info["sharded"], "the sequence was not sharded"
     err = (latents - ref_latents).abs().max().item()
     assert err <= 1e-4, f"final latents differ by {err:.2e}"
+    worst = 0
     for got, want in zip(images, ref_images, strict=True):
-        diff = np.abs(got[0].astype(int) - want[0].astype(int)).max()
+        diff = int(np.abs(got[0].astype(int) - want[0].astype(int)).max())
         assert diff <= 1, f"images differ by {diff}/255"
+        worst = max(worst, diff)
+    record(FAMILY, name, err, worst)

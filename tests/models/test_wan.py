@@ -31,7 +31,8 @@ from ithaca.models.wan.transformer import (
 )
 from ithaca.parallel import ParallelState, validate_sp_plan
 from ithaca.server.media import encode_mp4
-from tests.models._wan_run import max_frame_diff, run_pipeline, tiny_wan_paths
+from tests.models._families_run import record
+from tests.models._wan_run import FAMILIES, max_frame_diff, run_pipeline, tiny_wan_paths
 
 LATENT_TOL = 1e-5
 PROMPT = dict(prompt="a red cat walks on a blue street", negative_prompt="blurry, low quality")
@@ -141,23 +142,24 @@ def test_sizes_round_down_like_diffusers(tiny_wan, state):
 
 
 # -- 1 rank vs diffusers -------------------------------------------------------------
-def _check_parity(pipe, ref_cls, path, request, seed):
+def _check_parity(pipe, ref_cls, kind, path, request, seed):
     frames, latents, experts, _ = run_pipeline(pipe, [dict(request, seed=seed)])
     ref_latents, ref_frames = _reference(ref_cls, path, request, seed)
     err = (latents - ref_latents.float()).abs().max().item()
     assert err <= LATENT_TOL, f"final latents differ from diffusers by {err:.2e}"
     assert frames[0].dtype == np.uint8 and frames[0].shape == ref_frames.shape
-    assert max_frame_diff(frames[0], ref_frames) == 0
+    diff = max_frame_diff(frames[0], ref_frames)
+    assert diff == 0
     # The frames vary (not a constant grey), so equality means something.
     assert frames[0].std() > 20
-    print(f"max latent error vs diffusers {err:.2e}")
+    record(FAMILIES[kind], "1 rank vs diffusers", err, diff)
     return experts
 
 
 def test_t2v_a14b_two_experts_match_diffusers(tiny_wan, state):
     pipe = load_pipeline(tiny_wan["t2v_a14b"], state)
     request = dict(T2V, guidance_scale_2=2.0)
-    experts = _check_parity(pipe, RefWanPipeline, tiny_wan["t2v_a14b"], request, seed=7)
+    experts = _check_parity(pipe, RefWanPipeline, "t2v_a14b", tiny_wan["t2v_a14b"], request, 7)
     # Timesteps 999, 900 >= 875 run the high-noise expert, 750, 500 the low-noise one;
     # CFG calls each twice (positive, negative).
     assert experts == [0, 0, 0, 0, 1, 1, 1, 1]
@@ -174,20 +176,21 @@ def _job(pipe, request):
 def test_ti2v_text_only_matches_diffusers(tiny_wan, state):
     pipe = load_pipeline(tiny_wan["ti2v_5b"], state)
     request = dict(TI2V, flow_shift=5.0)  # the checkpoint says 3.0
-    experts = _check_parity(pipe, RefWanPipeline, tiny_wan["ti2v_5b"], request, seed=5)
+    experts = _check_parity(pipe, RefWanPipeline, "ti2v_5b", tiny_wan["ti2v_5b"], request, 5)
     assert experts == [0] * 8
 
 
 def test_ti2v_with_image_matches_diffusers(tiny_wan, state):
     pipe = load_pipeline(tiny_wan["ti2v_5b"], state)
     request = dict(TI2V, images=[_image()])
-    _check_parity(pipe, WanImageToVideoPipeline, tiny_wan["ti2v_5b"], request, seed=6)
+    _check_parity(pipe, WanImageToVideoPipeline, "ti2v_5b", tiny_wan["ti2v_5b"], request, 6)
 
 
 def test_i2v_a14b_matches_diffusers(tiny_wan, state):
     pipe = load_pipeline(tiny_wan["i2v_a14b"], state)
     request = dict(T2V, images=[_image()], guidance_scale=3.5, guidance_scale_2=1.5)
-    experts = _check_parity(pipe, WanImageToVideoPipeline, tiny_wan["i2v_a14b"], request, seed=8)
+    path = tiny_wan["i2v_a14b"]
+    experts = _check_parity(pipe, WanImageToVideoPipeline, "i2v_a14b", path, request, 8)
     assert experts == [0, 0, 0, 0, 1, 1, 1, 1]  # boundary 0.9: 999 and 900 are high-noise
 
 

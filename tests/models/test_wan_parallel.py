@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.models._wan_run import generate, max_frame_diff, tiny_wan_paths
+from tests.models._families_run import record
+from tests.models._wan_run import FAMILIES, generate, max_frame_diff, tiny_wan_paths
 
 LATENT_TOL = 1e-4
 T2V = dict(prompt="a red cat walks on a blue street", negative_prompt="blurry", num_frames=9,
@@ -56,14 +57,14 @@ def check(results, reference):
         assert not info["has_text_encoder"] and not info["has_vae"]
     # Both experts ran on every rank, in the same order (a collective mismatch would hang).
     assert all(r[2]["experts"] == results[0][2]["experts"] for r in results)
-    print(f"max latent error {err:.2e}, frames {frame_err}/255")
-    return err
+    return err, frame_err
 
 
-@pytest.mark.parametrize("layout", TWO_RANKS.values(), ids=TWO_RANKS.keys())
-def test_t2v_two_ranks(worker_pool, tiny_wan, t2v_reference, layout):
+@pytest.mark.parametrize("name", TWO_RANKS)
+def test_t2v_two_ranks(worker_pool, tiny_wan, t2v_reference, name):
+    layout = TWO_RANKS[name]
     results = worker_pool(2).run(generate, layout, tiny_wan["t2v_a14b"], T2V_BATCH)
-    check(results, t2v_reference)
+    record(FAMILIES["t2v_a14b"], name, *check(results, t2v_reference))
     assert set(results[0][2]["experts"]) == {0, 1}
     if "cfg_parallel_size" not in layout:
         # Not a silent fallback to unsharded runs: both experts' hooks acted on each rank.
@@ -74,7 +75,8 @@ def test_t2v_two_ranks(worker_pool, tiny_wan, t2v_reference, layout):
 
 def test_t2v_hybrid_2x2(worker_pool, tiny_wan, t2v_reference):
     layout = dict(ulysses_degree=2, ring_degree=2)
-    check(worker_pool(4).run(generate, layout, tiny_wan["t2v_a14b"], T2V_BATCH), t2v_reference)
+    results = worker_pool(4).run(generate, layout, tiny_wan["t2v_a14b"], T2V_BATCH)
+    record(FAMILIES["t2v_a14b"], "hybrid2x2", *check(results, t2v_reference))
 
 
 def test_ti2v_image_per_token_timesteps_hybrid_2x2(worker_pool, tiny_wan):
@@ -85,13 +87,15 @@ def test_ti2v_image_per_token_timesteps_hybrid_2x2(worker_pool, tiny_wan):
     reference = generate({}, path, batch)
     layout = dict(ulysses_degree=2, ring_degree=2)
     results = worker_pool(4).run(generate, layout, path, batch)
-    check(results, reference)
+    err, diff = check(results, reference)
     sharded = [".timestep", *T2V_SHARDED]
     assert all(info["sharded"] == [sharded] for _, _, info in results)
+    record(FAMILIES["ti2v_5b"], "hybrid2x2", err, diff)
 
 
 def test_i2v_ring2(worker_pool, tiny_wan):
     batch = [dict(T2V, images=[_image()], seed=23)]
     path = tiny_wan["i2v_a14b"]
     reference = generate({}, path, batch)
-    check(worker_pool(2).run(generate, dict(ring_degree=2), path, batch), reference)
+    results = worker_pool(2).run(generate, dict(ring_degree=2), path, batch)
+    record(FAMILIES["i2v_a14b"], "ring2", *check(results, reference))

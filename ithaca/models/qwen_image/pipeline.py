@@ -73,6 +73,8 @@ class QwenImagePipeline(DenoisingPipeline):
     """Prompt tokens kept after the system turn (the reference's default; edit: no limit)."""
     tokenizer_max_length: int | None = 1024
     """Tokens the reference tokenizes after the system turn (edit: no limit)."""
+    captions_empty_prompt = False
+    """Layered: an empty prompt is replaced by a caption of the input image."""
 
     def __init__(self, model: str, state: ParallelState, dtype: torch.dtype):
         super().__init__(state, dtype)
@@ -139,7 +141,7 @@ class QwenImagePipeline(DenoisingPipeline):
         return w // self.multiple * self.multiple, h // self.multiple * self.multiple
 
     def _common(self, params: GenerationParams, width: int, height: int, extra=()) -> Request:
-        if not params.prompt:
+        if not params.prompt and not self.captions_empty_prompt:
             raise ValueError("prompt must be a non-empty string")
         steps = params.num_inference_steps
         steps = self.default_steps if steps is None else steps
@@ -240,9 +242,13 @@ class QwenImagePipeline(DenoisingPipeline):
                 [c["image_latents"].expand(n, -1, -1) for c, n in zip(conds, counts, strict=True)]
             )
         inputs["img_shapes"] = [self._image_shapes(requests[0])] * latents.shape[0]
-        steps = requests[0].steps
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
-        sigmas = np.linspace(1.0, 1 / steps, steps)
+        sigmas, mu = self._schedule(requests[0].steps, latents, inputs)
+        scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=mu)
+        return Job(requests, seeds, latents, scheduler.timesteps, scheduler, inputs)
+
+    def _schedule(self, steps: int, latents: torch.Tensor, inputs: dict) -> tuple:
+        """The reference's sigmas and dynamic shift ``mu`` for a batch."""
         c = self.scheduler_config
         mu = calculate_shift(
             latents.shape[1],
@@ -251,8 +257,7 @@ class QwenImagePipeline(DenoisingPipeline):
             c.get("base_shift", 0.5),
             c.get("max_shift", 1.15),
         )
-        scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=mu)
-        return Job(requests, seeds, latents, scheduler.timesteps, scheduler, inputs)
+        return np.linspace(1.0, 1 / steps, steps), mu
 
     @torch.no_grad()
     def predict(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
@@ -268,6 +273,7 @@ class QwenImagePipeline(DenoisingPipeline):
             encoder_hidden_states=embeds,
             encoder_hidden_states_mask=mask,
             img_shapes=job.inputs["img_shapes"],
+            additional_t_cond=job.inputs.get("additional_t_cond"),  # Layered: RGB vs RGBA
             attention_kwargs={},
             return_dict=False,
         )[0]

@@ -1,0 +1,206 @@
+"""Qwen-Image-Layered: one input image decomposed into N RGBA layers.
+
+Numerics follow diffusers' ``QwenImageLayeredPipeline`` (reused pieces: its latent
+packing with a layer axis, ``calculate_dimensions``, its caption prompts, the VAE image
+processor, the scheduler). What differs from Qwen-Image-Edit:
+
+- the input image is RGBA (an RGB upload gets an opaque alpha, as the reference's
+  example does with ``convert("RGBA")``); the VAE encodes and decodes 4 channels;
+- the latent sequence is ``layers + 1`` frames of noise (frame 0 is the composite
+  image, dropped at decode) followed by the input image's tokens:
+  ``(B, (L + 1) * h * w + h * w, 4C)`` packed, ``img_shapes`` one ``(1, h, w)`` per
+  frame plus the condition's; the transformer's layer-axis RoPE
+  (``use_layer3d_rope``) gives frame ``i`` the index ``i`` and the condition ``-1``;
+- the timestep embedding gets ``additional_t_cond = 0`` per row (the reference's
+  ``is_rgb``);
+- the prompt is encoded like text-to-image (no vision tokens; at most 512 tokens); an
+  empty prompt (``""`` or ``" "``) is replaced by a caption of the input image that the
+  text encoder writes (greedy ``generate``, at most 512 new tokens), as the reference does;
+- sigmas ``linspace(1, 0, steps + 1)[:-1]`` and ``mu = sqrt(condition tokens / 256)``;
+- true CFG as in Qwen-Image, with the norm rescale only when ``cfg_normalize`` (on by
+  default: the model card's setting; diffusers' call defaults it off).
+
+Output size: the reference's bucket (``resolution`` 640: a 640x640 area with the input's
+aspect ratio, multiples of 32), or ``width`` / ``height`` when a request gives them; the
+input image is resized to that size too. A request returns ``num_images * layers``
+images, image-major. The sequence-parallel plan is Qwen-Image's unchanged: the whole
+image sequence (every layer's tokens and the condition's) is one sharded dimension.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import (
+    QwenImageLayeredPipeline as _Ref,
+)
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
+from PIL import Image
+
+from ithaca.engine.types import GenerationParams
+from ithaca.models.base import Job, Request
+from ithaca.models.qwen_image import templates
+from ithaca.models.qwen_image.pipeline import QwenImageEditPipeline, QwenImagePipeline
+from ithaca.parallel import apply_guidance
+
+logger = logging.getLogger(__name__)
+
+CAPTION_MAX_NEW_TOKENS = 512
+BASE_SEQ_LEN = 256 * 256 / 16 / 16
+"""The reference's ``base_seqlen`` for ``mu``."""
+
+
+@functools.cache
+def caption_prompts() -> tuple[str, str]:
+    """The reference's (English, Chinese) captioning prompts, read from diffusers."""
+    ref = _Ref(scheduler=None, vae=None, text_encoder=None, tokenizer=None, processor=None,
+               transformer=None)  # fmt: skip
+    return ref.image_caption_prompt_en, ref.image_caption_prompt_cn
+
+
+class QwenImageLayeredPipeline(QwenImageEditPipeline):
+    """Image to RGBA layers (``Qwen/Qwen-Image-Layered``)."""
+
+    template = templates.T2I
+    max_images = 1
+    max_sequence_length = 512
+    tokenizer_max_length = None
+    captions_empty_prompt = True
+    takes_layers = True
+    default_layers = 4
+    resolution = 640
+    """Output area bucket (the reference allows 640 and 1024; 640 is recommended)."""
+    cfg_normalize = True
+    use_en_prompt = True
+    """Caption language for an empty prompt (the model card's setting)."""
+
+    def _load_encoders(self, model: str) -> None:
+        QwenImagePipeline._load_encoders(self, model)  # the prompt tokenizer: tokenizer/
+        from transformers import AutoTokenizer, Qwen2VLImageProcessor
+
+        # Captioning uses the processor's two parts (its video part needs torchvision).
+        self.vision_processor = Qwen2VLImageProcessor.from_pretrained(model, subfolder="processor")
+        self.caption_tokenizer = AutoTokenizer.from_pretrained(model, subfolder="processor")
+
+    # -- request validation ----------------------------------------------------
+    def resolve(self, params: GenerationParams) -> Request:
+        if len(params.images) != 1:
+            raise ValueError(
+                f"{type(self).__name__} needs exactly one input image, got {len(params.images)}"
+            )
+        layers = self.default_layers if params.layers is None else params.layers
+        if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+            raise ValueError(f"layers ({layers!r}) must be a positive integer")
+        image = params.images[0]
+        w, h = calculate_dimensions(self.resolution**2, image.size[0] / image.size[1])
+        return self._common(params, w, h, extra=(layers,))
+
+    @staticmethod
+    def layers_of(request: Request) -> int:
+        return request.extra_key[0]
+
+    def _image_shapes(self, request: Request) -> list[tuple[int, int, int]]:
+        # One (1, h, w) per frame (composite + layers), then the condition image's.
+        frame = (1, request.height // self.multiple, request.width // self.multiple)
+        return [frame] * (self.layers_of(request) + 1) + [frame]
+
+    # -- conditioning (returning rank only) ------------------------------------
+    @torch.no_grad()
+    def caption(self, image: Image.Image) -> str:
+        """The reference's ``get_image_caption``: the text encoder describes ``image``."""
+        english, chinese = caption_prompts()
+        text, vision = self._expand_vision(english if self.use_en_prompt else chinese, [image])
+        tokens = self.caption_tokenizer(text, return_tensors="pt").to(self.device)
+        generated = self.text_encoder.generate(
+            input_ids=tokens.input_ids,
+            attention_mask=tokens.attention_mask,
+            max_new_tokens=CAPTION_MAX_NEW_TOKENS,
+            **{k: v.to(self.device) for k, v in vision.items()},
+        )
+        new = generated[0, tokens.input_ids.shape[1] :]
+        return self.caption_tokenizer.decode(
+            new, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        ).strip()
+
+    def condition(self, request: Request) -> dict[str, Any]:
+        p = request.params
+        w, h = request.width, request.height
+        image = self.image_processor.resize(p.images[0].convert("RGBA"), h, w)
+        prompt = p.prompt
+        if prompt in ("", " "):
+            prompt = self.caption(image)
+            logger.info("request %s: caption %r", p.request_id, prompt)
+        cond = {"embeds": self._encode(self.template.format(prompt))}
+        if request.do_cfg:
+            cond["negative"] = self._encode(self.template.format(p.negative_prompt))
+        pixels = self.image_processor.preprocess(image, h, w).unsqueeze(2)  # (1, 4, 1, H, W)
+        cond["image_latents"] = self._encode_image(pixels)
+        return cond
+
+    # -- the batch -------------------------------------------------------------
+    def _noise(self, request: Request, seed: int) -> torch.Tensor:
+        """The reference's ``prepare_latents``: ``(n, L + 1, C, h, w)`` -> ``(n, S, 4C)``."""
+        h = 2 * (request.height // self.multiple)
+        w = 2 * (request.width // self.multiple)
+        n, frames = request.params.num_images, self.layers_of(request) + 1
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = torch.randn(
+            (n, frames, self.latent_channels, h, w), generator=generator, dtype=self.dtype
+        )
+        return _Ref._pack_latents(noise.to(self.device), n, self.latent_channels, h, w, frames)
+
+    def prepare(self, requests: list[Request], conds: list[dict[str, Any]]) -> Job:
+        job = super().prepare(requests, conds)
+        rows = job.latents.shape[0]
+        job.inputs["additional_t_cond"] = torch.zeros(rows, dtype=torch.long, device=self.device)
+        return job
+
+    def _schedule(self, steps: int, latents: torch.Tensor, inputs: dict) -> tuple:
+        mu = (inputs["image_latents"].shape[1] / BASE_SEQ_LEN) ** 0.5
+        return np.linspace(1.0, 0, steps + 1)[:-1], mu
+
+    def guide(self, positive, negative, scale):
+        return apply_guidance(
+            positive, negative, scale, rescale_to_positive_norm=self.cfg_normalize
+        )
+
+    # -- decoding (returning rank only) ------------------------------------------
+    @torch.no_grad()
+    def _decode_frames(self, job: Job, latents: torch.Tensor, frames: slice) -> list:
+        """Decode ``frames`` of every row: a flat list, row-major, as PIL RGBA images."""
+        r = job.requests[0]
+        layers = self.layers_of(r)
+        latents = _Ref._unpack_latents(latents, r.height, r.width, layers, self.vae_scale_factor)
+        latents = latents.to(self.vae.dtype)  # (B, C, L + 1, h, w)
+        z = self.vae.config.z_dim
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents)
+        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1).to(latents)
+        latents = (latents / inv_std + mean)[:, :, frames]
+        b, c, f, h, w = latents.shape
+        # (B, C, F, h, w) -> (B * F, C, 1, h, w): every frame decoded as one image
+        latents = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, 1, h, w)
+        images = self.vae.decode(latents, return_dict=False)[0][:, :, 0]  # (B * F, 4, H, W)
+        return self.image_processor.postprocess(images, output_type="pil")
+
+    def decode(self, job: Job, latents: torch.Tensor) -> list[list[Image.Image]]:
+        # Frame 0 is the composite image: the layers are frames 1..L.
+        flat = self._decode_frames(job, latents, slice(1, None))
+        out, start = [], 0
+        for req in job.requests:
+            count = req.params.num_images * self.layers_of(req)
+            out.append(flat[start : start + count])
+            start += count
+        return out
+
+    def preview(self, job: Job, x0: torch.Tensor) -> list[Image.Image]:
+        """The composite frame's x0 estimate of each request's first image."""
+        flat = self._decode_frames(job, x0, slice(0, 1))
+        out, start = [], 0
+        for req in job.requests:
+            out.append(flat[start])
+            start += req.params.num_images
+        return out
