@@ -289,14 +289,23 @@ def flow_loss(pipe, x0, prompts, sigmas, noise, size):
 
 
 def sample_sigmas(b: int, gen: torch.Generator) -> torch.Tensor:
-    """Sigmas in (0, 1): a third uniform, a third logit-normal around 0.5 and a third
-    logit-normal around 0.73 (``sigmoid(1)``), the noise levels at which the layout
-    (where each shape goes) is decided."""
+    """Sigmas in (0, 1), a quarter each: uniform; logit-normal around 0.5; logit-normal
+    around 0.73 (``sigmoid(1)``); uniform in [0.85, 1).
+
+    The last quarter is what teaches the layout. Near sigma 1 the noisy input shows
+    nothing of the image, so only the prompt can say where a shape goes; at lower
+    sigmas the model can denoise what it already sees and never has to learn
+    positions. With a third of the samples logit-normal around 0.73 instead (7% above
+    0.9) the x0 prediction at sigma 1 was the same for every position word after 3,000
+    steps; a toy with only sigma 1 learns the prompt's position in ~300 steps.
+    """
     uniform = torch.rand(b, generator=gen)
     z = torch.randn(b, generator=gen)
-    pick = torch.randint(0, 3, (b,), generator=gen)
-    logit = torch.where(pick == 1, z, z + 1.0)
-    return torch.where(pick == 0, uniform, torch.sigmoid(logit)).clamp(1e-3, 1 - 1e-3)
+    pick = torch.randint(0, 4, (b,), generator=gen)
+    sig = torch.where(pick == 1, torch.sigmoid(z), torch.sigmoid(z + 1.0))
+    sig = torch.where(pick == 0, uniform, sig)
+    sig = torch.where(pick == 3, 0.85 + 0.15 * uniform, sig)
+    return sig.clamp(1e-3, 1 - 1e-3)
 
 
 def draw(bank, rng: random.Random, b: int, drop: float):
@@ -530,7 +539,7 @@ def worker_main(args) -> None:
 
     out = Path(args.out)
     init_group(args, args.rank)
-    if args.rank == 1 and not args.init_from:
+    if args.rank == 1 and not (args.init_from or args.reuse):
         decoder_main(args)
     dist.barrier()  # rank 0 has written the tokenizer and the bank
     tokenizer = Qwen2Tokenizer.from_pretrained(out / "tokenizer")
@@ -596,8 +605,14 @@ def main(argv=None) -> None:
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--init-from", metavar="CHECKPOINT", help="continue from a saved checkpoint")
+    p.add_argument(
+        "--reuse",
+        metavar="RUN",
+        help="take the VAE and the latent bank from an earlier run's directory (same --seed "
+        "and --bank) instead of recomputing them: the same result, 15 minutes sooner",
+    )
     p.add_argument("--bank", type=int, default=8000, help="training scenes encoded once")
-    p.add_argument("--steps", type=int, default=12000, help="transformer steps")
+    p.add_argument("--steps", type=int, default=9000, help="transformer steps")
     p.add_argument("--batch", type=int, default=16, help="per process")
     p.add_argument("--lr", type=float, default=7e-4, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=200)
@@ -637,7 +652,24 @@ def main(argv=None) -> None:
         init_group(args, 0)
     tokenizer = components.build_tokenizer(args.seed)
     tokenizer.save_pretrained(out / "tokenizer")
-    if args.init_from:
+    bank = None
+    if args.reuse:
+        # Stages 1 and 2 of an earlier run with the same seed: its VAE (the fp32 decoder,
+        # the encoder as saved) and its bank of fp32 latents. Fresh text encoder and
+        # transformer, so the transformer stage is the one a full run performs.
+        from diffusers import AutoencoderKLQwenImage
+
+        run = Path(args.reuse)
+        text_encoder = components.build_text_encoder(tokenizer, args.seed)
+        transformer = components.build_transformer(args.seed)
+        vae = AutoencoderKLQwenImage.from_pretrained(
+            run / "checkpoint", subfolder="vae", torch_dtype=torch.float32
+        )
+        if not load_decoder(vae, run):
+            raise FileNotFoundError(f"{run / DECODER_FILE} missing: not a finished VAE stage")
+        with (run / BANK_FILE).open("rb") as f:
+            bank = pickle.load(f)
+    elif args.init_from:
         # Continue training a saved checkpoint (its VAE, text encoder and transformer).
         from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
         from transformers import Qwen2_5_VLForConditionalGeneration
@@ -664,14 +696,15 @@ def main(argv=None) -> None:
     log(stage="time", what="vae encoder", seconds=time.time() - start)
 
     with single_frame(vae):
-        bank = build_bank(vae, args, random.Random(args.seed + 400))
+        if bank is None:
+            bank = build_bank(vae, args, random.Random(args.seed + 400))
         val = build_bank(vae, args, random.Random(args.seed + 1), "heldout", total=256)
     log(stage="time", what="bank", seconds=time.time() - start)
+    with (out / BANK_FILE).open("wb") as f:  # for the other ranks and for --reuse
+        pickle.dump(bank, f)
     if args.procs > 1:
         import torch.distributed as dist
 
-        with (out / BANK_FILE).open("wb") as f:
-            pickle.dump(bank, f)
         dist.barrier()  # rank 1 has trained the decoder
         log(stage="time", what="decoder (rank 1)", seconds=time.time() - start)
 
@@ -693,7 +726,6 @@ def main(argv=None) -> None:
             raise RuntimeError(f"a training process failed: see {out}/*_stdout.txt")
     if args.procs > 1:
         dist.destroy_process_group()
-        (out / BANK_FILE).unlink()
     save()
     print(f"done in {(time.time() - start) / 60:.1f} min: {out / 'checkpoint'}")
     if args.ship:
