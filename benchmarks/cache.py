@@ -46,7 +46,7 @@ PROMPTS = [
 ]
 
 CONFIGS = [
-    *(("tea_cache", {"rel_l1_thresh": t}) for t in (0.1, 0.2, 0.4, 0.8)),
+    *(("tea_cache", {"rel_l1_thresh": t}) for t in (0.1, 0.2, 0.4, 0.8, 1.2)),
     *(
         ("cache_dit", {"residual_diff_threshold": t, "max_warmup_steps": 4})
         for t in (0.08, 0.16, 0.24, 0.4)
