@@ -4,8 +4,8 @@ Stages (each logs to ``DIR/log.jsonl`` and shows a progress bar):
 
 1. **VAE** (``AutoencoderKLQwenImage``) on random 64x64 crops of rendered scenes, in two
    parts against a fixed latent code (:func:`target_latent`: 4x4 sub-block colours):
-   the decoder learns code (+ noise) -> pixels (L1 + MSE), then the encoder learns
-   pixels -> code (MSE). Then per-channel mean and std of
+   the decoder learns code (+ noise) -> pixels (L1 + MSE) on rank 1 while rank 0 trains
+   the encoder pixels -> code (MSE). Then per-channel mean and std of
    the posterior means over fresh scenes become ``latents_mean`` / ``latents_std`` in its
    config, the normalisation the pipeline undoes before decoding.
 2. **Latent bank**: training scenes (never held-out ones) rendered at the trained sizes and
@@ -16,10 +16,12 @@ Stages (each logs to ``DIR/log.jsonl`` and shows a progress bar):
    ``QwenImagePipeline.encode_prompt`` embeddings (template, 34 dropped tokens, mask),
    ``x_t = (1 - s) x_0 + s n`` with the sigma ``s`` passed as ``timestep`` (the pipeline
    passes ``t / 1000``), target ``n - x_0``. 10% of prompts are dropped to "" for
-   classifier-free guidance.
+   classifier-free guidance. Data parallel over ``--procs`` processes (gloo); rank 0
+   keeps the EMA, validates, probes prompt adherence and saves.
 
 Writes ``DIR/checkpoint`` (the pipeline directory, fp16 weights by default),
-``DIR/loss.png`` and ``DIR/log.jsonl``. Deterministic given ``--seed`` and thread count.
+``DIR/loss.png``, ``DIR/log.jsonl`` and ``DIR/bank.pkl`` (for ``--reuse``).
+Deterministic given ``--seed``, ``--procs`` and thread count.
 """
 
 from __future__ import annotations
@@ -562,7 +564,7 @@ def spawn_ranks(args, argv: list[str]) -> list[subprocess.Popen]:
 
     out = Path(args.out)
     if args.procs == 1:
-        if args.init_from:
+        if args.init_from or args.reuse:  # the VAE comes with the checkpoint or run
             return []
         command = ["--decoder-only", *argv]
         return [_start([sys.executable, "-m", MODULE, *command], out / "decoder_stdout.txt")]
