@@ -17,7 +17,7 @@ from typing import Protocol
 
 from ithaca.config import CacheConfig, ParallelConfig
 from ithaca.engine.errors import GenerationFailedError, WorkerGroupDiedError
-from ithaca.engine.types import GenerationParams, GenerationResult, Pipeline, StepEvent
+from ithaca.types import GenerationParams, GenerationResult, Pipeline, StepEvent
 
 log = logging.getLogger(__name__)
 

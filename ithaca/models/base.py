@@ -27,8 +27,8 @@ import torch
 from PIL import Image
 
 from ithaca.cache import BlockCacheAdapter, StepCache, build_cache, validate_cache_options
-from ithaca.engine.types import GenerationParams, GenerationResult, StepCallback, StepEvent
 from ithaca.parallel import ParallelState, apply_guidance, comm, predict_branches
+from ithaca.types import GenerationParams, GenerationResult, StepCallback, StepEvent
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from ithaca.config import ParallelConfig
-from ithaca.engine.types import GenerationParams
 from ithaca.models.registry import load_pipeline
 from ithaca.testing.distributed import parallel_state
+from ithaca.types import GenerationParams
 
 
 def generate(layout: dict, path: str, batch: list[dict], attrs: dict | None = None):

@@ -13,10 +13,10 @@ request with true CFG (its own loop, two images) and one with embedded guidance 
 
 import pytest
 
-from ithaca.engine.types import GenerationParams
 from ithaca.models.registry import load_pipeline
 from ithaca.parallel import ParallelState
 from ithaca.testing.tiny_families import build_tiny_flux
+from ithaca.types import GenerationParams
 from tests.models._families_run import (
     FLUX_STYLE_HOOKS,
     LAYOUTS,

@@ -15,10 +15,10 @@ request with CFG (two images) and one with CFG off (scale 1).
 import pytest
 from PIL import Image
 
-from ithaca.engine.types import GenerationParams
 from ithaca.models.registry import load_pipeline
 from ithaca.parallel import ParallelState
 from ithaca.testing.tiny_families import build_tiny_sd3
+from ithaca.types import GenerationParams
 from tests.models._families_run import (
     CFG_REQUEST,
     LAYOUTS,

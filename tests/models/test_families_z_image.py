@@ -16,11 +16,11 @@ default, two images) and one with CFG and a negative prompt.
 import pytest
 import torch
 
-from ithaca.engine.types import GenerationParams
 from ithaca.models.registry import load_pipeline
 from ithaca.models.z_image.transformer import pad_heads, z_image_sp_plan
 from ithaca.parallel import ParallelState, validate_sp_plan
 from ithaca.testing.tiny_families import build_tiny_z_image
+from ithaca.types import GenerationParams
 from tests.models._families_run import LAYOUTS as FAMILY_LAYOUTS
 from tests.models._families_run import (
     check_layout,

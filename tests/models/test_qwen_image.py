@@ -18,11 +18,11 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from transformers import AutoTokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor
 
-from ithaca.engine.types import GenerationParams
 from ithaca.models import registry
 from ithaca.models.qwen_image import templates
 from ithaca.parallel import ParallelState
 from ithaca.testing.tiny import build_tiny_qwen_image
+from ithaca.types import GenerationParams
 from tests.models._families_run import max_image_diff, record
 
 LATENT_TOL = 1e-5
@@ -271,12 +271,14 @@ def test_true_cfg_needs_a_negative_prompt_like_the_reference(tiny_checkpoints):
     assert pipe.resolve(GenerationParams(prompt="x", negative_prompt="y")).do_cfg  # default 4.0
 
 
-def test_default_model_path_builds_once(tmp_path, monkeypatch):
+def test_tiny_model_path_builds_once(tmp_path, monkeypatch):
+    from ithaca.testing.tiny import tiny_model_path
+
     monkeypatch.setenv("ITHACA_CACHE", str(tmp_path))
-    path = registry.default_model_path()
+    path = tiny_model_path()
     assert Path(path, "model_index.json").is_file()
     stamp = Path(path, "model_index.json").stat().st_mtime_ns
-    assert registry.default_model_path() == path
+    assert tiny_model_path() == path
     assert Path(path, "model_index.json").stat().st_mtime_ns == stamp
     assert registry.pipeline_class(path).__name__ == "QwenImagePipeline"
 

@@ -19,7 +19,6 @@ from diffusers import WanPipeline as RefWanPipeline
 from PIL import Image
 
 from ithaca.config import ParallelConfig
-from ithaca.engine.types import GenerationParams
 from ithaca.models.registry import load_pipeline, pipeline_class
 from ithaca.models.wan.experts import ExpertPlacement
 from ithaca.models.wan.pipeline import WanImageToVideoPipeline as OurI2V
@@ -31,6 +30,7 @@ from ithaca.models.wan.transformer import (
 )
 from ithaca.parallel import ParallelState, validate_sp_plan
 from ithaca.server.media import encode_mp4
+from ithaca.types import GenerationParams
 from tests.models._families_run import record
 from tests.models._wan_run import FAMILIES, max_frame_diff, run_pipeline, tiny_wan_paths
 

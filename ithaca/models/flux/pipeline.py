@@ -31,12 +31,12 @@ from diffusers.pipelines.flux.pipeline_flux import FluxPipeline as _Ref
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 
-from ithaca.engine.types import GenerationParams
 from ithaca.models.base import DenoisingPipeline, Job, Request
 from ithaca.models.flux.cache import cache_adapter
 from ithaca.models.flux.transformer import FluxTransformer2DModel, parallelize
 from ithaca.parallel import ParallelState, apply_guidance
 from ithaca.parallel.cfg import POSITIVE
+from ithaca.types import GenerationParams
 
 logger = logging.getLogger(__name__)
 

@@ -38,12 +38,12 @@ from diffusers.pipelines.longcat_image.pipeline_longcat_image import (
 from diffusers.pipelines.longcat_image.pipeline_longcat_image_edit import calculate_dimensions
 from PIL import Image
 
-from ithaca.engine.types import GenerationParams
 from ithaca.models.base import DenoisingPipeline, Job, Request
 from ithaca.models.flux.cache import cache_adapter  # FLUX.1's blocks
 from ithaca.models.longcat_image.transformer import LongCatImageTransformer2DModel, parallelize
 from ithaca.parallel import ParallelState, apply_guidance
 from ithaca.parallel.cfg import NEGATIVE, POSITIVE
+from ithaca.types import GenerationParams
 
 PREFIX = (
     "<|im_start|>system\nAs an image captioning expert, generate a descriptive text prompt "

@@ -27,12 +27,12 @@ from diffusers.pipelines.ovis_image.pipeline_ovis_image import OvisImagePipeline
 from diffusers.pipelines.ovis_image.pipeline_ovis_image import calculate_shift
 from PIL import Image
 
-from ithaca.engine.types import GenerationParams
 from ithaca.models.base import DenoisingPipeline, Job, Request
 from ithaca.models.flux.cache import cache_adapter  # FLUX.1's blocks
 from ithaca.models.ovis_image.transformer import OvisImageTransformer2DModel, parallelize
 from ithaca.parallel import ParallelState, apply_guidance
 from ithaca.parallel.cfg import NEGATIVE, POSITIVE
+from ithaca.types import GenerationParams
 
 SYSTEM_PROMPT = (
     "Describe the image by detailing the color, quantity, text, shape, size, texture, "

@@ -41,11 +41,11 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import (
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
 from PIL import Image
 
-from ithaca.engine.types import GenerationParams
 from ithaca.models.base import Job, Request
 from ithaca.models.qwen_image import templates
 from ithaca.models.qwen_image.pipeline import QwenImageEditPipeline, QwenImagePipeline
 from ithaca.parallel import apply_guidance
+from ithaca.types import GenerationParams
 
 logger = logging.getLogger(__name__)
 

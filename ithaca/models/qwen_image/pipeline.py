@@ -44,13 +44,13 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
 )
 from PIL import Image
 
-from ithaca.engine.types import GenerationParams
 from ithaca.models.base import DenoisingPipeline, Job, Request
 from ithaca.models.qwen_image import templates
 from ithaca.models.qwen_image.cache import cache_adapter
 from ithaca.models.qwen_image.transformer import QwenImageTransformer2DModel, parallelize
 from ithaca.parallel import ParallelState
 from ithaca.parallel.cfg import POSITIVE
+from ithaca.types import GenerationParams
 
 logger = logging.getLogger(__name__)
 

@@ -31,12 +31,12 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 
-from ithaca.engine.types import GenerationParams
 from ithaca.models.base import DenoisingPipeline, Job, Request
 from ithaca.models.sd3.cache import cache_adapter
 from ithaca.models.sd3.transformer import SD3Transformer2DModel, parallelize
 from ithaca.parallel import ParallelState, apply_guidance
 from ithaca.parallel.cfg import NEGATIVE, POSITIVE
+from ithaca.types import GenerationParams
 
 
 class StableDiffusion3Pipeline(DenoisingPipeline):

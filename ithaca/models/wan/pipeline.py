@@ -44,13 +44,13 @@ from diffusers.video_processor import VideoProcessor
 from PIL import Image
 
 from ithaca.cache import CacheGroup, build_cache
-from ithaca.engine.types import GenerationParams, GenerationResult
 from ithaca.models.base import DenoisingPipeline, Job, Request
 from ithaca.models.wan.cache import cache_adapter
 from ithaca.models.wan.experts import ExpertPlacement, module_bytes, should_offload
 from ithaca.models.wan.transformer import WanTransformer3DModel, parallelize
 from ithaca.parallel import ParallelState, apply_guidance
 from ithaca.parallel.cfg import POSITIVE
+from ithaca.types import GenerationParams, GenerationResult
 
 logger = logging.getLogger(__name__)
 

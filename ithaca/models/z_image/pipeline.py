@@ -31,12 +31,12 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
 from PIL import Image
 
-from ithaca.engine.types import GenerationParams
 from ithaca.models.base import DenoisingPipeline, Job, Request
 from ithaca.models.z_image.cache import cache_adapter
 from ithaca.models.z_image.transformer import ZImageTransformer2DModel, parallelize
 from ithaca.parallel import ParallelState
 from ithaca.parallel.cfg import NEGATIVE, POSITIVE
+from ithaca.types import GenerationParams
 
 
 class ZImagePipeline(DenoisingPipeline):
