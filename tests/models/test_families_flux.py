@@ -102,7 +102,8 @@ def test_request_validation(checkpoints):
 def test_runtime_remove_leaves_no_hooks(checkpoints):
     """``parallelize`` hooks the model and its single-stream blocks; ``remove()`` takes
     every one of those hooks off again (the blocks' text-length pre-hooks included)."""
-    from ithaca.models.flux.transformer import FluxTransformer2DModel, parallelize
+    from ithaca.models.flux.transformer import FLUX_ATTENTION, FluxTransformer2DModel
+    from ithaca.models.spec import parallelize
 
     model = FluxTransformer2DModel.from_pretrained(checkpoints["dev"], subfolder="transformer")
 
@@ -110,7 +111,7 @@ def test_runtime_remove_leaves_no_hooks(checkpoints):
         return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
     before = hooks()
-    runtime = parallelize(model, ParallelState.single())
+    runtime = parallelize(model, ParallelState.single(), FLUX_ATTENTION)
     assert hooks() > before + len(model.single_transformer_blocks) - 1
     runtime.remove()
     assert hooks() == before
