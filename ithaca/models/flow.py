@@ -180,9 +180,8 @@ class FlowMatchPipeline(DenoisingPipeline):
         fewest, most = self.spec.images
         count = len(params.images)
         if not fewest <= count <= most:
-            wanted = f"{fewest}" if fewest == most else f"{fewest} to {most}"
             raise ParamError(
-                "image", f"{self.spec.name} takes {wanted} input image(s), got {count}"
+                "image", f"{self.spec.name} {_images_wanted(fewest, most)}, got {count}"
             )
         scale = self.cfg_scale(params)
         do_cfg = scale > self.spec.cfg_above
@@ -275,3 +274,11 @@ class FlowMatchPipeline(DenoisingPipeline):
         images = self.vae.decode(self.vae_latents(job, latents), return_dict=False)[0]
         flat = self.image_processor.postprocess(images, output_type="pil")
         return split_images(flat, job.requests)
+
+
+def _images_wanted(fewest: int, most: int) -> str:
+    if most == 0:
+        return "is text-to-image and takes no input images"
+    if fewest == most:
+        return f"needs exactly {'one' if most == 1 else most} input image{'s' * (most > 1)}"
+    return f"takes {fewest} to {most} input images"
