@@ -16,8 +16,6 @@ guidance rule. The shared helpers below are also what Qwen-Image and Wan2.2 use.
 from __future__ import annotations
 
 import importlib
-import json
-import os
 from typing import Any
 
 import numpy as np
@@ -29,6 +27,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 
 from ithaca.models.base import DenoisingPipeline, Job, Request
+from ithaca.models.registry import model_index
 from ithaca.models.spec import FamilySpec, parallelize
 from ithaca.parallel import ParallelState
 from ithaca.parallel.cfg import NEGATIVE, POSITIVE
@@ -37,20 +36,6 @@ from ithaca.types import GenerationParams, ParamError
 pack_latents = _Packing._pack_latents
 """``(n, C, h, w)`` -> ``(n, h/2 * w/2, 4C)``: 2x2 patches as tokens (diffusers')."""
 unpack_latents = _Packing._unpack_latents
-
-
-def model_index(model: str) -> dict:
-    """A checkpoint's ``model_index.json`` (local directory or hub)."""
-    if os.path.isdir(model):
-        path = os.path.join(model, "model_index.json")
-        if not os.path.isfile(path):
-            raise ValueError(f"{model} is a directory without model_index.json")
-    else:
-        from huggingface_hub import hf_hub_download
-
-        path = hf_hub_download(model, "model_index.json")
-    with open(path) as f:
-        return json.load(f)
 
 
 def load_component(model: str, name: str, index: dict, device, dtype, cls=None):
@@ -183,6 +168,13 @@ class FlowMatchPipeline(DenoisingPipeline):
             raise ParamError(
                 "image", f"{self.spec.name} {_images_wanted(fewest, most)}, got {count}"
             )
+        if steps < 2 and self.scheduler_config.get("shift_terminal"):
+            # diffusers' terminal stretch divides by (1 - last sigma) = 0 for one step: NaN.
+            raise ParamError(
+                "num_inference_steps",
+                f"num_inference_steps ({steps}) must be at least 2 with this scheduler "
+                f"(shift_terminal={self.scheduler_config['shift_terminal']})",
+            )
         scale = self.cfg_scale(params)
         do_cfg = scale > self.spec.cfg_above
         if self.spec.cfg_needs_negative:
@@ -244,14 +236,14 @@ class FlowMatchPipeline(DenoisingPipeline):
         if requests[0].do_cfg:
             text[NEGATIVE] = self.batch_text([c["negative"] for c in conds], requests)
         inputs = {"text": text, **self.forward_inputs(requests, conds, latents)}
-        scheduler = flow_schedule(
-            self.scheduler_config,
-            requests[0].steps,
-            self.seq_len(latents),
-            self.device,
-            self.spec.sigmas,
-        )
+        scheduler = self.schedule(requests[0].steps, latents, inputs)
         return Job(requests, seeds, latents, scheduler.timesteps, scheduler, inputs)
+
+    def schedule(self, steps: int, latents: torch.Tensor, inputs: dict):
+        """The batch's scheduler, timesteps set (see :func:`flow_schedule`)."""
+        return flow_schedule(
+            self.scheduler_config, steps, self.seq_len(latents), self.device, self.spec.sigmas
+        )
 
     def forward(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -38,7 +38,8 @@ PIPELINES: dict[str, tuple[str, str]] = {
 }
 
 
-def _model_index(model: str) -> dict:
+def model_index(model: str) -> dict:
+    """A checkpoint's ``model_index.json`` (local directory or hub)."""
     if os.path.isdir(model):
         path = os.path.join(model, "model_index.json")
         if not os.path.isfile(path):
@@ -51,11 +52,20 @@ def _model_index(model: str) -> dict:
         return json.load(f)
 
 
+def register(class_name: str, pipeline: type | str) -> None:
+    """Serve checkpoints whose ``model_index.json`` says ``_class_name == class_name``
+    with ``pipeline`` (a class, or ``"module:Class"`` imported on first use)."""
+    if isinstance(pipeline, type):
+        pipeline = f"{pipeline.__module__}:{pipeline.__qualname__}"
+    module, _, name = pipeline.partition(":")
+    PIPELINES[class_name] = (module, name)
+
+
 def pipeline_class(model: str) -> type:
     """The pipeline class for a checkpoint, or ``ValueError`` naming the supported ones."""
     import importlib
 
-    class_name = _model_index(model).get("_class_name")
+    class_name = model_index(model).get("_class_name")
     if class_name not in PIPELINES:
         raise ValueError(
             f"{model}: pipeline class {class_name!r} is not supported; supported classes: "

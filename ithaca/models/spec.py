@@ -126,7 +126,9 @@ class FamilySpec:
     """``"linspace"``: ``np.linspace(1, 1/steps, steps)``; ``"torch_linspace"``: the same
     in float32; ``"scheduler"``: the scheduler's own timesteps."""
     tiny: str | None = None
-    """``"module:function"`` building a tiny random checkpoint ``(path, seed=0)`` (tests)."""
+    """``"module:function"`` building a tiny random checkpoint ``(path, seed=0, **tiny_args)``
+    for tests (a string: the runtime never imports test helpers)."""
+    tiny_args: Mapping[str, Any] = field(default_factory=dict)
     reference: str | None = None
     """The diffusers pipeline class that is this family's numerical oracle."""
     reference_args: Mapping[str, str] = field(default_factory=dict)

@@ -585,8 +585,3 @@ def build_tiny_ovis_image(path: str | os.PathLike, seed: int = 0) -> Path:
         },
     )
     return path
-
-
-def build_tiny_longcat_image_edit(path: str | os.PathLike, seed: int = 0) -> Path:
-    """A tiny LongCat-Image-Edit checkpoint at ``path``."""
-    return build_tiny_longcat_image(path, seed, edit=True)

@@ -256,9 +256,9 @@ def test_sizes_round_down_like_diffusers_and_invalid_requests_raise(tiny_checkpo
     with pytest.raises(ValueError, match="takes no input images"):
         pipe.resolve(GenerationParams(prompt="x", images=edit_images()[:1]))
     edit = registry.load_pipeline(tiny_checkpoints["edit"], ParallelState.single())
-    with pytest.raises(ValueError, match="needs an input image"):
+    with pytest.raises(ValueError, match="needs exactly one input image"):
         edit.resolve(GenerationParams(prompt="x"))
-    with pytest.raises(ValueError, match="Qwen-Image-Edit-2509"):
+    with pytest.raises(ValueError, match="Qwen-Image-Edit needs exactly one input image, got 2"):
         edit.resolve(GenerationParams(prompt="x", images=edit_images()))
 
 

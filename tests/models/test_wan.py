@@ -163,14 +163,12 @@ def test_t2v_a14b_two_experts_match_diffusers(tiny_wan, state):
     # Timesteps 999, 900 >= 875 run the high-noise expert, 750, 500 the low-noise one;
     # CFG calls each twice (positive, negative).
     assert experts == [0, 0, 0, 0, 1, 1, 1, 1]
-    job_scales = [
-        pipe.step_guidance_scale(_job(pipe, request), torch.tensor(t)) for t in (900, 750)
-    ]
-    assert job_scales == [4.0, 2.0]
-
-
-def _job(pipe, request):
-    return types.SimpleNamespace(requests=[pipe.resolve(GenerationParams(**request))])
+    timesteps = torch.tensor([999.0, 900.0, 750.0, 500.0])
+    job = types.SimpleNamespace(
+        requests=[pipe.resolve(GenerationParams(**request))],
+        inputs={"experts": pipe._expert_indices(timesteps)},
+    )
+    assert pipe.step_guidance_scales(job) == [4.0, 4.0, 2.0, 2.0]  # decided before the loop
 
 
 def test_ti2v_text_only_matches_diffusers(tiny_wan, state):

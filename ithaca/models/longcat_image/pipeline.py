@@ -202,7 +202,7 @@ class LongCatImageEditPipeline(LongCatImagePipeline):
         guidance=plain_cfg,  # the edit pipeline has no renorm
         images=(1, 1),
         noise_dtype=None,
-        tiny="ithaca.testing.tiny_families:build_tiny_longcat_image_edit",
+        tiny_args={"edit": True},
         reference="LongCatImageEditPipeline",
     )
     target_area = 1024 * 1024
