@@ -13,9 +13,9 @@ request with true CFG (its own loop, two images) and one with embedded guidance 
 
 import pytest
 
+from ithaca.models.flux.pipeline import FluxPipeline
 from ithaca.models.registry import load_pipeline
 from ithaca.parallel import ParallelState
-from ithaca.testing.tiny_families import build_tiny_flux
 from ithaca.types import GenerationParams
 from tests.models._families_run import (
     FLUX_STYLE_HOOKS,
@@ -36,11 +36,10 @@ BATCH = [CFG, DISTILLED]
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flux")
+def checkpoints(tiny_family):
     return {
-        "dev": str(build_tiny_flux(root / "dev", seed=0)),
-        "schnell": str(build_tiny_flux(root / "schnell", seed=1, guidance_embeds=False)),
+        "dev": tiny_family(FluxPipeline),
+        "schnell": tiny_family(FluxPipeline, seed=1, guidance_embeds=False),
     }
 
 

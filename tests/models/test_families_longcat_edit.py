@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ithaca.testing.tiny_families import build_tiny_longcat_image
+from ithaca.models.longcat_image.pipeline import LongCatImageEditPipeline
 from tests.models._families_run import (
     LAYOUTS,
     check_layout,
@@ -40,9 +40,8 @@ def _batch():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("longcat_edit") / "edit"
-    return str(build_tiny_longcat_image(path, seed=0, edit=True))
+def checkpoint(tiny_family):
+    return tiny_family(LongCatImageEditPipeline)
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from ithaca.models.registry import load_pipeline
+from ithaca.models.z_image.pipeline import ZImagePipeline
 from ithaca.models.z_image.transformer import pad_heads, z_image_sp_plan
 from ithaca.parallel import ParallelState, validate_sp_plan
-from ithaca.testing.tiny_families import build_tiny_z_image
 from ithaca.types import GenerationParams
 from tests.models._families_run import LAYOUTS as FAMILY_LAYOUTS
 from tests.models._families_run import (
@@ -52,8 +52,8 @@ SHARDED = ["noise_refiner.0.x", "noise_refiner.0.freqs_cis", "layers.0.x", "laye
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return str(build_tiny_z_image(tmp_path_factory.mktemp("z_image") / "turbo", seed=0))
+def checkpoint(tiny_family):
+    return tiny_family(ZImagePipeline)
 
 
 @pytest.fixture(scope="module")
