@@ -1,18 +1,21 @@
 """The denoising loop every model family reuses, and the batch bookkeeping around it.
 
-A family subclasses :class:`DenoisingPipeline` and supplies:
+Image families stand on :class:`ithaca.models.flow.FlowMatchPipeline`, which builds
+these hooks from a :class:`ithaca.models.spec.FamilySpec`; Wan2.2 fills them itself:
 
 - ``resolve(params) -> Request``: validated settings, the same on every rank;
 - ``condition(request) -> dict``: text embeddings, encoded input images (runs only on
   the replica's rank 0, where the text encoder and the VAE live; the result is
   broadcast to the other ranks of the replica);
 - ``prepare(requests, conds) -> Job``: initial latents, timesteps, forward inputs;
-- ``predict(job, branch, i, t) -> noise prediction`` for one guidance branch;
+- ``predict(job, branch, t) -> noise prediction`` for one guidance branch (``job.step``
+  is the step index);
 - ``decode(job, latents) -> list[list[Image]]`` (rank 0 only).
 
 The loop owns CFG-parallel (``predict_branches``), batching of compatible requests,
 per-step progress, cancellation between steps (the returning rank's decision is
-broadcast so that every rank stops at the same step) and partial-image previews.
+broadcast so that every rank stops at the same step), partial-image previews and
+resuming from a step (:class:`ResumeState`), without a host sync inside the loop.
 """
 
 from __future__ import annotations
@@ -170,22 +173,9 @@ class DenoisingPipeline:
         transformer = cls.from_pretrained(model, subfolder=subfolder, torch_dtype=self.dtype)
         return transformer.to(self.device).eval().requires_grad_(False)
 
-    def load_flow_configs(self, model: str) -> None:
-        """Scheduler config and VAE scale of an ``AutoencoderKL`` flow-matching family
-        (FLUX-like)."""
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-
-        self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(
-            model, subfolder="scheduler"
-        )
-        vae_config = AutoencoderKL.load_config(model, subfolder="vae")
-        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-
     # -- shared request validation (families call these from ``resolve``) ------
     multiple: int = 16
     """Width and height are rounded down to a multiple of this (latent patch x VAE)."""
-    family_name: str = "this model"
-    """How error messages name the family."""
     takes_layers: bool = False
     """Whether requests may set ``layers`` (layered decomposition models only)."""
 

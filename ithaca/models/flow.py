@@ -102,7 +102,6 @@ class FlowMatchPipeline(DenoisingPipeline):
         super().__init__(state, dtype)
         spec = self.spec
         self.model = model
-        self.family_name = spec.name
         self.default_width, self.default_height = spec.defaults.width, spec.defaults.height
         self.default_steps = spec.defaults.steps
         self.default_true_cfg_scale = spec.defaults.cfg_scale
