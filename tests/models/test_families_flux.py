@@ -1,7 +1,7 @@
 """FLUX.1: 1 rank equals diffusers' FluxPipeline; every layout equals 1 rank.
 
 Pyramid: in-process 1-rank runs against the diffusers reference (fp32 latents within
-1e-5, identical uint8 images); then 2- and 4-rank gloo runs of the whole pipeline
+1e-5, images within 1/255); then 2- and 4-rank gloo runs of the whole pipeline
 (text encoders on rank 0, broadcast embeddings, sharded transformer, CFG-parallel when
 a request uses true CFG, decode on rank 0) against our 1-rank run: final latents
 within 1e-4 (the sum order of attention changes with the layout), images within 1/255.

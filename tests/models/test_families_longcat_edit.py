@@ -2,7 +2,7 @@
 equals 1 rank.
 
 Pyramid: an in-process 1-rank run against the diffusers reference (fp32 latents within
-1e-5, identical uint8 images); then 2- and 4-rank gloo runs against our 1-rank run
+1e-5, images within 1/255); then 2- and 4-rank gloo runs against our 1-rank run
 (latents within 1e-4, images within 1/255). Same plan and processor as FLUX.1.
 
 Both pipelines size the output from the input's aspect ratio at a target area (1024^2

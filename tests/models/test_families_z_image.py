@@ -1,7 +1,7 @@
 """Z-Image: 1 rank equals diffusers' ZImagePipeline; every layout equals 1 rank.
 
 Pyramid: the plan and head padding without processes; in-process 1-rank runs against
-the diffusers reference (fp32 latents within 1e-5, identical uint8 images); then 2- and
+the diffusers reference (fp32 latents within 1e-5, images within 1/255); then 2- and
 4-rank gloo runs of the whole pipeline against our 1-rank run: final latents within
 1e-4, images within 1/255. The tiny transformer has Z-Image's 30 heads, so Ulysses 4
 runs with two appended zero heads.

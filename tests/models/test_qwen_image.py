@@ -120,7 +120,8 @@ def test_equals_diffusers(tiny_checkpoints, case):
     assert err <= LATENT_TOL, f"latents differ by {err:.2e}"
     ours = np.stack([np.asarray(im) for im in results[0].images])
     assert ours.shape == ref_images.shape == (params.num_images, 64, 96, 3)
-    assert np.array_equal(ours, ref_images)
+    # Not bit-identical by construction (our attention runs another kernel): 1/255 at most.
+    assert np.abs(ours.astype(int) - ref_images.astype(int)).max() <= 1
     assert ours.std() > 10  # the tiny decoder draws a real picture, not a flat grey
     record(FAMILIES[kind], "1 rank vs diffusers", err, max_image_diff(list(ours), list(ref_images)))
 

@@ -149,8 +149,8 @@ def _check_parity(pipe, ref_cls, kind, path, request, seed):
     assert err <= LATENT_TOL, f"final latents differ from diffusers by {err:.2e}"
     assert frames[0].dtype == np.uint8 and frames[0].shape == ref_frames.shape
     diff = max_frame_diff(frames[0], ref_frames)
-    assert diff == 0
-    # The frames vary (not a constant grey), so equality means something.
+    assert diff <= 1  # not bit-identical by construction: another attention kernel
+    # The frames vary (not a constant grey), so closeness means something.
     assert frames[0].std() > 20
     record(FAMILIES[kind], "1 rank vs diffusers", err, diff)
     return experts
