@@ -2,7 +2,7 @@
 
 Pyramid: here everything in-process (tiny checkpoints, 1 rank): templates and tokenizer,
 registry, 1-rank pipeline vs diffusers (fp32 latents max abs <= 1e-5, uint8 images
-identical), save/load, batching, cancellation, previews, validation. Multi-rank layouts
+within 1/255), save/load, batching, cancellation, previews, validation. Multi-rank layouts
 are in test_qwen_image_parallel.py.
 """
 
