@@ -90,6 +90,7 @@ class WanPipeline(DenoisingPipeline):
     default_true_cfg_scale = 4.0
     default_num_frames = 81
     default_fps = 16
+    joins_mid_run = False  # the experts and scales are decided per step of one schedule
     takes_image: str = "optional"  # with expand_timesteps; else "never" (see __init__)
 
     def __init__(

@@ -1,0 +1,264 @@
+"""Step-level (continuous) batching: requests join a running batch at a step boundary.
+
+Written once for every family on top of the hooks of :mod:`ithaca.models.base`. A
+running batch is a list of slots, one per request, each with its own job from
+``prepare([request])``: its seeded noise, scheduler, timesteps, step count and guidance
+scale. Every step runs ONE fused forward over all slots: the family's ``prepare`` builds
+the batch's inputs for the current members (rebuilt only when membership changes), the
+latents are the slots' own, and the timestep is a ``(rows,)`` tensor with each row at
+its own step (the families' ``t.expand(B)`` takes it as it is). The guidance scale is a
+float when every slot shares it (so the forward and guidance are exactly the fused
+loop's) and a per-row tensor otherwise. Each slot's scheduler steps its own rows; a
+slot that reaches its last step is decoded and handed to ``on_done`` at once.
+
+At each step boundary the returning rank makes one decision, ``(cancel, joiners)``: the
+engine's ``admit(accepts)`` hands the oldest waiting requests this batch ``accepts``
+(same size and model settings, no step cache, no input images). With several ranks the
+decision is broadcast (``broadcast_object``), so every rank joins and leaves at the same
+step and reaches the joiners' conditioning broadcast in the same order.
+
+Compatibility is :func:`join_key`: width, height, CFG on/off, the family's extra key and
+the cache settings; steps and the guidance scale may differ. A family whose loop decides
+per step from its schedule (Wan2.2's experts) sets ``joins_mid_run = False`` and runs
+fused whole batches instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ithaca.models.base import DenoisingPipeline, Job, Request, preview_steps
+from ithaca.parallel import comm, predict_branches
+from ithaca.types import GenerationParams, GenerationResult, StepCallback, StepEvent
+
+Admit = Callable[[Callable[[GenerationParams], bool]], list[GenerationParams]]
+"""``admit(accepts)`` (returning rank): waiting requests that join at this boundary, taken
+oldest first while ``accepts`` them (the engine also bounds them by free batch rows)."""
+Done = Callable[[GenerationResult], None]
+"""``on_done(result)`` (returning rank): a request finished at this step boundary."""
+
+
+def join_key(pipe: DenoisingPipeline, request: Request) -> tuple:
+    """What two requests must share to run in one step batch (steps and scale may differ)."""
+    alone = bool(request.params.images) or not pipe.joins_mid_run
+    cache = pipe._cache_settings(request)
+    return (
+        request.width,
+        request.height,
+        request.do_cfg,
+        request.extra_key,
+        cache,
+        id(request) if alone or cache[0] is not None else None,
+    )
+
+
+@dataclass
+class _Slot:
+    request: Request
+    cond: dict[str, Any]
+    job: Job
+    """The request's own job: scheduler, timesteps and (updated each step) latents."""
+    joined_at: int
+    """The batch step at which the request joined (0: it started the batch)."""
+    step: int = 0
+    previews_at: set[int] = field(default_factory=set)
+
+    @property
+    def rows(self) -> int:
+        return self.job.latents.shape[0]
+
+    @property
+    def done(self) -> bool:
+        return self.step == len(self.job.timesteps)
+
+
+class StepBatch:
+    """One running step batch on one rank (every rank of the replica runs its twin)."""
+
+    def __init__(
+        self,
+        pipe: DenoisingPipeline,
+        callback: StepCallback | None,
+        admit: Admit | None,
+        on_done: Done | None,
+    ):
+        self.pipe = pipe
+        self.callback = callback
+        self.admit = admit
+        self.on_done = on_done
+        self.slots: list[_Slot] = []
+        self.key: tuple | None = None
+        self.fused: Job | None = None  # the members' inputs; None after a membership change
+        self.batch_step = 0
+        self.results: dict[str, GenerationResult] = {}
+
+    # -- membership ------------------------------------------------------------------
+    def accepts(self, params: GenerationParams) -> bool:
+        """Whether a waiting request may join (returning rank, before the broadcast)."""
+        try:
+            request = self.pipe.resolve(params)
+        except ValueError:
+            return False  # it fails on its own, in a batch of its own
+        return join_key(self.pipe, request) == self.key
+
+    def join(self, requests: list[Request]) -> None:
+        if not requests:
+            return
+        conds = self.pipe._conditions(requests)  # a broadcast: every rank, same order
+        for r, c in zip(requests, conds, strict=True):
+            job = self.pipe.prepare([r], [c])
+            job.scheduler.set_begin_index(0)
+            slot = _Slot(r, c, job, self.batch_step)
+            slot.previews_at = preview_steps(len(job.timesteps), r.params.partial_images)
+            self.slots.append(slot)
+        self.fused = None
+
+    # -- one step ----------------------------------------------------------------------
+    def _fused_job(self) -> Job:
+        if self.fused is None:
+            self.fused = self.pipe.prepare(
+                [s.request for s in self.slots], [s.cond for s in self.slots]
+            )
+        self.fused.latents = torch.cat([s.job.latents for s in self.slots])
+        return self.fused
+
+    def _scale(self, like: torch.Tensor) -> float | torch.Tensor:
+        """The guidance scale: a float when all slots share it, else one per row."""
+        scales = [s.request.true_cfg_scale for s in self.slots]
+        if len(set(scales)) == 1:
+            return scales[0]
+        rows = [v for v, s in zip(scales, self.slots, strict=True) for _ in range(s.rows)]
+        shape = (len(rows),) + (1,) * (like.ndim - 1)
+        return torch.tensor(rows, dtype=like.dtype, device=like.device).view(shape)
+
+    def step(self) -> bool:
+        """One fused forward, each slot's scheduler step; returns whether to cancel."""
+        pipe = self.pipe
+        job = self._fused_job()
+        # (rows,): every row at its own request's step; 0-d indexing reads nothing back
+        t = torch.cat([s.job.timesteps[s.step].expand(s.rows) for s in self.slots])
+        job.step = self.batch_step
+        do_cfg = self.slots[0].request.do_cfg
+        positive, negative = predict_branches(
+            pipe.state, lambda branch: pipe.predict(job, branch, t), do_cfg
+        )
+        noise = pipe.guide(positive, negative, self._scale(positive))
+        asked, start = False, 0
+        for s in self.slots:
+            rows = noise[start : start + s.rows]
+            start += s.rows
+            i = s.step
+            latents = s.job.scheduler.step(rows, s.job.timesteps[i], s.job.latents)[0]
+            if pipe.is_returning_rank and self.callback is not None:
+                previews = None
+                if i in s.previews_at:  # flow matching's x0 estimate: x_t - sigma * v
+                    sigma = s.job.scheduler.sigmas[i]
+                    x0 = (s.job.latents.float() - sigma * rows.float()).to(s.job.latents.dtype)
+                    previews = pipe.preview(s.job, x0)
+                ids = [s.request.params.request_id]
+                total = len(s.job.timesteps)
+                asked |= bool(self.callback(StepEvent(ids, i + 1, total, previews)))
+            s.job.latents = latents
+            s.step += 1
+        self.batch_step += 1
+        return asked
+
+    # -- leaving -------------------------------------------------------------------------
+    def _result(self, slot: _Slot, started: float) -> GenerationResult:
+        r = slot.request
+        result = GenerationResult(request_id=r.params.request_id)
+        result.metadata.update(
+            seed=slot.cond["seed"],
+            width=r.width,
+            height=r.height,
+            num_inference_steps=r.steps,
+            true_cfg_scale=r.true_cfg_scale if r.do_cfg else None,
+            cancelled=False,
+            batching={"mode": "continuous", "joined_at_batch_step": slot.joined_at},
+        )
+        result.metadata["timings"] = {"total_s": time.perf_counter() - started}
+        return result
+
+    def leave(self, started: float) -> None:
+        """Decode the finished slots together (returning rank) and hand them over."""
+        finished = [s for s in self.slots if s.done]
+        if not finished:
+            return
+        self.slots = [s for s in self.slots if not s.done]
+        self.fused = None
+        results = [self._result(s, started) for s in finished]
+        if self.pipe.is_returning_rank:
+            job = self.pipe.prepare([s.request for s in finished], [s.cond for s in finished])
+            job.latents = torch.cat([s.job.latents for s in finished])
+            outputs = self.pipe.decode(job, job.latents)
+            for s, res, out in zip(finished, results, outputs, strict=True):
+                self.pipe.fill_result(res, s.request, out)
+        for res in results:
+            self.results[res.request_id] = res
+            if self.on_done is not None and self.pipe.is_returning_rank:
+                self.on_done(res)
+
+    def decide(self, asked: bool) -> tuple[bool, list[GenerationParams]]:
+        """The returning rank's ``(cancel, joiners)``, the same on every rank."""
+        decision: tuple[bool, list[GenerationParams]] = (asked, [])
+        if self.pipe.is_returning_rank and not asked and self.admit is not None:
+            decision = (False, list(self.admit(self.accepts)))
+        # Every rank of the replica reaches this broadcast once per step boundary.
+        return comm.broadcast_object(decision, self.pipe.state.replica)
+
+    def cancel_rest(self) -> None:
+        for s in self.slots:
+            result = GenerationResult(request_id=s.request.params.request_id)
+            result.metadata.update(cancelled=True, steps_done=s.step)
+            self.results[result.request_id] = result
+        self.slots = []
+
+    def run(self, requests: list[Request]) -> None:
+        started = time.perf_counter()
+        self.key = join_key(self.pipe, requests[0])
+        self.join(requests)
+        while self.slots:
+            asked = self.step()
+            self.leave(started)
+            cancel, joiners = self.decide(asked)
+            if cancel:
+                self.cancel_rest()
+                return
+            if self.slots or joiners:
+                self.join([self.pipe.resolve(p) for p in joiners])
+
+
+def generate_stepwise(
+    pipe: DenoisingPipeline,
+    batch: list[GenerationParams],
+    callback: StepCallback | None = None,
+    admit: Admit | None = None,
+    on_done: Done | None = None,
+) -> list[GenerationResult]:
+    """Run ``batch`` with step-level batching: requests compatible with the first one
+    (and later ones ``admit`` hands over) share a step batch; the rest run as
+    :meth:`DenoisingPipeline.generate` runs them. Returns every result (the batch's and
+    the joiners'), each also given to ``on_done`` when it finished."""
+    requests = [pipe.resolve(p) for p in batch]  # raises ValueError before any work
+    key = join_key(pipe, requests[0])
+    # The head runs alone with a cache, input images or a family that cannot join.
+    together = [key[-1] is None and join_key(pipe, r) == key for r in requests]
+    joining = [r for r, j in zip(requests, together, strict=True) if j]
+    rest = [r.params for r, j in zip(requests, together, strict=True) if not j]
+    results: dict[str, GenerationResult] = {}
+    if joining:
+        stepper = StepBatch(pipe, callback, admit, on_done)
+        stepper.run(joining)
+        results.update(stepper.results)
+    if rest:
+        for res in pipe.generate(rest, callback):
+            results[res.request_id] = res
+            if on_done is not None and pipe.is_returning_rank:
+                on_done(res)
+    ordered = [results.pop(p.request_id) for p in batch]
+    return ordered + list(results.values())
