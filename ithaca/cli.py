@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue-size", type=int, default=64)
     s.add_argument("--max-batch-size", type=int, default=4)
     s.add_argument("--batch-wait-ms", type=float, default=10.0)
+    s.add_argument(
+        "--batch-invariant", action="store_true",
+        help="every request gets exactly its solo bytes (no fused forwards; 2-3x slower)",
+    )  # fmt: skip
+    s.add_argument(
+        "--continuous-batching", action="store_true",
+        help="requests join a running batch at the next step (needs --executor inprocess)",
+    )  # fmt: skip
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--omni", action="store_true", help="accepted and ignored (reference CLI)")
     s.add_argument("--on-worker-failure", choices=["restart", "exit"], default="restart")
@@ -143,6 +151,8 @@ def cmd_serve(args) -> int:
         max_queue_size=args.max_queue_size,
         max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms,
+        batch_invariant=args.batch_invariant,
+        continuous_batching=args.continuous_batching,
         executor=args.executor,
         on_worker_failure=args.on_worker_failure,
         startup_timeout_s=args.startup_timeout,

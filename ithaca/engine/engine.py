@@ -66,6 +66,7 @@ class Engine:
         max_batch_size: int = 4,
         batch_wait_ms: float = 10.0,
         on_worker_failure: str = "restart",
+        continuous: bool = False,
         metrics: EngineMetrics | None = None,
         on_fatal: Callable[[str], None] | None = None,
     ):
@@ -74,6 +75,8 @@ class Engine:
         self.executors = executors
         self.scheduler = Scheduler(max_queue_size, max_batch_size, batch_wait_ms)
         self.on_worker_failure = on_worker_failure
+        self.continuous = continuous
+        """Step-level batching: waiting requests join a running batch between steps."""
         self.metrics = metrics or EngineMetrics()
         self.on_fatal = on_fatal
         self.fatal_reason: str | None = None
@@ -243,8 +246,7 @@ class Engine:
                 continue
             self._run(i, batch)
 
-    def _run(self, i: int, batch: list[EngineRequest]) -> None:
-        ex = self.executors[i]
+    def _started(self, batch: list[EngineRequest]) -> None:
         start = time.monotonic()
         for req in batch:
             req.started = start
@@ -252,7 +254,28 @@ class Engine:
         with self._lock:
             self._running.update(batch)
         self.metrics.running.inc(len(batch))
+
+    def _deliver(self, req: EngineRequest, result: GenerationResult | None) -> None:
+        """Resolve one request of a finished batch (or of a step batch, as it leaves)."""
+        if req.future.done():
+            return
+        if req.cancelled.is_set():
+            self._fail(req, RequestCancelledError("the request was cancelled"))
+        elif result is not None:
+            done = time.monotonic()
+            self.metrics.e2e_latency.observe(done - req.arrival)
+            self.metrics.observe_result(result.metadata)
+            req.finished = done
+            req.finish(result)
+        else:
+            self._fail(req, GenerationFailedError("the pipeline returned no result"))
+
+    def _run(self, i: int, batch: list[EngineRequest]) -> None:
+        ex = self.executors[i]
+        start = time.monotonic()
+        self._started(batch)
         self.metrics.batch_size.observe(len(batch))
+        batch = list(batch)  # step-level batching appends the joiners
         last = [start]
 
         def on_step(event: StepEvent) -> bool:
@@ -261,16 +284,38 @@ class Engine:
             last[0] = now
             previews = split_previews(event, batch)
             for req in batch:
+                if req.request_id not in event.request_ids:
+                    continue
                 req.step, req.total_steps = event.step, event.total_steps
                 if req.on_progress is not None and not req.cancelled.is_set():
                     try:
                         req.on_progress(event.step, event.total_steps, previews.get(req.request_id))
                     except Exception:
                         log.exception("progress callback of %s failed", req.request_id)
-            return all(req.cancelled.is_set() for req in batch)
+            return all(req.cancelled.is_set() for req in batch if not req.future.done())
+
+        def admit(accepts) -> list:
+            room = self.scheduler.max_batch_size - sum(
+                r.weight for r in batch if not r.future.done()
+            )
+            joined = self.scheduler.take_joiners(accepts, room)
+            if joined:
+                self.metrics.waiting.set(len(self.scheduler))
+                self._started(joined)
+                batch.extend(joined)
+            return [req.params for req in joined]
+
+        def on_done(result: GenerationResult) -> None:
+            for req in batch:
+                if req.request_id == result.request_id:
+                    self._deliver(req, result)
 
         try:
-            results = ex.execute([req.params for req in batch], on_step)
+            params = [req.params for req in batch]
+            if self.continuous and hasattr(ex, "execute_stepwise"):
+                results = ex.execute_stepwise(params, on_step, admit, on_done)
+            else:
+                results = ex.execute(params, on_step)
         except WorkerGroupDiedError as exc:
             self._reasons[i] = str(exc)
             for req in batch:
@@ -284,17 +329,8 @@ class Engine:
                 self._fail(req, GenerationFailedError(f"{type(exc).__name__}: {exc}"))
         else:
             by_id = {res.request_id: res for res in results}
-            done = time.monotonic()
             for req in batch:
-                if req.cancelled.is_set():
-                    self._fail(req, RequestCancelledError("the request was cancelled"))
-                elif req.request_id in by_id:
-                    self.metrics.e2e_latency.observe(done - req.arrival)
-                    self.metrics.observe_result(by_id[req.request_id].metadata)
-                    req.finished = done
-                    req.finish(by_id[req.request_id])
-                else:
-                    self._fail(req, GenerationFailedError("the pipeline returned no result"))
+                self._deliver(req, by_id.get(req.request_id))
         finally:
             self.metrics.running.dec(len(batch))
             with self._lock:
@@ -316,7 +352,9 @@ def build_engine(
     from ithaca.engine.group import WorkerGroupExecutor
 
     group = dataclasses.replace(parallel, data_parallel_size=1)
-    spec = PipelineSpec(server.model, server.dtype, cache or CacheConfig(), group)
+    spec = PipelineSpec(
+        server.model, server.dtype, cache or CacheConfig(), group, server.batch_invariant
+    )
     executors: list[Executor] = []
     for i in range(parallel.data_parallel_size):
         if server.executor == "inprocess":
@@ -352,6 +390,7 @@ def build_engine(
         max_batch_size=server.max_batch_size,
         batch_wait_ms=server.batch_wait_ms,
         on_worker_failure=server.on_worker_failure,
+        continuous=server.continuous_batching,
         metrics=metrics,
         on_fatal=on_fatal,
     )

@@ -36,6 +36,8 @@ class PipelineSpec:
     dtype: str | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    batch_invariant: bool = False
+    """Each request of a batch runs its own loop (exact solo bytes) instead of fused."""
 
 
 def default_model_path() -> str:
@@ -57,10 +59,14 @@ def load_pipeline(spec: PipelineSpec, state) -> Pipeline:
     if model and ":" in model and not os.path.exists(model):
         module, _, attr = model.partition(":")
         factory = getattr(importlib.import_module(module), attr)
-        return factory(state, **kwargs)
-    from ithaca.models.registry import load_pipeline as registry_load
+        pipeline = factory(state, **kwargs)
+    else:
+        from ithaca.models.registry import load_pipeline as registry_load
 
-    return registry_load(model or default_model_path(), state, **kwargs)
+        pipeline = registry_load(model or default_model_path(), state, **kwargs)
+    if hasattr(pipeline, "fuse_batches"):
+        pipeline.fuse_batches = not spec.batch_invariant
+    return pipeline
 
 
 def classify_failure(exc: BaseException) -> str:
@@ -80,6 +86,9 @@ class Executor(Protocol):
         self, batch: list[GenerationParams], on_step: StepHandler
     ) -> list[GenerationResult]:
         """Run one batch; results in any order, matched by ``request_id``."""
+
+    # Executors that run step-level batches also have ``execute_stepwise(batch, on_step,
+    # admit, on_done)`` (see :func:`ithaca.models.stepping.generate_stepwise`).
 
     def is_alive(self) -> bool: ...
 
@@ -116,13 +125,21 @@ class InProcessExecutor:
     def execute(
         self, batch: list[GenerationParams], on_step: StepHandler
     ) -> list[GenerationResult]:
+        return self._run(lambda: self.pipeline.generate(batch, on_step))
+
+    def execute_stepwise(self, batch, on_step: StepHandler, admit, on_done):
+        """``execute`` with step-level batching: ``admit(accepts)`` hands over joiners at
+        step boundaries, ``on_done(result)`` gets each request as soon as it finished."""
+        return self._run(lambda: self.pipeline.generate_stepwise(batch, on_step, admit, on_done))
+
+    def _run(self, work):
         if self._closed or self.pipeline is None:
             raise WorkerGroupDiedError(f"{self.name} is not running")
         with self._lock:
             try:
-                return self.pipeline.generate(batch, on_step)
+                return work()
             except Exception as exc:
-                log.exception("%s: pipeline failed on %d request(s)", self.name, len(batch))
+                log.exception("%s: pipeline failed", self.name)
                 raise GenerationFailedError(
                     f"{type(exc).__name__}: {exc}", classify_failure(exc)
                 ) from exc

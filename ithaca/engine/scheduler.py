@@ -136,6 +136,26 @@ class Scheduler:
                 images += req.weight
         return batch
 
+    def take_joiners(
+        self, accepts: Callable[[GenerationParams], bool], room: int
+    ) -> list[EngineRequest]:
+        """Step-level batching: the waiting requests that join a running batch now.
+
+        Oldest first, and only from the head of the queue: the first request the batch
+        does not ``accept`` (or that does not fit in ``room`` images) stops the joins, so
+        a waiting incompatible request is never overtaken by later ones; the running
+        batch drains and it runs next.
+        """
+        with self._cond:
+            joined = []
+            for req in self._queue:
+                if req.weight > room or req.cancelled.is_set() or not accepts(req.params):
+                    break
+                joined.append(req)
+                room -= req.weight
+            del self._queue[: len(joined)]
+            return joined
+
     def next_batch(self, timeout: float) -> list[EngineRequest]:
         """Block up to ``timeout`` s for a batch; ``[]`` when none (or closed)."""
         deadline = time.monotonic() + timeout

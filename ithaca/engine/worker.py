@@ -56,6 +56,7 @@ def spec_to_json(spec: PipelineSpec, heartbeat_interval_s: float) -> str:
                 "cfg_parallel_size": spec.parallel.cfg_parallel_size,
             },
             "heartbeat_interval_s": heartbeat_interval_s,
+            "batch_invariant": spec.batch_invariant,
         }
     )
 
@@ -67,6 +68,7 @@ def spec_from_json(text: str) -> tuple[PipelineSpec, float]:
         dtype=raw["dtype"],
         cache=CacheConfig.from_dict(raw["cache_backend"], raw["cache_config"]),
         parallel=ParallelConfig(**raw["parallel"]),
+        batch_invariant=bool(raw.get("batch_invariant", False)),
     )
     return spec, float(raw["heartbeat_interval_s"])
 
