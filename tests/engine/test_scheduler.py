@@ -96,3 +96,23 @@ def test_removed_requests_leave_the_queue():
     s.add(b)
     assert s.remove(a) and not s.remove(a)
     assert s.next_batch(0.1) == [b]
+
+
+def test_joiners_come_oldest_first_and_stop_at_the_first_incompatible_request():
+    s = Scheduler(max_queue_size=8, max_batch_size=4, batch_wait_ms=0)
+    first, second, other, third = req(rid="1"), req(rid="2"), req(size=128, rid="o"), req(rid="3")
+    for r in (first, second, other, third):
+        s.add(r)
+
+    def accepts(params):
+        return params.width == 64
+
+    # "3" is compatible but waits behind "o": joining would overtake it.
+    assert s.take_joiners(accepts, room=4) == [first, second]
+    assert s.take_joiners(accepts, room=4) == []
+    assert len(s) == 2
+    s.remove(other)
+    assert s.take_joiners(accepts, room=0) == []  # no free row
+    big = req(n=3, rid="big")
+    s.add(big)
+    assert s.take_joiners(accepts, room=2) == [third]  # "big" (3 images) does not fit in 1

@@ -73,3 +73,25 @@ def cancel_after_first_step(layout: dict, path: str):
         result = pipe.generate([params], callback)[0]
         pipe.runtime.remove()
         return calls, result.metadata.get("cancelled"), result.metadata.get("steps_done")
+
+
+def stepwise_join(layout: dict, path: str, batch: list[dict], joiner: dict):
+    """Step-level batching under ``layout``: ``joiner`` joins after step 1, handed over by
+    the returning rank's ``admit`` only. Returns (images by request id on the returning
+    rank, every request's ``joined_at_batch_step`` as this rank saw it, boundaries seen)."""
+    with parallel_state(ParallelConfig(**layout)) as state:
+        pipe = load_pipeline(path, state)
+        boundaries = []
+
+        def admit(accepts):
+            boundaries.append(len(boundaries) + 1)
+            return [GenerationParams(**joiner)] if len(boundaries) == 1 else []
+
+        results = pipe.generate_stepwise(
+            [GenerationParams(**b) for b in batch],
+            admit=admit if pipe.is_returning_rank else None,
+        )
+        pipe.runtime.remove()
+        images = {r.request_id: [np.asarray(im) for im in r.images] for r in results}
+        joined = {r.request_id: r.metadata["batching"]["joined_at_batch_step"] for r in results}
+        return images, joined, boundaries
