@@ -16,13 +16,30 @@ the engine time (``x-ithaca-engine-seconds``: submit to result, including the qu
 and the socket hop to rank 0) and the pipeline's own ``generate`` time
 (``x-ithaca-pipeline-seconds``), so ``client latency - pipeline time`` on the *same*
 request is what the front door costs (JSON, queueing, IPC, PNG encoding, base64).
+
+Batching modes side by side (in this process: one engine per mode over one loaded
+pipeline, one rank, no HTTP), the way LLM serving benchmarks drive a server:
+
+    OMP_NUM_THREADS=2 python benchmarks/serving.py --modes off,fused,continuous \
+        --size 128x128 --steps 20 --rate 4 --requests 32 --concurrency 1,8
+
+``--concurrency`` runs closed loops per mode (that many requests in flight); ``--rate``
+sends ``--requests`` requests with Poisson arrivals (exponential gaps, seeded), open
+loop: a slow server does not slow the arrivals. Each row: throughput (images/s), p50 /
+p99 latency and p50 / p99 queue time (arrival to the first step). Modes: ``off`` (one
+request per forward), ``invariant`` (batches, each request its own loop: exact solo
+bytes), ``fused`` (whole batches share forwards, the default) and ``continuous``
+(requests join a running batch at the next step). ``--rate`` also works against
+``--url`` (one mode: the server's).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import statistics
+import threading
 import time
 
 import httpx
@@ -118,6 +135,129 @@ async def overhead(client, body: dict, model: str | None, reps: int) -> dict:
     }
 
 
+def summary(latencies: list[float], queues: list[float], images: int, wall: float) -> dict:
+    return {
+        "ok": len(latencies),
+        "throughput": images / wall,
+        "p50": percentile(latencies, 50),
+        "p99": percentile(latencies, 99),
+        "q50": percentile(queues, 50) if queues else float("nan"),
+        "q99": percentile(queues, 99) if queues else float("nan"),
+    }
+
+
+def arrival_times(rate: float, n: int, seed: int = 0) -> list[float]:
+    """Poisson arrivals: offsets (s) from the start, exponential gaps of mean 1/rate."""
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+async def open_loop_http(client, body: dict, rate: float, n: int) -> dict:
+    """``n`` requests at Poisson arrivals against a server (queue time: its header)."""
+    latencies, queues = [], []
+    start = time.perf_counter()
+
+    async def one(i: int, at: float) -> None:
+        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+        t0 = time.perf_counter()
+        r = await client.post("/v1/images/generations", json={**body, "seed": i})
+        if r.status_code == 200:
+            latencies.append(time.perf_counter() - t0)
+            h = r.headers
+            if "x-ithaca-pipeline-seconds" in h:
+                engine, pipe = (float(h[k]) for k in ENGINE_HEADERS)
+                queues.append(max(0.0, engine - pipe))
+
+    await asyncio.gather(*(one(i, at) for i, at in enumerate(arrival_times(rate, n))))
+    return summary(latencies, queues, len(latencies), time.perf_counter() - start)
+
+
+ENGINE_HEADERS = ("x-ithaca-engine-seconds", "x-ithaca-pipeline-seconds")
+
+
+def run_engine(engine, make, arrivals: list[float] | None, concurrency: int, n: int) -> dict:
+    """Drive an in-process engine: open loop at ``arrivals`` or closed at ``concurrency``."""
+    done: list = []
+    start = time.monotonic()
+    if arrivals is not None:
+        for i, at in enumerate(arrivals):
+            time.sleep(max(0.0, start + at - time.monotonic()))
+            done.append(engine.submit(make(i)))
+    else:
+        slots = threading.Semaphore(concurrency)
+        for i in range(n):
+            slots.acquire()
+            req = engine.submit(make(i))
+            req.future.add_done_callback(lambda f: slots.release())
+            done.append(req)
+    for req in done:
+        req.future.result()
+    wall = max(r.finished for r in done) - start
+    latencies = [r.finished - r.arrival for r in done]
+    queues = [r.started - r.arrival for r in done]
+    return summary(latencies, queues, sum(r.weight for r in done), wall)
+
+
+MODES = {  # mode -> (max batch size, fuse forwards, continuous)
+    "off": (1, True, False),
+    "invariant": (None, False, False),
+    "fused": (None, True, False),
+    "continuous": (None, True, True),
+}
+
+
+def compare_modes(args) -> None:
+    """Every mode on one loaded pipeline, side by side in this process."""
+    import torch
+
+    from ithaca.engine.engine import Engine
+    from ithaca.engine.executor import InProcessExecutor, PipelineSpec, load_pipeline
+    from ithaca.parallel.state import ParallelState
+    from ithaca.types import GenerationParams
+
+    torch.set_num_threads(args.threads)
+    w, h = (int(x) for x in args.size.split("x"))
+    spec = PipelineSpec(args.direct_model)
+    pipe = load_pipeline(spec, ParallelState.single())
+
+    def make(i: int) -> GenerationParams:
+        return GenerationParams(args.prompt, width=w, height=h, num_inference_steps=args.steps,
+                                seed=i)  # fmt: skip
+
+    pipe.generate([make(0)])  # warm-up
+    rows = []
+    for mode in args.modes.split(","):
+        size, fuse, continuous = MODES[mode]
+        pipe.fuse_batches = fuse
+        engine = Engine(
+            [InProcessExecutor(spec, pipeline=pipe)],
+            max_queue_size=max(64, 2 * args.requests),
+            max_batch_size=size or args.max_batch_size,
+            batch_wait_ms=args.batch_wait_ms,
+            continuous=continuous,
+        )
+        engine.start()
+        for c in [int(x) for x in args.concurrency.split(",") if x]:
+            rows.append((mode, f"closed, concurrency {c}",
+                         run_engine(engine, make, None, c, args.requests)))  # fmt: skip
+        if args.rate:
+            arrivals = arrival_times(args.rate, args.requests, seed=args.seed)
+            rows.append((mode, f"Poisson {args.rate:g}/s",
+                         run_engine(engine, make, arrivals, 0, args.requests)))  # fmt: skip
+        engine.shutdown()
+    print(f"\nin process, {args.size}, {args.steps} steps, {args.requests} requests per row, "
+          f"max batch {args.max_batch_size}, {args.threads} torch threads")  # fmt: skip
+    print("| mode | load | images/s | p50 s | p99 s | queue p50 s | queue p99 s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for mode, load, r in rows:
+        print(f"| {mode} | {load} | {r['throughput']:.2f} | {r['p50']:.2f} | {r['p99']:.2f} "
+              f"| {r['q50']:.2f} | {r['q99']:.2f} |")  # fmt: skip
+
+
 async def main_async(args) -> None:
     body = {"prompt": args.prompt, "size": args.size, "num_inference_steps": args.steps}
     if args.model:
@@ -128,9 +268,16 @@ async def main_async(args) -> None:
         base_url=args.url, timeout=600, headers=headers, limits=limits
     ) as client:
         await client.post("/v1/images/generations", json=body)  # warm-up
+        if args.rate:
+            r = await open_loop_http(client, body, args.rate, args.requests)
+            print(f"\nPoisson {args.rate:g} requests/s, {r['ok']} ok: {r['throughput']:.2f} "
+                  f"images/s, p50 {r['p50']:.3f} s, p99 {r['p99']:.3f} s, queue p50 "
+                  f"{r['q50']:.3f} s, p99 {r['q99']:.3f} s")  # fmt: skip
         rows = []
-        for c in [int(x) for x in args.concurrency.split(",")]:
+        for c in [int(x) for x in args.concurrency.split(",") if x]:
             rows.append(await sweep_level(client, body, c, args.requests))
+        if not rows:
+            return
         print(
             f"\nserver {args.url}, {args.size}, {args.steps} steps, {args.requests} requests/level"
         )
@@ -175,7 +322,18 @@ def main() -> None:
     p.add_argument("--direct", action="store_true", help="also time a direct pipeline call")
     p.add_argument("--direct-model", default=None, help="model for --direct (default: embedded)")
     p.add_argument("--direct-reps", type=int, default=10)
-    asyncio.run(main_async(p.parse_args()))
+    p.add_argument("--rate", type=float, default=0.0, help="Poisson arrivals, requests/s")
+    p.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+    p.add_argument("--modes", default=None,
+                   help="in process, side by side: off,invariant,fused,continuous")  # fmt: skip
+    p.add_argument("--max-batch-size", type=int, default=8, help="--modes: engine batch cap")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="--modes: engine wait")
+    p.add_argument("--threads", type=int, default=2, help="--modes: torch threads")
+    args = p.parse_args()
+    if args.modes:
+        compare_modes(args)
+    else:
+        asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":
