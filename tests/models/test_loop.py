@@ -118,3 +118,24 @@ def test_bad_settings_name_their_param(pipe, params, param):
         pipe.resolve(GenerationParams(**{"prompt": "x", **params}))
     assert info.value.param == param
     assert isinstance(info.value, ValueError)  # what the engine and server catch
+
+
+def test_a_step_batch_reads_nothing_back_per_step(pipe):
+    # Step-level batching: two requests with their own steps and scales in one batch.
+    # After the first step (which builds the members' inputs), steps read nothing back.
+    from ithaca.models.stepping import StepBatch
+
+    batch = [
+        GenerationParams("a red cat", negative_prompt="x", width=64, height=64, seed=s,
+                         num_inference_steps=n, true_cfg_scale=g, request_id=str(s))
+        for s, n, g in ((1, 4, 4.0), (2, 5, 2.5))
+    ]  # fmt: skip
+    stepper = StepBatch(pipe, callback=lambda event: False, admit=None, on_done=None)
+    stepper.join([pipe.resolve(p) for p in batch])
+    stepper.step()
+    counts: list[str] = []
+    with count_host_reads(counts):
+        for _ in range(2):
+            stepper.step()
+    assert counts == []
+    assert [s.step for s in stepper.slots] == [3, 3]
