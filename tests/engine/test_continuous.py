@@ -51,3 +51,13 @@ def test_request_joins_a_running_batch_and_leaves_first(engine):
     )[0]
     diff = np.abs(np.asarray(short.images[0], int) - np.asarray(alone.images[0], int)).max()
     assert diff <= 1
+
+
+def test_continuous_batching_settings_are_checked():
+    from ithaca.config import ServerConfig
+
+    assert ServerConfig(executor="inprocess", continuous_batching=True).continuous_batching
+    with pytest.raises(ValueError, match="continuous_batching needs executor 'inprocess'"):
+        ServerConfig(continuous_batching=True)
+    with pytest.raises(ValueError, match="batch_invariant"):
+        ServerConfig(executor="inprocess", continuous_batching=True, batch_invariant=True)
