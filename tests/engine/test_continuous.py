@@ -61,3 +61,11 @@ def test_continuous_batching_settings_are_checked():
         ServerConfig(continuous_batching=True)
     with pytest.raises(ValueError, match="batch_invariant"):
         ServerConfig(executor="inprocess", continuous_batching=True, batch_invariant=True)
+
+
+def test_batch_invariant_reaches_every_rank():
+    from ithaca.engine.worker import spec_from_json, spec_to_json
+
+    for flag in (False, True):
+        spec, _ = spec_from_json(spec_to_json(PipelineSpec(batch_invariant=flag), 1.0))
+        assert spec.batch_invariant is flag
