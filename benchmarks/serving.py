@@ -229,8 +229,13 @@ def compare_modes(args) -> None:
                                 seed=i)  # fmt: skip
 
     pipe.generate([make(0)])  # warm-up
-    rows = []
-    for mode in args.modes.split(","):
+    modes = args.modes.split(",")
+    print(f"in process, {args.size}, {args.steps} steps, {args.requests} requests per row, "
+          f"max batch {args.max_batch_size}, {args.threads} torch threads", flush=True)  # fmt: skip
+    print("| mode | load | images/s | p50 s | p99 s | queue p50 s | queue p99 s |")
+    print("|---|---|---:|---:|---:|---:|---:|", flush=True)
+
+    def row(mode: str, load: str, arrivals, concurrency: int) -> dict:
         size, fuse, continuous = MODES[mode]
         pipe.fuse_batches = fuse
         engine = Engine(
@@ -241,21 +246,26 @@ def compare_modes(args) -> None:
             continuous=continuous,
         )
         engine.start()
-        for c in [int(x) for x in args.concurrency.split(",") if x]:
-            rows.append((mode, f"closed, concurrency {c}",
-                         run_engine(engine, make, None, c, args.requests)))  # fmt: skip
-        if args.rate:
-            arrivals = arrival_times(args.rate, args.requests, seed=args.seed)
-            rows.append((mode, f"Poisson {args.rate:g}/s",
-                         run_engine(engine, make, arrivals, 0, args.requests)))  # fmt: skip
+        r = run_engine(engine, make, arrivals, concurrency, args.requests)
         engine.shutdown()
-    print(f"\nin process, {args.size}, {args.steps} steps, {args.requests} requests per row, "
-          f"max batch {args.max_batch_size}, {args.threads} torch threads")  # fmt: skip
-    print("| mode | load | images/s | p50 s | p99 s | queue p50 s | queue p99 s |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for mode, load, r in rows:
         print(f"| {mode} | {load} | {r['throughput']:.2f} | {r['p50']:.2f} | {r['p99']:.2f} "
-              f"| {r['q50']:.2f} | {r['q99']:.2f} |")  # fmt: skip
+              f"| {r['q50']:.2f} | {r['q99']:.2f} |", flush=True)  # fmt: skip
+        return r
+
+    capacity = 0.0  # the best closed-loop images/s of fused whole batches
+    for mode in modes:
+        for c in [int(x) for x in args.concurrency.split(",") if x]:
+            r = row(mode, f"closed, concurrency {c}", None, c)
+            if mode == "fused":
+                capacity = max(capacity, r["throughput"])
+    rate = args.rate if args.rate > 0 else -args.rate * capacity
+    if rate > 0:
+        label = f"Poisson {rate:.2f}/s" + (
+            f" ({-args.rate:g} x fused capacity)" if args.rate < 0 else ""
+        )
+        arrivals = arrival_times(rate, args.requests, seed=args.seed)
+        for mode in modes:
+            row(mode, label, arrivals, 0)
 
 
 async def main_async(args) -> None:
@@ -322,7 +332,9 @@ def main() -> None:
     p.add_argument("--direct", action="store_true", help="also time a direct pipeline call")
     p.add_argument("--direct-model", default=None, help="model for --direct (default: embedded)")
     p.add_argument("--direct-reps", type=int, default=10)
-    p.add_argument("--rate", type=float, default=0.0, help="Poisson arrivals, requests/s")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="Poisson arrivals, requests/s; with --modes, a negative value is a "
+                        "fraction of fused closed-loop capacity (-0.9: 90%% of it)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
     p.add_argument("--modes", default=None,
                    help="in process, side by side: off,invariant,fused,continuous")  # fmt: skip
