@@ -13,7 +13,7 @@ markers) takes the understanding weights. Both kinds share one attention.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,6 @@ class Segment:
     """Per layer ``(k, v)`` of the context, (1, KV, L, head_dim), keys rotated."""
     store: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     """If a list: each layer appends this segment's own ``(k, v)`` (prefill)."""
-    extra: dict = field(default_factory=dict)
 
 
 class MoTAttention(nn.Module):
@@ -203,6 +202,7 @@ class Bagel(nn.Module):
     def __init__(self, llm: Qwen2Config, vit: SiglipVisionConfig, cfg: BagelConfig):
         super().__init__()
         self.cfg = cfg
+        self.vit_patch_size = vit.patch_size
         d = llm.hidden_size
         self.language_model = _LanguageModel(llm)
         self.time_embedder = TimestepEmbedding(cfg.timestep_embed_frequency_dim, d)
@@ -225,7 +225,9 @@ class Bagel(nn.Module):
     def t_emb(self, t: torch.Tensor) -> torch.Tensor:
         """Raw t in [0, 1] -> (1, D): DiT sinusoid, cos first, then Linear-SiLU-Linear."""
         dim = self.cfg.timestep_embed_frequency_dim
-        freq = get_timestep_embedding(t.reshape(1), dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        freq = get_timestep_embedding(
+            t.reshape(1), dim, flip_sin_to_cos=True, downscale_freq_shift=0
+        )
         return self.time_embedder(freq.to(self.vae2llm.weight.dtype))
 
     def embed_latents(self, x: torch.Tensor, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -27,16 +27,13 @@ class Context:
 
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     next_pos: int = 0
-    outputs: list[torch.Tensor] = field(default_factory=list)
-    """Final-norm outputs of each prefill segment (for checks; the model discards them)."""
+    segments: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    """``(rows, positions, final-norm output)`` of each prefill segment, in order (for
+    checks; generation reads only the cache)."""
 
     @property
     def length(self) -> int:
         return 0 if self.kv is None else self.kv[0][0].shape[2]
-
-    def fork(self) -> Context:
-        """A copy that can grow on its own (tensors are never modified in place)."""
-        return Context(self.kv, self.next_pos, list(self.outputs))
 
     def prefill(
         self, model: Bagel, rows: torch.Tensor, gen: slice | None, causal: bool, span: int
@@ -53,10 +50,11 @@ class Context:
         if self.kv is None:
             kv = store
         else:
-            kv = [(torch.cat([k0, k], 2), torch.cat([v0, v], 2)) for (k0, v0), (k, v) in zip(
-                self.kv, store, strict=True
-            )]
-        return Context(kv, self.next_pos + span, [*self.outputs, out])
+            kv = [
+                (torch.cat([k0, k], 2), torch.cat([v0, v], 2))
+                for (k0, v0), (k, v) in zip(self.kv, store, strict=True)
+            ]
+        return Context(kv, self.next_pos + span, [*self.segments, (rows, positions, out)])
 
 
 def marker_block(model: Bagel, inner: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -141,3 +139,150 @@ def combine(
     if img_scale > 1.0:
         a = v_img + img_scale * (a - v_img)
     return _renorm(v_cond, a, renorm_type == "channel", renorm_min)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Bagel's sampling settings; defaults are ``InterleaveInferencer``'s."""
+
+    cfg_text_scale: float = 3.0
+    """Text guidance (cond vs the context without the text); <= 1 turns all CFG off."""
+    cfg_img_scale: float = 1.5
+    """Image guidance (cond vs the context without the input image), on when > 1."""
+    cfg_interval: tuple[float, float] = (0.4, 1.0)
+    """Guidance applies at timesteps ``lo < t <= hi`` (t = 1 is noise)."""
+    cfg_renorm_type: str = "global"
+    """``global`` / ``channel`` / ``text_channel`` norm rescaling of the guided velocity."""
+    cfg_renorm_min: float = 0.0
+    """Lower clamp of the renorm factor (1.0 disables renorm)."""
+    timestep_shift: float = 3.0
+    """Schedule shift ``s``: ``t = s*u / (1 + (s-1)*u)``."""
+    num_timesteps: int = 50
+    """Schedule length; the model runs ``num_timesteps - 1`` steps."""
+
+    def __post_init__(self):
+        lo, hi = self.cfg_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"cfg_interval ({[lo, hi]}) must satisfy 0 <= lo <= hi <= 1")
+        if self.cfg_renorm_type not in RENORM_TYPES:
+            raise ValueError(
+                f"cfg_renorm_type ({self.cfg_renorm_type!r}) must be one of {RENORM_TYPES}"
+            )
+        for name in ("cfg_text_scale", "cfg_img_scale", "cfg_renorm_min"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} ({getattr(self, name)!r}) must be >= 0")
+        if not self.timestep_shift > 0:
+            raise ValueError(f"timestep_shift ({self.timestep_shift!r}) must be > 0")
+        if not isinstance(self.num_timesteps, int) or self.num_timesteps < 2:
+            raise ValueError(f"num_timesteps ({self.num_timesteps!r}) must be an integer >= 2")
+
+
+BRANCHES = ("cond", "cfg_text", "cfg_img")
+
+
+@dataclass
+class ImageInputs:
+    """An edit's input image as Bagel sees it (already resized)."""
+
+    vae_tokens: torch.Tensor
+    """Clean latent tokens (n, p*p*C) in the scaled latent space."""
+    vae_grid: tuple[int, int]
+    vit_patches: torch.Tensor
+    """SigLIP patch rows (m, p*p*3)."""
+    vit_grid: tuple[int, int]
+
+
+def build_contexts(
+    model: Bagel, prompt_block: torch.Tensor, markers, image: ImageInputs | None = None
+) -> dict[str, Context]:
+    """The three contexts: cond = [image] + text, cfg_text = [image], cfg_img = text.
+
+    In text-to-image the cfg_img context is the cond context itself (identical prefill).
+    """
+    ctx = Context()
+    if image is not None:
+        cfg = model.cfg
+        device = prompt_block.device
+        pos = latent_positions(*image.vae_grid, cfg.max_latent_size, device)
+        zero = torch.zeros((), device=device)
+        lat = marker_block(model, model.embed_latents(image.vae_tokens, zero, pos), *markers)
+        ctx = ctx.prefill(model, lat, slice(1, lat.shape[0] - 1), causal=False, span=1)
+        pos = latent_positions(*image.vit_grid, cfg.vit_max_num_patch_per_side, device)
+        vit = marker_block(model, model.embed_vit(image.vit_patches, pos), *markers)
+        ctx = ctx.prefill(model, vit, None, causal=False, span=1)
+    rows = model.embed_text(prompt_block)
+    n = prompt_block.shape[0]
+    cond = ctx.prefill(model, rows, None, causal=True, span=n)
+    if image is None:
+        return {"cond": cond, "cfg_text": Context(), "cfg_img": cond}
+    text_only = Context().prefill(model, rows, None, causal=True, span=n)
+    return {"cond": cond, "cfg_text": ctx, "cfg_img": text_only}
+
+
+def denoise(
+    model: Bagel,
+    contexts: dict[str, Context],
+    x: torch.Tensor,
+    grid: tuple[int, int],
+    params: SamplingParams,
+    markers,
+    call=None,
+    record=None,
+    after_step=None,
+) -> torch.Tensor:
+    """The rectified-flow loop over latent tokens ``x`` (N, p*p*C) at t = 1; returns x at 0.
+
+    ``call(branch, i, fn)`` wraps each branch forward (step caches); ``record(name,
+    tensor)`` sees every intermediate; ``after_step(i, total)`` returning True stops early
+    (the returned x is then not at t = 0). The ODE state stays fp32.
+    """
+    ts = schedule(params.num_timesteps, params.timestep_shift).to(x.device)
+    pos = latent_positions(*grid, model.cfg.max_latent_size, x.device)
+    shared_img = contexts["cfg_img"] is contexts["cond"]
+    x = x.float()
+    total = len(ts) - 1
+    for i in range(total):
+        t = ts[i]
+        on = guided(float(t), params.cfg_text_scale, params.cfg_interval)
+        names = ["cond"]
+        if on:
+            names.append("cfg_text")
+            if params.cfg_img_scale > 1.0 and not shared_img:
+                names.append("cfg_img")
+        v = {}
+        for name in names:
+
+            def fn(name=name, x=x, t=t):
+                return velocity(model, contexts[name], x, t, pos, markers).float()
+
+            v[name] = call(BRANCHES.index(name), i, fn) if call else fn()
+        if on and params.cfg_img_scale > 1.0 and shared_img:
+            v["cfg_img"] = v["cond"]  # identical context: identical velocity
+        if on:
+            out = combine(
+                v["cond"],
+                v["cfg_text"],
+                v.get("cfg_img"),
+                params.cfg_text_scale,
+                params.cfg_img_scale,
+                params.cfg_renorm_type,
+                params.cfg_renorm_min,
+            )
+        else:
+            out = v["cond"]
+        if record is not None:
+            record(f"step.{i}.x_t", x)
+            for name, value in v.items():
+                record(f"step.{i}.v_{name}", value)
+            record(f"step.{i}.v", out)
+        x = x - out * (ts[i] - ts[i + 1])
+        if after_step is not None and after_step(i, total):
+            break
+    return x
+
+
+def initial_noise(seed: int, num_tokens: int, dim: int) -> torch.Tensor:
+    """x at t = 1, (N, dim) fp32: what ``torch.manual_seed(seed); torch.randn(N, dim)``
+    gives in the official inferencer, from a private CPU generator."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(num_tokens, dim, generator=generator)
