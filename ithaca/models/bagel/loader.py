@@ -52,9 +52,15 @@ REAL_VIT_LIMITS = ImageLimits(980, 224, 14)
 
 
 def is_bagel_checkpoint(path: str) -> bool:
-    return os.path.isdir(path) and all(
-        os.path.isfile(os.path.join(path, f)) for f in CHECKPOINT_FILES
-    )
+    """A directory, or a hub repository, holding all of :data:`CHECKPOINT_FILES`."""
+    if os.path.isdir(path):
+        return all(os.path.isfile(os.path.join(path, f)) for f in CHECKPOINT_FILES)
+    try:
+        from huggingface_hub import file_exists
+
+        return all(file_exists(path, f) for f in CHECKPOINT_FILES)
+    except Exception:  # offline, or not a repository name
+        return False
 
 
 def overrides(path: str) -> dict:
