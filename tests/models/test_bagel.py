@@ -24,6 +24,7 @@ from tests.models._bagel_golden import (
     psnr,
     requires_golden,
 )
+from tests.models._families_run import record
 
 pytestmark = requires_golden
 MARKERS = (329, 330)
@@ -159,6 +160,8 @@ def test_fp32_case_reproduces_every_tensor(parts, name):
         assert_close(ours[key], ref[key], f"{name}:{key}")
     levels, share = image_levels(u8, ref["final.image_uint8"])
     assert levels <= 1 and share <= 0.001, (levels, share)
+    latent_err = float((ours["final.latent"] - ref["final.latent"]).abs().max())
+    record("Bagel", "1 rank vs official", latent_err, levels)
 
 
 def test_bf16_case_within_readme_bounds(parts):
