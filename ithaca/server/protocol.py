@@ -44,6 +44,16 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     return w, h
 
 
+def _json_text(value, what: str):
+    """A multipart form field sent as JSON text, parsed (other values pass through)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{what}: {exc}") from None
+    return value
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
@@ -63,12 +73,7 @@ class _Request(BaseModel):
     @field_validator("cache_config", mode="before")
     @classmethod
     def _cache_config_json(cls, v):
-        if isinstance(v, str):
-            try:
-                v = json.loads(v)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"cache_config must be a JSON object: {exc}") from None
-        return v
+        return _json_text(v, "cache_config must be a JSON object")
 
     @field_validator("cache_backend")
     @classmethod
@@ -126,12 +131,7 @@ class ImageRequest(_Request):
     @field_validator("cfg_interval", mode="before")
     @classmethod
     def _interval_json(cls, v):
-        if isinstance(v, str):
-            try:
-                v = json.loads(v)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"cfg_interval must be a JSON list [lo, hi]: {exc}") from None
-        return v
+        return _json_text(v, "cfg_interval must be a JSON list [lo, hi]")
 
     def model_options(self) -> dict:
         return {k: getattr(self, k) for k in MODEL_OPTIONS if getattr(self, k) is not None}

@@ -19,22 +19,16 @@ import torch
 from PIL import Image
 
 from tests.models._bagel_golden import CHECKPOINT, GOLDEN, image_levels, load_case, requires_golden
-from tests.server.harness import ServerProcess
+from tests.server.harness import serving
 
 pytestmark = requires_golden
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = ServerProcess(
-        CHECKPOINT, "--executor", "inprocess", "--served-model-name", "bagel-tiny",
-        state_dir=str(tmp_path_factory.mktemp("bagel_state")),
-    )  # fmt: skip
-    try:
-        server.wait_healthy(240)
-        yield server
-    finally:
-        server.stop()
+    state_dir = str(tmp_path_factory.mktemp("bagel_state"))
+    args = (CHECKPOINT, "--executor", "inprocess", "--served-model-name", "bagel-tiny")
+    yield from serving(*args, state_dir=state_dir)
 
 
 def _client(server) -> openai.OpenAI:
