@@ -68,7 +68,7 @@ def run_case(parts, name: str, model=None):
     params = sampling.SamplingParams(**params)
     block = torch.tensor([321, *case["token_ids"]["prompt"], 322])
     with torch.no_grad():
-        contexts = sampling.build_contexts(model, block, MARKERS, image)
+        contexts = sampling.build_contexts(model, block, MARKERS, image, trace=True)
         h, w = (s // 16 for s in case["image_hw"])
         ours["noise"] = sampling.initial_noise(case["seed"], h * w, 64)
         assert torch.equal(ours["noise"], ref["noise"])  # a seed means the same picture

@@ -86,3 +86,18 @@ def test_sequence_or_cfg_parallel_layout_is_refused(sp, cfg):
     state.device = torch.device("cpu")
     with pytest.raises(ValueError, match="no sequence or CFG parallelism"):
         BagelPipeline(CHECKPOINT, state, torch.float32)
+
+
+def test_python_api_reproduces_case_d():
+    from ithaca.api import Ithaca
+
+    case, ref = load_case("d_t2i_64x32_interval")
+    h, w = case["image_hw"]
+    with Ithaca(CHECKPOINT) as gen:
+        result = gen.generate(
+            case["prompt"], width=w, height=h, seed=case["seed"], model_options=case["params"]
+        )
+    ours = torch.from_numpy(np.array(result.images[0]))
+    levels, share = image_levels(ours, ref["final.image_uint8"])
+    assert levels <= 1 and share <= 0.001
+    assert result.metadata["num_inference_steps"] == 7  # 8 timesteps, 7 model calls

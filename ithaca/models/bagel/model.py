@@ -147,33 +147,12 @@ class MoTModel(nn.Module):
         return routed(hidden_states, self.norm, self.norm_moe_gen, segment.gen)
 
 
-class _LanguageModel(nn.Module):
-    def __init__(self, config: Qwen2Config):
-        super().__init__()
-        self.model = MoTModel(config)
-
-
-class _VisionEmbeddings(nn.Module):
-    def __init__(self, config: SiglipVisionConfig, num_positions: int):
-        super().__init__()
-        p, c = config.patch_size, config.num_channels
-        # The checkpoint stores the patch conv as a Linear over (row, col, channel) inputs.
-        self.patch_embedding = nn.Linear(p * p * c, config.hidden_size)
-        self.position_embedding = nn.Embedding(num_positions, config.hidden_size)
-
-
-class _VisionModel(nn.Module):
-    def __init__(self, config: SiglipVisionConfig, num_positions: int):
-        super().__init__()
-        self.embeddings = _VisionEmbeddings(config, num_positions)
-        self.encoder = SiglipEncoder(config)
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-
-
-class _VisionTower(nn.Module):
-    def __init__(self, config: SiglipVisionConfig, num_positions: int):
-        super().__init__()
-        self.vision_model = _VisionModel(config, num_positions)
+def _tree(**children: nn.Module) -> nn.Module:
+    """A plain container, so that parameter names follow the checkpoint's key names."""
+    module = nn.Module()
+    for name, child in children.items():
+        module.add_module(name, child)
+    return module
 
 
 class Connector(nn.Module):
@@ -204,13 +183,20 @@ class Bagel(nn.Module):
         self.cfg = cfg
         self.vit_patch_size = vit.patch_size
         d = llm.hidden_size
-        self.language_model = _LanguageModel(llm)
+        self.language_model = _tree(model=MoTModel(llm))
         self.time_embedder = TimestepEmbedding(cfg.timestep_embed_frequency_dim, d)
         patch = cfg.latent_patch_size**2 * cfg.latent_channels
         self.vae2llm, self.llm2vae = nn.Linear(patch, d), nn.Linear(d, patch)
         self.register_buffer("latent_pos_embed", torch.zeros(cfg.max_latent_size**2, d))
         vit_positions = cfg.vit_max_num_patch_per_side**2
-        self.vit_model = _VisionTower(vit, vit_positions)
+        p = vit.patch_size
+        embeddings = _tree(  # the checkpoint stores the patch conv as a Linear (row, col, RGB)
+            patch_embedding=nn.Linear(p * p * vit.num_channels, vit.hidden_size),
+            position_embedding=nn.Embedding(vit_positions, vit.hidden_size),
+        )
+        post = nn.LayerNorm(vit.hidden_size, eps=vit.layer_norm_eps)
+        vision = _tree(embeddings=embeddings, encoder=SiglipEncoder(vit), post_layernorm=post)
+        self.vit_model = _tree(vision_model=vision)
         self.connector = Connector(vit.hidden_size, d)
         self.register_buffer("vit_pos_embed", torch.zeros(vit_positions, d))
 

@@ -12,7 +12,7 @@ Conventions (those of the official inferencer; ``../shared/bagel-golden/README.m
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -27,13 +27,9 @@ class Context:
 
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     next_pos: int = 0
-    segments: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
-    """``(rows, positions, final-norm output)`` of each prefill segment, in order (for
-    checks; generation reads only the cache)."""
-
-    @property
-    def length(self) -> int:
-        return 0 if self.kv is None else self.kv[0][0].shape[2]
+    segments: list[tuple[torch.Tensor, ...]] | None = None
+    """If a list (checks only): ``(rows, positions, final-norm output)`` of each prefill
+    segment, in order; generation reads only the cache."""
 
     def prefill(
         self, model: Bagel, rows: torch.Tensor, gen: slice | None, causal: bool, span: int
@@ -54,7 +50,8 @@ class Context:
                 (torch.cat([k0, k], 2), torch.cat([v0, v], 2))
                 for (k0, v0), (k, v) in zip(self.kv, store, strict=True)
             ]
-        return Context(kv, self.next_pos + span, [*self.segments, (rows, positions, out)])
+        trace = None if self.segments is None else [*self.segments, (rows, positions, out)]
+        return Context(kv, self.next_pos + span, trace)
 
 
 def marker_block(model: Bagel, inner: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -193,13 +190,14 @@ class ImageInputs:
 
 
 def build_contexts(
-    model: Bagel, prompt_block: torch.Tensor, markers, image: ImageInputs | None = None
+    model: Bagel, prompt_block: torch.Tensor, markers, image=None, trace=False
 ) -> dict[str, Context]:
     """The three contexts: cond = [image] + text, cfg_text = [image], cfg_img = text.
 
     In text-to-image the cfg_img context is the cond context itself (identical prefill).
+    ``trace`` keeps every segment's rows and outputs (``Context.segments``).
     """
-    ctx = Context()
+    ctx = Context(segments=[] if trace else None)
     if image is not None:
         cfg = model.cfg
         device = prompt_block.device
@@ -215,7 +213,8 @@ def build_contexts(
     cond = ctx.prefill(model, rows, None, causal=True, span=n)
     if image is None:
         return {"cond": cond, "cfg_text": Context(), "cfg_img": cond}
-    text_only = Context().prefill(model, rows, None, causal=True, span=n)
+    text_only = Context(segments=[] if trace else None)
+    text_only = text_only.prefill(model, rows, None, causal=True, span=n)
     return {"cond": cond, "cfg_text": ctx, "cfg_img": text_only}
 
 
@@ -236,14 +235,15 @@ def denoise(
     tensor)`` sees every intermediate; ``after_step(i, total)`` returning True stops early
     (the returned x is then not at t = 0). The ODE state stays fp32.
     """
-    ts = schedule(params.num_timesteps, params.timestep_shift).to(x.device)
+    host = schedule(params.num_timesteps, params.timestep_shift)  # decisions: no device sync
+    ts = host.to(x.device)
     pos = latent_positions(*grid, model.cfg.max_latent_size, x.device)
     shared_img = contexts["cfg_img"] is contexts["cond"]
     x = x.float()
     total = len(ts) - 1
     for i in range(total):
         t = ts[i]
-        on = guided(float(t), params.cfg_text_scale, params.cfg_interval)
+        on = guided(float(host[i]), params.cfg_text_scale, params.cfg_interval)
         names = ["cond"]
         if on:
             names.append("cfg_text")
@@ -275,7 +275,7 @@ def denoise(
             for name, value in v.items():
                 record(f"step.{i}.v_{name}", value)
             record(f"step.{i}.v", out)
-        x = x - out * (ts[i] - ts[i + 1])
+        x = x - out * float(host[i] - host[i + 1])  # the fp32 dt, exactly
         if after_step is not None and after_step(i, total):
             break
     return x
