@@ -46,6 +46,7 @@ def run_case(parts, name: str, model=None):
 
     base, vae, scale, (vae_lim, vit_lim) = parts
     model = model or base
+    device = model.vae2llm.weight.device
     case, ref = load_case(name)
     ours: dict[str, torch.Tensor] = {}
     image = None
@@ -66,15 +67,16 @@ def run_case(parts, name: str, model=None):
         ours["input.vae_latent"] = sampling.unpatchify(image.vae_tokens, *image.vae_grid)
     params = dict(case["params"], cfg_interval=tuple(case["params"]["cfg_interval"]))
     params = sampling.SamplingParams(**params)
-    block = torch.tensor([321, *case["token_ids"]["prompt"], 322])
+    block = torch.tensor([321, *case["token_ids"]["prompt"], 322], device=device)
     with torch.no_grad():
         contexts = sampling.build_contexts(model, block, MARKERS, image, trace=True)
         h, w = (s // 16 for s in case["image_hw"])
         ours["noise"] = sampling.initial_noise(case["seed"], h * w, 64)
         assert torch.equal(ours["noise"], ref["noise"])  # a seed means the same picture
         x = sampling.denoise(
-            model, contexts, ours["noise"], (h, w), params, MARKERS, record=ours.__setitem__
-        )
+            model, contexts, ours["noise"].to(device), (h, w), params, MARKERS,
+            record=lambda name, value: ours.__setitem__(name, value.cpu()),
+        ).cpu()  # fmt: skip
         ours["final.latent_tokens"] = x
         latent, decoded, u8 = inputs.decode_tokens(vae, scale, x, (h, w))
     ours.update({"final.latent": latent, "final.vae_decoded": decoded})
@@ -164,11 +166,13 @@ def test_fp32_case_reproduces_every_tensor(parts, name):
     record("Bagel", "1 rank vs official", latent_err, levels)
 
 
-def test_bf16_case_within_readme_bounds(parts):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bf16_case_within_readme_bounds(parts, device):
     """bf16 decoder (fp32 ODE state and VAE) vs the fp32 case a: README's GPU bounds."""
     from ithaca.models.bagel import loader
 
-    bf16 = loader.load_weights(loader.build(CHECKPOINT), CHECKPOINT, torch.bfloat16, "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    bf16 = loader.load_weights(loader.build(CHECKPOINT), CHECKPOINT, torch.bfloat16, device)
     _, ref, ours, _, u8 = run_case(parts, "a_t2i_64x64", model=bf16)
     _, ref_bf16 = load_case("a_t2i_64x64_bf16")
 
