@@ -56,10 +56,13 @@ def is_bagel_checkpoint(path: str) -> bool:
     if os.path.isdir(path):
         return all(os.path.isfile(os.path.join(path, f)) for f in CHECKPOINT_FILES)
     try:
-        from huggingface_hub import file_exists
+        from huggingface_hub import file_exists, try_to_load_from_cache
 
-        return all(file_exists(path, f) for f in CHECKPOINT_FILES)
-    except Exception:  # offline, or not a repository name
+        def present(name: str) -> bool:  # the local hub cache first (HF_HUB_OFFLINE=1)
+            return isinstance(try_to_load_from_cache(path, name), str) or file_exists(path, name)
+
+        return all(present(f) for f in CHECKPOINT_FILES)
+    except Exception:  # offline and not cached, or not a repository name
         return False
 
 
