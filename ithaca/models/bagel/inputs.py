@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ithaca.models.bagel.loader import ImageLimits
-from ithaca.models.bagel.sampling import ImageInputs, patchify, unpatchify, vit_patches
+from ithaca.models.bagel.sampling import ImageInputs, patchify, unpatchify
 
 
 def fitted_size(width: int, height: int, limits: ImageLimits) -> tuple[int, int]:
@@ -60,7 +60,7 @@ def encode_image(
     patch = model.vit_patch_size
     vit_pixels = to_pixels(vit_image).to(device)
     vit_grid = (vit_pixels.shape[1] // patch, vit_pixels.shape[2] // patch)
-    inputs = ImageInputs(patchify(z, p), vae_grid, vit_patches(vit_pixels, patch), vit_grid)
+    inputs = ImageInputs(patchify(z, p), vae_grid, patchify(vit_pixels[None], patch), vit_grid)
     return inputs, image
 
 

@@ -68,7 +68,8 @@ def latent_positions(h: int, w: int, max_size: int, device=None) -> torch.Tensor
 
 
 def patchify(latent: torch.Tensor, p: int = 2) -> torch.Tensor:
-    """(1, C, p*h, p*w) -> tokens (h*w, p*p*C) indexed ``(p_row * p + p_col) * C + c``."""
+    """(1, C, p*h, p*w) -> tokens (h*w, p*p*C) indexed ``(p_row * p + p_col) * C + c``:
+    VAE latents (p = 2) and ViT pixel patches (p = 14) alike, patches row-major."""
     _, c, hh, ww = latent.shape
     x = latent[0].view(c, hh // p, p, ww // p, p)  # (C, h, pr, w, pc)
     return x.permute(1, 3, 2, 4, 0).reshape((hh // p) * (ww // p), p * p * c)
@@ -78,13 +79,6 @@ def unpatchify(tokens: torch.Tensor, h: int, w: int, c: int = 16, p: int = 2) ->
     """Inverse of :func:`patchify`: tokens (h*w, p*p*C) -> (1, C, p*h, p*w)."""
     x = tokens.view(h, w, p, p, c).permute(4, 0, 2, 1, 3)  # (C, h, pr, w, pc)
     return x.reshape(1, c, h * p, w * p)
-
-
-def vit_patches(pixels: torch.Tensor, p: int) -> torch.Tensor:
-    """(3, H, W) -> patch rows (h*w, p*p*3), channel fastest, patches row-major."""
-    c, hh, ww = pixels.shape
-    x = pixels.view(c, hh // p, p, ww // p, p).permute(1, 3, 2, 4, 0)  # (h, w, pr, pc, C)
-    return x.reshape((hh // p) * (ww // p), p * p * c)
 
 
 def velocity(
