@@ -101,3 +101,33 @@ def test_python_api_reproduces_case_d():
     levels, share = image_levels(ours, ref["final.image_uint8"])
     assert levels <= 1 and share <= 0.001
     assert result.metadata["num_inference_steps"] == 7  # 8 timesteps, 7 model calls
+
+
+def test_resolve_rejects_what_bagel_cannot_do_and_n_images_use_consecutive_seeds():
+    from ithaca.engine.types import GenerationParams
+    from ithaca.models.registry import load_pipeline
+    from ithaca.parallel import ParallelState
+
+    pipe = load_pipeline(CHECKPOINT, ParallelState.single())
+    quick = {"num_timesteps": 3}
+    image = Image.new("RGB", (64, 64))
+    bad = {
+        "negative_prompt": dict(negative_prompt="blurry"),
+        "one input image": dict(images=[image, image]),
+        "unknown Bagel option": dict(model_options={"cfg_scale": 2.0}),
+        "both sides <= 1024": dict(width=1040, height=64),
+        "timestep_shift": dict(model_options={"timestep_shift": 0.0}),
+    }
+    for message, fields in bad.items():
+        with pytest.raises(ValueError, match=message):
+            pipe.resolve(GenerationParams(prompt="a cat", **fields))
+    two = pipe.generate(
+        [GenerationParams(prompt="a cat", width=32, height=32, seed=7, num_images=2,
+                          model_options=quick)]
+    )[0]  # fmt: skip
+    second = pipe.generate(
+        [GenerationParams(prompt="a cat", width=32, height=32, seed=8, model_options=quick)]
+    )[0]
+    assert len(two.images) == 2 and two.metadata["seed"] == 7
+    assert np.array_equal(np.array(two.images[1]), np.array(second.images[0]))
+    assert not np.array_equal(np.array(two.images[0]), np.array(two.images[1]))
