@@ -34,6 +34,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -72,8 +73,11 @@ class Axis:
     rank: int
     """This process's index in ``ranks``."""
     group: dist.ProcessGroup | None
-    """The process group; ``None`` when the axis has a single rank."""
+    """The process group; ``None`` when the axis has a single rank. Axes with the same
+    members share one group (one communicator, not one per axis)."""
     stats: CommStats
+    device: torch.device | None = None
+    """Where this rank's collective tensors must live (``comm`` checks it)."""
 
     @property
     def size(self) -> int:
@@ -147,16 +151,19 @@ class ParallelState:
         self.rank = rank
         self.world_size = config.world_size
         self.device = device
+        self._set_axes(axes)
+        self.cpu_group = cpu_group
+        """Gloo group over the whole world, for CPU metadata (requests, decisions)."""
+        self.stats = stats
+        self._owned = owned_groups
+
+    def _set_axes(self, axes: dict[str, Axis]) -> None:
         self.dp = axes["dp"]
         self.cfg = axes["cfg"]
         self.ring = axes["ring"]
         self.ulysses = axes["ulysses"]
         self.sp = axes["sp"]
         self.replica = axes["replica"]
-        self.cpu_group = cpu_group
-        """Gloo group over the whole world, for CPU metadata (requests, decisions)."""
-        self.stats = stats
-        self._owned = owned_groups
 
     def __repr__(self) -> str:
         return (
@@ -172,15 +179,16 @@ class ParallelState:
         if config.world_size != 1:
             raise ValueError(f"a single-process state needs world size 1, not {config.world_size}")
         stats = CommStats()
-        axes = {name: Axis(name, (0,), 0, None, stats) for name in (*AXES, "sp", "replica")}
-        return cls(config, 0, torch.device(device), axes, None, [], stats)
+        device = torch.device(device)
+        axes = {name: Axis(name, (0,), 0, None, stats, device) for name in (*AXES, "sp", "replica")}
+        return cls(config, 0, device, axes, None, [], stats)
 
     @classmethod
     def build(cls, config: ParallelConfig, device: str | torch.device | None = None):
         """Create every group of the layout. Collective: all ranks call it, in order."""
         if not dist.is_initialized():
             if config.world_size == 1:
-                return cls.single(config, device or "cpu")
+                return cls.single(config, device or default_device())
             raise RuntimeError("torch.distributed is not initialised; use ParallelState.from_env")
         world = dist.get_world_size()
         if world != config.world_size:
@@ -189,24 +197,34 @@ class ParallelState:
                 f"ring_degree * ulysses_degree ({config.world_size}) for {config}"
             )
         rank = dist.get_rank()
-        device = torch.device(device) if device is not None else _default_device()
+        device = torch.device(device) if device is not None else default_device()
+        if device.type == "cuda":
+            # Library users who start NCCL themselves: later allocations and NCCL's own
+            # buffers must land on this rank's GPU, not on cuda:0 of every rank.
+            torch.cuda.set_device(device)
         stats = CommStats()
-        owned: list[dist.ProcessGroup] = []
-        axes: dict[str, Axis] = {}
-        # Every rank creates every group in the same order (new_group is collective).
-        for name, groups in layout_groups(config).items():
-            for members in groups:
-                group = None
-                if len(members) > 1:
-                    group = dist.new_group(list(members))
-                    owned.append(group)
-                if rank in members:
-                    axes[name] = Axis(name, members, members.index(rank), group, stats)
+        axes, owned = _create_groups(config, rank, device, stats)
         cpu_group = None
         if dist.get_backend() != "gloo":
-            cpu_group = dist.new_group(backend="gloo")
+            cpu_group = dist.new_group(backend="gloo", timeout=_timeout(config))
             owned.append(cpu_group)
         return cls(config, rank, device, axes, cpu_group, owned, stats)
+
+    def rebuild_groups(self) -> None:
+        """Replace every axis group with a fresh one (after a failed collective).
+
+        A rank that left a collective half-done (an error, an out-of-memory, a timeout)
+        leaves its peers' groups out of step; new groups start clean. Collective: every
+        rank calls it, in the same order. The control group (``cpu_group``, or the
+        default group on gloo) is kept: it never carries model tensors.
+        """
+        keep = [self.cpu_group] if self.cpu_group is not None else []
+        for group in self._owned:
+            if group not in keep:
+                dist.destroy_process_group(group)
+        axes, owned = _create_groups(self.config, self.rank, self.device, self.stats)
+        self._set_axes(axes)
+        self._owned = owned + keep
 
     @classmethod
     def from_env(cls, config: ParallelConfig, device: str | torch.device | None = None):
@@ -222,14 +240,17 @@ class ParallelState:
                 f"({config.world_size}) for {config}"
             )
         if world == 1 and "MASTER_ADDR" not in os.environ:
-            return cls.single(config, device or _default_device())
-        device = torch.device(device) if device is not None else _default_device()
+            return cls.single(config, device or default_device())
+        device = torch.device(device) if device is not None else default_device()
         if not dist.is_initialized():
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-                dist.init_process_group("nccl", device_id=device)
+                # No device_id: the default group's NCCL communicator is then created
+                # lazily, i.e. never (model tensors use the state's groups, metadata
+                # the gloo cpu_group), which saves one communicator's buffers per GPU.
+                dist.init_process_group("nccl", timeout=_timeout(config))
             else:
-                dist.init_process_group("gloo")
+                dist.init_process_group("gloo", timeout=_timeout(config))
         return cls.build(config, device)
 
     def destroy(self) -> None:
@@ -239,10 +260,41 @@ class ParallelState:
         self._owned = []
 
 
-def _default_device() -> torch.device:
+def default_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` when a GPU is visible, else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def _timeout(config: ParallelConfig) -> timedelta:
+    return timedelta(seconds=config.collective_timeout_s)
+
+
+def _create_groups(
+    config: ParallelConfig, rank: int, device: torch.device, stats: CommStats
+) -> tuple[dict[str, Axis], list[dist.ProcessGroup]]:
+    """One process group per distinct member list of the layout, shared by the axes.
+
+    With ulysses 8 on 8 GPUs the ulysses, sp and replica axes all have members
+    ``0..7``: one communicator serves them (each costs NCCL buffers on every GPU).
+    Collective: every rank creates every group in the same order (``new_group`` is
+    collective even for ranks outside the group).
+    """
+    by_members: dict[tuple[int, ...], dist.ProcessGroup] = {}
+    axes: dict[str, Axis] = {}
+    for name, groups in layout_groups(config).items():
+        for members in groups:
+            group = None
+            if len(members) > 1:
+                group = by_members.get(members)
+                if group is None:
+                    group = by_members[members] = dist.new_group(
+                        list(members), timeout=_timeout(config)
+                    )
+            if rank in members:
+                axes[name] = Axis(name, members, members.index(rank), group, stats, device)
+    return axes, list(by_members.values())
 
 
 @dataclass
