@@ -108,9 +108,11 @@ class InProcessExecutor:
 
     def start(self) -> None:
         if self.pipeline is None:
-            from ithaca.parallel.state import ParallelState
+            from ithaca.parallel.state import ParallelState, default_device
 
-            self.pipeline = load_pipeline(self.spec, ParallelState.single(self.spec.parallel))
+            # The GPU when there is one (the registry then picks bf16), not the CPU.
+            state = ParallelState.single(self.spec.parallel, default_device())
+            self.pipeline = load_pipeline(self.spec, state)
         self._closed = False
 
     def execute(
