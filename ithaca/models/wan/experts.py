@@ -10,10 +10,11 @@ ONE flat buffer (pinned on CUDA), every tensor a view into it, and only the acti
 expert has device copies. One allocation matters: the pinned (cudaHostAlloc) caching
 allocator rounds every request up to a power of two, so pinning ~1,000 tensors one
 by one cost ~1.5x the weights (43.7 GB instead of 28.6 GB per A14B expert). Tensors
-start at 64-byte offsets, so the flat buffer is the weights plus < 64 bytes per
-tensor. Deactivating an expert just drops its device tensors (weights never change
-during inference, so there is nothing to copy back); activating one is a single
-host-to-device copy of the flat buffer, with the device tensors as views into it. The weights and
+start at 512-byte offsets (as the CUDA allocator places them), so the flat buffer is
+the weights plus < 512 bytes per tensor (~0.5 MB of 28.6 GB for A14B). Deactivating
+an expert just drops its device tensors (weights never change during inference, so
+there is nothing to copy back); activating one is a single host-to-device copy of the
+flat buffer, with the device tensors as views into it. The weights and
 the device the math runs on are the same as with both experts resident, so outputs are
 identical; the price is one copy of an expert per switch (about 28 GB for A14B in bf16,
 ~1-2 s over PCIe 4 from pinned memory). See ``docs/video.md``.
@@ -66,14 +67,18 @@ class ExpertPlacement:
             for expert in experts:
                 expert.to(self.device)
             return
-        pin = self.device.type == "cuda"
         for expert in experts:
             tensors = list(_tensors(expert))
+            if self.device.type == "cpu":
+                # Nothing to move: the host copies are the tensors themselves (a copy
+                # would also change their alignment, and with it CPU matmul rounding).
+                self._host.append({name: t.data for name, t in tensors})
+                continue
             layout, offset = [], 0
             for name, tensor in tensors:
                 layout.append((name, offset, tensor.dtype, tensor.shape))
                 offset += _aligned(tensor.numel() * tensor.element_size())
-            flat = _alloc_host(offset, pin)
+            flat = _alloc_host(offset, pin=self.device.type == "cuda")
             host = {}
             for (name, tensor), view in zip(tensors, _views(flat, layout), strict=True):
                 view.copy_(tensor.detach())
@@ -97,9 +102,11 @@ class ExpertPlacement:
             # Drop the device copies first, so that the two experts never coexist there.
             for name, tensor in _tensors(self.experts[previous]):
                 tensor.data = self._host[previous][name]
-        # One host-to-device copy of the whole flat buffer; parameters become views of it.
-        flat = self._flat[index].to(self.device, non_blocking=True)
-        views = dict(zip(self._host[index], _views(flat, self._layout[index]), strict=True))
+        views = self._host[index]
+        if self._flat:
+            # One host-to-device copy of the whole flat buffer; parameters become views.
+            flat = self._flat[index].to(self.device, non_blocking=True)
+            views = dict(zip(views, _views(flat, self._layout[index]), strict=True))
         for name, tensor in _tensors(self.experts[index]):
             tensor.data = views[name]
         self.active = index
@@ -108,7 +115,9 @@ class ExpertPlacement:
         return self.experts[index]
 
 
-_ALIGN = 64
+_ALIGN = 512
+"""Offsets of the tensors in the flat buffers: what the CUDA caching allocator gives
+each tensor of a resident expert, so kernels see the same pointer alignment."""
 
 
 def _aligned(nbytes: int) -> int:
