@@ -22,23 +22,18 @@ def make_expert(seed: int) -> nn.Module:
 
 
 def test_each_expert_is_pinned_as_one_buffer_of_its_parameter_bytes(monkeypatch):
-    allocations = []
-
-    def alloc(nbytes, pin):
-        allocations.append((nbytes, pin))
-        return torch.empty(nbytes, dtype=torch.uint8)  # CPU stand-in for pinned memory
-
-    monkeypatch.setattr(experts_mod, "_alloc_host", alloc)
+    pinned = []  # buffers handed to cudaHostRegister (patched: a CPU cannot pin)
+    monkeypatch.setattr(experts_mod, "_register", pinned.append)
     experts = [make_expert(0), make_expert(1)]
     before = [{n: p.detach().clone() for n, p in e.state_dict().items()} for e in experts]
     placement = ExpertPlacement(experts, torch.device("cuda", 0), offload=True)
 
-    assert [pin for _, pin in allocations] == [True, True]  # one pinned buffer per expert
-    for (nbytes, _), expert in zip(allocations, experts, strict=True):
+    assert len(pinned) == 2  # one pinned buffer per expert, nothing else pinned
+    for flat, expert in zip(pinned, experts, strict=True):
         weights = module_bytes(expert)
-        assert weights <= nbytes <= 1.01 * weights, (nbytes, weights)
-    assert placement.pinned_bytes == sum(n for n, _ in allocations)
-    for expert, flat, want in zip(experts, placement._flat, before, strict=True):
+        assert weights <= flat.numel() <= 1.01 * weights, (flat.numel(), weights)
+    assert placement.pinned_bytes == sum(flat.numel() for flat in pinned)
+    for expert, flat, want in zip(experts, pinned, before, strict=True):
         lo, hi = flat.data_ptr(), flat.data_ptr() + flat.numel()
         for name, tensor in expert.state_dict().items():
             assert lo <= tensor.data_ptr() < hi  # a view into the flat buffer

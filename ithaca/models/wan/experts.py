@@ -6,15 +6,16 @@ and expert 1 for the rest: one switch per request, and one more when the next re
 starts on expert 0 again.
 
 With ``offload=True`` each expert keeps a host copy of its parameters and buffers in
-ONE flat buffer (pinned on CUDA), every tensor a view into it, and only the active
-expert has device copies. One allocation matters: the pinned (cudaHostAlloc) caching
-allocator rounds every request up to a power of two, so pinning ~1,000 tensors one
-by one cost ~1.5x the weights (43.7 GB instead of 28.6 GB per A14B expert). Tensors
-start at 512-byte offsets (as the CUDA allocator places them), so the flat buffer is
-the weights plus < 512 bytes per tensor (~0.5 MB of 28.6 GB for A14B). Deactivating
-an expert just drops its device tensors (weights never change during inference, so
-there is nothing to copy back); activating one is a single host-to-device copy of the
-flat buffer, with the device tensors as views into it. The weights and
+ONE flat buffer, pinned on CUDA by ``cudaHostRegister`` at its exact size, every
+tensor a view into it; only the active expert has device copies. The caching pinned
+allocator (``pin_memory()``) rounds every request up to a power of two: pinning ~1,000
+tensors one by one cost ~1.5x the weights (43.7 GB instead of 28.6 GB per A14B
+expert), and one 28.6 GB request would still take 34.4 GB. Tensors start at 512-byte
+offsets (as the CUDA allocator places them), so the flat buffer is the weights plus
+< 512 bytes per tensor (~0.5 MB per A14B expert). Deactivating an expert just drops
+its device tensors (weights never change during inference, so there is nothing to
+copy back); activating one is a single host-to-device copy of the flat buffer, with
+the device tensors as views into it. The weights and
 the device the math runs on are the same as with both experts resident, so outputs are
 identical; the price is one copy of an expert per switch (about 28 GB for A14B in bf16,
 ~1-2 s over PCIe 4 from pinned memory). See ``docs/video.md``.
@@ -23,6 +24,7 @@ identical; the price is one copy of an expert per switch (about 28 GB for A14B i
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 import torch.nn as nn
@@ -125,8 +127,23 @@ def _aligned(nbytes: int) -> int:
 
 
 def _alloc_host(nbytes: int, pin: bool) -> torch.Tensor:
-    """One uint8 host buffer of ``nbytes`` (page-locked when ``pin``)."""
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    """One uint8 host buffer of exactly ``nbytes`` (page-locked when ``pin``).
+
+    Not ``pin_memory=True``: the caching host allocator rounds each request up to a
+    power of two (a 28.6 GB expert would take 34.4 GB). Ordinary memory registered
+    with ``cudaHostRegister`` is pinned at its own size.
+    """
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    if pin:
+        _register(buf)
+    return buf
+
+
+def _register(buf: torch.Tensor) -> None:  # pragma: no cover - needs a GPU
+    cudart = torch.cuda.cudart()
+    ptr = buf.data_ptr()
+    torch.cuda.check_error(int(cudart.cudaHostRegister(ptr, buf.numel(), 0)))
+    weakref.finalize(buf, cudart.cudaHostUnregister, ptr)
 
 
 def _views(flat: torch.Tensor, layout):
