@@ -142,8 +142,8 @@ def _alloc_host(nbytes: int, pin: bool) -> torch.Tensor:
 def _register(buf: torch.Tensor) -> None:  # pragma: no cover - needs a GPU
     cudart = torch.cuda.cudart()
     ptr = buf.data_ptr()
-    torch.cuda.check_error(int(cudart.cudaHostRegister(ptr, buf.numel(), 0)))
-    weakref.finalize(buf, cudart.cudaHostUnregister, ptr)
+    torch.cuda.check_error(int(cudart.cudaHostRegister(ptr, buf.numel(), 1)))
+    weakref.finalize(buf, cudart.cudaHostUnregister, ptr)  # 1: cudaHostRegisterPortable
 
 
 def _views(flat: torch.Tensor, layout):
