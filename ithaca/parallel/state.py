@@ -31,6 +31,9 @@ one contiguous segment, which is the block the ring rotates.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import gc
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -206,9 +209,30 @@ class ParallelState:
         axes, owned = _create_groups(config, rank, device, stats)
         cpu_group = None
         if dist.get_backend() != "gloo":
-            cpu_group = dist.new_group(backend="gloo", timeout=_timeout(config))
+            cpu_group = dist.new_group(backend="gloo", timeout=control_timeout(config))
             owned.append(cpu_group)
         return cls(config, rank, device, axes, cpu_group, owned, stats)
+
+    def abort_groups(self) -> None:
+        """Close this rank's axis groups at once (not the control group).
+
+        A rank that gives up on a request mid-forward (an out-of-memory error) calls
+        this so that peers blocked in a collective it will never reach are released:
+        on gloo their pending operation fails as the connections close; on NCCL they
+        wait for ``collective_timeout_s``. Follow with :meth:`rebuild_groups`.
+        """
+        for group in self._owned:
+            if group is not self.cpu_group:
+                with contextlib.suppress(Exception):  # a broken group may fail to close
+                    dist.destroy_process_group(group)
+        self._owned = [self.cpu_group] if self.cpu_group is not None else []
+        # Drop every reference: a gloo group closes its connections (releasing peers)
+        # only when it is freed. Until rebuild_groups no axis may be used.
+        self._set_axes({name: _detached(axis) for name, axis in self._axes().items()})
+        gc.collect()
+
+    def _axes(self) -> dict[str, Axis]:
+        return {name: getattr(self, name) for name in (*AXES, "sp", "replica")}
 
     def rebuild_groups(self) -> None:
         """Replace every axis group with a fresh one (after a failed collective).
@@ -218,13 +242,10 @@ class ParallelState:
         rank calls it, in the same order. The control group (``cpu_group``, or the
         default group on gloo) is kept: it never carries model tensors.
         """
-        keep = [self.cpu_group] if self.cpu_group is not None else []
-        for group in self._owned:
-            if group not in keep:
-                dist.destroy_process_group(group)
+        self.abort_groups()
         axes, owned = _create_groups(self.config, self.rank, self.device, self.stats)
         self._set_axes(axes)
-        self._owned = owned + keep
+        self._owned = owned + self._owned
 
     @classmethod
     def from_env(cls, config: ParallelConfig, device: str | torch.device | None = None):
@@ -248,9 +269,9 @@ class ParallelState:
                 # No device_id: the default group's NCCL communicator is then created
                 # lazily, i.e. never (model tensors use the state's groups, metadata
                 # the gloo cpu_group), which saves one communicator's buffers per GPU.
-                dist.init_process_group("nccl", timeout=_timeout(config))
-            else:
-                dist.init_process_group("gloo", timeout=_timeout(config))
+                dist.init_process_group("nccl", timeout=control_timeout(config))
+            else:  # the default group is the control group on gloo
+                dist.init_process_group("gloo", timeout=control_timeout(config))
         return cls.build(config, device)
 
     def destroy(self) -> None:
@@ -269,6 +290,18 @@ def default_device() -> torch.device:
 
 def _timeout(config: ParallelConfig) -> timedelta:
     return timedelta(seconds=config.collective_timeout_s)
+
+
+def control_timeout(config: ParallelConfig) -> timedelta:
+    """Timeout of the control group (metadata, failure agreement): longer than a model
+    collective's, so that ranks released by a model-group timeout still find their
+    peers waiting to agree on the failure."""
+    return timedelta(seconds=2 * config.collective_timeout_s + 30)
+
+
+def _detached(axis: Axis) -> Axis:
+    """``axis`` without its (closed) group; a multi-rank detached axis must not be used."""
+    return dataclasses.replace(axis, group=None) if axis.size > 1 else axis
 
 
 def _create_groups(
