@@ -111,3 +111,16 @@ def test_peak_host_memory_is_the_kept_weights_plus_one_window(checkpoint):
     # Slack: one tensor (the largest here is 20 MB in fp32) and allocator noise.
     assert got["peak"] <= got["kept"] + window + (48 << 20), got
     assert got["peak"] < 0.75 * file_bytes, got
+
+
+@pytest.mark.gpu
+def test_loading_straight_to_the_gpu(checkpoint):
+    from diffusers import FluxTransformer2DModel
+
+    torch.cuda.reset_peak_memory_stats()
+    model = load_component(
+        FluxTransformer2DModel, str(checkpoint), device="cuda", dtype=torch.bfloat16
+    )
+    kept = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert all(t.is_cuda for t in [*model.parameters(), *model.buffers()])
+    assert torch.cuda.max_memory_allocated() <= kept + (64 << 20)  # no fp32 copy on the GPU

@@ -280,3 +280,18 @@ def test_padding_is_sliced_off_without_masks_mask_traffic_or_host_syncs(worker_p
             # image queries: text keys, own block, other block; then text queries likewise
             keys = sorted(k for _, k in calls)
             assert keys == sorted([5, 5, 8, 5, 8, 5]), calls  # block of rank 1: 5 valid keys
+
+
+def test_gpu_check_skips_cleanly_without_a_gpu():
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: run scripts/gpu-check itself")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+        [sys.executable, os.path.join(repo, "scripts", "gpu-check")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0 and "no CUDA device" in out.stdout
