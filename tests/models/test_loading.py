@@ -124,3 +124,21 @@ def test_loading_straight_to_the_gpu(checkpoint):
     kept = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     assert all(t.is_cuda for t in [*model.parameters(), *model.buffers()])
     assert torch.cuda.max_memory_allocated() <= kept + (64 << 20)  # no fp32 copy on the GPU
+
+
+def test_tiny_qwen_image_transformer_equals_from_pretrained(tmp_path):
+    """On a real family's checkpoint the result equals diffusers' own loading."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from ithaca.testing.tiny import build_tiny_qwen_image
+
+    path = str(build_tiny_qwen_image(tmp_path / "q", "t2i"))
+    ours = load_component(QwenImageTransformer2DModel, path, "transformer", dtype=torch.bfloat16)
+    ref = QwenImageTransformer2DModel.from_pretrained(
+        path, subfolder="transformer", torch_dtype=torch.bfloat16
+    )
+    want = dict(ref.named_parameters()) | dict(ref.named_buffers())
+    got = dict(ours.named_parameters()) | dict(ours.named_buffers())
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
