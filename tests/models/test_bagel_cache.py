@@ -43,7 +43,7 @@ def pipe():
 
 
 def _run(pipe, name: str, backend=None, options=None):
-    from ithaca.engine.types import GenerationParams
+    from ithaca.types import GenerationParams
 
     with open(GOLDEN / "cases" / name / "case.json") as f:
         case = json.load(f)

@@ -104,9 +104,9 @@ def test_python_api_reproduces_case_d():
 
 
 def test_resolve_rejects_what_bagel_cannot_do_and_n_images_use_consecutive_seeds():
-    from ithaca.engine.types import GenerationParams
     from ithaca.models.registry import load_pipeline
     from ithaca.parallel import ParallelState
+    from ithaca.types import GenerationParams
 
     pipe = load_pipeline(CHECKPOINT, ParallelState.single())
     quick = {"num_timesteps": 3}
@@ -121,6 +121,10 @@ def test_resolve_rejects_what_bagel_cannot_do_and_n_images_use_consecutive_seeds
     for message, fields in bad.items():
         with pytest.raises(ValueError, match=message):
             pipe.resolve(GenerationParams(prompt="a cat", **fields))
+    for fields in ({}, {"true_cfg_scale": 2.0}, {"guidance_scale": 5.0}):
+        spec = pipe.resolve(GenerationParams(prompt="a cat", **fields)).extra_key[0]
+        assert spec.cfg_text_scale == fields.get("true_cfg_scale", fields.get("guidance_scale", 3))
+        assert (spec.num_timesteps, spec.cfg_interval, spec.cfg_img_scale) == (50, (0.4, 1), 1.5)
     two = pipe.generate(
         [GenerationParams(prompt="a cat", width=32, height=32, seed=7, num_images=2,
                           model_options=quick)]

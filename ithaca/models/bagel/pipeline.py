@@ -26,10 +26,10 @@ import torch
 from PIL import Image
 
 from ithaca.cache import BlockCacheAdapter, build_cache, checkpoint_coefficients
-from ithaca.engine.types import GenerationParams, StepEvent
 from ithaca.models.bagel import inputs, loader, sampling
-from ithaca.models.base import DenoisingPipeline, Request
+from ithaca.models.base import DenoisingPipeline, Request, _StopFlag
 from ithaca.parallel import ParallelState
+from ithaca.types import GenerationParams, ParamError, StepEvent
 
 _OPTIONS = {f.name for f in dataclasses.fields(sampling.SamplingParams)}
 _FILES = ["*.json", "*.safetensors", "vocab.json", "merges.txt"]
@@ -85,28 +85,39 @@ class BagelPipeline(DenoisingPipeline):
     def resolve(self, params: GenerationParams) -> Request:
         steps = self.checked_steps(params)
         if params.negative_prompt is not None:
-            raise ValueError("Bagel takes no negative_prompt (its CFG contexts are built in)")
+            raise ParamError(
+                "negative_prompt", "Bagel takes no negative_prompt (its CFG contexts are built in)"
+            )
         if len(params.images) > 1:
-            raise ValueError(f"Bagel edits one input image, got {len(params.images)}")
+            raise ParamError("image", f"Bagel edits one input image, got {len(params.images)}")
         options = dict(params.model_options or {})
         unknown = sorted(set(options) - _OPTIONS)
         if unknown:
-            raise ValueError(f"unknown Bagel option(s) {unknown}; known: {sorted(_OPTIONS)}")
-        if "cfg_text_scale" not in options:
-            options["cfg_text_scale"] = self.single_cfg_scale(params)
+            raise ParamError(
+                unknown[0], f"unknown Bagel option(s) {unknown}; known: {sorted(_OPTIONS)}"
+            )
+        scale = next(
+            (v for v in (params.true_cfg_scale, params.guidance_scale) if v is not None), None
+        )
+        if "cfg_text_scale" not in options and scale is not None:
+            options["cfg_text_scale"] = float(scale)  # the generic CFG fields, Bagel's name
         if "num_timesteps" not in options:
             options["num_timesteps"] = steps + 1
         if "cfg_interval" in options:
             options["cfg_interval"] = tuple(float(v) for v in options["cfg_interval"])
             if len(options["cfg_interval"]) != 2:
-                raise ValueError(f"cfg_interval ({list(options['cfg_interval'])}) needs 2 values")
-        spec = sampling.SamplingParams(**options)
+                message = f"cfg_interval ({list(options['cfg_interval'])}) needs 2 values"
+                raise ParamError("cfg_interval", message)
+        try:
+            spec = sampling.SamplingParams(**options)
+        except ValueError as exc:  # its messages start with the field's name
+            raise ParamError(str(exc).split(" ", 1)[0], str(exc)) from None
         if params.images:
             w, h = inputs.fitted_size(*params.images[0].size, self.limits[0])
         else:
             w, h = self.rounded_size(params.width, params.height)
         if max(w, h) > self.max_side:
-            raise ValueError(f"size ({w}x{h}) must have both sides <= {self.max_side}")
+            raise ParamError("size", f"size ({w}x{h}) must have both sides <= {self.max_side}")
         scale = spec.cfg_text_scale
         return Request(params, w, h, spec.num_timesteps - 1, scale, scale > 1, params.seed, (spec,))
 
@@ -173,6 +184,7 @@ class BagelPipeline(DenoisingPipeline):
         total, done = spec.num_timesteps - 1, [0]
         if cache is not None:
             cache.begin(total)
+        flag = _StopFlag(self.state, self.device)  # agreed across the replica
 
         def call(branch: int, i: int, fn):
             if cache is None:
@@ -185,7 +197,7 @@ class BagelPipeline(DenoisingPipeline):
             if self.is_returning_rank and callback is not None:
                 stop = bool(callback(StepEvent([r.params.request_id], i + 1, n, None)))
             done[0] = i + 1
-            return self._agree(stop) and i + 1 < n
+            return flag.agreed(stop, last=i + 1 == n) and i + 1 < n
 
         x = sampling.denoise(
             self.net, cond["contexts"], x.to(self.device), grid, spec, self.markers,
