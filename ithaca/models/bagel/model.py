@@ -169,10 +169,15 @@ class BagelConfig:
     """The values the official loader hard-codes (the checkpoint has no Bagel config)."""
 
     latent_patch_size: int = 2
+    """VAE latents enter as p x p patches: one token per 16 x 16 pixels."""
     max_latent_size: int = 64
+    """Latent token grid side of ``latent_pos_embed`` (64: up to 1024 px a side)."""
     vit_max_num_patch_per_side: int = 70
+    """ViT patch grid side of the SigLIP and ``vit_pos_embed`` tables (980 px)."""
     timestep_embed_frequency_dim: int = 256
+    """Sinusoid size fed to the time embedder's MLP."""
     latent_channels: int = 16
+    """FLUX autoencoder latent channels."""
 
 
 class Bagel(nn.Module):
