@@ -89,10 +89,8 @@ class MoTAttention(nn.Module):
             total = k.shape[2]
             rows = torch.arange(s, device=x.device)[:, None] + (total - s)
             mask = torch.arange(total, device=x.device)[None, :] <= rows
-        groups = self.heads // self.kv_heads  # GQA: query head h reads KV head h // groups
-        out = F.scaled_dot_product_attention(
-            q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), mask
-        )
+        # GQA without copying the cache: query head h reads KV head h // (heads / kv_heads)
+        out = F.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(1, s, self.heads * self.head_dim)
         return routed(out, self.o_proj, self.o_proj_moe_gen, seg.gen)
 
