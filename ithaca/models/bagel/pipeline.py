@@ -8,6 +8,7 @@ arrive as extension fields (``GenerationParams.model_options``; official default
 has the size of its transformed input (``size`` is not used). A request's ``seed`` draws
 the noise as the official inferencer does for that seed; image k of ``n`` uses seed + k.
 
+Streaming previews (``partial_images``) decode the x0 estimate ``x_t - t * v``.
 Not supported: negative prompts (Bagel's guidance contexts come from the prompt and the
 input image), more than one input image, sequence or CFG parallelism (every branch
 attends to its own KV cache: a layout that asks for either is refused at load).
@@ -27,7 +28,7 @@ from PIL import Image
 
 from ithaca.cache import BlockCacheAdapter, build_cache, checkpoint_coefficients
 from ithaca.models.bagel import inputs, loader, sampling
-from ithaca.models.base import DenoisingPipeline, Request, _StopFlag
+from ithaca.models.base import DenoisingPipeline, Request, _StopFlag, preview_steps
 from ithaca.parallel import ParallelState
 from ithaca.types import GenerationParams, ParamError, StepEvent
 
@@ -192,10 +193,16 @@ class BagelPipeline(DenoisingPipeline):
             with cache.step(i, branch):
                 return fn()
 
-        def after_step(i: int, n: int) -> bool:
+        previews_at = preview_steps(total, r.params.partial_images)
+
+        def after_step(i: int, n: int, x0) -> bool:
             stop = False
             if self.is_returning_rank and callback is not None:
-                stop = bool(callback(StepEvent([r.params.request_id], i + 1, n, None)))
+                previews = None
+                if i in previews_at:
+                    u8 = inputs.decode_tokens(self.vae, self.vae_scale, x0(), grid)[2]
+                    previews = [Image.fromarray(u8.cpu().numpy())]
+                stop = bool(callback(StepEvent([r.params.request_id], i + 1, n, previews)))
             done[0] = i + 1
             return flag.agreed(stop, last=i + 1 == n) and i + 1 < n
 

@@ -226,7 +226,8 @@ def denoise(
     """The rectified-flow loop over latent tokens ``x`` (N, p*p*C) at t = 1; returns x at 0.
 
     ``call(branch, i, fn)`` wraps each branch forward (step caches); ``record(name,
-    tensor)`` sees every intermediate; ``after_step(i, total)`` returning True stops early
+    tensor)`` sees every intermediate; ``after_step(i, total, x0)`` (``x0()`` the step's
+    clean-latent estimate) returning True stops early
     (the returned x is then not at t = 0). The ODE state stays fp32.
     """
     host = schedule(params.num_timesteps, params.timestep_shift)  # decisions: no device sync
@@ -269,8 +270,9 @@ def denoise(
             for name, value in v.items():
                 record(f"step.{i}.v_{name}", value)
             record(f"step.{i}.v", out)
+        x0 = (x, out, float(host[i]))  # x0 estimate x_t - t * v, computed only if asked
         x = x - out * float(host[i] - host[i + 1])  # the fp32 dt, exactly
-        if after_step is not None and after_step(i, total):
+        if after_step is not None and after_step(i, total, lambda e=x0: e[0] - e[1] * e[2]):
             break
     return x
 
