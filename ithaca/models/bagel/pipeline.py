@@ -58,6 +58,7 @@ class BagelPipeline(DenoisingPipeline):
     default_steps = sampling.SamplingParams.num_timesteps - 1
     default_true_cfg_scale = sampling.SamplingParams.cfg_text_scale
     family_name = "Bagel"
+    joins_mid_run = False  # its own loop per request (KV caches), no shared prepare/predict
 
     def __init__(self, model: str, state: ParallelState, dtype: torch.dtype):
         super().__init__(state, dtype)
