@@ -3,8 +3,8 @@
 ``shipped_checkpoint_path()`` is a ``QwenImagePipeline`` directory inside the package
 (fp16 safetensors, a few MB) that loads through the normal registry like any Qwen-Image
 checkpoint. See ``docs/default-model.md`` for how it was trained and how well it follows
-prompts; ``python -m ithaca.models.shapes.train`` reproduces it and
-``python -m ithaca.models.shapes.evaluate`` measures it.
+prompts; ``python -m tools.shapes.train`` reproduces it and
+``python -m tools.shapes.evaluate`` measures it.
 """
 
 from __future__ import annotations
