@@ -52,7 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the OpenAI-compatible server")
-    s.add_argument("model", nargs="?", default=None, help="checkpoint (default: embedded model)")
+    s.add_argument(
+        "models", nargs="*", metavar="MODEL",
+        help="checkpoint(s), each optionally MODEL@usp=2,ring=1,cfg=1,dp=1,name=NAME (its own "
+        "layout; default: the flags below); none: the default image and video models",
+    )  # fmt: skip
+    s.add_argument("--model", action="append", default=[], dest="more_models",
+                   metavar="MODEL", help="another model (repeatable), same syntax")  # fmt: skip
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8091)
     s.add_argument("--data-parallel-size", type=int, default=1)
@@ -131,10 +137,12 @@ def cmd_serve(args) -> int:
     if args.node_rank > 0:  # a worker node: its torchrun ranks only, no HTTP front
         if args.master_port is None:
             raise ValueError("--master-port is required on a node with --node-rank > 0")
+        args.model = _model_entries(args)[0].model
         return cmd_worker_node(args)
 
+    models = _model_entries(args)
     config = ServerConfig(
-        model=args.model,
+        model=models[0].model,
         served_model_name=args.served_model_name,
         host=args.host,
         port=args.port,
@@ -155,7 +163,51 @@ def cmd_serve(args) -> int:
         master_addr=args.master_addr,
         master_port=args.master_port,
     )
-    return serve(config, _parallel(args, args.data_parallel_size), _cache(args))
+    return serve(config, models[0].parallel, _cache(args), models)
+
+
+_LAYOUT_KEYS = {
+    "usp": "ulysses_degree",
+    "ring": "ring_degree",
+    "cfg": "cfg_parallel_size",
+    "dp": "data_parallel_size",
+}
+
+
+def parse_model(text: str, default: ParallelConfig):
+    """``MODEL[@key=value,...]`` -> ``ModelEntry``; keys: usp, ring, cfg, dp, name."""
+    import dataclasses
+
+    from ithaca.server.serve import ModelEntry
+
+    model, sep, options = text.rpartition("@")
+    if not sep or "=" not in options:
+        return ModelEntry(text, None, default)
+    layout, name = {}, None
+    for item in options.split(","):
+        key, eq, value = item.partition("=")
+        if key == "name" and eq and value:
+            name = value
+        elif key in _LAYOUT_KEYS and value.isdigit():
+            layout[_LAYOUT_KEYS[key]] = int(value)
+        else:
+            raise ValueError(
+                f"--model {text}: '{item}' must be name=NAME or one of "
+                f"{', '.join(k + '=N' for k in _LAYOUT_KEYS)}"
+            )
+    return ModelEntry(model, name, dataclasses.replace(default, **layout))
+
+
+def _model_entries(args) -> list:
+    from ithaca.server.serve import ModelEntry, default_entries
+
+    default = _parallel(args, args.data_parallel_size)
+    given = [*args.models, *args.more_models]
+    if not given:
+        return default_entries(default)
+    if len(given) == 1 and "@" not in given[0]:
+        return [ModelEntry(given[0], args.served_model_name, default)]
+    return [parse_model(text, default) for text in given]
 
 
 def cmd_generate(args) -> int:

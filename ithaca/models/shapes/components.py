@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ithaca.models.qwen_image.templates import T2I
+from ithaca.models.shapes.vocabulary import known_words
 from ithaca.testing.tiny import SPECIAL_TOKENS
 
 TEXT_HIDDEN = 64
@@ -176,6 +177,7 @@ def write_model_index(path: Path) -> None:
 
     index = {"_class_name": "QwenImagePipeline", "_diffusers_version": diffusers_version}
     index["_ithaca_defaults"] = SERVING_DEFAULTS
+    index["_ithaca_vocabulary"] = sorted(known_words())  # server: warns on other words
     index.update({k: list(v) for k, v in COMPONENTS.items()})
     (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 

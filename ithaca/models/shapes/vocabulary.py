@@ -2,7 +2,8 @@
 
 The scene generator and the tokenizer corpus (``tools/shapes``, ``tools/video``) draw
 their prompts from these tables, and the server uses them to tell a user which words of
-a prompt the default models have never seen (:func:`unknown_words`). Runtime code, so it
+a prompt the default models have never seen (``_ithaca_vocabulary`` in their
+``model_index.json``, read by ``ithaca.engine.catalog``). Runtime code, so it
 lives in the package; everything that renders or trains lives in ``tools/``.
 """
 
@@ -95,12 +96,3 @@ def known_words(video: bool = False) -> frozenset[str]:
     if video:
         phrases += MOTION_WORDS
     return frozenset(w for p in phrases for w in _WORD.findall(p))
-
-
-def unknown_words(prompt: str, vocabulary: frozenset[str] | set[str]) -> list[str]:
-    """The words of ``prompt`` not in ``vocabulary``, in order of first appearance."""
-    seen: dict[str, None] = {}
-    for word in _WORD.findall(prompt.lower()):
-        if word not in vocabulary:
-            seen.setdefault(word)
-    return list(seen)
