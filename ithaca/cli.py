@@ -8,6 +8,7 @@ ithaca worker-node MODEL --usp 4 --nnodes 2 --node-rank 1 --master-addr HOST --m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale-2", type=float, default=None)
     g.add_argument("--flow-shift", type=float, default=None)
     g.add_argument("--output", default="out.png", help="out.png / .jpg / .webp / .mp4")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
     _parallel_args(g)
 
     c = sub.add_parser(
@@ -225,14 +227,31 @@ def cmd_generate(args) -> int:
             "true_cfg_scale", "seed", "num_frames", "fps", "guidance_scale_2", "flow_shift",
         )
     }  # fmt: skip
-    with Ithaca(args.model, parallel=_parallel(args), cache=_cache(args), dtype=args.dtype) as gen:
+    model = args.model
+    if model is None and fmt == "mp4":  # the default video model, when the package has it
+        from ithaca.engine.catalog import default_models
+
+        model = default_models()[-1]
+    show = not args.quiet and sys.stderr.isatty()
+    gen = Ithaca(model, parallel=_parallel(args), cache=_cache(args), dtype=args.dtype)
+    with gen, _progress(show, "steps") as bar:
         result = gen.generate(
-            {"prompt": args.prompt, "images": args.image}, num_images=args.num_images, **sampling
+            {"prompt": args.prompt, "images": args.image},
+            num_images=args.num_images,
+            on_progress=lambda step, total, _: bar(step, total),
+            **sampling,
         )
+    for warning in _unknown_words(model, args.prompt):
+        print(f"ithaca: warning: {warning}", file=sys.stderr)
     if fmt == "mp4":
         if result.frames is None:
             raise ValueError("the model returned images, not video; use a .png output")
-        data = encode_mp4(result.frames, result.fps or args.fps or 16)
+        with _progress(show, "frames") as bar:
+            n = len(result.frames)
+            done = iter(range(1, n + 1))
+            data = encode_mp4(
+                result.frames, result.fps or args.fps or 16, lambda: bar(next(done), n)
+            )
         outputs = [args.output]
         blobs = [data]
     else:
@@ -246,6 +265,34 @@ def cmd_generate(args) -> int:
             f.write(blob)
         print(path)
     return 0
+
+
+@contextlib.contextmanager
+def _progress(show: bool, unit: str):
+    """A tqdm bar on stderr driven by ``update(done, total)`` calls (any thread)."""
+    if not show:
+        yield lambda done, total: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(unit=unit, file=sys.stderr) as bar:
+
+        def update(done: int, total: int) -> None:
+            if bar.total != total:
+                bar.reset(total)
+            bar.update(done - bar.n)
+
+        yield update
+
+
+def _unknown_words(model: str | None, prompt: str) -> list[str]:
+    from ithaca.engine.catalog import model_info
+    from ithaca.engine.executor import default_model_path
+
+    unknown = model_info(model or default_model_path()).unknown_words(prompt)
+    if not unknown:
+        return []
+    return [f"unknown words for this model: {', '.join(unknown)} (ignored by the model)"]
 
 
 def cmd_calibrate_teacache(args) -> int:
