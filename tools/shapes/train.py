@@ -629,6 +629,8 @@ def main(argv=None) -> None:
         "and --bank) instead of recomputing them: the same result, 15 minutes sooner",
     )
     p.add_argument("--bank", type=int, default=8000, help="training scenes encoded once")
+    p.add_argument("--val", type=int, default=256, help="held-out scenes for the val loss")
+    p.add_argument("--stats", type=int, default=512, help="scenes for the latent mean / std")
     p.add_argument("--steps", type=int, default=9000, help="transformer steps")
     p.add_argument("--batch", type=int, default=16, help="per process")
     p.add_argument("--lr", type=float, default=7e-4, help="peak learning rate")
@@ -708,14 +710,14 @@ def main(argv=None) -> None:
         vae = components.build_vae(args.seed)
         with single_frame(vae):
             train_vae_part(vae, "encoder", args.vae_steps // 3, args, args.seed + 200, log)
-            set_latent_stats(vae, random.Random(args.seed + 300))
+            set_latent_stats(vae, random.Random(args.seed + 300), args.stats)
     vae.requires_grad_(False)
     log(stage="time", what="vae encoder", seconds=time.time() - start)
 
     with single_frame(vae):
         if bank is None:
             bank = build_bank(vae, args, random.Random(args.seed + 400))
-        val = build_bank(vae, args, random.Random(args.seed + 1), "heldout", total=256)
+        val = build_bank(vae, args, random.Random(args.seed + 1), "heldout", total=args.val)
     log(stage="time", what="bank", seconds=time.time() - start)
     with (out / BANK_FILE).open("wb") as f:  # for the other ranks and for --reuse
         pickle.dump(bank, f)
