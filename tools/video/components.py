@@ -7,7 +7,8 @@ the Wan2.2 code path loads unchanged: no ``transformer_2``, no ``expand_timestep
   prompts, so every scene word is one piece;
 - text encoder: ``UMT5EncoderModel``, 2 layers of width 64;
 - VAE: ``AutoencoderKLWan`` in the Wan2.1 layout (z 16, 8x spatial, 4x temporal, causal),
-  base width 16: 64x64x17 pixels -> 16x5x8x8 latents -> 80 tokens of 1x2x2 patches;
+  made from the image model's VAE (:mod:`tools.video.vae`): 64x64x17 pixels -> 16x5x8x8
+  latents -> 80 tokens of 1x2x2 patches;
 - transformer: ``WanTransformer3DModel``, 4 layers, 4 heads of 32 (width 128);
 - scheduler: the flow-matching ``UniPCMultistepScheduler`` the Wan checkpoints ship.
 """
@@ -77,22 +78,6 @@ def build_text_encoder(vocab_size: int, seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UMT5EncoderModel(config)
-
-
-def build_vae(seed: int):
-    from diffusers import AutoencoderKLWan
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
-        return AutoencoderKLWan(
-            base_dim=16,
-            z_dim=Z_DIM,
-            dim_mult=[1, 2, 2, 2],
-            num_res_blocks=1,
-            temperal_downsample=[False, True, True],
-            latents_mean=[0.0] * Z_DIM,  # set from data after the VAE is trained
-            latents_std=[1.0] * Z_DIM,
-        )
 
 
 def build_transformer(seed: int):

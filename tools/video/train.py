@@ -185,7 +185,12 @@ def main(argv=None) -> None:
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--reuse", help="an earlier run directory whose bank to use")
+    p.add_argument("--ship", action="store_true", help="copy the result into the package")
+    p.add_argument("--ship-only", metavar="CHECKPOINT", help="only copy it into the package")
     args = p.parse_args(argv)
+    if args.ship_only:
+        print(f"shipped {ship(Path(args.ship_only))}")
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -211,6 +216,19 @@ def main(argv=None) -> None:
     train(args, models, vae, bank, val, log, out)
     log(stage="time", what="transformer", seconds=time.time() - start)
     (out / "done.json").write_text(json.dumps({"minutes": (time.time() - start) / 60}) + "\n")
+    if args.ship:
+        print(f"shipped {ship(out / 'checkpoint')}")
+
+
+def ship(checkpoint: Path) -> Path:
+    """Replace the package's video checkpoint with ``checkpoint`` (a saved run's)."""
+    import shutil
+
+    from ithaca.models.shapes import VIDEO_CHECKPOINT_DIR
+
+    shutil.rmtree(VIDEO_CHECKPOINT_DIR, ignore_errors=True)
+    shutil.copytree(checkpoint, VIDEO_CHECKPOINT_DIR)
+    return VIDEO_CHECKPOINT_DIR
 
 
 if __name__ == "__main__":
