@@ -29,11 +29,12 @@ import numpy as np
 import torch
 
 from ithaca.config import ParallelConfig
-from ithaca.engine.types import GenerationParams
 from ithaca.models.registry import load_pipeline
-from ithaca.models.shapes import analysis, shipped_checkpoint_path
+from ithaca.models.shapes import shipped_checkpoint_path
 from ithaca.parallel.state import ParallelState
 from ithaca.testing.distributed import WorkerPool, parallel_state
+from ithaca.types import GenerationParams
+from tools.shapes import analysis
 from tools.shapes.evaluate import heldout_cases
 
 LAYOUTS = {

@@ -10,9 +10,9 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from ithaca.engine.types import GenerationParams
 from ithaca.models.registry import load_pipeline
 from ithaca.parallel.state import ParallelState
+from ithaca.types import GenerationParams
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--bank", "64", "--val", "16", "--steps", "3", "--batch", "2", "--save-every", "3",

@@ -71,9 +71,9 @@ def accuracy(verdicts: list[dict[str, bool]]) -> dict[str, float]:
 
 def generate(model: str, cases: list[Case], steps: int | None = None) -> list[np.ndarray]:
     """Clips from ithaca's pipeline at the checkpoint's declared defaults."""
-    from ithaca.engine.types import GenerationParams
     from ithaca.models.registry import load_pipeline
     from ithaca.parallel.state import ParallelState
+    from ithaca.types import GenerationParams
 
     pipe = load_pipeline(model, ParallelState.single())
     params = [

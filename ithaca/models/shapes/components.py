@@ -23,9 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ithaca.models.qwen_image.templates import T2I
+from ithaca.models.qwen_image.templates import SPECIAL_TOKENS, T2I
 from ithaca.models.shapes.vocabulary import known_words
-from ithaca.testing.tiny import SPECIAL_TOKENS
 
 TEXT_HIDDEN = 64
 Z_DIM = 16

@@ -45,6 +45,9 @@ class GenerationParams:
     cache_config: dict[str, Any] | None = None
     partial_images: int = 0
     """Number of intermediate previews to report through the step callback."""
+    model_options: dict[str, Any] = field(default_factory=dict)
+    """Family-specific sampling settings sent as extension fields (Bagel's
+    ``cfg_text_scale``, ``cfg_interval``, ...); the family validates them."""
     request_id: str = ""
 
 
@@ -83,3 +86,12 @@ class Pipeline(Protocol):
     def generate(
         self, batch: list[GenerationParams], callback: StepCallback | None = None
     ) -> list[GenerationResult]: ...
+
+
+class ParamError(ValueError):
+    """A request setting the model cannot take; ``param`` names the request field, so the
+    server can answer with an OpenAI error body (``{"error": {"param": ...}}``)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
