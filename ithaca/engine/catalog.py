@@ -8,7 +8,6 @@ models) and describes each model on ``/v1/models/{id}``.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -59,24 +58,13 @@ class ModelInfo:
         return out
 
 
-def _index(model: str) -> dict:
-    if os.path.isdir(model):
-        path = os.path.join(model, "model_index.json")
-        if not os.path.isfile(path):
-            raise ValueError(f"{model} is a directory without model_index.json")
-    else:
-        from huggingface_hub import hf_hub_download
-
-        path = hf_hub_download(model, "model_index.json")
-    with open(path) as f:
-        return json.load(f)
-
-
 def model_info(model: str) -> ModelInfo:
     """Read ``model``'s index; a ``module:attr`` pipeline factory may serve either task."""
+    from ithaca.models.registry import model_index
+
     if ":" in model and not os.path.exists(model):
         return ModelInfo(None, None, TASKS)
-    index = _index(model)
+    index = model_index(model)
     name = index.get("_class_name")
     words = index.get("_ithaca_vocabulary")
     return ModelInfo(
