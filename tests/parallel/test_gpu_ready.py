@@ -295,3 +295,19 @@ def test_gpu_check_skips_cleanly_without_a_gpu():
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0 and "no CUDA device" in out.stdout
+
+
+def test_the_text_mask_decision_is_taken_once_per_mask_tensor():
+    from ithaca.parallel.attention import ParallelAttention
+
+    attn = ParallelAttention(ParallelState.single())
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with _count_host_syncs() as syncs:
+        assert attn._drop_if_trivial(mask) is None
+        assert attn._drop_if_trivial(mask) is None
+    assert syncs["n"] == 1
+    mask[0, 4] = False  # changed in place: decided again
+    assert attn._drop_if_trivial(mask) is mask
+    with torch.inference_mode():  # inference tensors have no version counter
+        frozen = torch.ones(2, 5, dtype=torch.bool)
+        assert attn._drop_if_trivial(frozen) is None
