@@ -311,3 +311,24 @@ def test_the_text_mask_decision_is_taken_once_per_mask_tensor():
     with torch.inference_mode():  # inference tensors have no version counter
         frozen = torch.ones(2, 5, dtype=torch.bool)
         assert attn._drop_if_trivial(frozen) is None
+
+
+def _one_rank_skips_a_collective(timeout_s: float):
+    import time
+
+    with parallel_state(ParallelConfig(ulysses_degree=2, collective_timeout_s=timeout_s)) as st:
+        if st.rank == 1:
+            time.sleep(3 * timeout_s)  # alive, group open, but never joins (a hung rank)
+            return None
+        start = time.monotonic()
+        try:
+            comm.all_reduce(torch.ones(4), st.replica)
+        except RuntimeError as exc:
+            return time.monotonic() - start, str(exc)[:200]
+        return time.monotonic() - start, "returned"
+
+
+def test_a_collective_whose_peer_never_comes_raises_after_the_timeout(worker_pool):
+    waited, error = worker_pool(2).run(_one_rank_skips_a_collective, 2.0)[0]
+    assert error != "returned"
+    assert 1.5 <= waited <= 5.5, (waited, error)  # the timeout, not a closed peer
