@@ -332,3 +332,32 @@ def test_a_collective_whose_peer_never_comes_raises_after_the_timeout(worker_poo
     waited, error = worker_pool(2).run(_one_rank_skips_a_collective, 2.0)[0]
     assert error != "returned"
     assert 1.5 <= waited <= 5.5, (waited, error)  # the timeout, not a closed peer
+
+
+@pytest.mark.parametrize("command", ["serve", "worker-node", "generate"])
+def test_cli_flags_reach_the_workers(command):
+    from ithaca.cli import _parallel, build_parser
+    from ithaca.engine.executor import PipelineSpec
+    from ithaca.engine.worker import spec_from_json, spec_to_json
+
+    extra = {
+        "serve": [],
+        "generate": ["--prompt", "x"],
+        "worker-node": [
+            "--nnodes",
+            "2",
+            "--node-rank",
+            "1",
+            "--master-addr",
+            "h",
+            "--master-port",
+            "1",
+        ],
+    }[command]
+    args = build_parser().parse_args(
+        [command, *extra, "--usp", "2", "--attention-backend", "flash", "--collective-timeout", "9"]
+    )
+    parallel = _parallel(args)
+    assert (parallel.attention_backend, parallel.collective_timeout_s) == ("flash", 9.0)
+    spec, _ = spec_from_json(spec_to_json(PipelineSpec(parallel=parallel), 1.0))
+    assert spec.parallel == parallel
