@@ -24,11 +24,12 @@ CUDA = torch.device("cuda", 0)
 # -- kernel choice ------------------------------------------------------------------
 @pytest.fixture
 def gpu(monkeypatch):
-    """Patch the probes: ``gpu(capability, flash=None|2|3, sage=False)``."""
+    """Patch the probes: ``gpu(capability, flash=None|2|3|(2, 3), sage=False)``."""
 
     def set_(capability=(9, 0), flash=None, sage=False):
+        versions = () if flash is None else (flash,) if isinstance(flash, int) else flash
         monkeypatch.setattr(kernels, "cuda_capability", lambda device: capability)
-        monkeypatch.setattr(kernels, "flash_attn_version", lambda: flash)
+        monkeypatch.setattr(kernels, "flash_attn_versions", lambda: versions)
         monkeypatch.setattr(kernels, "sage_available", lambda: sage)
 
     return set_
@@ -58,6 +59,10 @@ def test_auto_prefers_installed_flash_attn_matching_the_architecture(gpu):
     assert pick() == "flash2" and pick(masked=True) == "sdpa"
     gpu((7, 5), flash=2)  # pre-Ampere: falls back, never raises
     assert pick() == "sdpa"
+    gpu((8, 0), flash=(2, 3))  # both installed: Ampere takes 2, Hopper 3
+    assert pick(need_lse=True) == "flash2"
+    gpu((9, 0), flash=(2, 3))
+    assert pick(need_lse=True) == "flash3"
 
 
 def test_explicit_backends_fall_back_with_a_warning_instead_of_raising(gpu, caplog):
