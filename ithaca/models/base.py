@@ -28,7 +28,13 @@ from PIL import Image
 
 from ithaca.cache import BlockCacheAdapter, StepCache, build_cache, validate_cache_options
 from ithaca.engine.types import GenerationParams, GenerationResult, StepCallback, StepEvent
-from ithaca.parallel import ParallelState, apply_guidance, comm, predict_branches
+from ithaca.parallel import (
+    ParallelState,
+    apply_guidance,
+    comm,
+    idle_branch_warning,
+    predict_branches,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -398,6 +404,11 @@ class DenoisingPipeline:
             stats = self._cache_stats(cache, do_cfg)
             for m in per_request:
                 m["cache"] = stats
+        idle = idle_branch_warning(self.state, do_cfg)  # once per request, in log and metadata
+        for r, m in zip(requests, per_request, strict=True) if idle else ():
+            m["warnings"] = [idle]
+            if self.is_returning_rank:
+                logger.warning("request %s: %s", r.params.request_id, idle)
         meta: dict[str, Any] = {"per_request": per_request}
         if cancelled_at is not None:
             meta["cancelled"] = True

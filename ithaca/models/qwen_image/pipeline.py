@@ -341,11 +341,15 @@ class QwenImageEditPipeline(QwenImagePipeline):
             )
         images = params.images
         sizes = [self._vae_size(im) for im in images]
-        w, h = self._dims(images[-1 if self.max_images > 1 else 0], 1024 * 1024)
+        w, h = self._dims(images[-1 if self.max_images > 1 else 0], self._edit_area())
         return self._common(params, w, h, extra=tuple(sizes))
 
     def _vae_size(self, image: Image.Image) -> tuple[int, int]:
-        return self._dims(image, 1024 * 1024)
+        return self._dims(image, self._edit_area())
+
+    def _edit_area(self) -> int:
+        # diffusers' 1024 * 1024, or the trained size a checkpoint states (_ithaca_defaults)
+        return self.default_width * self.default_height
 
     def _image_shapes(self, request: Request) -> list[tuple[int, int, int]]:
         shapes = super()._image_shapes(request)
