@@ -8,13 +8,17 @@ as written. The hub names the snippets use (``Qwen/Qwen-Image``, ``Qwen/Qwen-Ima
 resolve to tiny random-weight checkpoints through a Hugging Face cache this module
 builds (offline mode), exactly as a pre-downloaded hub cache would on a server.
 Free names a snippet assumes its reader has (``nn``, ``torch``, ``input_image``) are
-provided. Multi-rank snippets start real torchrun worker groups (gloo).
+provided, and the imports of the document's earlier snippets. Multi-rank snippets run on
+real torchrun worker groups (gloo); snippets with the same model, layout and cache share
+one group (``Omni.close`` leaves it to the module's teardown), so five groups start, not
+nine.
 
 Pyramid: this is the top (whole engine, subprocess ranks); the parts are tested below it.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -69,8 +73,39 @@ def hub_cache(tmp_path_factory):
     return root / "hub"
 
 
+class _SharedIthaca:
+    """An engine several snippets with the same model and layout use in turn."""
+
+    def __init__(self, real):
+        self.engine = real.engine
+        self.real = real
+
+    def close(self) -> None:  # Omni.close(): the module's teardown stops the engine
+        pass
+
+
+@pytest.fixture(scope="module")
+def shared_engines():
+    """Worker groups by (model, layout, cache, dtype): starting one costs tens of seconds
+    on 2 cores, and several snippets differ only in how they call the same engine."""
+    engines: dict = {}
+    yield engines
+    for shared in engines.values():
+        shared.real.close()
+
+
 @pytest.fixture
-def offline_hub(hub_cache, monkeypatch):
+def offline_hub(hub_cache, shared_engines, monkeypatch):
+    import ithaca.omni as omni_module
+    from ithaca.api import Ithaca
+
+    def shared_ithaca(model, **kwargs):
+        key = (model, *sorted(kwargs.items()))
+        if key not in shared_engines:
+            shared_engines[key] = _SharedIthaca(Ithaca(model, **kwargs))
+        return shared_engines[key]
+
+    monkeypatch.setattr(omni_module, "Ithaca", shared_ithaca)
     import huggingface_hub.constants as constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache))
@@ -110,6 +145,21 @@ def _check_outputs(block, namespace: dict) -> None:
         assert any("cfg_parallel_size" in w for w in meta.get("warnings", []))
 
 
+def _earlier_imports(block) -> str:
+    """The top-level import statements of the snippets before ``block`` in its document."""
+    doc = block.key.split("#")[0]
+    lines = []
+    for earlier in seeds.python_snippets():
+        if earlier.key == block.key:
+            break
+        if earlier.key.startswith(doc + "#") and earlier.key not in FRAGMENTS:
+            tree = ast.parse(earlier.text)
+            lines += [
+                ast.unparse(n) for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)
+            ]
+    return "\n".join(lines)
+
+
 @pytest.mark.parametrize("block", _snippets())
 def test_seed_snippet_runs(block, offline_hub, tmp_path, monkeypatch):
     if block.key in FRAGMENTS:
@@ -124,8 +174,8 @@ def test_seed_snippet_runs(block, offline_hub, tmp_path, monkeypatch):
         "torch": torch,
         "input_image": Image.new("RGB", (96, 64), (200, 120, 40)),
     }
-    if "import" not in code:  # a continuation of the previous snippet of its section
-        exec("from ithaca import DiffusionParallelConfig, Omni", namespace)
+    # A snippet continues the ones before it in its document: their imports are in scope.
+    exec(_earlier_imports(block), namespace)
     try:
         exec(compile(code, block.key, "exec"), namespace)
     finally:
