@@ -90,10 +90,11 @@ def model_geometry(model: str | ModelGeometry) -> ModelGeometry:
 
 def detect_interconnect() -> str | None:
     """``"nvlink"`` when ``nvidia-smi topo -m`` shows NV links between the GPUs,
-    ``"pcie"`` when it shows GPUs without them, ``None`` when it cannot tell."""
+    ``"pcie"`` when it shows GPUs without them (or, without nvidia-smi, when torch says
+    GPU 0 cannot reach GPU 1 peer-to-peer at all), ``None`` when it cannot tell."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
-        return None
+        return _peer_access_hint()
     try:
         out = subprocess.run([exe, "topo", "-m"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
@@ -103,6 +104,16 @@ def detect_interconnect() -> str | None:
         return None
     cells = [cell for row in rows for cell in row[1 : len(rows) + 1]]
     return "nvlink" if any(c.startswith("NV") for c in cells) else "pcie"
+
+
+def _peer_access_hint() -> str | None:
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        return None
+    # No peer access means traffic through host memory: PCIe at best. Peer access alone
+    # does not tell NVLink from PCIe peer-to-peer, so it decides nothing.
+    return None if torch.cuda.can_device_access_peer(0, 1) else "pcie"
 
 
 @dataclass(frozen=True)
@@ -199,9 +210,11 @@ def plan(
         raise ValueError(f"world_size ({world_size}) must be a positive integer")
     if interconnect not in (None, "nvlink", "pcie"):
         raise ValueError(f"interconnect ({interconnect!r}) must be 'nvlink', 'pcie' or None")
-    detected = interconnect is None
-    if detected:
-        interconnect = detect_interconnect() or "pcie"
+    source = "given"
+    if interconnect is None:
+        interconnect = detect_interconnect()
+        source = "detected" if interconnect else "assumed: nothing to detect it from"
+        interconnect = interconnect or "pcie"
     geometry = model_geometry(model)
     width, height = size
     tokens = geometry.tokens(width, height)
@@ -216,7 +229,6 @@ def plan(
         cfg_parallel_size=best.cfg,
         data_parallel_size=world_size // best.ranks,
     )
-    source = "detected" if detected else "given"
     reason = (
         f"{world_size} GPU(s), {interconnect} ({source}), {tokens} image tokens "
         f"({width}x{height}), {geometry.heads} heads x {geometry.head_dim}, "

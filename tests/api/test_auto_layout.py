@@ -102,3 +102,20 @@ def test_cli_usp_auto(tmp_path, capsys):
         "--width 2048 --height 2048 --true-cfg-scale 4 --negative-prompt=".split()
     )
     assert _parallel(gen) == ParallelConfig(ulysses_degree=4, cfg_parallel_size=2)
+
+
+def test_interconnect_detection_reads_nvidia_smi(monkeypatch):
+    import subprocess
+
+    from ithaca.parallel import auto
+
+    nvlink = "\tGPU0\tGPU1\tCPU Affinity\nGPU0\t X \tNV18\t0-63\nGPU1\tNV18\t X \t0-63\n"
+    pcie = "\tGPU0\tGPU1\tCPU Affinity\nGPU0\t X \tSYS\t0-63\nGPU1\tSYS\t X \t0-63\n"
+    monkeypatch.setattr(auto.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    for text, expected in ((nvlink, "nvlink"), (pcie, "pcie"), ("No devices\n", None)):
+        done = subprocess.CompletedProcess([], 0, stdout=text, stderr="")
+        monkeypatch.setattr(auto.subprocess, "run", lambda *a, done=done, **k: done)
+        assert auto.detect_interconnect() == expected
+    monkeypatch.setattr(auto.shutil, "which", lambda name: None)
+    assert auto.detect_interconnect() is None  # no nvidia-smi and no GPUs here
+    assert "pcie (assumed: nothing to detect it from)" in plan(2, QWEN, (2048, 2048)).reason
