@@ -8,12 +8,13 @@ ithaca worker-node MODEL --usp 4 --nnodes 2 --node-rank 1 --master-addr HOST --m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
 
-from ithaca.config import CacheConfig, ParallelConfig, ServerConfig
+from ithaca.config import ATTENTION_BACKENDS, CacheConfig, ParallelConfig, ServerConfig
 
 
 def _degree(value: str) -> int | str:
@@ -46,6 +47,14 @@ def _parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--expect-cfg", action="store_true",
         help="--usp auto: requests will use true CFG (a negative prompt)",
+    )  # fmt: skip
+    g.add_argument(
+        "--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
+        help="local attention kernel; auto: the fastest installed one the layout can use",
+    )  # fmt: skip
+    g.add_argument(
+        "--collective-timeout", dest="collective_timeout_s", type=float, default=60.0,
+        help="seconds before a stuck collective raises instead of hanging the group",
     )  # fmt: skip
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     g.add_argument("--cache-backend", default=None, help="step cache, e.g. tea_cache")
@@ -91,7 +100,11 @@ def _auto_parallel(args, dp: int) -> ParallelConfig:
     interconnect = None if args.interconnect == "auto" else args.interconnect
     chosen = plan(world, args.model, _auto_size(args), cfg, interconnect)
     print(f"ithaca: --usp auto: {chosen.reason}", file=sys.stderr)
-    return chosen.config
+    return dataclasses.replace(
+        chosen.config,
+        attention_backend=args.attention_backend,
+        collective_timeout_s=args.collective_timeout_s,
+    )
 
 
 def _parallel(args, dp: int = 1) -> ParallelConfig:
@@ -107,6 +120,8 @@ def _parallel(args, dp: int = 1) -> ParallelConfig:
         ring_degree=args.ring_degree,
         cfg_parallel_size=args.cfg_parallel_size,
         data_parallel_size=dp,
+        attention_backend=args.attention_backend,
+        collective_timeout_s=args.collective_timeout_s,
     )
 
 
@@ -291,8 +306,8 @@ def cmd_calibrate_teacache(args) -> int:
     import torch
     from PIL import Image
 
-    from ithaca.cache.calibrate import DEFAULT_PROMPTS, calibrate_teacache
     from ithaca.engine.executor import default_model_path
+    from ithaca.models.calibrate import DEFAULT_PROMPTS, calibrate_teacache
 
     model = args.model or default_model_path()
     coefficients, samples = calibrate_teacache(

@@ -17,7 +17,7 @@
 Edits pass a dict: ``{"prompt": ..., "multi_modal_data": {"image": img_or_list}}``.
 ``generate`` also takes the sampling fields as keywords
 (``omni.generate(prompt="...", num_inference_steps=50)``) and a list of prompts; it
-returns one :class:`~ithaca.engine.types.GenerationResult` per prompt.
+returns one :class:`~ithaca.types.GenerationResult` per prompt.
 
 A hub id that is not a local directory resolves to its Hugging Face snapshot
 (``huggingface_hub.snapshot_download``; with ``HF_HUB_OFFLINE=1`` only the local cache
@@ -36,7 +36,7 @@ from PIL import Image
 
 from ithaca.api import Ithaca
 from ithaca.config import CacheConfig, ParallelConfig
-from ithaca.engine.types import GenerationParams, GenerationResult
+from ithaca.types import GenerationParams, GenerationResult
 
 
 @dataclass

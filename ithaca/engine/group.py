@@ -40,8 +40,8 @@ import time
 from ithaca.engine.errors import GenerationFailedError, WorkerGroupDiedError
 from ithaca.engine.executor import PipelineSpec, StepHandler
 from ithaca.engine.ipc import Channel, ChannelClosed
-from ithaca.engine.types import GenerationParams, GenerationResult
 from ithaca.engine.worker import ENV_CONFIG, ENV_SOCKET, ENV_TOKEN, spec_to_json
+from ithaca.types import GenerationParams, GenerationResult
 
 log = logging.getLogger(__name__)
 

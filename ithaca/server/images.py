@@ -11,7 +11,6 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from PIL import Image
 from starlette.datastructures import UploadFile
 
-from ithaca.engine.types import GenerationParams, GenerationResult
 from ithaca.server import media
 from ithaca.server.errors import APIError, invalid
 from ithaca.server.protocol import ImageEditJSON, ImageRequest
@@ -22,6 +21,7 @@ from ithaca.server.state import (
     server_state,
     wait_result,
 )
+from ithaca.types import GenerationParams, GenerationResult
 
 router = APIRouter()
 MAX_EDIT_IMAGES = 16

@@ -17,9 +17,9 @@ from PIL import Image
 from ithaca import DiffusionParallelConfig, Omni, OmniDiffusionSamplingParams, ParallelConfig
 from ithaca.api import Ithaca
 from ithaca.config import CacheConfig
-from ithaca.engine.types import GenerationParams
 from ithaca.omni import _cache_options, _prompt_fields, resolve_model
 from ithaca.testing.distributed import parallel_state
+from ithaca.types import GenerationParams
 
 
 def test_sampling_params_validate_and_convert():

@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from ithaca.engine.types import GenerationResult
 from ithaca.parallel import validate_sp_plan
+from ithaca.types import GenerationResult
 from tests.docs import seeds
 
 # Blocks that are not Python as written (the documents elide with "..."), with why.
