@@ -19,8 +19,8 @@ import shutil
 import numpy as np
 import pytest
 
-from ithaca.engine.types import GenerationParams
 from ithaca.testing.tiny import build_tiny_qwen_image
+from ithaca.types import GenerationParams
 from tests.models._families_run import check_layout, generate, record, world_size
 from tests.models.test_qwen_image import edit_images, run_ours, run_reference
 
