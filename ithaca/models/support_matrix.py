@@ -45,8 +45,10 @@ END = "<!-- support-matrix:end -->"
 
 FAMILY_ORDER = [
     "Qwen-Image",
+    "Qwen-Image-2512",
     "Qwen-Image-Edit",
     "Qwen-Image-Edit-2509",
+    "Qwen-Image-Edit-2511",
     "Qwen-Image-Layered",
     "shapes (default model)",
     "Wan2.2-T2V-A14B",
