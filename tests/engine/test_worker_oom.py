@@ -18,8 +18,8 @@ from ithaca.engine.engine import Engine
 from ithaca.engine.errors import GenerationFailedError
 from ithaca.engine.executor import InProcessExecutor, PipelineSpec
 from ithaca.engine.group import WorkerGroupExecutor
-from ithaca.engine.types import GenerationParams
 from ithaca.parallel.comm import all_reduce
+from ithaca.types import GenerationParams
 from tests.engine.doubles import FakePipeline
 from tests.server.harness import FAKE, REPO
 
