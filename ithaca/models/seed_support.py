@@ -21,7 +21,7 @@ SEED_TABLE: dict[str, tuple[str | None, tuple[bool, ...]]] = {
     "Qwen-Image-Layered": ("Qwen-Image-Layered", (False, True, True, True, True)),
     "Z-Image": ("Z-Image", (True, True, False, False, False)),
     "Stable-Diffusion3.5": ("SD3.5", (False, True, False, False, True)),
-    "Bagel": (None, (True, True, False, False, False)),
+    "Bagel": ("Bagel", (True, True, False, False, False)),
     "FLUX.1-dev": ("FLUX.1-dev", (False, True, False, False, False)),
     "Wan2.2": ("Wan2.2-T2V-A14B", (False, True, True, True, True)),
 }

@@ -17,5 +17,5 @@ def test_a_cell_is_checked_only_by_a_record_of_its_family_and_method():
     )
     sd = next(line for line in text.splitlines() if line.startswith("| Stable-Diffusion3.5 |"))
     assert sd.split(" | ")[2:5] == ["no / not checked", "yes / checked", "no / checked"]
-    assert "| Bagel | no pipeline | yes / not checked |" in text
+    assert "| Bagel | Bagel | yes / not checked |" in text
     assert len([line for line in text.splitlines() if line.startswith("| ")]) == 1 + 14
