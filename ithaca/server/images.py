@@ -146,7 +146,10 @@ async def _serve(
     body_out = {"created": int(time.time()), "data": data, **meta, "size": size, "usage": USAGE}
     if "cache" in result.metadata:  # extension: what the step cache skipped for this request
         body_out["cache"] = result.metadata["cache"]
-    if warnings:  # extension: words of the prompt the model never learned
+    # extension: words of the prompt the model never learned, and the engine's warnings
+    # (e.g. idle CFG-parallel ranks)
+    warnings = warnings + list(result.metadata.get("warnings") or [])
+    if warnings:
         body_out["warnings"] = warnings
     return JSONResponse(body_out, headers=timing_headers(req, result))
 
