@@ -94,6 +94,9 @@ def _auto_parallel(args, dp: int) -> ParallelConfig:
         getattr(args, "negative_prompt", None) is not None
         and (getattr(args, "true_cfg_scale", None) or 0) > 1
     )
+    if getattr(args, "model", None) is None:  # serve: the first of its models
+        given = [*getattr(args, "models", []), *getattr(args, "more_models", [])]
+        args.model = (given[0].rpartition("@")[0] or given[0]) if given else None
     if args.model is None:
         from ithaca.engine.executor import default_model_path
 
@@ -307,8 +310,10 @@ def parse_model(text: str, default: ParallelConfig):
 def _model_entries(args) -> list:
     from ithaca.server.serve import ModelEntry, default_entries
 
-    default = _parallel(args, args.data_parallel_size)
     given = [*args.models, *args.more_models]
+    # --usp auto plans for the first model (``_auto_parallel`` reads ``args.model``).
+    args.model = parse_model(given[0], ParallelConfig()).model if given else None
+    default = _parallel(args, args.data_parallel_size)
     if not given:
         return default_entries(default)
     if len(given) == 1 and "@" not in given[0]:
