@@ -76,7 +76,7 @@ def _auto_size(args) -> tuple[int, int]:
 
 
 def _auto_parallel(args, dp: int) -> ParallelConfig:
-    from ithaca.parallel.auto import plan
+    from ithaca.autolayout import plan
 
     if args.ring_degree != 1 or args.cfg_parallel_size != 1 or dp != 1:
         raise ValueError(
@@ -104,8 +104,8 @@ def _auto_parallel(args, dp: int) -> ParallelConfig:
     interconnect = None if args.interconnect == "auto" else args.interconnect
     chosen = plan(world, args.model, _auto_size(args), cfg, interconnect)
     print(f"ithaca: --usp auto: {chosen.reason}", file=sys.stderr)
-    return dataclasses.replace(
-        chosen.config,
+    return ParallelConfig(
+        **chosen.degrees,
         attention_backend=args.attention_backend,
         collective_timeout_s=args.collective_timeout_s,
     )
@@ -285,7 +285,6 @@ _LAYOUT_KEYS = {
 
 def parse_model(text: str, default: ParallelConfig):
     """``MODEL[@key=value,...]`` -> ``ModelEntry``; keys: usp, ring, cfg, dp, name."""
-    import dataclasses
 
     from ithaca.server.serve import ModelEntry
 

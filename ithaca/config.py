@@ -92,17 +92,17 @@ class ParallelConfig:
     ) -> ParallelConfig:
         """The Ulysses / Ring / CFG / replica degrees the cost model of ``docs/guide.md``
         picks for ``world_size`` GPUs, ``model`` (checkpoint path, hub id or
-        :class:`~ithaca.parallel.auto.ModelGeometry`), a ``(width, height)`` request
+        :class:`~ithaca.autolayout.ModelGeometry`), a ``(width, height)`` request
         ``size``, true CFG on or off, and ``"nvlink"`` / ``"pcie"`` (``None``: read from
         ``nvidia-smi topo -m``, else assume PCIe). Logs the choice and why; see
-        :func:`ithaca.parallel.auto.plan` for the ranked candidates."""
+        :func:`ithaca.autolayout.plan` for the ranked candidates."""
         import logging
 
-        from ithaca.parallel.auto import plan
+        from ithaca.autolayout import plan  # below config: it imports no ithaca module
 
         chosen = plan(world_size, model, size, cfg, interconnect)
         logging.getLogger(__name__).info("auto parallel layout: %s", chosen.reason)
-        return chosen.config
+        return cls(**chosen.degrees)
 
 
 # The reference system's name for the same object.
