@@ -7,6 +7,7 @@ and the offline Python API (one rank, no subprocess).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -68,6 +69,71 @@ def classify_failure(exc: BaseException) -> str:
     return "invalid_request" if isinstance(exc, ValueError) else "internal"
 
 
+def failure_message(exc: BaseException) -> str:
+    """A ValueError's own text goes to the client as is; anything else keeps its type
+    (for the log: the engine never shows internal failures to clients)."""
+    return str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+
+
+def resolve_request(pipeline, params: GenerationParams) -> dict:
+    """One request checked alone by the pipeline's ``resolve`` (raises ValueError for the
+    client's mistake), as plain data for admission: width, height, steps, frames, do_cfg."""
+    if params.layers is not None and not getattr(pipeline, "takes_layers", True):
+        # Checked in generate() by the model layer today; resolve() takes it over.
+        raise ValueError(
+            f"layers is only for layered models (Qwen-Image-Layered); "
+            f"{type(pipeline).__name__} returns flat images"
+        )
+    resolve = getattr(pipeline, "resolve", None)
+    if resolve is None:
+        return {}
+    request = resolve(params)
+    extra = getattr(request, "extra_key", ()) or ()
+    frames = getattr(request, "num_frames", None) or next(
+        (getattr(e, "num_frames", None) for e in extra if hasattr(e, "num_frames")), None
+    )
+    return {
+        "width": getattr(request, "width", None),
+        "height": getattr(request, "height", None),
+        "steps": getattr(request, "steps", None),
+        "frames": frames or params.num_frames,
+        "do_cfg": bool(getattr(request, "do_cfg", False)),
+    }
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak-memory window for this process (device memory on CUDA)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    # Writing 5 to clear_refs resets the kernel's peak RSS (VmHWM) of this process.
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_memory_bytes() -> int:
+    """Peak memory of this process since :func:`reset_peak_memory` (0 when unknown)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_measured(pipeline, batch, callback) -> tuple[list[GenerationResult], dict]:
+    """``pipeline.generate`` with the batch's peak memory growth (bytes) measured."""
+    reset_peak_memory()
+    base = peak_memory_bytes()
+    results = pipeline.generate(batch, callback)
+    return results, {"peak_bytes": max(0, peak_memory_bytes() - base)}
+
+
 class Executor(Protocol):
     """Runs batches; raises :class:`WorkerGroupDiedError` when its ranks are gone."""
 
@@ -76,10 +142,19 @@ class Executor(Protocol):
     def start(self) -> None:
         """Load weights on every rank; return once all are READY (or raise)."""
 
+    def validate(self, params: GenerationParams) -> dict:
+        """Check one request alone (:func:`resolve_request`); raises
+        :class:`GenerationFailedError` (``invalid_request``) for the client's mistake."""
+
     def execute(
-        self, batch: list[GenerationParams], on_step: StepHandler
+        self, batch: list[GenerationParams], on_step: StepHandler, deadlines=None
     ) -> list[GenerationResult]:
-        """Run one batch; results in any order, matched by ``request_id``."""
+        """Run one batch; results in any order, matched by ``request_id``. ``deadlines``
+        (:class:`~ithaca.engine.admission.Deadlines`) bound the time without progress;
+        ``last_stats`` then holds the batch's measured peak memory."""
+
+    def overdue(self) -> bool:
+        """The running step is later than expected (``/health`` turns 503)."""
 
     def is_alive(self) -> bool: ...
 
@@ -105,6 +180,7 @@ class InProcessExecutor:
         self.pipeline = pipeline
         self._closed = False
         self._lock = threading.Lock()
+        self.last_stats: dict = {}
 
     def start(self) -> None:
         if self.pipeline is None:
@@ -113,19 +189,30 @@ class InProcessExecutor:
             self.pipeline = load_pipeline(self.spec, ParallelState.single(self.spec.parallel))
         self._closed = False
 
+    def validate(self, params: GenerationParams) -> dict:
+        if self._closed or self.pipeline is None:
+            raise WorkerGroupDiedError(f"{self.name} is not running")
+        try:
+            return resolve_request(self.pipeline, params)
+        except ValueError as exc:
+            raise GenerationFailedError(str(exc), "invalid_request") from exc
+
     def execute(
-        self, batch: list[GenerationParams], on_step: StepHandler
+        self, batch: list[GenerationParams], on_step: StepHandler, deadlines=None
     ) -> list[GenerationResult]:
         if self._closed or self.pipeline is None:
             raise WorkerGroupDiedError(f"{self.name} is not running")
         with self._lock:
             try:
-                return self.pipeline.generate(batch, on_step)
+                results, self.last_stats = run_measured(self.pipeline, batch, on_step)
+                return results
             except Exception as exc:
-                log.exception("%s: pipeline failed on %d request(s)", self.name, len(batch))
-                raise GenerationFailedError(
-                    f"{type(exc).__name__}: {exc}", classify_failure(exc)
-                ) from exc
+                if not isinstance(exc, ValueError):
+                    log.exception("%s: pipeline failed on %d request(s)", self.name, len(batch))
+                raise GenerationFailedError(failure_message(exc), classify_failure(exc)) from exc
+
+    def overdue(self) -> bool:
+        return False
 
     def is_alive(self) -> bool:
         return not self._closed and self.pipeline is not None
@@ -134,6 +221,7 @@ class InProcessExecutor:
         return {
             "name": self.name,
             "alive": self.is_alive(),
+            "status": "ok" if self.is_alive() else "down",
             "ranks": [{"rank": 0, "pid": os.getpid()}],
         }
 

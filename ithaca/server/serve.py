@@ -10,6 +10,7 @@ exit code 1 after the same bounded shutdown.
 from __future__ import annotations
 
 import logging
+import threading
 
 import uvicorn
 
@@ -25,9 +26,16 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self.engine = engine
         self.exit_code = 0
+        self.drain_timeout_s = max(0.0, float(config.timeout_graceful_shutdown or 0) - 1.0)
 
     def handle_exit(self, sig, frame) -> None:
-        self.engine.begin_drain()
+        if not self.engine.draining:
+            self.engine.begin_drain()
+            # At the end of the drain, requests still running get the documented 503 JSON
+            # (before uvicorn's own timeout, one second later, would cancel them bare).
+            timer = threading.Timer(self.drain_timeout_s, self.engine.abort_running)
+            timer.daemon = True
+            timer.start()
         super().handle_exit(sig, frame)
 
     def fatal(self, reason: str) -> None:
@@ -48,7 +56,7 @@ def serve(server: ServerConfig, parallel: ParallelConfig, cache: CacheConfig | N
         host=server.host,
         port=server.port,
         log_level="info",
-        timeout_graceful_shutdown=int(server.drain_timeout_s),
+        timeout_graceful_shutdown=int(server.drain_timeout_s) + 1,
         lifespan="on",
     )
     holder["server"] = uvicorn_server = _Server(config, engine)

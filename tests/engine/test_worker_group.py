@@ -85,4 +85,4 @@ def test_a_rank_that_fails_to_load_fails_startup_with_its_error():
     with pytest.raises(EngineDeadError, match="weights are corrupt"):
         engine.start(timeout=120)
     engine.shutdown()
-    assert group._proc.poll() is not None
+    assert group._session.proc.poll() is not None

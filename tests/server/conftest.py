@@ -1,22 +1,35 @@
-"""Servers shared by the server tests: real ``ithaca serve`` processes on loopback.
+"""The one server fixture of the server tests, and its in-process twin.
 
 Pyramid for tests/server: media/protocol/store units without processes
-(test_units.py); a server on the pipeline double at --usp 2 for the error classes,
-video jobs and restarts (test_errors.py, test_videos.py); servers on the tiny
-Qwen-Image checkpoints at --usp 2 driven by the official openai SDK
-(test_openai_sdk.py, test_edits.py).
+(test_units.py); route logic (every error class, limits, admission, video jobs,
+streaming, the schema fuzzer) on ``app`` - the real app on the in-process executor with
+the pipeline double, through ``httpx.ASGITransport`` (no subprocess, no port); a few
+smoke tests of a real ``ithaca serve`` (torchrun --usp 2, uvicorn, signals, restarts) on
+``fake_server``; the tiny Qwen-Image and Wan checkpoints driven by the official openai
+SDK (test_openai_sdk.py, test_edits.py, test_layered.py, test_video_wan.py).
 """
 
 import pytest
 
-from tests.server.harness import FAKE, ServerProcess
+from tests.server.harness import FAKE, ServerProcess, fake_app
 
 API_KEY = "sk-test-key"
+APP_CONFIG = dict(api_key=API_KEY, max_queue_size=2, max_batch_size=4, batch_wait_ms=20)
+
+
+@pytest.fixture(scope="session")
+def app(tmp_path_factory):
+    """The app in process: pipeline double at 20 ms per step, queue of 2, batches of 4."""
+    client = fake_app(str(tmp_path_factory.mktemp("app")), **APP_CONFIG)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 @pytest.fixture(scope="session")
 def fake_server(tmp_path_factory):
-    """The pipeline double on a 2-rank torchrun group; 50 ms per step."""
+    """The pipeline double on a 2-rank torchrun group behind ``ithaca serve``; 50 ms/step."""
     server = ServerProcess(
         FAKE, "--usp", "2", "--api-key", API_KEY, "--max-queue-size", "2",
         "--max-batch-size", "4", "--batch-wait-ms", "20",
