@@ -66,6 +66,8 @@ class FakePipeline:
             # A check only made inside the batch (as `layers` was): poisons its batch.
             if "poison" in p.prompt:
                 raise ValueError("prompt: this request is poisoned (test double)")
+            if "crash" in p.prompt:  # an internal failure whose text must stay in the log
+                raise RuntimeError("cannot read /srv/secret/model/weights.safetensors")
         steps = batch[0].num_inference_steps or 4
         items = []  # (request index, image index, latents)
         for i, p in enumerate(batch):

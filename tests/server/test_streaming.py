@@ -22,9 +22,7 @@ def events(response) -> list[tuple[str, dict]]:
 def test_edit_stream_with_two_images_and_previews(app):
     form = {"prompt": "make it blue", "size": "32x32", "n": "2", "stream": "true",
             "partial_images": "2", "num_inference_steps": "6", "output_format": "webp"}  # fmt: skip
-    with app.stream(
-        "POST", "/v1/images/edits", data=form, files={"image": png_bytes()}
-    ) as r:
+    with app.stream("POST", "/v1/images/edits", data=form, files={"image": png_bytes()}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         got = events(r)
     kinds = [d["type"] for _, d in got]
