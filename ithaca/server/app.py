@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ithaca.config import ServerConfig
 from ithaca.engine.engine import Engine
-from ithaca.server import errors, images, videos
+from ithaca.server import errors, images, openapi, videos
 from ithaca.server.errors import APIError
 from ithaca.server.outputs import OutputStore, private_dir
 from ithaca.server.state import ServerState, server_state
@@ -163,6 +163,7 @@ def create_app(
     app = FastAPI(title="ithaca", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.ithaca = state
     errors.install(app)
+    openapi.install(app)
     app.add_middleware(
         EdgeMiddleware,
         api_key=config.api_key,

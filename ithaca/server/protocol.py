@@ -204,3 +204,10 @@ class VideoRequest(_Request):
             fps=fps,
             **self.cache_fields(),
         )
+
+
+class VideoJSON(VideoRequest):
+    """The JSON form of ``POST /v1/videos`` as ``/openapi.json`` documents it: the route
+    takes ``input_reference`` (a data URL, the first frame) out before validating."""
+
+    input_reference: ImageURL | None = None
