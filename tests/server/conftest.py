@@ -9,9 +9,11 @@ smoke tests of a real ``ithaca serve`` (torchrun --usp 2, uvicorn, signals, rest
 SDK (test_openai_sdk.py, test_edits.py, test_layered.py, test_video_wan.py).
 """
 
+import contextlib
+
 import pytest
 
-from tests.server.harness import FAKE, ServerProcess, fake_app
+from tests.server.harness import FAKE, fake_app, serving
 
 API_KEY = "sk-test-key"
 APP_CONFIG = dict(api_key=API_KEY, max_queue_size=2, max_batch_size=4, batch_wait_ms=20)
@@ -27,18 +29,26 @@ def app(tmp_path_factory):
         client.close()
 
 
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory):
+    """The one real-server fixture: ``serve(*cli_args, env=, api_key=)`` starts ``ithaca
+    serve`` and waits for ``/health``; every server it started stops when the module ends."""
+    with contextlib.ExitStack() as stack:
+
+        def start(*args: str, env: dict | None = None, api_key: str | None = None):
+            state = str(tmp_path_factory.mktemp("serve"))
+            return stack.enter_context(serving(state, *args, env=env, api_key=api_key))
+
+        yield start
+
+
 @pytest.fixture(scope="session")
 def fake_server(tmp_path_factory):
-    """The pipeline double on a 2-rank torchrun group behind ``ithaca serve``; 50 ms/step."""
-    server = ServerProcess(
-        FAKE, "--usp", "2", "--api-key", API_KEY, "--max-queue-size", "2",
-        "--max-batch-size", "4", "--batch-wait-ms", "20",
-        state_dir=str(tmp_path_factory.mktemp("fake")),
-        env={"ITHACA_FAKE_STEP_S": "0.05"},
-    )  # fmt: skip
-    try:
-        server.wait_healthy(120)
-        server.client.headers["Authorization"] = f"Bearer {API_KEY}"
+    """The pipeline double on a 2-rank torchrun group behind ``ithaca serve``; 50 ms/step
+    (session-wide: the smoke tests of several modules share it)."""
+    args = (FAKE, "--usp", "2", "--max-queue-size", "2", "--max-batch-size", "4",
+            "--batch-wait-ms", "20")  # fmt: skip
+    state = str(tmp_path_factory.mktemp("fake"))
+    env = {"ITHACA_FAKE_STEP_S": "0.05"}
+    with serving(state, *args, env=env, api_key=API_KEY) as server:
         yield server
-    finally:
-        server.stop()

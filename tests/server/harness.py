@@ -80,6 +80,22 @@ class ServerProcess:
         return self.proc.returncode
 
 
+@contextlib.contextmanager
+def serving(state_dir: str, *args: str, env: dict | None = None, api_key: str | None = None,
+            timeout: float = 240.0):  # fmt: skip
+    """``ithaca serve ARGS`` running and healthy for the ``with`` block, then stopped."""
+    if api_key is not None:
+        args = (*args, "--api-key", api_key)
+    server = ServerProcess(*args, state_dir=state_dir, env=env)
+    try:
+        server.wait_healthy(timeout)
+        if api_key is not None:
+            server.client.headers["Authorization"] = f"Bearer {api_key}"
+        yield server
+    finally:
+        server.stop()
+
+
 def metric(text: str, name: str, labels: str = "") -> float:
     """Sum of the samples of ``name`` (with ``labels`` in the label set) in Prometheus text."""
     total = 0.0

@@ -17,22 +17,15 @@ import pytest
 from PIL import Image
 
 from ithaca.server.media import sniff_image
-from tests.server.harness import REPO, ServerProcess, metric
+from tests.server.harness import REPO, metric
 
 SMALL = {"num_inference_steps": 2}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    server = ServerProcess(
-        "--usp", "2", "--max-batch-size", "4", "--batch-wait-ms", "300", "--max-queue-size", "32",
-        state_dir=str(tmp_path_factory.mktemp("real")),
-    )  # fmt: skip
-    try:
-        server.wait_healthy(240)
-        yield server
-    finally:
-        server.stop()
+def server(serve):
+    return serve("--usp", "2", "--max-batch-size", "4", "--batch-wait-ms", "300",
+                 "--max-queue-size", "32")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
