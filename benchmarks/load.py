@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -57,6 +59,12 @@ def tree_rss(pid: int) -> int:
         except OSError:
             pass
     return total
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -112,7 +120,7 @@ async def run_load(url: str, n: int, concurrency: int, body: dict, repeat: int) 
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    port = args.port
+    port = args.port or free_port()
     cmd = [
         sys.executable, "-m", "ithaca.cli", "serve", args.model, "--usp", str(args.usp),
         "--port", str(port), "--max-queue-size", str(args.max_queue_size),
@@ -124,16 +132,30 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        time.sleep(0.3)
-    raise TimeoutError("server not healthy in 600 s")
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    return proc, url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError("server not healthy in 600 s")
+    except BaseException:
+        stop_server(proc)
+        raise
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
 
 def main() -> None:
@@ -142,7 +164,7 @@ def main() -> None:
     p.add_argument("--pid", type=int, default=None, help="its pid, for RSS (with --url)")
     p.add_argument("--model", default="tests.engine.doubles:make_pipeline")
     p.add_argument("--usp", type=int, default=2)
-    p.add_argument("--port", type=int, default=8199)
+    p.add_argument("--port", type=int, default=0, help="for the started server (0: a free one)")
     p.add_argument("--step-s", type=float, default=0.0, help="the double's seconds per step")
     p.add_argument("--max-queue-size", type=int, default=64)
     p.add_argument("--requests", type=int, default=1000)
@@ -163,11 +185,7 @@ def main() -> None:
         after = tree_rss(pid) if pid else 0
     finally:
         if proc is not None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            stop_server(proc)
     print("| requests | concurrency | by status | lost | duplicated | mismatched | "
           "p50 s | p99 s | req/s | RSS before MiB | RSS after MiB |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|")
