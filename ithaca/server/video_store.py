@@ -105,9 +105,9 @@ class VideoStore:
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(OSError):
                 os.chmod(db_path + suffix, 0o600)
-        self.recovered = self._requeue_unfinished()
+        self.requeued, self.failed_on_open = self._requeue_unfinished()
 
-    def _requeue_unfinished(self) -> int:
+    def _requeue_unfinished(self) -> tuple[int, int]:
         """Unfinished jobs of a previous process: back to ``queued`` when they can rerun."""
         error = json.dumps(
             {
@@ -117,7 +117,7 @@ class VideoStore:
         )
         now = int(time.time())
         with self._lock:
-            self._db.execute(
+            failed = self._db.execute(
                 "UPDATE videos SET status='failed', progress=0, error=?, completed_at=?, "
                 "expires_at=? WHERE status IN ('queued', 'in_progress') AND params IS NULL",
                 (error, now, now + int(self.ttl_s)),
@@ -126,7 +126,7 @@ class VideoStore:
                 "UPDATE videos SET status='queued', progress=0 "
                 "WHERE status IN ('queued', 'in_progress')"
             )
-        return cur.rowcount
+        return cur.rowcount, failed.rowcount
 
     def unfinished(self) -> list[VideoJob]:
         """Queued jobs in creation order (after a restart: the ones to run again)."""

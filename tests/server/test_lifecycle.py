@@ -116,6 +116,9 @@ def test_keep_alive_survives_every_error(fake_server):
         ("GET", "/outputs/%00", None, key, 404),
         ("POST", "/v1/images/generations", b'{"prompt": "crash", "size": "32x32"}', json_h, 500),
         ("TRACE", "/v1/models", None, key, 405),
+        # checked alone by rank 0's resolve() (before any batch), and a batch-only failure
+        ("POST", "/v1/images/generations", b'{"prompt": "x", "size": "24x32"}', json_h, 400),
+        ("POST", "/v1/images/generations", b'{"prompt": "poison", "size": "32x32"}', json_h, 400),
         ("POST", "/v1/images/generations", b'{"prompt": "x", "size": "32x32"}', json_h, 200),
     ]
     conn.connect()
