@@ -25,6 +25,7 @@ import math
 import threading
 from dataclasses import dataclass
 
+from ithaca.engine.errors import AdmissionError
 from ithaca.engine.types import GenerationParams
 
 QUADRATIC_TOKENS = 16384
@@ -148,3 +149,44 @@ class CostModel:
         overdue = 2 * step + 1.0 if step is not None else step_s
         overdue_decode = 2 * decode + 1.0 if decode is not None else decode_s
         return Deadlines(step_s, decode_s, min(overdue, step_s), min(overdue_decode, decode_s))
+
+
+def admit(
+    models: list[CostModel], cost: Cost, max_seconds: float | None, max_bytes: float | None
+) -> None:
+    """Raise :class:`AdmissionError` (400) when the fastest measured group estimates
+    ``cost`` above ``max_seconds`` or above the memory budget (``max_bytes``, else what the
+    machine has free). Before the first measurement everything is admitted."""
+    measured = [m for m in models if m.s_per_unit is not None] or models
+    model = min(measured, key=lambda m: m.s_per_unit or 0.0)
+    seconds = model.seconds(cost)
+    if max_seconds is not None and seconds is not None and seconds > max_seconds:
+        raise AdmissionError(
+            f"this request would take about {seconds:.0f} s ({cost.steps} steps of "
+            f"{cost.width}x{cost.height}, {cost.images} image(s)), more than the server "
+            f"allows ({max_seconds:.0f} s); ask for a smaller size, fewer steps or fewer images",
+            "size",
+        )
+    memory = model.memory_bytes(cost)
+    budget = max_bytes or available_memory()
+    if memory is not None and budget and memory > budget:
+        raise AdmissionError(
+            f"this request would need about {memory / 2**30:.1f} GiB per rank "
+            f"({cost.width}x{cost.height}, {cost.images} image(s), {cost.frames} frame(s)), "
+            f"more than the {budget / 2**30:.1f} GiB available; ask for a smaller size "
+            "or fewer images",
+            "size",
+        )
+
+
+def available_memory() -> float | None:
+    """Bytes one more request may use: the machine's MemAvailable (the front cannot see
+    how ranks share it, so this is an upper bound; set ``--max-request-memory-gb`` on GPUs)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -22,9 +22,8 @@ import uuid
 from collections.abc import Callable
 
 from ithaca.config import CacheConfig, ParallelConfig, ServerConfig
-from ithaca.engine.admission import Cost, CostModel, batch_cost, cost_of
+from ithaca.engine.admission import Cost, CostModel, admit, batch_cost, cost_of
 from ithaca.engine.errors import (
-    AdmissionError,
     DrainingError,
     EngineDeadError,
     EngineError,
@@ -204,32 +203,8 @@ class Engine:
 
     def admit(self, cost: Cost) -> None:
         """Refuse (400) what the measured rates say would take too long or need too much
-        memory. Before the first measurement everything is admitted."""
-        models = [m for m in self.costs if m.s_per_unit is not None] or self.costs
-        model = min(models, key=lambda m: m.s_per_unit or 0.0)  # the fastest group's view
-        seconds = model.seconds(cost)
-        if (
-            self.max_request_seconds is not None
-            and seconds is not None
-            and seconds > self.max_request_seconds
-        ):
-            raise AdmissionError(
-                f"this request would take about {seconds:.0f} s ({cost.steps} steps of "
-                f"{cost.width}x{cost.height}, {cost.images} image(s)), more than the server "
-                f"allows ({self.max_request_seconds:.0f} s); ask for a smaller size, fewer "
-                "steps or fewer images",
-                "size",
-            )
-        memory = model.memory_bytes(cost)
-        budget = self.max_request_memory_bytes or _available_memory()
-        if memory is not None and budget and memory > budget:
-            raise AdmissionError(
-                f"this request would need about {memory / 2**30:.1f} GiB per rank "
-                f"({cost.width}x{cost.height}, {cost.images} image(s), {cost.frames} frame(s)), "
-                f"more than the {budget / 2**30:.1f} GiB available; ask for a smaller size "
-                "or fewer images",
-                "size",
-            )
+        memory (:func:`~ithaca.engine.admission.admit`)."""
+        admit(self.costs, cost, self.max_request_seconds, self.max_request_memory_bytes)
 
     def _check_open(self) -> None:
         if self.fatal_reason:
@@ -432,19 +407,6 @@ class Engine:
 
 
 _DIED = "the worker group running this request failed; retry shortly"
-
-
-def _available_memory() -> float | None:
-    """Bytes one more request may use: the free device memory on CUDA, else the machine's
-    MemAvailable (the front cannot know how the ranks share it, so this is an upper bound)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def build_engine(

@@ -15,8 +15,9 @@ thread declares the group dead when
   engine derived from the expected step time (:mod:`ithaca.engine.admission`;
   ``step_timeout_s`` while nothing is measured yet).
 
-One ``start()`` is one generation (:class:`_Session`): its threads only act on it, and
-it is torn down exactly once, so a late teardown never touches the group that replaced it.
+One ``start()`` is one generation (:class:`~ithaca.engine.session.Session`): its threads
+only act on it, and it is torn down exactly once, so a late teardown never touches the
+group that replaced it.
 
 Death fails the running batch with :class:`WorkerGroupDiedError` at once. Shutdown
 is bounded: ask rank 0 to stop, then SIGTERM the process group, then SIGKILL.
@@ -34,8 +35,6 @@ import itertools
 import logging
 import os
 import secrets
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from ithaca.engine.admission import Deadlines
 from ithaca.engine.errors import GenerationFailedError, WorkerGroupDiedError
 from ithaca.engine.executor import PipelineSpec, StepHandler
 from ithaca.engine.ipc import Channel, ChannelClosed
+from ithaca.engine.session import RunningBatch, Session, rank_state
 from ithaca.engine.types import GenerationParams, GenerationResult
 from ithaca.engine.worker import ENV_CONFIG, ENV_SOCKET, ENV_TOKEN, spec_to_json
 
@@ -74,96 +74,6 @@ def torchrun_command(
         "--monitor-interval=0.2",
         "-m", "ithaca.engine.worker",
     ]  # fmt: skip
-
-
-def _is_worker(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"ithaca.engine.worker" in f.read()
-    except OSError:
-        return False
-
-
-def rank_state(pid: int) -> str | None:
-    """The kernel's state letter of a local process (``R``, ``S``, ``T`` stopped, ``Z``
-    zombie), or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # "pid (comm) S ...": comm may hold spaces or parentheses, the state follows the last ')'.
-    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3].decode()
-
-
-class _Batch:
-    def __init__(self, batch_id: int, on_step: StepHandler, deadlines: Deadlines | None):
-        self.batch_id = batch_id
-        self.on_step = on_step
-        self.deadlines = deadlines
-        self.done = threading.Event()
-        self.results: list[GenerationResult] | None = None
-        self.stats: dict = {}
-        self.error: Exception | None = None
-        self.cancel_sent = False
-        self.decoding = False
-        self.last_progress = time.monotonic()
-
-    def limits(self, fallback_s: float) -> tuple[float, float]:
-        """(overdue, hung) seconds without progress for the phase the batch is in."""
-        d = self.deadlines
-        if d is None:
-            return fallback_s, fallback_s
-        if self.decoding:
-            return d.overdue_decode_s, d.decode_s
-        return d.overdue_step_s, d.step_s
-
-
-class _Session:
-    """What one ``start()`` created; torn down exactly once, whoever asks first."""
-
-    def __init__(self, generation: int, tmpdir: str):
-        self.generation = generation
-        self.tmpdir = tmpdir
-        self.proc: subprocess.Popen | None = None
-        self.channel: Channel | None = None
-        self.ranks: list[dict] = []
-        self._once = threading.Lock()
-        self.torn_down = False
-
-    def teardown(self) -> None:
-        """Bounded: SIGKILL our local ranks, SIGTERM torchrun (5 s), SIGKILL it; close up.
-
-        torchrun starts each rank in its own session, and a stopped (hung) rank ignores
-        the agent's SIGTERM, so ranks are killed by pid (checked to still be ours).
-        Ranks on other nodes die with the rendezvous when their peers vanish. A second
-        caller waits for the first to finish and then does nothing (so a late teardown
-        can never remove the socket directory of the group that replaced this one).
-        """
-        with self._once:
-            if self.torn_down:
-                return
-            self.torn_down = True
-            host = socket.gethostname()
-            for r in self.ranks:
-                if r.get("host") == host and _is_worker(r["pid"]):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(r["pid"], signal.SIGKILL)
-            proc = self.proc
-            if proc is not None and proc.poll() is None:
-                for sig in (signal.SIGTERM, signal.SIGKILL):
-                    try:
-                        os.killpg(proc.pid, sig)
-                    except ProcessLookupError:
-                        break
-                    try:
-                        proc.wait(timeout=5.0)
-                        break
-                    except subprocess.TimeoutExpired:
-                        continue
-            if self.channel is not None:
-                self.channel.close()
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 class WorkerGroupExecutor:
@@ -202,13 +112,13 @@ class WorkerGroupExecutor:
         self.master_addr = master_addr
         self.master_port = master_port
         self.extra_env = dict(env or {})
-        self._session: _Session | None = None
+        self._session: Session | None = None
         self._generations = itertools.count(1)
         self._dead = threading.Event()
         self._dead.set()  # not started
         self.death_reason = "not started"
         self._last_alive = 0.0
-        self._batch: _Batch | None = None
+        self._batch: RunningBatch | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._exec_lock = threading.Lock()
@@ -224,7 +134,7 @@ class WorkerGroupExecutor:
     def start(self) -> None:
         tmpdir = tempfile.mkdtemp(prefix="ithaca-")
         os.chmod(tmpdir, 0o700)
-        session = _Session(next(self._generations), tmpdir)
+        session = Session(next(self._generations), tmpdir)
         path = os.path.join(tmpdir, "front.sock")
         token = secrets.token_hex(16)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -283,7 +193,7 @@ class WorkerGroupExecutor:
                 return channel
             channel.close()  # not ours
 
-    def _await_ready(self, session: _Session, deadline: float) -> list[dict]:
+    def _await_ready(self, session: Session, deadline: float) -> list[dict]:
         assert session.channel is not None
         channel = session.channel
         result: dict = {}
@@ -310,7 +220,7 @@ class WorkerGroupExecutor:
             raise WorkerGroupDiedError(f"{self.name}: startup failed: {msg[1]}")
         return msg[1]
 
-    def _check_running(self, session: _Session, when: str) -> None:
+    def _check_running(self, session: Session, when: str) -> None:
         assert session.proc is not None
         code = session.proc.poll()
         if code is not None:
@@ -342,7 +252,7 @@ class WorkerGroupExecutor:
             "ranks": [{"rank": r["rank"], "pid": r["pid"]} for r in self.ranks],
         }
 
-    def _die(self, session: _Session, reason: str) -> None:
+    def _die(self, session: Session, reason: str) -> None:
         with self._lock:
             if self._session is not session or self._dead.is_set():
                 return  # a previous generation's thread, or already dead
@@ -381,7 +291,7 @@ class WorkerGroupExecutor:
 
     # -- background threads ----------------------------------------------------------
 
-    def _reader(self, session: _Session) -> None:
+    def _reader(self, session: Session) -> None:
         channel = session.channel
         assert channel is not None
         while not session.torn_down:
@@ -423,7 +333,7 @@ class WorkerGroupExecutor:
                 batch.error = GenerationFailedError(msg[3], msg[2])
                 batch.done.set()
 
-    def _stopped_rank(self, session: _Session) -> str | None:
+    def _stopped_rank(self, session: Session) -> str | None:
         """A local rank that is stopped (SIGSTOP) or gone, found from /proc at once."""
         host = socket.gethostname()
         for r in session.ranks:
@@ -436,7 +346,7 @@ class WorkerGroupExecutor:
                 return f"rank {r['rank']} (pid {r['pid']}) is stopped"
         return None
 
-    def _monitor(self, session: _Session) -> None:
+    def _monitor(self, session: Session) -> None:
         proc = session.proc
         assert proc is not None
         while not session.torn_down and not self._dead.wait(0.2):
@@ -504,7 +414,7 @@ class WorkerGroupExecutor:
         deadlines: Deadlines | None = None,
     ) -> list[GenerationResult]:
         with self._exec_lock:
-            running = _Batch(next(self._ids), on_step, deadlines)
+            running = RunningBatch(next(self._ids), on_step, deadlines)
             with self._lock:
                 if self._dead.is_set():
                     raise WorkerGroupDiedError(
