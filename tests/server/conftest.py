@@ -47,7 +47,7 @@ def fake_server(tmp_path_factory):
     """The pipeline double on a 2-rank torchrun group behind ``ithaca serve``; 50 ms/step
     (session-wide: the smoke tests of several modules share it)."""
     args = (FAKE, "--usp", "2", "--max-queue-size", "2", "--max-batch-size", "4",
-            "--batch-wait-ms", "20")  # fmt: skip
+            "--batch-wait-ms", "20", "--max-steps", "1000")  # fmt: skip
     state = str(tmp_path_factory.mktemp("fake"))
     env = {"ITHACA_FAKE_STEP_S": "0.05"}
     with serving(state, *args, env=env, api_key=API_KEY) as server:

@@ -25,7 +25,7 @@ SMALL = {"num_inference_steps": 2}
 @pytest.fixture(scope="module")
 def server(serve):
     return serve("--usp", "2", "--max-batch-size", "4", "--batch-wait-ms", "300",
-                 "--max-queue-size", "32")  # fmt: skip
+                 "--max-queue-size", "32", "--max-steps", "1000")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
