@@ -239,3 +239,19 @@ def test_video_job_errors_and_expiry(app):
     path = store.video_path(job["id"])
     assert store.sweep() >= 1 and not os.path.exists(path)
     assert_error(app.get(f"/v1/videos/{job['id']}"), 404, param="video_id")
+
+
+def test_health_is_503_while_a_step_is_overdue(app, monkeypatch):
+    executor = app.app.state.ithaca.engine.executors[0]
+    monkeypatch.setattr(executor, "overdue", lambda: True)
+    err = assert_error_with_groups(app.get("/health"), 503)
+    assert err["code"] == "step_overdue"
+    monkeypatch.undo()
+    assert app.get("/health").status_code == 200
+
+
+def assert_error_with_groups(r, status: int) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error", "groups"}
+    return body["error"]
