@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from quality import psnr, ssim
 
-from ithaca.engine.types import GenerationParams
 from ithaca.models.registry import default_model_path, load_pipeline
 from ithaca.parallel import ParallelState
+from ithaca.types import GenerationParams
 
 PROMPTS = [
     "a small red circle at the top left on a blue background",

@@ -35,7 +35,7 @@ def _settings(args) -> dict:
 
 
 def _ours_params(s: dict):
-    from ithaca.engine.types import GenerationParams
+    from ithaca.types import GenerationParams
 
     return GenerationParams(
         prompt=PROMPT, negative_prompt=NEGATIVE, true_cfg_scale=4.0, width=s["width"],

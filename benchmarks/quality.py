@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from ithaca.config import ParallelConfig
-from ithaca.engine.types import GenerationParams
 from ithaca.models.registry import load_pipeline
 from ithaca.models.shapes import analysis, shipped_checkpoint_path
 from ithaca.models.shapes.evaluate import heldout_cases
 from ithaca.parallel.state import ParallelState
 from ithaca.testing.distributed import WorkerPool, parallel_state
+from ithaca.types import GenerationParams
 
 LAYOUTS = {
     "ulysses2": dict(ulysses_degree=2),

@@ -90,8 +90,8 @@ async def overhead(client, body: dict, model: str | None, reps: int) -> dict:
     """Alternate a direct ``pipeline.generate`` (this process, one rank, no engine) and
     the same request over HTTP, so both see the same machine load; paired medians."""
     from ithaca.engine.executor import PipelineSpec, load_pipeline
-    from ithaca.engine.types import GenerationParams
     from ithaca.parallel.state import ParallelState
+    from ithaca.types import GenerationParams
 
     w, h = (int(x) for x in body["size"].split("x"))
     pipe = load_pipeline(PipelineSpec(model), ParallelState.single())

@@ -20,7 +20,7 @@ from PIL import Image
 
 from ithaca.config import CacheConfig, ParallelConfig, ServerConfig
 from ithaca.engine.engine import Engine, build_engine
-from ithaca.engine.types import GenerationParams, GenerationResult
+from ithaca.types import GenerationParams, GenerationResult
 
 _FIELDS = {f.name for f in dataclasses.fields(GenerationParams)}
 

@@ -26,7 +26,7 @@ import threading
 from dataclasses import dataclass
 
 from ithaca.engine.errors import AdmissionError
-from ithaca.engine.types import GenerationParams
+from ithaca.types import GenerationParams
 
 QUADRATIC_TOKENS = 16384
 PATCH = 16

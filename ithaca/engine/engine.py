@@ -35,7 +35,7 @@ from ithaca.engine.errors import (
 from ithaca.engine.executor import Executor
 from ithaca.engine.metrics import EngineMetrics
 from ithaca.engine.scheduler import EngineRequest, ProgressCallback, Scheduler
-from ithaca.engine.types import GenerationParams, GenerationResult, StepEvent
+from ithaca.types import GenerationParams, GenerationResult, StepEvent
 
 log = logging.getLogger(__name__)
 

@@ -88,7 +88,10 @@ class AdmissionError(EngineError):
 
 def client_message(exc: EngineError) -> str:
     """What a client may read: no tracebacks, paths or peer addresses."""
-    if isinstance(exc, GenerationFailedError) and exc.kind != "invalid_request":
+    if isinstance(exc, GenerationFailedError) and exc.kind not in (
+        "invalid_request",
+        "out_of_memory",  # its message says what to lower; no path or traceback in it
+    ):
         return "the generation failed with an internal error (details are in the server log)"
     if isinstance(exc, WorkerGroupDiedError):
         return "a worker group failed while running this request; retry shortly"

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from ithaca.config import CacheConfig, ParallelConfig
 from ithaca.engine.errors import GenerationFailedError, WorkerGroupDiedError
-from ithaca.engine.types import GenerationParams, GenerationResult, Pipeline, StepEvent
+from ithaca.types import GenerationParams, GenerationResult, Pipeline, StepEvent
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +65,41 @@ def load_pipeline(spec: PipelineSpec, state) -> Pipeline:
 
 
 def classify_failure(exc: BaseException) -> str:
-    """``invalid_request`` for the pipeline's ValueErrors (the user's fault), else ``internal``."""
+    """``invalid_request`` for the pipeline's ValueErrors (the user's fault),
+    ``out_of_memory`` when a device ran out of memory, else ``internal``."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "out_of_memory"
     return "invalid_request" if isinstance(exc, ValueError) else "internal"
 
 
-def failure_message(exc: BaseException) -> str:
-    """A ValueError's own text goes to the client as is; anything else keeps its type
-    (for the log: the engine never shows internal failures to clients)."""
-    return str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+def describe_failure(exc: BaseException) -> str:
+    """The message of a failed batch: a ValueError's or an out-of-memory's text reaches
+    the client; anything else keeps its type and is only logged (``client_message``)."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return (
+            f"out of device memory ({first}); this request is too large for the layout: "
+            f"lower the resolution, frame count or number of images, or serve with more "
+            f"sequence-parallel ranks"
+        )
+    if isinstance(exc, ValueError):  # the client's mistake, in the model's own words
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def release_memory(device) -> None:
+    """After a failure: drop the failed request's cached blocks so the next one fits."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if getattr(device, "type", None) == "cuda":
+        torch.cuda.empty_cache()
 
 
 def resolve_request(pipeline, params: GenerationParams) -> dict:
@@ -184,9 +211,11 @@ class InProcessExecutor:
 
     def start(self) -> None:
         if self.pipeline is None:
-            from ithaca.parallel.state import ParallelState
+            from ithaca.parallel.state import ParallelState, default_device
 
-            self.pipeline = load_pipeline(self.spec, ParallelState.single(self.spec.parallel))
+            # The GPU when there is one (the registry then picks bf16), not the CPU.
+            state = ParallelState.single(self.spec.parallel, default_device())
+            self.pipeline = load_pipeline(self.spec, state)
         self._closed = False
 
     def validate(self, params: GenerationParams) -> dict:
@@ -209,7 +238,12 @@ class InProcessExecutor:
             except Exception as exc:
                 if not isinstance(exc, ValueError):
                     log.exception("%s: pipeline failed on %d request(s)", self.name, len(batch))
-                raise GenerationFailedError(failure_message(exc), classify_failure(exc)) from exc
+                error = GenerationFailedError(describe_failure(exc), classify_failure(exc))
+                error.__cause__ = exc
+            # Outside the except block, whose traceback holds the request's tensors.
+            error.__cause__.__traceback__ = None
+            release_memory(getattr(self.pipeline, "device", None))
+            raise error
 
     def overdue(self) -> bool:
         return False

@@ -47,8 +47,8 @@ from ithaca.engine.errors import GenerationFailedError, WorkerGroupDiedError
 from ithaca.engine.executor import PipelineSpec, StepHandler
 from ithaca.engine.ipc import Channel, ChannelClosed
 from ithaca.engine.session import RunningBatch, Session, rank_state
-from ithaca.engine.types import GenerationParams, GenerationResult
 from ithaca.engine.worker import ENV_CONFIG, ENV_SOCKET, ENV_TOKEN, spec_to_json
+from ithaca.types import GenerationParams, GenerationResult
 
 log = logging.getLogger(__name__)
 

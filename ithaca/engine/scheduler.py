@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from ithaca.engine.errors import QueueFullError
-from ithaca.engine.types import GenerationParams, GenerationResult
+from ithaca.types import GenerationParams, GenerationResult
 
 ProgressCallback = Callable[[int, int, list | None], None]
 """``(step, total_steps, previews for this request or None)`` from the engine thread."""

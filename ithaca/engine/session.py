@@ -21,7 +21,7 @@ import time
 from ithaca.engine.admission import Deadlines
 from ithaca.engine.executor import StepHandler
 from ithaca.engine.ipc import Channel
-from ithaca.engine.types import GenerationResult
+from ithaca.types import GenerationResult
 
 
 def _is_worker(pid: int) -> bool:

@@ -1,18 +1,21 @@
 """The denoising loop every model family reuses, and the batch bookkeeping around it.
 
-A family subclasses :class:`DenoisingPipeline` and supplies:
+Image families stand on :class:`ithaca.models.flow.FlowMatchPipeline`, which builds
+these hooks from a :class:`ithaca.models.spec.FamilySpec`; Wan2.2 fills them itself:
 
 - ``resolve(params) -> Request``: validated settings, the same on every rank;
 - ``condition(request) -> dict``: text embeddings, encoded input images (runs only on
   the replica's rank 0, where the text encoder and the VAE live; the result is
   broadcast to the other ranks of the replica);
 - ``prepare(requests, conds) -> Job``: initial latents, timesteps, forward inputs;
-- ``predict(job, branch, i, t) -> noise prediction`` for one guidance branch;
+- ``predict(job, branch, t) -> noise prediction`` for one guidance branch (``job.step``
+  is the step index);
 - ``decode(job, latents) -> list[list[Image]]`` (rank 0 only).
 
 The loop owns CFG-parallel (``predict_branches``), batching of compatible requests,
 per-step progress, cancellation between steps (the returning rank's decision is
-broadcast so that every rank stops at the same step) and partial-image previews.
+broadcast so that every rank stops at the same step), partial-image previews and
+resuming from a step (:class:`ResumeState`), without a host sync inside the loop.
 """
 
 from __future__ import annotations
@@ -27,8 +30,15 @@ import torch
 from PIL import Image
 
 from ithaca.cache import BlockCacheAdapter, StepCache, build_cache, validate_cache_options
-from ithaca.engine.types import GenerationParams, GenerationResult, StepCallback, StepEvent
-from ithaca.parallel import ParallelState, apply_guidance, comm, predict_branches
+from ithaca.models.spec import plain_cfg
+from ithaca.parallel import ParallelState, comm, predict_branches
+from ithaca.types import (
+    GenerationParams,
+    GenerationResult,
+    ParamError,
+    StepCallback,
+    StepEvent,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +80,21 @@ class Job:
     scheduler: Any
     inputs: dict[str, Any] = field(default_factory=dict)
     """Family-specific forward inputs (embeddings per branch, shapes, ...)."""
+    step: int = 0
+    """The index of the step the loop is running (read by ``predict`` where a family
+    switches per step, e.g. Wan2.2's experts, without a host read of ``t``)."""
+
+
+@dataclass
+class ResumeState:
+    """Where an interrupted loop stands: ``latents`` after ``step`` steps.
+
+    ``denoise(job, resume=ResumeState(k, latents_k))`` runs steps ``k..N-1`` and ends
+    with the same latents as an uninterrupted run (the scheduler starts at index ``k``).
+    """
+
+    step: int
+    latents: torch.Tensor
 
 
 def preview_steps(total: int, count: int) -> set[int]:
@@ -126,19 +151,17 @@ class DenoisingPipeline:
     def guide(
         self, positive: torch.Tensor, negative: torch.Tensor | None, scale: float
     ) -> torch.Tensor:
-        """Combine the branch predictions (``negative`` is None without CFG).
+        """Combine the branch predictions (``negative`` is None without CFG): the
+        family's guidance rule, plain CFG unless it declares another."""
+        return self.guidance_rule(positive, negative, scale)
 
-        Default: Qwen-Image's true CFG, rescaled to the positive prediction's norm.
-        Families whose reference combines without the rescale override this.
-        """
-        return apply_guidance(positive, negative, scale, rescale_to_positive_norm=True)
+    guidance_rule = staticmethod(plain_cfg)
 
-    def step_guidance_scale(self, job: Job, t: torch.Tensor) -> float:
-        """The guidance scale of the step at timestep ``t`` (default: the request's).
-
-        Wan2.2's two-expert models use a second scale once the low-noise expert takes over.
-        """
-        return job.requests[0].true_cfg_scale
+    def step_guidance_scales(self, job: Job) -> list[float]:
+        """The guidance scale of every step, decided before the loop (no host read of a
+        device tensor inside it). Default: the request's scale at every step; Wan2.2's
+        two-expert models use a second scale once the low-noise expert takes over."""
+        return [job.requests[0].true_cfg_scale] * len(job.timesteps)
 
     def preview(self, job: Job, x0: torch.Tensor) -> list[Image.Image]:
         """One preview image per request of ``job`` from the x0 estimate (returning rank)."""
@@ -150,34 +173,41 @@ class DenoisingPipeline:
         transformer = cls.from_pretrained(model, subfolder=subfolder, torch_dtype=self.dtype)
         return transformer.to(self.device).eval().requires_grad_(False)
 
-    def load_flow_configs(self, model: str) -> None:
-        """Scheduler config and VAE scale of an ``AutoencoderKL`` flow-matching family
-        (FLUX-like)."""
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-
-        self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(
-            model, subfolder="scheduler"
-        )
-        vae_config = AutoencoderKL.load_config(model, subfolder="vae")
-        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-
     # -- shared request validation (families call these from ``resolve``) ------
     multiple: int = 16
     """Width and height are rounded down to a multiple of this (latent patch x VAE)."""
-    family_name: str = "this model"
-    """How error messages name the family."""
     takes_layers: bool = False
     """Whether requests may set ``layers`` (layered decomposition models only)."""
 
+    captions_empty_prompt: bool = False
+    """Whether an empty prompt is allowed (Qwen-Image-Layered captions the image)."""
+
     def checked_steps(self, params: GenerationParams) -> int:
-        """Validate prompt, step count and image count; return the step count."""
-        if not params.prompt:
-            raise ValueError("prompt must be a non-empty string")
-        steps = params.num_inference_steps or self.default_steps
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"num_inference_steps ({steps!r}) must be a positive integer")
-        if params.num_images < 1:
-            raise ValueError(f"num_images ({params.num_images}) must be at least 1")
+        """The rules every family shares, one per field (``ParamError`` naming it):
+        prompt, ``num_inference_steps`` (None: the default; anything else must be a
+        positive integer, so 0 is an error in every family), ``n`` and ``layers``.
+        Returns the step count."""
+        if not isinstance(params.prompt, str) or (
+            not params.prompt and not self.captions_empty_prompt
+        ):
+            raise ParamError("prompt", "prompt must be a non-empty string")
+        steps = (
+            self.default_steps if params.num_inference_steps is None else params.num_inference_steps
+        )
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ParamError(
+                "num_inference_steps",
+                f"num_inference_steps ({steps!r}) must be a positive integer",
+            )
+        n = params.num_images
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ParamError("n", f"n ({n!r}) must be a positive integer")
+        if params.layers is not None and not self.takes_layers:
+            raise ParamError(
+                "layers",
+                f"layers is only for layered models (Qwen-Image-Layered); "
+                f"{type(self).__name__} returns flat images",
+            )
         return steps
 
     def rounded_size(self, width: int | None, height: int | None) -> tuple[int, int]:
@@ -185,33 +215,13 @@ class DenoisingPipeline:
         w = width if width is not None else self.default_width
         h = height if height is not None else self.default_height
         for name, value in (("width", w), ("height", h)):
-            if not isinstance(value, int) or value < self.multiple:
-                raise ValueError(
+            if not isinstance(value, int) or isinstance(value, bool) or value < self.multiple:
+                raise ParamError(
+                    "size",
                     f"{name} ({value!r}) must be an integer of at least {self.multiple} "
-                    f"(sizes are rounded down to a multiple of {self.multiple})"
+                    f"(sizes are rounded down to a multiple of {self.multiple})",
                 )
         return w // self.multiple * self.multiple, h // self.multiple * self.multiple
-
-    def single_cfg_scale(self, params: GenerationParams) -> float:
-        """The CFG scale of a family with one scale, accepting either API name."""
-        scale = params.true_cfg_scale
-        if params.guidance_scale is not None:
-            if scale is not None and float(scale) != float(params.guidance_scale):
-                raise ValueError(
-                    f"{self.family_name} has one guidance scale: true_cfg_scale ({scale}) and "
-                    f"guidance_scale ({params.guidance_scale}) differ"
-                )
-            scale = params.guidance_scale
-        return self.default_true_cfg_scale if scale is None else float(scale)
-
-    def resolve_text_to_image(self, params: GenerationParams, cfg_above: float = 1.0) -> Request:
-        """``resolve`` of a text-to-image family with one CFG scale (on above ``cfg_above``)."""
-        if params.images:
-            raise ValueError(f"{type(self).__name__} is text-to-image and takes no input images")
-        steps = self.checked_steps(params)
-        scale = self.single_cfg_scale(params)
-        w, h = self.rounded_size(params.width, params.height)
-        return Request(params, w, h, steps, scale, scale > cfg_above, params.seed)
 
     def make_cache(self, backend: str, options: dict) -> StepCache:
         """Install a step cache on the transformer (families with other layouts override)."""
@@ -246,12 +256,6 @@ class DenoisingPipeline:
         returning True cancels the whole batch: the unfinished requests come back without
         images and with ``metadata["cancelled"] = True``.
         """
-        for p in batch:
-            if p.layers is not None and not self.takes_layers:
-                raise ValueError(
-                    f"layers is only for layered models (Qwen-Image-Layered); "
-                    f"{type(self).__name__} returns flat images"
-                )
         requests = [self.resolve(p) for p in batch]  # raises ValueError before any work
         caches = [self._cache_settings(r) for r in requests]
         groups: dict[tuple, list[int]] = {}
@@ -329,7 +333,10 @@ class DenoisingPipeline:
         return self._cache
 
     def _cache_stats(self, cache: StepCache, do_cfg: bool) -> dict:
-        counts = torch.tensor([cache.stats.computed, cache.stats.cached], dtype=torch.int64)
+        # On the rank's device: NCCL takes no CPU tensors. After the loop, so reading the
+        # sums back is no per-step sync.
+        stats = [cache.stats.computed, cache.stats.cached]
+        counts = torch.tensor(stats, dtype=torch.int64, device=self.device)
         if do_cfg and self.state.cfg.size > 1:  # each cfg rank saw one branch
             comm.all_reduce(counts, self.state.cfg)
         computed, cached = (int(c) for c in counts)
@@ -347,42 +354,7 @@ class DenoisingPipeline:
         conds = self._conditions(requests)
         t_cond = time.perf_counter() - started
         job = self.prepare(requests, conds)
-        total = len(job.timesteps)
-        if cache is not None:
-            cache.begin(total)
-
-        def predict(branch: int, i: int, t: torch.Tensor) -> torch.Tensor:
-            if cache is None:
-                return self.predict(job, branch, t)
-            with cache.step(i, branch):
-                return self.predict(job, branch, t)
-
-        previews_at: set[int] = set()
-        for r in requests:
-            previews_at |= preview_steps(total, r.params.partial_images)
-        do_cfg = requests[0].do_cfg
-        ids = [r.params.request_id for r in requests]
-        cancelled_at = None
-        job.scheduler.set_begin_index(0)
-        for i, t in enumerate(job.timesteps):
-            positive, negative = predict_branches(
-                self.state, lambda branch, i=i, t=t: predict(branch, i, t), do_cfg
-            )
-            noise = self.guide(positive, negative, self.step_guidance_scale(job, t))
-            sigma = job.scheduler.sigmas[i]  # begin index 0: step i uses sigma i
-            latents = job.scheduler.step(noise, t, job.latents, return_dict=False)[0]
-            stop = False
-            if self.is_returning_rank and callback is not None:
-                previews = None
-                if i in previews_at:
-                    # The x0 estimate of flow matching: x_t - sigma * v.
-                    x0 = (job.latents.float() - sigma * noise.float()).to(job.latents.dtype)
-                    previews = self.preview(job, x0)
-                stop = bool(callback(StepEvent(ids, i + 1, total, previews)))
-            job.latents = latents
-            if self._agree(stop):
-                cancelled_at = i + 1
-                break
+        cancelled_at = self.denoise(job, callback, cache)
         t_loop = time.perf_counter() - started - t_cond
         per_request = [
             {
@@ -395,7 +367,7 @@ class DenoisingPipeline:
             for r, c in zip(requests, conds, strict=True)
         ]
         if cache is not None:
-            stats = self._cache_stats(cache, do_cfg)
+            stats = self._cache_stats(cache, requests[0].do_cfg)
             for m in per_request:
                 m["cache"] = stats
         meta: dict[str, Any] = {"per_request": per_request}
@@ -410,14 +382,109 @@ class DenoisingPipeline:
             m["timings"] = {"condition_s": t_cond, "denoise_s": t_loop, "total_s": t_total}
         return outputs, meta
 
-    def _agree(self, stop: bool) -> bool:
-        """The returning rank's cancel decision, on every rank of the replica."""
-        replica = self.state.replica
-        if replica.size == 1:
-            return stop
-        flag = torch.tensor([1 if stop else 0], dtype=torch.int32, device=self.device)
-        # Every rank reaches this broadcast once per step, so all stop at the same step.
-        return bool(comm.broadcast(flag, replica).item())
+    def denoise(
+        self,
+        job: Job,
+        callback: StepCallback | None = None,
+        cache: StepCache | None = None,
+        resume: ResumeState | None = None,
+    ) -> int | None:
+        """Run the steps of ``job`` (from ``resume.step`` with ``resume.latents``, if given),
+        leaving the final latents in ``job.latents``. Returns the number of steps done if
+        the callback cancelled, else None.
+
+        No host sync per step: the guidance scales are decided before the loop, the
+        cancel flag is agreed one step late (below), every tensor stays on the device.
+        """
+        total = len(job.timesteps)
+        start = 0
+        if resume is not None:
+            if not 0 <= resume.step <= total:
+                raise ValueError(f"resume step ({resume.step}) must be in [0, {total}]")
+            start = resume.step
+            job.latents = resume.latents.to(job.latents.device, job.latents.dtype)
+        if cache is not None:
+            cache.begin(total)
+        previews_at: set[int] = set()
+        for r in job.requests:
+            previews_at |= preview_steps(total, r.params.partial_images)
+        do_cfg = job.requests[0].do_cfg
+        ids = [r.params.request_id for r in job.requests]
+        scales = self.step_guidance_scales(job)  # host floats, decided once
+        stop = _StopFlag(self.state, self.device)
+
+        def predict(branch: int) -> torch.Tensor:
+            t = job.timesteps[job.step]
+            if cache is None:
+                return self.predict(job, branch, t)
+            with cache.step(job.step, branch):
+                return self.predict(job, branch, t)
+
+        job.scheduler.set_begin_index(start)
+        for i in range(start, total):
+            job.step = i
+            t = job.timesteps[i]  # a 0-d device tensor: indexing reads nothing back
+            positive, negative = predict_branches(self.state, predict, do_cfg)
+            noise = self.guide(positive, negative, scales[i])
+            latents = job.scheduler.step(noise, t, job.latents, return_dict=False)[0]
+            asked = False
+            if self.is_returning_rank and callback is not None:
+                previews = None
+                if i in previews_at:
+                    # The x0 estimate of flow matching: x_t - sigma * v (step i: sigma i).
+                    sigma = job.scheduler.sigmas[i]
+                    x0 = (job.latents.float() - sigma * noise.float()).to(job.latents.dtype)
+                    previews = self.preview(job, x0)
+                asked = bool(callback(StepEvent(ids, i + 1, total, previews)))
+            job.latents = latents
+            if stop.agreed(asked, last=i == total - 1):
+                return i + 1
+        return None
+
+
+class _StopFlag:
+    """The returning rank's cancel decision, the same on every rank of the replica.
+
+    On one rank the decision is the callback's, at once. On several, the flag of step
+    ``i`` is broadcast (a device tensor: NCCL takes no CPU tensors), copied to the host
+    behind it and read only after step ``i + 1`` has been queued: the host then waits
+    for that copy, never for the step's kernels. So the replica stops one step after the
+    callback asked (at the last step: at once).
+    """
+
+    def __init__(self, state: ParallelState, device: torch.device):
+        self.replica = state.replica
+        self.device = device
+        self.pending: _HostCopy | None = None
+
+    def agreed(self, asked: bool, last: bool) -> bool:
+        if self.replica.size == 1:
+            return asked
+        flag = torch.tensor([1 if asked else 0], dtype=torch.int32, device=self.device)
+        # Every rank reaches this broadcast once per step, so all agree on the same step.
+        comm.broadcast(flag, self.replica)
+        previous, self.pending = self.pending, _HostCopy(flag)
+        if last:  # nothing left to overlap with: this step's flag decides
+            return self.pending.read()
+        return previous is not None and previous.read()
+
+
+class _HostCopy:
+    """A small device tensor copied to pinned host memory without blocking the host."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.event = None
+        self.value = tensor
+        if tensor.device.type == "cuda":
+            self.value = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.value.copy_(tensor, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def read(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()  # waits for the copy, queued before the next step
+        return bool(self.value[0])
 
 
 def _to_device(obj, device):

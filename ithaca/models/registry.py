@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import torch
 
 from ithaca.cache import validate_cache_options
-from ithaca.engine.types import Pipeline
 from ithaca.parallel import ParallelState
+from ithaca.types import Pipeline
 
 # _class_name -> (module, class): imported lazily so that the registry stays cheap.
 PIPELINES: dict[str, tuple[str, str]] = {
@@ -38,11 +37,9 @@ PIPELINES: dict[str, tuple[str, str]] = {
     "WanImageToVideoPipeline": ("ithaca.models.wan.pipeline", "WanImageToVideoPipeline"),
 }
 
-DEFAULT_MODEL_SEED = 0
-_DEFAULT_MODEL_VERSION = "v1"  # bump when the tiny builder changes its output
 
-
-def _model_index(model: str) -> dict:
+def model_index(model: str) -> dict:
+    """A checkpoint's ``model_index.json`` (local directory or hub)."""
     if os.path.isdir(model):
         path = os.path.join(model, "model_index.json")
         if not os.path.isfile(path):
@@ -55,11 +52,20 @@ def _model_index(model: str) -> dict:
         return json.load(f)
 
 
+def register(class_name: str, pipeline: type | str) -> None:
+    """Serve checkpoints whose ``model_index.json`` says ``_class_name == class_name``
+    with ``pipeline`` (a class, or ``"module:Class"`` imported on first use)."""
+    if isinstance(pipeline, type):
+        pipeline = f"{pipeline.__module__}:{pipeline.__qualname__}"
+    module, _, name = pipeline.partition(":")
+    PIPELINES[class_name] = (module, name)
+
+
 def pipeline_class(model: str) -> type:
     """The pipeline class for a checkpoint, or ``ValueError`` naming the supported ones."""
     import importlib
 
-    class_name = _model_index(model).get("_class_name")
+    class_name = model_index(model).get("_class_name")
     if class_name not in PIPELINES:
         raise ValueError(
             f"{model}: pipeline class {class_name!r} is not supported; supported classes: "
@@ -98,37 +104,7 @@ def load_pipeline(
 
 def default_model_path() -> str:
     """The embedded default model: the trained shapes checkpoint shipped in the package
-    (``ithaca.models.shapes``), or, in a tree without it, a tiny random-weight Qwen-Image
-    checkpoint built on first use (deterministic)."""
+    (``ithaca.models.shapes``); ``FileNotFoundError`` in an install without it."""
     from ithaca.models.shapes import shipped_checkpoint_path
 
-    try:
-        return shipped_checkpoint_path()
-    except FileNotFoundError:
-        return tiny_model_path()
-
-
-def tiny_model_path() -> str:
-    """A tiny random-weight Qwen-Image checkpoint, built on first use (deterministic).
-
-    Lives in ``$ITHACA_CACHE`` or ``~/.cache/ithaca``; built into a temporary folder and
-    renamed, so concurrent first uses do not see a half-written checkpoint.
-    """
-    root = Path(os.environ.get("ITHACA_CACHE", Path.home() / ".cache" / "ithaca"))
-    path = root / f"tiny-qwen-image-{_DEFAULT_MODEL_VERSION}"
-    if (path / "model_index.json").is_file():
-        return str(path)
-    import tempfile
-
-    from ithaca.testing.tiny import build_tiny_qwen_image
-
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="tiny-qwen-image-", dir=root))
-    build_tiny_qwen_image(tmp, "t2i", seed=DEFAULT_MODEL_SEED)
-    try:
-        tmp.rename(path)
-    except OSError:  # another process won the race
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(path)
+    return shipped_checkpoint_path()

@@ -14,7 +14,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from ithaca.engine.errors import EngineError
-from ithaca.engine.types import GenerationParams, GenerationResult
 from ithaca.server import media
 from ithaca.server.errors import APIError, from_engine, invalid
 from ithaca.server.protocol import ImageEditJSON, ImageRequest
@@ -27,6 +26,7 @@ from ithaca.server.state import (
     server_state,
     wait_result,
 )
+from ithaca.types import GenerationParams, GenerationResult
 
 router = APIRouter()
 MAX_EDIT_IMAGES = 16

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ithaca.cache import validate_cache_options
-from ithaca.engine.types import GenerationParams
+from ithaca.types import GenerationParams
 
 _SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")  # ASCII digits, matched whole
 MAX_SIDE = 4096

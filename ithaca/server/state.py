@@ -14,10 +14,10 @@ from ithaca.config import ServerConfig
 from ithaca.engine.engine import Engine
 from ithaca.engine.errors import EngineError
 from ithaca.engine.scheduler import EngineRequest
-from ithaca.engine.types import GenerationParams
 from ithaca.server.errors import APIError, invalid
 from ithaca.server.outputs import OutputStore
 from ithaca.server.video_store import VideoStore
+from ithaca.types import GenerationParams
 
 log = logging.getLogger("ithaca.server")
 

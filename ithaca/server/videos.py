@@ -19,7 +19,6 @@ from starlette.datastructures import UploadFile
 
 from ithaca.engine.errors import DrainingError, EngineError, QueueFullError, client_message
 from ithaca.engine.scheduler import EngineRequest
-from ithaca.engine.types import GenerationParams
 from ithaca.server import media
 from ithaca.server.errors import APIError, invalid
 from ithaca.server.images import decode_upload, read_form
@@ -33,6 +32,7 @@ from ithaca.server.state import (
     request_id,
     server_state,
 )
+from ithaca.types import GenerationParams
 
 router = APIRouter()
 log = logging.getLogger("ithaca.server.videos")

@@ -29,7 +29,13 @@ from pathlib import Path
 
 import torch
 
-from ithaca.models.qwen_image.templates import EDIT, EDIT_PLUS, T2I, PromptTemplate
+from ithaca.models.qwen_image.templates import (
+    EDIT,
+    EDIT_PLUS,
+    SPECIAL_TOKENS,
+    T2I,
+    PromptTemplate,
+)
 
 PIPELINE_CLASSES = {
     "t2i": "QwenImagePipeline",
@@ -37,16 +43,6 @@ PIPELINE_CLASSES = {
     "edit_plus": "QwenImageEditPlusPipeline",
     "layered": "QwenImageLayeredPipeline",
 }
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
 TEXT_HIDDEN = 32
 _WORDS = (
     "a an the of and with on in under over near red green blue yellow black white small "
@@ -267,3 +263,29 @@ def build_tiny_qwen_image(path: str | os.PathLike, kind: str = "t2i", seed: int 
     index.update({k: list(v) for k, v in sorted(components.items())})
     (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return path
+
+
+TINY_MODEL_VERSION = "v1"  # bump when the tiny builder changes its output
+
+
+def tiny_model_path(seed: int = 0) -> str:
+    """A tiny random-weight Qwen-Image checkpoint, built on first use (deterministic).
+
+    Lives in ``$ITHACA_CACHE`` or ``~/.cache/ithaca``; built into a temporary folder and
+    renamed, so concurrent first uses do not see a half-written checkpoint.
+    """
+    import shutil
+    import tempfile
+
+    root = Path(os.environ.get("ITHACA_CACHE", Path.home() / ".cache" / "ithaca"))
+    path = root / f"tiny-qwen-image-{TINY_MODEL_VERSION}-{seed}"
+    if (path / "model_index.json").is_file():
+        return str(path)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="tiny-qwen-image-", dir=root))
+    build_tiny_qwen_image(tmp, "t2i", seed=seed)
+    try:
+        tmp.rename(path)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)

@@ -211,10 +211,24 @@ def flow_scheduler(**config):
     return FlowMatchEulerDiscreteScheduler(**config)
 
 
-def _write_index(path: Path, class_name: str, components: dict[str, tuple[str, str]]) -> None:
+FLUX_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
+                      max_shift=1.15, num_train_timesteps=1000, shift=3.0,
+                      use_dynamic_shifting=True)  # fmt: skip
+"""FLUX.1-dev's published scheduler settings (LongCat-Image and Ovis-Image use them too)."""
+
+
+def save_pipeline(path: Path, class_name: str, parts: dict, classes: dict | None = None) -> Path:
+    """Save every part in its subfolder and write ``model_index.json``: each part's
+    ``(library, class)`` is its own type's unless ``classes`` names it (or names a
+    component the checkpoint lacks: ``(None, None)``)."""
     index = {"_class_name": class_name, "_diffusers_version": "0.42.1"}
-    index.update({k: list(v) for k, v in sorted(components.items())})
+    for name, part in parts.items():
+        part.save_pretrained(path / name)
+        index[name] = [type(part).__module__.partition(".")[0], type(part).__name__]
+    index.update({name: list(value) for name, value in (classes or {}).items()})
+    index = dict(sorted(index.items(), key=lambda kv: (not kv[0].startswith("_"), kv[0])))
     (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return path
 
 
 # -- FLUX.1 ------------------------------------------------------------------------
@@ -240,38 +254,18 @@ def build_tiny_flux(path: str | os.PathLike, seed: int = 0, guidance_embeds: boo
             axes_dims_rope=(4, 6, 6),
         ),
     )
-    transformer.save_pretrained(path / "transformer")
-    autoencoder_kl(seed + 2, 4, 0.3611, 0.1159).save_pretrained(path / "vae")
-    clip_text_model(clip_tok, seed + 3).save_pretrained(path / "text_encoder")
-    t5_encoder(t5_tok, seed + 4).save_pretrained(path / "text_encoder_2")
-    clip_tok.save_pretrained(path / "tokenizer")
-    t5_tok.save_pretrained(path / "tokenizer_2")
-    # FLUX.1-dev's published scheduler settings.
-    flow_scheduler(
-        base_image_seq_len=256,
-        base_shift=0.5,
-        max_image_seq_len=4096,
-        max_shift=1.15,
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-    ).save_pretrained(path / "scheduler")
-    _write_index(
-        path,
-        "FluxPipeline",
-        {
-            "transformer": ("diffusers", "FluxTransformer2DModel"),
-            "vae": ("diffusers", "AutoencoderKL"),
-            "text_encoder": ("transformers", "CLIPTextModel"),
-            "text_encoder_2": ("transformers", "T5EncoderModel"),
-            "tokenizer": ("transformers", "CLIPTokenizer"),
-            "tokenizer_2": ("transformers", "T5TokenizerFast"),
-            "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
-            "image_encoder": (None, None),
-            "feature_extractor": (None, None),
-        },
-    )
-    return path
+    parts = {
+        "transformer": transformer,
+        "vae": autoencoder_kl(seed + 2, 4, 0.3611, 0.1159),
+        "text_encoder": clip_text_model(clip_tok, seed + 3),
+        "text_encoder_2": t5_encoder(t5_tok, seed + 4),
+        "tokenizer": clip_tok,
+        "tokenizer_2": t5_tok,
+        "scheduler": flow_scheduler(**FLUX_SCHEDULER),
+    }
+    classes = {"tokenizer_2": ("transformers", "T5TokenizerFast"),
+               "image_encoder": (None, None), "feature_extractor": (None, None)}  # fmt: skip
+    return save_pipeline(path, "FluxPipeline", parts, classes)
 
 
 # -- Z-Image -----------------------------------------------------------------------
@@ -324,8 +318,6 @@ def build_tiny_z_image(path: str | os.PathLike, seed: int = 0) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = qwen3_tokenizer()
-    qwen3_text_encoder(tok, seed + 3).save_pretrained(path / "text_encoder")
-    tok.save_pretrained(path / "tokenizer")
     transformer = _seeded(
         seed + 1,
         lambda: ZImageTransformer2DModel(
@@ -342,24 +334,17 @@ def build_tiny_z_image(path: str | os.PathLike, seed: int = 0) -> Path:
             axes_lens=[1024, 64, 64],
         ),
     )
-    transformer.save_pretrained(path / "transformer")
-    autoencoder_kl(seed + 2, 4, 0.3611, 0.1159).save_pretrained(path / "vae")
-    # Z-Image-Turbo's published scheduler settings.
-    flow_scheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False).save_pretrained(
-        path / "scheduler"
-    )
-    _write_index(
-        path,
-        "ZImagePipeline",
-        {
-            "transformer": ("diffusers", "ZImageTransformer2DModel"),
-            "vae": ("diffusers", "AutoencoderKL"),
-            "text_encoder": ("transformers", "Qwen3Model"),
-            "tokenizer": ("transformers", "Qwen2Tokenizer"),
-            "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
-        },
-    )
-    return path
+    parts = {
+        "transformer": transformer,
+        "vae": autoencoder_kl(seed + 2, 4, 0.3611, 0.1159),
+        "text_encoder": qwen3_text_encoder(tok, seed + 3),
+        "tokenizer": tok,
+        # Z-Image-Turbo's published scheduler settings.
+        "scheduler": flow_scheduler(
+            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False
+        ),
+    }
+    return save_pipeline(path, "ZImagePipeline", parts)
 
 
 # -- SD3 / SD3.5 ---------------------------------------------------------------------
@@ -393,35 +378,25 @@ def build_tiny_sd3(path: str | os.PathLike, seed: int = 0, dual_attention: bool 
             qk_norm="rms_norm",
         ),
     )
-    transformer.save_pretrained(path / "transformer")
-    autoencoder_kl(seed + 2, 4, 1.5305, 0.0609).save_pretrained(path / "vae")
-    for i, name in enumerate(("text_encoder", "text_encoder_2")):
-        clip = clip_text_model(clip_tok, seed + 3 + i, with_projection=True, hidden=clip_hidden)
-        clip.save_pretrained(path / name)
-    t5_encoder(t5_tok, seed + 5).save_pretrained(path / "text_encoder_3")
-    clip_tok.save_pretrained(path / "tokenizer")
-    clip_tok.save_pretrained(path / "tokenizer_2")
-    t5_tok.save_pretrained(path / "tokenizer_3")
-    # SD3.5's published scheduler settings.
-    flow_scheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(path / "scheduler")
-    _write_index(
-        path,
-        "StableDiffusion3Pipeline",
-        {
-            "transformer": ("diffusers", "SD3Transformer2DModel"),
-            "vae": ("diffusers", "AutoencoderKL"),
-            "text_encoder": ("transformers", "CLIPTextModelWithProjection"),
-            "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
-            "text_encoder_3": ("transformers", "T5EncoderModel"),
-            "tokenizer": ("transformers", "CLIPTokenizer"),
-            "tokenizer_2": ("transformers", "CLIPTokenizer"),
-            "tokenizer_3": ("transformers", "T5TokenizerFast"),
-            "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
-            "image_encoder": (None, None),
-            "feature_extractor": (None, None),
-        },
-    )
-    return path
+    clips = [
+        clip_text_model(clip_tok, seed + 3 + i, with_projection=True, hidden=clip_hidden)
+        for i in range(2)
+    ]
+    parts = {
+        "transformer": transformer,
+        "vae": autoencoder_kl(seed + 2, 4, 1.5305, 0.0609),
+        "text_encoder": clips[0],
+        "text_encoder_2": clips[1],
+        "text_encoder_3": t5_encoder(t5_tok, seed + 5),
+        "tokenizer": clip_tok,
+        "tokenizer_2": clip_tok,
+        "tokenizer_3": t5_tok,
+        # SD3.5's published scheduler settings.
+        "scheduler": flow_scheduler(num_train_timesteps=1000, shift=3.0),
+    }
+    classes = {"tokenizer_3": ("transformers", "T5TokenizerFast"),
+               "image_encoder": (None, None), "feature_extractor": (None, None)}  # fmt: skip
+    return save_pipeline(path, "StableDiffusion3Pipeline", parts, classes)
 
 
 # -- LongCat-Image -----------------------------------------------------------------
@@ -502,11 +477,13 @@ def build_tiny_longcat_image(path: str | os.PathLike, seed: int = 0, edit: bool 
             axes_dims_rope=[4, 6, 6],
         ),
     )
-    transformer.save_pretrained(path / "transformer")
-    stages = 4 if edit else 2
-    autoencoder_kl(seed + 2, 16, 0.3611, 0.1159, stages).save_pretrained(path / "vae")
-    qwen2_5_vl_text_encoder(tok, seed + 3).save_pretrained(path / "text_encoder")
-    tok.save_pretrained(path / "tokenizer")
+    parts = {
+        "transformer": transformer,
+        "vae": autoencoder_kl(seed + 2, 16, 0.3611, 0.1159, 4 if edit else 2),
+        "text_encoder": qwen2_5_vl_text_encoder(tok, seed + 3),
+        "tokenizer": tok,
+        "scheduler": flow_scheduler(**FLUX_SCHEDULER),
+    }
     text_processor = (None, None)
     if edit:
         build_image_processor().save_pretrained(path / "text_processor")
@@ -514,28 +491,8 @@ def build_tiny_longcat_image(path: str | os.PathLike, seed: int = 0, edit: bool 
         config = {"processor_class": "Qwen2VLProcessor"}
         (path / "text_processor" / "processor_config.json").write_text(json.dumps(config) + "\n")
         text_processor = ("transformers", "Qwen2VLProcessor")
-    flow_scheduler(
-        base_image_seq_len=256,
-        base_shift=0.5,
-        max_image_seq_len=4096,
-        max_shift=1.15,
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-    ).save_pretrained(path / "scheduler")
-    _write_index(
-        path,
-        "LongCatImageEditPipeline" if edit else "LongCatImagePipeline",
-        {
-            "transformer": ("diffusers", "LongCatImageTransformer2DModel"),
-            "vae": ("diffusers", "AutoencoderKL"),
-            "text_encoder": ("transformers", "Qwen2_5_VLForConditionalGeneration"),
-            "tokenizer": ("transformers", "Qwen2Tokenizer"),
-            "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
-            "text_processor": text_processor,
-        },
-    )
-    return path
+    name = "LongCatImageEditPipeline" if edit else "LongCatImagePipeline"
+    return save_pipeline(path, name, parts, {"text_processor": text_processor})
 
 
 # -- Ovis-Image ----------------------------------------------------------------------
@@ -560,28 +517,11 @@ def build_tiny_ovis_image(path: str | os.PathLike, seed: int = 0) -> Path:
             axes_dims_rope=(4, 6, 6),
         ),
     )
-    transformer.save_pretrained(path / "transformer")
-    autoencoder_kl(seed + 2, 4, 0.3611, 0.1159).save_pretrained(path / "vae")
-    qwen3_text_encoder(tok, seed + 3).save_pretrained(path / "text_encoder")
-    tok.save_pretrained(path / "tokenizer")
-    flow_scheduler(
-        base_image_seq_len=256,
-        base_shift=0.5,
-        max_image_seq_len=4096,
-        max_shift=1.15,
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-    ).save_pretrained(path / "scheduler")
-    _write_index(
-        path,
-        "OvisImagePipeline",
-        {
-            "transformer": ("diffusers", "OvisImageTransformer2DModel"),
-            "vae": ("diffusers", "AutoencoderKL"),
-            "text_encoder": ("transformers", "Qwen3Model"),
-            "tokenizer": ("transformers", "Qwen2Tokenizer"),
-            "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
-        },
-    )
-    return path
+    parts = {
+        "transformer": transformer,
+        "vae": autoencoder_kl(seed + 2, 4, 0.3611, 0.1159),
+        "text_encoder": qwen3_text_encoder(tok, seed + 3),
+        "tokenizer": tok,
+        "scheduler": flow_scheduler(**FLUX_SCHEDULER),
+    }
+    return save_pipeline(path, "OvisImagePipeline", parts)

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ithaca.engine.types import GenerationParams, GenerationResult, StepEvent
 from ithaca.parallel.comm import all_reduce, broadcast_object
+from ithaca.types import GenerationParams, GenerationResult, StepEvent
 
 
 def _seed_of(p: GenerationParams) -> int:

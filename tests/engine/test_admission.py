@@ -9,7 +9,7 @@ from ithaca.engine.errors import AdmissionError
 from ithaca.engine.executor import PipelineSpec
 from ithaca.engine.group import WorkerGroupExecutor
 from ithaca.engine.session import RunningBatch
-from ithaca.engine.types import GenerationParams
+from ithaca.types import GenerationParams
 from tests.server.harness import FAKE
 
 

@@ -15,8 +15,8 @@ from ithaca.engine.errors import (
     RequestCancelledError,
 )
 from ithaca.engine.executor import InProcessExecutor, PipelineSpec
-from ithaca.engine.types import GenerationParams
 from ithaca.parallel.state import ParallelState
+from ithaca.types import GenerationParams
 from tests.engine.doubles import FakePipeline
 
 

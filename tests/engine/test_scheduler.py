@@ -12,7 +12,7 @@ import pytest
 
 from ithaca.engine.errors import QueueFullError
 from ithaca.engine.scheduler import EngineRequest, Scheduler, batch_key
-from ithaca.engine.types import GenerationParams
+from ithaca.types import GenerationParams
 
 
 def req(size=64, steps=2, n=1, rid="", **kw) -> EngineRequest:

@@ -16,7 +16,7 @@ from ithaca.engine.engine import Engine
 from ithaca.engine.errors import EngineDeadError
 from ithaca.engine.executor import InProcessExecutor, PipelineSpec
 from ithaca.engine.group import WorkerGroupExecutor
-from ithaca.engine.types import GenerationParams
+from ithaca.types import GenerationParams
 from tests.server.harness import FAKE, REPO
 
 USP2 = ParallelConfig(ulysses_degree=2)

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from ithaca.config import ParallelConfig
-from ithaca.engine.types import GenerationParams
 from ithaca.models.registry import load_pipeline
 from ithaca.testing.distributed import parallel_state
+from ithaca.types import GenerationParams
 
 
 def generate(layout: dict, path: str, batch: list[dict], attrs: dict | None = None):
@@ -289,11 +289,13 @@ def check_layout(results: list, one_rank: tuple, sharded=None, gathered=None, va
 
 
 def check_reference(one_rank: tuple, index: int, reference: tuple, tol: float = 1e-5):
-    """Assert request ``index`` of a 1-rank run equals diffusers' ``reference``."""
+    """Assert request ``index`` of a 1-rank run equals diffusers' ``reference``: latents
+    within ``tol``, images within 1/255 (not bit-identical by construction: our attention
+    runs another kernel than diffusers', and a batch may be fused differently)."""
     images, latents, _ = one_rank
     ref_latents, ref_images = reference
     err = (latents[index] - ref_latents).abs().max().item()
     assert err <= tol, f"final latents differ from diffusers by {err:.2e}"
     diff = max_image_diff(images[index], ref_images)
-    assert diff == 0, f"images differ from diffusers by {diff}/255"
+    assert diff <= 1, f"images differ from diffusers by {diff}/255"
     return err, diff

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from ithaca.config import ParallelConfig
-from ithaca.engine.types import GenerationParams
 from ithaca.models.registry import load_pipeline
 from ithaca.testing.distributed import parallel_state
+from ithaca.types import GenerationParams
 
 
 def generate(layout: dict, path: str, batch: list[dict]):

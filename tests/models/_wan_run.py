@@ -8,10 +8,10 @@ import numpy as np
 import torch
 
 from ithaca.config import ParallelConfig
-from ithaca.engine.types import GenerationParams
 from ithaca.models.registry import load_pipeline
 from ithaca.testing.distributed import parallel_state
 from ithaca.testing.tiny_wan import build_tiny_wan
+from ithaca.types import GenerationParams
 
 KINDS = ("t2v_a14b", "i2v_a14b", "ti2v_5b")
 FAMILIES = {"t2v_a14b": "Wan2.2-T2V-A14B", "i2v_a14b": "Wan2.2-I2V-A14B",

@@ -23,7 +23,6 @@ decision.
 import json
 import shutil
 from dataclasses import dataclass, field
-from functools import partial
 
 import numpy as np
 import pytest
@@ -32,10 +31,13 @@ from PIL import Image
 
 from ithaca.cache import FLUX_COEFFICIENTS
 from ithaca.cli import main
-from ithaca.models.longcat_image.pipeline import LongCatImageEditPipeline
+from ithaca.models.flux.pipeline import FluxPipeline
+from ithaca.models.longcat_image.pipeline import LongCatImageEditPipeline, LongCatImagePipeline
+from ithaca.models.ovis_image.pipeline import OvisImagePipeline
 from ithaca.models.registry import load_pipeline
+from ithaca.models.sd3.pipeline import StableDiffusion3Pipeline
+from ithaca.models.z_image.pipeline import ZImagePipeline
 from ithaca.parallel import ParallelState
-from ithaca.testing import tiny_families as tiny
 from tests.models._families_run import LAYOUTS, check_layout, generate, record
 
 STEPS = 5
@@ -58,13 +60,15 @@ def _edit_image():
 
 @dataclass(frozen=True)
 class Family:
-    build: object
-    """``build(path)`` writes the tiny checkpoint."""
+    pipeline: type
+    """The family's pipeline: its spec's tiny recipe writes the checkpoint."""
     request: dict
     layouts: tuple[str, ...] = ("ulysses2", "ring2", "cfg2")
     attrs: dict = field(default_factory=lambda: dict(TEXT))
     default_cfg: bool = True
     """Whether the family's default request (calibration's) runs true CFG."""
+    tiny: dict = field(default_factory=dict)
+    """Arguments of the tiny recipe (default: seed 0, the parity tests' checkpoint)."""
     tea_thresh: float = 0.3
     """TeaCache's skipping threshold: a step's rescaled distance is 0.19-0.23 on the
     FLUX-like tiny models (skip one, compute the next), 3-6 on Z-Image's."""
@@ -72,20 +76,19 @@ class Family:
 
 FAMILIES = {
     # FLUX.1-dev with embedded guidance only (its usual use): no second branch.
-    "FLUX.1-dev": Family(partial(tiny.build_tiny_flux, seed=0), dict(BASE, guidance_scale=3.5),
-                         ("ulysses2", "ring2"), default_cfg=False),
+    "FLUX.1-dev": Family(FluxPipeline, dict(BASE, guidance_scale=3.5), ("ulysses2", "ring2"),
+                         default_cfg=False),
     # schnell's blocks are dev's (no guidance input): 1 rank only.
-    "FLUX.1-schnell": Family(partial(tiny.build_tiny_flux, seed=1, guidance_embeds=False),
-                             BASE, (), default_cfg=False),
-    "Z-Image": Family(tiny.build_tiny_z_image, dict(BASE, **CFG), default_cfg=False,
-                      tea_thresh=4.0),
-    "SD3.5": Family(tiny.build_tiny_sd3, dict(BASE, **CFG)),
-    "LongCat-Image": Family(tiny.build_tiny_longcat_image, dict(BASE, **CFG)),
+    "FLUX.1-schnell": Family(FluxPipeline, BASE, (), default_cfg=False,
+                             tiny=dict(seed=1, guidance_embeds=False)),
+    "Z-Image": Family(ZImagePipeline, dict(BASE, **CFG), default_cfg=False, tea_thresh=4.0),
+    "SD3.5": Family(StableDiffusion3Pipeline, dict(BASE, **CFG)),
+    "LongCat-Image": Family(LongCatImagePipeline, dict(BASE, **CFG)),
     "LongCat-Image-Edit": Family(
-        partial(tiny.build_tiny_longcat_image, edit=True),
+        LongCatImageEditPipeline,
         dict(BASE, **CFG, images=[_edit_image()]),  # 80x48 px output: 15 + 15 image tokens
         attrs=dict(TEXT, target_area=3200)),
-    "Ovis-Image": Family(tiny.build_tiny_ovis_image, dict(BASE, **CFG)),
+    "Ovis-Image": Family(OvisImagePipeline, dict(BASE, **CFG)),
 }  # fmt: skip
 
 
@@ -98,9 +101,9 @@ def _pick(run: tuple, j: int) -> tuple:
 class Runs:
     """A family's tiny checkpoint and its 1-rank run of every cache configuration."""
 
-    def __init__(self, name: str, root):
+    def __init__(self, name: str, tiny_family):
         self.name, self.spec = name, FAMILIES[name]
-        self.path = str(self.spec.build(root))
+        self.path = tiny_family(self.spec.pipeline, **self.spec.tiny)
         tea = {"rel_l1_thresh": self.spec.tea_thresh}
         self.skipping = {"tea_cache_skip": ("tea_cache", tea),
                          "cache_dit_skip": ("cache_dit", DBCACHE_SKIP)}  # fmt: skip
@@ -131,13 +134,13 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tiny_family):
     """``runs(name)``: the family's :class:`Runs`, built once per module."""
     built: dict[str, Runs] = {}
 
     def get(name: str) -> Runs:
         if name not in built:
-            built[name] = Runs(name, tmp_path_factory.mktemp("cache") / "model")
+            built[name] = Runs(name, tiny_family)
         return built[name]
 
     return get

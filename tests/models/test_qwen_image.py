@@ -2,7 +2,7 @@
 
 Pyramid: here everything in-process (tiny checkpoints, 1 rank): templates and tokenizer,
 registry, 1-rank pipeline vs diffusers (fp32 latents max abs <= 1e-5, uint8 images
-identical), save/load, batching, cancellation, previews, validation. Multi-rank layouts
+within 1/255), save/load, batching, cancellation, previews, validation. Multi-rank layouts
 are in test_qwen_image_parallel.py.
 """
 
@@ -18,11 +18,11 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from transformers import AutoTokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor
 
-from ithaca.engine.types import GenerationParams
 from ithaca.models import registry
 from ithaca.models.qwen_image import templates
 from ithaca.parallel import ParallelState
 from ithaca.testing.tiny import build_tiny_qwen_image
+from ithaca.types import GenerationParams
 from tests.models._families_run import max_image_diff, record
 
 LATENT_TOL = 1e-5
@@ -120,7 +120,8 @@ def test_equals_diffusers(tiny_checkpoints, case):
     assert err <= LATENT_TOL, f"latents differ by {err:.2e}"
     ours = np.stack([np.asarray(im) for im in results[0].images])
     assert ours.shape == ref_images.shape == (params.num_images, 64, 96, 3)
-    assert np.array_equal(ours, ref_images)
+    # Not bit-identical by construction (our attention runs another kernel): 1/255 at most.
+    assert np.abs(ours.astype(int) - ref_images.astype(int)).max() <= 1
     assert ours.std() > 10  # the tiny decoder draws a real picture, not a flat grey
     record(FAMILIES[kind], "1 rank vs diffusers", err, max_image_diff(list(ours), list(ref_images)))
 
@@ -256,9 +257,9 @@ def test_sizes_round_down_like_diffusers_and_invalid_requests_raise(tiny_checkpo
     with pytest.raises(ValueError, match="takes no input images"):
         pipe.resolve(GenerationParams(prompt="x", images=edit_images()[:1]))
     edit = registry.load_pipeline(tiny_checkpoints["edit"], ParallelState.single())
-    with pytest.raises(ValueError, match="needs an input image"):
+    with pytest.raises(ValueError, match="needs exactly one input image"):
         edit.resolve(GenerationParams(prompt="x"))
-    with pytest.raises(ValueError, match="Qwen-Image-Edit-2509"):
+    with pytest.raises(ValueError, match="Qwen-Image-Edit needs exactly one input image, got 2"):
         edit.resolve(GenerationParams(prompt="x", images=edit_images()))
 
 
@@ -271,12 +272,14 @@ def test_true_cfg_needs_a_negative_prompt_like_the_reference(tiny_checkpoints):
     assert pipe.resolve(GenerationParams(prompt="x", negative_prompt="y")).do_cfg  # default 4.0
 
 
-def test_default_model_path_builds_once(tmp_path, monkeypatch):
+def test_tiny_model_path_builds_once(tmp_path, monkeypatch):
+    from ithaca.testing.tiny import tiny_model_path
+
     monkeypatch.setenv("ITHACA_CACHE", str(tmp_path))
-    path = registry.default_model_path()
+    path = tiny_model_path()
     assert Path(path, "model_index.json").is_file()
     stamp = Path(path, "model_index.json").stat().st_mtime_ns
-    assert registry.default_model_path() == path
+    assert tiny_model_path() == path
     assert Path(path, "model_index.json").stat().st_mtime_ns == stamp
     assert registry.pipeline_class(path).__name__ == "QwenImagePipeline"
 

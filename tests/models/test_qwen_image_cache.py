@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from ithaca.config import ParallelConfig
-from ithaca.engine.types import GenerationParams
 from ithaca.models.registry import load_pipeline
 from ithaca.testing.distributed import parallel_state
+from ithaca.types import GenerationParams
 from tests.models._families_run import record
 
 REQUEST = dict(
@@ -127,7 +127,7 @@ def test_calibration_fits_coefficients_that_teacache_then_uses(tiny_checkpoints,
     import json
     import shutil
 
-    from ithaca.cache.calibrate import calibrate_teacache
+    from ithaca.models.calibrate import calibrate_teacache
 
     coefficients, samples = calibrate_teacache(
         tiny_checkpoints["t2i"], prompts=["a red cat", "a blue bird"], steps=4, width=64, height=64

@@ -20,11 +20,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ithaca.engine.types import GenerationParams
 from ithaca.models.qwen_image import layered
 from ithaca.models.registry import load_pipeline, pipeline_class
 from ithaca.parallel import ParallelState
 from ithaca.testing.tiny import build_tiny_qwen_image
+from ithaca.types import GenerationParams
 from tests.models._families_run import (
     LAYOUTS,
     check_family_layout,

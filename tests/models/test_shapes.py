@@ -112,7 +112,7 @@ def ithaca_pipe():
 
 
 def _generate(pipe, prompts, seeds, width=128, height=128, steps=STEPS, cfg=1.0, negative=None):
-    from ithaca.engine.types import GenerationParams
+    from ithaca.types import GenerationParams
 
     params = [
         GenerationParams(prompt=p, seed=s, width=width, height=height, num_inference_steps=steps,

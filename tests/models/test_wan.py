@@ -19,7 +19,6 @@ from diffusers import WanPipeline as RefWanPipeline
 from PIL import Image
 
 from ithaca.config import ParallelConfig
-from ithaca.engine.types import GenerationParams
 from ithaca.models.registry import load_pipeline, pipeline_class
 from ithaca.models.wan.experts import ExpertPlacement
 from ithaca.models.wan.pipeline import WanImageToVideoPipeline as OurI2V
@@ -31,6 +30,7 @@ from ithaca.models.wan.transformer import (
 )
 from ithaca.parallel import ParallelState, validate_sp_plan
 from ithaca.server.media import encode_mp4
+from ithaca.types import GenerationParams
 from tests.models._families_run import record
 from tests.models._wan_run import FAMILIES, max_frame_diff, run_pipeline, tiny_wan_paths
 
@@ -118,7 +118,7 @@ def test_registry_picks_the_wan_classes(tiny_wan):
         ("t2v_a14b", dict(num_frames=0), r"num_frames \(0\) must be 4k\+1"),
         ("t2v_a14b", dict(images=[_image()]), "takes no input image"),
         ("t2v_a14b", dict(width=8), r"width \(8\) must be an integer of at least 16"),
-        ("t2v_a14b", dict(num_images=2), r"num_images \(2\) must be 1"),
+        ("t2v_a14b", dict(num_images=2), r"n \(2\) must be 1"),
         ("t2v_a14b", dict(flow_shift=0), r"flow_shift \(0\) must be a positive float"),
         ("t2v_a14b", dict(guidance_scale=-1.0), r"guidance_scale \(-1.0\) must be a non-neg"),
         ("t2v_a14b", dict(true_cfg_scale=4.0), "Wan uses guidance_scale"),
@@ -149,8 +149,8 @@ def _check_parity(pipe, ref_cls, kind, path, request, seed):
     assert err <= LATENT_TOL, f"final latents differ from diffusers by {err:.2e}"
     assert frames[0].dtype == np.uint8 and frames[0].shape == ref_frames.shape
     diff = max_frame_diff(frames[0], ref_frames)
-    assert diff == 0
-    # The frames vary (not a constant grey), so equality means something.
+    assert diff <= 1  # not bit-identical by construction: another attention kernel
+    # The frames vary (not a constant grey), so closeness means something.
     assert frames[0].std() > 20
     record(FAMILIES[kind], "1 rank vs diffusers", err, diff)
     return experts
@@ -163,14 +163,12 @@ def test_t2v_a14b_two_experts_match_diffusers(tiny_wan, state):
     # Timesteps 999, 900 >= 875 run the high-noise expert, 750, 500 the low-noise one;
     # CFG calls each twice (positive, negative).
     assert experts == [0, 0, 0, 0, 1, 1, 1, 1]
-    job_scales = [
-        pipe.step_guidance_scale(_job(pipe, request), torch.tensor(t)) for t in (900, 750)
-    ]
-    assert job_scales == [4.0, 2.0]
-
-
-def _job(pipe, request):
-    return types.SimpleNamespace(requests=[pipe.resolve(GenerationParams(**request))])
+    timesteps = torch.tensor([999.0, 900.0, 750.0, 500.0])
+    job = types.SimpleNamespace(
+        requests=[pipe.resolve(GenerationParams(**request))],
+        inputs={"experts": pipe._expert_indices(timesteps)},
+    )
+    assert pipe.step_guidance_scales(job) == [4.0, 4.0, 2.0, 2.0]  # decided before the loop
 
 
 def test_ti2v_text_only_matches_diffusers(tiny_wan, state):

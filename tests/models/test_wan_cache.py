@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from ithaca.config import ParallelConfig
-from ithaca.engine.types import GenerationParams
 from ithaca.models.registry import load_pipeline
 from ithaca.testing.distributed import parallel_state
+from ithaca.types import GenerationParams
 from tests.models._families_run import record
 from tests.models._wan_run import FAMILIES, tiny_wan_paths
 

@@ -30,6 +30,7 @@ def tight(tmp_path_factory):
         max_steps=8,
         max_n=2,
         max_frames=9,
+        batch_wait_ms=300,  # the concurrent requests below meet in one batch
     )
     try:
         yield client
@@ -155,7 +156,8 @@ def test_one_bad_request_does_not_fail_its_batch(tight):
         assert codes == [200, 200, 400, 200], codes
         assert "poisoned" in responses[2].json()["error"]["message"]
         calls = pipeline.calls[before:]
-        assert max(calls) > 1 and calls.count(1) >= 4, calls  # batched, then each alone
+        # batched with the poisoned one, then that batch's requests each alone
+        assert max(calls) > 1 and calls.count(1) >= max(calls), calls
 
 
 def test_a_request_invalid_alone_never_joins_a_batch(tight):

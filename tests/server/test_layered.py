@@ -10,11 +10,11 @@ import openai
 import pytest
 from PIL import Image
 
-from ithaca.engine.types import GenerationParams
 from ithaca.models.registry import load_pipeline
 from ithaca.parallel import ParallelState
 from ithaca.server.media import b64
 from ithaca.testing.tiny import build_tiny_qwen_image
+from ithaca.types import GenerationParams
 
 STEPS = {"num_inference_steps": 2, "seed": 3}
 

@@ -16,10 +16,10 @@ import sys
 import numpy as np
 from PIL import Image
 
-from ithaca.engine.types import GenerationParams
 from ithaca.models.registry import default_model_path, load_pipeline
 from ithaca.parallel import ParallelState
 from ithaca.testing.distributed import free_port
+from ithaca.types import GenerationParams
 from tests.server.harness import REPO, ServerProcess
 
 LAYOUT = ["--usp", "2", "--ring", "2", "--nnodes", "2", "--master-addr", "127.0.0.1"]

@@ -31,12 +31,11 @@ from diffusers import FluxTransformer2DModel as _DiffusersFluxTransformer
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
+from ithaca.models.spec import AttentionLayout
 from ithaca.parallel import (
-    ParallelState,
     SequenceParallelInput,
     SequenceParallelOutput,
     SequenceParallelRuntime,
-    apply_sequence_parallel,
 )
 
 FLUX_SP_PLAN = {
@@ -65,22 +64,25 @@ class FluxParallelAttnProcessor:
         self.runtime = runtime
         self._text_len: int | None = None
 
-    def watch_single_blocks(self, blocks) -> None:
-        """Route the single-stream ``blocks`` through this processor.
+    def attach(self, block: torch.nn.Module, name: str, blocks: str) -> None:
+        """Route ``block``'s attention through this processor.
 
-        Each block's pre-hook records its text length before the block concatenates
-        ``[text, image]``; the processor splits at it. Blocks run one at a time, so the
-        recorded length is always the running block's.
+        A single-stream block (of ``single_transformer_blocks``: its forward takes
+        ``encoder_hidden_states``, its attention does not get it) also gets a pre-hook
+        that records its text length before it concatenates ``[text, image]``; the
+        processor splits at it. Blocks run one at a time, so the recorded length is
+        always the running block's.
         """
-        for block in blocks:
-            block.attn.set_processor(self)
-            signature = inspect.signature(block.forward)
+        getattr(block, name).set_processor(self)
+        if blocks != "single_transformer_blocks":  # double-stream: text comes separately
+            return
+        signature = inspect.signature(block.forward)
 
-            def record(module, args, kwargs, signature=signature):
-                text = signature.bind_partial(*args, **kwargs).arguments["encoder_hidden_states"]
-                self._text_len = text.shape[1]  # (B, T, C)
+        def record(module, args, kwargs):
+            text = signature.bind_partial(*args, **kwargs).arguments["encoder_hidden_states"]
+            self._text_len = text.shape[1]  # (B, T, C)
 
-            self.runtime.track(block.register_forward_pre_hook(record, with_kwargs=True))
+        self.runtime.track(block.register_forward_pre_hook(record, with_kwargs=True))
 
     def __call__(
         self,
@@ -95,7 +97,7 @@ class FluxParallelAttnProcessor:
         single = encoder_hidden_states is None
         if single and self._text_len is None:
             raise ValueError(
-                "single-stream blocks must be registered with watch_single_blocks() so that "
+                "single-stream blocks must be registered with attach() so that "
                 "the processor knows where [text, image] splits"
             )
         q, k, v, txt_q, txt_k, txt_v = _get_qkv_projections(
@@ -136,12 +138,9 @@ class FluxParallelAttnProcessor:
         return img_out, txt_out
 
 
-def parallelize(transformer: torch.nn.Module, state: ParallelState) -> SequenceParallelRuntime:
-    """Apply the plan for ``state`` and route every block's attention through it."""
-    state.config.validate_heads(transformer.config.num_attention_heads)
-    runtime = apply_sequence_parallel(transformer, FLUX_SP_PLAN, state)
-    processor = FluxParallelAttnProcessor(runtime)
-    for block in transformer.transformer_blocks:
-        block.attn.set_processor(processor)
-    processor.watch_single_blocks(transformer.single_transformer_blocks)
-    return runtime
+FLUX_ATTENTION = AttentionLayout(
+    processor=lambda runtime, state: FluxParallelAttnProcessor(runtime),
+    blocks={"transformer_blocks": ("attn",), "single_transformer_blocks": ("attn",)},
+    plan=FLUX_SP_PLAN,
+)
+"""Every block's attention through one processor; LongCat-Image and Ovis-Image too."""

@@ -1,8 +1,9 @@
 """LongCat-Image text-to-image (``meituan-longcat/LongCat-Image``) over the shared loop.
 
 Numerics follow diffusers' ``LongCatImagePipeline`` with ``enable_prompt_rewrite=False``
-(reused pieces: ``split_quotation``, ``prepare_pos_ids``, latent packing,
-``calculate_shift``, the VAE image processor, the scheduler):
+(reused pieces: ``split_quotation``, ``prepare_pos_ids``); the shared flow-matching
+pipeline (:mod:`ithaca.models.flow`) does the rest from :data:`SPEC`. The transformer
+has FLUX.1's layout and takes its plan and processor unchanged:
 
 - prompt: quoted spans tokenized character by character, the rest normally; padded to
   512 tokens, wrapped in the captioning system template; Qwen2.5-VL's last hidden
@@ -21,29 +22,24 @@ Placement: the text encoder, tokenizer and VAE live only on the replica's rank 0
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-import numpy as np
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-from diffusers.image_processor import VaeImageProcessor
+from diffusers import LongCatImageTransformer2DModel as _DiffusersLongCatTransformer
 from diffusers.pipelines.longcat_image.pipeline_longcat_image import (
-    LongCatImagePipeline as _Ref,
-)
-from diffusers.pipelines.longcat_image.pipeline_longcat_image import (
-    calculate_shift,
     prepare_pos_ids,
     split_quotation,
 )
 from diffusers.pipelines.longcat_image.pipeline_longcat_image_edit import calculate_dimensions
 from PIL import Image
 
-from ithaca.engine.types import GenerationParams
-from ithaca.models.base import DenoisingPipeline, Job, Request
+from ithaca.models.base import Job, Request
+from ithaca.models.flow import FlowMatchPipeline, pack_latents
 from ithaca.models.flux.cache import cache_adapter  # FLUX.1's blocks
-from ithaca.models.longcat_image.transformer import LongCatImageTransformer2DModel, parallelize
-from ithaca.parallel import ParallelState, apply_guidance
-from ithaca.parallel.cfg import NEGATIVE, POSITIVE
+from ithaca.models.flux.transformer import FLUX_ATTENTION, FLUX_SP_PLAN
+from ithaca.models.spec import Defaults, FamilySpec, plain_cfg
+from ithaca.types import GenerationParams
 
 PREFIX = (
     "<|im_start|>system\nAs an image captioning expert, generate a descriptive text prompt "
@@ -53,47 +49,45 @@ PREFIX = (
 SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
 
 
-class LongCatImagePipeline(DenoisingPipeline):
+class LongCatImageTransformer2DModel(_DiffusersLongCatTransformer):
+    """diffusers' LongCat-Image transformer with FLUX.1's sequence-parallel plan declared."""
+
+    _sp_plan = FLUX_SP_PLAN
+
+
+def renormed_cfg(positive: torch.Tensor, negative: torch.Tensor | None, scale: float):
+    """Plain CFG, then LongCat's renorm: never above the positive prediction's per-token
+    norm (``clamp(|pos| / (|combined| + 1e-8), 0, 1)``)."""
+    if negative is None:
+        return positive
+    combined = plain_cfg(positive, negative, scale)
+    cond_norm = torch.norm(positive, dim=-1, keepdim=True)
+    noise_norm = torch.norm(combined, dim=-1, keepdim=True)
+    return combined * (cond_norm / (noise_norm + 1e-8)).clamp(min=0.0, max=1.0)
+
+
+SPEC = FamilySpec(
+    name="LongCat-Image",
+    transformer=LongCatImageTransformer2DModel,
+    attention=FLUX_ATTENTION,
+    components=("vae", "text_encoder", "tokenizer"),
+    cache_adapter=cache_adapter,
+    defaults=Defaults(steps=50, cfg_scale=4.5),
+    guidance=renormed_cfg,
+    noise_dtype=torch.float32,  # diffusers' LongCat t2i draws fp32 noise, then casts
+    tiny="ithaca.testing.tiny_families:build_tiny_longcat_image",
+    reference="LongCatImagePipeline",
+    reference_args={"true_cfg_scale": "guidance_scale"},
+)
+
+
+class LongCatImagePipeline(FlowMatchPipeline):
     """LongCat-Image text-to-image with true CFG and LongCat's CFG renorm."""
 
-    family_name = "LongCat-Image"
-
-    default_width = 1024
-    default_height = 1024
-    default_steps = 50
-    default_true_cfg_scale = 4.5
+    spec = SPEC
     max_sequence_length = 512
     latent_channels = 16
-    cfg_renorm_min = 0.0
 
-    def __init__(self, model: str, state: ParallelState, dtype: torch.dtype):
-        super().__init__(state, dtype)
-        self.model = model
-        self.transformer = self.load_transformer(LongCatImageTransformer2DModel, model)
-        self.runtime = parallelize(self.transformer, state)
-        self.load_flow_configs(model)
-        self.multiple = self.vae_scale_factor * 2
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.multiple)
-        self.vae = self.text_encoder = self.tokenizer = None
-        if self.is_returning_rank:
-            self._load_encoders(model)
-
-    def _load_encoders(self, model: str) -> None:
-        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-
-        self.vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=self.dtype)
-        self.vae.to(self.device).eval().requires_grad_(False)
-        self.text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            model, subfolder="text_encoder", dtype=self.dtype
-        )
-        self.text_encoder.to(self.device).eval().requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
-
-    # -- request validation ----------------------------------------------------
-    def resolve(self, params: GenerationParams) -> Request:
-        return self.resolve_text_to_image(params)
-
-    # -- conditioning (returning rank only) ------------------------------------
     def _token_ids(self, text: str) -> list[int]:
         """Quoted spans character by character, the rest as usual; at most 512 ids."""
         ids: list[int] = []
@@ -113,7 +107,7 @@ class LongCatImagePipeline(DenoisingPipeline):
         )
 
     @torch.no_grad()
-    def _encode(self, text: str) -> torch.Tensor:
+    def encode_prompt(self, text: str) -> torch.Tensor:
         """Last hidden state of the templated, padded prompt without the template: (512, D)."""
         padded = self._padded(text)
         prefix = self.tokenizer(PREFIX, add_special_tokens=False)["input_ids"]
@@ -144,70 +138,29 @@ class LongCatImagePipeline(DenoisingPipeline):
         hidden = out.hidden_states[-1][0, len(prefix) : -len(suffix)]
         return hidden.to(self.dtype)
 
-    def condition(self, request: Request) -> dict[str, Any]:
-        p = request.params
-        cond = {"embeds": self._encode(p.prompt)}
-        if request.do_cfg:
-            cond["negative"] = self._encode(p.negative_prompt or "")
-        return cond
-
-    # -- the batch -------------------------------------------------------------
-    def _latent_hw(self, request: Request) -> tuple[int, int]:
-        return 2 * (request.height // self.multiple), 2 * (request.width // self.multiple)
-
-    def _noise(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-        """diffusers' LongCat t2i draws float32 noise and casts it to the model dtype."""
-        return torch.randn(shape, generator=generator).to(self.dtype)
-
-    def prepare(self, requests: list[Request], conds: list[dict[str, Any]]) -> Job:
-        seeds = [c["seed"] for c in conds]
-        h, w = self._latent_hw(requests[0])
-        c_lat = self.latent_channels
-        noise = []
-        for r, seed in zip(requests, seeds, strict=True):
-            n = r.params.num_images
-            x = self._noise((n, c_lat, h, w), torch.Generator("cpu").manual_seed(seed))
-            noise.append(_Ref._pack_latents(x.to(self.device), n, c_lat, h, w))
-        latents = torch.cat(noise)
-        counts = [r.params.num_images for r in requests]
-
-        def rows(key: str) -> torch.Tensor:
-            return torch.stack(
-                [c[key] for c, n in zip(conds, counts, strict=True) for _ in range(n)]
-            )
-
-        inputs: dict[str, Any] = {"text": {POSITIVE: rows("embeds")}}
-        if requests[0].do_cfg:
-            inputs["text"][NEGATIVE] = rows("negative")
-        t = conds[0]["embeds"].shape[0]  # 512; edit: + the vision tokens, equal per size
-        inputs["txt_ids"] = prepare_pos_ids(modality_id=0, type="text", num_token=t).to(self.device)
-        inputs["img_ids"] = prepare_pos_ids(
-            modality_id=1, type="image", start=(t, t), height=h // 2, width=w // 2
-        ).to(self.device)
+    def forward_inputs(self, requests, conds, latents) -> dict:
+        h, w = self.latent_hw(requests[0])
+        t = conds[0]["positive"].shape[0]  # 512; edit: + the vision tokens, equal per size
+        inputs: dict[str, Any] = {
+            "txt_ids": prepare_pos_ids(modality_id=0, type="text", num_token=t).to(self.device),
+            "img_ids": prepare_pos_ids(
+                modality_id=1, type="image", start=(t, t), height=h // 2, width=w // 2
+            ).to(self.device),
+        }
         if "image_latents" in conds[0]:  # edit: the input image's tokens follow the noise
             inputs["image_latents"] = torch.cat(
-                [c["image_latents"].expand(n, -1, -1) for c, n in zip(conds, counts, strict=True)]
+                [
+                    c["image_latents"].expand(r.params.num_images, -1, -1)
+                    for c, r in zip(conds, requests, strict=True)
+                ]
             )
             image_ids = prepare_pos_ids(
                 modality_id=2, type="image", start=(t, t), height=h // 2, width=w // 2
             ).to(self.device, torch.float64)  # float64 as in diffusers (the cat promotes)
             inputs["img_ids"] = torch.cat([inputs["img_ids"], image_ids])
-        steps = requests[0].steps
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
-        c = self.scheduler_config
-        mu = calculate_shift(
-            latents.shape[1],
-            c.get("base_image_seq_len", 256),
-            c.get("max_image_seq_len", 4096),
-            c.get("base_shift", 0.5),
-            c.get("max_shift", 1.15),
-        )
-        sigmas = np.linspace(1.0, 1.0 / steps, steps)
-        scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=mu)
-        return Job(requests, seeds, latents, scheduler.timesteps, scheduler, inputs)
+        return inputs
 
-    @torch.no_grad()
-    def predict(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
         latents = job.latents
         hidden = latents
         if "image_latents" in job.inputs:
@@ -222,33 +175,6 @@ class LongCatImagePipeline(DenoisingPipeline):
             return_dict=False,
         )[0]
         return out[:, : latents.shape[1]]
-
-    def cache_adapter(self):
-        return cache_adapter(self.model)
-
-    def guide(self, positive, negative, scale):
-        if negative is None:
-            return positive
-        combined = negative + scale * (positive - negative)
-        # LongCat's CFG renorm: never above the positive prediction's per-token norm.
-        cond_norm = torch.norm(positive, dim=-1, keepdim=True)
-        noise_norm = torch.norm(combined, dim=-1, keepdim=True)
-        ratio = (cond_norm / (noise_norm + 1e-8)).clamp(min=self.cfg_renorm_min, max=1.0)
-        return combined * ratio
-
-    @torch.no_grad()
-    def decode(self, job: Job, latents: torch.Tensor) -> list[list[Image.Image]]:
-        r = job.requests[0]
-        latents = _Ref._unpack_latents(latents, r.height, r.width, self.vae_scale_factor)
-        config = self.vae.config
-        latents = ((latents / config.scaling_factor) + config.shift_factor).to(self.vae.dtype)
-        images = self.vae.decode(latents, return_dict=False)[0]
-        flat = self.image_processor.postprocess(images, output_type="pil")
-        out, start = [], 0
-        for req in job.requests:
-            out.append(flat[start : start + req.params.num_images])
-            start += req.params.num_images
-        return out
 
 
 EDIT_PREFIX = (
@@ -271,30 +197,29 @@ class LongCatImageEditPipeline(LongCatImagePipeline):
     CFG is plain ``neg + s * (pos - neg)`` (no renorm); noise is drawn in the model dtype.
     """
 
+    spec = dataclasses.replace(
+        SPEC,
+        guidance=plain_cfg,  # the edit pipeline has no renorm
+        images=(1, 1),
+        noise_dtype=None,
+        tiny_args={"edit": True},
+        reference="LongCatImageEditPipeline",
+    )
     target_area = 1024 * 1024
 
-    def _load_encoders(self, model: str) -> None:
-        super()._load_encoders(model)
+    def load_components(self, model: str) -> None:
+        super().load_components(model)
         from transformers import Qwen2VLImageProcessor
 
         self.vision_processor = Qwen2VLImageProcessor.from_pretrained(
             model, subfolder="text_processor"
         )
 
-    def resolve(self, params: GenerationParams) -> Request:
-        if len(params.images) != 1:
-            raise ValueError(
-                f"{type(self).__name__} takes exactly 1 input image, got {len(params.images)}"
-            )
+    def request_size(self, params: GenerationParams) -> tuple[int, int]:
         image = params.images[0]
-        w, h = calculate_dimensions(self.target_area, image.size[0] / image.size[1])
-        sized = GenerationParams(**{**params.__dict__, "images": [], "width": w, "height": h})
-        request = super().resolve(sized)
-        request.params = params
-        return request
-
-    def _noise(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-        return torch.randn(shape, generator=generator, dtype=self.dtype)
+        return self.rounded_size(
+            *calculate_dimensions(self.target_area, image.size[0] / image.size[1])
+        )
 
     @torch.no_grad()
     def _encode_with_image(self, text: str, image: Image.Image) -> torch.Tensor:
@@ -339,7 +264,7 @@ class LongCatImageEditPipeline(LongCatImagePipeline):
         w, h = request.width, request.height
         image = self.image_processor.resize(p.images[0], h, w)
         shown = self.image_processor.resize(image, h // 2, w // 2)
-        cond = {"embeds": self._encode_with_image(p.prompt, shown)}
+        cond = {"positive": self._encode_with_image(p.prompt, shown)}
         if request.do_cfg:
             cond["negative"] = self._encode_with_image(p.negative_prompt or "", shown)
         pixels = self.image_processor.preprocess(image, h, w).to(self.device, self.dtype)
@@ -347,8 +272,5 @@ class LongCatImageEditPipeline(LongCatImagePipeline):
         config = self.vae.config
         latents = (latents - config.shift_factor) * config.scaling_factor
         lh, lw = latents.shape[2:]
-        cond["image_latents"] = _Ref._pack_latents(latents, 1, self.latent_channels, lh, lw)
+        cond["image_latents"] = pack_latents(latents, 1, self.latent_channels, lh, lw)
         return cond
-
-    def guide(self, positive, negative, scale):
-        return apply_guidance(positive, negative, scale)  # the edit pipeline has no renorm

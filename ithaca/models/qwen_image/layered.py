@@ -29,23 +29,26 @@ image sequence (every layer's tokens and the condition's) is one sharded dimensi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Any
 
 import numpy as np
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import (
     QwenImageLayeredPipeline as _Ref,
 )
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
 from PIL import Image
 
-from ithaca.engine.types import GenerationParams
 from ithaca.models.base import Job, Request
+from ithaca.models.flow import seeded_noise
 from ithaca.models.qwen_image import templates
 from ithaca.models.qwen_image.pipeline import QwenImageEditPipeline, QwenImagePipeline
-from ithaca.parallel import apply_guidance
+from ithaca.models.spec import plain_cfg, rescaled_cfg
+from ithaca.types import GenerationParams, ParamError
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +68,13 @@ def caption_prompts() -> tuple[str, str]:
 class QwenImageLayeredPipeline(QwenImageEditPipeline):
     """Image to RGBA layers (``Qwen/Qwen-Image-Layered``)."""
 
+    spec = dataclasses.replace(
+        QwenImageEditPipeline.spec,
+        name="Qwen-Image-Layered",
+        tiny_args={"kind": "layered"},
+        reference="QwenImageLayeredPipeline",
+    )
     template = templates.T2I
-    max_images = 1
     max_sequence_length = 512
     tokenizer_max_length = None
     captions_empty_prompt = True
@@ -78,8 +86,8 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
     use_en_prompt = True
     """Caption language for an empty prompt (the model card's setting)."""
 
-    def _load_encoders(self, model: str) -> None:
-        QwenImagePipeline._load_encoders(self, model)  # the prompt tokenizer: tokenizer/
+    def load_components(self, model: str) -> None:
+        QwenImagePipeline.load_components(self, model)  # the prompt tokenizer: tokenizer/
         from transformers import AutoTokenizer, Qwen2VLImageProcessor
 
         # Captioning uses the processor's two parts (its video part needs torchvision).
@@ -87,17 +95,18 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
         self.caption_tokenizer = AutoTokenizer.from_pretrained(model, subfolder="processor")
 
     # -- request validation ----------------------------------------------------
-    def resolve(self, params: GenerationParams) -> Request:
-        if len(params.images) != 1:
-            raise ValueError(
-                f"{type(self).__name__} needs exactly one input image, got {len(params.images)}"
-            )
-        layers = self.default_layers if params.layers is None else params.layers
-        if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
-            raise ValueError(f"layers ({layers!r}) must be a positive integer")
+    def request_size(self, params: GenerationParams) -> tuple[int, int]:
         image = params.images[0]
         w, h = calculate_dimensions(self.resolution**2, image.size[0] / image.size[1])
-        return self._common(params, w, h, extra=(layers,))
+        w = params.width if params.width is not None else w
+        h = params.height if params.height is not None else h
+        return self.rounded_size(w, h)
+
+    def extra_key(self, params: GenerationParams) -> tuple:
+        layers = self.default_layers if params.layers is None else params.layers
+        if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+            raise ParamError("layers", f"layers ({layers!r}) must be a positive integer")
+        return (layers,)
 
     @staticmethod
     def layers_of(request: Request) -> int:
@@ -134,7 +143,7 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
         if prompt in ("", " "):
             prompt = self.caption(image)
             logger.info("request %s: caption %r", p.request_id, prompt)
-        cond = {"embeds": self._encode(self.template.format(prompt))}
+        cond = {"positive": self._encode(self.template.format(prompt))}
         if request.do_cfg:
             cond["negative"] = self._encode(self.template.format(p.negative_prompt))
         pixels = self.image_processor.preprocess(image, h, w).unsqueeze(2)  # (1, 4, 1, H, W)
@@ -142,16 +151,16 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
         return cond
 
     # -- the batch -------------------------------------------------------------
-    def _noise(self, request: Request, seed: int) -> torch.Tensor:
+    def initial_latents(self, requests: list[Request], seeds: list[int]) -> torch.Tensor:
         """The reference's ``prepare_latents``: ``(n, L + 1, C, h, w)`` -> ``(n, S, 4C)``."""
-        h = 2 * (request.height // self.multiple)
-        w = 2 * (request.width // self.multiple)
-        n, frames = request.params.num_images, self.layers_of(request) + 1
-        generator = torch.Generator("cpu").manual_seed(seed)
-        noise = torch.randn(
-            (n, frames, self.latent_channels, h, w), generator=generator, dtype=self.dtype
-        )
-        return _Ref._pack_latents(noise.to(self.device), n, self.latent_channels, h, w, frames)
+        h, w = self.latent_hw(requests[0])
+        c = self.latent_channels
+        noise = []
+        for r, seed in zip(requests, seeds, strict=True):
+            n, frames = r.params.num_images, self.layers_of(r) + 1
+            x = seeded_noise((n, frames, c, h, w), seed, self.dtype, self.device)
+            noise.append(_Ref._pack_latents(x, n, c, h, w, frames))
+        return torch.cat(noise)
 
     def prepare(self, requests: list[Request], conds: list[dict[str, Any]]) -> Job:
         job = super().prepare(requests, conds)
@@ -159,14 +168,17 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
         job.inputs["additional_t_cond"] = torch.zeros(rows, dtype=torch.long, device=self.device)
         return job
 
-    def _schedule(self, steps: int, latents: torch.Tensor, inputs: dict) -> tuple:
+    def schedule(self, steps: int, latents: torch.Tensor, inputs: dict):
+        """Sigmas ``linspace(1, 0, steps + 1)[:-1]``, ``mu = sqrt(condition tokens / 256)``."""
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
         mu = (inputs["image_latents"].shape[1] / BASE_SEQ_LEN) ** 0.5
-        return np.linspace(1.0, 0, steps + 1)[:-1], mu
+        sigmas = np.linspace(1.0, 0, steps + 1)[:-1]
+        scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=mu)
+        return scheduler
 
     def guide(self, positive, negative, scale):
-        return apply_guidance(
-            positive, negative, scale, rescale_to_positive_norm=self.cfg_normalize
-        )
+        rule = rescaled_cfg if self.cfg_normalize else plain_cfg
+        return rule(positive, negative, scale)
 
     # -- decoding (returning rank only) ------------------------------------------
     @torch.no_grad()
@@ -176,10 +188,8 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
         layers = self.layers_of(r)
         latents = _Ref._unpack_latents(latents, r.height, r.width, layers, self.vae_scale_factor)
         latents = latents.to(self.vae.dtype)  # (B, C, L + 1, h, w)
-        z = self.vae.config.z_dim
-        mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents)
-        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1).to(latents)
-        latents = (latents / inv_std + mean)[:, :, frames]
+        mean, std = self._vae_stats(latents)
+        latents = (latents / (1.0 / std) + mean)[:, :, frames]
         b, c, f, h, w = latents.shape
         # (B, C, F, h, w) -> (B * F, C, 1, h, w): every frame decoded as one image
         latents = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, 1, h, w)

@@ -56,3 +56,16 @@ EDIT_PLUS = PromptTemplate(_chat(SYSTEM_EDIT, "{}"), drop=64)
 
 def edit_plus_user_turn(num_images: int, prompt: str) -> str:
     return "".join(f"Picture {i + 1}: {VISION}" for i in range(num_images)) + prompt
+
+
+# The Qwen2.5-VL tokenizer's special tokens the templates use (first: end of text).
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]

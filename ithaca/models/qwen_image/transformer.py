@@ -26,12 +26,11 @@ import torch
 from diffusers import QwenImageTransformer2DModel as _DiffusersQwenImageTransformer
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
+from ithaca.models.spec import AttentionLayout
 from ithaca.parallel import (
-    ParallelState,
     SequenceParallelInput,
     SequenceParallelOutput,
     SequenceParallelRuntime,
-    apply_sequence_parallel,
 )
 
 QWEN_IMAGE_SP_PLAN = {
@@ -122,11 +121,8 @@ class ParallelJointAttnProcessor:
         return img_out, txt_out
 
 
-def parallelize(transformer: torch.nn.Module, state: ParallelState) -> SequenceParallelRuntime:
-    """Apply the plan for ``state`` and route every block's attention through it."""
-    state.config.validate_heads(transformer.config.num_attention_heads)
-    runtime = apply_sequence_parallel(transformer, QWEN_IMAGE_SP_PLAN, state)
-    processor = ParallelJointAttnProcessor(runtime)
-    for block in transformer.transformer_blocks:
-        block.attn.set_processor(processor)
-    return runtime
+QWEN_IMAGE_ATTENTION = AttentionLayout(
+    processor=lambda runtime, state: ParallelJointAttnProcessor(runtime),
+    blocks={"transformer_blocks": ("attn",)},
+    plan=QWEN_IMAGE_SP_PLAN,
+)

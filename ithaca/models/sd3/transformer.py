@@ -23,12 +23,11 @@ from __future__ import annotations
 import torch
 from diffusers import SD3Transformer2DModel as _DiffusersSD3Transformer
 
+from ithaca.models.spec import AttentionLayout
 from ithaca.parallel import (
-    ParallelState,
     SequenceParallelInput,
     SequenceParallelOutput,
     SequenceParallelRuntime,
-    apply_sequence_parallel,
 )
 
 SD3_SP_PLAN = {
@@ -95,13 +94,8 @@ class SD3ParallelAttnProcessor:
         return out, txt_out
 
 
-def parallelize(transformer: torch.nn.Module, state: ParallelState) -> SequenceParallelRuntime:
-    """Apply the plan for ``state`` and route every block's attention through it."""
-    state.config.validate_heads(transformer.config.num_attention_heads)
-    runtime = apply_sequence_parallel(transformer, SD3_SP_PLAN, state)
-    processor = SD3ParallelAttnProcessor(runtime)
-    for block in transformer.transformer_blocks:
-        block.attn.set_processor(processor)
-        if block.attn2 is not None:
-            block.attn2.set_processor(processor)
-    return runtime
+SD3_ATTENTION = AttentionLayout(
+    processor=lambda runtime, state: SD3ParallelAttnProcessor(runtime),
+    blocks={"transformer_blocks": ("attn", "attn2")},  # attn2: SD3.5's dual attention
+    plan=SD3_SP_PLAN,
+)

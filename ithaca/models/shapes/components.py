@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ithaca.models.qwen_image.templates import T2I
+from ithaca.models.qwen_image.templates import SPECIAL_TOKENS, T2I
 from ithaca.models.shapes import scenes
-from ithaca.testing.tiny import SPECIAL_TOKENS
 
 TEXT_HIDDEN = 64
 Z_DIM = 16

@@ -54,7 +54,7 @@ class IthacaGenerator:
         self.pipe = load_pipeline(model, ParallelState.single())
 
     def __call__(self, prompts, seeds, width, height, steps, cfg, negative):
-        from ithaca.engine.types import GenerationParams
+        from ithaca.types import GenerationParams
 
         params = [
             GenerationParams(

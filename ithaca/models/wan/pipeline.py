@@ -38,19 +38,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+from diffusers import UniPCMultistepScheduler
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from diffusers.video_processor import VideoProcessor
 from PIL import Image
 
 from ithaca.cache import CacheGroup, build_cache
-from ithaca.engine.types import GenerationParams, GenerationResult
 from ithaca.models.base import DenoisingPipeline, Job, Request
+from ithaca.models.flow import load_component, seeded_noise
+from ithaca.models.spec import parallelize
 from ithaca.models.wan.cache import cache_adapter
 from ithaca.models.wan.experts import ExpertPlacement, module_bytes, should_offload
-from ithaca.models.wan.transformer import WanTransformer3DModel, parallelize
-from ithaca.parallel import ParallelState, apply_guidance
+from ithaca.models.wan.transformer import WanTransformer3DModel, wan_attention
+from ithaca.parallel import ParallelState
 from ithaca.parallel.cfg import POSITIVE
+from ithaca.types import GenerationParams, GenerationResult, ParamError
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +121,8 @@ class WanPipeline(DenoisingPipeline):
             expert_offload = should_offload(module_bytes(self.experts[0]), self.device)
         self.placement = ExpertPlacement(self.experts, self.device, expert_offload)
         # Both experts are sharded by the same plan; each has its own runtime (hooks).
-        self.runtimes = [parallelize(e, state, self.expand_timesteps) for e in self.experts]
+        layout = wan_attention(self.expand_timesteps)
+        self.runtimes = [parallelize(e, state, layout) for e in self.experts]
         self.runtime = self.runtimes[0]
         config = self.experts[0].config
         self.patch_size = tuple(config.patch_size)
@@ -153,17 +156,10 @@ class WanPipeline(DenoisingPipeline):
         )
 
     def _load_encoders(self, model: str) -> None:
-        from transformers import AutoTokenizer, UMT5EncoderModel
-
-        self.vae = AutoencoderKLWan.from_pretrained(
-            model, subfolder="vae", torch_dtype=torch.float32
-        ).to(self.device)
-        self.vae.eval().requires_grad_(False)
-        self.text_encoder = UMT5EncoderModel.from_pretrained(
-            model, subfolder="text_encoder", dtype=self.dtype
-        ).to(self.device)
-        self.text_encoder.eval().requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
+        index = _read_json(model, "model_index.json")
+        self.vae = load_component(model, "vae", index, self.device, torch.float32)  # fp32 VAE
+        for name in ("text_encoder", "tokenizer"):
+            setattr(self, name, load_component(model, name, index, self.device, self.dtype))
 
     # -- request validation ----------------------------------------------------
     @staticmethod
@@ -172,55 +168,52 @@ class WanPipeline(DenoisingPipeline):
         ok = ok and (value >= 0 if allow_zero else value > 0)
         if not ok or (kind is int and not isinstance(value, int)):
             sign = "non-negative" if allow_zero else "positive"
-            raise ValueError(f"{name} ({value!r}) must be a {sign} {kind.__name__}")
+            raise ParamError(name, f"{name} ({value!r}) must be a {sign} {kind.__name__}")
         return kind(value)
-
-    def _size(self, name: str, value: int | None, default: int) -> int:
-        value = default if value is None else value
-        if not isinstance(value, int) or value < self.multiple:
-            raise ValueError(
-                f"{name} ({value!r}) must be an integer of at least {self.multiple} "
-                f"(sizes are rounded down to a multiple of {self.multiple})"
-            )
-        return value // self.multiple * self.multiple
 
     def _num_frames(self, value: int | None) -> int:
         n = self.default_num_frames if value is None else value
         k = self.scale_temporal
         if not isinstance(n, int) or isinstance(n, bool) or n < 1 or (n - 1) % k:
             below = max(1, (n - 1) // k * k + 1) if isinstance(n, int) else 1
-            raise ValueError(
+            raise ParamError(
+                "num_frames",
                 f"num_frames ({n!r}) must be {k}k+1 (1, {k + 1}, {2 * k + 1}, ..., 81): the "
                 f"Wan VAE compresses time {k}x after the first frame; nearest valid: "
-                f"{below} or {below + k}"
+                f"{below} or {below + k}",
             )
         return n
 
     def resolve(self, params: GenerationParams) -> Request:
-        if not params.prompt:
-            raise ValueError("prompt must be a non-empty string")
+        steps = self.checked_steps(params)
         if params.num_images != 1:
-            raise ValueError(
-                f"num_images ({params.num_images}) must be 1 for video: one request makes "
-                f"one video (send several requests; compatible ones are batched)"
+            raise ParamError(
+                "n",
+                f"n ({params.num_images}) must be 1 for video: one request makes "
+                f"one video (send several requests; compatible ones are batched)",
             )
         if params.true_cfg_scale is not None:
-            raise ValueError("true_cfg_scale is a Qwen-Image parameter; Wan uses guidance_scale")
+            raise ParamError(
+                "true_cfg_scale",
+                "true_cfg_scale is a Qwen-Image parameter; Wan uses guidance_scale",
+            )
         n_images = len(params.images or [])
         if self.takes_image == "never" and n_images:
-            raise ValueError(f"{type(self).__name__} ({self.model}) takes no input image")
+            raise ParamError("image", f"{type(self).__name__} ({self.model}) takes no input image")
         if self.takes_image == "always" and n_images != 1:
-            raise ValueError(f"image-to-video needs exactly one input image, got {n_images}")
+            raise ParamError(
+                "image", f"image-to-video needs exactly one input image, got {n_images}"
+            )
         if n_images > 1:
-            raise ValueError(f"at most one input image (the first frame), got {n_images}")
-        steps = params.num_inference_steps or self.default_steps
-        self._number("num_inference_steps", steps, int)
+            raise ParamError("image", f"at most one input image (the first frame), got {n_images}")
         scale = params.guidance_scale
         scale = self.default_true_cfg_scale if scale is None else scale
         scale = self._number("guidance_scale", scale, allow_zero=True)
         scale_2 = params.guidance_scale_2
         if scale_2 is not None and len(self.experts) == 1:
-            raise ValueError("guidance_scale_2 needs a two-expert (A14B) checkpoint")
+            raise ParamError(
+                "guidance_scale_2", "guidance_scale_2 needs a two-expert (A14B) checkpoint"
+            )
         if len(self.experts) == 2:
             scale_2 = scale if scale_2 is None else scale_2
             scale_2 = self._number("guidance_scale_2", scale_2, allow_zero=True)
@@ -229,8 +222,7 @@ class WanPipeline(DenoisingPipeline):
         shift = self._number("flow_shift", shift)
         if params.fps is not None:
             self._number("fps", params.fps, int)
-        w = self._size("width", params.width, self.default_width)
-        h = self._size("height", params.height, self.default_height)
+        w, h = self.rounded_size(params.width, params.height)
         frames = self._num_frames(params.num_frames)
         settings = VideoSettings(frames, scale_2, shift, (w, h) if n_images else None)
         return Request(params, w, h, steps, scale, scale > 1, params.seed, (settings,))
@@ -291,9 +283,8 @@ class WanPipeline(DenoisingPipeline):
 
     def _noise(self, request: Request, seed: int) -> torch.Tensor:
         """diffusers' ``prepare_latents`` for one CPU generator: (1, z, F, h, w) fp32."""
-        generator = torch.Generator("cpu").manual_seed(seed)
         shape = (1, *self._latent_shape(request))
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+        return seeded_noise(shape, seed, torch.float32, self.device)
 
     @staticmethod
     def _pad_text(embeds: list[torch.Tensor]) -> torch.Tensor:
@@ -341,23 +332,22 @@ class WanPipeline(DenoisingPipeline):
             self.scheduler_config, flow_shift=settings.flow_shift
         )
         scheduler.set_timesteps(requests[0].steps, device=self.device)
+        inputs["experts"] = self._expert_indices(scheduler.timesteps)
         return Job(requests, seeds, latents, scheduler.timesteps, scheduler, inputs)
 
     # -- one step ----------------------------------------------------------------
-    def _expert_index(self, t: torch.Tensor) -> int:
+    def _expert_indices(self, timesteps: torch.Tensor) -> list[int]:
+        """The expert of every step (0 while ``t >= boundary``), read from the timesteps
+        once before the loop, so the loop never compares a device tensor on the host."""
         if len(self.experts) == 1:
-            return 0
+            return [0] * len(timesteps)
         boundary = self.boundary_ratio * self.scheduler_config.get("num_train_timesteps", 1000)
-        return 0 if t >= boundary else 1
+        return [0 if t >= boundary else 1 for t in timesteps.tolist()]
 
-    def step_guidance_scale(self, job: Job, t: torch.Tensor) -> float:
+    def step_guidance_scales(self, job: Job) -> list[float]:
         request = job.requests[0]
-        if self._expert_index(t) == 1:
-            return request.extra_key[0].guidance_scale_2
-        return request.true_cfg_scale
-
-    def guide(self, positive, negative, scale: float) -> torch.Tensor:
-        return apply_guidance(positive, negative, scale, rescale_to_positive_norm=False)
+        scales = (request.true_cfg_scale, request.extra_key[0].guidance_scale_2)
+        return [scales[e] for e in job.inputs["experts"]]
 
     def _with_image(self, job: Job, latents: torch.Tensor) -> torch.Tensor:
         """TI2V with an image: the image's latents in place of latent frame 0."""
@@ -368,7 +358,7 @@ class WanPipeline(DenoisingPipeline):
 
     @torch.no_grad()
     def predict(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
-        index = self._expert_index(t)
+        index = job.inputs["experts"][job.step]
         expert = self.placement.activate(index)
         self.runtime = self.runtimes[index]
         latents = job.latents

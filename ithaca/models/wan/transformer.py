@@ -29,12 +29,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel as _DiffusersWanTransformer
 
+from ithaca.models.spec import AttentionLayout
 from ithaca.parallel import (
-    ParallelState,
     SequenceParallelInput,
     SequenceParallelOutput,
     SequenceParallelRuntime,
-    apply_sequence_parallel,
 )
 
 WAN_SP_PLAN = {
@@ -118,15 +117,11 @@ class ParallelWanAttnProcessor:
         return attn.to_out[1](out)  # dropout
 
 
-def parallelize(
-    transformer: torch.nn.Module, state: ParallelState, per_token_timesteps: bool
-) -> SequenceParallelRuntime:
-    """Apply the plan for ``state`` and route every block's attention through it."""
-    state.config.validate_heads(transformer.config.num_attention_heads)
-    plan = WAN_SP_PLAN_PER_TOKEN_TIMESTEPS if per_token_timesteps else WAN_SP_PLAN
-    runtime = apply_sequence_parallel(transformer, plan, state)
-    processor = ParallelWanAttnProcessor(runtime)
-    for block in transformer.blocks:
-        block.attn1.set_processor(processor)
-        block.attn2.set_processor(processor)
-    return runtime
+def wan_attention(per_token_timesteps: bool) -> AttentionLayout:
+    """Self- and cross-attention of every block through the processor; TI2V-5B's
+    per-token timesteps are sharded with the tokens."""
+    return AttentionLayout(
+        processor=lambda runtime, state: ParallelWanAttnProcessor(runtime),
+        blocks={"blocks": ("attn1", "attn2")},
+        plan=WAN_SP_PLAN_PER_TOKEN_TIMESTEPS if per_token_timesteps else WAN_SP_PLAN,
+    )

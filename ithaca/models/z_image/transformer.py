@@ -33,12 +33,11 @@ import torch
 from diffusers import ZImageTransformer2DModel as _DiffusersZImageTransformer
 from diffusers.models.embeddings import apply_rotary_emb
 
+from ithaca.models.spec import AttentionLayout
 from ithaca.parallel import (
-    ParallelState,
     SequenceParallelInput,
     SequenceParallelOutput,
     SequenceParallelRuntime,
-    apply_sequence_parallel,
 )
 
 
@@ -126,18 +125,19 @@ class ZImageParallelAttnProcessor:
         return out
 
 
-def parallelize(transformer: torch.nn.Module, state: ParallelState) -> SequenceParallelRuntime:
-    """Apply the plan for ``state`` and route the image and unified blocks through it.
-
-    The caption refiner keeps diffusers' processor: it sees whole, replicated captions.
-    """
-    config = transformer.config
+def _plan(config) -> dict:
     patches = tuple(
         f"{p}-{f}" for p, f in zip(config.all_patch_size, config.all_f_patch_size, strict=True)
     )
-    plan = z_image_sp_plan(config.n_refiner_layers, patches)
-    runtime = apply_sequence_parallel(transformer, plan, state)
-    processor = ZImageParallelAttnProcessor(runtime, heads_multiple=state.ulysses.size)
-    for block in (*transformer.noise_refiner, *transformer.layers):
-        block.attention.set_processor(processor)
-    return runtime
+    return z_image_sp_plan(config.n_refiner_layers, patches)
+
+
+Z_IMAGE_ATTENTION = AttentionLayout(
+    processor=lambda runtime, state: ZImageParallelAttnProcessor(
+        runtime, heads_multiple=state.ulysses.size
+    ),
+    # The caption refiner keeps diffusers' processor: it sees whole, replicated captions.
+    blocks={"noise_refiner": ("attention",), "layers": ("attention",)},
+    plan=_plan,
+    check_heads=False,  # the processor pads heads to a multiple of the Ulysses degree
+)

@@ -83,3 +83,12 @@ class Pipeline(Protocol):
     def generate(
         self, batch: list[GenerationParams], callback: StepCallback | None = None
     ) -> list[GenerationResult]: ...
+
+
+class ParamError(ValueError):
+    """A request setting the model cannot take; ``param`` names the request field, so the
+    server can answer with an OpenAI error body (``{"error": {"param": ...}}``)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param

@@ -1,0 +1,275 @@
+"""The flow-matching pipeline every image family stands on, built from its :class:`FamilySpec`.
+
+:class:`FlowMatchPipeline` loads the transformer and parallelizes it as the spec says,
+loads the returning rank's components from the checkpoint's own ``model_index.json``,
+resolves requests by one rule per field, draws the seeded noise, batches the prompt
+embeddings, schedules (``calculate_shift`` + sigmas) and decodes. A family writes:
+
+- ``encode_prompt(text) -> tensor | dict of tensors`` (returning rank only);
+- ``forward(job, branch, t) -> prediction``: the transformer call with its arguments;
+
+and, only where its reference differs, ``forward_inputs`` (position ids ...),
+``request_size`` (edit models size the output from the input image) or the spec's
+guidance rule. The shared helpers below are also what Qwen-Image and Wan2.2 use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.flux.pipeline_flux import FluxPipeline as _Packing
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from PIL import Image
+
+from ithaca.models.base import DenoisingPipeline, Job, Request
+from ithaca.models.registry import model_index
+from ithaca.models.spec import FamilySpec, parallelize
+from ithaca.parallel import ParallelState
+from ithaca.parallel.cfg import NEGATIVE, POSITIVE
+from ithaca.types import GenerationParams, ParamError
+
+pack_latents = _Packing._pack_latents
+"""``(n, C, h, w)`` -> ``(n, h/2 * w/2, 4C)``: 2x2 patches as tokens (diffusers')."""
+unpack_latents = _Packing._unpack_latents
+
+
+def load_component(model: str, name: str, index: dict, device, dtype, cls=None):
+    """One checkpoint component by the class its ``model_index.json`` names: modules
+    frozen on ``device`` in ``dtype``; tokenizers and processors as they are."""
+    if cls is None:
+        library, class_name = index[name]
+        cls = getattr(importlib.import_module(library), class_name)
+    if not issubclass(cls, torch.nn.Module):
+        return cls.from_pretrained(model, subfolder=name)
+    kwarg = "torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"
+    module = cls.from_pretrained(model, subfolder=name, **{kwarg: dtype})
+    return module.to(device).eval().requires_grad_(False)
+
+
+def seeded_noise(shape, seed: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """What diffusers draws for ``torch.Generator("cpu").manual_seed(seed)``: the same
+    numbers on any device and layout."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
+
+
+def split_images(flat: list, requests: list[Request]) -> list[list]:
+    """A batch's decoded images, one list per request (``num_images`` each, in order)."""
+    out, start = [], 0
+    for r in requests:
+        out.append(flat[start : start + r.params.num_images])
+        start += r.params.num_images
+    return out
+
+
+def repeat_rows(values: list, requests: list[Request]) -> list:
+    """One entry per request -> one per image row of the batch."""
+    return [v for v, r in zip(values, requests, strict=True) for _ in range(r.params.num_images)]
+
+
+def flow_schedule(config: dict, steps: int, seq_len: int, device, sigmas: str = "linspace"):
+    """The reference's scheduler for ``steps``: dynamic shift ``mu`` from the image
+    sequence length (``calculate_shift``) and the family's sigmas (see
+    :attr:`FamilySpec.sigmas`). Returns the scheduler, timesteps set on ``device``."""
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    c = scheduler.config
+    kwargs: dict[str, Any] = {}
+    if c.use_dynamic_shifting:
+        kwargs["mu"] = calculate_shift(
+            seq_len, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift
+        )
+    if sigmas == "torch_linspace":
+        kwargs["sigmas"] = torch.linspace(1.0, 1 / steps, steps).tolist()
+    elif sigmas == "linspace" and not c.get("use_flow_sigmas", False):
+        kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
+    if "sigmas" not in kwargs:
+        kwargs["num_inference_steps"] = steps
+    scheduler.set_timesteps(device=device, **kwargs)
+    return scheduler
+
+
+class FlowMatchPipeline(DenoisingPipeline):
+    """The shared pipeline of a :class:`FamilySpec` (see the module docstring)."""
+
+    spec: FamilySpec
+
+    def __init__(self, model: str, state: ParallelState, dtype: torch.dtype):
+        super().__init__(state, dtype)
+        spec = self.spec
+        self.model = model
+        self.default_width, self.default_height = spec.defaults.width, spec.defaults.height
+        self.default_steps = spec.defaults.steps
+        self.default_true_cfg_scale = spec.defaults.cfg_scale
+        self.guidance_rule = spec.guidance
+        self.index = model_index(model)
+        self.transformer = self.load_transformer(spec.transformer, model)
+        self.runtime = parallelize(self.transformer, state, spec.attention)
+        self.scheduler_config = dict(
+            FlowMatchEulerDiscreteScheduler.load_config(model, subfolder="scheduler")
+        )
+        self.vae_scale_factor = self.vae_scale(model)
+        channels = self.transformer.config.in_channels
+        self.latent_channels = channels // 4 if spec.packed else channels
+        self.multiple = self.vae_scale_factor * 2
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.multiple)
+        for name in spec.components:
+            setattr(self, name, None)
+        if self.is_returning_rank:  # only the returning rank encodes and decodes
+            self.load_components(model)
+
+    def vae_scale(self, model: str) -> int:
+        """Pixels per latent (an ``AutoencoderKL``: 2 ** (stages - 1))."""
+        library, class_name = self.index["vae"]
+        cls = getattr(importlib.import_module(library), class_name)
+        return 2 ** (len(cls.load_config(model, subfolder="vae")["block_out_channels"]) - 1)
+
+    def load_components(self, model: str) -> None:
+        for name in self.spec.components:
+            setattr(self, name, load_component(model, name, self.index, self.device, self.dtype))
+
+    def cache_adapter(self):
+        if self.spec.cache_adapter is None:
+            return super().cache_adapter()
+        return self.spec.cache_adapter(self.model)
+
+    # -- requests ------------------------------------------------------------------
+    def cfg_scale(self, params: GenerationParams) -> float:
+        """The request's CFG scale, accepting diffusers' name for it where the spec says."""
+        scale = params.true_cfg_scale
+        if self.spec.cfg_aliases and params.guidance_scale is not None:
+            if scale is not None and float(scale) != float(params.guidance_scale):
+                raise ParamError(
+                    "guidance_scale",
+                    f"{self.spec.name} has one guidance scale: true_cfg_scale ({scale}) and "
+                    f"guidance_scale ({params.guidance_scale}) differ",
+                )
+            scale = params.guidance_scale
+        return self.default_true_cfg_scale if scale is None else float(scale)
+
+    def request_size(self, params: GenerationParams) -> tuple[int, int]:
+        """Output ``(width, height)`` (edit families: from the input image)."""
+        return self.rounded_size(params.width, params.height)
+
+    def extra_key(self, params: GenerationParams) -> tuple:
+        """Family settings two requests must share to run in one batch."""
+        return ()
+
+    def resolve(self, params: GenerationParams) -> Request:
+        steps = self.checked_steps(params)
+        fewest, most = self.spec.images
+        count = len(params.images)
+        if not fewest <= count <= most:
+            raise ParamError(
+                "image", f"{self.spec.name} {_images_wanted(fewest, most)}, got {count}"
+            )
+        if steps < 2 and self.scheduler_config.get("shift_terminal"):
+            # diffusers' terminal stretch divides by (1 - last sigma) = 0 for one step: NaN.
+            raise ParamError(
+                "num_inference_steps",
+                f"num_inference_steps ({steps}) must be at least 2 with this scheduler "
+                f"(shift_terminal={self.scheduler_config['shift_terminal']})",
+            )
+        scale = self.cfg_scale(params)
+        do_cfg = scale > self.spec.cfg_above
+        if self.spec.cfg_needs_negative:
+            do_cfg = do_cfg and params.negative_prompt is not None
+        w, h = self.request_size(params)
+        return Request(params, w, h, steps, scale, do_cfg, params.seed, self.extra_key(params))
+
+    # -- conditioning (returning rank only) ----------------------------------------
+    def encode_prompt(self, text: str):
+        raise NotImplementedError
+
+    def condition(self, request: Request) -> dict[str, Any]:
+        p = request.params
+        cond = {"positive": self.encode_prompt(p.prompt)}
+        if request.do_cfg:
+            cond["negative"] = self.encode_prompt(p.negative_prompt or "")
+        return cond
+
+    # -- the batch -----------------------------------------------------------------
+    def latent_hw(self, request: Request) -> tuple[int, int]:
+        """Latent height and width (before packing)."""
+        return 2 * (request.height // self.multiple), 2 * (request.width // self.multiple)
+
+    def initial_latents(self, requests: list[Request], seeds: list[int]) -> torch.Tensor:
+        """Each request's seeded noise, packed if the spec says so, concatenated."""
+        h, w = self.latent_hw(requests[0])
+        c = self.latent_channels
+        dtype = self.spec.noise_dtype or self.dtype
+        noise = []
+        for r, seed in zip(requests, seeds, strict=True):
+            n = r.params.num_images
+            x = seeded_noise((n, c, h, w), seed, dtype, self.device)
+            x = x.to(self.spec.latents_dtype or self.dtype)
+            noise.append(pack_latents(x, n, c, h, w) if self.spec.packed else x)
+        return torch.cat(noise)
+
+    def batch_text(self, embeds: list, requests: list[Request]):
+        """Per-request prompt encodings -> the batch's (one row per image): tensors
+        stacked, dicts of tensors stacked per key."""
+        rows = repeat_rows(embeds, requests)
+        if isinstance(rows[0], dict):
+            return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        return torch.stack(rows)
+
+    def seq_len(self, latents: torch.Tensor) -> int:
+        """Image tokens per row, for the dynamic shift."""
+        if self.spec.packed:
+            return latents.shape[1]
+        return latents.shape[-2] * latents.shape[-1] // 4  # 2x2 patches
+
+    def forward_inputs(self, requests: list[Request], conds: list[dict], latents) -> dict:
+        """Family inputs of the forward beyond the text (position ids, ...)."""
+        return {}
+
+    def prepare(self, requests: list[Request], conds: list[dict[str, Any]]) -> Job:
+        seeds = [c["seed"] for c in conds]
+        latents = self.initial_latents(requests, seeds)
+        text = {POSITIVE: self.batch_text([c["positive"] for c in conds], requests)}
+        if requests[0].do_cfg:
+            text[NEGATIVE] = self.batch_text([c["negative"] for c in conds], requests)
+        inputs = {"text": text, **self.forward_inputs(requests, conds, latents)}
+        scheduler = self.schedule(requests[0].steps, latents, inputs)
+        return Job(requests, seeds, latents, scheduler.timesteps, scheduler, inputs)
+
+    def schedule(self, steps: int, latents: torch.Tensor, inputs: dict):
+        """The batch's scheduler, timesteps set (see :func:`flow_schedule`)."""
+        return flow_schedule(
+            self.scheduler_config, steps, self.seq_len(latents), self.device, self.spec.sigmas
+        )
+
+    def forward(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
+        return self.forward(job, branch, t)
+
+    # -- decoding (returning rank only) --------------------------------------------
+    def vae_latents(self, job: Job, latents: torch.Tensor) -> torch.Tensor:
+        """Loop latents -> what the VAE decodes (unpacked, unscaled, shifted)."""
+        if self.spec.packed:
+            r = job.requests[0]
+            latents = unpack_latents(latents, r.height, r.width, self.vae_scale_factor)
+        config = self.vae.config
+        return latents.to(self.vae.dtype) / config.scaling_factor + config.shift_factor
+
+    @torch.no_grad()
+    def decode(self, job: Job, latents: torch.Tensor) -> list[list[Image.Image]]:
+        images = self.vae.decode(self.vae_latents(job, latents), return_dict=False)[0]
+        flat = self.image_processor.postprocess(images, output_type="pil")
+        return split_images(flat, job.requests)
+
+
+def _images_wanted(fewest: int, most: int) -> str:
+    if most == 0:
+        return "is text-to-image and takes no input images"
+    if fewest == most:
+        return f"needs exactly {'one' if most == 1 else most} input image{'s' * (most > 1)}"
+    return f"takes {fewest} to {most} input images"

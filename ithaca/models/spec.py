@@ -1,0 +1,135 @@
+"""What a model family declares: one :class:`FamilySpec` per diffusers ``_class_name``.
+
+In the spirit of torchtitan's ``TrainSpec``: the spec names the transformer (which
+carries its ``_sp_plan``), which block lists get the parallel attention processor,
+the step-cache adapter, the components the returning rank loads, how latents are
+laid out and scheduled, the guidance rule, the defaults, the tiny-checkpoint recipe and
+the diffusers reference. :class:`ithaca.models.flow.FlowMatchPipeline` builds loading,
+conditioning, ``prepare``, the loop and ``decode`` from it; a family class writes only
+prompt encoding and the transformer's forward arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ithaca.parallel import (
+    ParallelState,
+    SequenceParallelRuntime,
+    apply_guidance,
+    apply_sequence_parallel,
+)
+
+GuidanceRule = Callable[[torch.Tensor, torch.Tensor | None, float], torch.Tensor]
+
+
+def plain_cfg(positive: torch.Tensor, negative: torch.Tensor | None, scale: float):
+    """``neg + scale * (pos - neg)``: the common classifier-free guidance rule."""
+    return apply_guidance(positive, negative, scale)
+
+
+def rescaled_cfg(positive: torch.Tensor, negative: torch.Tensor | None, scale: float):
+    """Qwen-Image's rule: plain CFG rescaled to the positive prediction's norm per token."""
+    return apply_guidance(positive, negative, scale, rescale_to_positive_norm=True)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a request gets for a field it leaves unset."""
+
+    width: int = 1024
+    height: int = 1024
+    steps: int = 50
+    cfg_scale: float = 4.0
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """How a transformer runs under sequence parallelism.
+
+    ``processor(runtime)`` is installed on the attention modules named in ``blocks``
+    (``{"transformer_blocks": ("attn",)}``: every block of that list, those attributes;
+    a None attribute is skipped). A processor may define ``attach(block, name, blocks)``
+    to do more than ``set_processor`` (FLUX's single-stream blocks record their text
+    length).
+    ``plan`` is the ``_sp_plan``, or a function of the transformer's config.
+    """
+
+    processor: Callable[[SequenceParallelRuntime, ParallelState], Any]
+    blocks: Mapping[str, tuple[str, ...]]
+    plan: Mapping | Callable[[Any], Mapping] | None = None
+    check_heads: bool = True
+    """Whether the Ulysses degree must divide the head count (False: the processor pads
+    heads)."""
+
+
+def parallelize(
+    transformer: torch.nn.Module, state: ParallelState, layout: AttentionLayout
+) -> SequenceParallelRuntime:
+    """Apply ``layout``'s plan for ``state`` and route the declared blocks through it."""
+    if layout.check_heads:
+        state.config.validate_heads(transformer.config.num_attention_heads)
+    plan = layout.plan if layout.plan is not None else transformer._sp_plan
+    if callable(plan):
+        plan = plan(transformer.config)
+    runtime = apply_sequence_parallel(transformer, plan, state)
+    processor = layout.processor(runtime, state)
+    for blocks, names in layout.blocks.items():
+        for block in getattr(transformer, blocks):
+            for name in names:
+                if getattr(block, name, None) is None:
+                    continue
+                if hasattr(processor, "attach"):
+                    processor.attach(block, name, blocks)
+                else:
+                    getattr(block, name).set_processor(processor)
+    return runtime
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """One model family, declared. See ``docs/models.md`` "Adding a family"."""
+
+    name: str
+    """How error messages name the family ("FLUX.1")."""
+    transformer: type
+    """The diffusers transformer subclass that declares ``_sp_plan``."""
+    attention: AttentionLayout
+    components: tuple[str, ...]
+    """``model_index.json`` components the returning rank loads (encoders, tokenizers,
+    VAE); their classes come from the checkpoint's own index."""
+    cache_adapter: Callable[[str | None], Any] | None = None
+    """``cache_adapter(model_dir)`` -> ``BlockCacheAdapter``; None: no step caching."""
+    defaults: Defaults = field(default_factory=Defaults)
+    guidance: GuidanceRule = plain_cfg
+    cfg_above: float = 1.0
+    """CFG is on when the scale is above this ..."""
+    cfg_needs_negative: bool = False
+    """... and, if True, only when the request gives a negative prompt."""
+    cfg_aliases: bool = True
+    """``guidance_scale`` is accepted as another name of the CFG scale (diffusers' name
+    for it in SD3, Z-Image, LongCat, Ovis); False: the family reads it itself."""
+    images: tuple[int, int] = (0, 0)
+    """(fewest, most) input images a request may carry."""
+    packed: bool = True
+    """Latents are 2x2 patches packed into tokens ``(B, S, 4C)`` (FLUX-style); False:
+    ``(B, C, h, w)`` and the transformer patchifies."""
+    noise_dtype: torch.dtype | None = None
+    """dtype of the seeded noise draw (None: the model dtype)."""
+    latents_dtype: torch.dtype | None = None
+    """dtype the latents stay in through the loop (None: the noise's)."""
+    sigmas: str = "linspace"
+    """``"linspace"``: ``np.linspace(1, 1/steps, steps)``; ``"torch_linspace"``: the same
+    in float32; ``"scheduler"``: the scheduler's own timesteps."""
+    tiny: str | None = None
+    """``"module:function"`` building a tiny random checkpoint ``(path, seed=0, **tiny_args)``
+    for tests (a string: the runtime never imports test helpers)."""
+    tiny_args: Mapping[str, Any] = field(default_factory=dict)
+    reference: str | None = None
+    """The diffusers pipeline class that is this family's numerical oracle."""
+    reference_args: Mapping[str, str] = field(default_factory=dict)
+    """Request field -> reference keyword, where the names differ."""
