@@ -42,21 +42,19 @@ OPERATIONS = [
     "POST /v1/videos",
 ]
 CASES = 30
+FAST = {  # limits small enough that every valid request runs in milliseconds on the double
+    "max_output_pixels": 64 * 64,
+    "max_steps": 3,
+    "max_n": 2,
+    "max_frames": 5,
+    "max_queue_size": 64,
+    "batch_wait_ms": 0,
+}
 
 
 @pytest.fixture(scope="module")
 def operations(tmp_path_factory):
-    # Limits small enough that every valid request runs in milliseconds on the double.
-    client = fake_app(
-        str(tmp_path_factory.mktemp("fuzz")),
-        step_s=0.0,
-        max_output_pixels=64 * 64,
-        max_steps=3,
-        max_n=2,
-        max_frames=5,
-        max_queue_size=64,
-        batch_wait_ms=0,
-    )
+    client = fake_app(str(tmp_path_factory.mktemp("fuzz")), step_s=0.0, **FAST)
     try:
         schema = schemathesis.openapi.from_asgi("/openapi.json", _without_lifespan(client.app))
         yield {op.label: op for op in (r.ok() for r in schema.get_all_operations())}
