@@ -320,6 +320,7 @@ class WorkerGroupExecutor:
             batch.last_progress = time.monotonic()
             if kind == "step":
                 event = msg[2]
+                batch.stepped = True
                 batch.decoding = event.step >= event.total_steps
                 cancel = batch.on_step(event)
                 if cancel and not batch.cancel_sent:

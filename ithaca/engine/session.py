@@ -54,13 +54,18 @@ class RunningBatch:
         self.stats: dict = {}
         self.error: Exception | None = None
         self.cancel_sent = False
+        self.stepped = False
         self.decoding = False
         self.last_progress = time.monotonic()
 
     def limits(self, fallback_s: float) -> tuple[float, float]:
-        """(overdue, hung) seconds without progress for the phase the batch is in."""
+        """(overdue, hung) seconds without progress for the phase the batch is in.
+
+        Before its first step event a batch also encodes prompts and input images (not
+        in the cost model): that phase keeps the fixed ``fallback_s`` (a stopped rank is
+        still found at once from ``/proc``)."""
         d = self.deadlines
-        if d is None:
+        if d is None or not self.stepped:
             return fallback_s, fallback_s
         if self.decoding:
             return d.overdue_decode_s, d.decode_s

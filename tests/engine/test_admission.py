@@ -66,6 +66,10 @@ def test_overdue_step_turns_health_503_before_the_group_is_declared_hung():
     deadlines = model.deadlines(Cost(64, 64, 4))
     group._dead.clear()  # as if started: only the running batch's clock matters here
     group._batch = RunningBatch(0, lambda event: False, deadlines)
+    group._batch.last_progress -= 60  # before the first step (prompt encoding): fixed 300 s
+    assert not group.overdue() and group._batch.limits(300.0) == (300.0, 300.0)
+    group._batch.stepped = True
+    group._batch.last_progress += 60
     assert not group.overdue()
     group._batch.last_progress -= deadlines.overdue_step_s + 0.1
     assert group.overdue() and group.describe()["status"] == "step_overdue"
