@@ -37,7 +37,8 @@ def serve(tmp_path_factory):
 
         def start(*args: str, env: dict | None = None, api_key: str | None = None):
             state = str(tmp_path_factory.mktemp("serve"))
-            return stack.enter_context(serving(state, *args, env=env, api_key=api_key))
+            running = contextlib.contextmanager(serving)
+            return stack.enter_context(running(*args, state_dir=state, env=env, api_key=api_key))
 
         yield start
 
@@ -50,5 +51,4 @@ def fake_server(tmp_path_factory):
             "--batch-wait-ms", "20", "--max-steps", "1000")  # fmt: skip
     state = str(tmp_path_factory.mktemp("fake"))
     env = {"ITHACA_FAKE_STEP_S": "0.05"}
-    with serving(state, *args, env=env, api_key=API_KEY) as server:
-        yield server
+    yield from serving(*args, state_dir=state, env=env, api_key=API_KEY)

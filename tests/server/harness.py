@@ -80,10 +80,15 @@ class ServerProcess:
         return self.proc.returncode
 
 
-@contextlib.contextmanager
-def serving(state_dir: str, *args: str, env: dict | None = None, api_key: str | None = None,
-            timeout: float = 240.0):  # fmt: skip
-    """``ithaca serve ARGS`` running and healthy for the ``with`` block, then stopped."""
+def serving(
+    *args: str,
+    state_dir: str,
+    env: dict | None = None,
+    api_key: str | None = None,
+    timeout: float = 240.0,
+):
+    """A fixture's body: yield a healthy :class:`ServerProcess` of ``ithaca serve ARGS``
+    (with ``--api-key`` and the client's header when given), stop it after."""
     if api_key is not None:
         args = (*args, "--api-key", api_key)
     server = ServerProcess(*args, state_dir=state_dir, env=env)
