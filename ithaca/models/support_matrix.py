@@ -29,6 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ithaca.models import seed_support
+
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "models.md"
 RECORDS = ROOT / "docs" / "support-records.jsonl"
@@ -44,8 +46,10 @@ END = "<!-- support-matrix:end -->"
 
 FAMILY_ORDER = [
     "Qwen-Image",
+    "Qwen-Image-2512",
     "Qwen-Image-Edit",
     "Qwen-Image-Edit-2509",
+    "Qwen-Image-Edit-2511",
     "Qwen-Image-Layered",
     "shapes (default model)",
     "Wan2.2-T2V-A14B",
@@ -136,6 +140,7 @@ def render(cells: Cells) -> str:
                 row.append("-" if cell is None else f"{cell[0]:.1e} / {cell[1]}")
             lines.append(f"| {family} | " + " | ".join(row) + " |")
         lines.append("")
+    lines.append(seed_support.render(cells))  # the reference's table, checked or not
     return "\n".join(lines).rstrip("\n")
 
 

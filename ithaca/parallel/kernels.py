@@ -252,5 +252,10 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     w_b = torch.exp(lse_b - m)
     total = w_a + w_b
     denom = torch.where(total == 0, torch.ones_like(total), total)
-    out = (out_a * (w_a / denom)[..., None]) + (out_b.to(out_a.dtype) * (w_b / denom)[..., None])
+    # the weights in out_a's dtype, so a bf16 accumulator (convert_to_fp32=False) stays bf16
+    dtype = out_a.dtype
+    out = (
+        out_a * (w_a / denom).to(dtype)[..., None]
+        + out_b.to(dtype) * (w_b / denom).to(dtype)[..., None]
+    )
     return out, m + torch.log(total)
