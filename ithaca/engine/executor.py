@@ -191,7 +191,7 @@ class Executor(Protocol):
         """The running step is later than expected (``/health`` turns 503)."""
 
     # Executors that run step-level batches also have ``execute_stepwise(batch, on_step,
-    # admit, on_done)`` (see :func:`ithaca.models.stepping.generate_stepwise`).
+    # admit, on_done)`` (:func:`ithaca.models.stepping.generate_stepwise` on the pipeline).
 
     def is_alive(self) -> bool: ...
 
@@ -244,7 +244,11 @@ class InProcessExecutor:
     def execute_stepwise(self, batch, on_step: StepHandler, admit, on_done):
         """``execute`` with step-level batching: ``admit(accepts)`` hands over joiners at
         step boundaries, ``on_done(result)`` gets each request as soon as it finished."""
-        stepwise = self.pipeline.generate_stepwise
+        from ithaca.models.stepping import generate_stepwise  # lazy: models is optional
+
+        def stepwise(*args):
+            return generate_stepwise(self.pipeline, *args)
+
         return self._run(lambda: run_measured(stepwise, batch, on_step, admit, on_done))
 
     def _run(self, work):

@@ -252,14 +252,6 @@ class DenoisingPipeline:
     def is_returning_rank(self) -> bool:
         return self.state.replica.rank == 0
 
-    def generate_stepwise(self, batch, callback=None, admit=None, on_done=None):
-        """Step-level batching (every rank calls it): waiting requests join at step
-        boundaries, finished ones go to ``on_done`` at once; see
-        :func:`ithaca.models.stepping.generate_stepwise`."""
-        from ithaca.models.stepping import generate_stepwise  # it builds on this module
-
-        return generate_stepwise(self, batch, callback, admit, on_done)
-
     def generate(
         self, batch: list[GenerationParams], callback: StepCallback | None = None
     ) -> list[GenerationResult]:

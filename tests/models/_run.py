@@ -6,6 +6,7 @@ import numpy as np
 
 from ithaca.config import ParallelConfig
 from ithaca.models.registry import load_pipeline
+from ithaca.models.stepping import generate_stepwise
 from ithaca.testing.distributed import parallel_state
 from ithaca.types import GenerationParams
 
@@ -87,7 +88,8 @@ def stepwise_join(layout: dict, path: str, batch: list[dict], joiner: dict):
             boundaries.append(len(boundaries) + 1)
             return [GenerationParams(**joiner)] if len(boundaries) == 1 else []
 
-        results = pipe.generate_stepwise(
+        results = generate_stepwise(
+            pipe,
             [GenerationParams(**b) for b in batch],
             admit=admit if pipe.is_returning_rank else None,
         )

@@ -26,6 +26,7 @@ from ithaca.models.longcat_image.pipeline import LongCatImagePipeline
 from ithaca.models.ovis_image.pipeline import OvisImagePipeline
 from ithaca.models.registry import load_pipeline
 from ithaca.models.sd3.pipeline import StableDiffusion3Pipeline
+from ithaca.models.stepping import generate_stepwise
 from ithaca.models.z_image.pipeline import ZImagePipeline
 from ithaca.parallel import ParallelState
 from ithaca.types import GenerationParams
@@ -70,8 +71,7 @@ def run(pipe, batch, stepwise=False, admit=None):
 
     pipe.decode = record
     try:
-        go = pipe.generate_stepwise if stepwise else pipe.generate
-        results = go(batch, admit=admit) if stepwise else go(batch)
+        results = generate_stepwise(pipe, batch, admit=admit) if stepwise else pipe.generate(batch)
     finally:
         del pipe.decode
     out = {
