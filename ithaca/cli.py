@@ -173,14 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue-size", type=int, default=64)
     s.add_argument("--max-batch-size", type=int, default=4)
     s.add_argument("--batch-wait-ms", type=float, default=10.0)
-    s.add_argument(
-        "--batch-invariant", action="store_true",
-        help="every request gets exactly its solo bytes (no fused forwards; 2-3x slower)",
-    )  # fmt: skip
-    s.add_argument(
-        "--continuous-batching", action="store_true",
-        help="requests join a running batch at the next step (needs --executor inprocess)",
-    )  # fmt: skip
+    batching = {
+        "--batch-invariant": "exact solo bytes per request: no fused forwards (slower)",
+        "--continuous-batching": "join a running batch at the next step (inprocess)",
+    }
+    for flag, text in batching.items():
+        s.add_argument(flag, action="store_true", help=text)
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--omni", action="store_true", help="accepted and ignored (reference CLI)")
     s.add_argument("--on-worker-failure", choices=["restart", "exit"], default="restart")
