@@ -44,6 +44,7 @@ from diffusers.video_processor import VideoProcessor
 from PIL import Image
 
 from ithaca.cache import CacheGroup, build_cache
+from ithaca.config import CacheConfig
 from ithaca.models.base import DenoisingPipeline, Job, Request
 from ithaca.models.flow import load_component, seeded_noise
 from ithaca.models.spec import parallelize
@@ -145,12 +146,12 @@ class WanPipeline(DenoisingPipeline):
         if self.is_returning_rank:
             self._load_encoders(model)
 
-    def make_cache(self, backend: str, options: dict) -> CacheGroup:
+    def make_cache(self, config: CacheConfig) -> CacheGroup:
         """One cache per expert, each over its own blocks and its own plan's padding."""
         adapter = cache_adapter(self.model)
         return CacheGroup(
             [
-                build_cache(backend, options, expert, adapter, self.state, runtime)
+                build_cache(config, expert, adapter, self.state, runtime)
                 for expert, runtime in zip(self.experts, self.runtimes, strict=True)
             ]
         )
