@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from ithaca.config import CacheConfig, ParallelConfig, ServerConfig
+from ithaca.config import ATTENTION_BACKENDS, CacheConfig, ParallelConfig, ServerConfig
 
 
 def _parallel_args(p: argparse.ArgumentParser) -> None:
@@ -21,6 +21,14 @@ def _parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--usp", "--ulysses-degree", dest="ulysses_degree", type=int, default=1)
     g.add_argument("--ring", "--ring-degree", dest="ring_degree", type=int, default=1)
     g.add_argument("--cfg-parallel-size", type=int, default=1)
+    g.add_argument(
+        "--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
+        help="local attention kernel; auto: the fastest installed one the layout can use",
+    )  # fmt: skip
+    g.add_argument(
+        "--collective-timeout", dest="collective_timeout_s", type=float, default=60.0,
+        help="seconds before a stuck collective raises instead of hanging the group",
+    )  # fmt: skip
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     g.add_argument("--cache-backend", default=None, help="step cache, e.g. tea_cache")
     g.add_argument("--cache-config", default=None, help="JSON object of cache settings")
@@ -32,6 +40,8 @@ def _parallel(args, dp: int = 1) -> ParallelConfig:
         ring_degree=args.ring_degree,
         cfg_parallel_size=args.cfg_parallel_size,
         data_parallel_size=dp,
+        attention_backend=args.attention_backend,
+        collective_timeout_s=args.collective_timeout_s,
     )
 
 
