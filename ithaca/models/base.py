@@ -31,6 +31,7 @@ from PIL import Image
 
 from ithaca.cache import BlockCacheAdapter, StepCache, build_cache
 from ithaca.config import CacheConfig
+from ithaca.models.loading import load_component
 from ithaca.models.spec import plain_cfg
 from ithaca.parallel import ParallelState, comm, predict_branches
 from ithaca.types import (
@@ -169,8 +170,17 @@ class DenoisingPipeline:
 
     # -- shared loading ----------------------------------------------------------
     def load_transformer(self, cls, model: str, subfolder: str = "transformer"):
-        """The checkpoint's transformer on this rank's device, frozen for inference."""
-        transformer = cls.from_pretrained(model, subfolder=subfolder, torch_dtype=self.dtype)
+        """The checkpoint's transformer on this rank's device, frozen for inference:
+        read tensor by tensor straight to the device (:mod:`ithaca.models.loading`: no
+        whole host copy per rank); checkpoints that need diffusers' key conversion go
+        through ``from_pretrained``."""
+        try:
+            transformer = load_component(
+                cls, model, subfolder, device=self.device, dtype=self.dtype
+            )
+        except (ValueError, FileNotFoundError) as exc:
+            logger.info("%s: loading through from_pretrained (%s)", model, exc)
+            transformer = cls.from_pretrained(model, subfolder=subfolder, torch_dtype=self.dtype)
         return transformer.to(self.device).eval().requires_grad_(False)
 
     # -- shared request validation (families call these from ``resolve``) ------

@@ -46,7 +46,7 @@ from PIL import Image
 from ithaca.cache import CacheGroup, build_cache
 from ithaca.config import CacheConfig
 from ithaca.models.base import DenoisingPipeline, Job, Request
-from ithaca.models.flow import load_component, seeded_noise
+from ithaca.models.flow import load_part, seeded_noise
 from ithaca.models.spec import parallelize
 from ithaca.models.wan.cache import cache_adapter
 from ithaca.models.wan.experts import ExpertPlacement, module_bytes, should_offload
@@ -158,9 +158,9 @@ class WanPipeline(DenoisingPipeline):
 
     def _load_encoders(self, model: str) -> None:
         index = _read_json(model, "model_index.json")
-        self.vae = load_component(model, "vae", index, self.device, torch.float32)  # fp32 VAE
+        self.vae = load_part(model, "vae", index, self.device, torch.float32)  # fp32 VAE
         for name in ("text_encoder", "tokenizer"):
-            setattr(self, name, load_component(model, name, index, self.device, self.dtype))
+            setattr(self, name, load_part(model, name, index, self.device, self.dtype))
 
     # -- request validation ----------------------------------------------------
     @staticmethod
