@@ -81,6 +81,29 @@ class ParallelConfig:
                 f"({num_heads}); valid degrees: {valid}"
             )
 
+    @classmethod
+    def auto(
+        cls,
+        world_size: int,
+        model,
+        size: tuple[int, int] = (1024, 1024),
+        cfg: bool = False,
+        interconnect: str | None = None,
+    ) -> ParallelConfig:
+        """The Ulysses / Ring / CFG / replica degrees the cost model of ``docs/guide.md``
+        picks for ``world_size`` GPUs, ``model`` (checkpoint path, hub id or
+        :class:`~ithaca.parallel.auto.ModelGeometry`), a ``(width, height)`` request
+        ``size``, true CFG on or off, and ``"nvlink"`` / ``"pcie"`` (``None``: read from
+        ``nvidia-smi topo -m``, else assume PCIe). Logs the choice and why; see
+        :func:`ithaca.parallel.auto.plan` for the ranked candidates."""
+        import logging
+
+        from ithaca.parallel.auto import plan
+
+        chosen = plan(world_size, model, size, cfg, interconnect)
+        logging.getLogger(__name__).info("auto parallel layout: %s", chosen.reason)
+        return chosen.config
+
 
 # The reference system's name for the same object.
 DiffusionParallelConfig = ParallelConfig

@@ -45,6 +45,9 @@ class GenerationParams:
     cache_config: dict[str, Any] | None = None
     partial_images: int = 0
     """Number of intermediate previews to report through the step callback."""
+    model_options: dict[str, Any] = field(default_factory=dict)
+    """Family-specific sampling settings sent as extension fields (Bagel's
+    ``cfg_text_scale``, ``cfg_interval``, ...); the family validates them."""
     request_id: str = ""
 
 

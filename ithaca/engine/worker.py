@@ -169,14 +169,14 @@ class WorkerLoop:
                 self._send(("step", batch_id, event))
                 return self.front_gone or batch_id in self.cancelled
 
-        results, status = None, (True, "", "")
+        results, status = None, (True, "", "", False)
         try:
             results = self.pipeline.generate(batch, callback)
         except Exception as exc:
             log.error(
                 "rank %d: batch %d failed:\n%s", self.state.rank, batch_id, traceback.format_exc()
             )
-            status = (False, classify_failure(exc), describe_failure(exc))
+            status = (False, classify_failure(exc), describe_failure(exc), _in_collective(exc))
         # Here, not in the except block: its traceback still holds the request's tensors
         # and the groups its frames used.
         if not status[0]:
@@ -194,18 +194,29 @@ class WorkerLoop:
         self.cancelled.discard(batch_id)
         if not self.is_root:
             return
-        # The cause first: an out-of-memory rank, not the peers its exit released.
+        # The cause first: an out-of-memory rank, then a rank that failed outside a
+        # collective, not the peers its exit released.
         failed = sorted(
             ((r, s) for r, s in enumerate(statuses) if not s[0]),
-            key=lambda item: item[1][1] != "out_of_memory",
+            key=lambda item: (item[1][1] != "out_of_memory", item[1][3]),
         )
         if failed:
-            rank, (_, failure_kind, message) = failed[0]
+            rank, (_, failure_kind, message, _) = failed[0]
             if failure_kind != "invalid_request":  # the user's mistake needs no rank number
                 message = f"rank {rank}: {message}"
             self._send(("error", batch_id, failure_kind, message))
         else:
             self._send(("result", batch_id, results))
+
+
+def _in_collective(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside torch.distributed (a peer's failure seen here)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "torch/distributed" in tb.tb_frame.f_code.co_filename.replace(
+        "\\", "/"
+    )
 
 
 def main() -> int:

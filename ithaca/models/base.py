@@ -31,9 +31,9 @@ from PIL import Image
 
 from ithaca.cache import BlockCacheAdapter, StepCache, build_cache
 from ithaca.config import CacheConfig
-from ithaca.models.loading import load_component
+from ithaca.models.loading import load_streamed
 from ithaca.models.spec import plain_cfg
-from ithaca.parallel import ParallelState, comm, predict_branches
+from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_branches
 from ithaca.types import (
     GenerationParams,
     GenerationResult,
@@ -175,9 +175,7 @@ class DenoisingPipeline:
         whole host copy per rank); checkpoints that need diffusers' key conversion go
         through ``from_pretrained``."""
         try:
-            transformer = load_component(
-                cls, model, subfolder, device=self.device, dtype=self.dtype
-            )
+            transformer = load_streamed(cls, model, subfolder, device=self.device, dtype=self.dtype)
         except (ValueError, FileNotFoundError) as exc:
             logger.info("%s: loading through from_pretrained (%s)", model, exc)
             transformer = cls.from_pretrained(model, subfolder=subfolder, torch_dtype=self.dtype)
@@ -376,6 +374,13 @@ class DenoisingPipeline:
             stats = self._cache_stats(cache, requests[0].do_cfg)
             for m in per_request:
                 m["cache"] = stats
+        idle = idle_branch_warning(
+            self.state, requests[0].do_cfg
+        )  # once per request: log, metadata
+        for r, m in zip(requests, per_request, strict=True) if idle else ():
+            m["warnings"] = [idle]
+            if self.is_returning_rank:
+                logger.warning("request %s: %s", r.params.request_id, idle)
         meta: dict[str, Any] = {"per_request": per_request}
         if cancelled_at is not None:
             meta["cancelled"] = True

@@ -3,7 +3,7 @@
 ``cls.from_pretrained(path, torch_dtype=bf16).to("cuda:3")`` on every rank of a node
 holds, per rank and at the same time, the checkpoint shard being read plus the whole
 model in host RAM before the copy to the GPU: 8 ranks x 41 GB (Qwen-Image) or
-8 x 57 GB (Wan2.2 A14B) in flight. :func:`load_component` instead
+8 x 57 GB (Wan2.2 A14B) in flight. :func:`load_streamed` instead
 
 1. builds the module on the ``meta`` device (parameters take no memory; buffers, which
    checkpoints may not hold, are built for real: they are small);
@@ -58,7 +58,7 @@ def weight_files(directory: str) -> list[str]:
     raise FileNotFoundError(f"no {WEIGHTS} or {WEIGHTS_INDEX} in {directory}")
 
 
-def load_component(
+def load_streamed(
     cls,
     model: str,
     subfolder: str | None = None,
@@ -102,7 +102,9 @@ def load_component(
                     read += tensor.numel() * tensor.element_size()
                     target = _target_dtype(name, tensor.dtype, dtype, keep_fp32)
                     value = tensor.to(device=device, dtype=target)
-                    set_module_tensor_to_device(module, name, device, value=value, dtype=target)
+                    set_module_tensor_to_device(
+                        module, name, device, value=value, dtype=target, clear_cache=False
+                    )
                     del tensor
                     loaded.add(name)
     missing = [n for n, t in module.named_parameters() if n not in loaded or t.is_meta]
@@ -116,7 +118,9 @@ def load_component(
         if name not in loaded:
             target = _target_dtype(name, buf.dtype, dtype, keep_fp32)
             value = buf.to(device, target)
-            set_module_tensor_to_device(module, name, device, value=value, dtype=target)
+            set_module_tensor_to_device(
+                module, name, device, value=value, dtype=target, clear_cache=False
+            )
     return module.eval()
 
 

@@ -59,11 +59,13 @@ class ParallelAttention:
         if mask is None:
             return None
         key = id(mask)
+        # Inference tensors keep no version counter (they are treated as never changed).
+        version = -1 if mask.is_inference() else mask._version
         seen = self._trivial.get(key)
-        if seen is None or seen[0]() is not mask or seen[1] != mask._version:
+        if seen is None or seen[0]() is not mask or seen[1] != version:
             if len(self._trivial) > 64:
                 self._trivial = {k: e for k, e in self._trivial.items() if e[0]() is not None}
-            seen = (weakref.ref(mask), mask._version, bool(mask.all()))
+            seen = (weakref.ref(mask), version, bool(mask.all()))
             self._trivial[key] = seen
         return None if seen[2] else mask
 

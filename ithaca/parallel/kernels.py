@@ -45,13 +45,10 @@ def _import(module: str, attr: str):
         return None
 
 
-def flash_attn_version() -> int | None:
-    """3 (flash-attn 3, ``flash_attn_interface``), 2 (``flash_attn``) or None."""
-    if _import("flash_attn_interface", "flash_attn_func") is not None:
-        return 3
-    if _import("flash_attn", "flash_attn_func") is not None:
-        return 2
-    return None
+def flash_attn_versions() -> tuple[int, ...]:
+    """Installed flash-attn major versions: 2 (``flash_attn``), 3 (``flash_attn_interface``)."""
+    found = [(2, "flash_attn"), (3, "flash_attn_interface")]
+    return tuple(v for v, module in found if _import(module, "flash_attn_func") is not None)
 
 
 def sage_available() -> bool:
@@ -60,6 +57,24 @@ def sage_available() -> bool:
 
 def cuda_capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
+
+
+def _flash_for(cap: tuple[int, int]) -> tuple[int | None, str | None]:
+    """(flash-attn major version usable on a GPU of capability ``cap``, or None; why not).
+
+    flash-attn 3 runs on Hopper (9.x) only, flash-attn 2 on Ampere or newer (>= 8.0);
+    with both installed, an Ampere GPU uses 2.
+    """
+    installed = flash_attn_versions()
+    fa2, fa3 = 2 in installed, 3 in installed
+    if fa3 and cap[0] == 9:
+        return 3, None
+    if fa2 and cap >= (8, 0):
+        return 2, None
+    if not (fa2 or fa3):
+        return None, "flash-attn is not installed"
+    need = "9.x" if fa3 and not fa2 else ">= 8.0"
+    return None, f"flash-attn needs compute capability {need}, this GPU is {cap[0]}.{cap[1]}"
 
 
 _warned: set[tuple[str, str]] = set()
@@ -83,18 +98,11 @@ def select_kernel(
         return "reference"
     cap = cuda_capability(device)
     half = dtype in HALF
-    fa = flash_attn_version()
-    flash_ok = None
+    fa, flash_ok = _flash_for(cap)
     if masked:
         flash_ok = "a key mask"
     elif not half:
         flash_ok = f"dtype {dtype}"
-    elif fa is None:
-        flash_ok = "flash-attn is not installed"
-    elif fa == 3 and cap[0] != 9:
-        flash_ok = f"flash-attn 3 needs compute capability 9.x, this GPU is {cap[0]}.{cap[1]}"
-    elif cap < (8, 0):
-        flash_ok = f"flash-attn needs compute capability >= 8.0, this GPU is {cap[0]}.{cap[1]}"
 
     if flash_ok is None:
         auto = f"flash{fa}"
@@ -244,5 +252,10 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     w_b = torch.exp(lse_b - m)
     total = w_a + w_b
     denom = torch.where(total == 0, torch.ones_like(total), total)
-    out = (out_a * (w_a / denom)[..., None]) + (out_b.to(out_a.dtype) * (w_b / denom)[..., None])
+    # the weights in out_a's dtype, so a bf16 accumulator (convert_to_fp32=False) stays bf16
+    dtype = out_a.dtype
+    out = (
+        out_a * (w_a / denom).to(dtype)[..., None]
+        + out_b.to(dtype) * (w_b / denom).to(dtype)[..., None]
+    )
     return out, m + torch.log(total)

@@ -335,7 +335,9 @@ class SequenceParallelConfig:
     """The reference API's sequence-parallel view over a :class:`ParallelState`.
 
     ``setup`` attaches it to a state (given, or built from the torchrun environment
-    with ``ulysses_degree * ring_degree`` sequence-parallel ranks per replica).
+    with ``ulysses_degree * ring_degree`` sequence-parallel ranks per replica) and makes
+    that state ambient for ``ithaca.parallel.sharding``'s state-less helpers; ``apply``
+    installs a model's ``_sp_plan`` with this config's ``convert_to_fp32``.
     """
 
     ulysses_degree: int = 1
@@ -378,6 +380,19 @@ class SequenceParallelConfig:
                 f"for ulysses={self.ulysses_degree} ring={self.ring_degree}"
             )
         self._state = state
+        from ithaca.parallel.sharding import set_setup_state
+
+        set_setup_state(state)
+
+    def apply(self, model, plan=None, strict: bool = True):
+        """``apply_sequence_parallel`` over this config's state; ring partial outputs and
+        log-sum-exp merge in float32 only when ``convert_to_fp32``."""
+        from ithaca.parallel.attention import ParallelAttention
+        from ithaca.parallel.hooks import apply_sequence_parallel
+
+        runtime = apply_sequence_parallel(model, plan, self.state, strict)
+        runtime.attention = ParallelAttention(self.state, runtime, self.convert_to_fp32)
+        return runtime
 
     def is_initialized(self) -> bool:
         return self._state is not None

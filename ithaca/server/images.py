@@ -138,6 +138,8 @@ async def _serve(request, state: ServerState, body: ImageRequest, params: Genera
     body_out = {"created": int(time.time()), "data": data, **meta, "size": size, "usage": USAGE}
     if "cache" in result.metadata:  # extension: what the step cache skipped for this request
         body_out["cache"] = result.metadata["cache"]
+    if result.metadata.get("warnings"):  # extension: e.g. idle CFG-parallel ranks
+        body_out["warnings"] = result.metadata["warnings"]
     return JSONResponse(body_out, headers=timing_headers(req, result))
 
 

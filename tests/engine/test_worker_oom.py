@@ -24,15 +24,19 @@ from tests.engine.doubles import FakePipeline
 from tests.server.harness import FAKE, REPO
 
 OOM_PROMPT = "too large"
+BUG_PROMPT = "a bug"
 
 
 class OomOnRank1(FakePipeline):
     """The fake pipeline; on ``OOM_PROMPT`` rank 1 runs out of memory after one step."""
 
     def generate(self, batch, callback=None):
-        if self.state.rank == 1 and any(p.prompt == OOM_PROMPT for p in batch):
+        prompt = batch[0].prompt
+        if self.state.rank == 1 and prompt in (OOM_PROMPT, BUG_PROMPT):
             lat = self._latents(batch[0], 0, batch[0].height, batch[0].width)
-            all_reduce(lat, self.state.replica)  # step 1 with its peer, then out of memory
+            all_reduce(lat, self.state.replica)  # step 1 with its peer, then the failure
+            if prompt == BUG_PROMPT:
+                raise RuntimeError("index 7 is out of bounds (injected by the test)")
             raise torch.OutOfMemoryError(
                 "CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test)"
             )
@@ -69,6 +73,9 @@ def test_an_oom_on_one_rank_fails_the_request_and_the_group_serves_the_next():
         assert "lower the resolution" in message
         # Rank 0 was released by rank 1 closing its groups, not by a timeout.
         assert took < 20.0, took
+        # Any other error: the failing rank is named, not the peer its exit released.
+        with pytest.raises(GenerationFailedError, match=r"^rank 1: RuntimeError: index 7"):
+            engine.generate(P(BUG_PROMPT), timeout=60)
         # Same processes, fresh groups: the next request is served, and right.
         out = engine.generate(P(seed=7), timeout=60)
         assert group.pids() == pids and engine.alive

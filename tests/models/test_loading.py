@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ithaca.models.loading import load_component
+from ithaca.models.loading import load_streamed
 
 CONFIG = dict(
     patch_size=1,
     in_channels=64,
     num_layers=1,
-    num_single_layers=2,
+    num_single_layers=1,
     attention_head_dim=128,
     num_attention_heads=8,
     joint_attention_dim=1024,
@@ -30,7 +30,7 @@ CONFIG = dict(
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A ~300 MB fp32 FLUX-shaped transformer, one safetensors file, built on the fly."""
+    """A ~230 MB fp32 FLUX-shaped transformer, one safetensors file, built on the fly."""
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
 
@@ -38,7 +38,10 @@ def checkpoint(tmp_path_factory):
     with init_empty_weights():
         model = FluxTransformer2DModel(**CONFIG)
     g = torch.Generator().manual_seed(0)
-    state = {n: torch.rand(p.shape, generator=g) - 0.5 for n, p in model.state_dict().items()}
+    state = {
+        n: torch.empty(p.shape).uniform_(-0.5, 0.5, generator=g)
+        for n, p in model.state_dict().items()
+    }
     save_file(state, str(path / "diffusion_pytorch_model.safetensors"))
     model.save_config(str(path))
     del state
@@ -48,11 +51,11 @@ def checkpoint(tmp_path_factory):
 def test_weights_arrive_cast_and_complete(checkpoint):
     from diffusers import FluxTransformer2DModel
 
-    model = load_component(FluxTransformer2DModel, str(checkpoint), dtype=torch.bfloat16)
+    model = load_streamed(FluxTransformer2DModel, str(checkpoint), dtype=torch.bfloat16)
     stored = load_file(str(checkpoint / "diffusion_pytorch_model.safetensors"))
     params = dict(model.named_parameters())
     assert set(params) == set(stored)
-    for name in ("x_embedder.weight", "single_transformer_blocks.1.proj_out.weight"):
+    for name in ("x_embedder.weight", "single_transformer_blocks.0.proj_out.weight"):
         assert params[name].dtype == torch.bfloat16
         assert torch.equal(params[name], stored[name].to(torch.bfloat16))
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
@@ -68,16 +71,16 @@ def test_missing_and_unexpected_keys_raise(checkpoint, tmp_path):
     partial = {k: v for k, v in stored.items() if k != "proj_out.weight"}
     save_file(partial, weights)
     with pytest.raises(ValueError, match=r"no weights for 1 parameter.*proj_out\.weight"):
-        load_component(FluxTransformer2DModel, str(tmp_path))
+        load_streamed(FluxTransformer2DModel, str(tmp_path))
     save_file({**stored, "legacy.name": torch.zeros(2)}, weights)
     with pytest.raises(ValueError, match=r"'legacy.name' is not a parameter"):
-        load_component(FluxTransformer2DModel, str(tmp_path))
+        load_streamed(FluxTransformer2DModel, str(tmp_path))
 
 
 MEASURE = r"""
 import json, sys, torch
 from diffusers import FluxTransformer2DModel
-from ithaca.models.loading import load_component
+from ithaca.models.loading import load_streamed
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -86,7 +89,7 @@ def status(key):
 
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
 base = status("VmRSS:")
-model = load_component(FluxTransformer2DModel, sys.argv[1], dtype=torch.bfloat16,
+model = load_streamed(FluxTransformer2DModel, sys.argv[1], dtype=torch.bfloat16,
                        window_bytes=int(sys.argv[2]))
 kept = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 print(json.dumps({"peak": status("VmHWM:") - base, "kept": kept}))
@@ -118,7 +121,7 @@ def test_loading_straight_to_the_gpu(checkpoint):
     from diffusers import FluxTransformer2DModel
 
     torch.cuda.reset_peak_memory_stats()
-    model = load_component(
+    model = load_streamed(
         FluxTransformer2DModel, str(checkpoint), device="cuda", dtype=torch.bfloat16
     )
     kept = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
@@ -133,7 +136,7 @@ def test_tiny_qwen_image_transformer_equals_from_pretrained(tmp_path):
     from ithaca.testing.tiny import build_tiny_qwen_image
 
     path = str(build_tiny_qwen_image(tmp_path / "q", "t2i"))
-    ours = load_component(QwenImageTransformer2DModel, path, "transformer", dtype=torch.bfloat16)
+    ours = load_streamed(QwenImageTransformer2DModel, path, "transformer", dtype=torch.bfloat16)
     ref = QwenImageTransformer2DModel.from_pretrained(
         path, subfolder="transformer", torch_dtype=torch.bfloat16
     )

@@ -24,11 +24,12 @@ CUDA = torch.device("cuda", 0)
 # -- kernel choice ------------------------------------------------------------------
 @pytest.fixture
 def gpu(monkeypatch):
-    """Patch the probes: ``gpu(capability, flash=None|2|3, sage=False)``."""
+    """Patch the probes: ``gpu(capability, flash=None|2|3|(2, 3), sage=False)``."""
 
     def set_(capability=(9, 0), flash=None, sage=False):
+        versions = () if flash is None else (flash,) if isinstance(flash, int) else flash
         monkeypatch.setattr(kernels, "cuda_capability", lambda device: capability)
-        monkeypatch.setattr(kernels, "flash_attn_version", lambda: flash)
+        monkeypatch.setattr(kernels, "flash_attn_versions", lambda: versions)
         monkeypatch.setattr(kernels, "sage_available", lambda: sage)
 
     return set_
@@ -58,6 +59,10 @@ def test_auto_prefers_installed_flash_attn_matching_the_architecture(gpu):
     assert pick() == "flash2" and pick(masked=True) == "sdpa"
     gpu((7, 5), flash=2)  # pre-Ampere: falls back, never raises
     assert pick() == "sdpa"
+    gpu((8, 0), flash=(2, 3))  # both installed: Ampere takes 2, Hopper 3
+    assert pick(need_lse=True) == "flash2"
+    gpu((9, 0), flash=(2, 3))
+    assert pick(need_lse=True) == "flash3"
 
 
 def test_explicit_backends_fall_back_with_a_warning_instead_of_raising(gpu, caplog):
@@ -295,3 +300,69 @@ def test_gpu_check_skips_cleanly_without_a_gpu():
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0 and "no CUDA device" in out.stdout
+
+
+def test_the_text_mask_decision_is_taken_once_per_mask_tensor():
+    from ithaca.parallel.attention import ParallelAttention
+
+    attn = ParallelAttention(ParallelState.single())
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with _count_host_syncs() as syncs:
+        assert attn._drop_if_trivial(mask) is None
+        assert attn._drop_if_trivial(mask) is None
+    assert syncs["n"] == 1
+    mask[0, 4] = False  # changed in place: decided again
+    assert attn._drop_if_trivial(mask) is mask
+    with torch.inference_mode():  # inference tensors have no version counter
+        frozen = torch.ones(2, 5, dtype=torch.bool)
+        assert attn._drop_if_trivial(frozen) is None
+
+
+def _one_rank_skips_a_collective(timeout_s: float):
+    import time
+
+    with parallel_state(ParallelConfig(ulysses_degree=2, collective_timeout_s=timeout_s)) as st:
+        if st.rank == 1:
+            time.sleep(3 * timeout_s)  # alive, group open, but never joins (a hung rank)
+            return None
+        start = time.monotonic()
+        try:
+            comm.all_reduce(torch.ones(4), st.replica)
+        except RuntimeError as exc:
+            return time.monotonic() - start, str(exc)[:200]
+        return time.monotonic() - start, "returned"
+
+
+def test_a_collective_whose_peer_never_comes_raises_after_the_timeout(worker_pool):
+    waited, error = worker_pool(2).run(_one_rank_skips_a_collective, 2.0)[0]
+    assert error != "returned"
+    assert 1.5 <= waited <= 5.5, (waited, error)  # the timeout, not a closed peer
+
+
+@pytest.mark.parametrize("command", ["serve", "worker-node", "generate"])
+def test_cli_flags_reach_the_workers(command):
+    from ithaca.cli import _parallel, build_parser
+    from ithaca.engine.executor import PipelineSpec
+    from ithaca.engine.worker import spec_from_json, spec_to_json
+
+    extra = {
+        "serve": [],
+        "generate": ["--prompt", "x"],
+        "worker-node": [
+            "--nnodes",
+            "2",
+            "--node-rank",
+            "1",
+            "--master-addr",
+            "h",
+            "--master-port",
+            "1",
+        ],
+    }[command]
+    args = build_parser().parse_args(
+        [command, *extra, "--usp", "2", "--attention-backend", "flash", "--collective-timeout", "9"]
+    )
+    parallel = _parallel(args)
+    assert (parallel.attention_backend, parallel.collective_timeout_s) == ("flash", 9.0)
+    spec, _ = spec_from_json(spec_to_json(PipelineSpec(parallel=parallel), 1.0))
+    assert spec.parallel == parallel
