@@ -28,11 +28,13 @@ FORBIDDEN = {
 KNOWN = {
     ("ithaca.config", "ithaca.parallel.auto"),
     ("ithaca.parallel.state", "ithaca.parallel.attention"),
+    ("ithaca.parallel.state", "ithaca.parallel.hooks"),
+    ("ithaca.parallel.state", "ithaca.parallel.sharding"),
 }
 """Lazy arrows the graph tolerates for now, each a follow-up (landed with other
 issues): ``ParallelConfig.auto()`` imports the planner (config -> parallel -> config;
 the call belongs in the CLI / API); ``ParallelState`` imports ``ParallelAttention``
-(state -> attention -> comm -> state)."""
+(state -> attention / hooks / sharding -> comm -> state), lazily in one method."""
 
 
 def _module_name(path: Path) -> str:
