@@ -8,6 +8,7 @@ ithaca worker-node MODEL --usp 4 --nnodes 2 --node-rank 1 --master-addr HOST --m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -75,7 +76,7 @@ def _auto_size(args) -> tuple[int, int]:
 
 
 def _auto_parallel(args, dp: int) -> ParallelConfig:
-    from ithaca.parallel.auto import plan
+    from ithaca.autolayout import plan
 
     if args.ring_degree != 1 or args.cfg_parallel_size != 1 or dp != 1:
         raise ValueError(
@@ -93,6 +94,9 @@ def _auto_parallel(args, dp: int) -> ParallelConfig:
         getattr(args, "negative_prompt", None) is not None
         and (getattr(args, "true_cfg_scale", None) or 0) > 1
     )
+    if getattr(args, "model", None) is None:  # serve: the first of its models
+        given = [*getattr(args, "models", []), *getattr(args, "more_models", [])]
+        args.model = (given[0].rpartition("@")[0] or given[0]) if given else None
     if args.model is None:
         from ithaca.engine.executor import default_model_path
 
@@ -100,8 +104,8 @@ def _auto_parallel(args, dp: int) -> ParallelConfig:
     interconnect = None if args.interconnect == "auto" else args.interconnect
     chosen = plan(world, args.model, _auto_size(args), cfg, interconnect)
     print(f"ithaca: --usp auto: {chosen.reason}", file=sys.stderr)
-    return dataclasses.replace(
-        chosen.config,
+    return ParallelConfig(
+        **chosen.degrees,
         attention_backend=args.attention_backend,
         collective_timeout_s=args.collective_timeout_s,
     )
@@ -153,7 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the OpenAI-compatible server")
-    s.add_argument("model", nargs="?", default=None, help="checkpoint (default: embedded model)")
+    s.add_argument(
+        "models", nargs="*", metavar="MODEL",
+        help="checkpoint(s), each optionally MODEL@usp=2,ring=1,cfg=1,dp=1,name=NAME (its own "
+        "layout; default: the flags below); none: the default image and video models",
+    )  # fmt: skip
+    s.add_argument("--model", action="append", default=[], dest="more_models",
+                   metavar="MODEL", help="another model (repeatable), same syntax")  # fmt: skip
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8091)
     s.add_argument("--data-parallel-size", type=int, default=1)
@@ -171,6 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--liveness-timeout", type=float, default=10.0)
     s.add_argument("--step-timeout", type=float, default=300.0)
     s.add_argument("--output-ttl", type=float, default=3600.0)
+    s.add_argument("--video-ttl", type=float, default=7 * 24 * 3600.0)
+    s.add_argument("--max-body-bytes", type=int, default=64 * 2**20)
+    s.add_argument("--max-input-pixels", type=int, default=4096 * 4096)
+    s.add_argument("--max-output-pixels", type=int, default=2048 * 2048)
+    s.add_argument("--max-steps", type=int, default=200)
+    s.add_argument("--max-n", type=int, default=10)
+    s.add_argument("--max-frames", type=int, default=241)
+    s.add_argument("--max-request-seconds", type=float, default=1800.0)
+    s.add_argument("--max-request-memory-gb", type=float, default=None)
+    s.add_argument("--step-timeout-factor", type=float, default=10.0)
     # Multi-node: defaults come from a LeaderWorkerSet's variables when present, so every
     # pod of a group can run the same command line; node rank > 0 runs only its ranks.
     s.add_argument("--nnodes", type=int, default=int(os.environ.get("LWS_GROUP_SIZE", "1")))
@@ -199,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale-2", type=float, default=None)
     g.add_argument("--flow-shift", type=float, default=None)
     g.add_argument("--output", default="out.png", help="out.png / .jpg / .webp / .mp4")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
     _parallel_args(g)
 
     c = sub.add_parser(
@@ -233,10 +254,12 @@ def cmd_serve(args) -> int:
     if args.node_rank > 0:  # a worker node: its torchrun ranks only, no HTTP front
         if args.master_port is None:
             raise ValueError("--master-port is required on a node with --node-rank > 0")
+        args.model = _model_entries(args)[0].model
         return cmd_worker_node(args)
 
+    models = _model_entries(args)
     config = ServerConfig(
-        model=args.model,
+        model=models[0].model,
         served_model_name=args.served_model_name,
         host=args.host,
         port=args.port,
@@ -252,12 +275,67 @@ def cmd_serve(args) -> int:
         step_timeout_s=args.step_timeout,
         drain_timeout_s=args.drain_timeout,
         output_ttl_s=args.output_ttl,
+        video_ttl_s=args.video_ttl,
+        max_body_bytes=args.max_body_bytes,
+        max_input_pixels=args.max_input_pixels,
+        max_output_pixels=args.max_output_pixels,
+        max_steps=args.max_steps,
+        max_n=args.max_n,
+        max_frames=args.max_frames,
+        max_request_seconds=args.max_request_seconds,
+        max_request_memory_gb=args.max_request_memory_gb,
+        step_timeout_factor=args.step_timeout_factor,
         state_dir=args.state_dir,
         nnodes=args.nnodes,
         master_addr=args.master_addr,
         master_port=args.master_port,
     )
-    return serve(config, _parallel(args, args.data_parallel_size), _cache(args))
+    return serve(config, models[0].parallel, _cache(args), models)
+
+
+_LAYOUT_KEYS = {
+    "usp": "ulysses_degree",
+    "ring": "ring_degree",
+    "cfg": "cfg_parallel_size",
+    "dp": "data_parallel_size",
+}
+
+
+def parse_model(text: str, default: ParallelConfig):
+    """``MODEL[@key=value,...]`` -> ``ModelEntry``; keys: usp, ring, cfg, dp, name."""
+
+    from ithaca.server.serve import ModelEntry
+
+    model, sep, options = text.rpartition("@")
+    if not sep or "=" not in options:
+        return ModelEntry(text, None, default)
+    layout, name = {}, None
+    for item in options.split(","):
+        key, eq, value = item.partition("=")
+        if key == "name" and eq and value:
+            name = value
+        elif key in _LAYOUT_KEYS and value.isdigit():
+            layout[_LAYOUT_KEYS[key]] = int(value)
+        else:
+            raise ValueError(
+                f"--model {text}: '{item}' must be name=NAME or one of "
+                f"{', '.join(k + '=N' for k in _LAYOUT_KEYS)}"
+            )
+    return ModelEntry(model, name, dataclasses.replace(default, **layout))
+
+
+def _model_entries(args) -> list:
+    from ithaca.server.serve import ModelEntry, default_entries
+
+    given = [*args.models, *args.more_models]
+    # --usp auto plans for the first model (``_auto_parallel`` reads ``args.model``).
+    args.model = parse_model(given[0], ParallelConfig()).model if given else None
+    default = _parallel(args, args.data_parallel_size)
+    if not given:
+        return default_entries(default)
+    if len(given) == 1 and "@" not in given[0]:
+        return [ModelEntry(given[0], args.served_model_name, default)]
+    return [parse_model(text, default) for text in given]
 
 
 def cmd_generate(args) -> int:
@@ -275,14 +353,31 @@ def cmd_generate(args) -> int:
             "true_cfg_scale", "seed", "num_frames", "fps", "guidance_scale_2", "flow_shift",
         )
     }  # fmt: skip
-    with Ithaca(args.model, parallel=_parallel(args), cache=_cache(args), dtype=args.dtype) as gen:
+    model = args.model
+    if model is None and fmt == "mp4":  # the default video model, when the package has it
+        from ithaca.engine.catalog import default_models
+
+        model = default_models()[-1]
+    show = not args.quiet and sys.stderr.isatty()
+    gen = Ithaca(model, parallel=_parallel(args), cache=_cache(args), dtype=args.dtype)
+    with gen, _progress(show, "steps") as bar:
         result = gen.generate(
-            {"prompt": args.prompt, "images": args.image}, num_images=args.num_images, **sampling
+            {"prompt": args.prompt, "images": args.image},
+            num_images=args.num_images,
+            on_progress=lambda step, total, _: bar(step, total),
+            **sampling,
         )
+    for warning in _unknown_words(model, args.prompt):
+        print(f"ithaca: warning: {warning}", file=sys.stderr)
     if fmt == "mp4":
         if result.frames is None:
             raise ValueError("the model returned images, not video; use a .png output")
-        data = encode_mp4(result.frames, result.fps or args.fps or 16)
+        with _progress(show, "frames") as bar:
+            n = len(result.frames)
+            done = iter(range(1, n + 1))
+            data = encode_mp4(
+                result.frames, result.fps or args.fps or 16, lambda: bar(next(done), n)
+            )
         outputs = [args.output]
         blobs = [data]
     else:
@@ -296,6 +391,34 @@ def cmd_generate(args) -> int:
             f.write(blob)
         print(path)
     return 0
+
+
+@contextlib.contextmanager
+def _progress(show: bool, unit: str):
+    """A tqdm bar on stderr driven by ``update(done, total)`` calls (any thread)."""
+    if not show:
+        yield lambda done, total: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(unit=unit, file=sys.stderr) as bar:
+
+        def update(done: int, total: int) -> None:
+            if bar.total != total:
+                bar.reset(total)
+            bar.update(done - bar.n)
+
+        yield update
+
+
+def _unknown_words(model: str | None, prompt: str) -> list[str]:
+    from ithaca.engine.catalog import model_info
+    from ithaca.engine.executor import default_model_path
+
+    unknown = model_info(model or default_model_path()).unknown_words(prompt)
+    if not unknown:
+        return []
+    return [f"unknown words for this model: {', '.join(unknown)} (ignored by the model)"]
 
 
 def cmd_calibrate_teacache(args) -> int:
