@@ -26,18 +26,6 @@ FORBIDDEN = {
 }
 
 
-KNOWN = {
-    ("ithaca.config", "ithaca.parallel.auto"),
-    ("ithaca.parallel.state", "ithaca.parallel.attention"),
-    ("ithaca.parallel.state", "ithaca.parallel.hooks"),
-    ("ithaca.parallel.state", "ithaca.parallel.sharding"),
-}
-"""Lazy arrows the graph tolerates for now, each a follow-up (landed with other
-issues): ``ParallelConfig.auto()`` imports the planner (config -> parallel -> config;
-the call belongs in the CLI / API); ``ParallelState`` imports ``ParallelAttention``
-(state -> attention / hooks / sharding -> comm -> state), lazily in one method."""
-
-
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
@@ -72,10 +60,7 @@ def _imports(path: Path, name: str, known: set[str]) -> set[str]:
 def _graph() -> dict[str, set[str]]:
     modules = _modules()
     known = set(modules)
-    graph = {name: _imports(path, name, known) for name, path in modules.items()}
-    for src, dst in KNOWN:
-        graph[src].discard(dst)
-    return graph
+    return {name: _imports(path, name, known) for name, path in modules.items()}
 
 
 def _layer(module: str) -> str:
