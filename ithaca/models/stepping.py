@@ -53,7 +53,7 @@ def join_key(pipe: DenoisingPipeline, request: Request) -> tuple:
         request.do_cfg,
         request.extra_key,
         cache,
-        id(request) if alone or cache[0] is not None else None,
+        id(request) if alone or cache.backend is not None else None,
     )
 
 
