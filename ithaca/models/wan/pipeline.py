@@ -145,6 +145,17 @@ class WanPipeline(DenoisingPipeline):
         if self.is_returning_rank:
             self._load_encoders(model)
 
+    def lora_targets(self) -> dict[str, torch.nn.Module]:
+        """Both experts by name (a request's LoRA ``expert``); one: ``transformer``."""
+        if len(self.experts) == 1:
+            return {"transformer": self.experts[0]}
+        return dict(zip(("high_noise", "low_noise"), self.experts, strict=True))
+
+    def lora_loader(self):
+        import diffusers
+
+        return diffusers.WanPipeline
+
     def make_cache(self, backend: str, options: dict) -> CacheGroup:
         """One cache per expert, each over its own blocks and its own plan's padding."""
         adapter = cache_adapter(self.model)
