@@ -98,6 +98,17 @@ class Pipeline(Protocol):
     ) -> list[GenerationResult]: ...
 
 
+@dataclass(frozen=True)
+class LoraCommand:
+    """Adapter management, run on every rank of every worker group like a request."""
+
+    op: str
+    """``"load"``, ``"unload"`` or ``"list"``."""
+    name: str = ""
+    path: str = ""
+    scale: float = 1.0
+
+
 class ParamError(ValueError):
     """A request setting the model cannot take; ``param`` names the request field, so the
     server can answer with an OpenAI error body (``{"error": {"param": ...}}``)."""

@@ -36,6 +36,10 @@ class PipelineSpec:
     dtype: str | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    loras: tuple[tuple[str, str, float], ...] = ()
+    """LoRA adapters ``(name, path, scale)`` every rank loads after the model (``--lora``)."""
+    max_loras: int | None = None
+    """At most this many adapters resident (LRU, the rest reloaded on demand)."""
 
 
 def default_model_path() -> str:
@@ -60,7 +64,12 @@ def load_pipeline(spec: PipelineSpec, state) -> Pipeline:
         return factory(state, **kwargs)
     from ithaca.models.registry import load_pipeline as registry_load
 
-    return registry_load(model or default_model_path(), state, **kwargs)
+    pipeline = registry_load(model or default_model_path(), state, **kwargs)
+    if spec.loras or spec.max_loras:
+        pipeline.max_loras = spec.max_loras
+        for name, path, scale in spec.loras:
+            pipeline.load_lora(name, path, scale)
+    return pipeline
 
 
 def classify_failure(exc: BaseException) -> str:
@@ -123,6 +132,18 @@ class InProcessExecutor:
                 return self.pipeline.generate(batch, on_step)
             except Exception as exc:
                 log.exception("%s: pipeline failed on %d request(s)", self.name, len(batch))
+                raise GenerationFailedError(
+                    f"{type(exc).__name__}: {exc}", classify_failure(exc)
+                ) from exc
+
+    def manage_lora(self, command) -> list[dict]:
+        """Run a :class:`ithaca.types.LoraCommand` between batches."""
+        if self._closed or self.pipeline is None:
+            raise WorkerGroupDiedError(f"{self.name} is not running")
+        with self._lock:
+            try:
+                return self.pipeline.manage_lora(command)
+            except Exception as exc:
                 raise GenerationFailedError(
                     f"{type(exc).__name__}: {exc}", classify_failure(exc)
                 ) from exc

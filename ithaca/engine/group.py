@@ -361,6 +361,13 @@ class WorkerGroupExecutor:
     def execute(
         self, batch: list[GenerationParams], on_step: StepHandler
     ) -> list[GenerationResult]:
+        return self._roundtrip("batch", batch, on_step)
+
+    def manage_lora(self, command) -> list[dict]:
+        """Run a :class:`ithaca.types.LoraCommand` on every rank, between batches."""
+        return self._roundtrip("lora", command, lambda event: False)
+
+    def _roundtrip(self, kind: str, payload, on_step: StepHandler):
         with self._exec_lock:
             running = _Batch(next(self._ids), on_step)
             with self._lock:
@@ -371,7 +378,7 @@ class WorkerGroupExecutor:
                 self._batch = running
             try:
                 assert self._channel is not None
-                self._channel.send(("batch", running.batch_id, batch))
+                self._channel.send((kind, running.batch_id, payload))
             except ChannelClosed as exc:
                 self._die(f"rank 0 connection lost ({exc})")
             running.done.wait()

@@ -56,6 +56,8 @@ def spec_to_json(spec: PipelineSpec, heartbeat_interval_s: float) -> str:
                 "cfg_parallel_size": spec.parallel.cfg_parallel_size,
             },
             "heartbeat_interval_s": heartbeat_interval_s,
+            "loras": [list(x) for x in spec.loras],
+            "max_loras": spec.max_loras,
         }
     )
 
@@ -67,6 +69,8 @@ def spec_from_json(text: str) -> tuple[PipelineSpec, float]:
         dtype=raw["dtype"],
         cache=CacheConfig.from_dict(raw["cache_backend"], raw["cache_config"]),
         parallel=ParallelConfig(**raw["parallel"]),
+        loras=tuple(tuple(x) for x in raw.get("loras", ())),
+        max_loras=raw.get("max_loras"),
     )
     return spec, float(raw["heartbeat_interval_s"])
 
@@ -141,10 +145,12 @@ class WorkerLoop:
                     self._send(("alive", int(flag.item())))
             elif kind == "batch":
                 self._run_batch(command[1], command[2])
+            elif kind == "lora":  # adapter management: every rank, between batches
+                self._run_batch(command[1], command[2], lora=True)
             else:
                 raise AssertionError(f"unknown command {kind!r}")
 
-    def _run_batch(self, batch_id: int, batch) -> None:
+    def _run_batch(self, batch_id: int, batch, lora: bool = False) -> None:
         callback = None
         if self.is_root:
 
@@ -154,7 +160,10 @@ class WorkerLoop:
 
         results, status = None, (True, "", "")
         try:
-            results = self.pipeline.generate(batch, callback)
+            if lora:
+                results = self.pipeline.manage_lora(batch)
+            else:
+                results = self.pipeline.generate(batch, callback)
         except Exception as exc:
             log.error(
                 "rank %d: batch %d failed:\n%s", self.state.rank, batch_id, traceback.format_exc()

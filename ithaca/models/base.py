@@ -36,6 +36,7 @@ from ithaca.parallel import ParallelState, comm, predict_branches
 from ithaca.types import (
     GenerationParams,
     GenerationResult,
+    LoraCommand,
     ParamError,
     StepCallback,
     StepEvent,
@@ -178,6 +179,17 @@ class DenoisingPipeline:
 
     def list_loras(self) -> list[dict]:
         return self.loras.listing() if self.loras is not None else []
+
+    def manage_lora(self, command: LoraCommand) -> list[dict]:
+        """Run one management command (the engine sends it to every rank); returns the
+        adapter table afterwards."""
+        if command.op == "load":
+            self.load_lora(command.name, command.path, command.scale)
+        elif command.op == "unload":
+            self.unload_lora(command.name)
+        elif command.op != "list":
+            raise ValueError(f"LoRA command {command.op!r} must be load, unload or list")
+        return self.list_loras()
 
     def _resolve_lora(self, params: GenerationParams) -> tuple:
         if not params.lora:

@@ -317,22 +317,6 @@ def _parameters(fn) -> set[str]:
     return set(inspect.signature(fn).parameters)
 
 
-def parse_lora_option(text: str) -> tuple[str, str, float]:
-    """``NAME=PATH[:SCALE]`` (the ``--lora`` option) -> ``(name, path, scale)``."""
-    name, sep, rest = text.partition("=")
-    if not sep or not name or not rest:
-        raise ValueError(f"--lora {text!r} must be NAME=PATH[:SCALE]")
-    path, scale = rest, 1.0
-    head, colon, tail = rest.rpartition(":")
-    if colon and head:
-        try:
-            scale = float(tail)
-            path = head
-        except ValueError:
-            pass  # a colon inside the path
-    return name, path, scale
-
-
 def adapter_summary(refs: tuple[LoraRef, ...]) -> list[dict]:
     """What a response's metadata says was applied."""
     return [
@@ -341,4 +325,4 @@ def adapter_summary(refs: tuple[LoraRef, ...]) -> list[dict]:
     ]
 
 
-__all__ = ["LoraAdapters", "adapter_summary", "check_fits", "load_adapter", "parse_lora_option"]
+__all__ = ["LoraAdapters", "adapter_summary", "check_fits", "load_adapter"]

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ithaca.config import ServerConfig
 from ithaca.engine.engine import Engine
-from ithaca.server import errors, images, videos
+from ithaca.server import errors, images, loras, videos
 from ithaca.server.errors import APIError
 from ithaca.server.outputs import OutputStore
 from ithaca.server.state import ServerState, server_state
@@ -114,6 +114,7 @@ def create_app(
     app.add_middleware(EdgeMiddleware, api_key=config.api_key, metrics=engine.metrics)
     app.include_router(images.router)
     app.include_router(videos.router)
+    app.include_router(loras.router)
 
     def model_card() -> dict:
         return {

@@ -13,6 +13,7 @@ from starlette.datastructures import UploadFile
 
 from ithaca.server import media
 from ithaca.server.errors import APIError, invalid
+from ithaca.server.loras import check_request_loras
 from ithaca.server.protocol import ImageEditJSON, ImageRequest
 from ithaca.server.state import (
     ServerState,
@@ -117,6 +118,7 @@ async def _serve(request, state: ServerState, body: ImageRequest, params: Genera
         "output_format": fmt,
         "quality": body.quality or "auto",
     }
+    check_request_loras(state, params)
     engine = state.engine
     if body.stream:
         return _stream(request, state, body, params, kind, meta)
@@ -138,6 +140,8 @@ async def _serve(request, state: ServerState, body: ImageRequest, params: Genera
     body_out = {"created": int(time.time()), "data": data, **meta, "size": size, "usage": USAGE}
     if "cache" in result.metadata:  # extension: what the step cache skipped for this request
         body_out["cache"] = result.metadata["cache"]
+    if "lora" in result.metadata:  # extension: the adapters and scales applied
+        body_out["lora"] = result.metadata["lora"]
     return JSONResponse(body_out, headers=timing_headers(req, result))
 
 

@@ -16,6 +16,7 @@ from ithaca.engine.errors import EngineError
 from ithaca.engine.scheduler import EngineRequest
 from ithaca.server import media
 from ithaca.server.errors import APIError, invalid
+from ithaca.server.loras import check_request_loras
 from ithaca.server.protocol import VideoRequest
 from ithaca.server.state import ServerState, log_ignored, read_json, server_state
 
@@ -56,6 +57,7 @@ async def create(request: Request):
     log_ignored(request, body.extra_fields())
     model = state.resolve_model(body.model)
     params = body.to_params()
+    check_request_loras(state, params)
     params.images = [img.convert("RGB") for img in images]
     seconds = body.seconds or f"{params.num_frames / params.fps:g}"
     size = body.size or "auto"
