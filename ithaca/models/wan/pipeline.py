@@ -147,6 +147,8 @@ class WanPipeline(DenoisingPipeline):
 
     def lora_targets(self) -> dict[str, torch.nn.Module]:
         """Both experts by name (a request's LoRA ``expert``); one: ``transformer``."""
+        if self.placement.offload:  # peft renames and adds the tensors the host copies key
+            raise ValueError("LoRA adapters with expert offload are not supported yet")
         if len(self.experts) == 1:
             return {"transformer": self.experts[0]}
         return dict(zip(("high_noise", "low_noise"), self.experts, strict=True))
