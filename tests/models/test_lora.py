@@ -185,7 +185,7 @@ def test_peft_loha_folder_equals_peft_on_diffusers(flux):
     assert max_image_diff(ours[0][0], diffusers_reference(flux["path"], REQUEST)[1]) > 8
 
 
-@pytest.mark.parametrize("name", ["ulysses2", "ring2", "cfg2"])
+@pytest.mark.parametrize("name", ["ulysses2", "ring2", "cfg2", "hybrid2x2"])
 def test_flux_layouts_equal_one_rank(worker_pool, flux, name):
     loras = (("a", flux["a"], 0.8), ("b", flux["b"], 1.0))
     batch = [dict(CFG, lora=_refs(("a", None), ("b", 0.5))), dict(REQUEST, request_id="base")]

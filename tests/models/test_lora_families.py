@@ -120,3 +120,42 @@ def test_wan_expert_must_name_one_of_its_experts(tmp_path):
     with pytest.raises(ValueError, match=r"expert 'middle'.*high_noise") as info:
         pipe.generate([bad])
     assert info.value.param == "lora"
+
+
+def wan_generate(layout: dict, path: str, batch: list[dict], loras: tuple):
+    """``_wan_run.generate`` with ``loras`` ``(name, path, scale)`` loaded on every rank."""
+    from ithaca.config import ParallelConfig
+    from ithaca.models.registry import load_pipeline
+    from ithaca.testing.distributed import parallel_state
+    from tests.models._wan_run import run_pipeline
+
+    with parallel_state(ParallelConfig(**layout)) as state:
+        pipe = load_pipeline(path, state)
+        for name, file, scale in loras:
+            pipe.load_lora(name, file, scale)
+        frames, latents, _, _ = run_pipeline(pipe, batch)
+        moved = [list(r.gathered) for r in pipe.runtimes]
+        for runtime in pipe.runtimes:
+            runtime.remove()
+        return frames, latents, moved
+
+
+def test_wan_ulysses2_with_adapters_equals_one_rank(worker_pool, tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    from tests.models._wan_run import max_frame_diff, tiny_wan_paths
+    from tests.models.test_wan import T2V
+
+    path = tiny_wan_paths(tmp_path / "wan")["t2v_a14b"]
+    model = WanTransformer3DModel.from_pretrained(path, subfolder="transformer")
+    targets = ("attn1.to_q", "attn2.to_v", "ffn.net.2", "proj_out")
+    file = save_safetensors(random_lora(model, seed=9, targets=targets), tmp_path / "w.safetensors")
+    batch = [dict(T2V, seed=3, lora=(LoraRef("w", 0.7, "low_noise"),))]
+    one = wan_generate({}, path, batch, (("w", file, 1.0),))
+    results = worker_pool(2).run(wan_generate, {"ulysses_degree": 2}, path, batch,
+                                 (("w", file, 1.0),))  # fmt: skip
+    frames, latents, gathered = results[0]
+    err = (latents - one[1]).abs().max().item()
+    assert err <= 1e-4, f"final latents differ from 1 rank by {err:.2e}"
+    assert max_frame_diff(frames[0], one[0][0]) <= 1
+    assert all(g == ["proj_out[0]"] for g in gathered), gathered  # through peft's wrapper
