@@ -195,3 +195,24 @@ def test_flux_layouts_equal_one_rank(worker_pool, flux, name):
                                                   loras)  # fmt: skip
     check_layout(results, one_rank)
     assert max_image_diff(one_rank[0][0][:1], one_rank[0][1]) > 8  # adapter vs base differ
+
+
+def test_step_cache_state_is_per_adapter_set(flux):
+    """TeaCache with adapters: the cache is rebuilt when the adapter set changes (its
+    key holds the set), so A after B decides exactly as A after A."""
+    pipe = load_pipeline(flux["path"], ParallelState.single())
+    pipe.configure_cache("tea_cache", {"rel_l1_thresh": 0.6})
+    pipe.load_lora("a", flux["a"])
+    pipe.load_lora("b", flux["b"])
+    request = dict(REQUEST, num_inference_steps=4)
+
+    def run(*pairs):
+        result = pipe.generate([GenerationParams(**request, lora=_refs(*pairs))])[0]
+        assert pipe._cache_key[1] == tuple(LoraRef(n, s) for n, s in pairs)
+        return np.asarray(result.images[0]), result.metadata["cache"]
+
+    first = run(("a", 1.0))
+    run(("b", 1.0))
+    again = run(("a", 1.0))
+    assert np.array_equal(first[0], again[0]) and first[1] == again[1]
+    assert first[1]["cached_steps"] + first[1]["computed_steps"] == 4
