@@ -1,5 +1,8 @@
 # ithaca serving image: CUDA runtime, the CUDA build of the pinned torch, non-root.
-# Build: docker build -t ithaca .   Run: docker run --gpus all -p 8091:8091 ithaca Qwen/Qwen-Image --usp 2
+# Build: docker build -t ithaca .
+# Run:   docker run --gpus all --ipc=host -p 8091:8091 ithaca Qwen/Qwen-Image --usp 2
+# --ipc=host (or --shm-size=16g): NCCL and torch move data between the local ranks
+# through /dev/shm, which Docker caps at 64 MB; without it multi-GPU groups fail or crawl.
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \

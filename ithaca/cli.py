@@ -8,31 +8,140 @@ ithaca worker-node MODEL --usp 4 --nnodes 2 --node-rank 1 --master-addr HOST --m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
 
-from ithaca.config import CacheConfig, ParallelConfig, ServerConfig, parse_lora_option
+from ithaca.config import (
+    ATTENTION_BACKENDS,
+    CacheConfig,
+    ParallelConfig,
+    ServerConfig,
+    parse_lora_option,
+)
+
+
+def _degree(value: str) -> int | str:
+    """A positive degree, or ``auto``."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {value!r}") from None
 
 
 def _parallel_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallelism")
-    g.add_argument("--usp", "--ulysses-degree", dest="ulysses_degree", type=int, default=1)
+    g.add_argument(
+        "--usp", "--ulysses-degree", dest="ulysses_degree", type=_degree, default=1,
+        help="Ulysses degree, or 'auto' to choose every degree by the guide's cost model",
+    )  # fmt: skip
     g.add_argument("--ring", "--ring-degree", dest="ring_degree", type=int, default=1)
     g.add_argument("--cfg-parallel-size", type=int, default=1)
+    g.add_argument(
+        "--tensor-parallel-size", type=int, default=1,
+        help="accepted for the reference CLI; only 1 (ithaca splits sequences, not weights)",
+    )  # fmt: skip
+    g.add_argument("--world-size", type=int, default=None, help="GPUs for --usp auto")
+    g.add_argument(
+        "--interconnect", choices=["auto", "nvlink", "pcie"], default="auto",
+        help="--usp auto: GPU links (auto reads nvidia-smi topo -m)",
+    )  # fmt: skip
+    g.add_argument(
+        "--expect-cfg", action="store_true",
+        help="--usp auto: requests will use true CFG (a negative prompt)",
+    )  # fmt: skip
+    g.add_argument(
+        "--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
+        help="local attention kernel; auto: the fastest installed one the layout can use",
+    )  # fmt: skip
+    g.add_argument(
+        "--collective-timeout", dest="collective_timeout_s", type=float, default=60.0,
+        help="seconds before a stuck collective raises instead of hanging the group",
+    )  # fmt: skip
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     g.add_argument("--cache-backend", default=None, help="step cache, e.g. tea_cache")
     g.add_argument("--cache-config", default=None, help="JSON object of cache settings")
 
 
+def _auto_size(args) -> tuple[int, int]:
+    """The request size --usp auto plans for: --width/--height, else the checkpoint's."""
+    width, height = getattr(args, "width", None), getattr(args, "height", None)
+    if width and height:
+        return width, height
+    defaults = {}
+    index = os.path.join(args.model or "", "model_index.json")
+    if args.model and os.path.isfile(index):
+        with open(index) as f:
+            defaults = json.load(f).get("_ithaca_defaults", {})
+    return width or defaults.get("width", 1024), height or defaults.get("height", 1024)
+
+
+def _auto_parallel(args, dp: int) -> ParallelConfig:
+    from ithaca.parallel.auto import plan
+
+    if args.ring_degree != 1 or args.cfg_parallel_size != 1 or dp != 1:
+        raise ValueError(
+            "--usp auto chooses the ring, cfg and data-parallel degrees too; drop --ring, "
+            "--cfg-parallel-size and --data-parallel-size"
+        )
+    world = args.world_size
+    if world is None:
+        import torch
+
+        world = torch.cuda.device_count()
+        if world == 0:
+            raise ValueError("--usp auto on a machine without GPUs needs --world-size N")
+    cfg = args.expect_cfg or bool(
+        getattr(args, "negative_prompt", None) is not None
+        and (getattr(args, "true_cfg_scale", None) or 0) > 1
+    )
+    if args.model is None:
+        from ithaca.engine.executor import default_model_path
+
+        args.model = default_model_path()
+    interconnect = None if args.interconnect == "auto" else args.interconnect
+    chosen = plan(world, args.model, _auto_size(args), cfg, interconnect)
+    print(f"ithaca: --usp auto: {chosen.reason}", file=sys.stderr)
+    return dataclasses.replace(
+        chosen.config,
+        attention_backend=args.attention_backend,
+        collective_timeout_s=args.collective_timeout_s,
+    )
+
+
 def _parallel(args, dp: int = 1) -> ParallelConfig:
+    if args.tensor_parallel_size != 1:
+        raise ValueError(
+            f"tensor_parallel_size ({args.tensor_parallel_size}) must be 1: ithaca splits the "
+            f"sequence (--ulysses-degree, --ring-degree) and CFG branches, not the weights"
+        )
+    if args.ulysses_degree == "auto":
+        return _auto_parallel(args, dp)
     return ParallelConfig(
         ulysses_degree=args.ulysses_degree,
         ring_degree=args.ring_degree,
         cfg_parallel_size=args.cfg_parallel_size,
         data_parallel_size=dp,
+        attention_backend=args.attention_backend,
+        collective_timeout_s=args.collective_timeout_s,
     )
+
+
+def add_underscore_aliases(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--num_inference_steps`` for every ``--num-inference-steps`` (the reference
+    documents' spelling), on ``parser`` and all its subcommands; help shows the hyphens."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                add_underscore_aliases(sub)
+        for option in list(action.option_strings):
+            alias = "--" + option[2:].replace("-", "_")
+            if option.startswith("--") and alias != option:
+                parser._option_string_actions.setdefault(alias, action)
 
 
 def _cache(args) -> CacheConfig:
@@ -124,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--master-addr", required=True)
     w.add_argument("--master-port", type=int, required=True)
     _parallel_args(w)
+    add_underscore_aliases(parser)
     return parser
 
 

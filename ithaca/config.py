@@ -14,6 +14,9 @@ def _require_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} ({value!r}) must be a positive integer")
 
 
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "cudnn", "efficient", "sage")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """How one worker group splits a request across ranks.
@@ -36,12 +39,30 @@ class ParallelConfig:
     data_parallel_size: int = 1
     """Independent replicas, each running whole requests on its own ranks."""
 
+    attention_backend: str = "auto"
+    """Local attention kernel: ``auto`` picks the fastest installed one for what the
+    layout needs (see ``ithaca.parallel.kernels``); ``sdpa``, ``flash`` (flash-attn 2/3),
+    ``cudnn``, ``efficient`` or ``sage`` (SageAttention) ask for one, falling back with a
+    warning where it cannot serve a call (no GPU, wrong architecture, a mask, a
+    log-sum-exp it does not return)."""
+
+    collective_timeout_s: float = 60.0
+    """A collective that has not completed after this many seconds raises (a peer died
+    or ran out of memory), instead of hanging the group."""
+
     def __post_init__(self) -> None:
         _require_positive("ulysses_degree", self.ulysses_degree)
         _require_positive("ring_degree", self.ring_degree)
         _require_positive("data_parallel_size", self.data_parallel_size)
         if self.cfg_parallel_size not in (1, 2):
             raise ValueError(f"cfg_parallel_size ({self.cfg_parallel_size!r}) must be 1 or 2")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend ({self.attention_backend!r}) must be one of "
+                f"{ATTENTION_BACKENDS}"
+            )
+        if not self.collective_timeout_s > 0:
+            raise ValueError(f"collective_timeout_s ({self.collective_timeout_s}) must be > 0")
 
     @property
     def sequence_parallel_size(self) -> int:
@@ -59,6 +80,29 @@ class ParallelConfig:
                 f"ulysses_degree ({self.ulysses_degree}) must divide num_attention_heads "
                 f"({num_heads}); valid degrees: {valid}"
             )
+
+    @classmethod
+    def auto(
+        cls,
+        world_size: int,
+        model,
+        size: tuple[int, int] = (1024, 1024),
+        cfg: bool = False,
+        interconnect: str | None = None,
+    ) -> ParallelConfig:
+        """The Ulysses / Ring / CFG / replica degrees the cost model of ``docs/guide.md``
+        picks for ``world_size`` GPUs, ``model`` (checkpoint path, hub id or
+        :class:`~ithaca.parallel.auto.ModelGeometry`), a ``(width, height)`` request
+        ``size``, true CFG on or off, and ``"nvlink"`` / ``"pcie"`` (``None``: read from
+        ``nvidia-smi topo -m``, else assume PCIe). Logs the choice and why; see
+        :func:`ithaca.parallel.auto.plan` for the ranked candidates."""
+        import logging
+
+        from ithaca.parallel.auto import plan
+
+        chosen = plan(world_size, model, size, cfg, interconnect)
+        logging.getLogger(__name__).info("auto parallel layout: %s", chosen.reason)
+        return chosen.config
 
 
 # The reference system's name for the same object.

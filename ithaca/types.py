@@ -58,6 +58,9 @@ class GenerationParams:
     """Number of intermediate previews to report through the step callback."""
     lora: tuple[LoraRef, ...] = ()
     """LoRA adapters applied together (stacked), by name; empty: the base model."""
+    model_options: dict[str, Any] = field(default_factory=dict)
+    """Family-specific sampling settings sent as extension fields (Bagel's
+    ``cfg_text_scale``, ``cfg_interval``, ...); the family validates them."""
     request_id: str = ""
 
 

@@ -73,8 +73,38 @@ def load_pipeline(spec: PipelineSpec, state) -> Pipeline:
 
 
 def classify_failure(exc: BaseException) -> str:
-    """``invalid_request`` for the pipeline's ValueErrors (the user's fault), else ``internal``."""
+    """``invalid_request`` for the pipeline's ValueErrors (the user's fault),
+    ``out_of_memory`` when a device ran out of memory, else ``internal``."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "out_of_memory"
     return "invalid_request" if isinstance(exc, ValueError) else "internal"
+
+
+def describe_failure(exc: BaseException) -> str:
+    """The message a client sees for a failed batch."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return (
+            f"out of device memory ({first}); this request is too large for the layout: "
+            f"lower the resolution, frame count or number of images, or serve with more "
+            f"sequence-parallel ranks"
+        )
+    return f"{type(exc).__name__}: {exc}"
+
+
+def release_memory(device) -> None:
+    """After a failure: drop the failed request's cached blocks so the next one fits."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if getattr(device, "type", None) == "cuda":
+        torch.cuda.empty_cache()
 
 
 class Executor(Protocol):
@@ -117,9 +147,11 @@ class InProcessExecutor:
 
     def start(self) -> None:
         if self.pipeline is None:
-            from ithaca.parallel.state import ParallelState
+            from ithaca.parallel.state import ParallelState, default_device
 
-            self.pipeline = load_pipeline(self.spec, ParallelState.single(self.spec.parallel))
+            # The GPU when there is one (the registry then picks bf16), not the CPU.
+            state = ParallelState.single(self.spec.parallel, default_device())
+            self.pipeline = load_pipeline(self.spec, state)
         self._closed = False
 
     def execute(
@@ -132,9 +164,12 @@ class InProcessExecutor:
                 return self.pipeline.generate(batch, on_step)
             except Exception as exc:
                 log.exception("%s: pipeline failed on %d request(s)", self.name, len(batch))
-                raise GenerationFailedError(
-                    f"{type(exc).__name__}: {exc}", classify_failure(exc)
-                ) from exc
+                error = GenerationFailedError(describe_failure(exc), classify_failure(exc))
+                error.__cause__ = exc
+            # Outside the except block, whose traceback holds the request's tensors.
+            error.__cause__.__traceback__ = None
+            release_memory(getattr(self.pipeline, "device", None))
+            raise error
 
     def manage_lora(self, command) -> list[dict]:
         """Run a :class:`ithaca.types.LoraCommand` between batches."""

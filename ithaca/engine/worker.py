@@ -9,6 +9,15 @@ only ever hear from rank 0, by broadcast. The loop, on every rank, in lockstep:
     ping  -> all_reduce(1 element)             # proves every rank is here; rank 0 says "alive"
     batch -> pipeline.generate(batch, cb)      # SPMD; cb on rank 0: sends steps, reads cancels
              all_gather_object(status)         # every rank agrees whether the batch failed
+             (failed, not the user's fault) -> every rank rebuilds its model groups
+
+A rank that fails mid-forward (typically out of memory: rank 0 alone also holds the
+text encoder and VAE) closes its model groups at once, so peers blocked in a
+collective it will never reach fail too (gloo: immediately; NCCL: after
+``collective_timeout_s``) instead of waiting for the step timeout. Metadata and the
+status agreement travel on the control group (gloo), which model tensors never use,
+so it stays in step; the request fails with the failing rank's error and the group
+serves the next one.
 
 READY: after loading, every rank reports ``{rank, pid, host, error}`` through an
 all_gather_object; rank 0 forwards the list as ``("ready", ranks)`` or, if any rank
@@ -31,7 +40,13 @@ import torch
 import torch.distributed as dist
 
 from ithaca.config import CacheConfig, ParallelConfig
-from ithaca.engine.executor import PipelineSpec, classify_failure, load_pipeline
+from ithaca.engine.executor import (
+    PipelineSpec,
+    classify_failure,
+    describe_failure,
+    load_pipeline,
+    release_memory,
+)
 from ithaca.engine.ipc import Channel, ChannelClosed
 from ithaca.parallel.comm import broadcast_object
 from ithaca.parallel.state import ParallelState
@@ -54,6 +69,8 @@ def spec_to_json(spec: PipelineSpec, heartbeat_interval_s: float) -> str:
                 "ulysses_degree": spec.parallel.ulysses_degree,
                 "ring_degree": spec.parallel.ring_degree,
                 "cfg_parallel_size": spec.parallel.cfg_parallel_size,
+                "attention_backend": spec.parallel.attention_backend,
+                "collective_timeout_s": spec.parallel.collective_timeout_s,
             },
             "heartbeat_interval_s": heartbeat_interval_s,
             "loras": [list(x) for x in spec.loras],
@@ -158,7 +175,7 @@ class WorkerLoop:
                 self._send(("step", batch_id, event))
                 return self.front_gone or batch_id in self.cancelled
 
-        results, status = None, (True, "", "")
+        results, status = None, (True, "", "", False)
         try:
             if lora:
                 results = self.pipeline.manage_lora(batch)
@@ -168,23 +185,47 @@ class WorkerLoop:
             log.error(
                 "rank %d: batch %d failed:\n%s", self.state.rank, batch_id, traceback.format_exc()
             )
-            status = (False, classify_failure(exc), f"{type(exc).__name__}: {exc}")
+            status = (False, classify_failure(exc), describe_failure(exc), _in_collective(exc))
+        # Here, not in the except block: its traceback still holds the request's tensors
+        # and the groups its frames used.
+        if not status[0]:
+            if status[1] != "invalid_request" and self.state.world_size > 1:
+                # Peers may wait in a collective this rank will never reach: release them.
+                self.state.abort_groups()
+            release_memory(self.state.device)
         # Every rank learns every rank's outcome, so all move on together.
         statuses = [status]
         if self.state.world_size > 1:
             statuses = [None] * self.state.world_size
             dist.all_gather_object(statuses, status, group=self.cpu_group)
+            if any(not s[0] and s[1] != "invalid_request" for s in statuses):
+                self.state.rebuild_groups()  # every rank, same order: fresh model groups
         self.cancelled.discard(batch_id)
         if not self.is_root:
             return
-        failed = [(r, s) for r, s in enumerate(statuses) if not s[0]]
+        # The cause first: an out-of-memory rank, then a rank that failed outside a
+        # collective, not the peers its exit released.
+        failed = sorted(
+            ((r, s) for r, s in enumerate(statuses) if not s[0]),
+            key=lambda item: (item[1][1] != "out_of_memory", item[1][3]),
+        )
         if failed:
-            rank, (_, failure_kind, message) = failed[0]
+            rank, (_, failure_kind, message, _) = failed[0]
             if failure_kind != "invalid_request":  # the user's mistake needs no rank number
                 message = f"rank {rank}: {message}"
             self._send(("error", batch_id, failure_kind, message))
         else:
             self._send(("result", batch_id, results))
+
+
+def _in_collective(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside torch.distributed (a peer's failure seen here)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "torch/distributed" in tb.tb_frame.f_code.co_filename.replace(
+        "\\", "/"
+    )
 
 
 def main() -> int:

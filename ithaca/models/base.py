@@ -32,7 +32,7 @@ from PIL import Image
 from ithaca.cache import BlockCacheAdapter, StepCache, build_cache, validate_cache_options
 from ithaca.models.lora import LoraAdapters, adapter_summary
 from ithaca.models.spec import plain_cfg
-from ithaca.parallel import ParallelState, comm, predict_branches
+from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_branches
 from ithaca.types import (
     GenerationParams,
     GenerationResult,
@@ -444,6 +444,13 @@ class DenoisingPipeline:
             stats = self._cache_stats(cache, requests[0].do_cfg)
             for m in per_request:
                 m["cache"] = stats
+        idle = idle_branch_warning(
+            self.state, requests[0].do_cfg
+        )  # once per request: log, metadata
+        for r, m in zip(requests, per_request, strict=True) if idle else ():
+            m["warnings"] = [idle]
+            if self.is_returning_rank:
+                logger.warning("request %s: %s", r.params.request_id, idle)
         meta: dict[str, Any] = {"per_request": per_request}
         if cancelled_at is not None:
             meta["cancelled"] = True

@@ -65,7 +65,16 @@ def pipeline_class(model: str) -> type:
     """The pipeline class for a checkpoint, or ``ValueError`` naming the supported ones."""
     import importlib
 
-    class_name = model_index(model).get("_class_name")
+    try:
+        class_name = model_index(model).get("_class_name")
+    except Exception:
+        from ithaca.models.bagel.loader import is_bagel_checkpoint
+
+        if not is_bagel_checkpoint(model):  # Bagel: no model_index.json, recognised by files
+            raise
+        from ithaca.models.bagel.pipeline import BagelPipeline
+
+        return BagelPipeline
     if class_name not in PIPELINES:
         raise ValueError(
             f"{model}: pipeline class {class_name!r} is not supported; supported classes: "

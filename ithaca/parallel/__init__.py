@@ -10,7 +10,7 @@
 """
 
 from ithaca.parallel.attention import ParallelAttention
-from ithaca.parallel.cfg import apply_guidance, predict_branches
+from ithaca.parallel.cfg import apply_guidance, idle_branch_warning, predict_branches
 from ithaca.parallel.hooks import SequenceParallelRuntime, apply_sequence_parallel
 from ithaca.parallel.sharding import (
     ShardingValidator,
@@ -41,6 +41,7 @@ __all__ = [
     "apply_guidance",
     "apply_sequence_parallel",
     "get_sp_plan_from_model",
+    "idle_branch_warning",
     "predict_branches",
     "sp_gather",
     "sp_shard",

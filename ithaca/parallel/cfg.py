@@ -39,6 +39,18 @@ def predict_branches(
     return both[POSITIVE], both[NEGATIVE]
 
 
+def idle_branch_warning(state: ParallelState, do_cfg: bool) -> str | None:
+    """What to tell the user when CFG-parallel ranks have no negative branch to run."""
+    if state.cfg.size == 1 or do_cfg:
+        return None
+    return (
+        f"cfg_parallel_size={state.cfg.size} but this request runs no true CFG (no negative "
+        f"branch: it needs true_cfg_scale > 1 and a negative_prompt, an empty one counts), "
+        f"so the second cfg rank group idles; pass a negative_prompt or serve with "
+        f"cfg_parallel_size=1"
+    )
+
+
 def apply_guidance(
     positive: torch.Tensor,
     negative: torch.Tensor | None,

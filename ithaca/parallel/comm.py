@@ -17,6 +17,27 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _check_device(call: str, axis: Axis, *tensors: torch.Tensor) -> None:
+    """A tensor on another device than the group's is an error here, not a hang later.
+
+    NCCL rejects CPU tensors (or, for some calls, blocks until the timeout), while gloo
+    takes them silently, so a CPU test would never notice. A device comparison per call,
+    no synchronisation.
+    """
+    expected = axis.device
+    if expected is None:
+        return
+    for t in tensors:
+        if t.device.type != expected.type or (
+            expected.index is not None and t.device.index not in (None, expected.index)
+        ):
+            raise RuntimeError(
+                f"comm.{call} over the {axis.name} group: tensor of shape {tuple(t.shape)} is "
+                f"on {t.device}, but the group's device is {expected}; create it on "
+                f"state.device"
+            )
+
+
 def seq_to_heads(x: torch.Tensor, axis: Axis) -> torch.Tensor:
     """Ulysses forward all-to-all: ``(B, S/P, H, D) -> (B, S, H/P, D)``.
 
@@ -26,6 +47,7 @@ def seq_to_heads(x: torch.Tensor, axis: Axis) -> torch.Tensor:
     p = axis.size
     if p == 1:
         return x
+    _check_device("seq_to_heads", axis, x)
     b, s_local, h, d = x.shape
     # (B, S/P, H, D) -> (B, S/P, P, H/P, D) -> (P, B, S/P, H/P, D): chunk j goes to rank j
     send = x.reshape(b, s_local, p, h // p, d).permute(2, 0, 1, 3, 4).contiguous()
@@ -41,6 +63,7 @@ def heads_to_seq(x: torch.Tensor, axis: Axis) -> torch.Tensor:
     p = axis.size
     if p == 1:
         return x
+    _check_device("heads_to_seq", axis, x)
     b, s, h_local, d = x.shape
     # (B, S, H/P, D) -> (B, P, S/P, H/P, D) -> (P, B, S/P, H/P, D): sequence chunk j to rank j
     send = x.reshape(b, p, s // p, h_local, d).permute(1, 0, 2, 3, 4).contiguous()
@@ -55,6 +78,7 @@ def all_gather(x: torch.Tensor, axis: Axis, dim: int) -> torch.Tensor:
     """Concatenate every rank's ``x`` along ``dim`` in group-rank order."""
     if axis.size == 1:
         return x
+    _check_device("all_gather", axis, x)
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(axis.size)]
     dist.all_gather(parts, x, group=axis.group)
@@ -65,6 +89,7 @@ def all_gather(x: torch.Tensor, axis: Axis, dim: int) -> torch.Tensor:
 def all_reduce(x: torch.Tensor, axis: Axis, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """In-place all-reduce over the axis; returns ``x``."""
     if axis.size > 1:
+        _check_device("all_reduce", axis, x)
         dist.all_reduce(x, op=op, group=axis.group)
         axis.stats.record("all_reduce", _nbytes(x))
     return x
@@ -101,6 +126,7 @@ class RingExchange:
 
     def start(self, tensors: list[torch.Tensor]) -> None:
         assert not self._reqs, "wait() for the previous exchange first"
+        _check_device("RingExchange.start", self.axis, *tensors)
         self._recv = [torch.empty_like(t) for t in tensors]
         ops = []
         for send, recv in zip(tensors, self._recv, strict=True):
@@ -137,6 +163,7 @@ def broadcast(x: torch.Tensor, axis: Axis, src_index: int = 0) -> torch.Tensor:
     Every rank passes a tensor of the same shape and dtype; returns ``x``.
     """
     if axis.size > 1:
+        _check_device("broadcast", axis, x)
         dist.broadcast(x, src=axis.global_rank(src_index), group=axis.group)
         if axis.rank == src_index:
             axis.stats.record("broadcast", _nbytes(x))

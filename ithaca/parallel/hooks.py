@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ithaca.parallel import comm
 from ithaca.parallel.attention import ParallelAttention
-from ithaca.parallel.sharding import pad_to_multiple
+from ithaca.parallel.sharding import enter_forward, leave_forward, pad_to_multiple
 from ithaca.parallel.sp_plan import (
     SequenceParallelInput,
     SequenceParallelModelPlan,
@@ -54,6 +54,7 @@ class SequenceParallelRuntime:
         self.sharded: list[str] = []
         self.gathered: list[str] = []
         self.skipped: list[str] = []
+        self._ambient: list = []  # tokens of the ambient state (sharding.sp_shard & co.)
 
     # -- what attention asks ---------------------------------------------------
     def valid_length(self, global_len: int) -> int | None:
@@ -93,6 +94,11 @@ class SequenceParallelRuntime:
         self._pads.clear()
         self._cache.clear()
         self.sharded, self.gathered, self.skipped = [], [], []
+        self._ambient.append(enter_forward(self.state))
+
+    def _leave(self, module, args, kwargs, output):
+        if self._ambient:  # always_call: also when the forward raised
+            leave_forward(self._ambient.pop())
 
     def _end(self, module, args, kwargs, output):
         self._cache.clear()
@@ -284,4 +290,6 @@ def apply_sequence_parallel(
         runtime._handles.extend(hook.install())
     runtime._plan_hooks = hooks
     runtime._handles.append(model.register_forward_hook(runtime._end, with_kwargs=True))
+    leave = model.register_forward_hook(runtime._leave, with_kwargs=True, always_call=True)
+    runtime._handles.append(leave)
     return runtime

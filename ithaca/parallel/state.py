@@ -31,9 +31,13 @@ one contiguous segment, which is the block the ring rotates.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import gc
 import itertools
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -72,8 +76,11 @@ class Axis:
     rank: int
     """This process's index in ``ranks``."""
     group: dist.ProcessGroup | None
-    """The process group; ``None`` when the axis has a single rank."""
+    """The process group; ``None`` when the axis has a single rank. Axes with the same
+    members share one group (one communicator, not one per axis)."""
     stats: CommStats
+    device: torch.device | None = None
+    """Where this rank's collective tensors must live (``comm`` checks it)."""
 
     @property
     def size(self) -> int:
@@ -147,16 +154,19 @@ class ParallelState:
         self.rank = rank
         self.world_size = config.world_size
         self.device = device
+        self._set_axes(axes)
+        self.cpu_group = cpu_group
+        """Gloo group over the whole world, for CPU metadata (requests, decisions)."""
+        self.stats = stats
+        self._owned = owned_groups
+
+    def _set_axes(self, axes: dict[str, Axis]) -> None:
         self.dp = axes["dp"]
         self.cfg = axes["cfg"]
         self.ring = axes["ring"]
         self.ulysses = axes["ulysses"]
         self.sp = axes["sp"]
         self.replica = axes["replica"]
-        self.cpu_group = cpu_group
-        """Gloo group over the whole world, for CPU metadata (requests, decisions)."""
-        self.stats = stats
-        self._owned = owned_groups
 
     def __repr__(self) -> str:
         return (
@@ -172,15 +182,16 @@ class ParallelState:
         if config.world_size != 1:
             raise ValueError(f"a single-process state needs world size 1, not {config.world_size}")
         stats = CommStats()
-        axes = {name: Axis(name, (0,), 0, None, stats) for name in (*AXES, "sp", "replica")}
-        return cls(config, 0, torch.device(device), axes, None, [], stats)
+        device = torch.device(device)
+        axes = {name: Axis(name, (0,), 0, None, stats, device) for name in (*AXES, "sp", "replica")}
+        return cls(config, 0, device, axes, None, [], stats)
 
     @classmethod
     def build(cls, config: ParallelConfig, device: str | torch.device | None = None):
         """Create every group of the layout. Collective: all ranks call it, in order."""
         if not dist.is_initialized():
             if config.world_size == 1:
-                return cls.single(config, device or "cpu")
+                return cls.single(config, device or default_device())
             raise RuntimeError("torch.distributed is not initialised; use ParallelState.from_env")
         world = dist.get_world_size()
         if world != config.world_size:
@@ -189,24 +200,52 @@ class ParallelState:
                 f"ring_degree * ulysses_degree ({config.world_size}) for {config}"
             )
         rank = dist.get_rank()
-        device = torch.device(device) if device is not None else _default_device()
+        device = torch.device(device) if device is not None else default_device()
+        if device.type == "cuda":
+            # Library users who start NCCL themselves: later allocations and NCCL's own
+            # buffers must land on this rank's GPU, not on cuda:0 of every rank.
+            torch.cuda.set_device(device)
         stats = CommStats()
-        owned: list[dist.ProcessGroup] = []
-        axes: dict[str, Axis] = {}
-        # Every rank creates every group in the same order (new_group is collective).
-        for name, groups in layout_groups(config).items():
-            for members in groups:
-                group = None
-                if len(members) > 1:
-                    group = dist.new_group(list(members))
-                    owned.append(group)
-                if rank in members:
-                    axes[name] = Axis(name, members, members.index(rank), group, stats)
+        axes, owned = _create_groups(config, rank, device, stats)
         cpu_group = None
         if dist.get_backend() != "gloo":
-            cpu_group = dist.new_group(backend="gloo")
+            cpu_group = dist.new_group(backend="gloo", timeout=control_timeout(config))
             owned.append(cpu_group)
         return cls(config, rank, device, axes, cpu_group, owned, stats)
+
+    def abort_groups(self) -> None:
+        """Close this rank's axis groups at once (not the control group).
+
+        A rank that gives up on a request mid-forward (an out-of-memory error) calls
+        this so that peers blocked in a collective it will never reach are released:
+        on gloo their pending operation fails as the connections close; on NCCL they
+        wait for ``collective_timeout_s``. Follow with :meth:`rebuild_groups`.
+        """
+        for group in self._owned:
+            if group is not self.cpu_group:
+                with contextlib.suppress(Exception):  # a broken group may fail to close
+                    dist.destroy_process_group(group)
+        self._owned = [self.cpu_group] if self.cpu_group is not None else []
+        # Drop every reference: a gloo group closes its connections (releasing peers)
+        # only when it is freed. Until rebuild_groups no axis may be used.
+        self._set_axes({name: _detached(axis) for name, axis in self._axes().items()})
+        gc.collect()
+
+    def _axes(self) -> dict[str, Axis]:
+        return {name: getattr(self, name) for name in (*AXES, "sp", "replica")}
+
+    def rebuild_groups(self) -> None:
+        """Replace every axis group with a fresh one (after a failed collective).
+
+        A rank that left a collective half-done (an error, an out-of-memory, a timeout)
+        leaves its peers' groups out of step; new groups start clean. Collective: every
+        rank calls it, in the same order. The control group (``cpu_group``, or the
+        default group on gloo) is kept: it never carries model tensors.
+        """
+        self.abort_groups()
+        axes, owned = _create_groups(self.config, self.rank, self.device, self.stats)
+        self._set_axes(axes)
+        self._owned = owned + self._owned
 
     @classmethod
     def from_env(cls, config: ParallelConfig, device: str | torch.device | None = None):
@@ -222,14 +261,17 @@ class ParallelState:
                 f"({config.world_size}) for {config}"
             )
         if world == 1 and "MASTER_ADDR" not in os.environ:
-            return cls.single(config, device or _default_device())
-        device = torch.device(device) if device is not None else _default_device()
+            return cls.single(config, device or default_device())
+        device = torch.device(device) if device is not None else default_device()
         if not dist.is_initialized():
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-                dist.init_process_group("nccl", device_id=device)
-            else:
-                dist.init_process_group("gloo")
+                # No device_id: the default group's NCCL communicator is then created
+                # lazily, i.e. never (model tensors use the state's groups, metadata
+                # the gloo cpu_group), which saves one communicator's buffers per GPU.
+                dist.init_process_group("nccl", timeout=control_timeout(config))
+            else:  # the default group is the control group on gloo
+                dist.init_process_group("gloo", timeout=control_timeout(config))
         return cls.build(config, device)
 
     def destroy(self) -> None:
@@ -239,10 +281,53 @@ class ParallelState:
         self._owned = []
 
 
-def _default_device() -> torch.device:
+def default_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` when a GPU is visible, else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def _timeout(config: ParallelConfig) -> timedelta:
+    return timedelta(seconds=config.collective_timeout_s)
+
+
+def control_timeout(config: ParallelConfig) -> timedelta:
+    """Timeout of the control group (metadata, failure agreement): longer than a model
+    collective's, so that ranks released by a model-group timeout still find their
+    peers waiting to agree on the failure."""
+    return timedelta(seconds=2 * config.collective_timeout_s + 30)
+
+
+def _detached(axis: Axis) -> Axis:
+    """``axis`` without its (closed) group; a multi-rank detached axis must not be used."""
+    return dataclasses.replace(axis, group=None) if axis.size > 1 else axis
+
+
+def _create_groups(
+    config: ParallelConfig, rank: int, device: torch.device, stats: CommStats
+) -> tuple[dict[str, Axis], list[dist.ProcessGroup]]:
+    """One process group per distinct member list of the layout, shared by the axes.
+
+    With ulysses 8 on 8 GPUs the ulysses, sp and replica axes all have members
+    ``0..7``: one communicator serves them (each costs NCCL buffers on every GPU).
+    Collective: every rank creates every group in the same order (``new_group`` is
+    collective even for ranks outside the group).
+    """
+    by_members: dict[tuple[int, ...], dist.ProcessGroup] = {}
+    axes: dict[str, Axis] = {}
+    for name, groups in layout_groups(config).items():
+        for members in groups:
+            group = None
+            if len(members) > 1:
+                group = by_members.get(members)
+                if group is None:
+                    group = by_members[members] = dist.new_group(
+                        list(members), timeout=_timeout(config)
+                    )
+            if rank in members:
+                axes[name] = Axis(name, members, members.index(rank), group, stats, device)
+    return axes, list(by_members.values())
 
 
 @dataclass
@@ -250,7 +335,9 @@ class SequenceParallelConfig:
     """The reference API's sequence-parallel view over a :class:`ParallelState`.
 
     ``setup`` attaches it to a state (given, or built from the torchrun environment
-    with ``ulysses_degree * ring_degree`` sequence-parallel ranks per replica).
+    with ``ulysses_degree * ring_degree`` sequence-parallel ranks per replica) and makes
+    that state ambient for ``ithaca.parallel.sharding``'s state-less helpers; ``apply``
+    installs a model's ``_sp_plan`` with this config's ``convert_to_fp32``.
     """
 
     ulysses_degree: int = 1
@@ -293,6 +380,19 @@ class SequenceParallelConfig:
                 f"for ulysses={self.ulysses_degree} ring={self.ring_degree}"
             )
         self._state = state
+        from ithaca.parallel.sharding import set_setup_state
+
+        set_setup_state(state)
+
+    def apply(self, model, plan=None, strict: bool = True):
+        """``apply_sequence_parallel`` over this config's state; ring partial outputs and
+        log-sum-exp merge in float32 only when ``convert_to_fp32``."""
+        from ithaca.parallel.attention import ParallelAttention
+        from ithaca.parallel.hooks import apply_sequence_parallel
+
+        runtime = apply_sequence_parallel(model, plan, self.state, strict)
+        runtime.attention = ParallelAttention(self.state, runtime, self.convert_to_fp32)
+        return runtime
 
     def is_initialized(self) -> bool:
         return self._state is not None

@@ -142,6 +142,8 @@ async def _serve(request, state: ServerState, body: ImageRequest, params: Genera
         body_out["cache"] = result.metadata["cache"]
     if "lora" in result.metadata:  # extension: the adapters and scales applied
         body_out["lora"] = result.metadata["lora"]
+    if result.metadata.get("warnings"):  # extension: e.g. idle CFG-parallel ranks
+        body_out["warnings"] = result.metadata["warnings"]
     return JSONResponse(body_out, headers=timing_headers(req, result))
 
 

@@ -20,6 +20,15 @@ from ithaca.types import GenerationParams, LoraRef
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 MAX_SIDE = 4096
 MAX_LAYERS = 16
+MODEL_OPTIONS = (
+    "cfg_text_scale",
+    "cfg_img_scale",
+    "cfg_interval",
+    "cfg_renorm_type",
+    "cfg_renorm_min",
+    "timestep_shift",
+    "num_timesteps",
+)
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
@@ -33,6 +42,16 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     if not (16 <= w <= MAX_SIDE and 16 <= h <= MAX_SIDE):
         raise ValueError(f"size ({size}) must have both sides in 16..{MAX_SIDE}")
     return w, h
+
+
+def _json_text(value, what: str):
+    """A multipart form field sent as JSON text, parsed (other values pass through)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{what}: {exc}") from None
+    return value
 
 
 class LoraItem(BaseModel):
@@ -85,12 +104,7 @@ class _Request(BaseModel):
     @field_validator("cache_config", mode="before")
     @classmethod
     def _cache_config_json(cls, v):
-        if isinstance(v, str):
-            try:
-                v = json.loads(v)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"cache_config must be a JSON object: {exc}") from None
-        return v
+        return _json_text(v, "cache_config must be a JSON object")
 
     @field_validator("cache_backend")
     @classmethod
@@ -135,6 +149,23 @@ class ImageRequest(_Request):
     layers: int | None = Field(default=None, ge=1, le=MAX_LAYERS)
     """Extension for layered models (Qwen-Image-Layered): RGBA layers per image; the
     response has ``n * layers`` entries, image-major."""
+    # Bagel's sampling extensions (GenerationParams.model_options; the model validates)
+    cfg_text_scale: float | None = Field(default=None, ge=0, le=100)
+    cfg_img_scale: float | None = Field(default=None, ge=0, le=100)
+    cfg_interval: list[float] | None = Field(default=None, min_length=2, max_length=2)
+    """``[lo, hi]``; a multipart form sends it as JSON text."""
+    cfg_renorm_type: Literal["global", "channel", "text_channel"] | None = None
+    cfg_renorm_min: float | None = Field(default=None, ge=0, le=1)
+    timestep_shift: float | None = Field(default=None, gt=0, le=100)
+    num_timesteps: int | None = Field(default=None, ge=2, le=1001)
+
+    @field_validator("cfg_interval", mode="before")
+    @classmethod
+    def _interval_json(cls, v):
+        return _json_text(v, "cfg_interval must be a JSON list [lo, hi]")
+
+    def model_options(self) -> dict:
+        return {k: getattr(self, k) for k in MODEL_OPTIONS if getattr(self, k) is not None}
 
     def to_params(self) -> GenerationParams:
         width, height = parse_size(self.size)
@@ -151,6 +182,7 @@ class ImageRequest(_Request):
             layers=self.layers,
             partial_images=(self.partial_images or 0) if self.stream else 0,
             lora=self.lora_refs(),
+            model_options=self.model_options(),
             **self.cache_fields(),
         )
 

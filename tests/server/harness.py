@@ -77,6 +77,16 @@ class ServerProcess:
         return self.proc.returncode
 
 
+def serving(*args: str, state_dir: str, timeout: float = 240.0):
+    """A module fixture's body: yield a healthy :class:`ServerProcess`, stop it after."""
+    server = ServerProcess(*args, state_dir=state_dir)
+    try:
+        server.wait_healthy(timeout)
+        yield server
+    finally:
+        server.stop()
+
+
 def metric(text: str, name: str, labels: str = "") -> float:
     """Sum of the samples of ``name`` (with ``labels`` in the label set) in Prometheus text."""
     total = 0.0

@@ -1,0 +1,74 @@
+"""Pixels in and out: the input-image transforms, VAE encode / decode, uint8 output.
+
+- Input image: resized so its longest side <= ``max_size`` and shortest >= ``min_size``
+  (bicubic), both sides snapped to the stride (16 for the VAE, 14 for the ViT), then
+  ``(u8 / 255 - 0.5) / 0.5``. An edit's output has the VAE-transformed input's size.
+- VAE: FLUX autoencoder; encode keeps the posterior **mean** (the official code samples
+  it), ``z = scale * (mean - shift)``; decode reads ``z / scale + shift``.
+- Output: ``uint8(clamp(x * 0.5 + 0.5, 0, 1) * 255)``, truncating like the official code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ithaca.models.bagel.loader import ImageLimits
+from ithaca.models.bagel.sampling import ImageInputs, patchify, unpatchify
+
+
+def fitted_size(width: int, height: int, limits: ImageLimits) -> tuple[int, int]:
+    """(W, H) after the transform's resize rule."""
+    scale = min(limits.max_size / max(width, height), 1.0)
+    scale = max(scale, limits.min_size / min(width, height))
+
+    def snap(v: float) -> int:
+        return max(limits.stride, round(v / limits.stride) * limits.stride)
+
+    w, h = snap(width * scale), snap(height * scale)
+    if max(w, h) > limits.max_size:  # snapping rounded the long side up
+        scale = limits.max_size / max(w, h)
+        w, h = snap(w * scale), snap(h * scale)
+    return w, h
+
+
+def resized(image: Image.Image, limits: ImageLimits) -> Image.Image:
+    image = image.convert("RGB")
+    size = fitted_size(*image.size, limits)
+    return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
+
+
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """RGB image -> (3, H, W) in [-1, 1]."""
+    u8 = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))
+    return (u8.permute(2, 0, 1).float() / 255 - 0.5) / 0.5
+
+
+@torch.no_grad()
+def encode_image(
+    model, vae, scale: tuple[float, float], image: Image.Image, vae_lim, vit_lim, device
+) -> tuple[ImageInputs, Image.Image]:
+    """An edit's input through the VAE and the ViT; also returns the resized image."""
+    image = resized(image, vae_lim)
+    pixels = to_pixels(image).to(device)
+    mean = vae.encode(pixels[None].to(vae.dtype)).latent_dist.mean.float()
+    z = scale[0] * (mean - scale[1])  # (1, C, H/8, W/8)
+    p = model.cfg.latent_patch_size
+    vae_grid = (z.shape[2] // p, z.shape[3] // p)
+    vit_image = resized(image, vit_lim)
+    patch = model.vit_patch_size
+    vit_pixels = to_pixels(vit_image).to(device)
+    vit_grid = (vit_pixels.shape[1] // patch, vit_pixels.shape[2] // patch)
+    inputs = ImageInputs(patchify(z, p), vae_grid, patchify(vit_pixels[None], patch), vit_grid)
+    return inputs, image
+
+
+@torch.no_grad()
+def decode_tokens(vae, scale: tuple[float, float], tokens: torch.Tensor, grid, p: int = 2):
+    """Latent tokens -> (latent (1, C, h, w), decoded (1, 3, H, W), uint8 (H, W, 3))."""
+    c = tokens.shape[1] // (p * p)
+    latent = unpatchify(tokens.float(), *grid, c=c, p=p)
+    decoded = vae.decode((latent / scale[0] + scale[1]).to(vae.dtype)).sample.float()
+    u8 = ((decoded * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0) * 255).to(torch.uint8)
+    return latent, decoded, u8

@@ -1,0 +1,158 @@
+"""Loading a Bagel checkpoint directory (the ``ByteDance-Seed/BAGEL-7B-MoT`` layout).
+
+Read: ``llm_config.json`` (Qwen2), ``vit_config.json`` (SigLIP), ``ema.safetensors``
+(official key names), ``ae.safetensors`` (FLUX autoencoder key names), the slow Qwen2
+tokenizer files. Like the official loader: q/k-norm on, untied embeddings, the ViT uses
+``num_hidden_layers - 1`` layers. Every key of ``ema.safetensors`` is mapped (renames
+below; ``language_model.lm_head.weight`` is known and skipped: generation never reads
+logits); a missing or unknown key raises ``ValueError`` naming it.
+
+The real checkpoint carries no autoencoder config (FLUX: ch 128, ch_mult 1,2,4,4) and no
+image-transform limits. An override file ``tiny_model.json`` (the golden fixture's
+format: ``vae_params``, ``vae_group_norm_groups``, ``image_transforms``) in the checkpoint
+directory or its parent, or named by ``$ITHACA_BAGEL_OVERRIDES``, replaces them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+
+from ithaca.models.bagel.model import Bagel, BagelConfig
+
+CHECKPOINT_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors")
+OVERRIDES_FILE = "tiny_model.json"
+SKIPPED_KEYS = frozenset({"language_model.lm_head.weight"})
+RENAMES = {
+    "time_embedder.mlp.0.": "time_embedder.linear_1.",
+    "time_embedder.mlp.2.": "time_embedder.linear_2.",
+    "latent_pos_embed.pos_embed": "latent_pos_embed",
+    "vit_pos_embed.pos_embed": "vit_pos_embed",
+}
+FLUX_VAE = {"ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "z_channels": 16}
+FLUX_SCALE, FLUX_SHIFT = 0.3611, 0.1159
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """An input image transform: longest side <= max, shortest >= min, sides % stride."""
+
+    max_size: int
+    min_size: int
+    stride: int
+    max_pixels: int = 1806336
+
+
+REAL_VAE_LIMITS = ImageLimits(1024, 512, 16)
+REAL_VIT_LIMITS = ImageLimits(980, 224, 14)
+
+
+def is_bagel_checkpoint(path: str) -> bool:
+    """A directory, or a hub repository, holding all of :data:`CHECKPOINT_FILES`."""
+    if os.path.isdir(path):
+        return all(os.path.isfile(os.path.join(path, f)) for f in CHECKPOINT_FILES)
+    try:
+        from huggingface_hub import file_exists, try_to_load_from_cache
+
+        def present(name: str) -> bool:  # the local hub cache first (HF_HUB_OFFLINE=1)
+            return isinstance(try_to_load_from_cache(path, name), str) or file_exists(path, name)
+
+        return all(present(f) for f in CHECKPOINT_FILES)
+    except Exception:  # offline and not cached, or not a repository name
+        return False
+
+
+def overrides(path: str) -> dict:
+    """The override file's contents, or {} (the real model's hard-coded values apply)."""
+    candidates = [os.environ.get("ITHACA_BAGEL_OVERRIDES", "")]
+    candidates += [os.path.join(path, OVERRIDES_FILE), os.path.join(path, "..", OVERRIDES_FILE)]
+    for candidate in candidates:
+        if candidate and os.path.isfile(candidate):
+            with open(candidate) as f:
+                return json.load(f)
+    return {}
+
+
+def checkpoint_key(name: str) -> str:
+    """Our parameter name -> the official checkpoint key."""
+    for official, ours in RENAMES.items():
+        if name.startswith(ours):
+            return official + name[len(ours) :]
+    return name
+
+
+def build(path: str) -> Bagel:
+    """The network with the checkpoint's sizes, on the meta device (no memory)."""
+    from transformers import Qwen2Config, SiglipVisionConfig
+
+    with open(os.path.join(path, "llm_config.json")) as f:
+        llm = Qwen2Config(**{**json.load(f), "tie_word_embeddings": False})
+    with open(os.path.join(path, "vit_config.json")) as f:
+        vit_json = json.load(f)
+    vit_json["num_hidden_layers"] -= 1  # the official loader drops the last layer
+    vit = SiglipVisionConfig(**vit_json, vision_use_head=False)
+    vit._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        return Bagel(llm, vit, BagelConfig())
+
+
+def load_weights(model: Bagel, path: str, dtype: torch.dtype, device) -> Bagel:
+    """Assign every tensor of ``ema.safetensors``; missing / unknown keys raise."""
+    wanted = {checkpoint_key(n): n for n in model.state_dict()}
+    with safe_open(os.path.join(path, "ema.safetensors"), "pt", device="cpu") as f:
+        keys = set(f.keys())
+        missing = sorted(set(wanted) - keys)
+        unknown = sorted(keys - set(wanted) - SKIPPED_KEYS)
+        if missing or unknown:
+            raise ValueError(
+                f"{path}/ema.safetensors does not match Bagel: missing keys {missing}, "
+                f"unknown keys {unknown}"
+            )
+        state = {ours: f.get_tensor(key).to(device, dtype) for key, ours in wanted.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_vae(path: str, over: dict, device):
+    """diffusers' ``AutoencoderKL`` from ``ae.safetensors`` (fp32, FLUX key names)."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    from safetensors.torch import load_file
+
+    p = {**FLUX_VAE, **over.get("vae_params", {})}
+    n = len(p["ch_mult"])
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(p["ch"] * m for m in p["ch_mult"]),
+        layers_per_block=p["num_res_blocks"],
+        latent_channels=p["z_channels"],
+        norm_num_groups=over.get("vae_group_norm_groups", 32),
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    state = convert_ldm_vae_checkpoint(load_file(os.path.join(path, "ae.safetensors")), vae.config)
+    vae.load_state_dict(state, strict=True)
+    scale = p.get("scale_factor", FLUX_SCALE), p.get("shift_factor", FLUX_SHIFT)
+    return vae.to(device).eval().requires_grad_(False), scale
+
+
+def image_limits(over: dict) -> tuple[ImageLimits, ImageLimits]:
+    """(VAE, ViT) input transforms: the override file's or the real model's."""
+    t = over.get("image_transforms", {})
+    pick = ("max_size", "min_size", "stride", "max_pixels")
+    vae = ImageLimits(**{k: t["vae"][k] for k in pick if k in t["vae"]}) if "vae" in t else None
+    vit = ImageLimits(**{k: t["vit"][k] for k in pick if k in t["vit"]}) if "vit" in t else None
+    return vae or REAL_VAE_LIMITS, vit or REAL_VIT_LIMITS
+
+
+def load_tokenizer(path: str):
+    from transformers import Qwen2Tokenizer
+
+    return Qwen2Tokenizer.from_pretrained(path)

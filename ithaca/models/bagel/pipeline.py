@@ -1,0 +1,225 @@
+"""Bagel on the serving pipeline: resolve / condition / denoise / decode (the only glue).
+
+Requests: text-to-image, or an edit with one input image. Bagel's sampling settings
+arrive as extension fields (``GenerationParams.model_options``; official defaults in
+:class:`~ithaca.models.bagel.sampling.SamplingParams`). ``true_cfg_scale`` or
+``guidance_scale`` stand for ``cfg_text_scale`` when it is not given;
+``num_inference_steps`` n means ``num_timesteps`` n + 1 (n model steps). An edit's output
+has the size of its transformed input (``size`` is not used). A request's ``seed`` draws
+the noise as the official inferencer does for that seed; image k of ``n`` uses seed + k.
+
+Streaming previews (``partial_images``) decode the x0 estimate ``x_t - t * v``.
+Not supported: negative prompts (Bagel's guidance contexts come from the prompt and the
+input image), more than one input image, sequence or CFG parallelism (every branch
+attends to its own KV cache: a layout that asks for either is refused at load).
+Step caches wrap the decoder layers during generation only (not the prefill), with one
+state per CFG branch; the TeaCache indicator is the first layer's gen-expert input norm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ithaca.cache import BlockCacheAdapter, build_cache, checkpoint_coefficients
+from ithaca.models.bagel import inputs, loader, sampling
+from ithaca.models.base import DenoisingPipeline, Request, _StopFlag, preview_steps
+from ithaca.parallel import ParallelState
+from ithaca.types import GenerationParams, ParamError, StepEvent
+
+_OPTIONS = {f.name for f in dataclasses.fields(sampling.SamplingParams)}
+_FILES = ["*.json", "*.safetensors", "vocab.json", "merges.txt"]
+TINY_FIXTURE_COEFFICIENTS = (
+    -3251.234782124325,
+    684.2727096654733,
+    -47.96828517042242,
+    2.722866184521024,
+    -0.008989506075890094,
+)
+"""TeaCache polynomial fitted HERE, on the tiny random-weight golden checkpoint (CPU, fp32):
+``ithaca calibrate-teacache ../shared/bagel-golden/checkpoint --width 128 --height 128
+--num-inference-steps 20`` (210 samples). No fit of the real BAGEL-7B-MoT exists: run the
+same command on it (``--write`` stores it in the checkpoint's ``ithaca.json``, which wins)."""
+
+
+def gen_input_norm(layer: torch.nn.Module, args: dict) -> torch.Tensor:
+    """TeaCache's indicator: the first layer's gen-expert input norm of the latent rows."""
+    return layer.input_layernorm_moe_gen(args["hidden_states"][:, args["segment"].gen])
+
+
+class BagelPipeline(DenoisingPipeline):
+    default_width = 1024
+    default_height = 1024
+    default_steps = sampling.SamplingParams.num_timesteps - 1
+    default_true_cfg_scale = sampling.SamplingParams.cfg_text_scale
+    family_name = "Bagel"
+
+    def __init__(self, model: str, state: ParallelState, dtype: torch.dtype):
+        super().__init__(state, dtype)
+        if state.sp.size > 1 or state.cfg.size > 1:
+            raise ValueError(
+                f"Bagel supports no sequence or CFG parallelism (sequence-parallel size "
+                f"{state.sp.size}, cfg_parallel_size {state.cfg.size}); use data parallelism"
+            )
+        if not os.path.isdir(model):
+            from huggingface_hub import snapshot_download
+
+            model = snapshot_download(model, allow_patterns=_FILES)
+        self.model_dir = model
+        over = loader.overrides(model)
+        self.net = loader.load_weights(loader.build(model), model, dtype, self.device)
+        self.transformer = self.net.llm  # what the step caches wrap (its ``layers``)
+        self.vae, self.vae_scale = loader.load_vae(model, over, self.device)  # fp32
+        self.limits = loader.image_limits(over)
+        self.tokenizer = loader.load_tokenizer(model)
+        ids = self.tokenizer.convert_tokens_to_ids
+        self.bos, self.eos = ids("<|im_start|>"), ids("<|im_end|>")
+        self.markers = (ids("<|vision_start|>"), ids("<|vision_end|>"))
+        self.max_side = self.net.cfg.max_latent_size * self.multiple
+
+    # -- request validation ----------------------------------------------------
+    def resolve(self, params: GenerationParams) -> Request:
+        steps = self.checked_steps(params)
+        if params.negative_prompt is not None:
+            raise ParamError(
+                "negative_prompt", "Bagel takes no negative_prompt (its CFG contexts are built in)"
+            )
+        if len(params.images) > 1:
+            raise ParamError("image", f"Bagel edits one input image, got {len(params.images)}")
+        options = dict(params.model_options or {})
+        unknown = sorted(set(options) - _OPTIONS)
+        if unknown:
+            raise ParamError(
+                unknown[0], f"unknown Bagel option(s) {unknown}; known: {sorted(_OPTIONS)}"
+            )
+        scale = next(
+            (v for v in (params.true_cfg_scale, params.guidance_scale) if v is not None), None
+        )
+        if "cfg_text_scale" not in options and scale is not None:
+            options["cfg_text_scale"] = float(scale)  # the generic CFG fields, Bagel's name
+        if "num_timesteps" not in options:
+            options["num_timesteps"] = steps + 1
+        if "cfg_interval" in options:
+            options["cfg_interval"] = tuple(float(v) for v in options["cfg_interval"])
+            if len(options["cfg_interval"]) != 2:
+                message = f"cfg_interval ({list(options['cfg_interval'])}) needs 2 values"
+                raise ParamError("cfg_interval", message)
+        try:
+            spec = sampling.SamplingParams(**options)
+        except ValueError as exc:  # its messages start with the field's name
+            raise ParamError(str(exc).split(" ", 1)[0], str(exc)) from None
+        if params.images:
+            w, h = inputs.fitted_size(*params.images[0].size, self.limits[0])
+        else:
+            w, h = self.rounded_size(params.width, params.height)
+        if max(w, h) > self.max_side:
+            raise ParamError("size", f"size ({w}x{h}) must have both sides <= {self.max_side}")
+        scale = spec.cfg_text_scale
+        return Request(params, w, h, spec.num_timesteps - 1, scale, scale > 1, params.seed, (spec,))
+
+    # -- conditioning: the three KV caches ---------------------------------------
+    @torch.no_grad()
+    def condition(self, request: Request) -> dict[str, Any]:
+        p = request.params
+        ids = [self.bos, *self.tokenizer.encode(p.prompt), self.eos]
+        block = torch.tensor(ids, device=self.device)
+        image = None
+        if p.images:
+            image, _ = inputs.encode_image(
+                self.net, self.vae, self.vae_scale, p.images[0], *self.limits, self.device
+            )
+        return {"contexts": sampling.build_contexts(self.net, block, self.markers, image)}
+
+    # -- step caches --------------------------------------------------------------
+    def cache_adapter(self) -> BlockCacheAdapter:
+        return BlockCacheAdapter(
+            blocks="layers",
+            returns="hidden",
+            modulated_input=gen_input_norm,
+            teacache_coefficients=checkpoint_coefficients(
+                self.model_dir, TINY_FIXTURE_COEFFICIENTS
+            ),
+        )
+
+    def make_cache(self, backend: str, options: dict):
+        return build_cache(backend, options, self.transformer, self.cache_adapter(), self.state)
+
+    # -- the loop -------------------------------------------------------------------
+    def _run_group(self, requests: list[Request], callback):
+        started = time.perf_counter()
+        cache = self._install_cache(self._cache_settings(requests[0]))
+        conds = self._conditions(requests)
+        t_cond = time.perf_counter() - started
+        outputs, per_request = [], []
+        for r, c in zip(requests, conds, strict=True):
+            spec, grid = r.extra_key[0], (r.height // self.multiple, r.width // self.multiple)
+            images, stats = [], []
+            for k in range(r.params.num_images):
+                x, cancelled = self._denoise(r, c, spec, grid, c["seed"] + k, cache, callback)
+                if cancelled:
+                    done = [{"steps_done": cancelled}] * len(requests)
+                    return None, {"cancelled": True, "per_request": done}
+                if cache is not None:
+                    stats.append(self._cache_stats(cache, False))
+                if self.is_returning_rank:
+                    _, _, u8 = inputs.decode_tokens(self.vae, self.vae_scale, x, grid)
+                    images.append(Image.fromarray(u8.cpu().numpy()))
+            outputs.append(images)
+            meta = {"seed": c["seed"], "width": r.width, "height": r.height}
+            meta.update(num_inference_steps=r.steps, bagel=dataclasses.asdict(spec))
+            if stats:
+                meta["cache"] = _merge_stats(stats)
+            meta["timings"] = {"condition_s": t_cond, "total_s": time.perf_counter() - started}
+            per_request.append(meta)
+        return outputs, {"per_request": per_request}
+
+    @torch.no_grad()
+    def _denoise(self, r, cond, spec, grid, seed, cache, callback):
+        """One image: returns (x at t = 0, 0) or (None, steps done) when cancelled."""
+        x = sampling.initial_noise(seed, grid[0] * grid[1], self.net.llm2vae.out_features)
+        total, done = spec.num_timesteps - 1, [0]
+        if cache is not None:
+            cache.begin(total)
+        flag = _StopFlag(self.state, self.device)  # agreed across the replica
+
+        def call(branch: int, i: int, fn):
+            if cache is None:
+                return fn()
+            with cache.step(i, branch):
+                return fn()
+
+        previews_at = preview_steps(total, r.params.partial_images)
+
+        def after_step(i: int, n: int, x0) -> bool:
+            stop = False
+            if self.is_returning_rank and callback is not None:
+                previews = None
+                if i in previews_at:
+                    u8 = inputs.decode_tokens(self.vae, self.vae_scale, x0(), grid)[2]
+                    previews = [Image.fromarray(u8.cpu().numpy())]
+                stop = bool(callback(StepEvent([r.params.request_id], i + 1, n, previews)))
+            done[0] = i + 1
+            return flag.agreed(stop, last=i + 1 == n) and i + 1 < n
+
+        x = sampling.denoise(
+            self.net, cond["contexts"], x.to(self.device), grid, spec, self.markers,
+            call=call, after_step=after_step,
+        )  # fmt: skip
+        return (None, done[0]) if done[0] < total else (x, 0)
+
+
+def _merge_stats(stats: list[dict]) -> dict:
+    computed = sum(s["computed_steps"] for s in stats)
+    cached = sum(s["cached_steps"] for s in stats)
+    total = computed + cached
+    return {
+        "backend": stats[0]["backend"],
+        "computed_steps": computed,
+        "cached_steps": cached,
+        "hit_ratio": round(cached / total, 4) if total else 0.0,
+    }

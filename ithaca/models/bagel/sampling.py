@@ -1,0 +1,284 @@
+"""Bagel's generation maths: KV-cache contexts, the query block, CFG with renorm, the
+rectified-flow schedule and latent (un)patchify. Plain functions over :class:`Bagel`.
+
+Conventions (those of the official inferencer; ``../shared/bagel-golden/README.md``):
+
+- a context is a per-layer KV cache plus the next free RoPE position; text takes
+  consecutive positions, a whole image block (markers included) shares one position;
+- the query block ``[<|vision_start|>, N latents, <|vision_end|>]`` sits at the context's
+  next position, sees the whole context and itself, and is never cached;
+- t = 1 is noise, the Euler step is ``x <- x - v * dt``; N timesteps give N-1 calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ithaca.models.bagel.model import Bagel
+
+RENORM_TYPES = ("global", "channel", "text_channel")
+
+
+@dataclass
+class Context:
+    """A KV cache (per layer ``(k, v)``, (1, KV, L, head_dim)) and its next position."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    next_pos: int = 0
+    segments: list[tuple[torch.Tensor, ...]] | None = None
+    """If a list (checks only): ``(rows, positions, final-norm output)`` of each prefill
+    segment, in order; generation reads only the cache."""
+
+    def prefill(
+        self, model: Bagel, rows: torch.Tensor, gen: slice | None, causal: bool, span: int
+    ) -> Context:
+        """Append ``rows`` (S, D): a text segment (``causal``, ``span`` = S positions) or an
+        image block (full attention, ``span`` = 1 shared position)."""
+        s = rows.shape[0]
+        if causal:
+            positions = torch.arange(self.next_pos, self.next_pos + s, device=rows.device)
+        else:
+            positions = torch.full((s,), self.next_pos, device=rows.device)
+        store: list = []
+        out = model.run(rows, positions, gen, causal, past=self.kv, store=store)
+        if self.kv is None:
+            kv = store
+        else:
+            kv = [
+                (torch.cat([k0, k], 2), torch.cat([v0, v], 2))
+                for (k0, v0), (k, v) in zip(self.kv, store, strict=True)
+            ]
+        trace = None if self.segments is None else [*self.segments, (rows, positions, out)]
+        return Context(kv, self.next_pos + span, trace)
+
+
+def marker_block(model: Bagel, inner: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """``[emb(start), inner rows, emb(end)]`` (n + 2, D)."""
+    ids = torch.tensor([start, end], device=inner.device)
+    marks = model.embed_text(ids).to(inner.dtype)
+    return torch.cat([marks[:1], inner, marks[1:]])
+
+
+def latent_positions(h: int, w: int, max_size: int, device=None) -> torch.Tensor:
+    """``row * max_size + col`` over an (h, w) token grid in row-major order."""
+    rows = torch.arange(h, device=device)[:, None] * max_size
+    return (rows + torch.arange(w, device=device)[None, :]).flatten()
+
+
+def patchify(latent: torch.Tensor, p: int = 2) -> torch.Tensor:
+    """(1, C, p*h, p*w) -> tokens (h*w, p*p*C) indexed ``(p_row * p + p_col) * C + c``:
+    VAE latents (p = 2) and ViT pixel patches (p = 14) alike, patches row-major."""
+    _, c, hh, ww = latent.shape
+    x = latent[0].view(c, hh // p, p, ww // p, p)  # (C, h, pr, w, pc)
+    return x.permute(1, 3, 2, 4, 0).reshape((hh // p) * (ww // p), p * p * c)
+
+
+def unpatchify(tokens: torch.Tensor, h: int, w: int, c: int = 16, p: int = 2) -> torch.Tensor:
+    """Inverse of :func:`patchify`: tokens (h*w, p*p*C) -> (1, C, p*h, p*w)."""
+    x = tokens.view(h, w, p, p, c).permute(4, 0, 2, 1, 3)  # (C, h, pr, w, pc)
+    return x.reshape(1, c, h * p, w * p)
+
+
+def velocity(
+    model: Bagel, ctx: Context, x: torch.Tensor, t: torch.Tensor, pos: torch.Tensor, markers
+) -> torch.Tensor:
+    """One branch's velocity (N, p*p*C) of latent tokens ``x`` (N, p*p*C) at time ``t``
+    under context ``ctx``; ``markers`` = (vision start id, vision end id)."""
+    rows = marker_block(model, model.embed_latents(x, t, pos), *markers)
+    n = x.shape[0]
+    positions = torch.full((n + 2,), ctx.next_pos, device=x.device)
+    hidden = model.run(rows, positions, slice(1, n + 1), causal=False, past=ctx.kv)
+    return model.llm2vae(hidden[1 : n + 1])
+
+
+def schedule(num_timesteps: int, shift: float) -> torch.Tensor:
+    """Shifted timesteps from 1 to 0 (fp32): ``t = s*u / (1 + (s-1)*u)``."""
+    u = torch.linspace(1, 0, num_timesteps)
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def guided(t: float, cfg_text_scale: float, interval: tuple[float, float]) -> bool:
+    """Whether step ``t`` runs the guidance branches: ``lo < t <= hi`` and text scale > 1."""
+    return cfg_text_scale > 1.0 and interval[0] < t <= interval[1]
+
+
+def _renorm(v_c: torch.Tensor, a: torch.Tensor, per_token: bool, floor: float) -> torch.Tensor:
+    """``a * clamp(|v_c| / (|a| + 1e-8), floor, 1)``, norms over all or per token."""
+    if per_token:
+        ratio = v_c.norm(dim=-1, keepdim=True) / (a.norm(dim=-1, keepdim=True) + 1e-8)
+    else:
+        ratio = v_c.norm() / (a.norm() + 1e-8)
+    return a * ratio.clamp(min=floor, max=1.0)
+
+
+def combine(
+    v_cond: torch.Tensor,
+    v_text: torch.Tensor,
+    v_img: torch.Tensor | None,
+    text_scale: float,
+    img_scale: float,
+    renorm_type: str,
+    renorm_min: float,
+) -> torch.Tensor:
+    """Bagel's CFG: text guidance, then image guidance (if ``img_scale`` > 1), renormed."""
+    a = v_text + text_scale * (v_cond - v_text)
+    if renorm_type == "text_channel":
+        a = _renorm(v_cond, a, True, renorm_min)
+        return v_img + img_scale * (a - v_img) if img_scale > 1.0 else a
+    if img_scale > 1.0:
+        a = v_img + img_scale * (a - v_img)
+    return _renorm(v_cond, a, renorm_type == "channel", renorm_min)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Bagel's sampling settings; defaults are ``InterleaveInferencer``'s."""
+
+    cfg_text_scale: float = 3.0
+    """Text guidance (cond vs the context without the text); <= 1 turns all CFG off."""
+    cfg_img_scale: float = 1.5
+    """Image guidance (cond vs the context without the input image), on when > 1."""
+    cfg_interval: tuple[float, float] = (0.4, 1.0)
+    """Guidance applies at timesteps ``lo < t <= hi`` (t = 1 is noise)."""
+    cfg_renorm_type: str = "global"
+    """``global`` / ``channel`` / ``text_channel`` norm rescaling of the guided velocity."""
+    cfg_renorm_min: float = 0.0
+    """Lower clamp of the renorm factor (1.0 disables renorm)."""
+    timestep_shift: float = 3.0
+    """Schedule shift ``s``: ``t = s*u / (1 + (s-1)*u)``."""
+    num_timesteps: int = 50
+    """Schedule length; the model runs ``num_timesteps - 1`` steps."""
+
+    def __post_init__(self):
+        lo, hi = self.cfg_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"cfg_interval ({[lo, hi]}) must satisfy 0 <= lo <= hi <= 1")
+        if self.cfg_renorm_type not in RENORM_TYPES:
+            raise ValueError(
+                f"cfg_renorm_type ({self.cfg_renorm_type!r}) must be one of {RENORM_TYPES}"
+            )
+        for name in ("cfg_text_scale", "cfg_img_scale", "cfg_renorm_min"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} ({getattr(self, name)!r}) must be >= 0")
+        if not self.timestep_shift > 0:
+            raise ValueError(f"timestep_shift ({self.timestep_shift!r}) must be > 0")
+        if not isinstance(self.num_timesteps, int) or self.num_timesteps < 2:
+            raise ValueError(f"num_timesteps ({self.num_timesteps!r}) must be an integer >= 2")
+
+
+BRANCHES = ("cond", "cfg_text", "cfg_img")
+
+
+@dataclass
+class ImageInputs:
+    """An edit's input image as Bagel sees it (already resized)."""
+
+    vae_tokens: torch.Tensor
+    """Clean latent tokens (n, p*p*C) in the scaled latent space."""
+    vae_grid: tuple[int, int]
+    vit_patches: torch.Tensor
+    """SigLIP patch rows (m, p*p*3)."""
+    vit_grid: tuple[int, int]
+
+
+def build_contexts(
+    model: Bagel, prompt_block: torch.Tensor, markers, image=None, trace=False
+) -> dict[str, Context]:
+    """The three contexts: cond = [image] + text, cfg_text = [image], cfg_img = text.
+
+    In text-to-image the cfg_img context is the cond context itself (identical prefill).
+    ``trace`` keeps every segment's rows and outputs (``Context.segments``).
+    """
+    ctx = Context(segments=[] if trace else None)
+    if image is not None:
+        cfg = model.cfg
+        device = prompt_block.device
+        pos = latent_positions(*image.vae_grid, cfg.max_latent_size, device)
+        zero = torch.zeros((), device=device)
+        lat = marker_block(model, model.embed_latents(image.vae_tokens, zero, pos), *markers)
+        ctx = ctx.prefill(model, lat, slice(1, lat.shape[0] - 1), causal=False, span=1)
+        pos = latent_positions(*image.vit_grid, cfg.vit_max_num_patch_per_side, device)
+        vit = marker_block(model, model.embed_vit(image.vit_patches, pos), *markers)
+        ctx = ctx.prefill(model, vit, None, causal=False, span=1)
+    rows = model.embed_text(prompt_block)
+    n = prompt_block.shape[0]
+    cond = ctx.prefill(model, rows, None, causal=True, span=n)
+    if image is None:
+        return {"cond": cond, "cfg_text": Context(), "cfg_img": cond}
+    text_only = Context(segments=[] if trace else None)
+    text_only = text_only.prefill(model, rows, None, causal=True, span=n)
+    return {"cond": cond, "cfg_text": ctx, "cfg_img": text_only}
+
+
+def denoise(
+    model: Bagel,
+    contexts: dict[str, Context],
+    x: torch.Tensor,
+    grid: tuple[int, int],
+    params: SamplingParams,
+    markers,
+    call=None,
+    record=None,
+    after_step=None,
+) -> torch.Tensor:
+    """The rectified-flow loop over latent tokens ``x`` (N, p*p*C) at t = 1; returns x at 0.
+
+    ``call(branch, i, fn)`` wraps each branch forward (step caches); ``record(name,
+    tensor)`` sees every intermediate; ``after_step(i, total, x0)`` (``x0()`` the step's
+    clean-latent estimate) returning True stops early
+    (the returned x is then not at t = 0). The ODE state stays fp32.
+    """
+    host = schedule(params.num_timesteps, params.timestep_shift)  # decisions: no device sync
+    ts = host.to(x.device)
+    pos = latent_positions(*grid, model.cfg.max_latent_size, x.device)
+    shared_img = contexts["cfg_img"] is contexts["cond"]
+    x = x.float()
+    total = len(ts) - 1
+    for i in range(total):
+        t = ts[i]
+        on = guided(float(host[i]), params.cfg_text_scale, params.cfg_interval)
+        names = ["cond"]
+        if on:
+            names.append("cfg_text")
+            if params.cfg_img_scale > 1.0 and not shared_img:
+                names.append("cfg_img")
+        v = {}
+        for name in names:
+
+            def fn(name=name, x=x, t=t):
+                return velocity(model, contexts[name], x, t, pos, markers).float()
+
+            v[name] = call(BRANCHES.index(name), i, fn) if call else fn()
+        if on and params.cfg_img_scale > 1.0 and shared_img:
+            v["cfg_img"] = v["cond"]  # identical context: identical velocity
+        if on:
+            out = combine(
+                v["cond"],
+                v["cfg_text"],
+                v.get("cfg_img"),
+                params.cfg_text_scale,
+                params.cfg_img_scale,
+                params.cfg_renorm_type,
+                params.cfg_renorm_min,
+            )
+        else:
+            out = v["cond"]
+        if record is not None:
+            record(f"step.{i}.x_t", x)
+            for name, value in v.items():
+                record(f"step.{i}.v_{name}", value)
+            record(f"step.{i}.v", out)
+        x0 = (x, out, float(host[i]))  # x0 estimate x_t - t * v, computed only if asked
+        x = x - out * float(host[i] - host[i + 1])  # the fp32 dt, exactly
+        if after_step is not None and after_step(i, total, lambda e=x0: e[0] - e[1] * e[2]):
+            break
+    return x
+
+
+def initial_noise(seed: int, num_tokens: int, dim: int) -> torch.Tensor:
+    """x at t = 1, (N, dim) fp32: what ``torch.manual_seed(seed); torch.randn(N, dim)``
+    gives in the official inferencer, from a private CPU generator."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(num_tokens, dim, generator=generator)
