@@ -4,7 +4,7 @@ The shipped shapes model (or ``--model``) generates N held-out prompts plainly: 
 process, ``--steps`` steps, no cache. Then each configuration generates the same
 prompts with the same seeds, and the table gives, per configuration, PSNR and SSIM
 against the plain images (mean and worst), prompt adherence (every attribute right,
-:mod:`ithaca.models.shapes.analysis`) and seconds per image.
+:mod:`tools.shapes.analysis`) and seconds per image.
 
 Configurations (comma-separated ``--configs``):
 
@@ -30,11 +30,12 @@ import torch
 
 from ithaca.config import ParallelConfig
 from ithaca.models.registry import load_pipeline
-from ithaca.models.shapes import analysis, shipped_checkpoint_path
-from ithaca.models.shapes.evaluate import heldout_cases
+from ithaca.models.shapes import shipped_checkpoint_path
 from ithaca.parallel.state import ParallelState
 from ithaca.testing.distributed import WorkerPool, parallel_state
 from ithaca.types import GenerationParams
+from tools.shapes import analysis
+from tools.shapes.evaluate import heldout_cases
 
 LAYOUTS = {
     "ulysses2": dict(ulysses_degree=2),

@@ -65,9 +65,12 @@ class Ithaca:
         self.engine: Engine = build_engine(server, parallel, cache or CacheConfig())
         self.engine.start(wait=True)
 
-    def generate(self, prompt: str | dict | GenerationParams, **sampling: Any) -> GenerationResult:
-        """One request; ``result.images`` (PIL) or ``result.frames`` ``(F, H, W, 3)``."""
-        return self.engine.generate(make_params(prompt, **sampling))
+    def generate(
+        self, prompt: str | dict | GenerationParams, *, on_progress=None, **sampling: Any
+    ) -> GenerationResult:
+        """One request; ``result.images`` (PIL) or ``result.frames`` ``(F, H, W, 3)``.
+        ``on_progress(step, total, previews)`` is called after each denoising step."""
+        return self.engine.submit(make_params(prompt, **sampling), on_progress).future.result()
 
     def close(self) -> None:
         self.engine.shutdown()

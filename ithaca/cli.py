@@ -8,6 +8,7 @@ ithaca worker-node MODEL --usp 4 --nnodes 2 --node-rank 1 --master-addr HOST --m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -99,6 +100,9 @@ def _auto_parallel(args, dp: int) -> ParallelConfig:
         getattr(args, "negative_prompt", None) is not None
         and (getattr(args, "true_cfg_scale", None) or 0) > 1
     )
+    if getattr(args, "model", None) is None:  # serve: the first of its models
+        given = [*getattr(args, "models", []), *getattr(args, "more_models", [])]
+        args.model = (given[0].rpartition("@")[0] or given[0]) if given else None
     if args.model is None:
         from ithaca.engine.executor import default_model_path
 
@@ -161,7 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the OpenAI-compatible server")
-    s.add_argument("model", nargs="?", default=None, help="checkpoint (default: embedded model)")
+    s.add_argument(
+        "models", nargs="*", metavar="MODEL",
+        help="checkpoint(s), each optionally MODEL@usp=2,ring=1,cfg=1,dp=1,name=NAME (its own "
+        "layout; default: the flags below); none: the default image and video models",
+    )  # fmt: skip
+    s.add_argument("--model", action="append", default=[], dest="more_models",
+                   metavar="MODEL", help="another model (repeatable), same syntax")  # fmt: skip
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8091)
     s.add_argument("--data-parallel-size", type=int, default=1)
@@ -211,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale-2", type=float, default=None)
     g.add_argument("--flow-shift", type=float, default=None)
     g.add_argument("--output", default="out.png", help="out.png / .jpg / .webp / .mp4")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
     _parallel_args(g)
 
     c = sub.add_parser(
@@ -245,10 +256,12 @@ def cmd_serve(args) -> int:
     if args.node_rank > 0:  # a worker node: its torchrun ranks only, no HTTP front
         if args.master_port is None:
             raise ValueError("--master-port is required on a node with --node-rank > 0")
+        args.model = _model_entries(args)[0].model
         return cmd_worker_node(args)
 
+    models = _model_entries(args)
     config = ServerConfig(
-        model=args.model,
+        model=models[0].model,
         served_model_name=args.served_model_name,
         host=args.host,
         port=args.port,
@@ -272,7 +285,53 @@ def cmd_serve(args) -> int:
         max_loras=args.max_loras,
         lora_dir=args.lora_dir,
     )
-    return serve(config, _parallel(args, args.data_parallel_size), _cache(args))
+    return serve(config, models[0].parallel, _cache(args), models)
+
+
+_LAYOUT_KEYS = {
+    "usp": "ulysses_degree",
+    "ring": "ring_degree",
+    "cfg": "cfg_parallel_size",
+    "dp": "data_parallel_size",
+}
+
+
+def parse_model(text: str, default: ParallelConfig):
+    """``MODEL[@key=value,...]`` -> ``ModelEntry``; keys: usp, ring, cfg, dp, name."""
+    import dataclasses
+
+    from ithaca.server.serve import ModelEntry
+
+    model, sep, options = text.rpartition("@")
+    if not sep or "=" not in options:
+        return ModelEntry(text, None, default)
+    layout, name = {}, None
+    for item in options.split(","):
+        key, eq, value = item.partition("=")
+        if key == "name" and eq and value:
+            name = value
+        elif key in _LAYOUT_KEYS and value.isdigit():
+            layout[_LAYOUT_KEYS[key]] = int(value)
+        else:
+            raise ValueError(
+                f"--model {text}: '{item}' must be name=NAME or one of "
+                f"{', '.join(k + '=N' for k in _LAYOUT_KEYS)}"
+            )
+    return ModelEntry(model, name, dataclasses.replace(default, **layout))
+
+
+def _model_entries(args) -> list:
+    from ithaca.server.serve import ModelEntry, default_entries
+
+    given = [*args.models, *args.more_models]
+    # --usp auto plans for the first model (``_auto_parallel`` reads ``args.model``).
+    args.model = parse_model(given[0], ParallelConfig()).model if given else None
+    default = _parallel(args, args.data_parallel_size)
+    if not given:
+        return default_entries(default)
+    if len(given) == 1 and "@" not in given[0]:
+        return [ModelEntry(given[0], args.served_model_name, default)]
+    return [parse_model(text, default) for text in given]
 
 
 def cmd_generate(args) -> int:
@@ -290,14 +349,31 @@ def cmd_generate(args) -> int:
             "true_cfg_scale", "seed", "num_frames", "fps", "guidance_scale_2", "flow_shift",
         )
     }  # fmt: skip
-    with Ithaca(args.model, parallel=_parallel(args), cache=_cache(args), dtype=args.dtype) as gen:
+    model = args.model
+    if model is None and fmt == "mp4":  # the default video model, when the package has it
+        from ithaca.engine.catalog import default_models
+
+        model = default_models()[-1]
+    show = not args.quiet and sys.stderr.isatty()
+    gen = Ithaca(model, parallel=_parallel(args), cache=_cache(args), dtype=args.dtype)
+    with gen, _progress(show, "steps") as bar:
         result = gen.generate(
-            {"prompt": args.prompt, "images": args.image}, num_images=args.num_images, **sampling
+            {"prompt": args.prompt, "images": args.image},
+            num_images=args.num_images,
+            on_progress=lambda step, total, _: bar(step, total),
+            **sampling,
         )
+    for warning in _unknown_words(model, args.prompt):
+        print(f"ithaca: warning: {warning}", file=sys.stderr)
     if fmt == "mp4":
         if result.frames is None:
             raise ValueError("the model returned images, not video; use a .png output")
-        data = encode_mp4(result.frames, result.fps or args.fps or 16)
+        with _progress(show, "frames") as bar:
+            n = len(result.frames)
+            done = iter(range(1, n + 1))
+            data = encode_mp4(
+                result.frames, result.fps or args.fps or 16, lambda: bar(next(done), n)
+            )
         outputs = [args.output]
         blobs = [data]
     else:
@@ -311,6 +387,34 @@ def cmd_generate(args) -> int:
             f.write(blob)
         print(path)
     return 0
+
+
+@contextlib.contextmanager
+def _progress(show: bool, unit: str):
+    """A tqdm bar on stderr driven by ``update(done, total)`` calls (any thread)."""
+    if not show:
+        yield lambda done, total: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(unit=unit, file=sys.stderr) as bar:
+
+        def update(done: int, total: int) -> None:
+            if bar.total != total:
+                bar.reset(total)
+            bar.update(done - bar.n)
+
+        yield update
+
+
+def _unknown_words(model: str | None, prompt: str) -> list[str]:
+    from ithaca.engine.catalog import model_info
+    from ithaca.engine.executor import default_model_path
+
+    unknown = model_info(model or default_model_path()).unknown_words(prompt)
+    if not unknown:
+        return []
+    return [f"unknown words for this model: {', '.join(unknown)} (ignored by the model)"]
 
 
 def cmd_calibrate_teacache(args) -> int:

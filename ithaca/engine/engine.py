@@ -322,9 +322,12 @@ def build_engine(
     metrics: EngineMetrics | None = None,
     on_fatal: Callable[[str], None] | None = None,
     env: dict[str, str] | None = None,
+    device_offset: int = 0,
 ) -> Engine:
     """One executor per data-parallel replica, each a worker group of
-    ``cfg * ring * ulysses`` ranks (or in-process when ``server.executor == "inprocess"``)."""
+    ``cfg * ring * ulysses`` ranks (or in-process when ``server.executor == "inprocess"``).
+    ``device_offset``: local GPUs taken by the models before this one (several models on
+    one server each own their own devices)."""
     from ithaca.engine.executor import InProcessExecutor, PipelineSpec
     from ithaca.engine.group import WorkerGroupExecutor
 
@@ -342,7 +345,7 @@ def build_engine(
             executors.append(InProcessExecutor(spec, name=f"inprocess-{i}"))
             continue
         group_env = dict(env or {})
-        visible = _visible_devices(i, group.world_size // server.nnodes)
+        visible = _visible_devices(i, group.world_size // server.nnodes, device_offset)
         if visible is not None:
             group_env["CUDA_VISIBLE_DEVICES"] = visible
         port = None if server.master_port is None else server.master_port + i
@@ -375,8 +378,8 @@ def build_engine(
     return engine
 
 
-def _visible_devices(group_index: int, per_node: int) -> str | None:
-    """Data-parallel group ``i`` owns local GPUs ``[i*per_node, (i+1)*per_node)``."""
+def _visible_devices(group_index: int, per_node: int, offset: int = 0) -> str | None:
+    """Data-parallel group ``i`` owns local GPUs ``offset + [i*per_node, (i+1)*per_node)``."""
     import os
 
     import torch
@@ -385,10 +388,11 @@ def _visible_devices(group_index: int, per_node: int) -> str | None:
         return None
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = visible.split(",") if visible else [str(d) for d in range(torch.cuda.device_count())]
-    mine = devices[group_index * per_node : (group_index + 1) * per_node]
+    first = offset + group_index * per_node
+    mine = devices[first : first + per_node]
     if len(mine) < per_node:
         raise ValueError(
-            f"data-parallel group {group_index} needs {per_node} GPUs but only "
-            f"{len(devices)} are visible"
+            f"data-parallel group {group_index} needs GPUs {first}..{first + per_node - 1} "
+            f"but only {len(devices)} are visible"
         )
     return ",".join(mine)

@@ -1,6 +1,6 @@
 """The reference documents' model x method table, with what ithaca's tests checked.
 
-Rendered into ``docs/models.md`` by ``ithaca.models.support_matrix`` from the same
+Rendered into ``docs/models.md`` by ``tools.support_matrix`` from the same
 records as the support matrix: a cell is "checked" when at least one passed parity check
 of that family exercised the method, whatever the reference claims.
 """

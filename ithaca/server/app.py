@@ -25,7 +25,7 @@ from ithaca.engine.engine import Engine
 from ithaca.server import errors, images, loras, videos
 from ithaca.server.errors import APIError
 from ithaca.server.outputs import OutputStore
-from ithaca.server.state import ServerState, server_state
+from ithaca.server.state import ServedModel, ServerState, server_state
 from ithaca.server.video_store import VideoStore
 
 log = logging.getLogger("ithaca.server")
@@ -79,15 +79,24 @@ class EdgeMiddleware:
 
 
 def create_app(
-    engine: Engine, config: ServerConfig, *, start_engine: bool = True, state_dir: str | None = None
+    engine: Engine,
+    config: ServerConfig,
+    *,
+    start_engine: bool = True,
+    state_dir: str | None = None,
+    models: list[ServedModel] | None = None,
 ) -> FastAPI:
+    """``models``: every served model (``engine`` is the first's); default: ``engine``
+    alone, named ``config.model_name``, for any task."""
     state_dir = state_dir or config.state_dir or os.path.expanduser("~/.cache/ithaca")
     state = ServerState(
         engine=engine,
         config=config,
         outputs=OutputStore(os.path.join(state_dir, "outputs"), config.output_ttl_s),
         videos=VideoStore(state_dir),
+        models=list(models or []),
     )
+    engines = [m.engine for m in state.models]
     if state.videos.recovered:
         log.warning(
             "marked %d unfinished video job(s) from a previous run failed", state.videos.recovered
@@ -95,14 +104,24 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if start_engine:
-            engine.start(wait=False)
+        starter = None
+        if start_engine and config.executor == "inprocess" and len(engines) > 1:
+            # In-process pipelines load in this process's threads, and diffusers'
+            # empty-weights loading is not thread-safe: one model after the other.
+            starter = asyncio.create_task(_start_in_turn(engines))
+        elif start_engine:
+            for e in engines:
+                e.start(wait=False)
         sweeper = asyncio.create_task(_sweep(state))
         try:
             yield
         finally:
             sweeper.cancel()
-            await asyncio.to_thread(engine.shutdown, config.drain_timeout_s)
+            if starter is not None:
+                starter.cancel()
+            await asyncio.gather(
+                *(asyncio.to_thread(e.shutdown, config.drain_timeout_s) for e in engines)
+            )
             for _, task in list(state.video_jobs.values()):
                 task.cancel()
             await asyncio.gather(*(t for _, t in state.video_jobs.values()), return_exceptions=True)
@@ -116,45 +135,59 @@ def create_app(
     app.include_router(videos.router)
     app.include_router(loras.router)
 
-    def model_card() -> dict:
-        return {
-            "id": config.model_name,
+    def model_card(served: ServedModel, detail: bool = False) -> dict:
+        card = {
+            "id": served.name,
             "object": "model",
             "created": state.created,
             "owned_by": "ithaca",
-            "root": config.model,
+            "root": served.root,
+            "tasks": list(served.info.tasks),  # extension: image and / or video
         }
+        if detail:  # extension: what the model can draw (vocabulary, trained defaults)
+            card.update(served.info.card())
+        return card
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(m) for m in state.models]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(request: Request, model_id: str):
-        server_state(request).resolve_model(model_id)
-        return model_card()
+        return model_card(server_state(request).find_model(model_id), detail=True)
 
     @app.get("/health")
     async def health():
-        groups = engine.describe()
-        if engine.alive:
+        groups = [g for e in engines for g in e.describe()]
+        if all(e.alive for e in engines):
             return {"status": "ok", "groups": groups}
         body = APIError(503, "not every rank is alive", code="engine_unavailable").body()
         return JSONResponse({**body, "groups": groups}, status_code=503)
 
     @app.get("/ready")
     async def ready():
-        if engine.ready:
+        if all(e.ready for e in engines):
             return {"status": "ready"}
-        reason = "draining" if engine.alive else "weights loading or a worker group is down"
+        alive = all(e.alive for e in engines)
+        reason = "draining" if alive else "weights loading or a worker group is down"
         return APIError(503, f"not ready: {reason}", code="not_ready").response()
 
     @app.get("/metrics")
     async def metrics():
-        engine.metrics.waiting.set(len(engine.scheduler))
+        for e in engines:
+            e.metrics.waiting.set(len(e.scheduler))
+        # Each engine has its own registry; one exposition may not repeat a metric, so the
+        # first model's engine (and the HTTP metrics) are shown.
         return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _start_in_turn(engines: list[Engine]) -> None:
+    for engine in engines:
+        engine.start(wait=False)
+        while not engine.ready and engine.fatal_reason is None:
+            await asyncio.sleep(0.1)
 
 
 async def _sweep(state: ServerState) -> None:

@@ -16,9 +16,12 @@ from ithaca.server.errors import APIError, invalid
 from ithaca.server.loras import check_request_loras
 from ithaca.server.protocol import ImageEditJSON, ImageRequest
 from ithaca.server.state import (
+    ServedModel,
     ServerState,
+    log,
     log_ignored,
     read_json,
+    request_id,
     server_state,
     wait_result,
 )
@@ -40,8 +43,8 @@ async def generations(request: Request):
     state = server_state(request)
     body = ImageRequest.model_validate(await read_json(request))
     log_ignored(request, body.extra_fields())
-    state.resolve_model(body.model)
-    return await _serve(request, state, body, body.to_params(), "image_generation")
+    served = state.resolve_model(body.model, "image")
+    return await _serve(request, state, served, body, body.to_params(), "image_generation")
 
 
 @router.post("/v1/images/edits")
@@ -54,7 +57,7 @@ async def edits(request: Request):
         images = [_json_image(ref, f"images[{i}]") for i, ref in enumerate(body.images)]
         mask = _json_image(body.mask, "mask") if body.mask is not None else None
     log_ignored(request, body.extra_fields())
-    state.resolve_model(body.model)
+    served = state.resolve_model(body.model, "image")
     if mask is not None and mask.size != images[0].size:
         raise invalid(
             f"mask size {mask.size} must equal the first image's size {images[0].size}", "mask"
@@ -63,7 +66,7 @@ async def edits(request: Request):
     # A layered request keeps the inputs' alpha; every other pipeline takes RGB.
     mode = "RGB" if params.layers is None else "RGBA"
     params.images = [img.convert(mode) for img in images]
-    return await _serve(request, state, body, params, "image_edit")
+    return await _serve(request, state, served, body, params, "image_edit")
 
 
 @router.get("/outputs/{name}")
@@ -111,17 +114,22 @@ def _images_of(results: GenerationResult) -> list[Image.Image]:
     return list(results.images)
 
 
-async def _serve(request, state: ServerState, body: ImageRequest, params: GenerationParams, kind):
+async def _serve(
+    request, state: ServerState, served: ServedModel, body: ImageRequest, params, kind
+):
     fmt = body.output_format or "png"
     meta = {
         "background": "opaque",
         "output_format": fmt,
         "quality": body.quality or "auto",
     }
-    check_request_loras(state, params)
-    engine = state.engine
+    check_request_loras(served.engine, params)
+    engine = served.engine
+    warnings = served.warnings(params.prompt)
+    for warning in warnings:
+        log.warning("[%s] %s", request_id(request), warning)
     if body.stream:
-        return _stream(request, state, body, params, kind, meta)
+        return _stream(request, state, engine, body, params, kind, meta)
     req = engine.submit(params)
     result = await wait_result(engine, req, request)
     images = _images_of(result)
@@ -142,8 +150,11 @@ async def _serve(request, state: ServerState, body: ImageRequest, params: Genera
         body_out["cache"] = result.metadata["cache"]
     if "lora" in result.metadata:  # extension: the adapters and scales applied
         body_out["lora"] = result.metadata["lora"]
-    if result.metadata.get("warnings"):  # extension: e.g. idle CFG-parallel ranks
-        body_out["warnings"] = result.metadata["warnings"]
+    # extension: words of the prompt the model never learned, and the engine's warnings
+    # (e.g. idle CFG-parallel ranks)
+    warnings = warnings + list(result.metadata.get("warnings") or [])
+    if warnings:
+        body_out["warnings"] = warnings
     return JSONResponse(body_out, headers=timing_headers(req, result))
 
 
@@ -170,7 +181,7 @@ def _sse(event: dict) -> bytes:
     return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
 
 
-def _stream(request, state: ServerState, body, params: GenerationParams, kind: str, meta: dict):
+def _stream(request, state: ServerState, engine, body, params: GenerationParams, kind, meta: dict):
     """Submit now (so 429/503 are plain errors), then stream previews and results."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
@@ -181,7 +192,6 @@ def _stream(request, state: ServerState, body, params: GenerationParams, kind: s
         if previews:
             loop.call_soon_threadsafe(events.put_nowait, ("previews", previews))
 
-    engine = state.engine
     req = engine.submit(params, on_progress)
     req.future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, ("done",)))
 

@@ -4,6 +4,8 @@
 ``--lora-dir`` only: a path that resolves outside it (``..``, an absolute path, a
 symlink) is refused with 403, and without ``--lora-dir`` run-time loading is off (403).
 The engine runs every command on every rank of every worker group, between batches.
+With several served models, ``/v1/loras`` manages the first model's adapters (and
+``--lora`` preloads into it).
 :func:`check_request_loras` answers a request naming an unknown adapter with 400
 ``param: lora`` before it is queued.
 """
@@ -16,6 +18,7 @@ import os
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from ithaca.engine.engine import Engine
 from ithaca.engine.errors import GenerationFailedError
 from ithaca.server.errors import APIError, invalid
 from ithaca.server.state import ServerState, server_state
@@ -90,9 +93,9 @@ async def delete_lora(request: Request, name: str):
     return {"name": name, "object": "lora", "deleted": True}
 
 
-def check_request_loras(state: ServerState, params: GenerationParams) -> None:
-    """400 ``param: lora`` for an adapter the server has not loaded."""
+def check_request_loras(engine: Engine, params: GenerationParams) -> None:
+    """400 ``param: lora`` for an adapter the model's engine has not loaded."""
     for ref in params.lora:
-        if ref.name not in state.engine.loras:
-            known = ", ".join(sorted(state.engine.loras)) or "none loaded"
+        if ref.name not in engine.loras:
+            known = ", ".join(sorted(engine.loras)) or "none loaded"
             raise invalid(f"unknown LoRA {ref.name!r} (known: {known})", "lora")

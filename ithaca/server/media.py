@@ -78,8 +78,9 @@ def encode_image(image: Image.Image, fmt: str, compression: int | None = None) -
     return buf.getvalue()
 
 
-def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
-    """``(F, H, W, 3)`` uint8 -> H.264 yuv420p MP4 (odd sizes are padded to even)."""
+def encode_mp4(frames: np.ndarray, fps: int, on_frame=None) -> bytes:
+    """``(F, H, W, 3)`` uint8 -> H.264 yuv420p MP4 (odd sizes are padded to even).
+    ``on_frame()`` is called after each frame is encoded (a progress bar)."""
     assert frames.ndim == 4 and frames.shape[-1] == 3, frames.shape
     frames = np.ascontiguousarray(frames.astype(np.uint8))
     f, h, w, _ = frames.shape
@@ -96,6 +97,8 @@ def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
             frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)
+            if on_frame is not None:
+                on_frame()
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()

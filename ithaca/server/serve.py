@@ -9,25 +9,29 @@ exit code 1 after the same bounded shutdown.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
 
 import uvicorn
 
 from ithaca.config import CacheConfig, ParallelConfig, ServerConfig
 from ithaca.engine.engine import build_engine
 from ithaca.server.app import create_app
+from ithaca.server.state import ServedModel
 
 log = logging.getLogger("ithaca.server")
 
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine):
+    def __init__(self, config: uvicorn.Config, engines):
         super().__init__(config)
-        self.engine = engine
+        self.engines = engines
         self.exit_code = 0
 
     def handle_exit(self, sig, frame) -> None:
-        self.engine.begin_drain()
+        for engine in self.engines:
+            engine.begin_drain()
         super().handle_exit(sig, frame)
 
     def fatal(self, reason: str) -> None:
@@ -36,13 +40,76 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(server: ServerConfig, parallel: ParallelConfig, cache: CacheConfig | None = None) -> int:
-    """Serve until SIGTERM (returns 0) or a fatal worker failure (returns 1)."""
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model of a multi-model server: its checkpoint, name and parallel layout."""
+
+    model: str | None
+    """Checkpoint / hub id; ``None`` for the embedded default image model."""
+    name: str | None
+    """Name clients pass as ``model``; ``None``: the checkpoint as given."""
+    parallel: ParallelConfig
+
+
+DEFAULT_VIDEO_NAME = "ithaca-default-video"
+
+
+def default_entries(parallel: ParallelConfig) -> list[ModelEntry]:
+    """``ithaca serve`` with no model: the default image model, then the default video model."""
+    from ithaca.engine.catalog import default_models
+
+    entries = [ModelEntry(None, None, parallel)]
+    entries += [ModelEntry(m, DEFAULT_VIDEO_NAME, parallel) for m in default_models()[1:]]
+    return entries
+
+
+def build_models(server: ServerConfig, cache, entries: list[ModelEntry], on_fatal=None):
+    """One engine (its own worker groups, layout and devices) per model."""
+    from ithaca.engine.catalog import model_info
+    from ithaca.engine.executor import default_model_path
+
+    served, names, offset = [], set(), 0
+    for i, entry in enumerate(entries):
+        port = None if server.master_port is None else server.master_port + 100 * i
+        config = dataclasses.replace(
+            server,
+            model=entry.model,
+            served_model_name=entry.name or (server.served_model_name if i == 0 else None),
+            master_port=port,
+            loras=server.loras if i == 0 else (),  # adapters fit one model: the first
+        )
+        if config.model_name in names:
+            raise ValueError(f"two models are named '{config.model_name}': give each a name=")
+        names.add(config.model_name)
+        info = model_info(entry.model or default_model_path())
+        engine = build_engine(
+            config, entry.parallel, cache, on_fatal=on_fatal, device_offset=offset
+        )
+        offset += entry.parallel.world_size
+        log.info(
+            "model '%s': %s, layout %s", config.model_name, "/".join(info.tasks), entry.parallel
+        )
+        served.append(ServedModel(config.model_name, engine, info, entry.model))
+    return served
+
+
+def serve(
+    server: ServerConfig,
+    parallel: ParallelConfig,
+    cache: CacheConfig | None = None,
+    models: list[ModelEntry] | None = None,
+) -> int:
+    """Serve until SIGTERM (returns 0) or a fatal worker failure (returns 1).
+
+    ``models``: several models, each with its own engine; default: ``server.model`` with
+    ``parallel``."""
     holder: dict = {}
-    engine = build_engine(
-        server, parallel, cache, on_fatal=lambda reason: holder["server"].fatal(reason)
+    entries = models or [ModelEntry(server.model, server.served_model_name, parallel)]
+    served = build_models(
+        server, cache, entries, on_fatal=lambda reason: holder["server"].fatal(reason)
     )
-    app = create_app(engine, server)
+    engine = served[0].engine
+    app = create_app(engine, server, models=served)
     config = uvicorn.Config(
         app,
         host=server.host,
@@ -51,6 +118,6 @@ def serve(server: ServerConfig, parallel: ParallelConfig, cache: CacheConfig | N
         timeout_graceful_shutdown=int(server.drain_timeout_s),
         lifespan="on",
     )
-    holder["server"] = uvicorn_server = _Server(config, engine)
+    holder["server"] = uvicorn_server = _Server(config, [m.engine for m in served])
     uvicorn_server.run()
     return uvicorn_server.exit_code

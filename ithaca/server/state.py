@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from ithaca.config import ServerConfig
+from ithaca.engine.catalog import TASKS, ModelInfo
 from ithaca.engine.engine import Engine
 from ithaca.engine.scheduler import EngineRequest
 from ithaca.server.errors import APIError, invalid
@@ -21,25 +22,80 @@ log = logging.getLogger("ithaca.server")
 
 
 @dataclass
+class ServedModel:
+    """One model of the server: its name, its engine (worker groups) and what it can do."""
+
+    name: str
+    engine: Engine
+    info: ModelInfo
+    root: str | None = None
+    """The checkpoint as given (``/v1/models`` ``root``; also accepted as a name)."""
+
+    def warnings(self, prompt: str | None) -> list[str]:
+        """Honest prompts: a warning naming the words this model never learned."""
+        unknown = self.info.unknown_words(prompt)
+        if not unknown:
+            return []
+        return [
+            f"unknown words for model '{self.name}': {', '.join(unknown)} (ignored by the "
+            f"model; GET /v1/models/{self.name} lists the words it knows)"
+        ]
+
+
+@dataclass
 class ServerState:
     engine: Engine
+    """The first model's engine (single-model callers)."""
     config: ServerConfig
     outputs: OutputStore
     videos: VideoStore
     created: int = field(default_factory=lambda: int(time.time()))
     video_jobs: dict[str, tuple[EngineRequest, asyncio.Task]] = field(default_factory=dict)
+    models: list[ServedModel] = field(default_factory=list)
+    """Every served model in order; empty means the one ``engine`` (any task)."""
 
-    def resolve_model(self, name: str | None) -> str:
-        """The served model's name; 404 for any other model."""
-        served = self.config.model_name
-        if name is None or name in (served, self.config.model):
-            return served
+    def __post_init__(self) -> None:
+        if not self.models:
+            info = ModelInfo(self.config.model, None, TASKS)
+            name, root = self.config.model_name, self.config.model
+            self.models = [ServedModel(name, self.engine, info, root)]
+
+    def find_model(self, name: str) -> ServedModel:
+        for served in self.models:
+            if name in (served.name, served.root):
+                return served
+        names = ", ".join(f"'{m.name}'" for m in self.models)
         raise APIError(
             404,
-            f"The model '{name}' does not exist; this server serves '{served}'",
+            f"The model '{name}' does not exist; this server serves {names}",
             param="model",
             code="model_not_found",
         )
+
+    def resolve_model(self, name: str | None, task: str | None = None) -> ServedModel:
+        """The model a request names (default: the first that can do ``task``); 404 for
+        an unknown model, 400 naming ``model`` for one that cannot do ``task``."""
+        if name is None:
+            for served in self.models:
+                if task is None or task in served.info.tasks:
+                    return served
+            raise invalid(f"no model of this server can do {task} generation", "model")
+        served = self.find_model(name)
+        if task is not None and task not in served.info.tasks:
+            others = [f"'{m.name}'" for m in self.models if task in m.info.tasks]
+            hint = f"; use {', '.join(others)}" if others else ""
+            raise invalid(
+                f"model '{served.name}' generates {' and '.join(served.info.tasks)}, not "
+                f"{task}s{hint}",
+                "model",
+                code="model_not_supported",
+            )
+        return served
+
+    def cancel(self, req: EngineRequest) -> None:
+        """Cancel ``req`` on whichever engine holds it (a no-op on the others)."""
+        for served in self.models:
+            served.engine.cancel(req)
 
 
 def server_state(request: Request) -> ServerState:

@@ -18,7 +18,7 @@ from ithaca.server import media
 from ithaca.server.errors import APIError, invalid
 from ithaca.server.loras import check_request_loras
 from ithaca.server.protocol import VideoRequest
-from ithaca.server.state import ServerState, log_ignored, read_json, server_state
+from ithaca.server.state import ServerState, log_ignored, read_json, request_id, server_state
 
 router = APIRouter()
 log = logging.getLogger("ithaca.server.videos")
@@ -55,25 +55,35 @@ async def create(request: Request):
                 "input_reference must be {'image_url': 'data:...'} in JSON", "input_reference"
             )
     log_ignored(request, body.extra_fields())
-    model = state.resolve_model(body.model)
-    params = body.to_params()
-    check_request_loras(state, params)
+    served = state.resolve_model(body.model, "video")
+    model = served.name
+    declared = served.info.defaults  # what the checkpoint was trained at, if it says
+    params = body.to_params(default_fps=declared.get("fps", 16))
+    if body.num_frames is None and body.seconds is None and "num_frames" in declared:
+        params.num_frames = declared["num_frames"]
+    check_request_loras(served.engine, params)
+    warnings = served.warnings(params.prompt)
+    for warning in warnings:
+        log.warning("[%s] %s", request_id(request), warning)
     params.images = [img.convert("RGB") for img in images]
     seconds = body.seconds or f"{params.num_frames / params.fps:g}"
     size = body.size or "auto"
     job_id = f"video_{uuid.uuid4().hex}"
     job = state.videos.create(job_id, model, body.prompt, seconds, size)
     try:
-        req = _submit(state, job_id, params)
+        req = _submit(state, served.engine, job_id, params)
     except EngineError:
         state.videos.delete(job_id)
         raise
     task = asyncio.create_task(_finish(state, job_id, req))
     state.video_jobs[job_id] = (req, task)
-    return JSONResponse(job.to_openai())
+    out = job.to_openai()
+    if warnings:  # extension: words of the prompt the model never learned
+        out["warnings"] = warnings
+    return JSONResponse(out)
 
 
-def _submit(state: ServerState, job_id: str, params) -> EngineRequest:
+def _submit(state: ServerState, engine, job_id: str, params) -> EngineRequest:
     last = [-1]
 
     def on_progress(step: int, total: int, previews) -> None:
@@ -82,7 +92,7 @@ def _submit(state: ServerState, job_id: str, params) -> EngineRequest:
             last[0] = progress
             state.videos.update(job_id, status="in_progress", progress=progress)
 
-    return state.engine.submit(params, on_progress)
+    return engine.submit(params, on_progress)
 
 
 async def _finish(state: ServerState, job_id: str, req: EngineRequest) -> None:
@@ -184,7 +194,7 @@ async def delete(request: Request, video_id: str):
     state = server_state(request)
     running = state.video_jobs.get(video_id)
     if running is not None:
-        state.engine.cancel(running[0])
+        state.cancel(running[0])
     if not state.videos.delete(video_id):
         raise _not_found(video_id)
     return {"id": video_id, "object": "video.deleted", "deleted": True}

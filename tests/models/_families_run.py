@@ -209,7 +209,7 @@ def max_image_diff(a: list, b: list) -> int:
 def record(family: str, layout: str, latent_err: float, image_diff: int, cache: str = "none"):
     """Append one passed parity check to ``$ITHACA_SUPPORT_RECORD`` (JSON lines), if set.
 
-    ``python -m ithaca.models.support_matrix`` sets it, runs these tests and renders
+    ``python -m tools.support_matrix`` sets it, runs these tests and renders
     the support matrix of ``docs/models.md`` from them: it lists what passed, nothing else.
     """
     print(f"{family} {layout}: max latent error {latent_err:.2e}, max image diff {image_diff}/255")

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from ithaca.models.shapes import analysis, scenes, shipped_checkpoint_path
-from ithaca.models.shapes.evaluate import TARGETS, DiffusersGenerator, heldout_cases, run
+from ithaca.models.shapes import shipped_checkpoint_path
 from tests.models._families_run import record
 from tests.models._run import generate
+from tools.shapes import analysis, scenes
+from tools.shapes.evaluate import TARGETS, DiffusersGenerator, heldout_cases, run
 
 FAMILY = "shapes (default model)"
 """The support-matrix name of the embedded default model."""
@@ -84,7 +85,7 @@ def test_prompts_name_every_attribute():
         assert scene.background in text
         for s in scene.shapes:
             assert s.color in text
-            assert any(k in text for k in scenes._KIND_WORDS[s.kind])
+            assert any(k in text for k in scenes.KIND_WORDS[s.kind])
 
 
 # -- the shipped checkpoint ---------------------------------------------------------------

@@ -18,10 +18,10 @@ def test_cli_accepts_the_reference_command_line_and_rejects_bad_configs(capsys):
         ["serve", "Qwen/Qwen-Image", "--omni", "--usp", "2", "--ring", "2", "--port", "9000",
          "--cache-backend", "tea_cache", "--cache-config", '{"rel_l1_thresh": 0.2}']
     )  # fmt: skip
-    assert (args.model, args.ulysses_degree, args.ring_degree, args.port) == (
-        "Qwen/Qwen-Image", 2, 2, 9000,
+    assert (args.models, args.ulysses_degree, args.ring_degree, args.port) == (
+        ["Qwen/Qwen-Image"], 2, 2, 9000,
     )  # fmt: skip
-    assert build_parser().parse_args(["serve"]).model is None  # embedded default model
+    assert build_parser().parse_args(["serve"]).models == []  # the embedded default models
     assert main(["serve", "--max-batch-size", "0"]) == 2
     assert "max_batch_size (0) must be a positive integer" in capsys.readouterr().err
     assert main(["serve", "--cache-config", "{oops"]) == 2

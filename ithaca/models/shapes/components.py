@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 from pathlib import Path
 
 import torch
 
 from ithaca.models.qwen_image.templates import SPECIAL_TOKENS, T2I
-from ithaca.models.shapes import scenes
+from ithaca.models.shapes.vocabulary import known_words
 
 TEXT_HIDDEN = 64
 Z_DIM = 16
@@ -42,15 +41,9 @@ COMPONENTS = {
 }
 
 
-def _corpus(seed: int) -> list[str]:
-    rng = random.Random(seed)
-    lines = [T2I.format("")] * 200  # the template's pre-tokens become single tokens
-    lines += [scenes.describe(scenes.sample_scene(rng, "any"), rng) for _ in range(4000)]
-    return lines
-
-
-def build_tokenizer(seed: int = 0, vocab_size: int = 1024):
-    """A ``Qwen2Tokenizer`` whose scene words and template pre-tokens are single tokens."""
+def build_tokenizer(prompts: list[str], vocab_size: int = 1024):
+    """A ``Qwen2Tokenizer`` whose scene words (from ``prompts``, a sample of the training
+    prompts) and template pre-tokens are single tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -65,7 +58,8 @@ def build_tokenizer(seed: int = 0, vocab_size: int = 1024):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_corpus(seed), trainer=trainer)
+    corpus = [T2I.format("")] * 200 + list(prompts)  # template pre-tokens: single tokens
+    bpe.train_from_iterator(corpus, trainer=trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     vocab = {k: v for k, v in model["vocab"].items() if k not in SPECIAL_TOKENS}
@@ -182,6 +176,7 @@ def write_model_index(path: Path) -> None:
 
     index = {"_class_name": "QwenImagePipeline", "_diffusers_version": diffusers_version}
     index["_ithaca_defaults"] = SERVING_DEFAULTS
+    index["_ithaca_vocabulary"] = sorted(known_words())  # server: warns on other words
     index.update({k: list(v) for k, v in COMPONENTS.items()})
     (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 

@@ -70,6 +70,17 @@ def _read_json(model: str, *parts: str) -> dict:
         return json.load(f)
 
 
+_DECLARED_DEFAULTS = {
+    "width": "default_width",
+    "height": "default_height",
+    "num_inference_steps": "default_steps",
+    "num_frames": "default_num_frames",
+    "fps": "default_fps",
+    "guidance_scale": "default_true_cfg_scale",
+}
+"""``model_index.json`` ``_ithaca_defaults`` keys (diffusers ignores ``_`` keys) -> attributes."""
+
+
 @dataclass(frozen=True)
 class VideoSettings:
     """Per-request settings two requests must share to be denoised in one batch."""
@@ -140,6 +151,11 @@ class WanPipeline(DenoisingPipeline):
             self.default_steps, self.default_true_cfg_scale = 50, 5.0
         else:
             self.takes_image = "always" if self.concat_condition else "never"
+        # A checkpoint may declare what it was trained at (the default video model does).
+        declared = index.get("_ithaca_defaults") or {}
+        for key, attr in _DECLARED_DEFAULTS.items():
+            if key in declared:
+                setattr(self, attr, declared[key])
         self.video_processor = VideoProcessor(vae_scale_factor=self.scale_spatial)
         self.vae = self.text_encoder = self.tokenizer = None
         if self.is_returning_rank:

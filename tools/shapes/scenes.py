@@ -16,50 +16,16 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 160, 50),
-    "blue": (30, 70, 220),
-    "yellow": (245, 215, 20),
-    "orange": (245, 130, 20),
-    "purple": (130, 40, 180),
-    "pink": (250, 140, 200),
-    "cyan": (30, 210, 225),
-    "white": (245, 245, 245),
-    "black": (15, 15, 15),
-}
-KINDS = ("circle", "square", "triangle")
-SIZES: dict[str, float] = {"small": 0.22, "medium": 0.32, "large": 0.44}
-"""Shape extent (diameter, side) as a fraction of the shorter image side."""
-
-# 3x3 grid: (column, row) in {0, 1, 2}; centres at 1/4, 1/2 and 3/4 of the image.
-POSITIONS: dict[str, tuple[int, int]] = {
-    "top left": (0, 0),
-    "top": (1, 0),
-    "top right": (2, 0),
-    "left": (0, 1),
-    "centre": (1, 1),
-    "right": (2, 1),
-    "bottom left": (0, 2),
-    "bottom": (1, 2),
-    "bottom right": (2, 2),
-}
-GRID = (0.25, 0.5, 0.75)
-
-# Wordings. Each position name maps to phrases that say it.
-_POSITION_PHRASES: dict[str, tuple[str, ...]] = {
-    "top left": ("at the top left", "in the top left corner", "in the upper left"),
-    "top": ("at the top", "at the top centre", "near the top"),
-    "top right": ("at the top right", "in the top right corner", "in the upper right"),
-    "left": ("on the left", "at the left", "on the left side"),
-    "centre": ("in the centre", "in the center", "in the middle"),
-    "right": ("on the right", "at the right", "on the right side"),
-    "bottom left": ("at the bottom left", "in the bottom left corner", "in the lower left"),
-    "bottom": ("at the bottom", "at the bottom centre", "near the bottom"),
-    "bottom right": ("at the bottom right", "in the bottom right corner", "in the lower right"),
-}
-_SIZE_WORDS = {"small": ("small", "little", "tiny"), "medium": ("",), "large": ("large", "big")}
-_KIND_WORDS = {"circle": ("circle", "disc"), "square": ("square",), "triangle": ("triangle",)}
+from ithaca.models.shapes.vocabulary import (
+    COLORS,
+    GRID,
+    KIND_WORDS,
+    KINDS,
+    POSITION_PHRASES,
+    POSITIONS,
+    SIZE_WORDS,
+    SIZES,
+)
 
 
 @dataclass(frozen=True)
@@ -124,11 +90,11 @@ def sample_scene(rng: random.Random, split: str = "train", two_shape_prob: float
 
 
 def _shape_phrase(rng: random.Random, shape: Shape) -> str:
-    size = rng.choice(_SIZE_WORDS[shape.size])
-    kind = rng.choice(_KIND_WORDS[shape.kind])
+    size = rng.choice(SIZE_WORDS[shape.size])
+    kind = rng.choice(KIND_WORDS[shape.kind])
     words = " ".join(w for w in (size, shape.color, kind) if w)
     article = "an" if words[0] in "aeiou" else "a"
-    return f"{article} {words} {rng.choice(_POSITION_PHRASES[shape.position])}"
+    return f"{article} {words} {rng.choice(POSITION_PHRASES[shape.position])}"
 
 
 def describe(scene: Scene, rng: random.Random) -> str:

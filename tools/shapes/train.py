@@ -1,4 +1,4 @@
-"""Train the shapes model from a seed: ``python -m ithaca.models.shapes.train --out DIR``.
+"""Train the shapes model from a seed: ``python -m tools.shapes.train --out DIR``.
 
 Stages (each logs to ``DIR/log.jsonl`` and shows a progress bar):
 
@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -42,12 +43,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ithaca.models.shapes import components, scenes
+from ithaca.models.shapes import components
+from tools.shapes import scenes
 
 SIZES = {(128, 128): 1.0}
 """Training resolutions (width, height) and their share of the bank and the steps. One
 size: the 3x3 grid cells then sit at fixed token positions, which a 4-layer model with
 only RoPE learns far sooner than a size-relative layout."""
+
+
+def tokenizer_corpus(seed: int, n: int = 4000) -> list[str]:
+    """Scene prompts the tokenizer is trained on (every wording, held-out layouts too:
+    they are words, not pictures)."""
+    rng = random.Random(seed)
+    return [scenes.describe(scenes.sample_scene(rng, "any"), rng) for _ in range(n)]
 
 
 class Log:
@@ -404,7 +413,7 @@ PROBE_SEED = 4321
 def adherence_probe(pipe, n: int, cfg: float = 4.0) -> dict[str, float]:
     """Generate ``n`` held-out prompts with the pipeline in memory (128x128, 20 steps,
     true CFG) and check them: how adherence develops during training."""
-    from ithaca.models.shapes import analysis, evaluate
+    from tools.shapes import analysis, evaluate
 
     cases = evaluate.heldout_cases(n, PROBE_SEED)
     pipe.set_progress_bar_config(disable=True)
@@ -508,7 +517,7 @@ def ship(checkpoint: Path) -> Path:
     return CHECKPOINT_DIR
 
 
-MODULE = "ithaca.models.shapes.train"
+MODULE = "tools.shapes.train"
 BANK_FILE = "bank.pkl"
 """The latent bank, written by rank 0 for the other training ranks."""
 
@@ -590,7 +599,13 @@ def spawn_ranks(args, argv: list[str]) -> list[subprocess.Popen]:
 
 
 def _start(command: list[str], log_path: Path) -> subprocess.Popen:
-    return subprocess.Popen(command, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    # ``-m tools...`` must resolve from any working directory: the repository root first.
+    root = str(Path(__file__).resolve().parents[2])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.Popen(command, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
 def main(argv=None) -> None:
@@ -614,6 +629,8 @@ def main(argv=None) -> None:
         "and --bank) instead of recomputing them: the same result, 15 minutes sooner",
     )
     p.add_argument("--bank", type=int, default=8000, help="training scenes encoded once")
+    p.add_argument("--val", type=int, default=256, help="held-out scenes for the val loss")
+    p.add_argument("--stats", type=int, default=512, help="scenes for the latent mean / std")
     p.add_argument("--steps", type=int, default=9000, help="transformer steps")
     p.add_argument("--batch", type=int, default=16, help="per process")
     p.add_argument("--lr", type=float, default=7e-4, help="peak learning rate")
@@ -652,7 +669,7 @@ def main(argv=None) -> None:
     ranks = spawn_ranks(args, argv_list)
     if args.procs > 1:
         init_group(args, 0)
-    tokenizer = components.build_tokenizer(args.seed)
+    tokenizer = components.build_tokenizer(tokenizer_corpus(args.seed))
     tokenizer.save_pretrained(out / "tokenizer")
     bank = None
     if args.reuse:
@@ -693,14 +710,14 @@ def main(argv=None) -> None:
         vae = components.build_vae(args.seed)
         with single_frame(vae):
             train_vae_part(vae, "encoder", args.vae_steps // 3, args, args.seed + 200, log)
-            set_latent_stats(vae, random.Random(args.seed + 300))
+            set_latent_stats(vae, random.Random(args.seed + 300), args.stats)
     vae.requires_grad_(False)
     log(stage="time", what="vae encoder", seconds=time.time() - start)
 
     with single_frame(vae):
         if bank is None:
             bank = build_bank(vae, args, random.Random(args.seed + 400))
-        val = build_bank(vae, args, random.Random(args.seed + 1), "heldout", total=256)
+        val = build_bank(vae, args, random.Random(args.seed + 1), "heldout", total=args.val)
     log(stage="time", what="bank", seconds=time.time() - start)
     with (out / BANK_FILE).open("wb") as f:  # for the other ranks and for --reuse
         pickle.dump(bank, f)
@@ -710,7 +727,7 @@ def main(argv=None) -> None:
         dist.barrier()  # rank 1 has trained the decoder
         log(stage="time", what="decoder (rank 1)", seconds=time.time() - start)
 
-    from ithaca.models.shapes.plot import plot_log
+    from tools.shapes.plot import plot_log
 
     def save():
         load_decoder(vae, out)  # the decoder stage's result once it is there

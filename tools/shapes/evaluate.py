@@ -1,9 +1,9 @@
-"""Prompt adherence of a shapes checkpoint: ``python -m ithaca.models.shapes.evaluate``.
+"""Prompt adherence of a shapes checkpoint: ``python -m tools.shapes.evaluate``.
 
 Draws N held-out scenes (layouts the training never saw), generates one image per
 prompt through ithaca's own pipeline (``load_pipeline``, one process) or diffusers'
 ``QwenImagePipeline`` (``--backend diffusers``, the reference), checks each image with
-:mod:`ithaca.models.shapes.analysis` and prints accuracy per attribute. Optionally
+:mod:`tools.shapes.analysis` and prints accuracy per attribute. Optionally
 writes a contact sheet (prompts under their images, green frame when every attribute
 is right) and a JSON report.
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from ithaca.models.shapes import analysis, scenes
+from tools.shapes import analysis, scenes
 
 TARGETS = {"background": 0.95, "color": 0.90, "position": 0.85, "kind": 0.75}
 """Accuracy the shipped model must reach per attribute (issue 6)."""

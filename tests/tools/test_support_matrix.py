@@ -1,11 +1,11 @@
 """The support matrix of docs/models.md is generated, not written by hand.
 
 No model runs here: the committed table must be exactly what the committed records
-(``docs/support-records.jsonl``, written by ``python -m ithaca.models.support_matrix``)
+(``docs/support-records.jsonl``, written by ``python -m tools.support_matrix``)
 render to, and the renderer is checked on a small fixture.
 """
 
-from ithaca.models import support_matrix as sm
+from tools import support_matrix as sm
 
 FIXTURE = [
     dict(family="Z-Image", layout="ulysses2", cache="none", latent_err=1e-6, image_diff=0),

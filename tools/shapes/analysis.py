@@ -1,7 +1,7 @@
 """Does an image show a scene? Colour segmentation, regions of mass, shape descriptors.
 
 Pixels are labelled with the nearest palette colour (or none, when every palette
-colour is far). Then, for a :class:`~ithaca.models.shapes.scenes.Scene`:
+colour is far). Then, for a :class:`~tools.shapes.scenes.Scene`:
 
 - **background**: the majority label of a 3-pixel frame around the image;
 - per requested shape, the largest 4-connected region of its colour:
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from ithaca.models.shapes import scenes
+from tools.shapes import scenes
 
 ATTRIBUTES = ("background", "color", "position", "kind", "size")
 FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
