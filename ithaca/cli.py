@@ -82,7 +82,7 @@ def _auto_size(args) -> tuple[int, int]:
 
 
 def _auto_parallel(args, dp: int) -> ParallelConfig:
-    from ithaca.parallel.auto import plan
+    from ithaca.autolayout import plan
 
     if args.ring_degree != 1 or args.cfg_parallel_size != 1 or dp != 1:
         raise ValueError(
@@ -110,8 +110,8 @@ def _auto_parallel(args, dp: int) -> ParallelConfig:
     interconnect = None if args.interconnect == "auto" else args.interconnect
     chosen = plan(world, args.model, _auto_size(args), cfg, interconnect)
     print(f"ithaca: --usp auto: {chosen.reason}", file=sys.stderr)
-    return dataclasses.replace(
-        chosen.config,
+    return ParallelConfig(
+        **chosen.degrees,
         attention_backend=args.attention_backend,
         collective_timeout_s=args.collective_timeout_s,
     )
@@ -189,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--liveness-timeout", type=float, default=10.0)
     s.add_argument("--step-timeout", type=float, default=300.0)
     s.add_argument("--output-ttl", type=float, default=3600.0)
+    s.add_argument("--video-ttl", type=float, default=7 * 24 * 3600.0)
+    s.add_argument("--max-body-bytes", type=int, default=64 * 2**20)
+    s.add_argument("--max-input-pixels", type=int, default=4096 * 4096)
+    s.add_argument("--max-output-pixels", type=int, default=2048 * 2048)
+    s.add_argument("--max-steps", type=int, default=200)
+    s.add_argument("--max-n", type=int, default=10)
+    s.add_argument("--max-frames", type=int, default=241)
+    s.add_argument("--max-request-seconds", type=float, default=1800.0)
+    s.add_argument("--max-request-memory-gb", type=float, default=None)
+    s.add_argument("--step-timeout-factor", type=float, default=10.0)
     s.add_argument("--lora", action="append", default=[], metavar="NAME=PATH[:SCALE]",
                    help="preload a LoRA adapter; repeat")  # fmt: skip
     s.add_argument("--max-loras", type=int, default=None, help="adapters resident (LRU)")
@@ -277,6 +287,16 @@ def cmd_serve(args) -> int:
         step_timeout_s=args.step_timeout,
         drain_timeout_s=args.drain_timeout,
         output_ttl_s=args.output_ttl,
+        video_ttl_s=args.video_ttl,
+        max_body_bytes=args.max_body_bytes,
+        max_input_pixels=args.max_input_pixels,
+        max_output_pixels=args.max_output_pixels,
+        max_steps=args.max_steps,
+        max_n=args.max_n,
+        max_frames=args.max_frames,
+        max_request_seconds=args.max_request_seconds,
+        max_request_memory_gb=args.max_request_memory_gb,
+        step_timeout_factor=args.step_timeout_factor,
         state_dir=args.state_dir,
         nnodes=args.nnodes,
         master_addr=args.master_addr,
@@ -298,7 +318,6 @@ _LAYOUT_KEYS = {
 
 def parse_model(text: str, default: ParallelConfig):
     """``MODEL[@key=value,...]`` -> ``ModelEntry``; keys: usp, ring, cfg, dp, name."""
-    import dataclasses
 
     from ithaca.server.serve import ModelEntry
 

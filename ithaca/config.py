@@ -92,17 +92,17 @@ class ParallelConfig:
     ) -> ParallelConfig:
         """The Ulysses / Ring / CFG / replica degrees the cost model of ``docs/guide.md``
         picks for ``world_size`` GPUs, ``model`` (checkpoint path, hub id or
-        :class:`~ithaca.parallel.auto.ModelGeometry`), a ``(width, height)`` request
+        :class:`~ithaca.autolayout.ModelGeometry`), a ``(width, height)`` request
         ``size``, true CFG on or off, and ``"nvlink"`` / ``"pcie"`` (``None``: read from
         ``nvidia-smi topo -m``, else assume PCIe). Logs the choice and why; see
-        :func:`ithaca.parallel.auto.plan` for the ranked candidates."""
+        :func:`ithaca.autolayout.plan` for the ranked candidates."""
         import logging
 
-        from ithaca.parallel.auto import plan
+        from ithaca.autolayout import plan  # below config: it imports no ithaca module
 
         chosen = plan(world_size, model, size, cfg, interconnect)
         logging.getLogger(__name__).info("auto parallel layout: %s", chosen.reason)
-        return chosen.config
+        return cls(**chosen.degrees)
 
 
 # The reference system's name for the same object.
@@ -188,6 +188,39 @@ class ServerConfig:
     output_ttl_s: float = 3600.0
     """``response_format=url`` outputs are kept and served for this long."""
 
+    max_body_bytes: int = 64 * 2**20
+    """Request bodies above this many bytes get 413 (JSON and multipart alike)."""
+
+    max_input_pixels: int = 4096 * 4096
+    """An uploaded image whose header declares more pixels is refused (413, before decoding)."""
+
+    max_output_pixels: int = 2048 * 2048
+    """Largest requested output ``width * height`` (400, ``param`` = ``size``)."""
+
+    max_steps: int = 200
+    """Largest ``num_inference_steps`` a request may ask for."""
+
+    max_n: int = 10
+    """Largest ``n`` (images per request)."""
+
+    max_frames: int = 241
+    """Largest video ``num_frames`` (also bounds ``seconds * fps``)."""
+
+    max_request_seconds: float = 1800.0
+    """Admission: a request whose estimated run time (from measured step times) exceeds this
+    is refused with 400 before it runs."""
+
+    max_request_memory_gb: float | None = None
+    """Admission: a request whose estimated peak memory per rank (from measured batches)
+    exceeds this is refused with 400; ``None`` uses the memory the machine has free."""
+
+    step_timeout_factor: float = 10.0
+    """A step (or the decode after the last step) is declared hung after this many times
+    its expected duration (and never before ``liveness_timeout_s``)."""
+
+    video_ttl_s: float = 7 * 24 * 3600.0
+    """Video jobs and their MP4 files expire this long after they complete (``expires_at``)."""
+
     state_dir: str | None = None
     """Video jobs (SQLite) and stored outputs live here; ``None`` uses ``~/.cache/ithaca``."""
 
@@ -236,9 +269,25 @@ class ServerConfig:
         names = [entry[0] for entry in self.loras]
         if len(set(names)) != len(names):
             raise ValueError(f"loras ({names}) name an adapter twice")
-        for name in ("heartbeat_interval_s", "liveness_timeout_s", "step_timeout_s"):
+        for name in ("max_body_bytes", "max_input_pixels", "max_output_pixels", "max_steps"):
+            _require_positive(name, getattr(self, name))
+        _require_positive("max_n", self.max_n)
+        _require_positive("max_frames", self.max_frames)
+        if self.max_request_memory_gb is not None and self.max_request_memory_gb <= 0:
+            raise ValueError(
+                f"max_request_memory_gb ({self.max_request_memory_gb}) must be > 0 or None"
+            )
+        for name in (
+            "heartbeat_interval_s",
+            "liveness_timeout_s",
+            "step_timeout_s",
+            "max_request_seconds",
+            "video_ttl_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be > 0")
+        if self.step_timeout_factor < 2:
+            raise ValueError(f"step_timeout_factor ({self.step_timeout_factor}) must be >= 2")
 
     @property
     def model_name(self) -> str:

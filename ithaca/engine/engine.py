@@ -22,9 +22,11 @@ import uuid
 from collections.abc import Callable
 
 from ithaca.config import CacheConfig, ParallelConfig, ServerConfig
+from ithaca.engine.admission import Cost, CostModel, admit, batch_cost, cost_of
 from ithaca.engine.errors import (
     DrainingError,
     EngineDeadError,
+    EngineError,
     EngineNotReadyError,
     GenerationFailedError,
     RequestCancelledError,
@@ -68,6 +70,11 @@ class Engine:
         on_worker_failure: str = "restart",
         metrics: EngineMetrics | None = None,
         on_fatal: Callable[[str], None] | None = None,
+        max_request_seconds: float | None = None,
+        max_request_memory_bytes: float | None = None,
+        step_timeout_factor: float = 10.0,
+        min_step_timeout_s: float = 10.0,
+        step_timeout_s: float = 300.0,
     ):
         if not executors:
             raise ValueError("an engine needs at least one executor")
@@ -86,6 +93,11 @@ class Engine:
         self._threads: list[threading.Thread] = []
         self._running: set[EngineRequest] = set()
         self._lock = threading.Lock()
+        self.max_request_seconds = max_request_seconds
+        self.max_request_memory_bytes = max_request_memory_bytes
+        self.costs = [
+            CostModel(step_timeout_factor, min_step_timeout_s, step_timeout_s) for _ in executors
+        ]
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -118,6 +130,11 @@ class Engine:
             for ev, ex in zip(self._ready, self.executors, strict=True)
         )
 
+    @property
+    def overdue(self) -> bool:
+        """Some group's running step is later than its measured step time allows."""
+        return any(ex.overdue() for ex in self.executors)
+
     def describe(self) -> list[dict]:
         return [ex.describe() for ex in self.executors]
 
@@ -125,8 +142,9 @@ class Engine:
         self.fatal_reason = reason
         self._stopping.set()
         self.scheduler.close()
+        log.error("the engine stops: %s", reason)
         for req in self.scheduler.take_all():
-            self._fail(req, EngineDeadError(reason))
+            self._fail(req, EngineDeadError("the engine stopped after a worker failure"))
         if self.on_fatal is not None:
             self.on_fatal(reason)
 
@@ -144,30 +162,73 @@ class Engine:
         self.scheduler.close()
         for req in self.scheduler.take_all():
             self._fail(req, DrainingError("the server shut down before this request ran"))
+        self.abort_running()
         for t in self._threads:
             t.join(timeout=max(1.0, deadline - time.monotonic()))
         for ex in self.executors:
             ex.shutdown()
+        self.abort_running()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def abort_running(self) -> None:
+        """The drain ran out: waiting and running requests fail now with 503 (a running
+        batch is cancelled at its next step or stopped with its group)."""
         with self._lock:
-            running = list(self._running)
+            running = [*self.scheduler.take_all(), *self._running]
         for req in running:
+            req.cancelled.set()
             self._fail(req, DrainingError("the server shut down while this request ran"))
 
     # -- requests ------------------------------------------------------------------------
 
-    def submit(
-        self, params: GenerationParams, on_progress: ProgressCallback | None = None
-    ) -> EngineRequest:
+    def validate(self, params: GenerationParams) -> dict:
+        """Check one request alone on the model (before it can join a batch), then admit it
+        by cost. Blocking (a round trip to rank 0): call it off the event loop.
+
+        Returns the resolved shape; raises GenerationFailedError (400) for the client's
+        mistake and AdmissionError (400) for what cannot fit.
+        """
+        self._check_open()
+        alive = [i for i, ex in enumerate(self.executors) if ex.is_alive()]
+        if not alive:
+            raise EngineDeadError("no worker group is alive (restarting)")
+        try:
+            resolved = self.executors[alive[0]].validate(params)
+        except WorkerGroupDiedError as exc:
+            log.warning("validation on %s failed: %s", self.executors[alive[0]].name, exc)
+            raise EngineDeadError("no worker group is alive (restarting)") from None
+        self.admit(cost_of(params, resolved))
+        return resolved
+
+    def admit(self, cost: Cost) -> None:
+        """Refuse (400) what the measured rates say would take too long or need too much
+        memory (:func:`~ithaca.engine.admission.admit`)."""
+        admit(self.costs, cost, self.max_request_seconds, self.max_request_memory_bytes)
+
+    def _check_open(self) -> None:
         if self.fatal_reason:
-            raise EngineDeadError(f"the engine stopped: {self.fatal_reason}")
+            raise EngineDeadError("the engine stopped after a fatal worker failure")
         if self._draining or self._stopping.is_set():
             raise DrainingError("the server is shutting down and takes no new requests")
         if not any(ev.is_set() for ev in self._ready):
             raise EngineNotReadyError("the model is still loading; retry shortly")
+
+    def submit(
+        self,
+        params: GenerationParams,
+        on_progress: ProgressCallback | None = None,
+        *,
+        label: str = "-",
+        resolved: dict | None = None,
+    ) -> EngineRequest:
+        self._check_open()
         if not any(ex.is_alive() for ex in self.executors):
             raise EngineDeadError("no worker group is alive (restarting)")
         params = dataclasses.replace(params, request_id=uuid.uuid4().hex)
-        req = EngineRequest(params, on_progress)
+        req = EngineRequest(params, on_progress, label=label, resolved=dict(resolved or {}))
         self.scheduler.add(req)
         self.metrics.requests.inc()
         self.metrics.waiting.set(len(self.scheduler))
@@ -223,7 +284,7 @@ class Engine:
         self.metrics.groups_alive.set(sum(e.is_alive() for e in self.executors))
         if not any(e.is_alive() for e in self.executors):
             for req in self.scheduler.take_all():
-                self._fail(req, EngineDeadError(f"worker group died: {reason}"))
+                self._fail(req, EngineDeadError(_DIED))
             self.metrics.waiting.set(0)
         if self.on_worker_failure == "exit":
             self._fatal(f"{ex.name} died: {reason}")
@@ -252,12 +313,48 @@ class Engine:
             self.metrics.waiting.set(len(self.scheduler))
             if not ex.is_alive():
                 for req in batch:
-                    self._fail(req, EngineDeadError(f"worker group {ex.name} died"))
+                    self._fail(req, EngineDeadError(_DIED))
                 continue
             self._run(i, batch)
 
     def _run(self, i: int, batch: list[EngineRequest]) -> None:
+        """Run one batch; a batch failing on a request's input reruns its requests alone."""
+        try:
+            failure = self._execute(i, batch)
+            if (
+                isinstance(failure, GenerationFailedError)
+                and failure.kind == "invalid_request"
+                and len(batch) > 1
+            ):
+                # One request's input poisoned the batch: every request gets its own answer.
+                log.warning(
+                    "a batch of %d failed on one request's input (%s); rerunning each alone",
+                    len(batch),
+                    failure,
+                )
+                for req in batch:
+                    if not req.future.done() and self.executors[i].is_alive():
+                        self._finish_alone(i, req)
+                    elif not req.future.done():
+                        self._fail(req, EngineDeadError(_DIED))
+            elif failure is not None:
+                for req in batch:
+                    self._fail(req, failure)
+        finally:
+            with self._lock:
+                self._running.difference_update(batch)
+
+    def _finish_alone(self, i: int, req: EngineRequest) -> None:
+        failure = self._execute(i, [req])
+        if failure is not None:
+            self._fail(req, failure)
+
+    def _execute(self, i: int, batch: list[EngineRequest]) -> EngineError | None:
+        """Run ``batch`` on executor ``i``; resolve the futures of a success, return the
+        failure (client-safe message; details logged with the request ids) otherwise."""
         ex = self.executors[i]
+        cost_model = self.costs[i]
+        cost = batch_cost([cost_of(r.params, r.resolved) for r in batch])
         start = time.monotonic()
         for req in batch:
             req.started = start
@@ -266,12 +363,14 @@ class Engine:
             self._running.update(batch)
         self.metrics.running.inc(len(batch))
         self.metrics.batch_size.observe(len(batch))
-        last = [start]
+        last = [start, 0]  # time and index of the last step event
 
         def on_step(event: StepEvent) -> bool:
             now = time.monotonic()
             self.metrics.step_latency.observe(now - last[0])
-            last[0] = now
+            if event.step == last[1] + 1 and event.step > 1:  # the first step has warm-up
+                cost_model.observe_step(cost, now - last[0])
+            last[0], last[1] = now, event.step
             previews = split_previews(event, batch)
             for req in batch:
                 req.step, req.total_steps = event.step, event.total_steps
@@ -279,39 +378,48 @@ class Engine:
                     try:
                         req.on_progress(event.step, event.total_steps, previews.get(req.request_id))
                     except Exception:
-                        log.exception("progress callback of %s failed", req.request_id)
+                        log.exception("progress callback of %s failed", req.label)
             return all(req.cancelled.is_set() for req in batch)
 
+        labels = ",".join(r.label for r in batch)
         try:
-            results = ex.execute([req.params for req in batch], on_step)
+            results = ex.execute(
+                [req.params for req in batch], on_step, deadlines=cost_model.deadlines(cost)
+            )
         except WorkerGroupDiedError as exc:
             self._reasons[i] = str(exc)
-            for req in batch:
-                self._fail(req, EngineDeadError(str(exc)))
+            log.error("[%s] %s died while running the batch: %s", labels, ex.name, exc)
+            return EngineDeadError(_DIED)
         except GenerationFailedError as exc:
-            for req in batch:
-                self._fail(req, GenerationFailedError(str(exc), exc.kind))
-        except Exception as exc:  # an executor bug: fail the batch, keep serving
-            log.exception("%s raised outside the pipeline", ex.name)
-            for req in batch:
-                self._fail(req, GenerationFailedError(f"{type(exc).__name__}: {exc}"))
-        else:
-            by_id = {res.request_id: res for res in results}
-            done = time.monotonic()
-            for req in batch:
-                if req.cancelled.is_set():
-                    self._fail(req, RequestCancelledError("the request was cancelled"))
-                elif req.request_id in by_id:
-                    self.metrics.e2e_latency.observe(done - req.arrival)
-                    self.metrics.observe_result(by_id[req.request_id].metadata)
-                    req.finished = done
-                    req.finish(by_id[req.request_id])
-                else:
-                    self._fail(req, GenerationFailedError("the pipeline returned no result"))
+            if exc.kind != "invalid_request":
+                log.error("[%s] the pipeline failed on %s: %s", labels, ex.name, exc)
+            return GenerationFailedError(str(exc), exc.kind)
+        except Exception:  # an executor bug: fail the batch, keep serving
+            log.exception("[%s] %s raised outside the pipeline", labels, ex.name)
+            return GenerationFailedError("executor error", "internal")
         finally:
             self.metrics.running.dec(len(batch))
-            with self._lock:
-                self._running.difference_update(batch)
+        done = time.monotonic()
+        if last[1] and not any(r.cancelled.is_set() for r in batch):
+            cost_model.observe_decode(cost, done - last[0])
+            cost_model.observe_memory(
+                cost, (getattr(ex, "last_stats", None) or {}).get("peak_bytes", 0)
+            )
+        by_id = {res.request_id: res for res in results}
+        for req in batch:
+            if req.cancelled.is_set():
+                self._fail(req, RequestCancelledError("the request was cancelled"))
+            elif req.request_id in by_id:
+                self.metrics.e2e_latency.observe(done - req.arrival)
+                self.metrics.observe_result(by_id[req.request_id].metadata)
+                req.finished = done
+                req.finish(by_id[req.request_id])
+            else:
+                self._fail(req, GenerationFailedError("the pipeline returned no result"))
+        return None
+
+
+_DIED = "the worker group running this request failed; retry shortly"
 
 
 def build_engine(
@@ -371,6 +479,13 @@ def build_engine(
         on_worker_failure=server.on_worker_failure,
         metrics=metrics,
         on_fatal=on_fatal,
+        max_request_seconds=server.max_request_seconds,
+        max_request_memory_bytes=(
+            None if server.max_request_memory_gb is None else server.max_request_memory_gb * 2**30
+        ),
+        step_timeout_factor=server.step_timeout_factor,
+        min_step_timeout_s=server.liveness_timeout_s,
+        step_timeout_s=server.step_timeout_s,
     )
     engine.loras = {  # what every rank loads at start (ithaca.engine.executor.load_pipeline)
         name: {"name": name, "path": path, "scale": scale} for name, path, scale in server.loras

@@ -57,7 +57,11 @@ class RequestCancelledError(EngineError):
 
 
 class GenerationFailedError(EngineError):
-    """The pipeline raised on a worker; ``kind`` is ``invalid_request`` for its ValueErrors."""
+    """The pipeline raised on a worker; ``kind`` is ``invalid_request`` for its ValueErrors.
+
+    The message of an ``invalid_request`` failure is the ValueError's text (for the
+    client); an internal failure's message is only for the log (see :func:`client_message`).
+    """
 
     def __init__(self, message: str, kind: str = "internal"):
         super().__init__(message)
@@ -68,6 +72,30 @@ class GenerationFailedError(EngineError):
             self.code = "invalid_value"
         else:
             self.reason = "pipeline_error"
+
+
+class AdmissionError(EngineError):
+    """The request cannot fit: its estimated time or memory exceeds the server's limit."""
+
+    status = 400
+    reason = "too_costly"
+    code = "request_too_large"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def client_message(exc: EngineError) -> str:
+    """What a client may read: no tracebacks, paths or peer addresses."""
+    if isinstance(exc, GenerationFailedError) and exc.kind not in (
+        "invalid_request",
+        "out_of_memory",  # its message says what to lower; no path or traceback in it
+    ):
+        return "the generation failed with an internal error (details are in the server log)"
+    if isinstance(exc, WorkerGroupDiedError):
+        return "a worker group failed while running this request; retry shortly"
+    return str(exc)
 
 
 class WorkerGroupDiedError(EngineDeadError):

@@ -7,6 +7,7 @@ and the offline Python API (one rank, no subprocess).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -83,7 +84,8 @@ def classify_failure(exc: BaseException) -> str:
 
 
 def describe_failure(exc: BaseException) -> str:
-    """The message a client sees for a failed batch."""
+    """The message of a failed batch: a ValueError's or an out-of-memory's text reaches
+    the client; anything else keeps its type and is only logged (``client_message``)."""
     import torch
 
     if isinstance(exc, torch.OutOfMemoryError):
@@ -93,6 +95,8 @@ def describe_failure(exc: BaseException) -> str:
             f"lower the resolution, frame count or number of images, or serve with more "
             f"sequence-parallel ranks"
         )
+    if isinstance(exc, ValueError):  # the client's mistake, in the model's own words
+        return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -107,6 +111,65 @@ def release_memory(device) -> None:
         torch.cuda.empty_cache()
 
 
+def resolve_request(pipeline, params: GenerationParams) -> dict:
+    """One request checked alone by the pipeline's ``resolve`` (raises ValueError for the
+    client's mistake), as plain data for admission: width, height, steps, frames, do_cfg."""
+    if params.layers is not None and not getattr(pipeline, "takes_layers", True):
+        # Checked in generate() by the model layer today; resolve() takes it over.
+        raise ValueError(
+            f"layers is only for layered models (Qwen-Image-Layered); "
+            f"{type(pipeline).__name__} returns flat images"
+        )
+    resolve = getattr(pipeline, "resolve", None)
+    if resolve is None:
+        return {}
+    request = resolve(params)
+    extra = getattr(request, "extra_key", ()) or ()
+    frames = getattr(request, "num_frames", None) or next(
+        (getattr(e, "num_frames", None) for e in extra if hasattr(e, "num_frames")), None
+    )
+    return {
+        "width": getattr(request, "width", None),
+        "height": getattr(request, "height", None),
+        "steps": getattr(request, "steps", None),
+        "frames": frames or params.num_frames,
+        "do_cfg": bool(getattr(request, "do_cfg", False)),
+    }
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak-memory window for this process (device memory on CUDA)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    # Writing 5 to clear_refs resets the kernel's peak RSS (VmHWM) of this process.
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_memory_bytes() -> int:
+    """Peak memory of this process since :func:`reset_peak_memory` (0 when unknown)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_measured(pipeline, batch, callback) -> tuple[list[GenerationResult], dict]:
+    """``pipeline.generate`` with the batch's peak memory growth (bytes) measured."""
+    reset_peak_memory()
+    base = peak_memory_bytes()
+    results = pipeline.generate(batch, callback)
+    return results, {"peak_bytes": max(0, peak_memory_bytes() - base)}
+
+
 class Executor(Protocol):
     """Runs batches; raises :class:`WorkerGroupDiedError` when its ranks are gone."""
 
@@ -115,10 +178,19 @@ class Executor(Protocol):
     def start(self) -> None:
         """Load weights on every rank; return once all are READY (or raise)."""
 
+    def validate(self, params: GenerationParams) -> dict:
+        """Check one request alone (:func:`resolve_request`); raises
+        :class:`GenerationFailedError` (``invalid_request``) for the client's mistake."""
+
     def execute(
-        self, batch: list[GenerationParams], on_step: StepHandler
+        self, batch: list[GenerationParams], on_step: StepHandler, deadlines=None
     ) -> list[GenerationResult]:
-        """Run one batch; results in any order, matched by ``request_id``."""
+        """Run one batch; results in any order, matched by ``request_id``. ``deadlines``
+        (:class:`~ithaca.engine.admission.Deadlines`) bound the time without progress;
+        ``last_stats`` then holds the batch's measured peak memory."""
+
+    def overdue(self) -> bool:
+        """The running step is later than expected (``/health`` turns 503)."""
 
     def is_alive(self) -> bool: ...
 
@@ -144,6 +216,7 @@ class InProcessExecutor:
         self.pipeline = pipeline
         self._closed = False
         self._lock = threading.Lock()
+        self.last_stats: dict = {}
 
     def start(self) -> None:
         if self.pipeline is None:
@@ -154,22 +227,35 @@ class InProcessExecutor:
             self.pipeline = load_pipeline(self.spec, state)
         self._closed = False
 
+    def validate(self, params: GenerationParams) -> dict:
+        if self._closed or self.pipeline is None:
+            raise WorkerGroupDiedError(f"{self.name} is not running")
+        try:
+            return resolve_request(self.pipeline, params)
+        except ValueError as exc:
+            raise GenerationFailedError(str(exc), "invalid_request") from exc
+
     def execute(
-        self, batch: list[GenerationParams], on_step: StepHandler
+        self, batch: list[GenerationParams], on_step: StepHandler, deadlines=None
     ) -> list[GenerationResult]:
         if self._closed or self.pipeline is None:
             raise WorkerGroupDiedError(f"{self.name} is not running")
         with self._lock:
             try:
-                return self.pipeline.generate(batch, on_step)
+                results, self.last_stats = run_measured(self.pipeline, batch, on_step)
+                return results
             except Exception as exc:
-                log.exception("%s: pipeline failed on %d request(s)", self.name, len(batch))
+                if not isinstance(exc, ValueError):
+                    log.exception("%s: pipeline failed on %d request(s)", self.name, len(batch))
                 error = GenerationFailedError(describe_failure(exc), classify_failure(exc))
                 error.__cause__ = exc
             # Outside the except block, whose traceback holds the request's tensors.
             error.__cause__.__traceback__ = None
             release_memory(getattr(self.pipeline, "device", None))
             raise error
+
+    def overdue(self) -> bool:
+        return False
 
     def manage_lora(self, command) -> list[dict]:
         """Run a :class:`ithaca.types.LoraCommand` between batches."""
@@ -190,6 +276,7 @@ class InProcessExecutor:
         return {
             "name": self.name,
             "alive": self.is_alive(),
+            "status": "ok" if self.is_alive() else "down",
             "ranks": [{"rank": 0, "pid": os.getpid()}],
         }
 

@@ -10,7 +10,14 @@ thread declares the group dead when
 * rank 0's socket closes, or it reports a fatal collective error, or
 * the group is idle and no collective ping arrived for ``liveness_timeout_s``
   (a hung or stopped rank blocks the ping's all_reduce), or
-* a batch runs and no denoising step finished for ``step_timeout_s``.
+* a local rank is stopped (SIGSTOP) or gone (read from ``/proc``, within 0.2 s), or
+* a batch runs and its step (or its decode) made no progress within the deadline the
+  engine derived from the expected step time (:mod:`ithaca.engine.admission`;
+  ``step_timeout_s`` while nothing is measured yet).
+
+One ``start()`` is one generation (:class:`~ithaca.engine.session.Session`): its threads
+only act on it, and it is torn down exactly once, so a late teardown never touches the
+group that replaced it.
 
 Death fails the running batch with :class:`WorkerGroupDiedError` at once. Shutdown
 is bounded: ask rank 0 to stop, then SIGTERM the process group, then SIGKILL.
@@ -28,8 +35,6 @@ import itertools
 import logging
 import os
 import secrets
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -37,9 +42,11 @@ import tempfile
 import threading
 import time
 
+from ithaca.engine.admission import Deadlines
 from ithaca.engine.errors import GenerationFailedError, WorkerGroupDiedError
 from ithaca.engine.executor import PipelineSpec, StepHandler
 from ithaca.engine.ipc import Channel, ChannelClosed
+from ithaca.engine.session import RunningBatch, Session, rank_state
 from ithaca.engine.worker import ENV_CONFIG, ENV_SOCKET, ENV_TOKEN, spec_to_json
 from ithaca.types import GenerationParams, GenerationResult
 
@@ -67,25 +74,6 @@ def torchrun_command(
         "--monitor-interval=0.2",
         "-m", "ithaca.engine.worker",
     ]  # fmt: skip
-
-
-def _is_worker(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"ithaca.engine.worker" in f.read()
-    except OSError:
-        return False
-
-
-class _Batch:
-    def __init__(self, batch_id: int, on_step: StepHandler):
-        self.batch_id = batch_id
-        self.on_step = on_step
-        self.done = threading.Event()
-        self.results: list[GenerationResult] | None = None
-        self.error: Exception | None = None
-        self.cancel_sent = False
-        self.last_progress = time.monotonic()
 
 
 class WorkerGroupExecutor:
@@ -124,25 +112,30 @@ class WorkerGroupExecutor:
         self.master_addr = master_addr
         self.master_port = master_port
         self.extra_env = dict(env or {})
-        self.ranks: list[dict] = []
-        self._proc: subprocess.Popen | None = None
-        self._channel: Channel | None = None
-        self._tmpdir: str | None = None
+        self._session: Session | None = None
+        self._generations = itertools.count(1)
         self._dead = threading.Event()
         self._dead.set()  # not started
         self.death_reason = "not started"
         self._last_alive = 0.0
-        self._batch: _Batch | None = None
+        self._batch: RunningBatch | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._exec_lock = threading.Lock()
+        self._validations: dict[int, tuple[threading.Event, list]] = {}
+
+    @property
+    def ranks(self) -> list[dict]:
+        session = self._session
+        return session.ranks if session is not None else []
 
     # -- lifecycle ------------------------------------------------------------------
 
     def start(self) -> None:
-        self._tmpdir = tempfile.mkdtemp(prefix="ithaca-")
-        os.chmod(self._tmpdir, 0o700)
-        path = os.path.join(self._tmpdir, "front.sock")
+        tmpdir = tempfile.mkdtemp(prefix="ithaca-")
+        os.chmod(tmpdir, 0o700)
+        session = Session(next(self._generations), tmpdir)
+        path = os.path.join(tmpdir, "front.sock")
         token = secrets.token_hex(16)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
@@ -159,26 +152,31 @@ class WorkerGroupExecutor:
             self.spec.parallel.world_size // self.nnodes, self.nnodes, 0, self.master_addr, port
         )
         log.info("%s: launching %s", self.name, " ".join(cmd))
-        self._proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        session.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout_s
         try:
-            self._channel = self._accept(listener, token, deadline)
-            self.ranks = self._await_ready(deadline)
+            session.channel = self._accept(session, listener, token, deadline)
+            session.ranks = self._await_ready(session, deadline)
         except BaseException:
-            self._kill()
+            self._session = session  # dead (``_dead`` stays set); kept for inspection
+            session.teardown()
             raise
         finally:
             listener.close()
-        self.death_reason = ""
-        self._last_alive = time.monotonic()
-        self._dead.clear()
-        threading.Thread(target=self._reader, name=f"{self.name}-reader", daemon=True).start()
-        threading.Thread(target=self._monitor, name=f"{self.name}-monitor", daemon=True).start()
-        log.info("%s: READY, ranks %s", self.name, self.ranks)
+        with self._lock:
+            self._session = session
+            self.death_reason = ""
+            self._last_alive = time.monotonic()
+            self._dead.clear()
+        for target, kind in ((self._reader, "reader"), (self._monitor, "monitor")):
+            threading.Thread(
+                target=target, args=(session,), name=f"{self.name}-{kind}", daemon=True
+            ).start()
+        log.info("%s: READY, ranks %s", self.name, session.ranks)
 
-    def _accept(self, listener: socket.socket, token: str, deadline: float) -> Channel:
+    def _accept(self, session, listener: socket.socket, token: str, deadline: float) -> Channel:
         while True:
-            self._check_running("before connecting")
+            self._check_running(session, "before connecting")
             listener.settimeout(min(1.0, max(0.01, deadline - time.monotonic())))
             try:
                 conn, _ = listener.accept()
@@ -195,13 +193,14 @@ class WorkerGroupExecutor:
                 return channel
             channel.close()  # not ours
 
-    def _await_ready(self, deadline: float) -> list[dict]:
-        assert self._channel is not None
+    def _await_ready(self, session: Session, deadline: float) -> list[dict]:
+        assert session.channel is not None
+        channel = session.channel
         result: dict = {}
 
         def read() -> None:
             try:
-                result["msg"] = self._channel.recv()
+                result["msg"] = channel.recv()
             except ChannelClosed as exc:
                 result["msg"] = ("failed", f"rank 0 closed the connection: {exc}")
 
@@ -210,7 +209,7 @@ class WorkerGroupExecutor:
         while reader.is_alive():
             reader.join(timeout=0.5)
             if reader.is_alive():
-                self._check_running("while loading")
+                self._check_running(session, "while loading")
                 if time.monotonic() > deadline:
                     raise WorkerGroupDiedError(
                         f"{self.name}: not every rank was READY within "
@@ -221,9 +220,9 @@ class WorkerGroupExecutor:
             raise WorkerGroupDiedError(f"{self.name}: startup failed: {msg[1]}")
         return msg[1]
 
-    def _check_running(self, when: str) -> None:
-        assert self._proc is not None
-        code = self._proc.poll()
+    def _check_running(self, session: Session, when: str) -> None:
+        assert session.proc is not None
+        code = session.proc.poll()
         if code is not None:
             raise WorkerGroupDiedError(f"{self.name}: torchrun exited with code {code} {when}")
 
@@ -233,18 +232,30 @@ class WorkerGroupExecutor:
     def is_alive(self) -> bool:
         return not self._dead.is_set()
 
+    def overdue(self) -> bool:
+        """A batch runs and its current step (or decode) is late: slow, maybe hung."""
+        batch = self._batch
+        if batch is None or self._dead.is_set():
+            return False
+        late_after, _ = batch.limits(self.step_timeout_s)
+        return time.monotonic() - batch.last_progress > late_after
+
     def describe(self) -> dict:
+        """For ``/health``: no reasons, paths or addresses (those go to the log)."""
+        status = "ok" if self.is_alive() else "down"
+        if self.overdue():
+            status = "step_overdue"
         return {
             "name": self.name,
             "alive": self.is_alive(),
-            "reason": self.death_reason or None,
-            "ranks": self.ranks,
+            "status": status,
+            "ranks": [{"rank": r["rank"], "pid": r["pid"]} for r in self.ranks],
         }
 
-    def _die(self, reason: str) -> None:
+    def _die(self, session: Session, reason: str) -> None:
         with self._lock:
-            if self._dead.is_set():
-                return
+            if self._session is not session or self._dead.is_set():
+                return  # a previous generation's thread, or already dead
             self.death_reason = reason
             self._dead.set()
             batch = self._batch
@@ -252,15 +263,19 @@ class WorkerGroupExecutor:
         if batch is not None:
             batch.error = WorkerGroupDiedError(f"worker group {self.name} died: {reason}")
             batch.done.set()
-        self._kill()
+        self._fail_validations()
+        session.teardown()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        if self._channel is not None and not self._dead.is_set():
+        session = self._session
+        if session is None:
+            return
+        if session.channel is not None and not self._dead.is_set():
             with contextlib.suppress(ChannelClosed):
                 running = self._batch
                 if running is not None:  # stop it at the next step, then leave the loop
-                    self._channel.send(("cancel", running.batch_id))
-                self._channel.send(("shutdown",))
+                    session.channel.send(("cancel", running.batch_id))
+                session.channel.send(("shutdown",))
         with self._lock:
             self.death_reason = self.death_reason or "shut down"
             self._dead.set()
@@ -268,119 +283,158 @@ class WorkerGroupExecutor:
         if batch is not None:  # a batch still running when the drain ran out
             batch.error = WorkerGroupDiedError(f"worker group {self.name} was shut down")
             batch.done.set()
-        if self._proc is not None:
+        self._fail_validations()
+        if session.proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(timeout=timeout)
-        self._kill()
-
-    def _kill(self) -> None:
-        """Bounded: SIGKILL our local ranks, SIGTERM torchrun (5 s), SIGKILL it; close up.
-
-        torchrun starts each rank in its own session, and a stopped (hung) rank ignores
-        the agent's SIGTERM, so ranks are killed by pid (checked to still be ours).
-        Ranks on other nodes die with the rendezvous when their peers vanish.
-        """
-        host = socket.gethostname()
-        for r in self.ranks:
-            if r.get("host") == host and _is_worker(r["pid"]):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(r["pid"], signal.SIGKILL)
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=5.0)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        if self._channel is not None:
-            self._channel.close()
-        if self._tmpdir:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
+                session.proc.wait(timeout=timeout)
+        session.teardown()
 
     # -- background threads ----------------------------------------------------------
 
-    def _reader(self) -> None:
-        channel = self._channel
+    def _reader(self, session: Session) -> None:
+        channel = session.channel
         assert channel is not None
-        while not self._dead.is_set():
+        while not session.torn_down:
             try:
                 msg = channel.recv()
             except ChannelClosed as exc:
-                self._die(f"rank 0 connection lost ({exc})")
+                self._die(session, f"rank 0 connection lost ({exc})")
                 return
             kind = msg[0]
             if kind == "alive":
                 self._last_alive = time.monotonic()
                 continue
             if kind == "fatal":
-                self._die(msg[1])
+                self._die(session, msg[1])
                 return
+            if kind == "validated":
+                waiter = self._validations.get(msg[1])
+                if waiter is not None:
+                    waiter[1].append(msg[2:])
+                    waiter[0].set()
+                continue
             batch = self._batch
             if batch is None or msg[1] != batch.batch_id:
                 log.warning("%s: message %r for an unknown batch", self.name, kind)
                 continue
             batch.last_progress = time.monotonic()
             if kind == "step":
-                cancel = batch.on_step(msg[2])
+                event = msg[2]
+                batch.stepped = True
+                batch.decoding = event.step >= event.total_steps
+                cancel = batch.on_step(event)
                 if cancel and not batch.cancel_sent:
                     batch.cancel_sent = True
                     channel.send(("cancel", batch.batch_id))
             elif kind == "result":
                 batch.results = msg[2]
+                batch.stats = msg[3] if len(msg) > 3 else {}
                 batch.done.set()
             elif kind == "error":
                 batch.error = GenerationFailedError(msg[3], msg[2])
                 batch.done.set()
 
-    def _monitor(self) -> None:
-        proc = self._proc
+    def _stopped_rank(self, session: Session) -> str | None:
+        """A local rank that is stopped (SIGSTOP) or gone, found from /proc at once."""
+        host = socket.gethostname()
+        for r in session.ranks:
+            if r.get("host") != host:
+                continue  # other nodes: the collective deadlines find them
+            state = rank_state(r["pid"])
+            if state is None or state in "ZXx":
+                return f"rank {r['rank']} (pid {r['pid']}) exited"
+            if state in "Tt":
+                return f"rank {r['rank']} (pid {r['pid']}) is stopped"
+        return None
+
+    def _monitor(self, session: Session) -> None:
+        proc = session.proc
         assert proc is not None
-        while not self._dead.wait(0.2):
+        while not session.torn_down and not self._dead.wait(0.2):
             code = proc.poll()
             if code is not None:
-                self._die(f"torchrun exited with code {code} (a rank died)")
+                self._die(session, f"torchrun exited with code {code} (a rank died)")
+                return
+            stopped = self._stopped_rank(session)
+            if stopped is not None:
+                self._die(session, stopped)
                 return
             now = time.monotonic()
             batch = self._batch
             if batch is not None:
-                if now - batch.last_progress > self.step_timeout_s:
-                    self._die(f"no denoising step finished within {self.step_timeout_s:.0f} s")
+                _, hung_after = batch.limits(self.step_timeout_s)
+                if now - batch.last_progress > hung_after:
+                    phase = "the decode" if batch.decoding else "a denoising step"
+                    self._die(session, f"{phase} made no progress for {hung_after:.1f} s")
                     return
             elif now - self._last_alive > self.liveness_timeout_s:
-                self._die(f"no liveness ping for {self.liveness_timeout_s:.0f} s (a rank hangs)")
+                self._die(
+                    session, f"no liveness ping for {self.liveness_timeout_s:.0f} s (a rank hangs)"
+                )
                 return
 
     # -- requests ----------------------------------------------------------------------
 
+    def _fail_validations(self) -> None:
+        for event, box in list(self._validations.values()):
+            box.append((False, "internal", "the worker group is down"))
+            event.set()
+
+    def validate(self, params: GenerationParams, timeout: float = 30.0) -> dict:
+        """The pipeline's per-request check on rank 0, outside the lockstep loop.
+
+        Returns the resolved shape (width, height, steps, frames, do_cfg) for admission;
+        raises :class:`GenerationFailedError` (``invalid_request``) for the client's mistake.
+        """
+        session = self._session
+        if session is None or self._dead.is_set() or session.channel is None:
+            raise WorkerGroupDiedError(f"worker group {self.name} is down")
+        vid = next(self._ids)
+        event, box = threading.Event(), []
+        self._validations[vid] = (event, box)
+        try:
+            try:
+                session.channel.send(("validate", vid, params))
+            except ChannelClosed as exc:
+                raise WorkerGroupDiedError(f"worker group {self.name} is down") from exc
+            if not event.wait(timeout):
+                raise WorkerGroupDiedError(f"{self.name}: rank 0 did not answer a validation")
+        finally:
+            self._validations.pop(vid, None)
+        ok, kind, payload = box[0]
+        if ok:
+            return payload
+        if kind == "invalid_request":
+            raise GenerationFailedError(payload, kind)
+        raise WorkerGroupDiedError(f"{self.name}: validation failed: {payload}")
+
     def execute(
-        self, batch: list[GenerationParams], on_step: StepHandler
+        self,
+        batch: list[GenerationParams],
+        on_step: StepHandler,
+        deadlines: Deadlines | None = None,
     ) -> list[GenerationResult]:
-        return self._roundtrip("batch", batch, on_step)
+        return self._roundtrip("batch", batch, on_step, deadlines)
 
     def manage_lora(self, command) -> list[dict]:
         """Run a :class:`ithaca.types.LoraCommand` on every rank, between batches."""
         return self._roundtrip("lora", command, lambda event: False)
 
-    def _roundtrip(self, kind: str, payload, on_step: StepHandler):
+    def _roundtrip(self, kind: str, payload, on_step: StepHandler, deadlines=None):
         with self._exec_lock:
-            running = _Batch(next(self._ids), on_step)
+            running = RunningBatch(next(self._ids), on_step, deadlines)
             with self._lock:
                 if self._dead.is_set():
                     raise WorkerGroupDiedError(
                         f"worker group {self.name} is down: {self.death_reason}"
                     )
                 self._batch = running
+                session = self._session
             try:
-                assert self._channel is not None
-                self._channel.send((kind, running.batch_id, payload))
+                assert session is not None and session.channel is not None
+                session.channel.send((kind, running.batch_id, payload))
             except ChannelClosed as exc:
-                self._die(f"rank 0 connection lost ({exc})")
+                self._die(session, f"rank 0 connection lost ({exc})")
             running.done.wait()
             with self._lock:
                 self._batch = None
@@ -389,4 +443,6 @@ class WorkerGroupExecutor:
             if running.error is not None:
                 raise running.error
             assert running.results is not None
+            if kind == "batch":  # a management command measures nothing
+                self.last_stats = running.stats
             return running.results

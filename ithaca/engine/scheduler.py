@@ -64,6 +64,10 @@ class EngineRequest:
     finished: float | None = None
     step: int = 0
     total_steps: int = 0
+    label: str = "-"
+    """The HTTP request id, for log lines about this request."""
+    resolved: dict = field(default_factory=dict)
+    """The model's defaults for this request (width, height, steps, ...) once validated."""
 
     def __post_init__(self) -> None:
         self.key = batch_key(self.params)

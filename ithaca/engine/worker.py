@@ -46,6 +46,8 @@ from ithaca.engine.executor import (
     describe_failure,
     load_pipeline,
     release_memory,
+    resolve_request,
+    run_measured,
 )
 from ithaca.engine.ipc import Channel, ChannelClosed
 from ithaca.parallel.comm import broadcast_object
@@ -127,8 +129,21 @@ class WorkerLoop:
                 return
             if msg[0] == "cancel":
                 self.cancelled.add(msg[1])
+            elif msg[0] == "validate":
+                self._validate(msg[1], msg[2])
             else:
                 self.inbox.put(msg)
+
+    def _validate(self, vid: int, params) -> None:
+        """Rank 0, on the reader thread: one request's ``resolve`` (pure, no collective),
+        so a bad request is refused before it joins a batch and blocks no rank."""
+        try:
+            reply = ("validated", vid, True, "", resolve_request(self.pipeline, params))
+        except Exception as exc:
+            if not isinstance(exc, ValueError):
+                log.error("validation of a request failed:\n%s", traceback.format_exc())
+            reply = ("validated", vid, False, classify_failure(exc), describe_failure(exc))
+        self._send(reply)
 
     def _send(self, message: tuple) -> None:
         """Rank 0 to the front; a vanished front is handled by the reader's shutdown."""
@@ -175,12 +190,12 @@ class WorkerLoop:
                 self._send(("step", batch_id, event))
                 return self.front_gone or batch_id in self.cancelled
 
-        results, status = None, (True, "", "", False)
+        results, stats, status = None, {}, (True, "", "", False)
         try:
             if lora:
                 results = self.pipeline.manage_lora(batch)
             else:
-                results = self.pipeline.generate(batch, callback)
+                results, stats = run_measured(self.pipeline, batch, callback)
         except Exception as exc:
             log.error(
                 "rank %d: batch %d failed:\n%s", self.state.rank, batch_id, traceback.format_exc()
@@ -215,7 +230,7 @@ class WorkerLoop:
                 message = f"rank {rank}: {message}"
             self._send(("error", batch_id, failure_kind, message))
         else:
-            self._send(("result", batch_id, results))
+            self._send(("result", batch_id, results, stats))
 
 
 def _in_collective(exc: BaseException) -> bool:

@@ -18,6 +18,7 @@ from ithaca.parallel.sharding import (
     sp_shard,
     sp_shard_with_padding,
 )
+from ithaca.parallel.sp_config import SequenceParallelConfig
 from ithaca.parallel.sp_plan import (
     SequenceParallelInput,
     SequenceParallelModelPlan,
@@ -26,7 +27,7 @@ from ithaca.parallel.sp_plan import (
     get_sp_plan_from_model,
     validate_sp_plan,
 )
-from ithaca.parallel.state import ParallelState, SequenceParallelConfig
+from ithaca.parallel.state import ParallelState
 
 __all__ = [
     "ParallelAttention",

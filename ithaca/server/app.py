@@ -22,11 +22,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ithaca.config import ServerConfig
 from ithaca.engine.engine import Engine
-from ithaca.server import errors, images, loras, videos
+from ithaca.server import errors, images, loras, openapi, videos
 from ithaca.server.errors import APIError
-from ithaca.server.outputs import OutputStore
+from ithaca.server.outputs import OutputStore, private_dir
 from ithaca.server.state import ServedModel, ServerState, server_state
 from ithaca.server.video_store import VideoStore
+from ithaca.server.videos import resume_jobs
 
 log = logging.getLogger("ithaca.server")
 _ID = re.compile(r"/(video_[0-9a-f]+|[A-Za-z0-9_-]{20,}\.\w+)")
@@ -38,24 +39,43 @@ def _route_label(path: str) -> str:
     return _ID.sub("/{id}", path)
 
 
+_RID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class BodyTooLarge(APIError):
+    def __init__(self, limit: int):
+        super().__init__(
+            413,
+            f"the request body is larger than this server accepts ({limit} bytes)",
+            code="request_too_large",
+        )
+
+
 class EdgeMiddleware:
     """Pure ASGI (streaming- and disconnect-safe): ``x-request-id`` in and out,
-    ``--api-key`` on ``/v1/*`` in constant time, HTTP latency metric."""
+    ``--api-key`` on ``/v1/*`` in constant time, the body size limit, HTTP latency, and
+    the last line of defence: an unexpected exception becomes a 500 JSON body (logged with
+    the request id) without tearing down the keep-alive connection."""
 
-    def __init__(self, app, api_key: str | None, metrics):
+    def __init__(self, app, api_key: str | None, metrics, max_body_bytes: int):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        rid = headers.get("x-request-id") or uuid.uuid4().hex
+        rid = headers.get("x-request-id", "")
+        if not _RID.fullmatch(rid):  # ids are echoed and logged: only a safe alphabet
+            rid = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
+        started = []
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
+                started.append(True)
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"x-request-id", rid.encode("latin-1")),
@@ -71,11 +91,45 @@ class EdgeMiddleware:
                     401, "Incorrect or missing API key", code="invalid_api_key"
                 ).response()
                 return await response(scope, receive, send_with_id)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return await BodyTooLarge(self.max_body_bytes).response()(scope, receive, send_with_id)
+        seen = [0]
+
+        async def receive_limited():
+            message = await receive()
+            if message["type"] == "http.request":
+                seen[0] += len(message.get("body", b""))
+                if seen[0] > self.max_body_bytes:  # chunked bodies have no content-length
+                    raise BodyTooLarge(self.max_body_bytes)
+            return message
+
         start = time.monotonic()
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive_limited, send_with_id)
+        except BodyTooLarge as exc:
+            if started:
+                raise
+            await exc.response()(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # The server's graceful-shutdown timeout cancelled this request.
+            if not started:
+                await APIError(
+                    503, "the server shut down while this request ran", code="server_shutting_down"
+                ).response()(scope, receive, send_with_id)
+            raise
+        except Exception:
+            log.exception("[%s] unhandled error on %s %s", rid, scope["method"], _escape(path))
+            if started:
+                raise  # the response is half sent: only closing the connection is honest
+            body = APIError(500, f"internal server error (request id {rid})", code="internal_error")
+            await body.response()(scope, receive, send_with_id)
         finally:
             self.metrics.http_latency.labels(_route_label(path)).observe(time.monotonic() - start)
+
+
+def _escape(text: str) -> str:
+    return text.encode("unicode_escape").decode("ascii")
 
 
 def create_app(
@@ -89,18 +143,15 @@ def create_app(
     """``models``: every served model (``engine`` is the first's); default: ``engine``
     alone, named ``config.model_name``, for any task."""
     state_dir = state_dir or config.state_dir or os.path.expanduser("~/.cache/ithaca")
+    private_dir(state_dir)
     state = ServerState(
         engine=engine,
         config=config,
         outputs=OutputStore(os.path.join(state_dir, "outputs"), config.output_ttl_s),
-        videos=VideoStore(state_dir),
+        videos=VideoStore(state_dir, config.video_ttl_s),
         models=list(models or []),
     )
     engines = [m.engine for m in state.models]
-    if state.videos.recovered:
-        log.warning(
-            "marked %d unfinished video job(s) from a previous run failed", state.videos.recovered
-        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -112,13 +163,14 @@ def create_app(
         elif start_engine:
             for e in engines:
                 e.start(wait=False)
-        sweeper = asyncio.create_task(_sweep(state))
+        background = [asyncio.create_task(_sweep(state)), asyncio.create_task(resume_jobs(state))]
+        if starter is not None:
+            background.append(starter)
         try:
             yield
         finally:
-            sweeper.cancel()
-            if starter is not None:
-                starter.cancel()
+            for task in background:
+                task.cancel()
             await asyncio.gather(
                 *(asyncio.to_thread(e.shutdown, config.drain_timeout_s) for e in engines)
             )
@@ -130,7 +182,13 @@ def create_app(
     app = FastAPI(title="ithaca", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.ithaca = state
     errors.install(app)
-    app.add_middleware(EdgeMiddleware, api_key=config.api_key, metrics=engine.metrics)
+    openapi.install(app)
+    app.add_middleware(
+        EdgeMiddleware,
+        api_key=config.api_key,
+        metrics=engine.metrics,
+        max_body_bytes=config.max_body_bytes,
+    )
     app.include_router(images.router)
     app.include_router(videos.router)
     app.include_router(loras.router)
@@ -159,10 +217,13 @@ def create_app(
     @app.get("/health")
     async def health():
         groups = [g for e in engines for g in e.describe()]
-        if all(e.alive for e in engines):
+        if all(e.alive and not e.overdue for e in engines):
             return {"status": "ok", "groups": groups}
-        body = APIError(503, "not every rank is alive", code="engine_unavailable").body()
-        return JSONResponse({**body, "groups": groups}, status_code=503)
+        if all(e.alive for e in engines):
+            error = APIError(503, "a denoising step is overdue", code="step_overdue")
+        else:
+            error = APIError(503, "not every rank is alive", code="engine_unavailable")
+        return JSONResponse({**error.body(), "groups": groups}, status_code=503)
 
     @app.get("/ready")
     async def ready():
@@ -194,3 +255,4 @@ async def _sweep(state: ServerState) -> None:
     while True:
         await asyncio.sleep(min(60.0, state.config.output_ttl_s))
         await asyncio.to_thread(state.outputs.sweep)
+        await asyncio.to_thread(state.videos.sweep)

@@ -1,13 +1,12 @@
 """Every error leaves the server as ``{"error": {"message", "type", "param", "code"}}``.
 
 :class:`APIError` is what routes raise; engine failures, pydantic validation errors,
-Starlette's HTTP errors (404 route, 405 method) and anything unexpected are mapped
-to it here, so FastAPI's ``{"detail": ...}`` never reaches a client.
+Starlette's HTTP errors (404 route, 405 method) are mapped to it here, anything
+unexpected in :class:`~ithaca.server.app.EdgeMiddleware`, so FastAPI's
+``{"detail": ...}`` never reaches a client.
 """
 
 from __future__ import annotations
-
-import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,9 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ithaca.engine.errors import EngineError, QueueFullError
-
-log = logging.getLogger(__name__)
+from ithaca.engine.errors import EngineError, QueueFullError, client_message
 
 _TYPES = {
     400: "invalid_request_error",
@@ -26,6 +23,7 @@ _TYPES = {
     405: "invalid_request_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     499: "invalid_request_error",
 }
@@ -72,7 +70,10 @@ def from_engine(exc: EngineError) -> APIError:
     headers = {}
     if isinstance(exc, QueueFullError):
         headers["Retry-After"] = str(exc.retry_after)
-    return APIError(exc.status, str(exc), code=exc.code, headers=headers)
+    elif exc.status == 503:
+        headers["Retry-After"] = "5"
+    param = getattr(exc, "param", None)
+    return APIError(exc.status, client_message(exc), param=param, code=exc.code, headers=headers)
 
 
 def from_validation(errors: list[dict]) -> APIError:
@@ -105,12 +106,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return APIError(exc.status_code, str(exc.detail), code=code).response()
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        # 405 keeps Starlette's Allow header.
         return APIError(
-            500, f"internal error: {type(exc).__name__}", code="internal_error"
+            exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {})
         ).response()
+
+    # Anything else is caught by the edge middleware (a 500 that keeps the connection).

@@ -10,14 +10,19 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from PIL import Image
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 
+from ithaca.engine.errors import EngineError
 from ithaca.server import media
-from ithaca.server.errors import APIError, invalid
+from ithaca.server.errors import APIError, from_engine, invalid
 from ithaca.server.loras import check_request_loras
 from ithaca.server.protocol import ImageEditJSON, ImageRequest
 from ithaca.server.state import (
     ServedModel,
     ServerState,
+    admit,
+    escape,
     log,
     log_ignored,
     read_json,
@@ -51,11 +56,16 @@ async def generations(request: Request):
 async def edits(request: Request):
     state = server_state(request)
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        body, images, mask = await _edit_form(request)
+        body, images, mask = await _edit_form(request, state.config.max_input_pixels)
     else:
         body = ImageEditJSON.model_validate(await read_json(request))
-        images = [_json_image(ref, f"images[{i}]") for i, ref in enumerate(body.images)]
-        mask = _json_image(body.mask, "mask") if body.mask is not None else None
+        limit = state.config.max_input_pixels
+        refs = [(ref, f"images[{i}]") for i, ref in enumerate(body.images)]
+        if body.mask is not None:
+            refs.append((body.mask, "mask"))
+        decoded = await asyncio.to_thread(lambda: [_json_image(r, p, limit) for r, p in refs])
+        images = decoded[: len(body.images)]
+        mask = decoded[len(body.images)] if body.mask is not None else None
     log_ignored(request, body.extra_fields())
     served = state.resolve_model(body.model, "image")
     if mask is not None and mask.size != images[0].size:
@@ -65,7 +75,7 @@ async def edits(request: Request):
     params = body.to_params()
     # A layered request keeps the inputs' alpha; every other pipeline takes RGB.
     mode = "RGB" if params.layers is None else "RGBA"
-    params.images = [img.convert(mode) for img in images]
+    params.images = await asyncio.to_thread(lambda: [img.convert(mode) for img in images])
     return await _serve(request, state, served, body, params, "image_edit")
 
 
@@ -78,8 +88,23 @@ async def output(request: Request, name: str):
     return FileResponse(path, media_type=media.MEDIA_TYPES.get(ext, "application/octet-stream"))
 
 
-async def _edit_form(request: Request):
-    form = await request.form(max_files=MAX_EDIT_IMAGES + 2)
+async def read_form(request: Request, max_files: int, file_param: str):
+    """The multipart form; a malformed one (or too many files) is a 400 naming the file field."""
+    try:
+        return await request.form(max_files=max_files)
+    except (StarletteHTTPException, MultiPartException, ValueError) as exc:
+        detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or str(exc)
+        raise invalid(f"invalid multipart body: {detail}", file_param, "invalid_form") from None
+
+
+async def decode_upload(upload: UploadFile, param: str, max_pixels: int) -> Image.Image:
+    """Read and decode one uploaded image off the event loop."""
+    data = await upload.read()
+    return await asyncio.to_thread(media.decode_image, data, param, max_pixels)
+
+
+async def _edit_form(request: Request, max_pixels: int):
+    form = await read_form(request, MAX_EDIT_IMAGES + 2, "image")
     uploads = [*form.getlist("image"), *form.getlist("image[]")]
     if not uploads:
         raise invalid("image is required (one file as image, or up to 16 as image[])", "image")
@@ -94,20 +119,20 @@ async def _edit_form(request: Request):
     for upload in uploads:
         if not isinstance(upload, UploadFile):
             raise invalid("image must be a file upload", "image")
-        images.append(media.decode_image(await upload.read(), "image"))
+        images.append(await decode_upload(upload, "image", max_pixels))
     mask = None
     mask_upload = form.get("mask")
     if isinstance(mask_upload, UploadFile):
-        mask = media.decode_image(await mask_upload.read(), "mask")
+        mask = await decode_upload(mask_upload, "mask", max_pixels)
     return body, images, mask
 
 
-def _json_image(ref, param: str) -> Image.Image:
+def _json_image(ref, param: str, max_pixels: int) -> Image.Image:
     if ref.file_id is not None and ref.image_url is None:
         raise invalid(f"{param}.file_id is not supported; send image_url as a data URL", param)
     if ref.image_url is None:
         raise invalid(f"{param}.image_url is required", param)
-    return media.decode_data_url(ref.image_url, f"{param}.image_url")
+    return media.decode_data_url(ref.image_url, f"{param}.image_url", max_pixels)
 
 
 def _images_of(results: GenerationResult) -> list[Image.Image]:
@@ -127,10 +152,11 @@ async def _serve(
     engine = served.engine
     warnings = served.warnings(params.prompt)
     for warning in warnings:
-        log.warning("[%s] %s", request_id(request), warning)
+        log.warning("[%s] %s", request_id(request), escape(warning))
+    resolved = await admit(state, engine, request, params)
     if body.stream:
-        return _stream(request, state, engine, body, params, kind, meta)
-    req = engine.submit(params)
+        return _stream(request, state, engine, body, params, kind, meta, resolved)
+    req = engine.submit(params, label=request_id(request), resolved=resolved)
     result = await wait_result(engine, req, request)
     images = _images_of(result)
     encoded = await asyncio.to_thread(
@@ -181,7 +207,9 @@ def _sse(event: dict) -> bytes:
     return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
 
 
-def _stream(request, state: ServerState, engine, body, params: GenerationParams, kind, meta: dict):
+def _stream(
+    request, state: ServerState, engine, body, params: GenerationParams, kind: str, meta, resolved
+):
     """Submit now (so 429/503 are plain errors), then stream previews and results."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
@@ -192,7 +220,7 @@ def _stream(request, state: ServerState, engine, body, params: GenerationParams,
         if previews:
             loop.call_soon_threadsafe(events.put_nowait, ("previews", previews))
 
-    req = engine.submit(params, on_progress)
+    req = engine.submit(params, on_progress, label=request_id(request), resolved=resolved)
     req.future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, ("done",)))
 
     async def encode_event(image: Image.Image, event_type: str, **extra) -> bytes:
@@ -227,12 +255,10 @@ def _stream(request, state: ServerState, engine, body, params: GenerationParams,
                 finished = True
                 error = req.future.exception()
                 if error is not None:
-                    from ithaca.server.errors import from_engine
-
                     api = (
                         from_engine(error)
-                        if hasattr(error, "status")
-                        else APIError(500, str(error))
+                        if isinstance(error, EngineError)
+                        else APIError(500, "internal server error", code="internal_error")
                     )
                     yield _sse({"type": "error", **api.body()})
                     return

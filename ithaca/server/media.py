@@ -12,9 +12,9 @@ from fractions import Fraction
 
 import av
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ithaca.server.errors import invalid
+from ithaca.server.errors import APIError, invalid
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "mp4": "video/mp4"}
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"GIF8", "gif"))
@@ -31,7 +31,9 @@ def sniff_image(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes, param: str) -> Image.Image:
+def decode_image(data: bytes, param: str, max_pixels: int = 4096 * 4096) -> Image.Image:
+    """Decode an upload; the header's size is checked against ``max_pixels`` before any
+    pixel is decoded (413), and any decoder failure is the client's bad image (400)."""
     if len(data) > MAX_IMAGE_BYTES:
         raise invalid(f"{param} is larger than {MAX_IMAGE_BYTES // 2**20} MB", param)
     kind = sniff_image(data)
@@ -40,16 +42,38 @@ def decode_image(data: bytes, param: str) -> Image.Image:
             f"{param} is not a PNG, JPEG, WebP or GIF image", param, "invalid_image_format"
         )
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError:
+        raise _too_many_pixels(param, None, max_pixels) from None
+    except Exception as exc:  # any decoder failure on untrusted bytes
         raise invalid(
-            f"{param} could not be decoded as {kind}: {exc}", param, "invalid_image"
-        ) from exc
+            f"{param} could not be decoded as {kind}: {type(exc).__name__}", param, "invalid_image"
+        ) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise _too_many_pixels(param, (width, height), max_pixels)
+    if width < 1 or height < 1:
+        raise invalid(f"{param} has no pixels ({width}x{height})", param, "invalid_image")
+    try:
+        image.load()
+    except Exception as exc:  # truncated or malformed data
+        raise invalid(
+            f"{param} could not be decoded as {kind}: {type(exc).__name__}", param, "invalid_image"
+        ) from None
     return image
 
 
-def decode_data_url(url: str, param: str) -> Image.Image:
+def _too_many_pixels(param: str, size: tuple[int, int] | None, limit: int) -> APIError:
+    told = f" ({size[0]}x{size[1]})" if size else ""
+    return APIError(
+        413,
+        f"{param} has more pixels{told} than this server decodes ({limit})",
+        param=param,
+        code="image_too_large",
+    )
+
+
+def decode_data_url(url: str, param: str, max_pixels: int = 4096 * 4096) -> Image.Image:
     """``data:image/...;base64,...`` -> image (remote URLs are not fetched)."""
     if not isinstance(url, str) or not url.startswith("data:"):
         raise invalid(f"{param} must be a base64 data URL (data:image/png;base64,...)", param)
@@ -60,7 +84,7 @@ def decode_data_url(url: str, param: str) -> Image.Image:
         data = base64.b64decode(payload, validate=True)
     except ValueError as exc:
         raise invalid(f"{param} is not valid base64", param) from exc
-    return decode_image(data, param)
+    return decode_image(data, param, max_pixels)
 
 
 def encode_image(image: Image.Image, fmt: str, compression: int | None = None) -> bytes:

@@ -9,18 +9,37 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import threading
 import time
 
 from ithaca.server.media import MEDIA_TYPES
 
+_NAME = re.compile(r"[A-Za-z0-9_-]{16,64}\.(png|jpeg|webp|mp4)")
+
+
+def private_dir(path: str) -> str:
+    """Create ``path`` (and parents) readable by this user only (0700)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def write_private(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, readable by this user only (0600)."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
 
 class OutputStore:
     def __init__(self, directory: str, ttl_s: float):
         self.directory = directory
         self.ttl_s = ttl_s
-        os.makedirs(directory, exist_ok=True)
+        private_dir(directory)
         self._expiry: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -28,11 +47,7 @@ class OutputStore:
         """Store bytes; returns (file name, expiry unix time)."""
         assert ext in MEDIA_TYPES, ext
         name = f"{secrets.token_urlsafe(24)}.{ext}"
-        path = os.path.join(self.directory, name)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        write_private(os.path.join(self.directory, name), data)
         expires = time.time() + self.ttl_s
         with self._lock:
             self._expiry[name] = expires
@@ -40,7 +55,7 @@ class OutputStore:
 
     def path(self, name: str) -> str | None:
         """The file of ``name`` if it exists and has not expired."""
-        if "/" in name or name.startswith("."):
+        if not _NAME.fullmatch(name):  # also keeps "/", "..", NUL bytes out of the path
             return None
         with self._lock:
             expires = self._expiry.get(name)

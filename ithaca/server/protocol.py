@@ -17,9 +17,23 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ithaca.cache import validate_cache_options
 from ithaca.types import GenerationParams, LoraRef
 
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")  # ASCII digits, matched whole
 MAX_SIDE = 4096
 MAX_LAYERS = 16
+_NUMBERS = {
+    "n",
+    "num_inference_steps",
+    "guidance_scale",
+    "true_cfg_scale",
+    "seed",
+    "output_compression",
+    "partial_images",
+    "layers",
+    "num_frames",
+    "fps",
+    "guidance_scale_2",
+    "flow_shift",
+}
 MODEL_OPTIONS = (
     "cfg_text_scale",
     "cfg_img_scale",
@@ -35,7 +49,7 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     """``"WxH"`` -> (W, H); ``"auto"`` / None -> the model's default."""
     if size is None or size == "auto":
         return None, None
-    m = _SIZE.match(size)
+    m = _SIZE.fullmatch(size) if isinstance(size, str) else None
     if not m:
         raise ValueError(f"size ({size!r}) must be 'auto' or WIDTHxHEIGHT, e.g. 1024x1024")
     w, h = int(m.group(1)), int(m.group(2))
@@ -125,6 +139,14 @@ class _Request(BaseModel):
     @classmethod
     def _size(cls, v):
         parse_size(v)
+        return v
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v, info):
+        # Lax mode would read true/false as 1/0.
+        if isinstance(v, bool) and info.field_name in _NUMBERS:
+            raise ValueError("must be a number, not a boolean")
         return v
 
     def extra_fields(self) -> list[str]:
@@ -247,3 +269,10 @@ class VideoRequest(_Request):
             lora=self.lora_refs(),
             **self.cache_fields(),
         )
+
+
+class VideoJSON(VideoRequest):
+    """The JSON form of ``POST /v1/videos`` as ``/openapi.json`` documents it: the route
+    takes ``input_reference`` (a data URL, the first frame) out before validating."""
+
+    input_reference: ImageURL | None = None

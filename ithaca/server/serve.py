@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from dataclasses import dataclass
 
 import uvicorn
@@ -28,10 +29,18 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self.engines = engines
         self.exit_code = 0
+        self.drain_timeout_s = max(0.0, float(config.timeout_graceful_shutdown or 0) - 1.0)
 
     def handle_exit(self, sig, frame) -> None:
         for engine in self.engines:
+            if engine.draining:
+                continue
             engine.begin_drain()
+            # At the end of the drain, requests still running get the documented 503 JSON
+            # (before uvicorn's own timeout, one second later, would cancel them bare).
+            timer = threading.Timer(self.drain_timeout_s, engine.abort_running)
+            timer.daemon = True
+            timer.start()
         super().handle_exit(sig, frame)
 
     def fatal(self, reason: str) -> None:
@@ -115,7 +124,7 @@ def serve(
         host=server.host,
         port=server.port,
         log_level="info",
-        timeout_graceful_shutdown=int(server.drain_timeout_s),
+        timeout_graceful_shutdown=int(server.drain_timeout_s) + 1,
         lifespan="on",
     )
     holder["server"] = uvicorn_server = _Server(config, [m.engine for m in served])

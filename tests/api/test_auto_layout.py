@@ -10,9 +10,9 @@ import json
 
 import pytest
 
+from ithaca.autolayout import ModelGeometry, layer_seconds, model_geometry, plan
 from ithaca.cli import _parallel, build_parser
 from ithaca.config import ParallelConfig
-from ithaca.parallel.auto import ModelGeometry, layer_seconds, model_geometry, plan
 
 QWEN = ModelGeometry(heads=24, head_dim=128)  # Qwen-Image's transformer: 24 x 128
 
@@ -57,7 +57,7 @@ def test_the_reason_names_the_choice_and_the_estimate():
 
 def test_cost_model_bytes_match_the_benchmark_formulas():
     # With infinite compute the layer time is the traffic: Ulysses 4*S*d/P*(P-1)/P.
-    from ithaca.parallel.auto import Hardware
+    from ithaca.autolayout import Hardware
 
     hw = Hardware(flops=1e30, latency_s=0.0, nvlink_bandwidth=1.0)
     s, d = 4096, QWEN.heads * QWEN.head_dim * 2
@@ -107,7 +107,7 @@ def test_cli_usp_auto(tmp_path, capsys):
 def test_interconnect_detection_reads_nvidia_smi(monkeypatch):
     import subprocess
 
-    from ithaca.parallel import auto
+    from ithaca import autolayout as auto
 
     nvlink = "\tGPU0\tGPU1\tCPU Affinity\nGPU0\t X \tNV18\t0-63\nGPU1\tNV18\t X \t0-63\n"
     pcie = "\tGPU0\tGPU1\tCPU Affinity\nGPU0\t X \tSYS\t0-63\nGPU1\tSYS\t X \t0-63\n"

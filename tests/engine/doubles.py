@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -48,12 +49,25 @@ class FakePipeline:
         arr = (up.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         return [Image.fromarray(a) for a in arr]
 
+    def resolve(self, p: GenerationParams) -> SimpleNamespace:
+        """The per-request check the engine runs alone before batching."""
+        for name, v in (("width", p.width or 64), ("height", p.height or 64)):
+            if v % 16:
+                raise ValueError(f"{name} ({v}) must be a multiple of 16")
+        if p.images and p.num_frames:
+            raise ValueError("this double is text-to-video: input_reference is not supported")
+        steps = p.num_inference_steps or 4
+        return SimpleNamespace(width=p.width or 64, height=p.height or 64, steps=steps)
+
     def generate(self, batch: list[GenerationParams], callback=None) -> list[GenerationResult]:
         self.calls.append(len(batch))
         for p in batch:
-            for name, v in (("width", p.width or 64), ("height", p.height or 64)):
-                if v % 16:
-                    raise ValueError(f"{name} ({v}) must be a multiple of 16")
+            self.resolve(p)
+            # A check only made inside the batch (as `layers` was): poisons its batch.
+            if "poison" in p.prompt:
+                raise ValueError("prompt: this request is poisoned (test double)")
+            if "crash" in p.prompt:  # an internal failure whose text must stay in the log
+                raise RuntimeError("cannot read /srv/secret/model/weights.safetensors")
         steps = batch[0].num_inference_steps or 4
         items = []  # (request index, image index, latents)
         for i, p in enumerate(batch):

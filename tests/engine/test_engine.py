@@ -129,7 +129,7 @@ class _Dies(InProcessExecutor):
 
     died = False
 
-    def execute(self, batch, on_step):
+    def execute(self, batch, on_step, deadlines=None):
         if self.died:
             return super().execute(batch, on_step)
         self.died = True

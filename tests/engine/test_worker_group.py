@@ -1,9 +1,11 @@
 """A real torchrun worker group (--usp 2, gloo) behind the engine: READY handshake,
-results equal to the in-process twin, hang detection (a stopped rank), restart, bounded
-shutdown that leaves no rank behind, startup failure with the rank's error."""
+results equal to the in-process twin, hang detection (a stopped rank, idle or mid-step),
+restart with one teardown per generation, bounded shutdown that leaves no rank behind,
+startup failure with the rank's error."""
 
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -85,4 +87,43 @@ def test_a_rank_that_fails_to_load_fails_startup_with_its_error():
     with pytest.raises(EngineDeadError, match="weights are corrupt"):
         engine.start(timeout=120)
     engine.shutdown()
-    assert group._proc.poll() is not None
+    assert group._session.proc.poll() is not None
+
+
+def test_one_teardown_per_generation_and_a_stopped_rank_mid_step_fails_at_once():
+    group = WorkerGroupExecutor(
+        PipelineSpec(FAKE, parallel=USP2),
+        env={"PYTHONPATH": REPO, "ITHACA_FAKE_STEP_S": "0.2"},
+    )
+    group.start()
+    first = group._session
+    # The engine's restart path: the monitor's _die and the engine's shutdown race.
+    racer = threading.Thread(target=group._die, args=(first, "test: rank died"))
+    racer.start()
+    group.shutdown(timeout=1.0)
+    racer.join()
+    assert first.torn_down and not os.path.exists(first.tmpdir)
+    engine = Engine([group], max_batch_size=1)
+    engine.start(timeout=120)  # the restart
+    try:
+        second = group._session
+        assert second is not first and os.path.isdir(second.tmpdir)
+        first.teardown()  # late teardown and death reports of the old generation:
+        group._die(first, "test: a late report")  # they must not touch the new one
+        assert group.is_alive() and os.path.isdir(second.tmpdir)
+        assert engine.generate(P(seed=1), timeout=30).images
+
+        req = engine.submit(P(seed=2, steps=200))  # 40 s if it ran to the end
+        wait_for(lambda: req.step >= 3, 30)
+        os.kill(group.pids()[1], signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(EngineDeadError):
+            req.future.result(timeout=30)
+        assert time.monotonic() - t0 < 2.0  # found from /proc, not after a step timeout
+        assert "503" not in str(req.future.exception())
+        health = group.describe()
+        assert "reason" not in health and health["status"] in ("down", "ok")
+    finally:
+        pids = group.pids()
+        engine.shutdown()
+    wait_for(lambda: not any(alive(p) for p in pids), 10)

@@ -18,6 +18,7 @@ FORBIDDEN = {
     # layer: the layers it must never import
     "types": {"config", "server", "engine", "models", "cache", "parallel", "testing", "api"},
     "config": {"server", "engine", "models", "cache", "parallel", "testing", "api"},
+    "autolayout": {"config", "server", "engine", "models", "cache", "parallel", "testing", "api"},
     "parallel": {"server", "engine", "models", "cache", "testing", "api"},
     "cache": {"server", "engine", "models", "testing", "api"},
     "models": {"server", "engine", "testing", "api"},

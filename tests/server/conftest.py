@@ -1,31 +1,54 @@
-"""Servers shared by the server tests: real ``ithaca serve`` processes on loopback.
+"""The one server fixture of the server tests, and its in-process twin.
 
 Pyramid for tests/server: media/protocol/store units without processes
-(test_units.py); a server on the pipeline double at --usp 2 for the error classes,
-video jobs and restarts (test_errors.py, test_videos.py); servers on the tiny
-Qwen-Image checkpoints at --usp 2 driven by the official openai SDK
-(test_openai_sdk.py, test_edits.py).
+(test_units.py); route logic (every error class, limits, admission, video jobs,
+streaming, the schema fuzzer) on ``app`` - the real app on the in-process executor with
+the pipeline double, through ``httpx.ASGITransport`` (no subprocess, no port); a few
+smoke tests of a real ``ithaca serve`` (torchrun --usp 2, uvicorn, signals, restarts) on
+``fake_server``; the tiny Qwen-Image and Wan checkpoints driven by the official openai
+SDK (test_openai_sdk.py, test_edits.py, test_layered.py, test_video_wan.py).
 """
+
+import contextlib
 
 import pytest
 
-from tests.server.harness import FAKE, ServerProcess
+from tests.server.harness import FAKE, fake_app, serving
 
 API_KEY = "sk-test-key"
+APP_CONFIG = dict(api_key=API_KEY, max_queue_size=2, max_batch_size=4, batch_wait_ms=20)
+
+
+@pytest.fixture(scope="session")
+def app(tmp_path_factory):
+    """The app in process: pipeline double at 20 ms per step, queue of 2, batches of 4."""
+    client = fake_app(str(tmp_path_factory.mktemp("app")), **APP_CONFIG)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory):
+    """The one real-server fixture: ``serve(*cli_args, env=, api_key=)`` starts ``ithaca
+    serve`` and waits for ``/health``; every server it started stops when the module ends."""
+    with contextlib.ExitStack() as stack:
+
+        def start(*args: str, env: dict | None = None, api_key: str | None = None):
+            state = str(tmp_path_factory.mktemp("serve"))
+            running = contextlib.contextmanager(serving)
+            return stack.enter_context(running(*args, state_dir=state, env=env, api_key=api_key))
+
+        yield start
 
 
 @pytest.fixture(scope="session")
 def fake_server(tmp_path_factory):
-    """The pipeline double on a 2-rank torchrun group; 50 ms per step."""
-    server = ServerProcess(
-        FAKE, "--usp", "2", "--api-key", API_KEY, "--max-queue-size", "2",
-        "--max-batch-size", "4", "--batch-wait-ms", "20",
-        state_dir=str(tmp_path_factory.mktemp("fake")),
-        env={"ITHACA_FAKE_STEP_S": "0.05"},
-    )  # fmt: skip
-    try:
-        server.wait_healthy(120)
-        server.client.headers["Authorization"] = f"Bearer {API_KEY}"
-        yield server
-    finally:
-        server.stop()
+    """The pipeline double on a 2-rank torchrun group behind ``ithaca serve``; 50 ms/step
+    (session-wide: the smoke tests of several modules share it)."""
+    args = (FAKE, "--usp", "2", "--max-queue-size", "2", "--max-batch-size", "4",
+            "--batch-wait-ms", "20", "--max-steps", "1000")  # fmt: skip
+    state = str(tmp_path_factory.mktemp("fake"))
+    env = {"ITHACA_FAKE_STEP_S": "0.05"}
+    yield from serving(*args, state_dir=state, env=env, api_key=API_KEY)

@@ -2,11 +2,14 @@
 
 A :class:`ServerProcess` runs the CLI exactly as a user would (uvicorn, torchrun
 worker groups), waits (bounded) for ``/health`` to turn 200, and stops with SIGTERM,
-killing the whole session if it does not exit in time.
+killing the whole session if it does not exit in time. :func:`fake_app` is its
+in-process twin for route logic: the same app on the in-process executor, driven
+through ``httpx.ASGITransport``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -77,11 +80,22 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def serving(*args: str, state_dir: str, timeout: float = 240.0):
-    """A module fixture's body: yield a healthy :class:`ServerProcess`, stop it after."""
-    server = ServerProcess(*args, state_dir=state_dir)
+def serving(
+    *args: str,
+    state_dir: str,
+    env: dict | None = None,
+    api_key: str | None = None,
+    timeout: float = 240.0,
+):
+    """A fixture's body: yield a healthy :class:`ServerProcess` of ``ithaca serve ARGS``
+    (with ``--api-key`` and the client's header when given), stop it after."""
+    if api_key is not None:
+        args = (*args, "--api-key", api_key)
+    server = ServerProcess(*args, state_dir=state_dir, env=env)
     try:
         server.wait_healthy(timeout)
+        if api_key is not None:
+            server.client.headers["Authorization"] = f"Bearer {api_key}"
         yield server
     finally:
         server.stop()
@@ -96,3 +110,77 @@ def metric(text: str, name: str, labels: str = "") -> float:
             if key.split("{")[0] == name and labels in key:
                 total += float(value)
     return total
+
+
+class AppClient:
+    """Sync facade over ``httpx.AsyncClient(transport=ASGITransport(app))``: the app runs on
+    its own event-loop thread (lifespan included), tests call it like ``httpx.Client``
+    (thread-safe, so concurrent requests come from a thread pool)."""
+
+    def __init__(self, app, headers: dict | None = None):
+        import asyncio
+        import threading
+
+        self.app = app
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.headers = dict(headers or {})
+        self._lifespan = app.router.lifespan_context(app)
+        self._run(self._lifespan.__aenter__())
+        self._client = self.client_with(self.headers)
+
+    def client_with(self, headers: dict) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=self.app)
+        return httpx.AsyncClient(
+            transport=transport, base_url="http://ithaca.test", headers=headers, timeout=60
+        )
+
+    def _run(self, coro, timeout: float = 120.0):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def request(self, method: str, url: str, *, client=None, **kw) -> httpx.Response:
+        return self._run((client or self._client).request(method, url, **kw))
+
+    def get(self, url: str, **kw) -> httpx.Response:
+        return self.request("GET", url, **kw)
+
+    def post(self, url: str, **kw) -> httpx.Response:
+        return self.request("POST", url, **kw)
+
+    def delete(self, url: str, **kw) -> httpx.Response:
+        return self.request("DELETE", url, **kw)
+
+    @contextlib.contextmanager
+    def stream(self, method: str, url: str, **kw):
+        """The whole response, read (ASGITransport buffers streamed bodies anyway)."""
+        yield self.request(method, url, **kw)
+
+    def close(self) -> None:
+        try:
+            self._run(self._client.aclose())
+            self._run(self._lifespan.__aexit__(None, None, None))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+
+
+def fake_app(state_dir: str, step_s: float = 0.02, **config) -> AppClient:
+    """The app on the in-process executor with the pipeline double (no subprocess)."""
+    from ithaca.config import ParallelConfig, ServerConfig
+    from ithaca.engine.engine import build_engine
+    from ithaca.server.app import create_app
+
+    os.environ["ITHACA_FAKE_STEP_S"] = str(step_s)  # read by the double when it loads
+    try:
+        server = ServerConfig(model=FAKE, executor="inprocess", state_dir=state_dir, **config)
+        engine = build_engine(server, ParallelConfig())
+        engine.start(wait=True, timeout=60)
+    finally:
+        os.environ.pop("ITHACA_FAKE_STEP_S", None)
+    api_key = config.get("api_key")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return AppClient(create_app(engine, server, start_engine=False), headers)

@@ -12,22 +12,13 @@ from PIL import Image
 
 from ithaca.server.media import b64
 from ithaca.testing.tiny import build_tiny_qwen_image
-from tests.server.harness import ServerProcess
 from tests.server.test_units import png_bytes
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(serve, tmp_path_factory):
     model = build_tiny_qwen_image(tmp_path_factory.mktemp("edit_plus") / "ckpt", "edit_plus")
-    server = ServerProcess(
-        str(model), "--usp", "2", "--served-model-name", "tiny-edit",
-        state_dir=str(tmp_path_factory.mktemp("edit_state")),
-    )  # fmt: skip
-    try:
-        server.wait_healthy(240)
-        yield server
-    finally:
-        server.stop()
+    return serve(str(model), "--usp", "2", "--served-model-name", "tiny-edit")
 
 
 def pixels(b64_json: str) -> np.ndarray:
@@ -62,6 +53,7 @@ def test_json_edit_with_data_urls_and_multipart_strings(server):
     files = {"image": ("in.png", png_bytes((48, 48), (220, 20, 20)), "application/octet-stream")}
     r = c.post("/v1/images/edits", data=form, files=files)
     assert r.status_code == 200, r.text
+    # Exact by construction: the same decoded input through the same server and code path.
     assert np.array_equal(via_json, pixels(r.json()["data"][0]["b64_json"]))
 
 

@@ -15,7 +15,6 @@ from ithaca.parallel import ParallelState
 from ithaca.server.media import b64
 from ithaca.testing.tiny import build_tiny_qwen_image
 from ithaca.types import GenerationParams
-from tests.server.harness import ServerProcess
 
 STEPS = {"num_inference_steps": 2, "seed": 3}
 
@@ -26,16 +25,8 @@ def model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model, tmp_path_factory):
-    server = ServerProcess(
-        model, "--executor", "inprocess", "--served-model-name", "tiny-layered",
-        state_dir=str(tmp_path_factory.mktemp("layered_state")),
-    )  # fmt: skip
-    try:
-        server.wait_healthy(240)
-        yield server
-    finally:
-        server.stop()
+def server(serve, model):
+    return serve(model, "--executor", "inprocess", "--served-model-name", "tiny-layered")
 
 
 def _input() -> Image.Image:

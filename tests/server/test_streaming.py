@@ -19,12 +19,10 @@ def events(response) -> list[tuple[str, dict]]:
     return out
 
 
-def test_edit_stream_with_two_images_and_previews(fake_server):
+def test_edit_stream_with_two_images_and_previews(app):
     form = {"prompt": "make it blue", "size": "32x32", "n": "2", "stream": "true",
             "partial_images": "2", "num_inference_steps": "6", "output_format": "webp"}  # fmt: skip
-    with fake_server.client.stream(
-        "POST", "/v1/images/edits", data=form, files={"image": png_bytes()}
-    ) as r:
+    with app.stream("POST", "/v1/images/edits", data=form, files={"image": png_bytes()}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         got = events(r)
     kinds = [d["type"] for _, d in got]
@@ -38,9 +36,9 @@ def test_edit_stream_with_two_images_and_previews(fake_server):
     }  # fmt: skip
 
 
-def test_failure_after_submit_is_an_error_event(fake_server):
-    body = {"prompt": "x", "size": "24x32", "stream": True, "num_inference_steps": 2}
-    with fake_server.client.stream("POST", "/v1/images/generations", json=body) as r:
+def test_failure_after_submit_is_an_error_event(app):
+    body = {"prompt": "poison", "size": "32x32", "stream": True, "num_inference_steps": 2}
+    with app.stream("POST", "/v1/images/generations", json=body) as r:
         assert r.status_code == 200
         got = events(r)
     assert len(got) == 1 and got[0][1]["type"] == "error"

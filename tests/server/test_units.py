@@ -75,20 +75,24 @@ def test_output_store_expires(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_video_store_survives_reopen_and_fails_unfinished(tmp_path):
-    store = VideoStore(str(tmp_path))
+def test_video_store_survives_reopen_requeues_what_can_rerun(tmp_path):
+    store = VideoStore(str(tmp_path), ttl_s=60)
     for i in range(3):
-        store.create(f"video_{i}", "m", "p", "4", "32x32")
+        store.create(f"video_{i}", "m", "p", "4", "32x32")  # no parameters (older database)
+    store.create("video_3", "m", "p", "4", "32x32", params='{"prompt": "p", "seed": 3}')
     store.update("video_0", status="completed", progress=100, path="/x.mp4")
     store.update("video_1", status="in_progress", progress=40)
+    store.update("video_3", status="in_progress", progress=70)
     page, more = store.list(None, 2, "desc")
-    assert [j.id for j in page] == ["video_2", "video_1"] and more
+    assert [j.id for j in page] == ["video_3", "video_2"] and more
     page, more = store.list("video_1", 2, "desc")
     assert [j.id for j in page] == ["video_0"] and not more
     store.close()
-    store = VideoStore(str(tmp_path))
-    assert store.recovered == 2
+    store = VideoStore(str(tmp_path), ttl_s=60)
+    assert (store.requeued, store.failed_on_open) == (1, 2)
     assert store.get("video_0").status == "completed"
     for vid in ("video_1", "video_2"):
         job = store.get(vid).to_openai()
         assert job["status"] == "failed" and job["error"]["code"] == "server_restarted"
+        assert job["progress"] == 0 and job["expires_at"] - job["completed_at"] == 60
+    assert [(j.id, j.status, j.progress) for j in store.unfinished()] == [("video_3", "queued", 0)]

@@ -10,23 +10,14 @@ import openai
 import pytest
 
 from ithaca.testing.tiny_wan import build_tiny_wan
-from tests.server.harness import ServerProcess
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(serve, tmp_path_factory):
     model = build_tiny_wan(tmp_path_factory.mktemp("wan") / "ckpt", "t2v_a14b")
-    server = ServerProcess(
-        str(model), "--usp", "2", "--served-model-name", "tiny-wan",
-        state_dir=str(tmp_path_factory.mktemp("wan_state")),
-    )  # fmt: skip
-    try:
-        server.wait_healthy(240)
-        yield server
-    finally:
-        server.stop()
+    return serve(str(model), "--usp", "2", "--served-model-name", "tiny-wan")
 
 
 def test_sdk_video_on_wan(server):

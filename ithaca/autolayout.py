@@ -28,8 +28,6 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from ithaca.config import ParallelConfig
-
 BYTES_PER_ELEMENT = 2  # bf16 activations on GPU
 TIE = 0.05  # estimates closer than 5% are a tie: the model is not more precise than that
 
@@ -192,7 +190,8 @@ def candidates(
 
 @dataclass(frozen=True)
 class AutoPlan:
-    config: ParallelConfig
+    degrees: dict[str, int]
+    """``ParallelConfig`` keyword arguments: the Ulysses, Ring, CFG and replica degrees."""
     reason: str
     table: list[Candidate]
 
@@ -223,17 +222,17 @@ def plan(
     table = candidates(world_size, geometry, tokens, cfg, interconnect, hw)
     best = table[0]
     single = next(k for k in table if k.ranks == 1 and k.cfg == 1)
-    config = ParallelConfig(
-        ulysses_degree=best.ulysses,
-        ring_degree=best.ring,
-        cfg_parallel_size=best.cfg,
-        data_parallel_size=world_size // best.ranks,
-    )
+    degrees = {
+        "ulysses_degree": best.ulysses,
+        "ring_degree": best.ring,
+        "cfg_parallel_size": best.cfg,
+        "data_parallel_size": world_size // best.ranks,
+    }
     reason = (
         f"{world_size} GPU(s), {interconnect} ({source}), {tokens} image tokens "
         f"({width}x{height}), {geometry.heads} heads x {geometry.head_dim}, "
         f"true CFG {'on' if cfg else 'off'}: ulysses={best.ulysses} ring={best.ring} "
-        f"cfg={best.cfg} dp={config.data_parallel_size}; estimated "
+        f"cfg={best.cfg} dp={degrees['data_parallel_size']}; estimated "
         f"{best.seconds * 1e3:.3g} ms per layer and step vs {single.seconds * 1e3:.3g} ms on "
         f"one GPU ({single.seconds / best.seconds:.2f}x)"
     )
@@ -243,4 +242,4 @@ def plan(
             f"; runner-up ulysses={runner.ulysses} ring={runner.ring} cfg={runner.cfg} "
             f"{runner.seconds * 1e3:.3g} ms"
         )
-    return AutoPlan(config, reason, table)
+    return AutoPlan(degrees, reason, table)

@@ -1,0 +1,77 @@
+"""The cost model: units from tokens and images, rates measured per group, deadlines,
+admission, and the overdue signal ``/health`` reports."""
+
+import pytest
+
+from ithaca.config import ParallelConfig
+from ithaca.engine.admission import Cost, CostModel, admit, batch_cost, cost_of
+from ithaca.engine.errors import AdmissionError
+from ithaca.engine.executor import PipelineSpec
+from ithaca.engine.group import WorkerGroupExecutor
+from ithaca.engine.session import RunningBatch
+from ithaca.types import GenerationParams
+from tests.server.harness import FAKE
+
+
+def test_units_grow_with_tokens_images_and_guidance():
+    small = Cost(512, 512, 20)  # 32 x 32 = 1024 tokens
+    assert small.tokens == 1024
+    assert small.units == pytest.approx(1024 + 1024**2 / 16384)
+    assert Cost(512, 512, 20, images=2, branches=2).units == pytest.approx(4 * small.units)
+    video = Cost(64, 64, 4, frames=9)  # 3 latent frames of 4 x 4 tokens
+    assert video.tokens == 48 and video.pixels == 9 * 64 * 64
+    two = batch_cost(
+        [cost_of(GenerationParams("a", width=64, height=64, num_images=n)) for n in (1, 3)]
+    )
+    assert two.images == 4
+
+
+def test_estimates_and_deadlines_follow_the_measurements():
+    model = CostModel(factor=10.0, floor_s=5.0, fallback_s=300.0)
+    cost = Cost(1024, 1024, 10)
+    assert model.seconds(cost) is None and model.deadlines(cost).step_s == 300.0
+    model.observe_step(cost, 2.0)  # 2 s per step at 1024 x 1024
+    model.observe_decode(cost, 4.0)
+    model.observe_memory(cost, 2**30)
+    assert model.seconds(cost) == pytest.approx(10 * 2.0 + 4.0)
+    d = model.deadlines(cost)
+    assert (d.step_s, d.decode_s) == (pytest.approx(20.0), pytest.approx(40.0))
+    assert d.overdue_step_s == pytest.approx(5.0) and d.overdue_decode_s == pytest.approx(9.0)
+    big = Cost(4096, 4096, 2)  # 16x the tokens: with attention, 64x the step work
+    assert model.step_seconds(big) / 2.0 == pytest.approx(big.units / cost.units)
+    assert model.deadlines(big).step_s > 10 * 72  # a 72 s step is slow, not hung
+    assert model.memory_bytes(big) == pytest.approx(16 * 2**30)
+    tiny = Cost(64, 64, 2)
+    assert model.deadlines(tiny).step_s == 5.0  # never below the floor
+
+
+def test_admit_refuses_by_time_and_by_memory_only_once_measured():
+    model = CostModel()
+    cost = Cost(1024, 1024, 10)
+    admit([model], cost, max_seconds=1.0, max_bytes=2**20)  # nothing measured: admitted
+    model.observe_step(cost, 0.5)
+    with pytest.raises(AdmissionError, match="about 5 s") as exc:
+        admit([model], cost, max_seconds=1.0, max_bytes=None)
+    assert exc.value.status == 400 and exc.value.param == "size"
+    model.observe_memory(cost, 2**30)  # 1 GiB at 1024 x 1024
+    admit([model], Cost(1024, 1024, 1), max_seconds=10.0, max_bytes=2 * 2**30)
+    with pytest.raises(AdmissionError, match=r"4\.0 GiB"):
+        admit([model], Cost(2048, 2048, 1), max_seconds=10.0, max_bytes=2 * 2**30)
+
+
+def test_overdue_step_turns_health_503_before_the_group_is_declared_hung():
+    group = WorkerGroupExecutor(PipelineSpec(FAKE, parallel=ParallelConfig(ulysses_degree=2)))
+    model = CostModel(factor=10.0, floor_s=5.0)
+    model.observe_step(Cost(64, 64, 4), 0.05)  # 50 ms a step: overdue after 1.1 s, hung after 5 s
+    deadlines = model.deadlines(Cost(64, 64, 4))
+    group._dead.clear()  # as if started: only the running batch's clock matters here
+    group._batch = RunningBatch(0, lambda event: False, deadlines)
+    group._batch.last_progress -= 60  # before the first step (prompt encoding): fixed 300 s
+    assert not group.overdue() and group._batch.limits(300.0) == (300.0, 300.0)
+    group._batch.stepped = True
+    group._batch.last_progress += 60
+    assert not group.overdue()
+    group._batch.last_progress -= deadlines.overdue_step_s + 0.1
+    assert group.overdue() and group.describe()["status"] == "step_overdue"
+    _, hung_after = group._batch.limits(300.0)
+    assert hung_after == deadlines.step_s > deadlines.overdue_step_s
