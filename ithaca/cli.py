@@ -155,9 +155,7 @@ def _cache(args) -> CacheConfig:
             options = json.loads(args.cache_config)
         except json.JSONDecodeError as exc:
             raise ValueError(f"--cache-config is not valid JSON: {exc}") from exc
-        if not isinstance(options, dict):
-            raise ValueError("--cache-config must be a JSON object")
-    return CacheConfig.from_dict(args.cache_backend, options)
+    return CacheConfig.from_dict(args.cache_backend, options)  # validates, once
 
 
 def build_parser() -> argparse.ArgumentParser:

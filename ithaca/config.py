@@ -109,22 +109,72 @@ class ParallelConfig:
 DiffusionParallelConfig = ParallelConfig
 
 
+CACHE_OPTIONS: dict[str, frozenset[str]] = {
+    "tea_cache": frozenset({"rel_l1_thresh", "coefficients"}),
+    "cache_dit": frozenset(
+        {
+            "Fn_compute_blocks",
+            "Bn_compute_blocks",
+            "max_warmup_steps",
+            "residual_diff_threshold",
+            "max_cached_steps",
+            "max_continuous_cached_steps",
+            "enable_taylorseer",
+            "taylorseer_order",
+            "scm_steps_mask_policy",
+            "scm_steps_policy",
+        }
+    ),
+}
+"""The step caches and the settings each takes (``ithaca.cache`` implements them)."""
+
+
+def _frozen(value):
+    """A JSON value made hashable (lists become tuples), so configs can key batches."""
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    return value
+
+
 @dataclass(frozen=True)
 class CacheConfig:
-    """Which step cache the pipeline uses and how it is tuned (per server or request)."""
+    """Which step cache the pipeline uses and how it is tuned (per server or request).
+
+    The one shape the cache settings take from the CLI (``--cache-backend``,
+    ``--cache-config``) and the request (``cache_backend``, ``cache_config``) to the
+    cache: validated here, once, and hashable, so it keys batches as it is.
+    """
 
     backend: str | None = None
-    """``None`` for no cache, else a cache name the model registry understands
-    (``"tea_cache"``, ``"cache_dit"``, ...)."""
+    """``None`` for no cache, else one of :data:`CACHE_OPTIONS` (``"tea_cache"``,
+    ``"cache_dit"``)."""
 
     options: tuple[tuple[str, object], ...] = ()
     """Backend-specific settings as sorted key/value pairs (hashable); see :meth:`as_dict`."""
 
+    def __post_init__(self) -> None:
+        if self.backend is None:
+            if self.options:
+                raise ValueError(f"cache_config ({self.as_dict()!r}) given without a cache_backend")
+            return
+        if self.backend not in CACHE_OPTIONS:
+            raise ValueError(
+                f"cache_backend ({self.backend!r}) must be one of {sorted(CACHE_OPTIONS)}"
+            )
+        unknown = sorted({k for k, _ in self.options} - CACHE_OPTIONS[self.backend])
+        if unknown:
+            raise ValueError(
+                f"cache_config has unknown keys {unknown} for {self.backend}; "
+                f"valid keys: {sorted(CACHE_OPTIONS[self.backend])}"
+            )
+
     @classmethod
     def from_dict(cls, backend: str | None, options: dict | None) -> CacheConfig:
-        if options and backend is None:
-            raise ValueError(f"cache_config ({options!r}) given without a cache_backend")
-        return cls(backend, tuple(sorted((options or {}).items())))
+        if options is not None and not isinstance(options, dict):
+            raise ValueError(f"cache_config ({options!r}) must be a JSON object")
+        return cls(backend, tuple(sorted((k, _frozen(v)) for k, v in (options or {}).items())))
 
     def as_dict(self) -> dict:
         return dict(self.options)

@@ -1,6 +1,6 @@
 """Step caches: skip transformer work across denoising steps, under every layout.
 
-``build_cache(backend, options, transformer, adapter, state, padding)`` installs
+``build_cache(config, transformer, adapter, state, padding)`` installs
 ``"tea_cache"`` (:class:`TeaCache`) or ``"cache_dit"`` (:class:`DBCache`, with
 TaylorSeer and SCM) on a transformer's blocks. The denoising loop calls
 ``cache.begin(num_steps)`` per request and wraps each transformer call in
@@ -10,43 +10,22 @@ TaylorSeer and SCM) on a transformer's blocks. The denoising loop calls
 from __future__ import annotations
 
 from ithaca.cache.base import BlockCacheAdapter, CacheGroup, CacheStats, StepCache
-from ithaca.cache.calibrate import TeaCacheCalibrator
-from ithaca.cache.dbcache import CACHE_DIT_OPTIONS, DBCache, TaylorSeer, scm_mask
+from ithaca.cache.dbcache import DBCache, TaylorSeer, scm_mask
 from ithaca.cache.teacache import (
     FLUX_COEFFICIENTS,
-    TEACACHE_OPTIONS,
     TeaCache,
     checkpoint_coefficients,
     fit_coefficients,
 )
+from ithaca.config import CACHE_OPTIONS, CacheConfig
 
-BACKENDS = {"tea_cache": (TeaCache, TEACACHE_OPTIONS), "cache_dit": (DBCache, CACHE_DIT_OPTIONS)}
-# Not for users: the calibration probe that `ithaca calibrate-teacache` installs.
-_INTERNAL = {TeaCacheCalibrator.name: TeaCacheCalibrator}
-
-
-def validate_cache_options(backend: str | None, options: dict | None) -> None:
-    """Raise ``ValueError`` for an unknown backend or option (before any work)."""
-    if backend is None:
-        if options:
-            raise ValueError(f"cache_config ({options!r}) given without a cache_backend")
-        return
-    if backend not in BACKENDS:
-        raise ValueError(f"cache_backend ({backend!r}) must be one of {sorted(BACKENDS)}")
-    unknown = set(options or {}) - BACKENDS[backend][1]
-    if unknown:
-        raise ValueError(
-            f"cache_config has unknown keys {sorted(unknown)} for {backend}; "
-            f"valid keys: {sorted(BACKENDS[backend][1])}"
-        )
+BACKENDS = {"tea_cache": TeaCache, "cache_dit": DBCache}
+assert set(BACKENDS) == set(CACHE_OPTIONS), "ithaca.config.CACHE_OPTIONS lists the backends"
 
 
-def build_cache(backend, options, transformer, adapter, state, padding=None) -> StepCache:
-    if backend in _INTERNAL:
-        return _INTERNAL[backend](transformer, adapter, state, padding)
-    validate_cache_options(backend, options)
-    cls = BACKENDS[backend][0]
-    return cls(transformer, adapter, state, padding, **(options or {}))
+def build_cache(config: CacheConfig, transformer, adapter, state, padding=None) -> StepCache:
+    """Install ``config``'s cache (already validated: a :class:`CacheConfig`)."""
+    return BACKENDS[config.backend](transformer, adapter, state, padding, **config.as_dict())
 
 
 __all__ = [
@@ -63,5 +42,4 @@ __all__ = [
     "checkpoint_coefficients",
     "fit_coefficients",
     "scm_mask",
-    "validate_cache_options",
 ]

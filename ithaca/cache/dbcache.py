@@ -19,19 +19,6 @@ import math
 
 from ithaca.cache.base import StepCache
 
-CACHE_DIT_OPTIONS = {
-    "Fn_compute_blocks",
-    "Bn_compute_blocks",
-    "max_warmup_steps",
-    "residual_diff_threshold",
-    "max_cached_steps",
-    "max_continuous_cached_steps",
-    "enable_taylorseer",
-    "taylorseer_order",
-    "scm_steps_mask_policy",
-    "scm_steps_policy",
-}
-
 # (computed, cacheable) run lengths for a 28-step schedule; scaled to the real count.
 SCM_POLICIES = {
     "slow": ([8, 3, 3, 2, 2, 2], [1, 1, 2, 2, 3]),

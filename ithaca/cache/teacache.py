@@ -20,8 +20,6 @@ from ithaca.cache.base import StepCache
 
 logger = logging.getLogger(__name__)
 
-TEACACHE_OPTIONS = {"rel_l1_thresh", "coefficients"}
-
 FLUX_COEFFICIENTS = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
 """TeaCache's published FLUX.1-dev fit (ali-vilab/TeaCache, ``TeaCache4FLUX``), highest
 power first: the default of every image family without a fit of its own (docs/caching.md)."""

@@ -29,7 +29,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ithaca.cache import BlockCacheAdapter, StepCache, build_cache, validate_cache_options
+from ithaca.cache import BlockCacheAdapter, StepCache, build_cache
+from ithaca.config import CacheConfig
+from ithaca.models.loading import load_streamed
 from ithaca.models.lora import LoraAdapters, adapter_summary
 from ithaca.models.spec import plain_cfg
 from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_branches
@@ -127,17 +129,17 @@ class DenoisingPipeline:
         self.state = state
         self.dtype = dtype
         self.device = state.device
-        self.cache_default: tuple[str | None, dict] = (None, {})
-        """The server's step cache (backend, options); a request may override it."""
+        self.cache_default = CacheConfig()
+        """The server's step cache; a request may override it."""
         self._cache: StepCache | None = None
         self._cache_key: tuple | None = None
+        """``(CacheConfig, adapter set)`` of the installed cache."""
         self.loras: LoraAdapters | None = None
         """The LoRA adapter table (:meth:`lora_table`), created on first use."""
 
-    def configure_cache(self, backend: str | None, options: dict | None = None) -> None:
-        """Set the default step cache (``"tea_cache"``, ``"cache_dit"`` or None)."""
-        validate_cache_options(backend, options)
-        self.cache_default = (backend, dict(options or {}))
+    def configure_cache(self, cache: CacheConfig | None) -> None:
+        """Set the default step cache (validated: a :class:`CacheConfig`)."""
+        self.cache_default = cache or CacheConfig()
 
     # -- LoRA adapters (ithaca.models.lora) -------------------------------------
     fuse_loras: bool = False
@@ -235,8 +237,15 @@ class DenoisingPipeline:
 
     # -- shared loading ----------------------------------------------------------
     def load_transformer(self, cls, model: str, subfolder: str = "transformer"):
-        """The checkpoint's transformer on this rank's device, frozen for inference."""
-        transformer = cls.from_pretrained(model, subfolder=subfolder, torch_dtype=self.dtype)
+        """The checkpoint's transformer on this rank's device, frozen for inference:
+        read tensor by tensor straight to the device (:mod:`ithaca.models.loading`: no
+        whole host copy per rank); checkpoints that need diffusers' key conversion go
+        through ``from_pretrained``."""
+        try:
+            transformer = load_streamed(cls, model, subfolder, device=self.device, dtype=self.dtype)
+        except (ValueError, FileNotFoundError) as exc:
+            logger.info("%s: loading through from_pretrained (%s)", model, exc)
+            transformer = cls.from_pretrained(model, subfolder=subfolder, torch_dtype=self.dtype)
         return transformer.to(self.device).eval().requires_grad_(False)
 
     # -- shared request validation (families call these from ``resolve``) ------
@@ -251,7 +260,8 @@ class DenoisingPipeline:
     def checked_steps(self, params: GenerationParams) -> int:
         """The rules every family shares, one per field (``ParamError`` naming it):
         prompt, ``num_inference_steps`` (None: the default; anything else must be a
-        positive integer, so 0 is an error in every family), ``n`` and ``layers``.
+        positive integer, so 0 is an error in every family), ``n``, the step cache
+        (:class:`CacheConfig`) and ``layers``.
         Returns the step count."""
         if not isinstance(params.prompt, str) or (
             not params.prompt and not self.captions_empty_prompt
@@ -268,6 +278,11 @@ class DenoisingPipeline:
         n = params.num_images
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ParamError("n", f"n ({n!r}) must be a positive integer")
+        try:
+            CacheConfig.from_dict(params.cache_backend, params.cache_config)
+        except ValueError as exc:
+            field = "cache_config" if params.cache_config else "cache_backend"
+            raise ParamError(field, str(exc)) from None
         if params.layers is not None and not self.takes_layers:
             raise ParamError(
                 "layers",
@@ -289,16 +304,10 @@ class DenoisingPipeline:
                 )
         return w // self.multiple * self.multiple, h // self.multiple * self.multiple
 
-    def make_cache(self, backend: str, options: dict) -> StepCache:
+    def make_cache(self, config: CacheConfig) -> StepCache:
         """Install a step cache on the transformer (families with other layouts override)."""
-        return build_cache(
-            backend,
-            options,
-            self.transformer,
-            self.cache_adapter(),
-            self.state,
-            getattr(self, "runtime", None),
-        )
+        adapter = self.cache_adapter()
+        return build_cache(config, self.transformer, adapter, self.state, self.runtime)
 
     def cache_adapter(self) -> BlockCacheAdapter:
         """How this family's blocks look to a step cache."""
@@ -330,7 +339,7 @@ class DenoisingPipeline:
         for i, (r, cache) in enumerate(zip(requests, caches, strict=True)):
             # Unless fusing is on, every request runs its own loop (exact solo bytes). A
             # cache decides from the whole forward, so a cached request always runs alone.
-            alone = cache[0] is not None or not self.fuse_batches
+            alone = cache.backend is not None or not self.fuse_batches
             key = (*r.batch_key, cache, i if alone else None)
             groups.setdefault(key, []).append(i)
         results = [GenerationResult(request_id=p.request_id) for p in batch]
@@ -380,27 +389,23 @@ class DenoisingPipeline:
             conds = [_to_device(c, self.device) for c in conds]
         return conds
 
-    def _cache_settings(self, request: Request) -> tuple:
-        """``(backend, sorted options)`` for a request: its own, else the server's."""
+    def _cache_settings(self, request: Request) -> CacheConfig:
+        """The request's step cache: its own, else the server's."""
         params = request.params
         if params.cache_backend is not None or params.cache_config:
-            backend, options = params.cache_backend, params.cache_config or {}
-            validate_cache_options(backend, options)
-        else:
-            backend, options = self.cache_default
-        return backend, tuple(sorted(options.items()))
+            return CacheConfig.from_dict(params.cache_backend, params.cache_config)
+        return self.cache_default
 
-    def _install_cache(self, settings: tuple | None, lora: tuple = ()) -> StepCache | None:
-        """The cache for ``settings`` and the adapter set ``lora``, reinstalled only when
+    def _install_cache(self, config: CacheConfig | None, lora: tuple = ()) -> StepCache | None:
+        """The cache for ``config`` and the adapter set ``lora``, reinstalled only when
         either changes (each adapter set gets its own cache state). None: remove it."""
-        key = None if settings is None else (settings, lora)
+        key = None if config is None else (config, lora)
         if key != self._cache_key:
             if self._cache is not None:
                 self._cache.remove()
             self._cache, self._cache_key = None, key
-            if key is not None and settings[0]:
-                backend, options = settings
-                self._cache = self.make_cache(backend, dict(options))
+            if config is not None and config.backend:
+                self._cache = self.make_cache(config)
         return self._cache
 
     def _cache_stats(self, cache: StepCache, do_cfg: bool) -> dict:

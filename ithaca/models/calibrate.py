@@ -42,8 +42,9 @@ def calibrate_teacache(
     """
     state = ParallelState.single(device=_device())
     pipe = load_pipeline(model, state, dtype=dtype)
-    pipe.cache_default = (TeaCacheCalibrator.name, {})
-    calibrator = pipe._install_cache((TeaCacheCalibrator.name, ()))
+    # The probe is no user cache: installed directly, kept while no request asks for one.
+    calibrator = TeaCacheCalibrator(pipe.transformer, pipe.cache_adapter(), state, pipe.runtime)
+    pipe._cache, pipe._cache_key = calibrator, pipe.cache_default
     for i, prompt in enumerate(prompts):
         params = GenerationParams(
             prompt=prompt,

@@ -38,7 +38,7 @@ pack_latents = _Packing._pack_latents
 unpack_latents = _Packing._unpack_latents
 
 
-def load_component(model: str, name: str, index: dict, device, dtype, cls=None):
+def load_part(model: str, name: str, index: dict, device, dtype, cls=None):
     """One checkpoint component by the class its ``model_index.json`` names: modules
     frozen on ``device`` in ``dtype``; tokenizers and processors as they are."""
     if cls is None:
@@ -130,7 +130,7 @@ class FlowMatchPipeline(DenoisingPipeline):
 
     def load_components(self, model: str) -> None:
         for name in self.spec.components:
-            setattr(self, name, load_component(model, name, self.index, self.device, self.dtype))
+            setattr(self, name, load_part(model, name, self.index, self.device, self.dtype))
 
     def lora_loader(self):
         """The reference pipeline class (its ``lora_state_dict`` converters), if it has

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ithaca.cache import validate_cache_options
+from ithaca.config import CacheConfig
 from ithaca.parallel import ParallelState
 from ithaca.types import Pipeline
 
@@ -104,10 +104,10 @@ def load_pipeline(
     The returned pipeline exposes ``default_width``, ``default_height`` and
     ``default_steps`` for the server to report.
     """
-    validate_cache_options(cache_backend, cache_config)  # before loading any weights
+    cache = CacheConfig.from_dict(cache_backend, cache_config)  # before loading any weights
     cls = pipeline_class(model)
     pipeline = cls(model, state, dtype or default_dtype(state.device))
-    pipeline.configure_cache(cache_backend, cache_config)
+    pipeline.configure_cache(cache)
     return pipeline
 
 

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ithaca.cache import validate_cache_options
+from ithaca.config import CacheConfig
 from ithaca.types import GenerationParams, LoraRef
 
 _SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")  # ASCII digits, matched whole
@@ -123,13 +123,13 @@ class _Request(BaseModel):
     @field_validator("cache_backend")
     @classmethod
     def _cache_backend(cls, v):
-        validate_cache_options(v, None)
+        CacheConfig.from_dict(v, None)
         return v
 
     @field_validator("cache_config")
     @classmethod
     def _cache_options(cls, v, info):
-        validate_cache_options(info.data.get("cache_backend"), v)
+        CacheConfig.from_dict(info.data.get("cache_backend"), v)
         return v
 
     def cache_fields(self) -> dict:

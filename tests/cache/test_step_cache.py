@@ -16,9 +16,8 @@ from ithaca.cache import (
     build_cache,
     fit_coefficients,
     scm_mask,
-    validate_cache_options,
 )
-from ithaca.config import ParallelConfig
+from ithaca.config import CacheConfig, ParallelConfig
 from ithaca.parallel import (
     ParallelState,
     apply_guidance,
@@ -50,7 +49,8 @@ def denoise(state, backend=None, options=None, layers=4):
             block.attn = runtime.attention
     cache = None
     if backend:
-        cache = build_cache(backend, options, model, TOY_ADAPTER, state, runtime)
+        config = CacheConfig.from_dict(backend, options)
+        cache = build_cache(config, model, TOY_ADAPTER, state, runtime)
         cache.begin(STEPS)
     latents, pos_txt, _, mask = toy.make_inputs(IMAGE_LEN)
     prompts = (pos_txt, torch.zeros_like(pos_txt))
@@ -144,26 +144,26 @@ def test_every_layout_caches_like_one_rank(worker_pool, layout, backend, options
 
 
 def test_options_are_validated():
-    validate_cache_options("tea_cache", {"rel_l1_thresh": 0.1})
+    config = CacheConfig.from_dict("tea_cache", {"rel_l1_thresh": 0.1, "coefficients": [1, 2]})
+    assert hash(config) == hash(CacheConfig("tea_cache", config.options))  # a batching key
+    assert config.as_dict() == {"rel_l1_thresh": 0.1, "coefficients": (1, 2)}
     with pytest.raises(ValueError, match="cache_backend"):
-        validate_cache_options("fast_cache", {})
+        CacheConfig.from_dict("fast_cache", {})
     with pytest.raises(ValueError, match=r"unknown keys \['Fn'\]"):
-        validate_cache_options("cache_dit", {"Fn": 2})
+        CacheConfig.from_dict("cache_dit", {"Fn": 2})
     with pytest.raises(ValueError, match="without a cache_backend"):
-        validate_cache_options(None, {"rel_l1_thresh": 0.1})
+        CacheConfig.from_dict(None, {"rel_l1_thresh": 0.1})
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        CacheConfig.from_dict("tea_cache", [0.1])
     model = toy.make_model()
+    state = ParallelState.single()
     with pytest.raises(ValueError, match=r"Bn_compute_blocks \(2\) must be in 0..1"):
         build_cache(
-            "cache_dit", {"Bn_compute_blocks": 2}, model, TOY_ADAPTER, ParallelState.single()
+            CacheConfig("cache_dit", (("Bn_compute_blocks", 2),)), model, TOY_ADAPTER, state
         )
     with pytest.raises(ValueError, match="scm_steps_mask_policy"):
-        build_cache(
-            "cache_dit",
-            {"scm_steps_mask_policy": "turbo"},
-            model,
-            TOY_ADAPTER,
-            ParallelState.single(),
-        )
+        config = CacheConfig("cache_dit", (("scm_steps_mask_policy", "turbo"),))
+        build_cache(config, model, TOY_ADAPTER, state)
 
 
 def test_scm_masks_compute_first_and_last_and_get_sparser():
@@ -200,7 +200,7 @@ def test_fit_coefficients_recovers_a_polynomial():
 
 def test_removing_a_cache_restores_the_blocks():
     model = toy.make_model()
-    cache = build_cache("tea_cache", {}, model, TOY_ADAPTER, ParallelState.single())
+    cache = build_cache(CacheConfig("tea_cache"), model, TOY_ADAPTER, ParallelState.single())
     assert all("forward" in b.__dict__ for b in model.blocks)
     cache.remove()
     assert all("forward" not in b.__dict__ for b in model.blocks)

@@ -111,6 +111,8 @@ def test_resume_step_out_of_range(pipe):
         (dict(num_images=0), "n"),
         (dict(layers=2), "layers"),
         (dict(width=8), "size"),
+        (dict(cache_backend="fast_cache"), "cache_backend"),
+        (dict(cache_backend="tea_cache", cache_config={"Fn": 1}), "cache_config"),
     ],
 )
 def test_bad_settings_name_their_param(pipe, params, param):

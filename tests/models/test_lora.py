@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from ithaca.config import CacheConfig
 from ithaca.models.flux.pipeline import FluxPipeline
 from ithaca.models.registry import load_pipeline
 from ithaca.parallel import ParallelState
@@ -201,7 +202,7 @@ def test_step_cache_state_is_per_adapter_set(flux):
     """TeaCache with adapters: the cache is rebuilt when the adapter set changes (its
     key holds the set), so A after B decides exactly as A after A."""
     pipe = load_pipeline(flux["path"], ParallelState.single())
-    pipe.configure_cache("tea_cache", {"rel_l1_thresh": 0.6})
+    pipe.configure_cache(CacheConfig.from_dict("tea_cache", {"rel_l1_thresh": 0.6}))
     pipe.load_lora("a", flux["a"])
     pipe.load_lora("b", flux["b"])
     request = dict(REQUEST, num_inference_steps=4)

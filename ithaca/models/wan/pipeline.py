@@ -44,8 +44,9 @@ from diffusers.video_processor import VideoProcessor
 from PIL import Image
 
 from ithaca.cache import CacheGroup, build_cache
+from ithaca.config import CacheConfig
 from ithaca.models.base import DenoisingPipeline, Job, Request
-from ithaca.models.flow import load_component, seeded_noise
+from ithaca.models.flow import load_part, seeded_noise
 from ithaca.models.spec import parallelize
 from ithaca.models.wan.cache import cache_adapter
 from ithaca.models.wan.experts import ExpertPlacement, module_bytes, should_offload
@@ -174,21 +175,21 @@ class WanPipeline(DenoisingPipeline):
 
         return diffusers.WanPipeline
 
-    def make_cache(self, backend: str, options: dict) -> CacheGroup:
+    def make_cache(self, config: CacheConfig) -> CacheGroup:
         """One cache per expert, each over its own blocks and its own plan's padding."""
         adapter = cache_adapter(self.model)
         return CacheGroup(
             [
-                build_cache(backend, options, expert, adapter, self.state, runtime)
+                build_cache(config, expert, adapter, self.state, runtime)
                 for expert, runtime in zip(self.experts, self.runtimes, strict=True)
             ]
         )
 
     def _load_encoders(self, model: str) -> None:
         index = _read_json(model, "model_index.json")
-        self.vae = load_component(model, "vae", index, self.device, torch.float32)  # fp32 VAE
+        self.vae = load_part(model, "vae", index, self.device, torch.float32)  # fp32 VAE
         for name in ("text_encoder", "tokenizer"):
-            setattr(self, name, load_component(model, name, index, self.device, self.dtype))
+            setattr(self, name, load_part(model, name, index, self.device, self.dtype))
 
     # -- request validation ----------------------------------------------------
     @staticmethod
