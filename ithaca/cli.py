@@ -15,7 +15,13 @@ import logging
 import os
 import sys
 
-from ithaca.config import ATTENTION_BACKENDS, CacheConfig, ParallelConfig, ServerConfig
+from ithaca.config import (
+    ATTENTION_BACKENDS,
+    CacheConfig,
+    ParallelConfig,
+    ServerConfig,
+    parse_lora_option,
+)
 
 
 def _degree(value: str) -> int | str:
@@ -197,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-request-seconds", type=float, default=1800.0)
     s.add_argument("--max-request-memory-gb", type=float, default=None)
     s.add_argument("--step-timeout-factor", type=float, default=10.0)
+    s.add_argument("--lora", action="append", default=[], metavar="NAME=PATH[:SCALE]",
+                   help="preload a LoRA adapter; repeat")  # fmt: skip
+    s.add_argument("--max-loras", type=int, default=None, help="adapters resident (LRU)")
+    s.add_argument("--lora-dir", default=None, help="POST /v1/loras loads from here only")
     # Multi-node: defaults come from a LeaderWorkerSet's variables when present, so every
     # pod of a group can run the same command line; node rank > 0 runs only its ranks.
     s.add_argument("--nnodes", type=int, default=int(os.environ.get("LWS_GROUP_SIZE", "1")))
@@ -297,6 +307,9 @@ def cmd_serve(args) -> int:
         nnodes=args.nnodes,
         master_addr=args.master_addr,
         master_port=args.master_port,
+        loras=tuple(parse_lora_option(text) for text in args.lora),
+        max_loras=args.max_loras,
+        lora_dir=args.lora_dir,
     )
     return serve(config, models[0].parallel, _cache(args), models)
 

@@ -296,6 +296,16 @@ class ServerConfig:
     master_port: int | None = None
     """Rendezvous port of the first worker group (``None`` picks a free one)."""
 
+    loras: tuple[tuple[str, str, float], ...] = ()
+    """LoRA adapters ``(name, path, scale)`` loaded at start (``--lora NAME=PATH[:SCALE]``)."""
+
+    max_loras: int | None = None
+    """At most this many adapters resident in the transformer (LRU; the rest are reloaded
+    from their path when a request names them). None: no bound."""
+
+    lora_dir: str | None = None
+    """``POST /v1/loras`` loads files from inside this directory only; None: disabled."""
+
     def __post_init__(self) -> None:
         _require_positive("max_queue_size", self.max_queue_size)
         _require_positive("max_batch_size", self.max_batch_size)
@@ -321,6 +331,11 @@ class ServerConfig:
             raise ValueError(f"node_rank ({self.node_rank}) must be in 0..nnodes-1 ({self.nnodes})")
         if self.dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(f"dtype ({self.dtype!r}) must be bfloat16, float16 or float32")
+        if self.max_loras is not None and self.max_loras < 1:
+            raise ValueError(f"max_loras ({self.max_loras}) must be >= 1")
+        names = [entry[0] for entry in self.loras]
+        if len(set(names)) != len(names):
+            raise ValueError(f"loras ({names}) name an adapter twice")
         for name in ("max_body_bytes", "max_input_pixels", "max_output_pixels", "max_steps"):
             _require_positive(name, getattr(self, name))
         _require_positive("max_n", self.max_n)
@@ -344,3 +359,19 @@ class ServerConfig:
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model or "ithaca-default"
+
+
+def parse_lora_option(text: str) -> tuple[str, str, float]:
+    """``NAME=PATH[:SCALE]`` (the ``--lora`` option) -> ``(name, path, scale)``."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise ValueError(f"--lora {text!r} must be NAME=PATH[:SCALE]")
+    path, scale = rest, 1.0
+    head, colon, tail = rest.rpartition(":")
+    if colon and head:
+        try:
+            scale = float(tail)
+            path = head
+        except ValueError:
+            pass  # a colon inside the path
+    return name, path, scale

@@ -15,6 +15,17 @@ import numpy as np
 from PIL import Image
 
 
+@dataclass(frozen=True)
+class LoraRef:
+    """One LoRA adapter a request applies (the ``lora`` request field)."""
+
+    name: str
+    scale: float | None = None
+    """None: the scale the adapter was loaded with."""
+    expert: str | None = None
+    """Two-expert video models: ``"high_noise"`` or ``"low_noise"``; None: every expert."""
+
+
 @dataclass
 class GenerationParams:
     """One request's sampling parameters. ``None`` means "the model's default"."""
@@ -45,6 +56,8 @@ class GenerationParams:
     cache_config: dict[str, Any] | None = None
     partial_images: int = 0
     """Number of intermediate previews to report through the step callback."""
+    lora: tuple[LoraRef, ...] = ()
+    """LoRA adapters applied together (stacked), by name; empty: the base model."""
     model_options: dict[str, Any] = field(default_factory=dict)
     """Family-specific sampling settings sent as extension fields (Bagel's
     ``cfg_text_scale``, ``cfg_interval``, ...); the family validates them."""
@@ -86,6 +99,17 @@ class Pipeline(Protocol):
     def generate(
         self, batch: list[GenerationParams], callback: StepCallback | None = None
     ) -> list[GenerationResult]: ...
+
+
+@dataclass(frozen=True)
+class LoraCommand:
+    """Adapter management, run on every rank of every worker group like a request."""
+
+    op: str
+    """``"load"``, ``"unload"`` or ``"list"``."""
+    name: str = ""
+    path: str = ""
+    scale: float = 1.0
 
 
 class ParamError(ValueError):

@@ -80,6 +80,8 @@ class Engine:
         if not executors:
             raise ValueError("an engine needs at least one executor")
         self.executors = executors
+        self.loras: dict[str, dict] = {}
+        """The adapter table as of the last management command (names a request may use)."""
         self.scheduler = Scheduler(max_queue_size, max_batch_size, batch_wait_ms)
         self.on_worker_failure = on_worker_failure
         self.continuous = continuous
@@ -241,6 +243,17 @@ class Engine:
         if self.scheduler.remove(req):
             self.metrics.waiting.set(len(self.scheduler))
             self._fail(req, RequestCancelledError("the request was cancelled"))
+
+    def manage_lora(self, command) -> list[dict]:
+        """Run a :class:`ithaca.types.LoraCommand` on every worker group (each between
+        its batches); returns the adapter table, also kept in :attr:`loras`."""
+        if not any(ev.is_set() for ev in self._ready):
+            raise EngineNotReadyError("the model is still loading; retry shortly")
+        table: list[dict] = []
+        for executor in self.executors:
+            table = executor.manage_lora(command)
+        self.loras = {entry["name"]: entry for entry in table}
+        return table
 
     def generate(self, params: GenerationParams, timeout: float | None = None) -> GenerationResult:
         """Blocking convenience: submit and wait."""
@@ -464,9 +477,8 @@ def build_engine(
     from ithaca.engine.group import WorkerGroupExecutor
 
     group = dataclasses.replace(parallel, data_parallel_size=1)
-    spec = PipelineSpec(
-        server.model, server.dtype, cache or CacheConfig(), group, server.batch_invariant
-    )
+    spec = PipelineSpec(server.model, server.dtype, cache or CacheConfig(), group,
+                        server.loras, server.max_loras, server.batch_invariant)  # fmt: skip
     executors: list[Executor] = []
     for i in range(parallel.data_parallel_size):
         if server.executor == "inprocess":
@@ -496,7 +508,7 @@ def build_engine(
                 env=group_env,
             )
         )
-    return Engine(
+    engine = Engine(
         executors,
         max_queue_size=server.max_queue_size,
         max_batch_size=server.max_batch_size,
@@ -513,6 +525,10 @@ def build_engine(
         min_step_timeout_s=server.liveness_timeout_s,
         step_timeout_s=server.step_timeout_s,
     )
+    engine.loras = {  # what every rank loads at start (ithaca.engine.executor.load_pipeline)
+        name: {"name": name, "path": path, "scale": scale} for name, path, scale in server.loras
+    }
+    return engine
 
 
 def _visible_devices(group_index: int, per_node: int, offset: int = 0) -> str | None:

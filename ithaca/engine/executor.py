@@ -37,6 +37,10 @@ class PipelineSpec:
     dtype: str | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    loras: tuple[tuple[str, str, float], ...] = ()
+    """LoRA adapters ``(name, path, scale)`` every rank loads after the model (``--lora``)."""
+    max_loras: int | None = None
+    """At most this many adapters resident (LRU, the rest reloaded on demand)."""
     batch_invariant: bool = False
     """Each request of a batch runs its own loop (exact solo bytes) instead of fused."""
 
@@ -65,6 +69,10 @@ def load_pipeline(spec: PipelineSpec, state) -> Pipeline:
         from ithaca.models.registry import load_pipeline as registry_load
 
         pipeline = registry_load(model or default_model_path(), state, **kwargs)
+        if spec.loras or spec.max_loras:
+            pipeline.max_loras = spec.max_loras
+            for name, path, scale in spec.loras:
+                pipeline.load_lora(name, path, scale)
     if hasattr(pipeline, "fuse_batches"):
         pipeline.fuse_batches = not spec.batch_invariant
     return pipeline
@@ -270,6 +278,18 @@ class InProcessExecutor:
 
     def overdue(self) -> bool:
         return False
+
+    def manage_lora(self, command) -> list[dict]:
+        """Run a :class:`ithaca.types.LoraCommand` between batches."""
+        if self._closed or self.pipeline is None:
+            raise WorkerGroupDiedError(f"{self.name} is not running")
+        with self._lock:
+            try:
+                return self.pipeline.manage_lora(command)
+            except Exception as exc:
+                raise GenerationFailedError(
+                    f"{type(exc).__name__}: {exc}", classify_failure(exc)
+                ) from exc
 
     def is_alive(self) -> bool:
         return not self._closed and self.pipeline is not None

@@ -414,6 +414,13 @@ class WorkerGroupExecutor:
         on_step: StepHandler,
         deadlines: Deadlines | None = None,
     ) -> list[GenerationResult]:
+        return self._roundtrip("batch", batch, on_step, deadlines)
+
+    def manage_lora(self, command) -> list[dict]:
+        """Run a :class:`ithaca.types.LoraCommand` on every rank, between batches."""
+        return self._roundtrip("lora", command, lambda event: False)
+
+    def _roundtrip(self, kind: str, payload, on_step: StepHandler, deadlines=None):
         with self._exec_lock:
             running = RunningBatch(next(self._ids), on_step, deadlines)
             with self._lock:
@@ -425,7 +432,7 @@ class WorkerGroupExecutor:
                 session = self._session
             try:
                 assert session is not None and session.channel is not None
-                session.channel.send(("batch", running.batch_id, batch))
+                session.channel.send((kind, running.batch_id, payload))
             except ChannelClosed as exc:
                 self._die(session, f"rank 0 connection lost ({exc})")
             running.done.wait()
@@ -436,5 +443,6 @@ class WorkerGroupExecutor:
             if running.error is not None:
                 raise running.error
             assert running.results is not None
-            self.last_stats = running.stats
+            if kind == "batch":  # a management command measures nothing
+                self.last_stats = running.stats
             return running.results

@@ -75,6 +75,8 @@ def spec_to_json(spec: PipelineSpec, heartbeat_interval_s: float) -> str:
                 "collective_timeout_s": spec.parallel.collective_timeout_s,
             },
             "heartbeat_interval_s": heartbeat_interval_s,
+            "loras": [list(x) for x in spec.loras],
+            "max_loras": spec.max_loras,
             "batch_invariant": spec.batch_invariant,
         }
     )
@@ -87,6 +89,8 @@ def spec_from_json(text: str) -> tuple[PipelineSpec, float]:
         dtype=raw["dtype"],
         cache=CacheConfig.from_dict(raw["cache_backend"], raw["cache_config"]),
         parallel=ParallelConfig(**raw["parallel"]),
+        loras=tuple(tuple(x) for x in raw.get("loras", ())),
+        max_loras=raw.get("max_loras"),
         batch_invariant=bool(raw.get("batch_invariant", False)),
     )
     return spec, float(raw["heartbeat_interval_s"])
@@ -175,10 +179,12 @@ class WorkerLoop:
                     self._send(("alive", int(flag.item())))
             elif kind == "batch":
                 self._run_batch(command[1], command[2])
+            elif kind == "lora":  # adapter management: every rank, between batches
+                self._run_batch(command[1], command[2], lora=True)
             else:
                 raise AssertionError(f"unknown command {kind!r}")
 
-    def _run_batch(self, batch_id: int, batch) -> None:
+    def _run_batch(self, batch_id: int, batch, lora: bool = False) -> None:
         callback = None
         if self.is_root:
 
@@ -188,7 +194,10 @@ class WorkerLoop:
 
         results, stats, status = None, {}, (True, "", "", False)
         try:
-            results, stats = run_measured(self.pipeline.generate, batch, callback)
+            if lora:
+                results = self.pipeline.manage_lora(batch)
+            else:
+                results, stats = run_measured(self.pipeline.generate, batch, callback)
         except Exception as exc:
             log.error(
                 "rank %d: batch %d failed:\n%s", self.state.rank, batch_id, traceback.format_exc()

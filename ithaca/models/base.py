@@ -32,11 +32,13 @@ from PIL import Image
 from ithaca.cache import BlockCacheAdapter, StepCache, build_cache
 from ithaca.config import CacheConfig
 from ithaca.models.loading import load_streamed
+from ithaca.models.lora import LoraAdapters, adapter_summary
 from ithaca.models.spec import plain_cfg
 from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_branches
 from ithaca.types import (
     GenerationParams,
     GenerationResult,
+    LoraCommand,
     ParamError,
     StepCallback,
     StepEvent,
@@ -58,6 +60,8 @@ class Request:
     seed: int | None
     extra_key: tuple = ()
     """Family-specific settings two requests must share to run in one batch."""
+    lora: tuple = ()
+    """The LoRA adapters (resolved :class:`ithaca.types.LoraRef` s) the request applies."""
 
     @property
     def batch_key(self) -> tuple:
@@ -68,6 +72,7 @@ class Request:
             self.do_cfg,
             self.true_cfg_scale,
             self.extra_key,
+            self.lora,
         )
 
 
@@ -132,11 +137,73 @@ class DenoisingPipeline:
         self.cache_default = CacheConfig()
         """The server's step cache; a request may override it."""
         self._cache: StepCache | None = None
-        self._cache_key: CacheConfig | None = None
+        self._cache_key: tuple | None = None
+        """``(CacheConfig, adapter set)`` of the installed cache."""
+        self.loras: LoraAdapters | None = None
+        """The LoRA adapter table (:meth:`lora_table`), created on first use."""
 
     def configure_cache(self, cache: CacheConfig | None) -> None:
         """Set the default step cache (validated: a :class:`CacheConfig`)."""
         self.cache_default = cache or CacheConfig()
+
+    # -- LoRA adapters (ithaca.models.lora) -------------------------------------
+    fuse_loras: bool = False
+    """Merge the active adapter set into the weights while consecutive loops use it
+    (faster steps); off: adapters run beside the base layers. Either way the base
+    weights come back bit for bit when the set changes."""
+    max_loras: int | None = None
+    """At most this many adapters resident in the transformer (LRU); None: no bound."""
+
+    def lora_targets(self) -> dict[str, torch.nn.Module]:
+        """The transformers an adapter is loaded into, by the name a request's
+        ``expert`` uses (Wan2.2: ``high_noise`` / ``low_noise``)."""
+        return {"transformer": self.transformer}
+
+    def lora_loader(self):
+        """The diffusers pipeline class whose LoRA converters read this family's files."""
+        return None
+
+    def lora_table(self) -> LoraAdapters:
+        if self.loras is None:
+            runtimes = [r for r in (getattr(self, "runtimes", None) or [self.runtime]) if r]
+            name = getattr(getattr(self, "spec", None), "name", type(self).__name__)
+
+            def rebind() -> None:  # peft wrapped layers: hooks and caches follow
+                for runtime in runtimes:
+                    runtime.rebind()
+                self._install_cache(None)
+
+            self.loras = LoraAdapters(name, self.lora_loader(), self.lora_targets(), rebind,
+                                      self.max_loras)  # fmt: skip
+        return self.loras
+
+    def load_lora(self, name: str, path: str, scale: float = 1.0) -> dict:
+        """Add a named adapter (every rank of the group runs this, in the same order)."""
+        return self.lora_table().add(name, path, scale)
+
+    def unload_lora(self, name: str) -> None:
+        self.lora_table().remove(name)
+
+    def list_loras(self) -> list[dict]:
+        return self.loras.listing() if self.loras is not None else []
+
+    def manage_lora(self, command: LoraCommand) -> list[dict]:
+        """Run one management command (the engine sends it to every rank); returns the
+        adapter table afterwards."""
+        if command.op == "load":
+            self.load_lora(command.name, command.path, command.scale)
+        elif command.op == "unload":
+            self.unload_lora(command.name)
+        elif command.op != "list":
+            raise ValueError(f"LoRA command {command.op!r} must be load, unload or list")
+        return self.list_loras()
+
+    def _resolve_lora(self, params: GenerationParams) -> tuple:
+        if not params.lora:
+            return ()
+        if self.loras is None:
+            raise ParamError("lora", f"unknown LoRA {params.lora[0].name!r} (none loaded)")
+        return self.loras.resolve(params.lora)
 
     # -- family hooks ----------------------------------------------------------
     def resolve(self, params: GenerationParams) -> Request:
@@ -270,6 +337,8 @@ class DenoisingPipeline:
         images and with ``metadata["cancelled"] = True``.
         """
         requests = [self.resolve(p) for p in batch]  # raises ValueError before any work
+        for r in requests:
+            r.lora = self._resolve_lora(r.params)
         caches = [self._cache_settings(r) for r in requests]
         groups: dict[tuple, list[int]] = {}
         for i, (r, cache) in enumerate(zip(requests, caches, strict=True)):
@@ -332,13 +401,16 @@ class DenoisingPipeline:
             return CacheConfig.from_dict(params.cache_backend, params.cache_config)
         return self.cache_default
 
-    def _install_cache(self, config: CacheConfig) -> StepCache | None:
-        """The cache for ``config``, reinstalled only when it changes."""
-        if config != self._cache_key:
+    def _install_cache(self, config: CacheConfig | None, lora: tuple = ()) -> StepCache | None:
+        """The cache for ``config`` and the adapter set ``lora``, reinstalled only when
+        either changes (each adapter set gets its own cache state). None: remove it."""
+        key = None if config is None else (config, lora)
+        if key != self._cache_key:
             if self._cache is not None:
                 self._cache.remove()
-            self._cache = self.make_cache(config) if config.backend else None
-            self._cache_key = config
+            self._cache, self._cache_key = None, key
+            if config is not None and config.backend:
+                self._cache = self.make_cache(config)
         return self._cache
 
     def _cache_stats(self, cache: StepCache, do_cfg: bool) -> dict:
@@ -359,7 +431,9 @@ class DenoisingPipeline:
 
     def _run_group(self, requests: list[Request], callback: StepCallback | None):
         started = time.perf_counter()
-        cache = self._install_cache(self._cache_settings(requests[0]))
+        if self.loras is not None:  # every rank, before the group's first forward
+            self.loras.apply(requests[0].lora, fuse=self.fuse_loras)
+        cache = self._install_cache(self._cache_settings(requests[0]), requests[0].lora)
         conds = self._conditions(requests)
         t_cond = time.perf_counter() - started
         job = self.prepare(requests, conds)
@@ -372,6 +446,7 @@ class DenoisingPipeline:
                 "height": r.height,
                 "num_inference_steps": r.steps,
                 "true_cfg_scale": r.true_cfg_scale if r.do_cfg else None,
+                **({"lora": adapter_summary(r.lora)} if r.lora else {}),
             }
             for r, c in zip(requests, conds, strict=True)
         ]

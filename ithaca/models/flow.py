@@ -132,6 +132,13 @@ class FlowMatchPipeline(DenoisingPipeline):
         for name in self.spec.components:
             setattr(self, name, load_part(model, name, self.index, self.device, self.dtype))
 
+    def lora_loader(self):
+        """The reference pipeline class (its ``lora_state_dict`` converters), if it has
+        LoRA support; else adapters load in the diffusers/PEFT key layout only."""
+        import diffusers
+
+        return getattr(diffusers, self.spec.reference or "", None)
+
     def cache_adapter(self):
         if self.spec.cache_adapter is None:
             return super().cache_adapter()

@@ -13,7 +13,7 @@ slot that reaches its last step is decoded and handed to ``on_done`` at once.
 
 At each step boundary the returning rank makes one decision, ``(cancel, joiners)``: the
 engine's ``admit(accepts)`` hands the oldest waiting requests this batch ``accepts``
-(same size and model settings, no step cache, no input images). With several ranks the
+(same size and model settings, no step cache, no LoRA, no input images). With several ranks the
 decision is broadcast (``broadcast_object``), so every rank joins and leaves at the same
 step and reaches the joiners' conditioning broadcast in the same order.
 
@@ -45,7 +45,7 @@ Done = Callable[[GenerationResult], None]
 
 def join_key(pipe: DenoisingPipeline, request: Request) -> tuple:
     """What two requests must share to run in one step batch (steps and scale may differ)."""
-    alone = bool(request.params.images) or not pipe.joins_mid_run
+    alone = bool(request.params.images) or bool(request.lora) or not pipe.joins_mid_run
     cache = pipe._cache_settings(request)
     return (
         request.width,
@@ -220,6 +220,11 @@ class StepBatch:
 
     def run(self, requests: list[Request]) -> None:
         started = time.perf_counter()
+        # The base model, no step cache: what a previous group installed is taken off
+        # (every rank, in the same order, as ``_run_group`` does).
+        if getattr(self.pipe, "loras", None) is not None:
+            self.pipe.loras.apply(())
+        self.pipe._install_cache(None)
         self.key = join_key(self.pipe, requests[0])
         self.join(requests)
         while self.slots:

@@ -48,6 +48,7 @@ class SequenceParallelRuntime:
         self.strict = strict
         self.attention = ParallelAttention(state, padding=self)
         self._handles: list = []
+        self._plan_hooks: list[_ModuleHooks] = []
         self._pads: dict[int, int] = {}
         self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.sharded: list[str] = []
@@ -69,6 +70,25 @@ class SequenceParallelRuntime:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._plan_hooks = []
+
+    def rebind(self) -> list[str]:
+        """Move the plan's hooks onto the modules now at their names, where a module was
+        replaced after ``apply_sequence_parallel`` (a LoRA layer wrapping ``proj_out``: a
+        gather left on the wrapped Linear would gather only the base output, and the
+        adapter's delta would stay one rank's shard). Returns the names moved."""
+        moved = []
+        for hook in self._plan_hooks:
+            current = self.model.get_submodule(hook.name)
+            if current is hook.module:
+                continue
+            for handle in hook.handles:
+                handle.remove()
+                self._handles.remove(handle)
+            hook.module = current  # the wrapper forwards the same arguments
+            self._handles.extend(hook.install())
+            moved.append(hook.name)
+        return moved
 
     def _begin(self, module, args, kwargs):
         self._pads.clear()
@@ -187,10 +207,11 @@ class _ModuleHooks:
             specs = {0: specs}
         self.inputs = {k: s for k, s in specs.items() if isinstance(k, str)}
         self.outputs = {k: s for k, s in specs.items() if isinstance(k, int)}
+        self.handles: list = []
         check_parameter_names(module, name, list(self.inputs))
 
     def install(self) -> list:
-        handles = []
+        self.handles = handles = []
         if self.inputs:
             handles.append(self.module.register_forward_pre_hook(self.pre, with_kwargs=True))
         if self.outputs:
@@ -267,6 +288,7 @@ def apply_sequence_parallel(
     runtime._handles.append(model.register_forward_pre_hook(runtime._begin, with_kwargs=True))
     for hook in hooks:
         runtime._handles.extend(hook.install())
+    runtime._plan_hooks = hooks
     runtime._handles.append(model.register_forward_hook(runtime._end, with_kwargs=True))
     leave = model.register_forward_hook(runtime._leave, with_kwargs=True, always_call=True)
     runtime._handles.append(leave)

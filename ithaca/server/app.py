@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ithaca.config import ServerConfig
 from ithaca.engine.engine import Engine
-from ithaca.server import errors, images, openapi, videos
+from ithaca.server import errors, images, loras, openapi, videos
 from ithaca.server.errors import APIError
 from ithaca.server.outputs import OutputStore, private_dir
 from ithaca.server.state import ServedModel, ServerState, server_state
@@ -191,6 +191,7 @@ def create_app(
     )
     app.include_router(images.router)
     app.include_router(videos.router)
+    app.include_router(loras.router)
 
     def model_card(served: ServedModel, detail: bool = False) -> dict:
         card = {

@@ -16,6 +16,7 @@ from starlette.formparsers import MultiPartException
 from ithaca.engine.errors import EngineError
 from ithaca.server import media
 from ithaca.server.errors import APIError, from_engine, invalid
+from ithaca.server.loras import check_request_loras
 from ithaca.server.protocol import ImageEditJSON, ImageRequest
 from ithaca.server.state import (
     ServedModel,
@@ -147,6 +148,7 @@ async def _serve(
         "output_format": fmt,
         "quality": body.quality or "auto",
     }
+    check_request_loras(served.engine, params)
     engine = served.engine
     warnings = served.warnings(params.prompt)
     for warning in warnings:
@@ -172,6 +174,8 @@ async def _serve(
     body_out = {"created": int(time.time()), "data": data, **meta, "size": size, "usage": USAGE}
     if "cache" in result.metadata:  # extension: what the step cache skipped for this request
         body_out["cache"] = result.metadata["cache"]
+    if "lora" in result.metadata:  # extension: the adapters and scales applied
+        body_out["lora"] = result.metadata["lora"]
     # extension: words of the prompt the model never learned, and the engine's warnings
     # (e.g. idle CFG-parallel ranks)
     warnings = warnings + list(result.metadata.get("warnings") or [])

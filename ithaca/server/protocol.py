@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ithaca.config import CacheConfig
-from ithaca.types import GenerationParams
+from ithaca.types import GenerationParams, LoraRef
 
 _SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")  # ASCII digits, matched whole
 MAX_SIDE = 4096
@@ -68,6 +68,18 @@ def _json_text(value, what: str):
     return value
 
 
+class LoraItem(BaseModel):
+    """One adapter of a request's ``lora`` list."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    scale: float | None = Field(default=None, ge=-100, le=100)
+    """None: the scale the adapter was loaded with."""
+    expert: Literal["high_noise", "low_noise"] | None = None
+    """Two-expert video models (Wan2.2 A14B): the expert it applies to; None: both."""
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
@@ -83,6 +95,25 @@ class _Request(BaseModel):
     cache_backend: str | None = None
     cache_config: dict | None = None
     """Per-request step cache (overrides the server's); multipart sends it as JSON text."""
+    lora: str | LoraItem | list[str | LoraItem] | None = None
+    """Extension: LoRA adapters by name (``GET /v1/loras``), one or a stacked list of
+    ``{name, scale, expert}``; multipart sends a name or JSON text."""
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_json(cls, v):
+        if isinstance(v, str) and v.lstrip().startswith(("[", "{")):
+            try:
+                return json.loads(v)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"lora must be a name or JSON: {exc}") from None
+        return v
+
+    def lora_refs(self) -> tuple[LoraRef, ...]:
+        items = self.lora if isinstance(self.lora, list) else [self.lora] if self.lora else []
+        return tuple(
+            LoraRef(i) if isinstance(i, str) else LoraRef(i.name, i.scale, i.expert) for i in items
+        )
 
     @field_validator("cache_config", mode="before")
     @classmethod
@@ -172,6 +203,7 @@ class ImageRequest(_Request):
             num_images=self.n or 1,
             layers=self.layers,
             partial_images=(self.partial_images or 0) if self.stream else 0,
+            lora=self.lora_refs(),
             model_options=self.model_options(),
             **self.cache_fields(),
         )
@@ -234,6 +266,7 @@ class VideoRequest(_Request):
             seed=self.seed,
             num_frames=frames,
             fps=fps,
+            lora=self.lora_refs(),
             **self.cache_fields(),
         )
 

@@ -85,6 +85,7 @@ def build_models(server: ServerConfig, cache, entries: list[ModelEntry], on_fata
             model=entry.model,
             served_model_name=entry.name or (server.served_model_name if i == 0 else None),
             master_port=port,
+            loras=server.loras if i == 0 else (),  # adapters fit one model: the first
         )
         if config.model_name in names:
             raise ValueError(f"two models are named '{config.model_name}': give each a name=")

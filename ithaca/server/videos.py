@@ -22,6 +22,7 @@ from ithaca.engine.scheduler import EngineRequest
 from ithaca.server import media
 from ithaca.server.errors import APIError, invalid
 from ithaca.server.images import decode_upload, read_form
+from ithaca.server.loras import check_request_loras
 from ithaca.server.outputs import write_private
 from ithaca.server.protocol import VideoRequest
 from ithaca.server.state import (
@@ -79,6 +80,7 @@ async def create(request: Request):
     params = body.to_params(default_fps=declared.get("fps", 16))
     if body.num_frames is None and body.seconds is None and "num_frames" in declared:
         params.num_frames = declared["num_frames"]
+    check_request_loras(served.engine, params)
     warnings = served.warnings(params.prompt)
     for warning in warnings:
         log.warning("[%s] %s", request_id(request), escape(warning))

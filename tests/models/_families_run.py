@@ -19,7 +19,8 @@ from ithaca.testing.distributed import parallel_state
 from ithaca.types import GenerationParams
 
 
-def generate(layout: dict, path: str, batch: list[dict], attrs: dict | None = None):
+def generate(layout: dict, path: str, batch: list[dict], attrs: dict | None = None,
+             loras: tuple = ()):  # fmt: skip
     """Run ``batch`` under ``layout``: ``(images, latents, info)`` in batch order.
 
     ``latents`` holds each request's final latents ``(num_images, ...)`` fp32 (requests
@@ -28,12 +29,15 @@ def generate(layout: dict, path: str, batch: list[dict], attrs: dict | None = No
     sharded and gathered, whether this rank loaded the text encoder and each request's
     metadata (on every rank; a cached request's ``["cache"]["pattern"]`` is this rank's
     ``(step, branch, cached)`` list). ``attrs`` are set on the loaded pipeline (e.g. a
-    small ``target_area`` for edit pipelines).
+    small ``target_area`` for edit pipelines); ``loras`` are ``(name, path, scale)``
+    adapters loaded first.
     """
     with parallel_state(ParallelConfig(**layout)) as state:
         pipe = load_pipeline(path, state)
         for name, value in (attrs or {}).items():
             setattr(pipe, name, value)
+        for name, lora_path, scale in loras:  # (name, path, scale): every rank loads them
+            pipe.load_lora(name, lora_path, scale)
         captured: dict[str, torch.Tensor] = {}
         decode = pipe.decode
 

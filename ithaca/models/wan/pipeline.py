@@ -163,6 +163,19 @@ class WanPipeline(DenoisingPipeline):
         if self.is_returning_rank:
             self._load_encoders(model)
 
+    def lora_targets(self) -> dict[str, torch.nn.Module]:
+        """Both experts by name (a request's LoRA ``expert``); one: ``transformer``."""
+        if self.placement.offload:  # peft renames and adds the tensors the host copies key
+            raise ValueError("LoRA adapters with expert offload are not supported yet")
+        if len(self.experts) == 1:
+            return {"transformer": self.experts[0]}
+        return dict(zip(("high_noise", "low_noise"), self.experts, strict=True))
+
+    def lora_loader(self):
+        import diffusers
+
+        return diffusers.WanPipeline
+
     def make_cache(self, config: CacheConfig) -> CacheGroup:
         """One cache per expert, each over its own blocks and its own plan's padding."""
         adapter = cache_adapter(self.model)

