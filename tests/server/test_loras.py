@@ -46,6 +46,7 @@ def setup(tmp_path_factory):
         path, "--usp", "2", "--api-key", API_KEY, "--lora", f"A={a}:0.8",
         "--lora-dir", str(lora_dir), "--max-loras", "2", "--max-batch-size", "4",
         "--batch-wait-ms", "100", "--max-queue-size", "32", "--executor", "torchrun",
+        "--batch-invariant",  # the test compares exact bytes under concurrency
         state_dir=str(tmp_path_factory.mktemp("lora_state")),
     )  # fmt: skip
     try:
