@@ -64,7 +64,14 @@ def model_info(model: str) -> ModelInfo:
 
     if ":" in model and not os.path.exists(model):
         return ModelInfo(None, None, TASKS)
-    index = model_index(model)
+    try:
+        index = model_index(model)
+    except Exception:
+        from ithaca.models.bagel.loader import is_bagel_checkpoint
+
+        if is_bagel_checkpoint(model):  # no model_index.json: recognised by its files
+            return ModelInfo(path=model, class_name="Bagel", tasks=("image",))
+        raise
     name = index.get("_class_name")
     words = index.get("_ithaca_vocabulary")
     return ModelInfo(

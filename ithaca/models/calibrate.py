@@ -44,7 +44,7 @@ def calibrate_teacache(
     pipe = load_pipeline(model, state, dtype=dtype)
     # The probe is no user cache: installed directly, kept while no request asks for one.
     calibrator = TeaCacheCalibrator(pipe.transformer, pipe.cache_adapter(), state, pipe.runtime)
-    pipe._cache, pipe._cache_key = calibrator, pipe.cache_default
+    pipe._cache, pipe._cache_key = calibrator, (pipe.cache_default, ())  # (config, adapters)
     for i, prompt in enumerate(prompts):
         params = GenerationParams(
             prompt=prompt,

@@ -54,7 +54,8 @@ def test_prompt_dicts_and_cache_configs():
 
     assert _cache_options(TeaCacheConfig()) == {"rel_l1_thresh": 0.3}
     assert _cache_options(Plain()) == {"Fn_compute_blocks": 2}
-    assert _cache_options(CacheConfig.from_dict("tea_cache", {"a": 1})) == {"a": 1}
+    config = CacheConfig.from_dict("tea_cache", {"rel_l1_thresh": 0.1})
+    assert _cache_options(config) == {"rel_l1_thresh": 0.1}
     assert DiffusionParallelConfig is ParallelConfig
 
 

@@ -27,11 +27,13 @@ CHECKS = [
     response_schema_conformance,
 ]
 OPERATIONS = [
+    "DELETE /v1/loras/{name}",
     "DELETE /v1/videos/{video_id}",
     "GET /health",
     "GET /metrics",
     "GET /outputs/{name}",
     "GET /ready",
+    "GET /v1/loras",
     "GET /v1/models",
     "GET /v1/models/{model_id}",
     "GET /v1/videos",
@@ -39,6 +41,7 @@ OPERATIONS = [
     "GET /v1/videos/{video_id}/content",
     "POST /v1/images/edits",
     "POST /v1/images/generations",
+    "POST /v1/loras",
     "POST /v1/videos",
 ]
 CASES = 30

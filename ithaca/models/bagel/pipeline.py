@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from ithaca.cache import BlockCacheAdapter, build_cache, checkpoint_coefficients
+from ithaca.config import CacheConfig
 from ithaca.models.bagel import inputs, loader, sampling
 from ithaca.models.base import DenoisingPipeline, Request, _StopFlag, preview_steps
 from ithaca.parallel import ParallelState
@@ -147,8 +148,8 @@ class BagelPipeline(DenoisingPipeline):
             ),
         )
 
-    def make_cache(self, backend: str, options: dict):
-        return build_cache(backend, options, self.transformer, self.cache_adapter(), self.state)
+    def make_cache(self, config: CacheConfig):
+        return build_cache(config, self.transformer, self.cache_adapter(), self.state)
 
     # -- the loop -------------------------------------------------------------------
     def _run_group(self, requests: list[Request], callback):
