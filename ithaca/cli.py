@@ -203,10 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-request-seconds", type=float, default=1800.0)
     s.add_argument("--max-request-memory-gb", type=float, default=None)
     s.add_argument("--step-timeout-factor", type=float, default=10.0)
-    s.add_argument("--lora", action="append", default=[], metavar="NAME=PATH[:SCALE]",
-                   help="preload a LoRA adapter; repeat")  # fmt: skip
+    s.add_argument("--lora", action="append", default=[], metavar="NAME=PATH[:SCALE][@MODEL]",
+                   help="preload a LoRA adapter (into MODEL, default: the first)")  # fmt: skip
     s.add_argument("--max-loras", type=int, default=None, help="adapters resident (LRU)")
     s.add_argument("--lora-dir", default=None, help="POST /v1/loras loads from here only")
+    s.add_argument("--lora-fuse", choices=["auto", "never"], default="never",
+                   help="auto: merge an adapter set into the weights for a run")  # fmt: skip
     # Multi-node: defaults come from a LeaderWorkerSet's variables when present, so every
     # pod of a group can run the same command line; node rank > 0 runs only its ranks.
     s.add_argument("--nnodes", type=int, default=int(os.environ.get("LWS_GROUP_SIZE", "1")))
@@ -270,10 +272,11 @@ def cmd_serve(args) -> int:
     if args.node_rank > 0:  # a worker node: its torchrun ranks only, no HTTP front
         if args.master_port is None:
             raise ValueError("--master-port is required on a node with --node-rank > 0")
-        args.model = _model_entries(args)[0].model
+        first = _assign_loras(_model_entries(args), args.lora)[0]
+        args.model, args.node_loras = first.model, first.loras
         return cmd_worker_node(args)
 
-    models = _model_entries(args)
+    models = _assign_loras(_model_entries(args), args.lora)
     config = ServerConfig(
         model=models[0].model,
         served_model_name=args.served_model_name,
@@ -307,9 +310,10 @@ def cmd_serve(args) -> int:
         nnodes=args.nnodes,
         master_addr=args.master_addr,
         master_port=args.master_port,
-        loras=tuple(parse_lora_option(text) for text in args.lora),
+        loras=models[0].loras,
         max_loras=args.max_loras,
         lora_dir=args.lora_dir,
+        lora_fuse=args.lora_fuse,
     )
     return serve(config, models[0].parallel, _cache(args), models)
 
@@ -343,6 +347,22 @@ def parse_model(text: str, default: ParallelConfig):
                 f"{', '.join(k + '=N' for k in _LAYOUT_KEYS)}"
             )
     return ModelEntry(model, name, dataclasses.replace(default, **layout))
+
+
+def _assign_loras(entries: list, texts: list[str]) -> list:
+    """``--lora NAME=PATH[:SCALE][@MODEL]``: each adapter to the served model it names
+    (its name or checkpoint), without ``@MODEL`` to the first."""
+    index: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        for key in (entry.name, entry.model):
+            if key:
+                index.setdefault(key, i)
+    per_model: list[list] = [[] for _ in entries]
+    for text in texts:
+        head, at, model = text.rpartition("@")
+        i = index.get(model) if at else None
+        per_model[i or 0].append(parse_lora_option(head if i is not None else text))
+    return [dataclasses.replace(e, loras=tuple(p)) for e, p in zip(entries, per_model, strict=True)]
 
 
 def _model_entries(args) -> list:
@@ -486,7 +506,10 @@ def cmd_worker_node(args) -> int:
         raise ValueError(
             f"world size ({parallel.world_size}) must be a multiple of nnodes ({args.nnodes})"
         )
-    spec = PipelineSpec(args.model, args.dtype, _cache(args), parallel)
+    loras = getattr(args, "node_loras", ())  # the first model's --lora, as node 0's ranks
+    spec = PipelineSpec(args.model, args.dtype, _cache(args), parallel, loras,
+                        getattr(args, "max_loras", None),
+                        fuse_loras=getattr(args, "lora_fuse", "never") == "auto")  # fmt: skip
     os.environ[ENV_CONFIG] = spec_to_json(spec, heartbeat_interval_s=1.0)
     cmd = torchrun_command(
         parallel.world_size // args.nnodes,

@@ -14,6 +14,7 @@ request never waits on a dead engine). Then the group restarts
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -82,6 +83,8 @@ class Engine:
         self.executors = executors
         self.loras: dict[str, dict] = {}
         """The adapter table as of the last management command (names a request may use)."""
+        self._lora_lock = threading.Lock()
+        """Held by a management command and by a restarted group's replay of the table."""
         self.scheduler = Scheduler(max_queue_size, max_batch_size, batch_wait_ms)
         self.on_worker_failure = on_worker_failure
         self.continuous = continuous
@@ -245,15 +248,41 @@ class Engine:
             self._fail(req, RequestCancelledError("the request was cancelled"))
 
     def manage_lora(self, command) -> list[dict]:
-        """Run a :class:`ithaca.types.LoraCommand` on every worker group (each between
-        its batches); returns the adapter table, also kept in :attr:`loras`."""
-        if not any(ev.is_set() for ev in self._ready):
-            raise EngineNotReadyError("the model is still loading; retry shortly")
-        table: list[dict] = []
-        for executor in self.executors:
-            table = executor.manage_lora(command)
-        self.loras = {entry["name"]: entry for entry in table}
-        return table
+        """Run a :class:`ithaca.types.LoraCommand` on every ready worker group (each
+        between its batches); returns the adapter table, also kept in :attr:`loras`.
+        A group that is restarting gets the table replayed before it serves
+        (:meth:`_replay_loras`)."""
+        with self._lora_lock:
+            ready = [ex for ex, ev in zip(self.executors, self._ready, strict=True) if ev.is_set()]
+            if not ready:
+                raise EngineNotReadyError("the model is still loading; retry shortly")
+            table: list[dict] = []
+            for executor in ready:
+                table = executor.manage_lora(command)
+            self.loras = {entry["name"]: entry for entry in table}
+            return table
+
+    def _replay_loras(self, ex: Executor) -> None:
+        """Bring a (re)started group's adapters to :attr:`loras`: it loaded ``--lora``
+        at start; adapters POSTed since are loaded, DELETEd ones unloaded. An adapter
+        whose file is gone is dropped from the table (logged), not retried forever."""
+        from ithaca.types import LoraCommand
+
+        have = {e["name"] for e in ex.manage_lora(LoraCommand("list"))}
+        for name in have - set(self.loras):
+            ex.manage_lora(LoraCommand("unload", name))
+        for name, entry in list(self.loras.items()):
+            if name in have:
+                continue
+            try:
+                ex.manage_lora(LoraCommand("load", name, entry["path"], entry["scale"]))
+            except GenerationFailedError as exc:
+                log.error("%s: LoRA %r could not be reloaded, dropped: %s", ex.name, name, exc)
+                del self.loras[name]
+                for other in self.executors:
+                    if other is not ex and other.is_alive():
+                        with contextlib.suppress(EngineError):
+                            other.manage_lora(LoraCommand("unload", name))
 
     def generate(self, params: GenerationParams, timeout: float | None = None) -> GenerationResult:
         """Blocking convenience: submit and wait."""
@@ -270,12 +299,15 @@ class Engine:
         ex = self.executors[i]
         try:
             ex.start()
+            with self._lora_lock:  # the adapters POSTed (DELETEd) since start, before it serves
+                if self.loras or getattr(getattr(ex, "spec", None), "loras", ()):
+                    self._replay_loras(ex)
+                self._ready[i].set()
         except Exception as exc:
             log.error("%s failed to start: %s", ex.name, exc)
             if first or self.on_worker_failure == "exit":
                 self._fatal(f"{ex.name} failed to start: {exc}")
             return False
-        self._ready[i].set()
         self._reasons[i] = ""
         self.metrics.groups_alive.set(sum(e.is_alive() for e in self.executors))
         return True
@@ -478,7 +510,8 @@ def build_engine(
 
     group = dataclasses.replace(parallel, data_parallel_size=1)
     spec = PipelineSpec(server.model, server.dtype, cache or CacheConfig(), group,
-                        server.loras, server.max_loras, server.batch_invariant)  # fmt: skip
+                        server.loras, server.max_loras, server.batch_invariant,
+                        fuse_loras=server.lora_fuse == "auto")  # fmt: skip
     executors: list[Executor] = []
     for i in range(parallel.data_parallel_size):
         if server.executor == "inprocess":

@@ -43,6 +43,8 @@ class PipelineSpec:
     """At most this many adapters resident (LRU, the rest reloaded on demand)."""
     batch_invariant: bool = False
     """Each request of a batch runs its own loop (exact solo bytes) instead of fused."""
+    fuse_loras: bool = False
+    """Merge the active adapter set into the weights while a run of loops uses it."""
 
 
 def default_model_path() -> str:
@@ -73,6 +75,8 @@ def load_pipeline(spec: PipelineSpec, state) -> Pipeline:
             pipeline.max_loras = spec.max_loras
             for name, path, scale in spec.loras:
                 pipeline.load_lora(name, path, scale)
+        if spec.fuse_loras:
+            pipeline.fuse_loras = True
     if hasattr(pipeline, "fuse_batches"):
         pipeline.fuse_batches = not spec.batch_invariant
     return pipeline

@@ -78,6 +78,7 @@ def spec_to_json(spec: PipelineSpec, heartbeat_interval_s: float) -> str:
             "loras": [list(x) for x in spec.loras],
             "max_loras": spec.max_loras,
             "batch_invariant": spec.batch_invariant,
+            "fuse_loras": spec.fuse_loras,
         }
     )
 
@@ -92,6 +93,7 @@ def spec_from_json(text: str) -> tuple[PipelineSpec, float]:
         loras=tuple(tuple(x) for x in raw.get("loras", ())),
         max_loras=raw.get("max_loras"),
         batch_invariant=bool(raw.get("batch_invariant", False)),
+        fuse_loras=bool(raw.get("fuse_loras", False)),
     )
     return spec, float(raw["heartbeat_interval_s"])
 

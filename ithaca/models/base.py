@@ -163,6 +163,11 @@ class DenoisingPipeline:
         """The diffusers pipeline class whose LoRA converters read this family's files."""
         return None
 
+    def lora_fusable(self) -> bool:
+        """Whether ``fuse_loras`` may merge adapters into the weights (not where weights
+        are swapped in from host copies, which would drop the merge)."""
+        return True
+
     def lora_table(self) -> LoraAdapters:
         if self.loras is None:
             runtimes = [r for r in (getattr(self, "runtimes", None) or [self.runtime]) if r]
@@ -432,7 +437,7 @@ class DenoisingPipeline:
     def _run_group(self, requests: list[Request], callback: StepCallback | None):
         started = time.perf_counter()
         if self.loras is not None:  # every rank, before the group's first forward
-            self.loras.apply(requests[0].lora, fuse=self.fuse_loras)
+            self.loras.apply(requests[0].lora, fuse=self.fuse_loras and self.lora_fusable())
         cache = self._install_cache(self._cache_settings(requests[0]), requests[0].lora)
         conds = self._conditions(requests)
         t_cond = time.perf_counter() - started

@@ -72,7 +72,7 @@ _STATUSES: dict[tuple[str, str], tuple[dict, tuple[int, ...]]] = {
         },
         (400, 404),
     ),
-    ("/v1/loras", "get"): (_JSON, (401,)),
+    ("/v1/loras", "get"): (_JSON, (400, 401)),
     ("/v1/loras", "post"): (_JSON, (400, 401, 403, 409, 413, 415, 500, 503)),
     ("/v1/loras/{name}", "delete"): (_JSON, (400, 401, 404, 500, 503)),
     ("/health", "get"): (_JSON, (503,)),

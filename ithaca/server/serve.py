@@ -58,6 +58,9 @@ class ModelEntry:
     name: str | None
     """Name clients pass as ``model``; ``None``: the checkpoint as given."""
     parallel: ParallelConfig
+    loras: tuple[tuple[str, str, float], ...] | None = None
+    """``--lora`` adapters ``(name, path, scale)`` for this model; None: the server's
+    ``loras`` for the first model, none for the others."""
 
 
 DEFAULT_VIDEO_NAME = "ithaca-default-video"
@@ -85,7 +88,7 @@ def build_models(server: ServerConfig, cache, entries: list[ModelEntry], on_fata
             model=entry.model,
             served_model_name=entry.name or (server.served_model_name if i == 0 else None),
             master_port=port,
-            loras=server.loras if i == 0 else (),  # adapters fit one model: the first
+            loras=entry.loras if entry.loras is not None else server.loras if i == 0 else (),
         )
         if config.model_name in names:
             raise ValueError(f"two models are named '{config.model_name}': give each a name=")

@@ -78,7 +78,15 @@ class VideoJob:
             "expires_at": self.expires_at,
             "error": json.loads(self.error) if self.error else None,
             "remixed_from_video_id": None,
+            **self._lora(),
         }
+
+    def _lora(self) -> dict:
+        """Extension: the LoRA adapters and scales the job applies (as image responses)."""
+        lora = json.loads(self.params).get("lora") if self.params else None
+        return (
+            {"lora": [{k: v for k, v in r.items() if v is not None} for r in lora]} if lora else {}
+        )
 
 
 class VideoStore:

@@ -34,7 +34,7 @@ from ithaca.server.state import (
     request_id,
     server_state,
 )
-from ithaca.types import GenerationParams
+from ithaca.types import GenerationParams, LoraRef
 
 router = APIRouter()
 log = logging.getLogger("ithaca.server.videos")
@@ -113,6 +113,7 @@ def params_to_json(params: GenerationParams) -> str:
         for f in dataclasses.fields(params)
         if f.name not in ("images", "request_id")
     }
+    plain["lora"] = [dataclasses.asdict(ref) for ref in params.lora]
     return json.dumps(plain)
 
 
@@ -124,6 +125,7 @@ def _save_input(state: ServerState, job_id: str, image) -> None:
 
 def _load_params(state: ServerState, job) -> GenerationParams:
     params = GenerationParams(**json.loads(job.params))
+    params.lora = tuple(LoraRef(**ref) for ref in params.lora)
     path = state.videos.input_path(job.id)
     if os.path.exists(path):
         with Image.open(path) as image:

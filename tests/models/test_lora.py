@@ -2,7 +2,7 @@
 
 Pyramid: in-process 1-rank runs against diffusers' ``load_lora_weights`` +
 ``set_adapters`` with the same scales (latents within 1e-5, images within 1/255), for
-a diffusers-format file, a kohya/ComfyUI file and a PEFT LoHa folder; two stacked
+a diffusers-format file, a kohya/ComfyUI file and PEFT LoHa and LoKr folders; two stacked
 adapters; scale 0 and unloading give the base model bit for bit (adding zero; no
 adapter left in the forward); fusing restores the base weights bit for bit; a file that
 does not fit names its key and loads nothing. Then 2-rank gloo layouts (Ulysses, Ring,
@@ -164,11 +164,12 @@ def test_lru_residency_reloads_on_demand(flux):
     assert np.array_equal(np.asarray(first.images[0]), np.asarray(again.images[0]))
 
 
-def test_peft_loha_folder_equals_peft_on_diffusers(flux):
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_peft_folder_equals_peft_on_diffusers(flux, kind):
     from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    folder = save_peft_folder(flux["model"], flux["root"] / "loha", kind="loha", seed=5)
+    folder = save_peft_folder(flux["model"], flux["root"] / kind, kind=kind, seed=5)
     ours = generate({}, flux["path"], [dict(REQUEST, lora=_refs(("h", 1.0)))],
                     loras=(("h", folder, 1.0),))  # fmt: skip
     original = _families_run._load_reference

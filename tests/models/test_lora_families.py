@@ -159,3 +159,64 @@ def test_wan_ulysses2_with_adapters_equals_one_rank(worker_pool, tmp_path):
     assert err <= 1e-4, f"final latents differ from 1 rank by {err:.2e}"
     assert max_frame_diff(frames[0], one[0][0]) <= 1
     assert all(g == ["proj_out[0]"] for g in gathered), gathered  # through peft's wrapper
+
+
+def test_wan_expert_offload_takes_adapters(tmp_path):
+    """With the idle expert offloaded, adapters load into both experts and the video is
+    the resident pipeline's bit for bit (on CPU the host copies are the weights)."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from ithaca.models.registry import load_pipeline
+    from ithaca.models.wan.pipeline import WanPipeline
+    from ithaca.parallel import ParallelState
+    from tests.models._wan_run import max_frame_diff, run_pipeline, tiny_wan_paths
+    from tests.models.test_wan import T2V
+
+    path = tiny_wan_paths(tmp_path / "wan")["t2v_a14b"]
+    model = WanTransformer3DModel.from_pretrained(path, subfolder="transformer")
+    file = save_safetensors(random_lora(model, seed=10, targets=("attn1.to_q", "proj_out")),
+                            tmp_path / "o.safetensors")  # fmt: skip
+    state = ParallelState.single()
+    resident = load_pipeline(path, state)
+    offloaded = WanPipeline(path, state, torch.float32, expert_offload=True)
+    request = dict(T2V, num_frames=1, guidance_scale=1.0, num_inference_steps=2, seed=9,
+                   lora=(LoraRef("o", 0.9),))  # fmt: skip
+    videos = []
+    for pipe in (resident, offloaded):
+        pipe.load_lora("o", file)
+        videos.append(run_pipeline(pipe, [request])[0][0])
+    assert offloaded.placement.offload and offloaded.placement.swaps
+    assert np.array_equal(videos[1], videos[0])  # offloaded == resident, bit for bit
+    offloaded.fuse_loras = resident.fuse_loras = True
+    assert np.array_equal(run_pipeline(offloaded, [request])[0][0], videos[0])
+    assert not offloaded.loras.fused  # refused: a swap would copy in the unmerged weights
+    fused = run_pipeline(resident, [request])[0][0]
+    assert resident.loras.fused and max_frame_diff(fused, videos[0]) <= 1
+
+
+def test_offloaded_expert_swaps_adapter_tensors_with_it(monkeypatch):
+    """The flat-buffer path (pinning patched, as on a GPU): a peft adapter injected after
+    placement renames the base weights; swaps still relink them (kept by identity) and
+    the adapter's own tensors follow the expert."""
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+    from torch import nn
+
+    from ithaca.models.wan import experts as experts_mod
+    from ithaca.models.wan.experts import ExpertPlacement
+
+    monkeypatch.setattr(experts_mod, "_register", lambda buf: None)
+    torch.manual_seed(0)
+    experts = [nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)) for _ in range(2)]
+    x = torch.randn(3, 8)
+    placement = ExpertPlacement(experts, torch.device("cuda", 0), offload=True)
+    placement.device = torch.device("cpu")  # the copy goes to the CPU here
+    config = LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False)
+    for expert in experts:
+        inject_adapter_in_model(config, expert, adapter_name="a")
+    want = [e(x) for e in experts]
+    for index in (0, 1, 0):
+        assert torch.equal(placement.activate(index)(x), want[index])
+    names = {n for n, _ in experts[1].named_parameters()}
+    assert "0.base_layer.weight" in names and "0.lora_A.a.weight" in names

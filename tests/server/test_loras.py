@@ -77,7 +77,8 @@ def server_model(server) -> str:
 
 def test_adapters_under_concurrency_and_delete_restores_the_base(setup):
     server, _ = setup
-    assert server.client.get("/v1/loras").json()["data"] == [{"name": "A", "scale": 0.8}]
+    listed = server.client.get("/v1/loras").json()["data"]
+    assert listed == [{"name": "A", "scale": 0.8, "model": server_model(server)}]
     base_before, applied = _image(server, None)
     assert applied is None
     r = server.client.post("/v1/loras", json={"name": "B", "path": "b.safetensors", "scale": 1.0})

@@ -61,7 +61,12 @@ class ExpertPlacement:
         self.active: int | None = None
         self.swaps: list[tuple[int | None, int]] = []
         """(deactivated, activated) per switch; what the tests check."""
-        self._host: list[dict[str, torch.Tensor]] = []
+        self._params: list[list[torch.Tensor]] = []
+        """Each expert's parameters and buffers as placed at start, in layout order: kept
+        by identity, not by name (peft renames a layer's weight when it wraps the layer
+        with a LoRA adapter; the tensor stays the same object)."""
+        self._host: list[list[torch.Tensor]] = []
+        """The host copy of each of ``_params``."""
         self._flat: list[torch.Tensor] = []
         """One uint8 host buffer per expert; ``_host`` entries are views into it."""
         self._layout: list[list[tuple[str, int, torch.dtype, torch.Size]]] = []
@@ -71,20 +76,21 @@ class ExpertPlacement:
             return
         for expert in experts:
             tensors = list(_tensors(expert))
+            self._params.append([t for _, t in tensors])
             if self.device.type == "cpu":
                 # Nothing to move: the host copies are the tensors themselves (a copy
                 # would also change their alignment, and with it CPU matmul rounding).
-                self._host.append({name: t.data for name, t in tensors})
+                self._host.append([t.data for _, t in tensors])
                 continue
             layout, offset = [], 0
             for name, tensor in tensors:
                 layout.append((name, offset, tensor.dtype, tensor.shape))
                 offset += _aligned(tensor.numel() * tensor.element_size())
             flat = _alloc_host(offset, pin=self.device.type == "cuda")
-            host = {}
-            for (name, tensor), view in zip(tensors, _views(flat, layout), strict=True):
+            host = []
+            for (_, tensor), view in zip(tensors, _views(flat, layout), strict=True):
                 view.copy_(tensor.detach())
-                host[name] = view
+                host.append(view)
                 tensor.data = view  # the original storage is freed here
             self._flat.append(flat)
             self._layout.append(layout)
@@ -102,19 +108,29 @@ class ExpertPlacement:
         previous = self.active
         if previous is not None:
             # Drop the device copies first, so that the two experts never coexist there.
-            for name, tensor in _tensors(self.experts[previous]):
-                tensor.data = self._host[previous][name]
+            for tensor, host in zip(self._params[previous], self._host[previous], strict=True):
+                tensor.data = host
+            self._move_added(previous, torch.device("cpu"))
         views = self._host[index]
         if self._flat:
             # One host-to-device copy of the whole flat buffer; parameters become views.
             flat = self._flat[index].to(self.device, non_blocking=True)
-            views = dict(zip(views, _views(flat, self._layout[index]), strict=True))
-        for name, tensor in _tensors(self.experts[index]):
-            tensor.data = views[name]
+            views = list(_views(flat, self._layout[index]))
+        for tensor, view in zip(self._params[index], views, strict=True):
+            tensor.data = view
+        self._move_added(index, self.device)
         self.active = index
         self.swaps.append((previous, index))
         logger.debug("expert %s -> %s on %s", previous, index, self.device)
         return self.experts[index]
+
+    def _move_added(self, index: int, device: torch.device) -> None:
+        """Tensors added to expert ``index`` after placement (LoRA adapters: small, not in
+        the flat buffer) follow it to ``device``."""
+        placed = {id(t) for t in self._params[index]}
+        for _, tensor in _tensors(self.experts[index]):
+            if id(tensor) not in placed and tensor.device != device:
+                tensor.data = tensor.data.to(device)
 
 
 _ALIGN = 512

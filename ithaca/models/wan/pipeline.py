@@ -164,12 +164,16 @@ class WanPipeline(DenoisingPipeline):
             self._load_encoders(model)
 
     def lora_targets(self) -> dict[str, torch.nn.Module]:
-        """Both experts by name (a request's LoRA ``expert``); one: ``transformer``."""
-        if self.placement.offload:  # peft renames and adds the tensors the host copies key
-            raise ValueError("LoRA adapters with expert offload are not supported yet")
+        """Both experts by name (a request's LoRA ``expert``); one: ``transformer``.
+        With expert offload the adapters' small tensors follow their expert on and off
+        the device (:class:`ExpertPlacement` keeps the weights by identity)."""
         if len(self.experts) == 1:
             return {"transformer": self.experts[0]}
         return dict(zip(("high_noise", "low_noise"), self.experts, strict=True))
+
+    def lora_fusable(self) -> bool:
+        """Not with expert offload: activating an expert copies its unmerged host weights."""
+        return not self.placement.offload
 
     def lora_loader(self):
         import diffusers
