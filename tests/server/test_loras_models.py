@@ -27,7 +27,7 @@ import pytest
 from ithaca.testing.lora import random_lora, save_safetensors
 from ithaca.testing.tiny_families import build_tiny_flux
 from ithaca.testing.tiny_wan import build_tiny_wan
-from tests.server.harness import ServerProcess
+from tests.server.harness import serving
 
 IMAGE = {"prompt": "a red cat", "size": "64x64", "num_inference_steps": 2, "seed": 5,
          "guidance_scale": 3.5, "model": "flux"}  # fmt: skip
@@ -48,17 +48,12 @@ def server(tmp_path_factory):
                      lora_dir / "b.safetensors")  # fmt: skip
     w = save_safetensors(random_lora(wan_model, seed=3, targets=("attn1.to_q", "ffn.net.2")),
                          lora_dir / "w.safetensors")  # fmt: skip
-    server = ServerProcess(
+    yield from serving(
         f"{flux}@dp=2,name=flux", "--model", f"{wan}@name=wan",
         "--lora", f"A={a}:0.8@flux", "--lora", f"W={w}:0.7@wan", "--lora-dir", str(lora_dir),
         "--max-batch-size", "1", "--batch-invariant", "--executor", "torchrun",
-        state_dir=str(tmp_path_factory.mktemp("lora_models_state")),
+        state_dir=str(tmp_path_factory.mktemp("lora_models_state")), timeout=400,
     )  # fmt: skip
-    try:
-        server.wait_healthy(400)
-        yield server
-    finally:
-        server.stop()
 
 
 def _image(server, lora=None) -> bytes:

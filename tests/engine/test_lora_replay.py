@@ -1,0 +1,84 @@
+"""The engine replays its LoRA adapter table into a worker group that (re)starts, before
+the group serves: adapters POSTed since start are loaded, ``--lora`` ones DELETEd since
+are unloaded, one whose file is gone is dropped from the table (and from the other
+groups) instead of failing the restart forever. A command while a group restarts goes
+to the ready groups only (the restarting one gets it by the replay). In process, with
+an executor double that keeps an adapter table like the workers do."""
+
+from __future__ import annotations
+
+from ithaca.engine.engine import Engine
+from ithaca.engine.errors import GenerationFailedError
+from ithaca.types import LoraCommand
+
+
+class TableExecutor:
+    """Starts with its spec's adapters, runs management commands like a worker group."""
+
+    def __init__(self, name: str, preload: tuple = (), missing: tuple = ()):
+        self.name = name
+        self.preload = preload
+        self.missing = set(missing)
+        self.table: dict[str, dict] = {}
+        self.commands: list[tuple[str, str]] = []
+        self.alive = False
+
+    @property
+    def spec(self):
+        return type("Spec", (), {"loras": self.preload})
+
+    def start(self) -> None:
+        self.table = {n: {"name": n, "path": p, "scale": s} for n, p, s in self.preload}
+        self.commands.clear()
+        self.alive = True
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    def manage_lora(self, command: LoraCommand) -> list[dict]:
+        self.commands.append((command.op, command.name))
+        if command.op == "load":
+            if command.path in self.missing:
+                raise GenerationFailedError(f"no file {command.path}", "invalid_request")
+            self.table[command.name] = {"name": command.name, "path": command.path,
+                                        "scale": command.scale}  # fmt: skip
+        elif command.op == "unload":
+            self.table.pop(command.name)
+        return [self.table[n] for n in sorted(self.table)]
+
+
+def test_a_restarted_group_gets_the_table_replayed_before_it_serves():
+    groups = [TableExecutor("g0", preload=(("A", "/a", 0.8),)),
+              TableExecutor("g1", preload=(("A", "/a", 0.8),))]  # fmt: skip
+    engine = Engine(groups)
+    engine.loras = {"A": {"name": "A", "path": "/a", "scale": 0.8}}
+    for i in range(2):
+        assert engine._start_executor(i, first=True)
+    assert groups[0].commands == [("list", "")]  # nothing to change at the first start
+    engine.manage_lora(LoraCommand("load", "B", "/b", 0.5))
+    engine.manage_lora(LoraCommand("unload", "A"))
+    assert all(set(g.table) == {"B"} for g in groups)
+
+    groups[0].alive = False
+    engine._ready[0].clear()  # what the dispatcher does when it sees the group dead
+    engine.manage_lora(LoraCommand("load", "C", "/c", 1.0))  # only the ready group 1
+    assert "C" not in groups[0].table and "C" in groups[1].table
+    assert engine._start_executor(0, first=False)  # restarts with --lora's A only
+    assert groups[0].table == groups[1].table
+    assert sorted(groups[0].commands[1:]) == [("load", "B"), ("load", "C"), ("unload", "A")]
+    assert engine._ready[0].is_set()
+
+
+def test_an_adapter_whose_file_is_gone_is_dropped_not_retried():
+    groups = [TableExecutor("g0", missing=("/b",)), TableExecutor("g1")]
+    engine = Engine(groups)
+    for i in range(2):
+        assert engine._start_executor(i, first=True)
+    groups[0].missing.clear()
+    engine.manage_lora(LoraCommand("load", "B", "/b", 1.0))
+    groups[0].missing.add("/b")  # the file is deleted, then group 0 restarts
+    groups[0].alive = False
+    engine._ready[0].clear()
+    assert engine._start_executor(0, first=False)
+    assert "B" not in engine.loras
+    assert groups[0].table == groups[1].table == {}
