@@ -3,12 +3,16 @@
 Builds the tiny FLUX.1 checkpoint and a random rank-``--rank`` adapter on every
 attention projection, feed-forward output and ``proj_out``, then runs the same
 request ``--repeats`` times per mode on one process and prints the median time per
-step and its ratio to the base model:
+step of the denoising loop and its ratio to the base model:
 
-- ``none``: no adapter loaded;
+- ``none``: the adapter loaded but not asked for (the base layers run alone);
 - ``unfused``: the adapter beside the base layers (``x W + s (x A) B``);
-- ``fused``: the adapter merged into the weights once (kept merged while the same set
-  serves consecutive requests; the base weights come back bit for bit when it changes).
+- ``fused``: the adapter merged into the weights (``--lora-fuse auto``: kept merged while
+  the same set serves consecutive requests; the base weights come back bit for bit when
+  it changes).
+
+The three modes take turns within every repeat (not one block per mode), so the figures
+stay comparable on a shared machine whose load changes during the run.
 
     python benchmarks/lora.py                        # 256x256 px, 8 steps, rank 16
     python benchmarks/lora.py --size 512 --rank 64
@@ -35,13 +39,25 @@ TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "ff.net.2", "proj_o
            "proj_mlp")  # fmt: skip
 
 
-def per_step(pipe, request: dict, repeats: int) -> float:
-    times = []
-    pipe.generate([GenerationParams(**request)])  # warm-up (and the fuse, if any)
-    for _ in range(repeats):
-        result = pipe.generate([GenerationParams(**request)])[0]
-        times.append(result.metadata["timings"]["denoise_s"] / request["num_inference_steps"])
-    return statistics.median(times)
+MODES = {"none": (False, False), "unfused": (True, False), "fused": (True, True)}
+"""mode -> (request names the adapter, ``fuse_loras``)."""
+
+
+def per_step(pipe, request: dict, adapter: tuple, repeats: int) -> dict[str, float]:
+    """Median seconds per step of each mode. The modes take turns within each repeat, so
+    a shared machine's changing load falls on all of them alike; switching to ``fused``
+    merges the set before its loop and away from it restores the base weights (both
+    outside the timed loop, like a run of requests with one set)."""
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for repeat in range(repeats + 1):  # the first round warms up
+        for mode, (with_adapter, fuse) in MODES.items():
+            pipe.fuse_loras = fuse
+            params = GenerationParams(**request, lora=adapter if with_adapter else ())
+            result = pipe.generate([params])[0]
+            if repeat:
+                steps = request["num_inference_steps"]
+                times[mode].append(result.metadata["timings"]["denoise_s"] / steps)
+    return {mode: statistics.median(t) for mode, t in times.items()}
 
 
 def main() -> None:
@@ -59,12 +75,8 @@ def main() -> None:
         file = save_safetensors(adapter, f"{root}/a.safetensors")
         request = dict(prompt="a red cat", width=args.size, height=args.size, seed=0,
                        num_inference_steps=args.steps)  # fmt: skip
-        rows = [("none", per_step(pipe, request, args.repeats))]
         pipe.load_lora("a", file, 0.8)
-        with_adapter = dict(request, lora=(LoraRef("a"),))
-        rows.append(("unfused", per_step(pipe, with_adapter, args.repeats)))
-        pipe.fuse_loras = True
-        rows.append(("fused", per_step(pipe, with_adapter, args.repeats)))
+        rows = list(per_step(pipe, request, (LoraRef("a"),), args.repeats).items())
     layers = len(adapter) // 2
     print(f"tiny FLUX.1, {args.size}x{args.size} px, {args.steps} steps, rank {args.rank} on "
           f"{layers} layers, 1 process x 1 thread, median of {args.repeats}")  # fmt: skip
