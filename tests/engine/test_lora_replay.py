@@ -7,6 +7,8 @@ an executor double that keeps an adapter table like the workers do."""
 
 from __future__ import annotations
 
+import pytest
+
 from ithaca.engine.engine import Engine
 from ithaca.engine.errors import GenerationFailedError
 from ithaca.types import LoraCommand
@@ -82,3 +84,30 @@ def test_an_adapter_whose_file_is_gone_is_dropped_not_retried():
     assert engine._start_executor(0, first=False)
     assert "B" not in engine.loras
     assert groups[0].table == groups[1].table == {}
+
+
+def test_lora_flags_reach_every_rank_and_the_right_model():
+    """``--lora-fuse auto`` reaches each rank's spec (and the pipeline); ``--lora
+    NAME=PATH[:SCALE]@MODEL`` goes to the model it names, without ``@`` to the first."""
+    from ithaca.cli import _assign_loras, build_parser, parse_model
+    from ithaca.config import ParallelConfig, ServerConfig
+    from ithaca.engine.engine import build_engine
+    from ithaca.engine.executor import PipelineSpec
+    from ithaca.engine.worker import spec_from_json, spec_to_json
+
+    args = build_parser().parse_args(["serve", "a", "--lora-fuse", "auto"])
+    assert args.lora_fuse == "auto"
+    for flag in (False, True):
+        spec, _ = spec_from_json(spec_to_json(PipelineSpec(fuse_loras=flag), 1.0))
+        assert spec.fuse_loras is flag
+    engine = build_engine(ServerConfig(model="m", executor="inprocess", lora_fuse="auto"),
+                          ParallelConfig())  # fmt: skip
+    assert engine.executors[0].spec.fuse_loras
+    with pytest.raises(ValueError, match=r"lora_fuse \('always'\)"):
+        ServerConfig(lora_fuse="always")
+    default = ParallelConfig()
+    entries = [parse_model("/ckpt/flux@name=flux", default), parse_model("/ckpt/wan", default)]
+    texts = ["a=/l/a@b.safetensors:0.5", "w=/l/w.safetensors@/ckpt/wan", "s=/l/s:2@flux"]
+    flux, wan = _assign_loras(entries, texts)
+    assert flux.loras == (("a", "/l/a@b.safetensors", 0.5), ("s", "/l/s", 2.0))
+    assert wan.loras == (("w", "/l/w.safetensors", 1.0),)
