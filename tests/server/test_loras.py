@@ -50,7 +50,7 @@ def setup(tmp_path_factory):
         state_dir=str(tmp_path_factory.mktemp("lora_state")),
     )  # fmt: skip
     try:
-        server.wait_healthy(300)
+        server.wait_healthy(600)  # slow to start on a loaded 2-core machine
         server.client.headers["Authorization"] = f"Bearer {API_KEY}"
         yield server, key
     finally:
