@@ -55,6 +55,8 @@ from ithaca.parallel.state import ParallelState
 
 log = logging.getLogger("ithaca.worker")
 
+PLACEMENT_FIELDS = ("text_encoder_placement", "vae_placement", "cpu_offload", "layerwise_offload")
+
 ENV_CONFIG = "ITHACA_WORKER_CONFIG"
 ENV_SOCKET = "ITHACA_FRONT_SOCKET"
 ENV_TOKEN = "ITHACA_FRONT_TOKEN"
@@ -73,6 +75,7 @@ def spec_to_json(spec: PipelineSpec, heartbeat_interval_s: float) -> str:
                 "cfg_parallel_size": spec.parallel.cfg_parallel_size,
                 "attention_backend": spec.parallel.attention_backend,
                 "collective_timeout_s": spec.parallel.collective_timeout_s,
+                **{k: getattr(spec.parallel, k) for k in PLACEMENT_FIELDS},
             },
             "heartbeat_interval_s": heartbeat_interval_s,
             "loras": [list(x) for x in spec.loras],

@@ -33,6 +33,7 @@ from ithaca.cache import BlockCacheAdapter, StepCache, build_cache
 from ithaca.config import CacheConfig
 from ithaca.models.loading import load_streamed
 from ithaca.models.lora import LoraAdapters, adapter_summary
+from ithaca.models.offload import Placement, parameter_bytes
 from ithaca.models.spec import plain_cfg
 from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_branches
 from ithaca.types import (
@@ -141,6 +142,8 @@ class DenoisingPipeline:
         """``(CacheConfig, adapter set)`` of the installed cache."""
         self.loras: LoraAdapters | None = None
         """The LoRA adapter table (:meth:`lora_table`), created on first use."""
+        self.offloading = Placement(state.config, self.device)
+        """Where the transformer, text encoders and VAE live (:mod:`ithaca.models.offload`)."""
 
     def configure_cache(self, cache: CacheConfig | None) -> None:
         """Set the default step cache (validated: a :class:`CacheConfig`)."""
@@ -179,6 +182,8 @@ class DenoisingPipeline:
 
     def load_lora(self, name: str, path: str, scale: float = 1.0) -> dict:
         """Add a named adapter (every rank of the group runs this, in the same order)."""
+        if self.offloading.transformer_on_host:  # peft adds tensors the host copy lacks
+            raise ValueError("LoRA adapters with --enable-cpu/layerwise-offload are not supported")
         return self.lora_table().add(name, path, scale)
 
     def unload_lora(self, name: str) -> None:
@@ -246,12 +251,23 @@ class DenoisingPipeline:
         read tensor by tensor straight to the device (:mod:`ithaca.models.loading`: no
         whole host copy per rank); checkpoints that need diffusers' key conversion go
         through ``from_pretrained``."""
+        device = self.offloading.load_device("transformer")  # the host when offloaded
         try:
-            transformer = load_streamed(cls, model, subfolder, device=self.device, dtype=self.dtype)
+            transformer = load_streamed(cls, model, subfolder, device=device, dtype=self.dtype)
         except (ValueError, FileNotFoundError) as exc:
             logger.info("%s: loading through from_pretrained (%s)", model, exc)
             transformer = cls.from_pretrained(model, subfolder=subfolder, torch_dtype=self.dtype)
-        return transformer.to(self.device).eval().requires_grad_(False)
+        return transformer.to(device).eval().requires_grad_(False)
+
+    def memory(self) -> dict[str, int]:
+        """This rank's weights: ``parameter_bytes`` held (a DTensor: its local shard),
+        of which ``offloaded_bytes`` wait on the host for the device."""
+        modules = [v for v in vars(self).values() if isinstance(v, torch.nn.Module)]
+        modules += list(getattr(self, "experts", None) or ())
+        return {
+            "parameter_bytes": parameter_bytes(modules),
+            "offloaded_bytes": self.offloading.host_bytes,
+        }
 
     # -- shared request validation (families call these from ``resolve``) ------
     multiple: int = 16
@@ -435,6 +451,7 @@ class DenoisingPipeline:
             self.loras.apply(requests[0].lora, fuse=self.fuse_loras)
         cache = self._install_cache(self._cache_settings(requests[0]), requests[0].lora)
         conds = self._conditions(requests)
+        self.offloading.evict()  # the text encoders back to the host (when offloaded)
         t_cond = time.perf_counter() - started
         job = self.prepare(requests, conds)
         cancelled_at = self.denoise(job, callback, cache)
@@ -468,6 +485,7 @@ class DenoisingPipeline:
                 m["steps_done"] = cancelled_at
             return None, meta
         outputs = self.decode(job, job.latents) if self.is_returning_rank else None
+        self.offloading.evict()  # between requests every offloaded component is on the host
         t_total = time.perf_counter() - started
         for m in per_request:
             m["timings"] = {"condition_s": t_cond, "denoise_s": t_loop, "total_s": t_total}
