@@ -261,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--flow-shift", type=float, default=None)
     g.add_argument("--output", default="out.png", help="out.png / .jpg / .webp / .mp4")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--verbose", action="store_true",
+        help="print each rank's parameter bytes and peak memory (stderr)",
+    )  # fmt: skip
     _parallel_args(g)
 
     c = sub.add_parser(
@@ -413,6 +417,9 @@ def cmd_generate(args) -> int:
             on_progress=lambda step, total, _: bar(step, total),
             **sampling,
         )
+        if args.verbose:
+            for line in memory_lines(gen.engine.describe()):
+                print(f"ithaca: {line}", file=sys.stderr)
     for warning in _unknown_words(model, args.prompt):
         print(f"ithaca: warning: {warning}", file=sys.stderr)
     if fmt == "mp4":
@@ -437,6 +444,23 @@ def cmd_generate(args) -> int:
             f.write(blob)
         print(path)
     return 0
+
+
+def memory_lines(groups: list[dict]) -> list[str]:
+    """One line per rank: the weights it holds and its peak memory (``/health``'s numbers)."""
+    gib = 1 << 30
+    lines = []
+    for group in groups:
+        for r in group["ranks"]:
+            if "parameter_bytes" not in r:
+                continue
+            lines.append(
+                f"{group['name']} rank {r['rank']}: "
+                f"parameters {r['parameter_bytes'] / gib:.3f} GiB "
+                f"({r['offloaded_bytes'] / gib:.3f} GiB offloaded to the host), "
+                f"peak memory {r['peak_memory_bytes'] / gib:.3f} GiB"
+            )
+    return lines
 
 
 @contextlib.contextmanager

@@ -398,16 +398,14 @@ class DenoisingPipeline:
                 failure = exc
                 conds = (type(exc).__name__, f"conditioning failed on rank 0: {exc}")
         if replica.size > 1:
-            if replica.rank == 0 and failure is None:
-                conds = [_to_device(c, "cpu") for c in conds]
             # Every rank of the replica reaches this broadcast once per group, in group order.
-            conds = comm.broadcast_object(conds, replica)
+            # The embeddings stay on the device: one packed broadcast (comm.broadcast_nested).
+            conds = comm.broadcast_nested(conds, replica)
             if failure is not None:
                 raise failure
             if isinstance(conds, tuple):  # rank 0 failed: a user error stays a ValueError
                 kind, message = conds
                 raise (ValueError if kind == "ValueError" else RuntimeError)(message)
-            conds = [_to_device(c, self.device) for c in conds]
         return conds
 
     def _cache_settings(self, request: Request) -> CacheConfig:
@@ -594,13 +592,3 @@ class _HostCopy:
         if self.event is not None:
             self.event.synchronize()  # waits for the copy, queued before the next step
         return bool(self.value[0])
-
-
-def _to_device(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
