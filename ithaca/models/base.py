@@ -406,6 +406,7 @@ class DenoisingPipeline:
             if isinstance(conds, tuple):  # rank 0 failed: a user error stays a ValueError
                 kind, message = conds
                 raise (ValueError if kind == "ValueError" else RuntimeError)(message)
+        self.offloading.evict()  # the encoders back to the host (when offloaded)
         return conds
 
     def _cache_settings(self, request: Request) -> CacheConfig:
@@ -449,7 +450,6 @@ class DenoisingPipeline:
             self.loras.apply(requests[0].lora, fuse=self.fuse_loras)
         cache = self._install_cache(self._cache_settings(requests[0]), requests[0].lora)
         conds = self._conditions(requests)
-        self.offloading.evict()  # the text encoders back to the host (when offloaded)
         t_cond = time.perf_counter() - started
         job = self.prepare(requests, conds)
         cancelled_at = self.denoise(job, callback, cache)

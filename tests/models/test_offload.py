@@ -17,6 +17,7 @@ from ithaca.models.offload import LayerwiseOffload, Offload, parameter_bytes
 from ithaca.models.registry import load_pipeline
 from ithaca.testing.distributed import parallel_state
 from ithaca.types import GenerationParams
+from tools.memory_table import checkpoint_rank_parameter_bytes
 
 REQUEST = dict(prompt="a red cat", negative_prompt="blurry", true_cfg_scale=4.0,
                width=28, height=20, num_inference_steps=2, seed=5)  # fmt: skip
@@ -97,6 +98,8 @@ def test_cpu_and_layerwise_offload_give_the_resident_images(tiny_family):
     image, latents, _, _, plain = _run({}, path)
     assert plain.offloading.host_bytes == 0
     weights = plain.memory()["parameter_bytes"]
+    # docs/memory.md's counting, from the checkpoint's config files alone: exact.
+    assert weights == checkpoint_rank_parameter_bytes(path, dtype_bytes=4)["rank0"]
     for layout in ({"cpu_offload": True}, {"layerwise_offload": True, "vae_placement": "offload"}):
         got, got_latents, on_device, after, pipe = _run(layout, path)
         assert torch.allclose(got_latents, latents, atol=1e-5), layout
