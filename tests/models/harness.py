@@ -28,6 +28,19 @@ from ithaca.types import GenerationParams
 
 
 # -- images ---------------------------------------------------------------------------------
+def _run_batch(pipe, batch: list[dict]):
+    """``(results, images as uint8 arrays, info)`` of ``batch`` on ``pipe``; ``info`` says
+    what the last forward sharded and gathered and whether this rank has the text encoder."""
+    results = pipe.generate([GenerationParams(**b) for b in batch])
+    images = [[np.asarray(im) for im in r.images] for r in results]
+    info = {
+        "sharded": list(pipe.runtime.sharded),
+        "gathered": list(pipe.runtime.gathered),
+        "has_text_encoder": pipe.text_encoder is not None,
+    }
+    return results, images, info
+
+
 def generate(layout: dict, path: str, batch: list[dict], attrs: dict | None = None,
              loras: tuple = ()):  # fmt: skip
     """Run ``batch`` under ``layout``: ``(images, latents, info)`` in batch order.
@@ -61,12 +74,8 @@ def generate(layout: dict, path: str, batch: list[dict], attrs: dict | None = No
         pipe.decode = record
         stats = pipe._cache_stats  # every rank: a cached request's (step, branch, cached) list
         pipe._cache_stats = lambda c, cfg: dict(stats(c, cfg), pattern=list(c.stats.pattern))
-        results = pipe.generate([GenerationParams(**b) for b in batch])
-        images = [[np.asarray(im) for im in r.images] for r in results]
-        info = {
-            "sharded": list(pipe.runtime.sharded),
-            "gathered": list(pipe.runtime.gathered),
-            "has_text_encoder": pipe.text_encoder is not None,
+        results, images, info = _run_batch(pipe, batch)
+        info |= {
             "metadata": [r.metadata for r in results],
             # padded length -> valid length, for every sequence the last forward padded
             "valid_lengths": {
@@ -358,14 +367,8 @@ def generate_fused(layout: dict, path: str, batch: list[dict]):
             return decode(job, latents)
 
         pipe.decode = record
-        results = pipe.generate([GenerationParams(**b) for b in batch])
-        images = [[np.asarray(im) for im in r.images] for r in results]
-        info = {
-            "sharded": list(pipe.runtime.sharded),
-            "gathered": list(pipe.runtime.gathered),
-            "has_text_encoder": pipe.text_encoder is not None,
-            "has_vae": pipe.vae is not None,
-        }
+        _, images, info = _run_batch(pipe, batch)
+        info["has_vae"] = pipe.vae is not None
         pipe.runtime.remove()
         return images, (captured[-1] if captured else None), info
 
