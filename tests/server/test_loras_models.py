@@ -25,21 +25,19 @@ import time
 import pytest
 
 from ithaca.testing.lora import random_lora, save_safetensors
-from ithaca.testing.tiny_families import build_tiny_flux
-from ithaca.testing.tiny_wan import build_tiny_wan
-from tests.server.harness import serving
 
 IMAGE = {"prompt": "a red cat", "size": "64x64", "num_inference_steps": 2, "seed": 5,
          "guidance_scale": 3.5, "model": "flux"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(serve, tiny_family, tiny_wan, tmp_path_factory):
     from diffusers import FluxTransformer2DModel, WanTransformer3DModel
 
+    from ithaca.models.flux.pipeline import FluxPipeline
+
     root = tmp_path_factory.mktemp("lora_models")
-    flux = str(build_tiny_flux(root / "flux", seed=0))
-    wan = str(build_tiny_wan(root / "wan", "t2v_a14b"))
+    flux, wan = tiny_family(FluxPipeline), tiny_wan["t2v_a14b"]
     flux_model = FluxTransformer2DModel.from_pretrained(flux, subfolder="transformer")
     wan_model = WanTransformer3DModel.from_pretrained(wan, subfolder="transformer")
     lora_dir = root / "loras"
@@ -48,11 +46,10 @@ def server(tmp_path_factory):
                      lora_dir / "b.safetensors")  # fmt: skip
     w = save_safetensors(random_lora(wan_model, seed=3, targets=("attn1.to_q", "ffn.net.2")),
                          lora_dir / "w.safetensors")  # fmt: skip
-    yield from serving(
+    return serve(
         f"{flux}@dp=2,name=flux", "--model", f"{wan}@name=wan",
         "--lora", f"A={a}:0.8@flux", "--lora", f"W={w}:0.7@wan", "--lora-dir", str(lora_dir),
-        "--max-batch-size", "1", "--batch-invariant", "--executor", "torchrun",
-        state_dir=str(tmp_path_factory.mktemp("lora_models_state")), timeout=400,
+        "--max-batch-size", "1", "--batch-invariant", "--executor", "torchrun", timeout=600,
     )  # fmt: skip
 
 
