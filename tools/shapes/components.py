@@ -18,6 +18,7 @@ A ``QwenImagePipeline`` directory like ``Qwen/Qwen-Image``'s, only tiny:
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -37,14 +38,6 @@ Z_DIM = 16
 DIT_LAYERS = 4
 DIT_HEADS = 4
 DIT_HEAD_DIM = 32
-
-COMPONENTS = {
-    "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
-    "text_encoder": ("transformers", "Qwen2_5_VLForConditionalGeneration"),
-    "tokenizer": ("transformers", "Qwen2Tokenizer"),
-    "transformer": ("diffusers", "QwenImageTransformer2DModel"),
-    "vae": ("diffusers", "AutoencoderKLQwenImage"),
-}
 
 
 def build_tokenizer(prompts: list[str], vocab_size: int = 1024):
@@ -108,19 +101,20 @@ SERVING_DEFAULTS = {"width": 128, "height": 128, "num_inference_steps": 20}
 checkpoint-declared defaults."""
 
 
-def save_trained(path, class_name: str, parts: dict, components: dict, extra: dict,
+def save_trained(path, class_name: str, parts: dict, extra: dict, classes: dict | None = None,
                  dtype=torch.float16) -> Path:  # fmt: skip
     """Write a checkpoint directory (the default image and video models alike): ``parts``
     (modules stored in ``dtype`` as converted copies, so the caller's training models are
     left untouched; tokenizers and the scheduler as they are) and ``model_index.json``
-    naming ``components``, plus the ``extra`` keys (serving defaults, vocabulary)."""
+    naming each part's class (``classes``: absent components), plus the ``extra`` keys
+    (serving defaults, vocabulary)."""
     from diffusers import __version__ as diffusers_version
 
     parts = {
         name: copy.deepcopy(part).to(dtype) if isinstance(part, torch.nn.Module) else part
         for name, part in parts.items()
     }
-    return save_pipeline(Path(path), class_name, parts, components, extra, diffusers_version)
+    return save_pipeline(Path(path), class_name, parts, classes, extra, diffusers_version)
 
 
 def _extra() -> dict:
@@ -128,12 +122,15 @@ def _extra() -> dict:
 
 
 def write_model_index(path: Path) -> None:
-    """(Re)write the ``model_index.json`` of the checkpoint at ``path``."""
-    save_trained(path, "QwenImagePipeline", {}, COMPONENTS, _extra())
+    """Refresh the serving defaults and vocabulary in ``path``'s ``model_index.json``."""
+    index_path = Path(path) / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index.update(_extra())
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
 
 
 def save_checkpoint(path, tokenizer, text_encoder, vae, transformer, dtype=torch.float16) -> Path:
     """Write a ``QwenImagePipeline`` directory; weights stored in ``dtype``."""
     parts = {"text_encoder": text_encoder, "vae": vae, "transformer": transformer,
              "tokenizer": tokenizer, "scheduler": build_scheduler()}  # fmt: skip
-    return save_trained(path, "QwenImagePipeline", parts, COMPONENTS, _extra(), dtype)
+    return save_trained(path, "QwenImagePipeline", parts, _extra(), dtype=dtype)

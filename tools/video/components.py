@@ -26,15 +26,6 @@ LAYERS = 4
 HEADS = 4
 HEAD_DIM = 32
 
-COMPONENTS = {
-    "scheduler": ("diffusers", "UniPCMultistepScheduler"),
-    "text_encoder": ("transformers", "UMT5EncoderModel"),
-    "tokenizer": ("transformers", "T5Tokenizer"),
-    "transformer": ("diffusers", "WanTransformer3DModel"),
-    "transformer_2": (None, None),
-    "vae": ("diffusers", "AutoencoderKLWan"),
-}
-
 SERVING_DEFAULTS = {
     "width": 64,
     "height": 64,
@@ -81,4 +72,4 @@ def save_checkpoint(
              "tokenizer": tokenizer, "scheduler": build_scheduler()}  # fmt: skip
     extra = {"_ithaca_defaults": SERVING_DEFAULTS, "_ithaca_vocabulary": sorted(vocabulary),
              "boundary_ratio": None, "expand_timesteps": False}  # fmt: skip
-    return save_trained(path, "WanPipeline", parts, COMPONENTS, extra, dtype)
+    return save_trained(path, "WanPipeline", parts, extra, {"transformer_2": (None, None)}, dtype)
