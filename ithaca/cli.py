@@ -43,8 +43,8 @@ def _parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ring", "--ring-degree", dest="ring_degree", type=int, default=1)
     g.add_argument("--cfg-parallel-size", type=int, default=1)
     g.add_argument(
-        "--tensor-parallel-size", type=int, default=1,
-        help="accepted for the reference CLI; only 1 (ithaca splits sequences, not weights)",
+        "-tp", "--tensor-parallel-size", type=int, default=1,
+        help="tensor parallel: ranks that split the transformer's heads and MLP (weights)",
     )  # fmt: skip
     g.add_argument("--world-size", type=int, default=None, help="GPUs for --usp auto")
     g.add_argument(
@@ -118,18 +118,18 @@ def _auto_parallel(args, dp: int) -> ParallelConfig:
 
 
 def _parallel(args, dp: int = 1) -> ParallelConfig:
-    if args.tensor_parallel_size != 1:
-        raise ValueError(
-            f"tensor_parallel_size ({args.tensor_parallel_size}) must be 1: ithaca splits the "
-            f"sequence (--ulysses-degree, --ring-degree) and CFG branches, not the weights"
-        )
     if args.ulysses_degree == "auto":
+        if args.tensor_parallel_size != 1:
+            raise ValueError(
+                "--usp auto plans sequence parallelism only; drop --tensor-parallel-size"
+            )
         return _auto_parallel(args, dp)
     return ParallelConfig(
         ulysses_degree=args.ulysses_degree,
         ring_degree=args.ring_degree,
         cfg_parallel_size=args.cfg_parallel_size,
         data_parallel_size=dp,
+        tensor_parallel_size=args.tensor_parallel_size,
         attention_backend=args.attention_backend,
         collective_timeout_s=args.collective_timeout_s,
     )
@@ -319,11 +319,12 @@ _LAYOUT_KEYS = {
     "ring": "ring_degree",
     "cfg": "cfg_parallel_size",
     "dp": "data_parallel_size",
+    "tp": "tensor_parallel_size",
 }
 
 
 def parse_model(text: str, default: ParallelConfig):
-    """``MODEL[@key=value,...]`` -> ``ModelEntry``; keys: usp, ring, cfg, dp, name."""
+    """``MODEL[@key=value,...]`` -> ``ModelEntry``; keys: usp, ring, cfg, dp, tp, name."""
 
     from ithaca.server.serve import ModelEntry
 

@@ -22,9 +22,10 @@ class ParallelConfig:
     """How one worker group splits a request across ranks.
 
     The world size is ``data_parallel_size * cfg_parallel_size * ring_degree *
-    ulysses_degree``. Ranks are laid out with ``ulysses`` innermost (adjacent ranks,
-    so the all-to-all stays on NVLink neighbours), then ``ring``, then ``cfg``, with
-    ``dp`` outermost; see ``ithaca.parallel.state`` for the rank map.
+    ulysses_degree * tensor_parallel_size``. Ranks are laid out with ``tp`` innermost
+    (its all-reduce per layer is the heaviest traffic), then ``ulysses`` (adjacent
+    ranks, so the all-to-all stays on NVLink neighbours), then ``ring``, then ``cfg``,
+    with ``dp`` outermost; see ``ithaca.parallel.state`` for the rank map.
     """
 
     ulysses_degree: int = 1
@@ -50,7 +51,13 @@ class ParallelConfig:
     """A collective that has not completed after this many seconds raises (a peer died
     or ran out of memory), instead of hanging the group."""
 
+    tensor_parallel_size: int = 1
+    """Ranks that split the transformer's weights: attention heads and MLP hidden units
+    (column-parallel in, row-parallel out, one all-reduce each); see
+    ``ithaca.parallel.tensor``. Heads are split by TP first, Ulysses splits the rest."""
+
     def __post_init__(self) -> None:
+        _require_positive("tensor_parallel_size", self.tensor_parallel_size)
         _require_positive("ulysses_degree", self.ulysses_degree)
         _require_positive("ring_degree", self.ring_degree)
         _require_positive("data_parallel_size", self.data_parallel_size)
@@ -70,10 +77,16 @@ class ParallelConfig:
 
     @property
     def world_size(self) -> int:
-        return self.data_parallel_size * self.cfg_parallel_size * self.sequence_parallel_size
+        return (
+            self.data_parallel_size
+            * self.cfg_parallel_size
+            * self.sequence_parallel_size
+            * self.tensor_parallel_size
+        )
 
     def validate_heads(self, num_heads: int) -> None:
-        """Raise when Ulysses cannot split ``num_heads`` attention heads evenly."""
+        """Raise when Ulysses cannot split ``num_heads`` attention heads evenly (the
+        heads of one tensor-parallel rank: the caller divides by ``tensor_parallel_size``)."""
         if num_heads % self.ulysses_degree:
             valid = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
             raise ValueError(
