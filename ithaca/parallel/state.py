@@ -1,10 +1,15 @@
 """Process-group layout: one explicit object with named axes, built once per process.
 
-Rank map. A world of ``dp * cfg * ring * ulysses`` ranks is laid out with ulysses as
-the innermost, contiguous axis (its all-to-all stays between adjacent GPUs, i.e. on
-NVLink), then ring, then cfg, with dp outermost::
+Rank map. A world of ``dp * cfg * ring * ulysses * tp`` ranks is laid out with tensor
+parallel (``tp``) innermost (its all-reduce per layer is the heaviest traffic), then
+ulysses (its all-to-all stays between adjacent GPUs, i.e. on NVLink), then ring, then
+cfg, with dp outermost::
 
-    rank = ((dp_idx * cfg + cfg_idx) * ring + ring_idx) * ulysses + ulysses_idx
+    rank = (((dp_idx * cfg + cfg_idx) * ring + ring_idx) * ulysses + ulysses_idx) * tp + tp_idx
+
+The example below has ``tp == 1``; with ``tp == 2`` every rank becomes two adjacent
+ranks that hold the same sequence shard and half of its heads each (docs/parallel.md,
+"Tensor parallel").
 
 Example, 8 ranks with ulysses=2, ring=2, cfg=2 (dp=1)::
 

@@ -159,7 +159,27 @@ def apply_tensor_parallel(
             value = getattr(module, attr, None)
             if isinstance(value, int):
                 setattr(module, attr, value // axis.size)
+    for module, attr in _local_sizes(transformer):
+        setattr(module, attr, getattr(module, attr) // axis.size)
     return runtime
+
+
+def _local_sizes(transformer: nn.Module) -> list[tuple[nn.Module, str]]:
+    """``(module, attribute)`` of every ``_tp_local_sizes`` entry: integer sizes a block's
+    forward splits a column-parallel output by (``"blocks.*.mlp_hidden_dim"``), which
+    become this rank's (``size / P``)."""
+    found = []
+    for pattern in getattr(transformer, "_tp_local_sizes", ()):
+        prefix, _, rest = pattern.rpartition(".")
+        head, star, tail = prefix.partition("*")
+        modules = [transformer.get_submodule(head.strip("."))] if head.strip(".") else [transformer]
+        if star:
+            modules = [m.get_submodule(tail.strip(".")) if tail.strip(".") else m
+                       for m in modules[0]]  # fmt: skip
+        found.extend((m, rest) for m in modules if isinstance(getattr(m, rest, None), int))
+    if getattr(transformer, "_tp_local_sizes", ()) and not found:
+        raise ValueError(f"_tp_local_sizes {transformer._tp_local_sizes} names no int attribute")
+    return found
 
 
 def _split_parameter(local: torch.Tensor) -> nn.Parameter:

@@ -41,6 +41,7 @@ class OvisImageTransformer2DModel(_DiffusersOvisTransformer):
 
     _sp_plan = FLUX_SP_PLAN
     _tp_plan = OVIS_TP_PLAN
+    _tp_local_sizes = ("single_transformer_blocks.*.mlp_hidden_dim",)  # its split point
 
 
 SPEC = FamilySpec(
