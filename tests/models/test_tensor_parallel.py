@@ -63,9 +63,18 @@ def family(request, tiny_checkpoints, tiny_family):
     return name, path, run({}, path)
 
 
+ULYSSES_TOO = ("Qwen-Image", "Z-Image", "LongCat-Image")
+"""Families also run at TP 2 x Ulysses 2: joint text (Qwen-Image), heads padded for
+Ulysses after the TP split (Z-Image: 30 heads), FLUX.1's processor (shared by FLUX.1 and
+Ovis-Image, whose plans differ only in entries TP 2 already covers). FLUX.1 and
+Ovis-Image at TP 2 x Ulysses 2 passed too (Ovis 1.7e-6, 0/255) but cost 2 min each here."""
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_tensor_parallel_matches_one_rank(worker_pool, family, layout):
     name, path, (ref_images, ref_latents, one_bytes) = family
+    if "ulysses_degree" in LAYOUTS[layout] and name not in ULYSSES_TOO:
+        pytest.skip("covered by LongCat-Image's processor and this family's TP 2 cell")
     tp = LAYOUTS[layout]["tensor_parallel_size"]
     results = worker_pool(world_size(LAYOUTS[layout])).run(run, LAYOUTS[layout], path)
     images, latents, _ = results[0]
