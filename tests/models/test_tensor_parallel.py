@@ -29,6 +29,8 @@ REQUEST = dict(prompt="a red cat", negative_prompt="blurry", true_cfg_scale=4.0,
 LAYOUTS = {
     "tp2": dict(tensor_parallel_size=2),
     "tp2 x ulysses2": dict(tensor_parallel_size=2, ulysses_degree=2),
+    "tp2 x ring2": dict(tensor_parallel_size=2, ring_degree=2),
+    "tp2 x cfg2": dict(tensor_parallel_size=2, cfg_parallel_size=2),
 }
 FAMILIES = {
     "FLUX.1": FluxPipeline,
@@ -56,25 +58,36 @@ def run(layout: dict, path: str) -> tuple:
         return images, captured.get("latents"), parameter_bytes(pipe.transformer)
 
 
-@pytest.fixture(scope="module", params=["Qwen-Image", *FAMILIES])
-def family(request, tiny_checkpoints, tiny_family):
-    name = request.param
-    path = tiny_checkpoints["t2i"] if name == "Qwen-Image" else tiny_family(FAMILIES[name])
-    return name, path, run({}, path)
+CELLS = [
+    *(("Qwen-Image", layout) for layout in LAYOUTS),
+    *((name, "tp2") for name in FAMILIES),
+    ("Z-Image", "tp2 x ulysses2"),
+    ("LongCat-Image", "tp2 x ulysses2"),
+]
+"""Qwen-Image (joint text) under every layout: Ring and CFG-parallel sit outside the tp
+axis, so one family shows they compose. Every family at TP 2. TP 2 x Ulysses 2 also for
+Z-Image (30 heads: padded for Ulysses after the TP split) and LongCat-Image (FLUX.1's
+processor, shared by FLUX.1 and Ovis-Image, whose plans differ only in entries TP 2
+covers; both passed TP 2 x Ulysses 2 too, Ovis 1.7e-6 and 0/255, but cost 2 min each)."""
 
 
-ULYSSES_TOO = ("Qwen-Image", "Z-Image", "LongCat-Image")
-"""Families also run at TP 2 x Ulysses 2: joint text (Qwen-Image), heads padded for
-Ulysses after the TP split (Z-Image: 30 heads), FLUX.1's processor (shared by FLUX.1 and
-Ovis-Image, whose plans differ only in entries TP 2 already covers). FLUX.1 and
-Ovis-Image at TP 2 x Ulysses 2 passed too (Ovis 1.7e-6, 0/255) but cost 2 min each here."""
+@pytest.fixture(scope="module")
+def one_rank(tiny_checkpoints, tiny_family):
+    """``one_rank(family)`` -> ``(checkpoint, run({}, checkpoint))``, once per family."""
+    runs: dict[str, tuple] = {}
+
+    def get(name: str) -> tuple:
+        if name not in runs:
+            path = tiny_checkpoints["t2i"] if name == "Qwen-Image" else tiny_family(FAMILIES[name])
+            runs[name] = path, run({}, path)
+        return runs[name]
+
+    return get
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_tensor_parallel_matches_one_rank(worker_pool, family, layout):
-    name, path, (ref_images, ref_latents, one_bytes) = family
-    if "ulysses_degree" in LAYOUTS[layout] and name not in ULYSSES_TOO:
-        pytest.skip("covered by LongCat-Image's processor and this family's TP 2 cell")
+@pytest.mark.parametrize("name,layout", CELLS, ids=[f"{n}-{lay}" for n, lay in CELLS])
+def test_tensor_parallel_matches_one_rank(worker_pool, one_rank, name, layout):
+    path, (ref_images, ref_latents, one_bytes) = one_rank(name)
     tp = LAYOUTS[layout]["tensor_parallel_size"]
     results = worker_pool(world_size(LAYOUTS[layout])).run(run, LAYOUTS[layout], path)
     images, latents, _ = results[0]
