@@ -179,6 +179,11 @@ class DenoisingPipeline:
 
     def load_lora(self, name: str, path: str, scale: float = 1.0) -> dict:
         """Add a named adapter (every rank of the group runs this, in the same order)."""
+        if self.state.tp.size > 1:  # PEFT would wrap the split Linears with whole adapters
+            raise ValueError(
+                f"LoRA adapters are not supported with tensor_parallel_size "
+                f"({self.state.tp.size}) yet; serve with --tensor-parallel-size 1"
+            )
         return self.lora_table().add(name, path, scale)
 
     def unload_lora(self, name: str) -> None:
