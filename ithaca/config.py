@@ -6,6 +6,7 @@ mistake on the command line or in Python reads the same way.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -224,6 +225,15 @@ class ServerConfig:
     running batch at the next denoising step and leave at their last, instead of waiting
     for the whole batch. In-process executor only for now."""
 
+    compile: bool = False
+    """Compile the transformer's repeated blocks (regional ``torch.compile``), warmed up
+    at start-up for ``compile_sizes``; compiled artefacts are kept in the state
+    directory's ``compile/`` so a restart does not compile again."""
+
+    compile_sizes: tuple[tuple[int, int], ...] = ()
+    """``(width, height)`` sizes the compiled blocks are warmed up for; empty: the
+    model's default size. Other sizes compile on first use."""
+
     executor: str = "torchrun"
     """``torchrun`` (worker groups in subprocesses) or ``inprocess`` (one rank, no subprocess)."""
 
@@ -284,6 +294,11 @@ class ServerConfig:
     state_dir: str | None = None
     """Video jobs (SQLite) and stored outputs live here; ``None`` uses ``~/.cache/ithaca``."""
 
+    @staticmethod
+    def compile_cache_dir(state_dir: str | None) -> str:
+        """Where ``--compile`` keeps inductor's artefacts: ``compile/`` in the state dir."""
+        return os.path.join(state_dir or os.path.expanduser("~/.cache/ithaca"), "compile")
+
     nnodes: int = 1
     """Nodes the worker group spans (torchrun static rendezvous)."""
 
@@ -333,6 +348,9 @@ class ServerConfig:
             raise ValueError(f"dtype ({self.dtype!r}) must be bfloat16, float16 or float32")
         if self.max_loras is not None and self.max_loras < 1:
             raise ValueError(f"max_loras ({self.max_loras}) must be >= 1")
+        for width, height in self.compile_sizes:
+            if width < 1 or height < 1:
+                raise ValueError(f"compile_sizes ({width}x{height}) must be positive")
         names = [entry[0] for entry in self.loras]
         if len(set(names)) != len(names):
             raise ValueError(f"loras ({names}) name an adapter twice")
