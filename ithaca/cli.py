@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--step-timeout", type=float, default=300.0)
     s.add_argument("--output-ttl", type=float, default=3600.0)
     s.add_argument("--video-ttl", type=float, default=7 * 24 * 3600.0)
+    s.add_argument("--checkpoint-every", type=int, default=5,
+                   help="a running video job saves its step state this often (steps)")  # fmt: skip
     s.add_argument("--max-body-bytes", type=int, default=64 * 2**20)
     s.add_argument("--max-input-pixels", type=int, default=4096 * 4096)
     s.add_argument("--max-output-pixels", type=int, default=2048 * 2048)
@@ -300,6 +302,7 @@ def cmd_serve(args) -> int:
         drain_timeout_s=args.drain_timeout,
         output_ttl_s=args.output_ttl,
         video_ttl_s=args.video_ttl,
+        checkpoint_every=args.checkpoint_every,
         max_body_bytes=args.max_body_bytes,
         max_input_pixels=args.max_input_pixels,
         max_output_pixels=args.max_output_pixels,

@@ -288,6 +288,10 @@ class ServerConfig:
     """A step (or the decode after the last step) is declared hung after this many times
     its expected duration (and never before ``liveness_timeout_s``)."""
 
+    checkpoint_every: int = 5
+    """A running video job saves its latents and scheduler state every this many steps
+    (in the state directory) and resumes from the last save after a restart."""
+
     video_ttl_s: float = 7 * 24 * 3600.0
     """Video jobs and their MP4 files expire this long after they complete (``expires_at``)."""
 
@@ -357,6 +361,7 @@ class ServerConfig:
         for name in ("max_body_bytes", "max_input_pixels", "max_output_pixels", "max_steps"):
             _require_positive(name, getattr(self, name))
         _require_positive("max_n", self.max_n)
+        _require_positive("checkpoint_every", self.checkpoint_every)
         _require_positive("max_frames", self.max_frames)
         if self.max_request_memory_gb is not None and self.max_request_memory_gb <= 0:
             raise ValueError(
