@@ -92,3 +92,23 @@ def test_compiled_multi_rank_matches_eager(worker_pool, tiny_checkpoints, tmp_pa
     assert len(eager) == 1 and ranks[1][0] == []  # images on the returning rank only
     for x, y in zip(eager, compiled, strict=True):
         assert np.abs(x - y).max() <= 1
+
+
+def test_flags_reach_every_rank_and_bad_values_name_the_field():
+    from ithaca.cli import _sizes
+    from ithaca.config import ServerConfig
+    from ithaca.engine.executor import PipelineSpec
+    from ithaca.engine.worker import spec_from_json, spec_to_json
+
+    assert _sizes("128x128, 256x192") == ((128, 128), (256, 192)) and _sizes("") == ()
+    with pytest.raises(ValueError, match="--compile-sizes"):
+        _sizes("128")
+    with pytest.raises(ValueError, match=r"compile_sizes \(0x64\)"):
+        ServerConfig(compile_sizes=((0, 64),))
+    with pytest.raises(ValueError, match=r"checkpoint_every \(0\)"):
+        ServerConfig(checkpoint_every=0)
+    assert ServerConfig.compile_cache_dir("/srv/state") == "/srv/state/compile"
+    spec = PipelineSpec(compile_cache_dir="/srv/state/compile", compile_sizes=((64, 32),))
+    back, _ = spec_from_json(spec_to_json(spec, 1.0))
+    assert back.compile_cache_dir == spec.compile_cache_dir
+    assert back.compile_sizes == ((64, 32),)
