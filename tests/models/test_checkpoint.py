@@ -17,16 +17,14 @@ from ithaca.models.registry import load_pipeline
 from ithaca.parallel import ParallelState
 from ithaca.server.media import encode_mp4
 from ithaca.types import GenerationParams
-from tests.models._wan_run import tiny_wan_paths
 
 REQUEST = dict(prompt="a red cat walks", negative_prompt="blurry", num_frames=9, width=48,
                height=48, num_inference_steps=5, guidance_scale=4.0)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    paths = tiny_wan_paths(tmp_path_factory.getbasetemp() / "tiny_wan")
-    return load_pipeline(paths["ti2v_5b"], ParallelState.single(ParallelConfig()))
+def pipe(tiny_wan):
+    return load_pipeline(tiny_wan["ti2v_5b"], ParallelState.single(ParallelConfig()))
 
 
 def test_resumed_video_equals_uninterrupted_run(pipe, tmp_path):
