@@ -46,6 +46,10 @@ def _parallel_args(p: argparse.ArgumentParser) -> None:
         "--tensor-parallel-size", type=int, default=1,
         help="accepted for the reference CLI; only 1 (ithaca splits sequences, not weights)",
     )  # fmt: skip
+    g.add_argument(
+        "--vae-patch-parallel-size", type=int, default=1,
+        help="ranks of the replica that split the VAE decode by rows (exact, not tiled)",
+    )  # fmt: skip
     g.add_argument("--world-size", type=int, default=None, help="GPUs for --usp auto")
     g.add_argument(
         "--interconnect", choices=["auto", "nvlink", "pcie"], default="auto",
@@ -112,6 +116,7 @@ def _auto_parallel(args, dp: int) -> ParallelConfig:
     print(f"ithaca: --usp auto: {chosen.reason}", file=sys.stderr)
     return ParallelConfig(
         **chosen.degrees,
+        vae_patch_parallel_size=args.vae_patch_parallel_size,
         attention_backend=args.attention_backend,
         collective_timeout_s=args.collective_timeout_s,
     )
@@ -130,6 +135,7 @@ def _parallel(args, dp: int = 1) -> ParallelConfig:
         ring_degree=args.ring_degree,
         cfg_parallel_size=args.cfg_parallel_size,
         data_parallel_size=dp,
+        vae_patch_parallel_size=args.vae_patch_parallel_size,
         attention_backend=args.attention_backend,
         collective_timeout_s=args.collective_timeout_s,
     )

@@ -71,6 +71,7 @@ def spec_to_json(spec: PipelineSpec, heartbeat_interval_s: float) -> str:
                 "ulysses_degree": spec.parallel.ulysses_degree,
                 "ring_degree": spec.parallel.ring_degree,
                 "cfg_parallel_size": spec.parallel.cfg_parallel_size,
+                "vae_patch_parallel_size": spec.parallel.vae_patch_parallel_size,
                 "attention_backend": spec.parallel.attention_backend,
                 "collective_timeout_s": spec.parallel.collective_timeout_s,
             },

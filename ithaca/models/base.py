@@ -35,6 +35,7 @@ from ithaca.models.loading import load_streamed
 from ithaca.models.lora import LoraAdapters, adapter_summary
 from ithaca.models.spec import plain_cfg
 from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_branches
+from ithaca.parallel.vae import split_vae
 from ithaca.types import (
     GenerationParams,
     GenerationResult,
@@ -327,6 +328,22 @@ class DenoisingPipeline:
     def is_returning_rank(self) -> bool:
         return self.state.replica.rank == 0
 
+    @property
+    def decodes(self) -> bool:
+        """Whether this rank takes part in the final decode: the returning rank and, with
+        ``vae_patch_parallel_size`` > 1, the rest of its VAE group (they hold the VAE)."""
+        return self.state.vae.ranks[0] == self.state.replica.ranks[0]
+
+    def final_decode(self, job: Job, latents: torch.Tensor):
+        """``decode`` on every rank of the returning rank's VAE group, the VAE split by
+        rows across them (exact: :mod:`ithaca.parallel.vae`); the output on the returning
+        rank, None elsewhere. Previews decode on the returning rank alone."""
+        if not self.decodes:
+            return None
+        with split_vae(getattr(self, "vae", None), self.state.vae):
+            outputs = self.decode(job, latents)
+        return outputs if self.is_returning_rank else None
+
     def generate(
         self, batch: list[GenerationParams], callback: StepCallback | None = None
     ) -> list[GenerationResult]:
@@ -467,7 +484,7 @@ class DenoisingPipeline:
             for m in per_request:
                 m["steps_done"] = cancelled_at
             return None, meta
-        outputs = self.decode(job, job.latents) if self.is_returning_rank else None
+        outputs = self.final_decode(job, job.latents)
         t_total = time.perf_counter() - started
         for m in per_request:
             m["timings"] = {"condition_s": t_cond, "denoise_s": t_loop, "total_s": t_total}
