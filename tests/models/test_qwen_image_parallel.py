@@ -27,7 +27,8 @@ T2I_BATCH = [
 ]  # fmt: skip
 
 LAYOUTS_2 = {"ulysses2": dict(ulysses_degree=2), "ring2": dict(ring_degree=2),
-             "cfg2": dict(cfg_parallel_size=2)}  # fmt: skip
+             "cfg2": dict(cfg_parallel_size=2),
+             "ulysses2_vae2": dict(ulysses_degree=2, vae_patch_parallel_size=2)}  # fmt: skip
 LAYOUTS_4 = {
     "ulysses4": dict(ulysses_degree=4),
     "ring4": dict(ring_degree=4),
@@ -61,10 +62,13 @@ def check(results, reference, layout):
             diff = int(np.abs(a.astype(int) - b.astype(int)).max())
             assert diff <= 1, f"images differ by {diff}/255"
             worst = max(worst, diff)
-    for images, latents, info in results[1:]:  # only the returning rank returns anything
-        assert latents is None and all(not im for im in images)
-        # The text encoder and the VAE live on the returning rank only.
-        assert not info["has_text_encoder"] and not info["has_vae"]
+    vae_ranks = layout.get("vae_patch_parallel_size", 1)
+    for rank, (images, latents, info) in enumerate(results[1:], 1):
+        assert all(not im for im in images)  # only the returning rank returns anything
+        # The text encoder lives on the returning rank only; the VAE on its VAE group,
+        # whose other ranks took part in the (split) decode.
+        assert not info["has_text_encoder"] and info["has_vae"] == (rank < vae_ranks)
+        assert (latents is not None) == (rank < vae_ranks)
     assert results[0][2]["has_text_encoder"] and results[0][2]["has_vae"]
     return err, worst
 
