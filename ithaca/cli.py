@@ -325,11 +325,12 @@ _LAYOUT_KEYS = {
     "ring": "ring_degree",
     "cfg": "cfg_parallel_size",
     "dp": "data_parallel_size",
+    "vae": "vae_patch_parallel_size",
 }
 
 
 def parse_model(text: str, default: ParallelConfig):
-    """``MODEL[@key=value,...]`` -> ``ModelEntry``; keys: usp, ring, cfg, dp, name."""
+    """``MODEL[@key=value,...]`` -> ``ModelEntry``; keys: usp, ring, cfg, dp, vae, name."""
 
     from ithaca.server.serve import ModelEntry
 

@@ -14,6 +14,7 @@ harness: ulysses 2 with and without the split VAE.
 import pytest
 import torch
 
+from ithaca.cli import _parallel, build_parser, parse_model
 from ithaca.config import ParallelConfig
 from ithaca.parallel.state import layout_groups
 from ithaca.parallel.vae import ActivationPeak, row_counts, run_split
@@ -32,6 +33,9 @@ def test_rows_and_config():
     groups = layout_groups(ParallelConfig(ulysses_degree=3, data_parallel_size=2,
                                           vae_patch_parallel_size=2))  # fmt: skip
     assert groups["vae"] == [(0, 1), (2,), (3, 4), (5,)]
+    args = build_parser().parse_args(["serve", "m", "--usp", "2", "--vae-patch-parallel-size", "2"])
+    assert _parallel(args).vae_patch_parallel_size == 2
+    assert parse_model("m@usp=4,vae=4", ParallelConfig()).parallel.vae_patch_parallel_size == 4
 
 
 def _vae(kind: str):
