@@ -35,7 +35,7 @@ from ithaca.models.loading import load_streamed
 from ithaca.models.lora import LoraAdapters, adapter_summary
 from ithaca.models.spec import plain_cfg
 from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_branches
-from ithaca.parallel.vae import split_vae
+from ithaca.parallel.vae import follow_encodes, lead_encodes, split_vae
 from ithaca.types import (
     GenerationParams,
     GenerationResult,
@@ -385,12 +385,14 @@ class DenoisingPipeline:
         replica = self.state.replica
         conds: list[dict[str, Any]] | tuple[str, str] = []
         failure = None
+        vae = getattr(self, "vae", None)
         if replica.rank == 0:
             try:
-                for r in requests:
-                    cond = self.condition(r)
-                    cond["seed"] = r.seed if r.seed is not None else random.randrange(2**31)
-                    conds.append(cond)
+                with lead_encodes(vae, self.state.vae):  # input images split with the VAE group
+                    for r in requests:
+                        cond = self.condition(r)
+                        cond["seed"] = r.seed if r.seed is not None else random.randrange(2**31)
+                        conds.append(cond)
             except Exception as exc:
                 if replica.size == 1:
                     raise
@@ -398,6 +400,8 @@ class DenoisingPipeline:
                 logger.exception("conditioning failed on the returning rank")
                 failure = exc
                 conds = (type(exc).__name__, f"conditioning failed on rank 0: {exc}")
+        elif self.decodes:  # the rest of the returning rank's VAE group
+            follow_encodes(vae, self.state.vae, self.device)
         if replica.size > 1:
             if replica.rank == 0 and failure is None:
                 conds = [_to_device(c, "cpu") for c in conds]

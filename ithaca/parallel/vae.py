@@ -342,12 +342,14 @@ def split_vae(vae: nn.Module | None, axis: Axis) -> Iterator[None]:
     if vae is None or axis.size == 1 or not hasattr(vae, "_decode"):
         yield
         return
+    if getattr(vae, "use_tiling", False):  # tiles of a block would trade halos between tiles
+        raise ValueError(
+            f"vae_patch_parallel_size ({axis.size}) splits the VAE exactly; disable VAE tiling"
+        )
     from diffusers.models.autoencoders.vae import DecoderOutput
 
     decode, encode = vae._decode, getattr(vae, "_encode", None)
-    # Pixel rows per latent row: the causal VAEs say it, an AutoencoderKL halves per stage.
-    stride = getattr(vae, "spatial_compression_ratio", None)
-    stride = stride or 2 ** (len(vae.config.block_out_channels) - 1)
+    stride = _stride(vae)
 
     def split_decode(z, return_dict: bool = True):
         # (B, C, [T,] h, W) latent rows -> pixel rows, gathered on every rank
@@ -363,3 +365,52 @@ def split_vae(vae: nn.Module | None, axis: Axis) -> Iterator[None]:
         del vae._decode
         if encode is not None:
             del vae._encode
+
+
+def _stride(vae: nn.Module) -> int:
+    """Pixel rows per latent row: the causal VAEs say it, an AutoencoderKL halves per stage."""
+    stride = getattr(vae, "spatial_compression_ratio", None)
+    return stride or 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _splits_encode(vae: nn.Module | None, axis: Axis) -> bool:
+    return vae is not None and axis.size > 1 and hasattr(vae, "_encode")
+
+
+@contextlib.contextmanager
+def lead_encodes(vae: nn.Module | None, axis: Axis) -> Iterator[None]:
+    """On rank 0 of ``axis``, around the conditioning of requests (where edit and I2V
+    inputs are encoded): each ``vae.encode`` is announced to the other ranks, which run
+    :func:`follow_encodes` meanwhile, and split by rows with them. On exit (also after
+    an error) the followers are released."""
+    if not _splits_encode(vae, axis):
+        yield
+        return
+    encode, unit = vae._encode, _stride(vae)
+
+    def split_encode(x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[-2]
+        if rows % unit or rows // unit < axis.size:  # not whole latent rows for every rank
+            return encode(x)  # decided here alone: the followers are not told
+        # Every rank of the axis reaches this broadcast once per encode, in order.
+        comm.broadcast_object(("encode", x.cpu()), axis)
+        return run_split(vae, encode, x, axis, unit=unit)
+
+    vae._encode = split_encode
+    try:
+        yield
+    finally:
+        del vae._encode
+        comm.broadcast_object(("done", None), axis)
+
+
+def follow_encodes(vae: nn.Module | None, axis: Axis, device: torch.device) -> None:
+    """On the other ranks of ``axis``: take part in the leader's encodes until it is done."""
+    if not _splits_encode(vae, axis):
+        return
+    while True:
+        kind, x = comm.broadcast_object(None, axis)
+        if kind == "done":
+            return
+        with torch.no_grad():
+            run_split(vae, vae._encode, x.to(device), axis, unit=_stride(vae))

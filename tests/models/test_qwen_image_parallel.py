@@ -112,6 +112,36 @@ def test_edit_two_images_hybrid(worker_pool, tiny_checkpoints):
     record("Qwen-Image-Edit-2509", "hybrid2x2", *check(results, reference, layout))
 
 
+def generate_counting_splits(layout: dict, path: str, batch: list[dict]):
+    """``generate`` plus the shapes this rank ran through the split VAE (encode, decode)."""
+    import ithaca.parallel.vae as vae_parallel
+
+    shapes, run = [], vae_parallel.run_split
+
+    def counting(vae, fn, x, axis, unit=1):
+        shapes.append(tuple(x.shape))
+        return run(vae, fn, x, axis, unit)
+
+    vae_parallel.run_split = counting
+    try:
+        return generate(layout, path, batch), shapes
+    finally:
+        vae_parallel.run_split = run
+
+
+def test_edit_with_the_vae_split_over_two_ranks(worker_pool, tiny_checkpoints):
+    # The input image is encoded and the output decoded by both ranks, rows split.
+    batch = [dict(prompt="make it red", negative_prompt=" ", true_cfg_scale=4.0, width=96,
+                  height=64, num_inference_steps=2, seed=5, images=_edit_inputs()[:1])]  # fmt: skip
+    path = tiny_checkpoints["edit"]
+    reference = generate({}, path, batch)
+    layout = dict(ulysses_degree=2, vae_patch_parallel_size=2)
+    runs = worker_pool(2).run(generate_counting_splits, layout, path, batch)
+    record("Qwen-Image-Edit", "ulysses2_vae2", *check([r for r, _ in runs], reference, layout))
+    for _, shapes in runs:  # an encode (pixels, 5-D), then the decode (latents)
+        assert len(shapes) == 2 and shapes[0][-2] > shapes[1][-2], shapes
+
+
 def test_a_failure_on_the_returning_rank_reaches_every_rank(worker_pool, tiny_checkpoints):
     errors = worker_pool(2).run(fail_on_rank0, LAYOUTS_2["ulysses2"], tiny_checkpoints["t2i"])
     assert errors[0] == "ValueError: tokenizer exploded"
