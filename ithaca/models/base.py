@@ -33,6 +33,7 @@ from ithaca.cache import BlockCacheAdapter, StepCache, build_cache
 from ithaca.config import CacheConfig
 from ithaca.models.loading import load_streamed
 from ithaca.models.lora import LoraAdapters, adapter_summary
+from ithaca.models.offload import Placement, parameter_bytes
 from ithaca.models.spec import plain_cfg
 from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_branches
 from ithaca.parallel.vae import follow_encodes, lead_encodes, split_vae
@@ -142,6 +143,8 @@ class DenoisingPipeline:
         """``(CacheConfig, adapter set)`` of the installed cache."""
         self.loras: LoraAdapters | None = None
         """The LoRA adapter table (:meth:`lora_table`), created on first use."""
+        self.offloading = Placement(state.config, self.device)
+        """Where the transformer, text encoders and VAE live (:mod:`ithaca.models.offload`)."""
 
     def configure_cache(self, cache: CacheConfig | None) -> None:
         """Set the default step cache (validated: a :class:`CacheConfig`)."""
@@ -180,6 +183,8 @@ class DenoisingPipeline:
 
     def load_lora(self, name: str, path: str, scale: float = 1.0) -> dict:
         """Add a named adapter (every rank of the group runs this, in the same order)."""
+        if self.offloading.transformer_on_host:  # peft adds tensors the host copy lacks
+            raise ValueError("LoRA adapters with --enable-cpu/layerwise-offload are not supported")
         return self.lora_table().add(name, path, scale)
 
     def unload_lora(self, name: str) -> None:
@@ -247,12 +252,23 @@ class DenoisingPipeline:
         read tensor by tensor straight to the device (:mod:`ithaca.models.loading`: no
         whole host copy per rank); checkpoints that need diffusers' key conversion go
         through ``from_pretrained``."""
+        device = self.offloading.load_device("transformer")  # the host when offloaded
         try:
-            transformer = load_streamed(cls, model, subfolder, device=self.device, dtype=self.dtype)
+            transformer = load_streamed(cls, model, subfolder, device=device, dtype=self.dtype)
         except (ValueError, FileNotFoundError) as exc:
             logger.info("%s: loading through from_pretrained (%s)", model, exc)
             transformer = cls.from_pretrained(model, subfolder=subfolder, torch_dtype=self.dtype)
-        return transformer.to(self.device).eval().requires_grad_(False)
+        return transformer.to(device).eval().requires_grad_(False)
+
+    def memory(self) -> dict[str, int]:
+        """This rank's weights: ``parameter_bytes`` held (a DTensor: its local shard),
+        of which ``offloaded_bytes`` wait on the host for the device."""
+        modules = [v for v in vars(self).values() if isinstance(v, torch.nn.Module)]
+        modules += list(getattr(self, "experts", None) or ())
+        return {
+            "parameter_bytes": parameter_bytes(modules),
+            "offloaded_bytes": self.offloading.host_bytes,
+        }
 
     # -- shared request validation (families call these from ``resolve``) ------
     multiple: int = 16
@@ -403,16 +419,15 @@ class DenoisingPipeline:
         elif self.decodes:  # the rest of the returning rank's VAE group
             follow_encodes(vae, self.state.vae, self.device)
         if replica.size > 1:
-            if replica.rank == 0 and failure is None:
-                conds = [_to_device(c, "cpu") for c in conds]
             # Every rank of the replica reaches this broadcast once per group, in group order.
-            conds = comm.broadcast_object(conds, replica)
+            # The embeddings stay on the device: one packed broadcast (comm.broadcast_nested).
+            conds = comm.broadcast_nested(conds, replica)
             if failure is not None:
                 raise failure
             if isinstance(conds, tuple):  # rank 0 failed: a user error stays a ValueError
                 kind, message = conds
                 raise (ValueError if kind == "ValueError" else RuntimeError)(message)
-            conds = [_to_device(c, self.device) for c in conds]
+        self.offloading.evict()  # the encoders back to the host (when offloaded)
         return conds
 
     def _cache_settings(self, request: Request) -> CacheConfig:
@@ -489,6 +504,7 @@ class DenoisingPipeline:
                 m["steps_done"] = cancelled_at
             return None, meta
         outputs = self.final_decode(job, job.latents)
+        self.offloading.evict()  # between requests every offloaded component is on the host
         t_total = time.perf_counter() - started
         for m in per_request:
             m["timings"] = {"condition_s": t_cond, "denoise_s": t_loop, "total_s": t_total}
@@ -597,13 +613,3 @@ class _HostCopy:
         if self.event is not None:
             self.event.synchronize()  # waits for the copy, queued before the next step
         return bool(self.value[0])
-
-
-def _to_device(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj

@@ -109,6 +109,7 @@ class FlowMatchPipeline(DenoisingPipeline):
         self.index = model_index(model)
         self.transformer = self.load_transformer(spec.transformer, model)
         self.runtime = parallelize(self.transformer, state, spec.attention)
+        self.offloading.place_transformer("transformer", self.transformer, spec.attention.blocks)
         self.scheduler_config = dict(
             FlowMatchEulerDiscreteScheduler.load_config(model, subfolder="scheduler")
         )
@@ -121,6 +122,7 @@ class FlowMatchPipeline(DenoisingPipeline):
             setattr(self, name, None)
         if self.is_returning_rank:  # only the returning rank encodes and decodes
             self.load_components(model)
+            self.offloading.place_components({n: getattr(self, n) for n in spec.components})
         elif self.decodes:  # vae_patch_parallel_size > 1: its VAE group splits the decode
             self.vae = load_part(model, "vae", self.index, self.device, self.dtype)
 
@@ -132,7 +134,8 @@ class FlowMatchPipeline(DenoisingPipeline):
 
     def load_components(self, model: str) -> None:
         for name in self.spec.components:
-            setattr(self, name, load_part(model, name, self.index, self.device, self.dtype))
+            device = self.offloading.component_device(name)
+            setattr(self, name, load_part(model, name, self.index, device, self.dtype))
 
     def lora_loader(self):
         """The reference pipeline class (its ``lora_state_dict`` converters), if it has
@@ -193,6 +196,23 @@ class FlowMatchPipeline(DenoisingPipeline):
     # -- conditioning (returning rank only) ----------------------------------------
     def encode_prompt(self, text: str):
         raise NotImplementedError
+
+    def tokens(self, text: str, length: int | None = None, tokenizer=None, **kwargs):
+        """``text`` padded (and truncated) to ``length`` tokens (default: the tokenizer's
+        maximum) by ``tokenizer`` (default: ``self.tokenizer``), on this rank's device:
+        ``input_ids`` and ``attention_mask`` ``(1, length)``."""
+        tokenizer = tokenizer or self.tokenizer
+        length = length or tokenizer.model_max_length
+        return tokenizer(text, padding="max_length", max_length=length, truncation=True,
+                         return_tensors="pt", **kwargs).to(self.device)  # fmt: skip
+
+    def chat(self, content: str, **kwargs) -> str:
+        """``content`` as one user turn of the tokenizer's chat template, with the
+        generation prompt (``kwargs``: the template's switches, e.g. ``enable_thinking``)."""
+        turn = [{"role": "user", "content": content}]
+        return self.tokenizer.apply_chat_template(
+            turn, tokenize=False, add_generation_prompt=True, **kwargs
+        )
 
     def condition(self, request: Request) -> dict[str, Any]:
         p = request.params
