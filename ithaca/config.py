@@ -6,6 +6,7 @@ mistake on the command line or in Python reads the same way.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -265,6 +266,15 @@ class ServerConfig:
     running batch at the next denoising step and leave at their last, instead of waiting
     for the whole batch. In-process executor only for now."""
 
+    compile: bool = False
+    """Compile the transformer's repeated blocks (regional ``torch.compile``), warmed up
+    at start-up for ``compile_sizes``; compiled artefacts are kept in the state
+    directory's ``compile/`` so a restart does not compile again."""
+
+    compile_sizes: tuple[tuple[int, int], ...] = ()
+    """``(width, height)`` sizes the compiled blocks are warmed up for; empty: the
+    model's default size. Other sizes compile on first use."""
+
     executor: str = "torchrun"
     """``torchrun`` (worker groups in subprocesses) or ``inprocess`` (one rank, no subprocess)."""
 
@@ -319,11 +329,20 @@ class ServerConfig:
     """A step (or the decode after the last step) is declared hung after this many times
     its expected duration (and never before ``liveness_timeout_s``)."""
 
+    checkpoint_every: int = 5
+    """A running video job saves its latents and scheduler state every this many steps
+    (in the state directory) and resumes from the last save after a restart."""
+
     video_ttl_s: float = 7 * 24 * 3600.0
     """Video jobs and their MP4 files expire this long after they complete (``expires_at``)."""
 
     state_dir: str | None = None
     """Video jobs (SQLite) and stored outputs live here; ``None`` uses ``~/.cache/ithaca``."""
+
+    @staticmethod
+    def compile_cache_dir(state_dir: str | None) -> str:
+        """Where ``--compile`` keeps inductor's artefacts: ``compile/`` in the state dir."""
+        return os.path.join(state_dir or os.path.expanduser("~/.cache/ithaca"), "compile")
 
     nnodes: int = 1
     """Nodes the worker group spans (torchrun static rendezvous)."""
@@ -374,12 +393,16 @@ class ServerConfig:
             raise ValueError(f"dtype ({self.dtype!r}) must be bfloat16, float16 or float32")
         if self.max_loras is not None and self.max_loras < 1:
             raise ValueError(f"max_loras ({self.max_loras}) must be >= 1")
+        for width, height in self.compile_sizes:
+            if width < 1 or height < 1:
+                raise ValueError(f"compile_sizes ({width}x{height}) must be positive")
         names = [entry[0] for entry in self.loras]
         if len(set(names)) != len(names):
             raise ValueError(f"loras ({names}) name an adapter twice")
         for name in ("max_body_bytes", "max_input_pixels", "max_output_pixels", "max_steps"):
             _require_positive(name, getattr(self, name))
         _require_positive("max_n", self.max_n)
+        _require_positive("checkpoint_every", self.checkpoint_every)
         _require_positive("max_frames", self.max_frames)
         if self.max_request_memory_gb is not None and self.max_request_memory_gb <= 0:
             raise ValueError(

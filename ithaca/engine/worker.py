@@ -84,6 +84,8 @@ def spec_to_json(spec: PipelineSpec, heartbeat_interval_s: float) -> str:
             "loras": [list(x) for x in spec.loras],
             "max_loras": spec.max_loras,
             "batch_invariant": spec.batch_invariant,
+            "compile_cache_dir": spec.compile_cache_dir,
+            "compile_sizes": [list(size) for size in spec.compile_sizes],
         }
     )
 
@@ -98,6 +100,8 @@ def spec_from_json(text: str) -> tuple[PipelineSpec, float]:
         loras=tuple(tuple(x) for x in raw.get("loras", ())),
         max_loras=raw.get("max_loras"),
         batch_invariant=bool(raw.get("batch_invariant", False)),
+        compile_cache_dir=raw.get("compile_cache_dir"),
+        compile_sizes=tuple(tuple(size) for size in raw.get("compile_sizes", ())),
     )
     return spec, float(raw["heartbeat_interval_s"])
 
