@@ -47,6 +47,10 @@ def _parallel_args(p: argparse.ArgumentParser) -> None:
         "-tp", "--tensor-parallel-size", type=int, default=1,
         help="tensor parallel: ranks that split the transformer's heads and MLP (weights)",
     )  # fmt: skip
+    g.add_argument(
+        "--vae-patch-parallel-size", type=int, default=1,
+        help="ranks of the replica that split the VAE decode by rows (exact, not tiled)",
+    )  # fmt: skip
     g.add_argument("--world-size", type=int, default=None, help="GPUs for --usp auto")
     g.add_argument(
         "--interconnect", choices=["auto", "nvlink", "pcie"], default="auto",
@@ -129,6 +133,7 @@ def _auto_parallel(args, dp: int) -> ParallelConfig:
     print(f"ithaca: --usp auto: {chosen.reason}", file=sys.stderr)
     return ParallelConfig(
         **chosen.degrees,
+        vae_patch_parallel_size=args.vae_patch_parallel_size,
         attention_backend=args.attention_backend,
         collective_timeout_s=args.collective_timeout_s,
         **_placement(args),
@@ -154,6 +159,7 @@ def _parallel(args, dp: int = 1) -> ParallelConfig:
         cfg_parallel_size=args.cfg_parallel_size,
         data_parallel_size=dp,
         tensor_parallel_size=args.tensor_parallel_size,
+        vae_patch_parallel_size=args.vae_patch_parallel_size,
         attention_backend=args.attention_backend,
         collective_timeout_s=args.collective_timeout_s,
         **_placement(args),
@@ -369,11 +375,12 @@ _LAYOUT_KEYS = {
     "cfg": "cfg_parallel_size",
     "dp": "data_parallel_size",
     "tp": "tensor_parallel_size",
+    "vae": "vae_patch_parallel_size",
 }
 
 
 def parse_model(text: str, default: ParallelConfig):
-    """``MODEL[@key=value,...]`` -> ``ModelEntry``; keys: usp, ring, cfg, dp, tp, name."""
+    """``MODEL[@key=value,...]`` -> ``ModelEntry``; keys: usp, ring, cfg, dp, tp, vae, name."""
 
     from ithaca.server.serve import ModelEntry
 

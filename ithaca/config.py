@@ -50,6 +50,13 @@ class ParallelConfig:
     warning where it cannot serve a call (no GPU, wrong architecture, a mask, a
     log-sum-exp it does not return)."""
 
+    vae_patch_parallel_size: int = 1
+    """Ranks of the replica that split the VAE decode (and encode) by latent rows, exactly:
+    convolutions exchange halo rows, group norms all-reduce their statistics, attention
+    gathers what it attends over (``ithaca.parallel.vae``). At most the replica's size
+    ``cfg_parallel_size * ring_degree * ulysses_degree``; the first ranks of the replica
+    decode, the others wait."""
+
     collective_timeout_s: float = 60.0
     """A collective that has not completed after this many seconds raises (a peer died
     or ran out of memory), instead of hanging the group."""
@@ -86,6 +93,14 @@ class ParallelConfig:
             raise ValueError(
                 f"attention_backend ({self.attention_backend!r}) must be one of "
                 f"{ATTENTION_BACKENDS}"
+            )
+        _require_positive("vae_patch_parallel_size", self.vae_patch_parallel_size)
+        replica = self.cfg_parallel_size * self.sequence_parallel_size * self.tensor_parallel_size
+        if self.vae_patch_parallel_size > replica:
+            raise ValueError(
+                f"vae_patch_parallel_size ({self.vae_patch_parallel_size}) must be at most the "
+                "replica's size cfg_parallel_size * ring_degree * ulysses_degree * "
+                f"tensor_parallel_size ({replica})"
             )
         if not self.collective_timeout_s > 0:
             raise ValueError(f"collective_timeout_s ({self.collective_timeout_s}) must be > 0")

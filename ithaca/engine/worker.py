@@ -76,6 +76,7 @@ def spec_to_json(spec: PipelineSpec, heartbeat_interval_s: float) -> str:
                 "ring_degree": spec.parallel.ring_degree,
                 "cfg_parallel_size": spec.parallel.cfg_parallel_size,
                 "tensor_parallel_size": spec.parallel.tensor_parallel_size,
+                "vae_patch_parallel_size": spec.parallel.vae_patch_parallel_size,
                 "attention_backend": spec.parallel.attention_backend,
                 "collective_timeout_s": spec.parallel.collective_timeout_s,
                 **{k: getattr(spec.parallel, k) for k in PLACEMENT_FIELDS},

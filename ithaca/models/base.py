@@ -37,6 +37,7 @@ from ithaca.models.lora import LoraAdapters, adapter_summary
 from ithaca.models.offload import Placement, parameter_bytes
 from ithaca.models.spec import plain_cfg
 from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_branches
+from ithaca.parallel.vae import follow_encodes, lead_encodes, split_vae
 from ithaca.types import (
     GenerationParams,
     GenerationResult,
@@ -349,6 +350,22 @@ class DenoisingPipeline:
     def is_returning_rank(self) -> bool:
         return self.state.replica.rank == 0
 
+    @property
+    def decodes(self) -> bool:
+        """Whether this rank takes part in the final decode: the returning rank and, with
+        ``vae_patch_parallel_size`` > 1, the rest of its VAE group (they hold the VAE)."""
+        return self.state.vae.ranks[0] == self.state.replica.ranks[0]
+
+    def final_decode(self, job: Job, latents: torch.Tensor):
+        """``decode`` on every rank of the returning rank's VAE group, the VAE split by
+        rows across them (exact: :mod:`ithaca.parallel.vae`); the output on the returning
+        rank, None elsewhere. Previews decode on the returning rank alone."""
+        if not self.decodes:
+            return None
+        with split_vae(getattr(self, "vae", None), self.state.vae):
+            outputs = self.decode(job, latents)
+        return outputs if self.is_returning_rank else None
+
     def generate(
         self, batch: list[GenerationParams], callback: StepCallback | None = None
     ) -> list[GenerationResult]:
@@ -390,12 +407,14 @@ class DenoisingPipeline:
         replica = self.state.replica
         conds: list[dict[str, Any]] | tuple[str, str] = []
         failure = None
+        vae = getattr(self, "vae", None)
         if replica.rank == 0:
             try:
-                for r in requests:
-                    cond = self.condition(r)
-                    cond["seed"] = r.seed if r.seed is not None else random.randrange(2**31)
-                    conds.append(cond)
+                with lead_encodes(vae, self.state.vae):  # input images split with the VAE group
+                    for r in requests:
+                        cond = self.condition(r)
+                        cond["seed"] = r.seed if r.seed is not None else random.randrange(2**31)
+                        conds.append(cond)
             except Exception as exc:
                 if replica.size == 1:
                     raise
@@ -403,6 +422,8 @@ class DenoisingPipeline:
                 logger.exception("conditioning failed on the returning rank")
                 failure = exc
                 conds = (type(exc).__name__, f"conditioning failed on rank 0: {exc}")
+        elif self.decodes:  # the rest of the returning rank's VAE group
+            follow_encodes(vae, self.state.vae, self.device)
         if replica.size > 1:
             # Every rank of the replica reaches this broadcast once per group, in group order.
             # The embeddings stay on the device: one packed broadcast (comm.broadcast_nested).
@@ -492,7 +513,7 @@ class DenoisingPipeline:
             for m in per_request:
                 m["steps_done"] = cancelled_at
             return None, meta
-        outputs = self.decode(job, job.latents) if self.is_returning_rank else None
+        outputs = self.final_decode(job, job.latents)
         self.offloading.evict()  # between requests every offloaded component is on the host
         t_total = time.perf_counter() - started
         for m in per_request:

@@ -28,6 +28,9 @@ Example, 8 ranks with ulysses=2, ring=2, cfg=2 (dp=1)::
     sp groups:      [0,1,2,3] [4,5,6,7]     (sp rank = ring_idx * ulysses + ulysses_idx)
     cfg groups:     [0,4] [1,5] [2,6] [3,7]
     replica groups: [0..7]                  (all ranks serving one request)
+    vae groups:     [0,1] [2,3] [4,5] [6,7] (vae_patch_parallel_size=2: consecutive
+                                             replica ranks; the group of the replica's
+                                             rank 0 splits the VAE decode by rows)
 
 The sequence-parallel rank orders shards ring-major, so the ``ulysses`` ranks of one
 ring position hold adjacent sequence shards: after the Ulysses all-to-all they hold
@@ -136,7 +139,11 @@ def layout_groups(config: ParallelConfig) -> dict[str, list[tuple[int, ...]]]:
         "ulysses": config.ulysses_degree,
         "tp": config.tensor_parallel_size,
     }
-    return {name: _enumerate_groups(dims, free) for name, free in _FREE_AXES.items()}
+    groups = {name: _enumerate_groups(dims, free) for name, free in _FREE_AXES.items()}
+    # VAE patch parallel: consecutive chunks of each replica (the last may be smaller).
+    v = config.vae_patch_parallel_size
+    groups["vae"] = [r[i : i + v] for r in groups["replica"] for i in range(0, len(r), v)]
+    return groups
 
 
 class ParallelState:
@@ -175,6 +182,7 @@ class ParallelState:
         self.tp = axes["tp"]
         self.sp = axes["sp"]
         self.replica = axes["replica"]
+        self.vae = axes["vae"]
 
     def __repr__(self) -> str:
         return (
@@ -192,7 +200,8 @@ class ParallelState:
             raise ValueError(f"a single-process state needs world size 1, not {config.world_size}")
         stats = CommStats()
         device = torch.device(device)
-        axes = {name: Axis(name, (0,), 0, None, stats, device) for name in (*AXES, "sp", "replica")}
+        names = (*AXES, "sp", "replica", "vae")
+        axes = {name: Axis(name, (0,), 0, None, stats, device) for name in names}
         return cls(config, 0, device, axes, None, [], stats)
 
     @classmethod
@@ -242,7 +251,7 @@ class ParallelState:
         gc.collect()
 
     def _axes(self) -> dict[str, Axis]:
-        return {name: getattr(self, name) for name in (*AXES, "sp", "replica")}
+        return {name: getattr(self, name) for name in (*AXES, "sp", "replica", "vae")}
 
     def rebuild_groups(self) -> None:
         """Replace every axis group with a fresh one (after a failed collective).
