@@ -512,6 +512,11 @@ def build_engine(
     spec = PipelineSpec(server.model, server.dtype, cache or CacheConfig(), group,
                         server.loras, server.max_loras, server.batch_invariant,
                         fuse_loras=server.lora_fuse == "auto")  # fmt: skip
+    if server.compile:  # the cache beside the video jobs: a restart compiles nothing
+        cache_dir = server.compile_cache_dir(server.state_dir)
+        spec = dataclasses.replace(
+            spec, compile_cache_dir=cache_dir, compile_sizes=server.compile_sizes
+        )
     executors: list[Executor] = []
     for i in range(parallel.data_parallel_size):
         if server.executor == "inprocess":

@@ -75,6 +75,8 @@ def spec_to_json(spec: PipelineSpec, heartbeat_interval_s: float) -> str:
                 "ulysses_degree": spec.parallel.ulysses_degree,
                 "ring_degree": spec.parallel.ring_degree,
                 "cfg_parallel_size": spec.parallel.cfg_parallel_size,
+                "tensor_parallel_size": spec.parallel.tensor_parallel_size,
+                "vae_patch_parallel_size": spec.parallel.vae_patch_parallel_size,
                 "attention_backend": spec.parallel.attention_backend,
                 "collective_timeout_s": spec.parallel.collective_timeout_s,
                 **{k: getattr(spec.parallel, k) for k in PLACEMENT_FIELDS},
@@ -84,6 +86,8 @@ def spec_to_json(spec: PipelineSpec, heartbeat_interval_s: float) -> str:
             "max_loras": spec.max_loras,
             "batch_invariant": spec.batch_invariant,
             "fuse_loras": spec.fuse_loras,
+            "compile_cache_dir": spec.compile_cache_dir,
+            "compile_sizes": [list(size) for size in spec.compile_sizes],
         }
     )
 
@@ -99,6 +103,8 @@ def spec_from_json(text: str) -> tuple[PipelineSpec, float]:
         max_loras=raw.get("max_loras"),
         batch_invariant=bool(raw.get("batch_invariant", False)),
         fuse_loras=bool(raw.get("fuse_loras", False)),
+        compile_cache_dir=raw.get("compile_cache_dir"),
+        compile_sizes=tuple(tuple(size) for size in raw.get("compile_sizes", ())),
     )
     return spec, float(raw["heartbeat_interval_s"])
 

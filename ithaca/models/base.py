@@ -31,11 +31,13 @@ from PIL import Image
 
 from ithaca.cache import BlockCacheAdapter, StepCache, build_cache
 from ithaca.config import CacheConfig
+from ithaca.models.checkpoint import StepCheckpoint
 from ithaca.models.loading import load_streamed
 from ithaca.models.lora import LoraAdapters, adapter_summary
 from ithaca.models.offload import Placement, parameter_bytes
 from ithaca.models.spec import plain_cfg
 from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_branches
+from ithaca.parallel.vae import follow_encodes, lead_encodes, split_vae
 from ithaca.types import (
     GenerationParams,
     GenerationResult,
@@ -187,6 +189,11 @@ class DenoisingPipeline:
 
     def load_lora(self, name: str, path: str, scale: float = 1.0) -> dict:
         """Add a named adapter (every rank of the group runs this, in the same order)."""
+        if self.state.tp.size > 1:  # PEFT would wrap the split Linears with whole adapters
+            raise ValueError(
+                f"LoRA adapters are not supported with tensor_parallel_size "
+                f"({self.state.tp.size}) yet; serve with --tensor-parallel-size 1"
+            )
         if self.offloading.transformer_on_host:  # peft adds tensors the host copy lacks
             raise ValueError("LoRA adapters with --enable-cpu/layerwise-offload are not supported")
         return self.lora_table().add(name, path, scale)
@@ -348,6 +355,22 @@ class DenoisingPipeline:
     def is_returning_rank(self) -> bool:
         return self.state.replica.rank == 0
 
+    @property
+    def decodes(self) -> bool:
+        """Whether this rank takes part in the final decode: the returning rank and, with
+        ``vae_patch_parallel_size`` > 1, the rest of its VAE group (they hold the VAE)."""
+        return self.state.vae.ranks[0] == self.state.replica.ranks[0]
+
+    def final_decode(self, job: Job, latents: torch.Tensor):
+        """``decode`` on every rank of the returning rank's VAE group, the VAE split by
+        rows across them (exact: :mod:`ithaca.parallel.vae`); the output on the returning
+        rank, None elsewhere. Previews decode on the returning rank alone."""
+        if not self.decodes:
+            return None
+        with split_vae(getattr(self, "vae", None), self.state.vae):
+            outputs = self.decode(job, latents)
+        return outputs if self.is_returning_rank else None
+
     def generate(
         self, batch: list[GenerationParams], callback: StepCallback | None = None
     ) -> list[GenerationResult]:
@@ -365,7 +388,7 @@ class DenoisingPipeline:
         for i, (r, cache) in enumerate(zip(requests, caches, strict=True)):
             # Unless fusing is on, every request runs its own loop (exact solo bytes). A
             # cache decides from the whole forward, so a cached request always runs alone.
-            alone = cache.backend is not None or not self.fuse_batches
+            alone = cache.backend is not None or not self.fuse_batches or r.params.checkpoint
             key = (*r.batch_key, cache, i if alone else None)
             groups.setdefault(key, []).append(i)
         results = [GenerationResult(request_id=p.request_id) for p in batch]
@@ -389,12 +412,14 @@ class DenoisingPipeline:
         replica = self.state.replica
         conds: list[dict[str, Any]] | tuple[str, str] = []
         failure = None
+        vae = getattr(self, "vae", None)
         if replica.rank == 0:
             try:
-                for r in requests:
-                    cond = self.condition(r)
-                    cond["seed"] = r.seed if r.seed is not None else random.randrange(2**31)
-                    conds.append(cond)
+                with lead_encodes(vae, self.state.vae):  # input images split with the VAE group
+                    for r in requests:
+                        cond = self.condition(r)
+                        cond["seed"] = r.seed if r.seed is not None else random.randrange(2**31)
+                        conds.append(cond)
             except Exception as exc:
                 if replica.size == 1:
                     raise
@@ -402,6 +427,8 @@ class DenoisingPipeline:
                 logger.exception("conditioning failed on the returning rank")
                 failure = exc
                 conds = (type(exc).__name__, f"conditioning failed on rank 0: {exc}")
+        elif self.decodes:  # the rest of the returning rank's VAE group
+            follow_encodes(vae, self.state.vae, self.device)
         if replica.size > 1:
             # Every rank of the replica reaches this broadcast once per group, in group order.
             # The embeddings stay on the device: one packed broadcast (comm.broadcast_nested).
@@ -457,7 +484,11 @@ class DenoisingPipeline:
         conds = self._conditions(requests)
         t_cond = time.perf_counter() - started
         job = self.prepare(requests, conds)
-        cancelled_at = self.denoise(job, callback, cache)
+        checkpoint, resume = StepCheckpoint.of(self, requests), None
+        if checkpoint is not None and (saved := checkpoint.load(job)) is not None:
+            resume = ResumeState(saved[0], saved[1])  # steps done, their latents
+            conds[0]["seed"] = job.seeds[0] = saved[2]  # the seed the first run drew
+        cancelled_at = self.denoise(job, callback, cache, resume, checkpoint)
         t_loop = time.perf_counter() - started - t_cond
         per_request = [
             {
@@ -487,7 +518,7 @@ class DenoisingPipeline:
             for m in per_request:
                 m["steps_done"] = cancelled_at
             return None, meta
-        outputs = self.decode(job, job.latents) if self.is_returning_rank else None
+        outputs = self.final_decode(job, job.latents)
         self.offloading.evict()  # between requests every offloaded component is on the host
         t_total = time.perf_counter() - started
         for m in per_request:
@@ -500,6 +531,7 @@ class DenoisingPipeline:
         callback: StepCallback | None = None,
         cache: StepCache | None = None,
         resume: ResumeState | None = None,
+        checkpoint: StepCheckpoint | None = None,
     ) -> int | None:
         """Run the steps of ``job`` (from ``resume.step`` with ``resume.latents``, if given),
         leaving the final latents in ``job.latents``. Returns the number of steps done if
@@ -549,6 +581,8 @@ class DenoisingPipeline:
                     previews = self.preview(job, x0)
                 asked = bool(callback(StepEvent(ids, i + 1, total, previews)))
             job.latents = latents
+            if checkpoint is not None:  # every few steps, on the returning rank
+                checkpoint.after_step(i + 1, job)
             if stop.agreed(asked, last=i == total - 1):
                 return i + 1
         return None

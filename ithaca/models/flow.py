@@ -123,6 +123,8 @@ class FlowMatchPipeline(DenoisingPipeline):
         if self.is_returning_rank:  # only the returning rank encodes and decodes
             self.load_components(model)
             self.offloading.place_components({n: getattr(self, n) for n in spec.components})
+        elif self.decodes:  # vae_patch_parallel_size > 1: its VAE group splits the decode
+            self.vae = load_part(model, "vae", self.index, self.device, self.dtype)
 
     def vae_scale(self, model: str) -> int:
         """Pixels per latent (an ``AutoencoderKL``: 2 ** (stages - 1))."""

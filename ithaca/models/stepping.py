@@ -192,11 +192,11 @@ class StepBatch:
         self.slots = [s for s in self.slots if not s.done]
         self.fused = None
         results = [self._result(s, started) for s in finished]
-        if self.pipe.is_returning_rank:
+        if self.pipe.decodes:  # the returning rank (and its VAE group, which splits it)
             job = self.pipe.prepare([s.request for s in finished], [s.cond for s in finished])
             job.latents = torch.cat([s.job.latents for s in finished])
-            outputs = self.pipe.decode(job, job.latents)
-            for s, res, out in zip(finished, results, outputs, strict=True):
+            outputs = self.pipe.final_decode(job, job.latents)
+            for s, res, out in zip(finished, results, outputs, strict=True) if outputs else ():
                 self.pipe.fill_result(res, s.request, out)
         for res in results:
             self.results[res.request_id] = res

@@ -1,10 +1,15 @@
 """Process-group layout: one explicit object with named axes, built once per process.
 
-Rank map. A world of ``dp * cfg * ring * ulysses`` ranks is laid out with ulysses as
-the innermost, contiguous axis (its all-to-all stays between adjacent GPUs, i.e. on
-NVLink), then ring, then cfg, with dp outermost::
+Rank map. A world of ``dp * cfg * ring * ulysses * tp`` ranks is laid out with tensor
+parallel (``tp``) innermost (its all-reduce per layer is the heaviest traffic), then
+ulysses (its all-to-all stays between adjacent GPUs, i.e. on NVLink), then ring, then
+cfg, with dp outermost::
 
-    rank = ((dp_idx * cfg + cfg_idx) * ring + ring_idx) * ulysses + ulysses_idx
+    rank = (((dp_idx * cfg + cfg_idx) * ring + ring_idx) * ulysses + ulysses_idx) * tp + tp_idx
+
+The example below has ``tp == 1``; with ``tp == 2`` every rank becomes two adjacent
+ranks that hold the same sequence shard and half of its heads each (docs/parallel.md,
+"Tensor parallel").
 
 Example, 8 ranks with ulysses=2, ring=2, cfg=2 (dp=1)::
 
@@ -23,6 +28,9 @@ Example, 8 ranks with ulysses=2, ring=2, cfg=2 (dp=1)::
     sp groups:      [0,1,2,3] [4,5,6,7]     (sp rank = ring_idx * ulysses + ulysses_idx)
     cfg groups:     [0,4] [1,5] [2,6] [3,7]
     replica groups: [0..7]                  (all ranks serving one request)
+    vae groups:     [0,1] [2,3] [4,5] [6,7] (vae_patch_parallel_size=2: consecutive
+                                             replica ranks; the group of the replica's
+                                             rank 0 splits the VAE decode by rows)
 
 The sequence-parallel rank orders shards ring-major, so the ``ulysses`` ranks of one
 ring position hold adjacent sequence shards: after the Ulysses all-to-all they hold
@@ -44,7 +52,7 @@ import torch.distributed as dist
 
 from ithaca.config import ParallelConfig
 
-AXES = ("dp", "cfg", "ring", "ulysses")  # outermost -> innermost
+AXES = ("dp", "cfg", "ring", "ulysses", "tp")  # outermost -> innermost
 
 
 @dataclass
@@ -116,7 +124,8 @@ _FREE_AXES = {
     "ring": ("ring",),
     "sp": ("ring", "ulysses"),
     "cfg": ("cfg",),
-    "replica": ("cfg", "ring", "ulysses"),
+    "tp": ("tp",),
+    "replica": ("cfg", "ring", "ulysses", "tp"),
     "dp": ("dp",),
 }
 
@@ -128,12 +137,17 @@ def layout_groups(config: ParallelConfig) -> dict[str, list[tuple[int, ...]]]:
         "cfg": config.cfg_parallel_size,
         "ring": config.ring_degree,
         "ulysses": config.ulysses_degree,
+        "tp": config.tensor_parallel_size,
     }
-    return {name: _enumerate_groups(dims, free) for name, free in _FREE_AXES.items()}
+    groups = {name: _enumerate_groups(dims, free) for name, free in _FREE_AXES.items()}
+    # VAE patch parallel: consecutive chunks of each replica (the last may be smaller).
+    v = config.vae_patch_parallel_size
+    groups["vae"] = [r[i : i + v] for r in groups["replica"] for i in range(0, len(r), v)]
+    return groups
 
 
 class ParallelState:
-    """Named process groups for the dp, cfg, ring, ulysses, sp and replica axes.
+    """Named process groups for the dp, cfg, ring, ulysses, tp, sp and replica axes.
 
     Built once per process with :meth:`from_env` (torchrun) or :meth:`build` (an
     already initialised default group), and passed explicitly to whatever needs it.
@@ -165,14 +179,17 @@ class ParallelState:
         self.cfg = axes["cfg"]
         self.ring = axes["ring"]
         self.ulysses = axes["ulysses"]
+        self.tp = axes["tp"]
         self.sp = axes["sp"]
         self.replica = axes["replica"]
+        self.vae = axes["vae"]
 
     def __repr__(self) -> str:
         return (
             f"ParallelState(rank={self.rank}/{self.world_size}, dp={self.dp.rank}/{self.dp.size}, "
             f"cfg={self.cfg.rank}/{self.cfg.size}, ring={self.ring.rank}/{self.ring.size}, "
-            f"ulysses={self.ulysses.rank}/{self.ulysses.size}, device={self.device})"
+            f"ulysses={self.ulysses.rank}/{self.ulysses.size}, tp={self.tp.rank}/{self.tp.size}, "
+            f"device={self.device})"
         )
 
     @classmethod
@@ -183,7 +200,8 @@ class ParallelState:
             raise ValueError(f"a single-process state needs world size 1, not {config.world_size}")
         stats = CommStats()
         device = torch.device(device)
-        axes = {name: Axis(name, (0,), 0, None, stats, device) for name in (*AXES, "sp", "replica")}
+        names = (*AXES, "sp", "replica", "vae")
+        axes = {name: Axis(name, (0,), 0, None, stats, device) for name in names}
         return cls(config, 0, device, axes, None, [], stats)
 
     @classmethod
@@ -197,7 +215,8 @@ class ParallelState:
         if world != config.world_size:
             raise ValueError(
                 f"world size ({world}) must equal data_parallel_size * cfg_parallel_size * "
-                f"ring_degree * ulysses_degree ({config.world_size}) for {config}"
+                f"ring_degree * ulysses_degree * tensor_parallel_size ({config.world_size}) "
+                f"for {config}"
             )
         rank = dist.get_rank()
         device = torch.device(device) if device is not None else default_device()
@@ -232,7 +251,7 @@ class ParallelState:
         gc.collect()
 
     def _axes(self) -> dict[str, Axis]:
-        return {name: getattr(self, name) for name in (*AXES, "sp", "replica")}
+        return {name: getattr(self, name) for name in (*AXES, "sp", "replica", "vae")}
 
     def rebuild_groups(self) -> None:
         """Replace every axis group with a fresh one (after a failed collective).

@@ -26,7 +26,8 @@ T2I_BATCH = [
 ]  # fmt: skip
 
 LAYOUTS_2 = {"ulysses2": dict(ulysses_degree=2), "ring2": dict(ring_degree=2),
-             "cfg2": dict(cfg_parallel_size=2)}  # fmt: skip
+             "cfg2": dict(cfg_parallel_size=2),
+             "ulysses2_vae2": dict(ulysses_degree=2, vae_patch_parallel_size=2)}  # fmt: skip
 LAYOUTS_4 = {
     "ulysses4": dict(ulysses_degree=4),
     "ring4": dict(ring_degree=4),
@@ -60,10 +61,13 @@ def check(results, reference, layout):
             diff = int(np.abs(a.astype(int) - b.astype(int)).max())
             assert diff <= 1, f"images differ by {diff}/255"
             worst = max(worst, diff)
-    for images, latents, info in results[1:]:  # only the returning rank returns anything
-        assert latents is None and all(not im for im in images)
-        # The text encoder and the VAE live on the returning rank only.
-        assert not info["has_text_encoder"] and not info["has_vae"]
+    vae_ranks = layout.get("vae_patch_parallel_size", 1)
+    for rank, (images, latents, info) in enumerate(results[1:], 1):
+        assert all(not im for im in images)  # only the returning rank returns anything
+        # The text encoder lives on the returning rank only; the VAE on its VAE group,
+        # whose other ranks took part in the (split) decode.
+        assert not info["has_text_encoder"] and info["has_vae"] == (rank < vae_ranks)
+        assert (latents is not None) == (rank < vae_ranks)
     assert results[0][2]["has_text_encoder"] and results[0][2]["has_vae"]
     return err, worst
 
@@ -105,6 +109,36 @@ def test_edit_two_images_hybrid(worker_pool, tiny_checkpoints):
     layout = dict(ulysses_degree=2, ring_degree=2)
     results = worker_pool(4).run(generate_fused, layout, path, batch)
     record("Qwen-Image-Edit-2509", "hybrid2x2", *check(results, reference, layout))
+
+
+def generate_counting_splits(layout: dict, path: str, batch: list[dict]):
+    """``generate`` plus the shapes this rank ran through the split VAE (encode, decode)."""
+    import ithaca.parallel.vae as vae_parallel
+
+    shapes, run = [], vae_parallel.run_split
+
+    def counting(vae, fn, x, axis, unit=1):
+        shapes.append(tuple(x.shape))
+        return run(vae, fn, x, axis, unit)
+
+    vae_parallel.run_split = counting
+    try:
+        return generate_fused(layout, path, batch), shapes
+    finally:
+        vae_parallel.run_split = run
+
+
+def test_edit_with_the_vae_split_over_two_ranks(worker_pool, tiny_checkpoints):
+    # The input image is encoded and the output decoded by both ranks, rows split.
+    batch = [dict(prompt="make it red", negative_prompt=" ", true_cfg_scale=4.0, width=96,
+                  height=64, num_inference_steps=2, seed=5, images=_edit_inputs()[:1])]  # fmt: skip
+    path = tiny_checkpoints["edit"]
+    reference = generate_fused({}, path, batch)
+    layout = dict(ulysses_degree=2, vae_patch_parallel_size=2)
+    runs = worker_pool(2).run(generate_counting_splits, layout, path, batch)
+    record("Qwen-Image-Edit", "ulysses2_vae2", *check([r for r, _ in runs], reference, layout))
+    for _, shapes in runs:  # an encode (pixels, 5-D), then the decode (latents)
+        assert len(shapes) == 2 and shapes[0][-2] > shapes[1][-2], shapes
 
 
 def test_a_failure_on_the_returning_rank_reaches_every_rank(worker_pool, tiny_checkpoints):

@@ -167,6 +167,8 @@ class WanPipeline(DenoisingPipeline):
         self.vae = self.text_encoder = self.tokenizer = None
         if self.is_returning_rank:
             self._load_encoders(model)
+        elif self.decodes:  # vae_patch_parallel_size > 1: its VAE group splits the decode
+            self.vae = load_part(model, "vae", index, self.device, torch.float32)
 
     def lora_targets(self) -> dict[str, torch.nn.Module]:
         """Both experts by name (a request's LoRA ``expert``); one: ``transformer``.
