@@ -63,6 +63,17 @@ def _parallel_args(p: argparse.ArgumentParser) -> None:
         "--collective-timeout", dest="collective_timeout_s", type=float, default=60.0,
         help="seconds before a stuck collective raises instead of hanging the group",
     )  # fmt: skip
+    g.add_argument(
+        "--use-hsdp", action="store_true",
+        help="shard the transformer's weights over the ranks of a replica (FSDP2)",
+    )  # fmt: skip
+    g.add_argument(
+        "--hsdp-shard-size", type=int, default=-1,
+        help="ranks sharing one copy of the weights (-1: the whole replica)",
+    )  # fmt: skip
+    g.add_argument(
+        "--hsdp-replicate-size", type=int, default=1, help="copies of the weights per replica"
+    )
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     g.add_argument("--cache-backend", default=None, help="step cache, e.g. tea_cache")
     g.add_argument("--cache-config", default=None, help="JSON object of cache settings")
@@ -114,6 +125,15 @@ def _auto_parallel(args, dp: int) -> ParallelConfig:
         **chosen.degrees,
         attention_backend=args.attention_backend,
         collective_timeout_s=args.collective_timeout_s,
+        **_hsdp(args),
+    )
+
+
+def _hsdp(args) -> dict:
+    return dict(
+        use_hsdp=args.use_hsdp,
+        hsdp_shard_size=args.hsdp_shard_size,
+        hsdp_replicate_size=args.hsdp_replicate_size,
     )
 
 
@@ -132,6 +152,7 @@ def _parallel(args, dp: int = 1) -> ParallelConfig:
         data_parallel_size=dp,
         attention_backend=args.attention_backend,
         collective_timeout_s=args.collective_timeout_s,
+        **_hsdp(args),
     )
 
 

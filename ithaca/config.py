@@ -50,6 +50,20 @@ class ParallelConfig:
     """A collective that has not completed after this many seconds raises (a peer died
     or ran out of memory), instead of hanging the group."""
 
+    use_hsdp: bool = False
+    """Shard the transformer's weights across ranks (PyTorch FSDP2 ``fully_shard``, one
+    block at a time; see ``ithaca.parallel.hsdp``): each rank holds 1/``hsdp_shard_size``
+    of them and all-gathers a block just before it runs."""
+
+    hsdp_shard_size: int = -1
+    """Ranks that share one copy of the weights (consecutive ranks of one replica, i.e.
+    Ulysses neighbours first); -1: every rank of the replica
+    (``cfg_parallel_size * ring_degree * ulysses_degree``)."""
+
+    hsdp_replicate_size: int = 1
+    """Copies of the weights within one replica; ``hsdp_replicate_size *
+    hsdp_shard_size`` must equal the replica's rank count."""
+
     def __post_init__(self) -> None:
         _require_positive("ulysses_degree", self.ulysses_degree)
         _require_positive("ring_degree", self.ring_degree)
@@ -63,6 +77,8 @@ class ParallelConfig:
             )
         if not self.collective_timeout_s > 0:
             raise ValueError(f"collective_timeout_s ({self.collective_timeout_s}) must be > 0")
+        if self.use_hsdp:
+            self.hsdp_sizes()  # raises on sizes that do not tile a replica
 
     @property
     def sequence_parallel_size(self) -> int:
@@ -71,6 +87,17 @@ class ParallelConfig:
     @property
     def world_size(self) -> int:
         return self.data_parallel_size * self.cfg_parallel_size * self.sequence_parallel_size
+
+    @property
+    def replica_size(self) -> int:
+        """Ranks serving one request together (cfg x ring x ulysses)."""
+        return self.cfg_parallel_size * self.sequence_parallel_size
+
+    def hsdp_sizes(self) -> tuple[int, int]:
+        """``(hsdp_replicate_size, hsdp_shard_size)`` with -1 resolved; ValueError if
+        they do not tile one replica (HSDP shards only over ranks that run every forward
+        together: a replica, never across data-parallel replicas)."""
+        return hsdp_sizes(self.hsdp_replicate_size, self.hsdp_shard_size, self.replica_size)
 
     def validate_heads(self, num_heads: int) -> None:
         """Raise when Ulysses cannot split ``num_heads`` attention heads evenly."""
@@ -103,6 +130,30 @@ class ParallelConfig:
         chosen = plan(world_size, model, size, cfg, interconnect)
         logging.getLogger(__name__).info("auto parallel layout: %s", chosen.reason)
         return cls(**chosen.degrees)
+
+
+def hsdp_sizes(replicate: int, shard: int, replica: int) -> tuple[int, int]:
+    """``(replicate, shard)`` for HSDP over ``replica`` ranks; shard -1: replica / replicate."""
+    _require_positive("hsdp_replicate_size", replicate)
+    if shard != -1:
+        _require_positive("hsdp_shard_size", shard)
+    where = (
+        f"the ranks of one replica (cfg_parallel_size * ring_degree * ulysses_degree = {replica})"
+    )
+    if shard == -1:
+        if replica % replicate:
+            raise ValueError(f"hsdp_replicate_size ({replicate}) must divide {where}")
+        shard = replica // replicate
+    if replicate * shard != replica:
+        raise ValueError(
+            f"hsdp_replicate_size ({replicate}) * hsdp_shard_size ({shard}) must equal {where}"
+        )
+    if shard < 2:
+        raise ValueError(
+            f"hsdp_shard_size ({shard}) must be at least 2 to shard anything: HSDP splits the "
+            f"weights over {where}; add --ulysses-degree / --ring-degree / --cfg-parallel-size"
+        )
+    return replicate, shard
 
 
 # The reference system's name for the same object.
