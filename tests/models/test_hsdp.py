@@ -36,7 +36,6 @@ from tests.models._families_run import (
     NO_CFG_REQUEST,
     max_image_diff,
     record,
-    world_size,
 )
 
 # -- configuration, no processes -----------------------------------------------------
@@ -106,7 +105,7 @@ def check_hsdp(pool, name: str, label: str, layout: dict, path: str, batch, refe
     """``layout`` with HSDP on a pool equals ``reference`` (the unsharded 1-rank run of
     ``measured``); every rank holds <= 1/shard of each transformer + 2%."""
     (ref_out, ref_shards) = reference
-    results = pool(world_size(layout)).run(measured, harness, layout, path, batch)
+    results = pool(ParallelConfig(**layout).world_size).run(measured, harness, layout, path, batch)
     (images, latents, _), _ = results[0]
     ref_images, ref_latents = ref_out[0], ref_out[1]
     if harness == "_wan_run":  # frames of one request; latents of the last loop
@@ -176,7 +175,7 @@ COMPOSED = {
     ("Qwen-Image", "hybrid2x2 replicate2"): dict(
         ulysses_degree=2, ring_degree=2, hsdp_replicate_size=2
     ),
-    ("Qwen-Image", "ring2+cache_dit"): dict(ring_degree=2),
+    ("Qwen-Image", "ulysses2+cache_dit"): dict(ulysses_degree=2),
 }
 CACHES = {"tea_cache": dict(rel_l1_thresh=0.6), "cache_dit": dict(Fn_compute_blocks=1,
           Bn_compute_blocks=0, max_warmup_steps=0, residual_diff_threshold=10.0)}  # fmt: skip
