@@ -74,6 +74,15 @@ def test_cli_flags_on_every_command(command):
     assert (config.use_hsdp, config.hsdp_shard_size, config.hsdp_replicate_size) == (True, 2, 2)
 
 
+def test_worker_groups_receive_the_hsdp_fields():
+    from ithaca.engine.executor import PipelineSpec
+    from ithaca.engine.worker import spec_from_json, spec_to_json
+
+    parallel = ParallelConfig(ulysses_degree=4, use_hsdp=True, hsdp_replicate_size=2)
+    spec, _ = spec_from_json(spec_to_json(PipelineSpec(model="m", parallel=parallel), 1.0))
+    assert spec.parallel == parallel
+
+
 # -- what every rank runs ----------------------------------------------------------------
 
 
