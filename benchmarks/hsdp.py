@@ -86,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = build_checkpoint(Path(tmp), args.layers, args.heads)
-        pool = WorkerPool(2)
+        pool = WorkerPool(2, start_timeout=900)
         try:
             rows = []
             for name in args.layouts.split(","):
