@@ -17,6 +17,7 @@ import sys
 
 from ithaca.config import (
     ATTENTION_BACKENDS,
+    PLACEMENTS,
     CacheConfig,
     ParallelConfig,
     ServerConfig,
@@ -74,6 +75,22 @@ def _parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--hsdp-replicate-size", type=int, default=1, help="copies of the weights per replica"
     )
+    g = p.add_argument_group("placement (docs/memory.md)")
+    g.add_argument(
+        "--enable-cpu-offload", dest="cpu_offload", action="store_true",
+        help="text encoders, VAE and (between requests) the transformer on the host, on the "
+        "device only while they run",
+    )  # fmt: skip
+    g.add_argument(
+        "--enable-layerwise-offload", dest="layerwise_offload", action="store_true",
+        help="transformer blocks on the host, streamed to the device one at a time",
+    )  # fmt: skip
+    for part in ("text-encoder", "vae"):
+        g.add_argument(
+            f"--{part}-placement", choices=PLACEMENTS, default=None,
+            help=f"rank0: the {part.replace('-', ' ')} on the returning rank's device; offload: "
+            "on its host until used (default: offload with --enable-cpu-offload, else rank0)",
+        )  # fmt: skip
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     g.add_argument("--cache-backend", default=None, help="step cache, e.g. tea_cache")
     g.add_argument("--cache-config", default=None, help="JSON object of cache settings")
@@ -126,6 +143,7 @@ def _auto_parallel(args, dp: int) -> ParallelConfig:
         attention_backend=args.attention_backend,
         collective_timeout_s=args.collective_timeout_s,
         **_hsdp(args),
+        **_placement(args),
     )
 
 
@@ -135,6 +153,12 @@ def _hsdp(args) -> dict:
         hsdp_shard_size=args.hsdp_shard_size,
         hsdp_replicate_size=args.hsdp_replicate_size,
     )
+
+
+def _placement(args) -> dict:
+    """The placement flags as :class:`ParallelConfig` fields."""
+    keys = ("text_encoder_placement", "vae_placement", "cpu_offload", "layerwise_offload")
+    return {k: getattr(args, k) for k in keys if hasattr(args, k)}
 
 
 def _parallel(args, dp: int = 1) -> ParallelConfig:
@@ -153,6 +177,7 @@ def _parallel(args, dp: int = 1) -> ParallelConfig:
         attention_backend=args.attention_backend,
         collective_timeout_s=args.collective_timeout_s,
         **_hsdp(args),
+        **_placement(args),
     )
 
 
@@ -257,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--flow-shift", type=float, default=None)
     g.add_argument("--output", default="out.png", help="out.png / .jpg / .webp / .mp4")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--verbose", action="store_true",
+        help="print each rank's parameter bytes and peak memory (stderr)",
+    )  # fmt: skip
     _parallel_args(g)
 
     c = sub.add_parser(
@@ -409,6 +438,9 @@ def cmd_generate(args) -> int:
             on_progress=lambda step, total, _: bar(step, total),
             **sampling,
         )
+        if args.verbose:
+            for line in memory_lines(gen.engine.describe()):
+                print(f"ithaca: {line}", file=sys.stderr)
     for warning in _unknown_words(model, args.prompt):
         print(f"ithaca: warning: {warning}", file=sys.stderr)
     if fmt == "mp4":
@@ -433,6 +465,23 @@ def cmd_generate(args) -> int:
             f.write(blob)
         print(path)
     return 0
+
+
+def memory_lines(groups: list[dict]) -> list[str]:
+    """One line per rank: the weights it holds and its peak memory (``/health``'s numbers)."""
+    gib = 1 << 30
+    lines = []
+    for group in groups:
+        for r in group["ranks"]:
+            if "parameter_bytes" not in r:
+                continue
+            lines.append(
+                f"{group['name']} rank {r['rank']}: "
+                f"parameters {r['parameter_bytes'] / gib:.3f} GiB "
+                f"({r['offloaded_bytes'] / gib:.3f} GiB offloaded to the host), "
+                f"peak memory {r['peak_memory_bytes'] / gib:.3f} GiB"
+            )
+    return lines
 
 
 @contextlib.contextmanager

@@ -15,6 +15,8 @@ def _require_positive(name: str, value: int) -> None:
 
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "cudnn", "efficient", "sage")
+PLACEMENTS = ("rank0", "offload")
+"""Where a text encoder or VAE lives (``ParallelConfig.text_encoder_placement``)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,22 @@ class ParallelConfig:
     """Copies of the weights within one replica; ``hsdp_replicate_size *
     hsdp_shard_size`` must equal the replica's rank count."""
 
+    text_encoder_placement: str | None = None
+    """Where the text encoders live (``ithaca.models.offload``): ``rank0`` (on the
+    returning rank's device, the others hold none) or ``offload`` (on its host, on the
+    device only while encoding). None: ``offload`` under ``cpu_offload``, else ``rank0``."""
+
+    vae_placement: str | None = None
+    """Where the VAE lives: ``rank0`` or ``offload``, as ``text_encoder_placement``."""
+
+    cpu_offload: bool = False
+    """``--enable-cpu-offload``: every large component (text encoders, VAE, and the
+    transformer between requests) on the host, on the device only while it runs."""
+
+    layerwise_offload: bool = False
+    """``--enable-layerwise-offload``: the transformer's blocks on the host, streamed to
+    the device one at a time (the next prefetched on a side stream on CUDA)."""
+
     def __post_init__(self) -> None:
         _require_positive("ulysses_degree", self.ulysses_degree)
         _require_positive("ring_degree", self.ring_degree)
@@ -79,6 +97,21 @@ class ParallelConfig:
             raise ValueError(f"collective_timeout_s ({self.collective_timeout_s}) must be > 0")
         if self.use_hsdp:
             self.hsdp_sizes()  # raises on sizes that do not tile a replica
+            if self.cpu_offload or self.layerwise_offload:
+                raise ValueError(
+                    f"use_hsdp with cpu_offload ({self.cpu_offload}) or layerwise_offload "
+                    f"({self.layerwise_offload}) is not supported: the transformer is either "
+                    f"sharded or offloaded (encoder placements combine with HSDP)"
+                )
+        for name in ("text_encoder_placement", "vae_placement"):
+            value = getattr(self, name)
+            if value not in (None, *PLACEMENTS):
+                raise ValueError(f"{name} ({value!r}) must be one of {PLACEMENTS}")
+
+    def placement(self, component: str) -> str:
+        """``rank0`` or ``offload`` for ``text_encoder`` / ``vae`` (defaults resolved)."""
+        given = getattr(self, f"{component}_placement")
+        return given or ("offload" if self.cpu_offload else "rank0")
 
     @property
     def sequence_parallel_size(self) -> int:

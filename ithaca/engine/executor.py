@@ -167,6 +167,20 @@ def peak_memory_bytes() -> int:
     return 0
 
 
+def rank_memory(pipeline, peak: int = 0) -> dict[str, int]:
+    """This rank's memory, for ``/health``, the gauges and ``generate --verbose``:
+    ``parameter_bytes`` its pipeline holds (a DTensor counts its local shard), of which
+    ``offloaded_bytes`` wait on the host, and ``peak_memory_bytes``: the larger of ``peak``
+    and the current window's (CUDA peak allocated, or peak RSS on the CPU)."""
+    memory = getattr(pipeline, "memory", None)
+    held = memory() if callable(memory) else {}
+    return {
+        "parameter_bytes": int(held.get("parameter_bytes", 0)),
+        "offloaded_bytes": int(held.get("offloaded_bytes", 0)),
+        "peak_memory_bytes": max(int(peak), peak_memory_bytes()),
+    }
+
+
 def run_measured(generate, batch, callback, *args) -> tuple[list[GenerationResult], dict]:
     """``generate(batch, callback, *args)`` (a pipeline's ``generate`` or
     ``generate_stepwise``) with the batch's peak memory growth (bytes) measured."""
@@ -226,6 +240,8 @@ class InProcessExecutor:
         self._closed = False
         self._lock = threading.Lock()
         self.last_stats: dict = {}
+        self._peak = 0
+        """This process's peak memory over every batch (each batch resets the window)."""
 
     def start(self) -> None:
         if self.pipeline is None:
@@ -265,6 +281,7 @@ class InProcessExecutor:
         with self._lock:
             try:
                 results, self.last_stats = work()
+                self._peak = max(self._peak, peak_memory_bytes())
                 return results
             except Exception as exc:
                 if not isinstance(exc, ValueError):
@@ -299,8 +316,14 @@ class InProcessExecutor:
             "name": self.name,
             "alive": self.is_alive(),
             "status": "ok" if self.is_alive() else "down",
-            "ranks": [{"rank": 0, "pid": os.getpid()}],
+            "ranks": [{"rank": 0, "pid": os.getpid(), **self.memory()}],
         }
+
+    def memory(self) -> dict[str, int]:
+        if self.pipeline is None:
+            return {}
+        self._peak = max(self._peak, peak_memory_bytes())
+        return rank_memory(self.pipeline, self._peak)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._closed = True

@@ -249,7 +249,9 @@ class WorkerGroupExecutor:
             "name": self.name,
             "alive": self.is_alive(),
             "status": status,
-            "ranks": [{"rank": r["rank"], "pid": r["pid"]} for r in self.ranks],
+            "ranks": [
+                {"rank": r["rank"], "pid": r["pid"], **r.get("memory", {})} for r in self.ranks
+            ],
         }
 
     def _die(self, session: Session, reason: str) -> None:
@@ -329,6 +331,8 @@ class WorkerGroupExecutor:
             elif kind == "result":
                 batch.results = msg[2]
                 batch.stats = msg[3] if len(msg) > 3 else {}
+                for rank, memory in zip(session.ranks, batch.stats.get("ranks", ()), strict=False):
+                    rank["memory"] = memory  # every rank's, sent with the result
                 batch.done.set()
             elif kind == "error":
                 batch.error = GenerationFailedError(msg[3], msg[2])

@@ -52,6 +52,18 @@ class EngineMetrics:
             "ithaca_worker_group_restarts", "Worker groups restarted after a failure", registry=r
         )
         self.groups_alive = Gauge("ithaca_worker_groups_alive", "Live worker groups", registry=r)
+        self.rank_parameter_bytes = Gauge(
+            "ithaca_rank_parameter_bytes",
+            "Bytes of model parameters a rank holds (its local shard of sharded ones)",
+            ["group", "rank"],
+            registry=r,
+        )
+        self.rank_peak_memory = Gauge(
+            "ithaca_rank_peak_memory_bytes",
+            "A rank's peak memory: CUDA peak allocated, or peak RSS on the CPU",
+            ["group", "rank"],
+            registry=r,
+        )
         self.cache_steps = Counter(
             "ithaca_cache_steps",
             "Transformer forwards under a step cache, by backend and outcome (computed/cached)",
@@ -74,3 +86,13 @@ class EngineMetrics:
             self.cache_steps.labels(backend, "computed").inc(cache["computed_steps"])
             self.cache_steps.labels(backend, "cached").inc(cache["cached_steps"])
             self.cache_hit_ratio.labels(backend).observe(cache["hit_ratio"])
+
+    def observe_ranks(self, groups: list[dict]) -> None:
+        """Set the per-rank memory gauges from ``describe()`` of the engine's groups."""
+        for group in groups:
+            for rank in group.get("ranks", ()):
+                if "parameter_bytes" not in rank:
+                    continue  # not reported yet (loading)
+                labels = (group["name"], str(rank["rank"]))
+                self.rank_parameter_bytes.labels(*labels).set(rank["parameter_bytes"])
+                self.rank_peak_memory.labels(*labels).set(rank["peak_memory_bytes"])

@@ -45,6 +45,8 @@ from ithaca.engine.executor import (
     classify_failure,
     describe_failure,
     load_pipeline,
+    peak_memory_bytes,
+    rank_memory,
     release_memory,
     resolve_request,
     run_measured,
@@ -54,6 +56,8 @@ from ithaca.parallel.comm import broadcast_object
 from ithaca.parallel.state import ParallelState
 
 log = logging.getLogger("ithaca.worker")
+
+PLACEMENT_FIELDS = ("text_encoder_placement", "vae_placement", "cpu_offload", "layerwise_offload")
 
 ENV_CONFIG = "ITHACA_WORKER_CONFIG"
 ENV_SOCKET = "ITHACA_FRONT_SOCKET"
@@ -76,6 +80,7 @@ def spec_to_json(spec: PipelineSpec, heartbeat_interval_s: float) -> str:
                 "use_hsdp": spec.parallel.use_hsdp,
                 "hsdp_shard_size": spec.parallel.hsdp_shard_size,
                 "hsdp_replicate_size": spec.parallel.hsdp_replicate_size,
+                **{k: getattr(spec.parallel, k) for k in PLACEMENT_FIELDS},
             },
             "heartbeat_interval_s": heartbeat_interval_s,
             "loras": [list(x) for x in spec.loras],
@@ -113,6 +118,7 @@ class WorkerLoop:
         self.inbox: queue.Queue = queue.Queue()
         self.cancelled: set[int] = set()
         self.front_gone = False
+        self.peak = peak_memory_bytes()  # loading's peak; each batch opens a new window
         if channel is not None:
             threading.Thread(target=self._read_front, name="front-reader", daemon=True).start()
 
@@ -213,7 +219,10 @@ class WorkerLoop:
                 # Peers may wait in a collective this rank will never reach: release them.
                 self.state.abort_groups()
             release_memory(self.state.device)
-        # Every rank learns every rank's outcome, so all move on together.
+        # Every rank learns every rank's outcome (and its memory: no extra round trip),
+        # so all move on together.
+        self.peak = max(self.peak, peak_memory_bytes())
+        status = (*status, rank_memory(self.pipeline, self.peak))
         statuses = [status]
         if self.state.world_size > 1:
             statuses = [None] * self.state.world_size
@@ -230,12 +239,12 @@ class WorkerLoop:
             key=lambda item: (item[1][1] != "out_of_memory", item[1][3]),
         )
         if failed:
-            rank, (_, failure_kind, message, _) = failed[0]
+            rank, (_, failure_kind, message, _, _) = failed[0]
             if failure_kind != "invalid_request":  # the user's mistake needs no rank number
                 message = f"rank {rank}: {message}"
             self._send(("error", batch_id, failure_kind, message))
         else:
-            self._send(("result", batch_id, results, stats))
+            self._send(("result", batch_id, results, {**stats, "ranks": [s[4] for s in statuses]}))
 
 
 def _in_collective(exc: BaseException) -> bool:
@@ -265,6 +274,7 @@ def main() -> int:
         error = traceback.format_exc()
         log.error("rank %d failed to load the pipeline:\n%s", rank, error)
     me = {"rank": state.rank, "pid": os.getpid(), "host": socket.gethostname(), "error": error}
+    me["memory"] = rank_memory(pipeline) if pipeline is not None else {}
     ranks = [me]
     if state.world_size > 1:
         ranks = [None] * state.world_size
@@ -277,7 +287,8 @@ def main() -> int:
             )
         return 1
     if channel is not None:
-        channel.send(("ready", [{k: r[k] for k in ("rank", "pid", "host")} for r in ranks]))
+        keys = ("rank", "pid", "host", "memory")
+        channel.send(("ready", [{k: r[k] for k in keys} for r in ranks]))
     loop = WorkerLoop(state, pipeline, channel, heartbeat_s)
     try:
         loop.run()

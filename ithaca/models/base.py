@@ -34,6 +34,7 @@ from ithaca.cache import BlockCacheAdapter, StepCache, build_cache
 from ithaca.config import CacheConfig
 from ithaca.models.loading import load_streamed
 from ithaca.models.lora import LoraAdapters, adapter_summary
+from ithaca.models.offload import Placement, parameter_bytes
 from ithaca.models.spec import plain_cfg
 from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_branches
 from ithaca.parallel.hsdp import HSDPInferenceConfig, apply_hsdp_to_model, hsdp_mesh
@@ -143,6 +144,8 @@ class DenoisingPipeline:
         """``(CacheConfig, adapter set)`` of the installed cache."""
         self.loras: LoraAdapters | None = None
         """The LoRA adapter table (:meth:`lora_table`), created on first use."""
+        self.offloading = Placement(state.config, self.device)
+        """Where the transformer, text encoders and VAE live (:mod:`ithaca.models.offload`)."""
 
     def configure_cache(self, cache: CacheConfig | None) -> None:
         """Set the default step cache (validated: a :class:`CacheConfig`)."""
@@ -184,6 +187,8 @@ class DenoisingPipeline:
 
     def load_lora(self, name: str, path: str, scale: float = 1.0) -> dict:
         """Add a named adapter (every rank of the group runs this, in the same order)."""
+        if self.offloading.transformer_on_host:  # peft adds tensors the host copy lacks
+            raise ValueError("LoRA adapters with --enable-cpu/layerwise-offload are not supported")
         return self.lora_table().add(name, path, scale)
 
     def unload_lora(self, name: str) -> None:
@@ -252,8 +257,9 @@ class DenoisingPipeline:
         whole host copy per rank); with ``use_hsdp`` sharded on the meta device first,
         so each rank reads and keeps only its shards (:mod:`ithaca.parallel.hsdp`);
         checkpoints that need diffusers' key conversion go through ``from_pretrained``
-        (then sharded after loading). ``device``: where to load (default: the rank's)."""
-        device = self.device if device is None else device
+        (then sharded after loading). ``device``: where to load (default: the rank's;
+        the host when offloaded)."""
+        device = self.offloading.load_device("transformer") if device is None else device
         shard = self.hsdp_shard()
         try:
             transformer = load_streamed(
@@ -276,6 +282,16 @@ class DenoisingPipeline:
         if getattr(self, "_hsdp_mesh", None) is None:
             self._hsdp_mesh = hsdp_mesh(config, self.state)
         return functools.partial(apply_hsdp_to_model, config=config, mesh=self._hsdp_mesh)
+
+    def memory(self) -> dict[str, int]:
+        """This rank's weights: ``parameter_bytes`` held (a DTensor: its local shard),
+        of which ``offloaded_bytes`` wait on the host for the device."""
+        modules = [v for v in vars(self).values() if isinstance(v, torch.nn.Module)]
+        modules += list(getattr(self, "experts", None) or ())
+        return {
+            "parameter_bytes": parameter_bytes(modules),
+            "offloaded_bytes": self.offloading.host_bytes,
+        }
 
     # -- shared request validation (families call these from ``resolve``) ------
     multiple: int = 16
@@ -406,16 +422,15 @@ class DenoisingPipeline:
                 failure = exc
                 conds = (type(exc).__name__, f"conditioning failed on rank 0: {exc}")
         if replica.size > 1:
-            if replica.rank == 0 and failure is None:
-                conds = [_to_device(c, "cpu") for c in conds]
             # Every rank of the replica reaches this broadcast once per group, in group order.
-            conds = comm.broadcast_object(conds, replica)
+            # The embeddings stay on the device: one packed broadcast (comm.broadcast_nested).
+            conds = comm.broadcast_nested(conds, replica)
             if failure is not None:
                 raise failure
             if isinstance(conds, tuple):  # rank 0 failed: a user error stays a ValueError
                 kind, message = conds
                 raise (ValueError if kind == "ValueError" else RuntimeError)(message)
-            conds = [_to_device(c, self.device) for c in conds]
+        self.offloading.evict()  # the encoders back to the host (when offloaded)
         return conds
 
     def _cache_settings(self, request: Request) -> CacheConfig:
@@ -492,6 +507,7 @@ class DenoisingPipeline:
                 m["steps_done"] = cancelled_at
             return None, meta
         outputs = self.decode(job, job.latents) if self.is_returning_rank else None
+        self.offloading.evict()  # between requests every offloaded component is on the host
         t_total = time.perf_counter() - started
         for m in per_request:
             m["timings"] = {"condition_s": t_cond, "denoise_s": t_loop, "total_s": t_total}
@@ -600,13 +616,3 @@ class _HostCopy:
         if self.event is not None:
             self.event.synchronize()  # waits for the copy, queued before the next step
         return bool(self.value[0])
-
-
-def _to_device(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj

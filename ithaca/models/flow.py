@@ -109,6 +109,7 @@ class FlowMatchPipeline(DenoisingPipeline):
         self.index = model_index(model)
         self.transformer = self.load_transformer(spec.transformer, model)
         self.runtime = parallelize(self.transformer, state, spec.attention)
+        self.offloading.place_transformer("transformer", self.transformer, spec.attention.blocks)
         self.scheduler_config = dict(
             FlowMatchEulerDiscreteScheduler.load_config(model, subfolder="scheduler")
         )
@@ -121,6 +122,7 @@ class FlowMatchPipeline(DenoisingPipeline):
             setattr(self, name, None)
         if self.is_returning_rank:  # only the returning rank encodes and decodes
             self.load_components(model)
+            self.offloading.place_components({n: getattr(self, n) for n in spec.components})
 
     def vae_scale(self, model: str) -> int:
         """Pixels per latent (an ``AutoencoderKL``: 2 ** (stages - 1))."""
@@ -130,7 +132,8 @@ class FlowMatchPipeline(DenoisingPipeline):
 
     def load_components(self, model: str) -> None:
         for name in self.spec.components:
-            setattr(self, name, load_part(model, name, self.index, self.device, self.dtype))
+            device = self.offloading.component_device(name)
+            setattr(self, name, load_part(model, name, self.index, device, self.dtype))
 
     def lora_loader(self):
         """The reference pipeline class (its ``lora_state_dict`` converters), if it has

@@ -168,3 +168,71 @@ def broadcast(x: torch.Tensor, axis: Axis, src_index: int = 0) -> torch.Tensor:
         if axis.rank == src_index:
             axis.stats.record("broadcast", _nbytes(x))
     return x
+
+
+_ALIGN = 64
+"""Offsets of the tensors in a packed buffer (every dtype's view needs its alignment)."""
+
+
+def broadcast_nested(obj, axis: Axis, src: int = 0):
+    """``obj`` (dicts / lists / tuples holding tensors and plain values) from axis rank
+    ``src`` to every rank of the axis, its tensors on ``axis.device``.
+
+    The skeleton (plain values, each tensor's dtype and shape: a few hundred bytes) goes
+    by :func:`broadcast_object`; the tensors' bytes, packed into ONE uint8 buffer on the
+    device, by one :func:`broadcast`: embeddings are never copied to the host or pickled.
+    Every rank gets views into that buffer (``src`` too, so all ranks compute from the
+    same layout). Collective: every rank of the axis calls it, in the same order.
+    """
+    if axis.size == 1:
+        return obj
+    device = axis.device or torch.device("cpu")
+    tensors: list[torch.Tensor] = []
+    meta = None
+    if axis.rank == src:
+        skeleton = _strip(obj, tensors)
+        meta = (skeleton, [(t.dtype, tuple(t.shape)) for t in tensors])
+    skeleton, specs = broadcast_object(meta, axis, src)
+    offsets, total = [], 0
+    for dtype, shape in specs:
+        offsets.append(total)
+        total += -(-torch.Size(shape).numel() * dtype.itemsize // _ALIGN) * _ALIGN
+    flat = torch.empty(total, dtype=torch.uint8, device=device)
+    views = [
+        flat[o : o + torch.Size(shape).numel() * dtype.itemsize].view(dtype).view(shape)
+        for o, (dtype, shape) in zip(offsets, specs, strict=True)
+    ]
+    if axis.rank == src:
+        for view, t in zip(views, tensors, strict=True):
+            view.copy_(t)  # on the device already: a device-to-device copy
+    if total:
+        broadcast(flat, axis, src)  # (total,) uint8: every tensor of ``obj`` at once
+    return _fill(skeleton, views)
+
+
+class _Slot:
+    """Where tensor ``index`` of a packed buffer goes back into the skeleton."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+def _strip(obj, tensors: list):
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return _Slot(len(tensors) - 1)
+    if isinstance(obj, dict):
+        return {k: _strip(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_strip(v, tensors) for v in obj)
+    return obj
+
+
+def _fill(obj, views: list):
+    if isinstance(obj, _Slot):
+        return views[obj.index]
+    if isinstance(obj, dict):
+        return {k: _fill(v, views) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_fill(v, views) for v in obj)
+    return obj

@@ -237,6 +237,7 @@ def create_app(
     async def metrics():
         for e in engines:
             e.metrics.waiting.set(len(e.scheduler))
+            e.metrics.observe_ranks(e.describe())
         # Each engine has its own registry; one exposition may not repeat a metric, so the
         # first model's engine (and the HTTP metrics) are shown.
         return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)

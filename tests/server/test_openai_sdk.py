@@ -165,3 +165,26 @@ def test_step_cache_per_request_reports_hits_in_body_and_metrics(server, client)
     text = server.client.get("/metrics").text
     assert metric(text, "ithaca_cache_steps_total", 'outcome="cached"') >= stats["cached_steps"]
     assert metric(text, "ithaca_cache_hit_ratio_count", 'backend="tea_cache"') >= 1
+
+
+def test_every_rank_reports_its_memory_in_health_and_metrics(server, client):
+    from ithaca.engine.executor import default_model_path
+    from tools.memory_table import checkpoint_rank_parameter_bytes
+
+    gen(client, 4)  # the ranks report with the batch's result
+    (group,) = server.client.get("/health").json()["groups"]
+    text = server.client.get("/metrics").text
+    ranks = {r["rank"]: r for r in group["ranks"]}
+    assert sorted(ranks) == [0, 1]
+    # Counted from the checkpoint's config files alone (docs/memory.md's formula): rank 0
+    # holds the transformer, the text encoder and the VAE; rank 1 the transformer. Exact.
+    expected = checkpoint_rank_parameter_bytes(default_model_path(), dtype_bytes=4)
+    assert ranks[0]["parameter_bytes"] == expected["rank0"]
+    assert ranks[1]["parameter_bytes"] == expected["other"]
+    for rank, r in ranks.items():
+        labels = f'group="{group["name"]}",rank="{rank}"'
+        assert metric(text, "ithaca_rank_parameter_bytes", labels) == r["parameter_bytes"]
+        peak = metric(text, "ithaca_rank_peak_memory_bytes", labels)
+        assert peak == r["peak_memory_bytes"] >= r["parameter_bytes"]  # RSS holds the weights
+    samples = [ln for ln in text.splitlines() if ln.startswith("ithaca_rank_parameter_bytes{")]
+    assert len(samples) == 2  # one sample per rank

@@ -18,7 +18,9 @@ Stages (each logs to ``DIR/log.jsonl``):
    weights are written to ``DIR/checkpoint`` (fp16) and probed for adherence.
 
 Deterministic given ``--seed`` and the thread count. ``--reuse RUN`` takes the bank of
-an earlier run.
+an earlier run; ``--init CHECKPOINT`` starts the transformer and text encoder from a saved
+checkpoint (its EMA weights) instead of random ones, with a fresh optimiser, warm-up and
+cosine schedule: how a run is continued past its planned length.
 """
 
 from __future__ import annotations
@@ -185,6 +187,7 @@ def main(argv=None) -> None:
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--reuse", help="an earlier run directory whose bank to use")
+    p.add_argument("--init", help="a checkpoint to start the transformer and text encoder from")
     p.add_argument("--ship", action="store_true", help="copy the result into the package")
     p.add_argument("--ship-only", metavar="CHECKPOINT", help="only copy it into the package")
     args = p.parse_args(argv)
@@ -212,12 +215,31 @@ def main(argv=None) -> None:
     tokenizer = components.build_tokenizer(vocabulary())
     text_encoder = components.build_text_encoder(len(tokenizer), args.seed)
     transformer = components.build_transformer(args.seed)
+    if args.init:
+        init_from(Path(args.init), text_encoder, transformer)
     models = (tokenizer, text_encoder, transformer)
     train(args, models, vae, bank, val, log, out)
     log(stage="time", what="transformer", seconds=time.time() - start)
     (out / "done.json").write_text(json.dumps({"minutes": (time.time() - start) / 60}) + "\n")
     if args.ship:
         print(f"shipped {ship(out / 'checkpoint')}")
+
+
+def init_from(checkpoint: Path, text_encoder, transformer) -> None:
+    """Load a saved checkpoint's (fp16) weights into the fp32 models, every key."""
+    from safetensors.torch import load_file
+
+    for name, module in (("text_encoder", text_encoder), ("transformer", transformer)):
+        state = {}
+        for f in sorted((checkpoint / name).glob("*.safetensors")):
+            state.update(load_file(f))
+        own = module.state_dict()
+        missing = module.load_state_dict(
+            {k: v.to(own[k].dtype) for k, v in state.items()}, strict=False
+        ).missing_keys
+        tied = {"encoder.embed_tokens.weight"}  # UMT5 ties it to ``shared.weight``
+        if set(missing) - tied or state.keys() - own.keys():
+            raise ValueError(f"{checkpoint / name} does not fit: missing {missing}")
 
 
 def ship(checkpoint: Path) -> Path:

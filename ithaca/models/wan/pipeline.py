@@ -136,11 +136,16 @@ class WanPipeline(DenoisingPipeline):
             expert_offload = not sharded and should_offload(
                 module_bytes(self.experts[0]), self.device
             )
-        self.placement = ExpertPlacement(self.experts, self.device, expert_offload)
+        on_host = self.offloading.transformer_on_host  # --enable-*-offload decide instead
+        self.placement = ExpertPlacement(
+            self.experts, self.offloading.load_device("transformer"), expert_offload and not on_host
+        )
         # Both experts are sharded by the same plan; each has its own runtime (hooks).
         layout = wan_attention(self.expand_timesteps)
         self.runtimes = [parallelize(e, state, layout) for e in self.experts]
         self.runtime = self.runtimes[0]
+        for name, expert in zip(names, self.experts, strict=True):
+            self.offloading.place_transformer(name, expert, layout.blocks)
         config = self.experts[0].config
         self.patch_size = tuple(config.patch_size)
         self.scheduler_config = _read_json(model, "scheduler", "scheduler_config.json")
@@ -192,9 +197,11 @@ class WanPipeline(DenoisingPipeline):
 
     def _load_encoders(self, model: str) -> None:
         index = _read_json(model, "model_index.json")
-        self.vae = load_part(model, "vae", index, self.device, torch.float32)  # fp32 VAE
+        device = self.offloading.component_device
+        self.vae = load_part(model, "vae", index, device("vae"), torch.float32)  # fp32 VAE
         for name in ("text_encoder", "tokenizer"):
-            setattr(self, name, load_part(model, name, index, self.device, self.dtype))
+            setattr(self, name, load_part(model, name, index, device(name), self.dtype))
+        self.offloading.place_components({"vae": self.vae, "text_encoder": self.text_encoder})
 
     # -- request validation ----------------------------------------------------
     @staticmethod

@@ -1,0 +1,263 @@
+"""Where a pipeline's large components live: on the device, or on the host until they run.
+
+``--enable-cpu-offload`` (:class:`Offload`): each offloaded component (text encoders,
+VAE, and the transformer between requests) keeps its parameters and buffers in ONE
+host buffer (page-locked on CUDA at its exact size, the pinned-buffer scheme of
+:mod:`ithaca.models.wan.experts`) and gets device copies only while it runs: the first
+forward of the component (or of any of its submodules: ``vae.decode`` calls its
+``decoder``, not ``forward``) moves it in with one host-to-device copy, and evicts the
+component that was on the device before; the pipeline evicts the last one at the end
+of each phase (:meth:`Offload.evict`). Weights never change during inference, so
+eviction just points the parameters back at their host views (nothing copied back).
+
+``--enable-layerwise-offload`` (:class:`LayerwiseOffload`): the transformer's blocks
+live on the host; each block's forward brings it in and starts the copy of the next
+block (on a side CUDA stream, so it overlaps the current block's compute), and drops
+every other block. At most two blocks are on the device at a time; everything outside
+the blocks (embedders, final norm, projections) stays resident.
+
+Both run on the CPU too (the "device" copy is then a second host buffer), so the tests
+check the mechanism here: a parameter's storage lies in the host buffer outside the
+component's use and in the device buffer inside (:meth:`HostCopy.resident`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+
+from ithaca.models.wan.experts import _aligned, _alloc_host, _tensors, _views
+
+logger = logging.getLogger(__name__)
+
+
+class HostCopy:
+    """One module's tensors in one host buffer, with device copies on demand."""
+
+    def __init__(self, module: nn.Module, device: torch.device | str, name: str = ""):
+        self.module = module
+        self.name = name or type(module).__name__
+        self.device = torch.device(device)
+        tensors = list(_tensors(module))
+        self.layout, offset = [], 0
+        for key, tensor in tensors:
+            self.layout.append((key, offset, tensor.dtype, tensor.shape))
+            offset += _aligned(tensor.numel() * tensor.element_size())
+        self.flat = _alloc_host(offset, pin=self.device.type == "cuda")
+        self.host = []
+        for (_, tensor), view in zip(tensors, _views(self.flat, self.layout), strict=True):
+            view.copy_(tensor.detach())
+            self.host.append(view)
+        self._device_flat: torch.Tensor | None = None
+        self._ready: torch.cuda.Event | None = None
+        self.loads = 0
+        """How many times the module was brought to the device (what tests count)."""
+        self._point(self.host)  # the original (device) storage is freed here
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel()
+
+    def _point(self, views: Iterable[torch.Tensor]) -> None:
+        for (_, tensor), view in zip(_tensors(self.module), views, strict=True):
+            tensor.data = view
+
+    def prefetch(self, stream: torch.cuda.Stream | None = None) -> None:
+        """Start the host-to-device copy (on ``stream`` when given, CUDA only)."""
+        if self._device_flat is not None:
+            return
+        if stream is None:
+            self._device_flat = self.flat.to(self.device, copy=True)
+            return
+        with torch.cuda.stream(stream):  # pragma: no cover - needs a GPU
+            self._device_flat = self.flat.to(self.device, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record(stream)
+
+    def load(self) -> None:
+        """The module's tensors on the device (waits for a prefetch in flight)."""
+        if self.resident():
+            return
+        self.prefetch()
+        if self._ready is not None:  # pragma: no cover - needs a GPU
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(self._ready)
+            self._device_flat.record_stream(current)
+            self._ready = None
+        self._point(_views(self._device_flat, self.layout))
+        self.loads += 1
+
+    def evict(self) -> None:
+        """Back to the host views; the device copy is freed."""
+        if self._device_flat is None:
+            return
+        self._point(self.host)
+        self._device_flat, self._ready = None, None
+
+    def resident(self) -> bool:
+        """Whether the module's tensors are the device copy (not the host buffer)."""
+        first = next(iter(_tensors(self.module)), None)
+        if first is None or self._device_flat is None:
+            return False
+        start = self._device_flat.data_ptr()
+        return start <= first[1].data_ptr() < start + self._device_flat.numel()
+
+
+class Offload:
+    """``--enable-cpu-offload``: components on the host, one at a time on the device."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.copies: dict[str, HostCopy] = {}
+        self._hooks: list = []
+
+    def add(self, name: str, module: nn.Module | None) -> None:
+        """Put ``module`` on the host; its forward (or a direct child's) brings it in."""
+        if module is None or not isinstance(module, nn.Module) or name in self.copies:
+            return
+        copy = HostCopy(module, self.device, name)
+        self.copies[name] = copy
+
+        def bring_in(*_args) -> None:
+            if copy._device_flat is None:  # a flag check: this runs for every submodule
+                self.evict(keep=name)
+                copy.load()
+
+        # Every submodule: a component's entry point need not be ``forward``
+        # (``vae.decode``, an encoder's embedding table called directly).
+        for target in module.modules():
+            self._hooks.append(target.register_forward_pre_hook(bring_in))
+
+    def evict(self, keep: str | None = None) -> None:
+        """Every component but ``keep`` back to the host."""
+        for name, copy in self.copies.items():
+            if name != keep:
+                copy.evict()
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the host buffers (pinned on CUDA)."""
+        return sum(c.nbytes for c in self.copies.values())
+
+
+class LayerwiseOffload:
+    """``--enable-layerwise-offload``: ``blocks`` stream through the device in order."""
+
+    def __init__(self, blocks: list[nn.Module], device: torch.device | str):
+        self.device = torch.device(device)
+        self.copies = [HostCopy(b, device, f"block {i}") for i, b in enumerate(blocks)]
+        cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        for i, block in enumerate(blocks):
+            block.register_forward_pre_hook(self._hook(i))
+
+    def _hook(self, index: int):
+        def before(*_args) -> None:
+            # Keep this block and the one prefetched for the next forward; drop the rest.
+            following = (index + 1) % len(self.copies)
+            for j, copy in enumerate(self.copies):
+                if j not in (index, following):
+                    copy.evict()
+            self.copies[index].load()
+            self.copies[following].prefetch(self.stream)
+
+        return before
+
+    def on_device(self) -> list[int]:
+        """Blocks with a device copy (the running one and the one prefetched)."""
+        return [i for i, c in enumerate(self.copies) if c._device_flat is not None]
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(c.nbytes for c in self.copies)
+
+
+def transformer_blocks(transformer: nn.Module, names: Iterable[str]) -> list[nn.Module]:
+    """The blocks of the named block lists, in forward order."""
+    return [b for name in names for b in getattr(transformer, name, None) or ()]
+
+
+def parameter_bytes(modules: Iterable[nn.Module | None]) -> int:
+    """Bytes of the parameters of ``modules`` held by this rank (each parameter once;
+    a DTensor counts its local shard)."""
+    seen: set[int] = set()
+    total = 0
+    for module in modules:
+        if not isinstance(module, nn.Module):
+            continue
+        for p in module.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            local = p.to_local() if hasattr(p, "to_local") else p
+            total += local.numel() * local.element_size()
+    return total
+
+
+class Placement:
+    """One pipeline's placement (:meth:`ParallelConfig.placement`) and its mechanisms.
+
+    The shared layer calls it for every family: ``load_device(kind)`` says where to load
+    a component (the host when it will be offloaded: it never visits the device whole),
+    ``place_transformer`` / ``place_components`` install the offload after loading,
+    ``evict`` ends a phase (after conditioning, after decoding).
+    """
+
+    def __init__(self, config, device: torch.device | str):
+        self.config = config
+        self.device = torch.device(device)
+        self.offload = Offload(device)
+        self.layerwise: list[LayerwiseOffload] = []
+
+    @property
+    def transformer_on_host(self) -> bool:
+        return bool(self.config.cpu_offload or self.config.layerwise_offload)
+
+    def offloaded(self, kind: str) -> bool:
+        """``kind``: ``transformer``, ``text_encoder`` or ``vae``."""
+        if kind == "transformer":
+            return self.transformer_on_host
+        return self.config.placement(kind) == "offload"
+
+    def load_device(self, kind: str) -> torch.device:
+        return torch.device("cpu") if self.offloaded(kind) else self.device
+
+    def component_device(self, name: str) -> torch.device:
+        """Where to load the checkpoint component ``name`` (``vae*``: a VAE, else a text
+        or image encoder)."""
+        return self.load_device(_kind(name))
+
+    def place_transformer(self, name: str, transformer: nn.Module, block_lists) -> None:
+        """Layerwise: blocks streamed, the rest resident; cpu offload: the whole
+        transformer on the device only while it runs; else nothing to do."""
+        if self.config.layerwise_offload:
+            blocks = transformer_blocks(transformer, block_lists)
+            inside = {id(t) for b in blocks for _, t in _tensors(b)}
+            for module in transformer.modules():
+                for tensor in [*module._parameters.values(), *module._buffers.values()]:
+                    if tensor is not None and id(tensor) not in inside:
+                        tensor.data = tensor.data.to(self.device)
+            self.layerwise.append(LayerwiseOffload(blocks, self.device))
+        elif self.config.cpu_offload:
+            self.offload.add(name, transformer)
+
+    def place_components(self, components: dict[str, object]) -> None:
+        """Offload the modules among ``components`` whose placement says so."""
+        for name, module in components.items():
+            if isinstance(module, nn.Module) and self.offloaded(_kind(name)):
+                self.offload.add(name, module)
+
+    def evict(self) -> None:
+        self.offload.evict()
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of weights held on the host for the device (pinned on CUDA)."""
+        return self.offload.host_bytes + sum(lw.host_bytes for lw in self.layerwise)
+
+
+def _kind(component: str) -> str:
+    return "vae" if component.startswith("vae") else "text_encoder"
