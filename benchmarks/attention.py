@@ -24,6 +24,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from plotting import pyplot
 
 from ithaca.config import ParallelConfig
 from ithaca.parallel import ParallelAttention, ParallelState
@@ -132,13 +133,8 @@ def main() -> None:
 
 
 def plot(rows, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed; no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind in ("ulysses", "ring", "hybrid"):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from plotting import pyplot
 from quality import psnr, ssim
 
 from ithaca.models.registry import default_model_path, load_pipeline
@@ -150,13 +151,8 @@ def main() -> None:
 
 
 def plot(rows, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed; no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for backend, marker in (("tea_cache", "o"), ("cache_dit", "s")):

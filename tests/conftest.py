@@ -1,10 +1,31 @@
-"""Shared fixtures. Multi-rank tests borrow a pool of spawned gloo ranks per world size,
-started once per session (see ithaca.testing.distributed)."""
+"""Shared fixtures of the whole suite.
+
+- ``worker_pool(n)``: multi-rank tests borrow a pool of spawned gloo ranks per world
+  size, started once per session (see ithaca.testing.distributed).
+- ``tiny_checkpoint(recipe, *args, **kwargs)``: every tiny checkpoint is built once per
+  run, keyed by its recipe and arguments, and shared by every test module (tests read
+  checkpoints, they never write into them); ``tiny_family``, ``tiny_checkpoints`` and
+  ``tiny_wan`` are views of it.
+- ``serve(*cli_args)``: the one real ``ithaca serve`` fixture (tests/server/harness.py).
+
+The test process and every process it starts compute with one intra-op thread: the
+models are tiny, and on 2 cores shared with pool ranks, servers and other jobs a second
+OpenMP thread only spin-waits (a tiny diffusers run took 36 s with 2 threads against 2.3 s
+with 1 on a loaded machine).
+"""
+
+import contextlib
+import importlib
+import inspect
+import os
 
 import pytest
 import torch
 
 from ithaca.testing.distributed import WorkerPool
+
+os.environ["OMP_NUM_THREADS"] = "1"  # inherited by ithaca serve / generate subprocesses
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +42,80 @@ def worker_pool():
     yield get
     for pool in pools.values():
         pool.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """``tiny_checkpoint(recipe, *args, **kwargs)`` -> the path (str) of the checkpoint
+    ``recipe(directory, *args, **kwargs)`` builds, built once per session for each recipe
+    and set of arguments (defaults filled in, so ``seed=0`` and no seed are one build)."""
+    built: dict[tuple, str] = {}
+
+    def build(recipe, *args, **kwargs) -> str:
+        bound = inspect.signature(recipe).bind(None, *args, **kwargs)
+        bound.apply_defaults()
+        key = (recipe.__module__, recipe.__qualname__, repr(bound.arguments))
+        if key not in built:
+            root = tmp_path_factory.mktemp(recipe.__name__.removeprefix("build_tiny_"))
+            built[key] = str(recipe(root / "ckpt", *args, **kwargs))
+        return built[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tiny_checkpoint):
+    """``tiny_family(PipelineClass, seed=0, **overrides)`` -> the path of the tiny checkpoint
+    its spec's recipe builds (``spec.tiny`` with ``spec.tiny_args`` and the overrides)."""
+
+    def build(pipeline: type, seed: int = 0, **overrides) -> str:
+        spec = pipeline.spec
+        module, _, name = spec.tiny.partition(":")
+        recipe = getattr(importlib.import_module(module), name)
+        return tiny_checkpoint(recipe, seed=seed, **{**spec.tiny_args, **overrides})
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tiny_checkpoint):
+    """``{"t2i" | "edit" | "edit_plus": path}`` of tiny Qwen-Image checkpoints (seed 0)."""
+    from ithaca.testing.tiny import build_tiny_qwen_image
+
+    kinds = ("t2i", "edit", "edit_plus")
+    return {kind: tiny_checkpoint(build_tiny_qwen_image, kind) for kind in kinds}
+
+
+@pytest.fixture(scope="session")
+def tiny_wan(tiny_checkpoint):
+    """``{"t2v_a14b" | "i2v_a14b" | "ti2v_5b": path}`` of tiny Wan2.2 checkpoints (seed 0),
+    each built on first use."""
+    from ithaca.testing.tiny_wan import build_tiny_wan
+
+    class Lazy(dict):
+        def __missing__(self, kind: str) -> str:
+            return self.setdefault(kind, tiny_checkpoint(build_tiny_wan, kind))
+
+    return Lazy()
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory):
+    """The one real-server fixture: ``serve(*cli_args, env=, api_key=)`` starts ``ithaca
+    serve`` and waits for ``/health``; every server it started stops when the module ends."""
+    from tests.server.harness import serving
+
+    with contextlib.ExitStack() as stack:
+
+        def start(*args: str, env: dict | None = None, api_key: str | None = None,
+                  timeout: float = 240.0):  # fmt: skip
+            state = str(tmp_path_factory.mktemp("serve"))
+            running = contextlib.contextmanager(serving)
+            return stack.enter_context(
+                running(*args, state_dir=state, env=env, api_key=api_key, timeout=timeout)
+            )
+
+        yield start
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,7 +6,7 @@ Usage::
     python -m tools.support_matrix --records FILE   # render earlier records
 
 The model tests (:data:`TESTS`) append one JSON line per passed parity check to
-``$ITHACA_SUPPORT_RECORD`` (``tests/models/_families_run.record``): family, layout, cache
+``$ITHACA_SUPPORT_RECORD`` (``tests/models/harness.record``): family, layout, cache
 method, the measured max latent error and max uint8 image difference. A cell of the
 table exists only if a check of that family x layout x cache method passed in the
 recorded run; nothing is written by hand. Without ``--records`` the tests run first (a

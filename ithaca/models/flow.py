@@ -195,6 +195,23 @@ class FlowMatchPipeline(DenoisingPipeline):
     def encode_prompt(self, text: str):
         raise NotImplementedError
 
+    def tokens(self, text: str, length: int | None = None, tokenizer=None, **kwargs):
+        """``text`` padded (and truncated) to ``length`` tokens (default: the tokenizer's
+        maximum) by ``tokenizer`` (default: ``self.tokenizer``), on this rank's device:
+        ``input_ids`` and ``attention_mask`` ``(1, length)``."""
+        tokenizer = tokenizer or self.tokenizer
+        length = length or tokenizer.model_max_length
+        return tokenizer(text, padding="max_length", max_length=length, truncation=True,
+                         return_tensors="pt", **kwargs).to(self.device)  # fmt: skip
+
+    def chat(self, content: str, **kwargs) -> str:
+        """``content`` as one user turn of the tokenizer's chat template, with the
+        generation prompt (``kwargs``: the template's switches, e.g. ``enable_thinking``)."""
+        turn = [{"role": "user", "content": content}]
+        return self.tokenizer.apply_chat_template(
+            turn, tokenize=False, add_generation_prompt=True, **kwargs
+        )
+
     def condition(self, request: Request) -> dict[str, Any]:
         p = request.params
         cond = {"positive": self.encode_prompt(p.prompt)}

@@ -22,11 +22,10 @@ image follows the latents and uint8 comparisons mean something.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-import torch
+from ithaca.testing.parts import qwen2_5_vl, save_pipeline, seeded, sharpen_decoder
 
 WORDS = [
     "a",
@@ -124,13 +123,6 @@ def t5_tokenizer(max_length: int = 512):
 
 
 # -- encoders --------------------------------------------------------------------
-def _seeded(seed: int, build):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build()
-    return model.eval()
-
-
 def clip_text_model(tok, seed: int, with_projection: bool = False, hidden: int = TEXT_HIDDEN):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -148,7 +140,7 @@ def clip_text_model(tok, seed: int, with_projection: bool = False, hidden: int =
         pad_token_id=eos,
     )
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return _seeded(seed, lambda: cls(config))
+    return seeded(seed, lambda: cls(config))
 
 
 def t5_encoder(tok, seed: int, hidden: int = TEXT_HIDDEN):
@@ -166,17 +158,7 @@ def t5_encoder(tok, seed: int, hidden: int = TEXT_HIDDEN):
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
     )
-    return _seeded(seed, lambda: T5EncoderModel(config))
-
-
-def sharpen_decoder(decoder: torch.nn.Module, *extra: torch.nn.Module) -> None:
-    """Zero a random decoder's biases and double its output layer (see the module doc)."""
-    with torch.no_grad():
-        for module in (decoder, *extra):
-            for name, param in module.named_parameters():
-                if name.endswith("bias"):
-                    param.zero_()
-        decoder.conv_out.weight.mul_(2.0)
+    return seeded(seed, lambda: T5EncoderModel(config))
 
 
 def autoencoder_kl(
@@ -200,7 +182,7 @@ def autoencoder_kl(
             use_post_quant_conv=False,
         )
 
-    vae = _seeded(seed, build)
+    vae = seeded(seed, build)
     sharpen_decoder(vae.decoder)
     return vae
 
@@ -217,55 +199,49 @@ FLUX_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=
 """FLUX.1-dev's published scheduler settings (LongCat-Image and Ovis-Image use them too)."""
 
 
-def save_pipeline(path: Path, class_name: str, parts: dict, classes: dict | None = None) -> Path:
-    """Save every part in its subfolder and write ``model_index.json``: each part's
-    ``(library, class)`` is its own type's unless ``classes`` names it (or names a
-    component the checkpoint lacks: ``(None, None)``)."""
-    index = {"_class_name": class_name, "_diffusers_version": "0.42.1"}
-    for name, part in parts.items():
-        part.save_pretrained(path / name)
-        index[name] = [type(part).__module__.partition(".")[0], type(part).__name__]
-    index.update({name: list(value) for name, value in (classes or {}).items()})
-    index = dict(sorted(index.items(), key=lambda kv: (not kv[0].startswith("_"), kv[0])))
-    (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return path
-
-
-# -- FLUX.1 ------------------------------------------------------------------------
-def build_tiny_flux(path: str | os.PathLike, seed: int = 0, guidance_embeds: bool = True) -> Path:
-    """A tiny FLUX.1-dev (``guidance_embeds=True``) or -schnell checkpoint at ``path``."""
-    from diffusers import FluxTransformer2DModel
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer()
-    transformer = _seeded(
-        seed + 1,
-        lambda: FluxTransformer2DModel(
+# -- FLUX.1 and its relatives (LongCat-Image, Ovis-Image) -------------------------
+def flux_like(cls, seed: int, in_channels: int = 16, **config):
+    """A FLUX-layout transformer of class ``cls``: 2 double + 2 single blocks, 4 heads of 16."""
+    return seeded(
+        seed,
+        lambda: cls(
             patch_size=1,
-            in_channels=16,
+            in_channels=in_channels,
             num_layers=2,
             num_single_layers=2,
             attention_head_dim=16,
             num_attention_heads=4,
             joint_attention_dim=TEXT_HIDDEN,
-            pooled_projection_dim=TEXT_HIDDEN,
-            guidance_embeds=guidance_embeds,
             axes_dims_rope=(4, 6, 6),
+            **config,
         ),
     )
+
+
+def flux_family(path, class_name: str, seed: int, parts: dict, classes: dict | None = None,
+                vae_channels: int = 4, vae_stages: int = 2) -> Path:  # fmt: skip
+    """Save ``parts`` (transformer, encoders, tokenizers) with FLUX.1's VAE and scheduler."""
+    vae = autoencoder_kl(seed + 2, vae_channels, 0.3611, 0.1159, vae_stages)
+    parts = {**parts, "vae": vae, "scheduler": flow_scheduler(**FLUX_SCHEDULER)}
+    return save_pipeline(Path(path), class_name, parts, classes)
+
+
+def build_tiny_flux(path: str | os.PathLike, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """A tiny FLUX.1-dev (``guidance_embeds=True``) or -schnell checkpoint at ``path``."""
+    from diffusers import FluxTransformer2DModel
+
+    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer()
     parts = {
-        "transformer": transformer,
-        "vae": autoencoder_kl(seed + 2, 4, 0.3611, 0.1159),
+        "transformer": flux_like(FluxTransformer2DModel, seed + 1, guidance_embeds=guidance_embeds,
+                                 pooled_projection_dim=TEXT_HIDDEN),
         "text_encoder": clip_text_model(clip_tok, seed + 3),
         "text_encoder_2": t5_encoder(t5_tok, seed + 4),
         "tokenizer": clip_tok,
         "tokenizer_2": t5_tok,
-        "scheduler": flow_scheduler(**FLUX_SCHEDULER),
-    }
+    }  # fmt: skip
     classes = {"tokenizer_2": ("transformers", "T5TokenizerFast"),
                "image_encoder": (None, None), "feature_extractor": (None, None)}  # fmt: skip
-    return save_pipeline(path, "FluxPipeline", parts, classes)
+    return flux_family(path, "FluxPipeline", seed, parts, classes)
 
 
 # -- Z-Image -----------------------------------------------------------------------
@@ -308,17 +284,15 @@ def qwen3_text_encoder(tok, seed: int, hidden: int = TEXT_HIDDEN):
         bos_token_id=pad,
         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
     )
-    return _seeded(seed, lambda: Qwen3Model(config))
+    return seeded(seed, lambda: Qwen3Model(config))
 
 
 def build_tiny_z_image(path: str | os.PathLike, seed: int = 0) -> Path:
     """A tiny Z-Image-Turbo checkpoint at ``path``: 30 heads of 8, 2 + 2 + 2 blocks."""
     from diffusers import ZImageTransformer2DModel
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tok = qwen3_tokenizer()
-    transformer = _seeded(
+    transformer = seeded(
         seed + 1,
         lambda: ZImageTransformer2DModel(
             all_patch_size=(2,),
@@ -344,7 +318,7 @@ def build_tiny_z_image(path: str | os.PathLike, seed: int = 0) -> Path:
             num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False
         ),
     }
-    return save_pipeline(path, "ZImagePipeline", parts)
+    return save_pipeline(Path(path), "ZImagePipeline", parts)
 
 
 # -- SD3 / SD3.5 ---------------------------------------------------------------------
@@ -356,11 +330,9 @@ def build_tiny_sd3(path: str | os.PathLike, seed: int = 0, dual_attention: bool 
     """
     from diffusers import SD3Transformer2DModel
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer(max_length=256)
     clip_hidden = TEXT_HIDDEN // 2  # both CLIP widths side by side fit T5's width
-    transformer = _seeded(
+    transformer = seeded(
         seed + 1,
         lambda: SD3Transformer2DModel(
             sample_size=16,
@@ -396,55 +368,10 @@ def build_tiny_sd3(path: str | os.PathLike, seed: int = 0, dual_attention: bool 
     }
     classes = {"tokenizer_3": ("transformers", "T5TokenizerFast"),
                "image_encoder": (None, None), "feature_extractor": (None, None)}  # fmt: skip
-    return save_pipeline(path, "StableDiffusion3Pipeline", parts, classes)
+    return save_pipeline(Path(path), "StableDiffusion3Pipeline", parts, classes)
 
 
 # -- LongCat-Image -----------------------------------------------------------------
-def qwen2_5_vl_text_encoder(tok, seed: int, hidden: int = TEXT_HIDDEN):
-    """A 2-layer Qwen2.5-VL (its vision tower is built but unused by text-only prompts)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")}
-    special = {
-        name: tok.convert_tokens_to_ids(token)
-        for name, token in (
-            ("image_token_id", "<|image_pad|>"),
-            ("video_token_id", "<|video_pad|>"),
-            ("vision_start_token_id", "<|vision_start|>"),
-            ("vision_end_token_id", "<|vision_end|>"),
-        )
-    }
-    config = Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": len(tok),
-            "hidden_size": hidden,
-            "intermediate_size": 2 * hidden,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "max_position_embeddings": 2048,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 1000000.0,
-                "mrope_section": [2, 3, 3],
-            },
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-        },
-        vision_config={
-            "depth": 1,
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_heads": 2,
-            "out_hidden_size": hidden,
-            "fullatt_block_indexes": [0],
-        },
-        **special,
-    )
-    return _seeded(seed, lambda: Qwen2_5_VLForConditionalGeneration(config))
-
-
 def build_tiny_longcat_image(path: str | os.PathLike, seed: int = 0, edit: bool = False) -> Path:
     """A tiny LongCat-Image (or, ``edit=True``, -Edit) checkpoint at ``path``.
 
@@ -458,41 +385,23 @@ def build_tiny_longcat_image(path: str | os.PathLike, seed: int = 0, edit: bool 
     """
     from diffusers import LongCatImageTransformer2DModel
 
-    from ithaca.testing.tiny import build_image_processor, train_tokenizer
+    from ithaca.testing.tiny import save_processor, train_tokenizer
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer()
-    transformer = _seeded(
-        seed + 1,
-        lambda: LongCatImageTransformer2DModel(
-            patch_size=1,
-            in_channels=64,
-            num_layers=2,
-            num_single_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=4,
-            joint_attention_dim=TEXT_HIDDEN,
-            pooled_projection_dim=TEXT_HIDDEN,
-            axes_dims_rope=[4, 6, 6],
-        ),
-    )
-    parts = {
-        "transformer": transformer,
-        "vae": autoencoder_kl(seed + 2, 16, 0.3611, 0.1159, 4 if edit else 2),
-        "text_encoder": qwen2_5_vl_text_encoder(tok, seed + 3),
-        "tokenizer": tok,
-        "scheduler": flow_scheduler(**FLUX_SCHEDULER),
-    }
     text_processor = (None, None)
     if edit:
-        build_image_processor().save_pretrained(path / "text_processor")
-        tok.save_pretrained(path / "text_processor")
-        config = {"processor_class": "Qwen2VLProcessor"}
-        (path / "text_processor" / "processor_config.json").write_text(json.dumps(config) + "\n")
+        save_processor(tok, path / "text_processor")
         text_processor = ("transformers", "Qwen2VLProcessor")
+    parts = {
+        "transformer": flux_like(LongCatImageTransformer2DModel, seed + 1, 64,
+                                 pooled_projection_dim=TEXT_HIDDEN),
+        "text_encoder": qwen2_5_vl(tok, seed + 3, TEXT_HIDDEN, depth=1, fullatt_block_indexes=[0]),
+        "tokenizer": tok,
+    }  # fmt: skip
     name = "LongCatImageEditPipeline" if edit else "LongCatImagePipeline"
-    return save_pipeline(path, name, parts, {"text_processor": text_processor})
+    return flux_family(path, name, seed, parts, {"text_processor": text_processor}, 16,
+                       4 if edit else 2)  # fmt: skip
 
 
 # -- Ovis-Image ----------------------------------------------------------------------
@@ -500,28 +409,10 @@ def build_tiny_ovis_image(path: str | os.PathLike, seed: int = 0) -> Path:
     """A tiny Ovis-Image checkpoint at ``path``: FLUX-like, 2 + 2 blocks, 4 heads of 16."""
     from diffusers import OvisImageTransformer2DModel
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tok = qwen3_tokenizer()
-    transformer = _seeded(
-        seed + 1,
-        lambda: OvisImageTransformer2DModel(
-            patch_size=1,
-            in_channels=16,
-            out_channels=16,
-            num_layers=2,
-            num_single_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=4,
-            joint_attention_dim=TEXT_HIDDEN,
-            axes_dims_rope=(4, 6, 6),
-        ),
-    )
     parts = {
-        "transformer": transformer,
-        "vae": autoencoder_kl(seed + 2, 4, 0.3611, 0.1159),
+        "transformer": flux_like(OvisImageTransformer2DModel, seed + 1, out_channels=16),
         "text_encoder": qwen3_text_encoder(tok, seed + 3),
         "tokenizer": tok,
-        "scheduler": flow_scheduler(**FLUX_SCHEDULER),
     }
-    return save_pipeline(path, "OvisImagePipeline", parts)
+    return flux_family(path, "OvisImagePipeline", seed, parts)

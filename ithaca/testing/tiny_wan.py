@@ -26,6 +26,15 @@ from pathlib import Path
 
 import torch
 
+from ithaca.testing.parts import (
+    WAN_SCHEDULER,
+    save_pipeline,
+    seeded,
+    sharpen_decoder,
+    umt5_encoder,
+    wan_transformer,
+)
+
 KINDS = {
     # kind: (pipeline class, two experts, boundary_ratio, expand_timesteps)
     "t2v_a14b": ("WanPipeline", True, 0.875, False),
@@ -67,53 +76,6 @@ def train_tokenizer():
     return T5Tokenizer(vocab=specials + pieces, extra_ids=0)
 
 
-def _build_text_encoder(vocab_size: int, seed: int):
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    config = UMT5Config(
-        vocab_size=vocab_size,
-        d_model=TEXT_DIM,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = UMT5EncoderModel(config)
-    return model.eval()
-
-
-def _build_transformer(seed: int, in_channels: int, out_channels: int):
-    from diffusers import WanTransformer3DModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=16,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            text_dim=TEXT_DIM,
-            freq_dim=32,
-            ffn_dim=64,
-            num_layers=2,
-            cross_attn_norm=True,
-            rope_max_seq_len=64,
-        )
-        # A random init leaves the modulation tables near zero and the output projection
-        # tiny; scale them so that the experts and the conditioning visibly matter.
-        with torch.no_grad():
-            model.proj_out.weight.mul_(8.0)
-    return model.eval()
-
-
 def _build_vae(seed: int, wan22: bool):
     from diffusers import AutoencoderKLWan
 
@@ -126,73 +88,50 @@ def _build_vae(seed: int, wan22: bool):
         layout.update(
             is_residual=True, in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16
         )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoencoderKLWan(
+    model = seeded(
+        seed,
+        lambda: AutoencoderKLWan(
             temperal_downsample=[False, True, True], latents_mean=mean, latents_std=std, **layout
-        )
-        # As in the tiny Qwen-Image VAE: without decoder biases the frames follow the
-        # latents instead of being a near-constant grey, so uint8 comparisons mean something.
-        with torch.no_grad():
-            for module in (model.decoder, model.post_quant_conv):
-                for name, param in module.named_parameters():
-                    if name.endswith("bias"):
-                        param.zero_()
-            model.decoder.conv_out.weight.mul_(2.0)
-    return model.eval()
-
-
-def _build_scheduler():
-    from diffusers import UniPCMultistepScheduler
-
-    # The flow-matching UniPC the Wan2.2 checkpoints ship (flow_shift is a request knob).
-    return UniPCMultistepScheduler(
-        prediction_type="flow_prediction",
-        use_flow_sigmas=True,
-        flow_shift=3.0,
-        num_train_timesteps=1000,
-        solver_order=2,
-        final_sigmas_type="zero",
+        ),
     )
+    # As in the tiny Qwen-Image VAE: frames that follow the latents, not a constant grey.
+    sharpen_decoder(model.decoder, model.post_quant_conv)
+    return model
+
+
+def _build_transformer(seed: int, in_channels: int, out_channels: int):
+    model = wan_transformer(seed, 2, 16, (in_channels, out_channels), text_dim=TEXT_DIM,
+                            freq_dim=32, ffn_dim=64, num_layers=2)  # fmt: skip
+    # A random init leaves the modulation tables near zero and the output projection
+    # tiny; scale them so that the experts and the conditioning visibly matter.
+    with torch.no_grad():
+        model.proj_out.weight.mul_(8.0)
+    return model
 
 
 def build_tiny_wan(path: str | os.PathLike, kind: str = "t2v_a14b", seed: int = 0) -> Path:
     """Write a tiny Wan2.2 checkpoint of ``kind`` to ``path``; return the path."""
+    from diffusers import UniPCMultistepScheduler
+
     if kind not in KINDS:
         raise ValueError(f"kind ({kind!r}) must be one of {sorted(KINDS)}")
     class_name, two_experts, boundary_ratio, expand_timesteps = KINDS[kind]
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer()
-    wan22_vae = kind == "ti2v_5b"
-    vae = _build_vae(seed + 3, wan22_vae)
+    vae = _build_vae(seed + 3, kind == "ti2v_5b")
     z = vae.config.z_dim
-    in_channels = 2 * z + 4 if kind == "i2v_a14b" else z
-    components = {
-        "text_encoder": ("transformers", "UMT5EncoderModel"),
-        "tokenizer": ("transformers", "T5Tokenizer"),
-        "vae": ("diffusers", "AutoencoderKLWan"),
-        "scheduler": ("diffusers", "UniPCMultistepScheduler"),
-        "transformer": ("diffusers", "WanTransformer3DModel"),
-        "transformer_2": (None, None),
+    channels = (2 * z + 4 if kind == "i2v_a14b" else z, z)
+    parts = {
+        "transformer": _build_transformer(seed + 1, *channels),
+        "vae": vae,
+        "text_encoder": umt5_encoder(len(tok), seed, TEXT_DIM, d_kv=8, buckets=8, distance=32),
+        "tokenizer": tok,
+        "scheduler": UniPCMultistepScheduler(**WAN_SCHEDULER),
     }
-    _build_transformer(seed + 1, in_channels, z).save_pretrained(path / "transformer")
+    classes = {"transformer_2": (None, None)}
     if two_experts:
-        _build_transformer(seed + 2, in_channels, z).save_pretrained(path / "transformer_2")
-        components["transformer_2"] = ("diffusers", "WanTransformer3DModel")
-    vae.save_pretrained(path / "vae")
-    _build_text_encoder(len(tok), seed).save_pretrained(path / "text_encoder")
-    tok.save_pretrained(path / "tokenizer")
-    _build_scheduler().save_pretrained(path / "scheduler")
+        parts["transformer_2"] = _build_transformer(seed + 2, *channels)
+        del classes["transformer_2"]
     if class_name == "WanImageToVideoPipeline":
-        components["image_encoder"] = (None, None)
-        components["image_processor"] = (None, None)
-    index = {
-        "_class_name": class_name,
-        "_diffusers_version": "0.42.1",
-        "boundary_ratio": boundary_ratio,
-        "expand_timesteps": expand_timesteps,
-    }
-    index.update({k: list(v) for k, v in sorted(components.items())})
-    (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return path
+        classes.update(image_encoder=(None, None), image_processor=(None, None))
+    extra = {"boundary_ratio": boundary_ratio, "expand_timesteps": expand_timesteps}
+    return save_pipeline(Path(path), class_name, parts, classes, extra)

@@ -8,13 +8,12 @@ import pytest
 
 from ithaca.engine.engine import Engine
 from ithaca.engine.executor import InProcessExecutor, PipelineSpec
-from ithaca.testing.tiny import build_tiny_qwen_image
 from ithaca.types import GenerationParams
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    path = str(build_tiny_qwen_image(tmp_path_factory.mktemp("tiny") / "t2i", "t2i"))
+def engine(tiny_checkpoints):
+    path = tiny_checkpoints["t2i"]
     engine = Engine(
         [InProcessExecutor(PipelineSpec(path))], max_batch_size=4, batch_wait_ms=0,
         continuous=True,

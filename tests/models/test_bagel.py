@@ -24,7 +24,7 @@ from tests.models._bagel_golden import (
     psnr,
     requires_golden,
 )
-from tests.models._families_run import record
+from tests.models.harness import record
 
 pytestmark = requires_golden
 MARKERS = (329, 330)

@@ -19,16 +19,13 @@ import torch
 from PIL import Image
 
 from tests.models._bagel_golden import CHECKPOINT, GOLDEN, image_levels, load_case, requires_golden
-from tests.server.harness import serving
 
 pytestmark = requires_golden
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    state_dir = str(tmp_path_factory.mktemp("bagel_state"))
-    args = (CHECKPOINT, "--executor", "inprocess", "--served-model-name", "bagel-tiny")
-    yield from serving(*args, state_dir=state_dir)
+def server(serve):
+    return serve(CHECKPOINT, "--executor", "inprocess", "--served-model-name", "bagel-tiny")
 
 
 def _client(server) -> openai.OpenAI:

@@ -5,7 +5,7 @@ batch steps and the images equal the 1-rank step batch within 1/255."""
 import numpy as np
 import pytest
 
-from tests.models._run import stepwise_join
+from tests.models.harness import stepwise_join
 
 BATCH = [
     dict(prompt="a red cat", negative_prompt="blurry", width=32, height=32,

@@ -38,7 +38,7 @@ from ithaca.models.registry import load_pipeline
 from ithaca.models.sd3.pipeline import StableDiffusion3Pipeline
 from ithaca.models.z_image.pipeline import ZImagePipeline
 from ithaca.parallel import ParallelState
-from tests.models._families_run import LAYOUTS, check_layout, generate, record
+from tests.models.harness import LAYOUTS, check_layout, generate, record
 
 STEPS = 5
 NEVER = {

@@ -17,7 +17,7 @@ from ithaca.models.flux.pipeline import FluxPipeline
 from ithaca.models.registry import load_pipeline
 from ithaca.parallel import ParallelState
 from ithaca.types import GenerationParams
-from tests.models._families_run import (
+from tests.models.harness import (
     FLUX_STYLE_HOOKS,
     LAYOUTS,
     check_family_layout,

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from ithaca.models.longcat_image.pipeline import LongCatImageEditPipeline
-from tests.models._families_run import (
+from tests.models.harness import (
     LAYOUTS,
     check_layout,
     check_reference,

@@ -20,7 +20,7 @@ from ithaca.models.registry import load_pipeline
 from ithaca.models.sd3.pipeline import StableDiffusion3Pipeline
 from ithaca.parallel import ParallelState
 from ithaca.types import GenerationParams
-from tests.models._families_run import (
+from tests.models.harness import (
     CFG_REQUEST,
     FLUX_STYLE_HOOKS,
     LAYOUTS,

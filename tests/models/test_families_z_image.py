@@ -21,8 +21,8 @@ from ithaca.models.z_image.pipeline import ZImagePipeline
 from ithaca.models.z_image.transformer import pad_heads, z_image_sp_plan
 from ithaca.parallel import ParallelState, validate_sp_plan
 from ithaca.types import GenerationParams
-from tests.models._families_run import LAYOUTS as FAMILY_LAYOUTS
-from tests.models._families_run import (
+from tests.models.harness import LAYOUTS as FAMILY_LAYOUTS
+from tests.models.harness import (
     check_layout,
     check_reference,
     diffusers_reference,

@@ -27,8 +27,8 @@ from ithaca.models.registry import load_pipeline
 from ithaca.parallel import ParallelState
 from ithaca.testing.lora import random_lora, save_peft_folder, save_safetensors
 from ithaca.types import GenerationParams, LoraRef
-from tests.models import _families_run
-from tests.models._families_run import (
+from tests.models import harness
+from tests.models.harness import (
     LAYOUTS,
     check_layout,
     check_reference,
@@ -64,7 +64,7 @@ def flux(tiny_family, tmp_path_factory):
 def reference_loras(loras):
     """diffusers' reference pipelines load ``loras`` ``(name, path, scale)`` and
     ``set_adapters`` them with those scales."""
-    original = _families_run._load_reference
+    original = harness._load_reference
 
     def load(class_name, path):
         pipe = original(class_name, path)
@@ -75,7 +75,7 @@ def reference_loras(loras):
         pipe.set_adapters([n for n, _, _ in loras], [s for _, _, s in loras])
         return pipe
 
-    with mock.patch.object(_families_run, "_load_reference", load):
+    with mock.patch.object(harness, "_load_reference", load):
         yield
 
 
@@ -171,7 +171,7 @@ def test_peft_loha_folder_equals_peft_on_diffusers(flux):
     folder = save_peft_folder(flux["model"], flux["root"] / "loha", kind="loha", seed=5)
     ours = generate({}, flux["path"], [dict(REQUEST, lora=_refs(("h", 1.0)))],
                     loras=(("h", folder, 1.0),))  # fmt: skip
-    original = _families_run._load_reference
+    original = harness._load_reference
 
     def load(class_name, path):  # peft itself on the reference's transformer
         pipe = original(class_name, path)
@@ -180,7 +180,7 @@ def test_peft_loha_folder_equals_peft_on_diffusers(flux):
         set_peft_model_state_dict(pipe.transformer, weights, adapter_name="h")
         return pipe
 
-    with mock.patch.object(_families_run, "_load_reference", load):
+    with mock.patch.object(harness, "_load_reference", load):
         reference = diffusers_reference(flux["path"], REQUEST)
     check_reference(ours, 0, reference)
     assert max_image_diff(ours[0][0], diffusers_reference(flux["path"], REQUEST)[1]) > 8

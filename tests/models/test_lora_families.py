@@ -14,7 +14,7 @@ import pytest
 from ithaca.testing.lora import random_lora, save_safetensors, to_comfy
 from ithaca.types import GenerationParams, LoraRef
 from tests.models import test_qwen_image
-from tests.models._families_run import generate, max_image_diff
+from tests.models.harness import generate, max_image_diff
 
 
 def _load(pipe, file, name, **kwargs):
@@ -52,14 +52,14 @@ def test_qwen_image_comfy_file_equals_diffusers(tiny_checkpoints, tmp_path):
     assert max_image_diff(ours[0][0], list(base_images)) > 8  # the adapter does something
 
 
-def test_wan_adapter_per_expert_equals_diffusers(tmp_path):
+def test_wan_adapter_per_expert_equals_diffusers(tmp_path, tiny_wan):
     from diffusers import WanPipeline as RefWanPipeline
     from diffusers import WanTransformer3DModel
 
-    from tests.models._wan_run import max_frame_diff, tiny_wan_paths
+    from tests.models.harness import max_frame_diff
     from tests.models.test_wan import T2V, _reference
 
-    path = tiny_wan_paths(tmp_path / "wan")["t2v_a14b"]
+    path = tiny_wan["t2v_a14b"]
     model = WanTransformer3DModel.from_pretrained(path, subfolder="transformer")
     targets = ("attn1.to_q", "attn1.to_k", "attn2.to_v", "ffn.net.2", "proj_out")
     high = save_safetensors(
@@ -70,7 +70,7 @@ def test_wan_adapter_per_expert_equals_diffusers(tmp_path):
     lora = (LoraRef("hi", 0.8, "high_noise"), LoraRef("lo", 1.2, "low_noise"))
     from ithaca.models.registry import load_pipeline
     from ithaca.parallel import ParallelState
-    from tests.models._wan_run import run_pipeline
+    from tests.models.harness import run_pipeline
 
     pipe = load_pipeline(path, ParallelState.single())
     pipe.load_lora("hi", high)
@@ -103,14 +103,13 @@ def test_wan_adapter_per_expert_equals_diffusers(tmp_path):
     assert not np.array_equal(frames[0], base[0])
 
 
-def test_wan_expert_must_name_one_of_its_experts(tmp_path):
+def test_wan_expert_must_name_one_of_its_experts(tmp_path, tiny_wan):
     from diffusers import WanTransformer3DModel
 
     from ithaca.models.registry import load_pipeline
     from ithaca.parallel import ParallelState
-    from tests.models._wan_run import tiny_wan_paths
 
-    path = tiny_wan_paths(tmp_path / "wan")["t2v_a14b"]
+    path = tiny_wan["t2v_a14b"]
     model = WanTransformer3DModel.from_pretrained(path, subfolder="transformer")
     file = save_safetensors(random_lora(model, targets=("attn1.to_q",)), tmp_path / "x.safetensors")
     pipe = load_pipeline(path, ParallelState.single())
@@ -123,11 +122,11 @@ def test_wan_expert_must_name_one_of_its_experts(tmp_path):
 
 
 def wan_generate(layout: dict, path: str, batch: list[dict], loras: tuple):
-    """``_wan_run.generate`` with ``loras`` ``(name, path, scale)`` loaded on every rank."""
+    """``harness.generate_video`` with ``loras`` ``(name, path, scale)`` loaded on every rank."""
     from ithaca.config import ParallelConfig
     from ithaca.models.registry import load_pipeline
     from ithaca.testing.distributed import parallel_state
-    from tests.models._wan_run import run_pipeline
+    from tests.models.harness import run_pipeline
 
     with parallel_state(ParallelConfig(**layout)) as state:
         pipe = load_pipeline(path, state)
@@ -140,13 +139,13 @@ def wan_generate(layout: dict, path: str, batch: list[dict], loras: tuple):
         return frames, latents, moved
 
 
-def test_wan_ulysses2_with_adapters_equals_one_rank(worker_pool, tmp_path):
+def test_wan_ulysses2_with_adapters_equals_one_rank(worker_pool, tmp_path, tiny_wan):
     from diffusers import WanTransformer3DModel
 
-    from tests.models._wan_run import max_frame_diff, tiny_wan_paths
+    from tests.models.harness import max_frame_diff
     from tests.models.test_wan import T2V
 
-    path = tiny_wan_paths(tmp_path / "wan")["t2v_a14b"]
+    path = tiny_wan["t2v_a14b"]
     model = WanTransformer3DModel.from_pretrained(path, subfolder="transformer")
     targets = ("attn1.to_q", "attn2.to_v", "ffn.net.2", "proj_out")
     file = save_safetensors(random_lora(model, seed=9, targets=targets), tmp_path / "w.safetensors")

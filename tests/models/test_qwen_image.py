@@ -23,7 +23,7 @@ from ithaca.models.qwen_image import templates
 from ithaca.parallel import ParallelState
 from ithaca.testing.tiny import build_tiny_qwen_image
 from ithaca.types import GenerationParams
-from tests.models._families_run import max_image_diff, record
+from tests.models.harness import max_image_diff, record
 
 LATENT_TOL = 1e-5
 

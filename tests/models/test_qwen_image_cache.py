@@ -13,7 +13,7 @@ from ithaca.config import ParallelConfig
 from ithaca.models.registry import load_pipeline
 from ithaca.testing.distributed import parallel_state
 from ithaca.types import GenerationParams
-from tests.models._families_run import record
+from tests.models.harness import record
 
 REQUEST = dict(
     prompt="a red cat on a mat",

@@ -21,7 +21,7 @@ import pytest
 
 from ithaca.testing.tiny import build_tiny_qwen_image
 from ithaca.types import GenerationParams
-from tests.models._families_run import check_layout, generate, record, world_size
+from tests.models.harness import check_layout, generate, record, world_size
 from tests.models.test_qwen_image import edit_images, run_ours, run_reference
 
 LAYOUTS = {

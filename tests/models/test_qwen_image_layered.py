@@ -25,7 +25,7 @@ from ithaca.models.registry import load_pipeline, pipeline_class
 from ithaca.parallel import ParallelState
 from ithaca.testing.tiny import build_tiny_qwen_image
 from ithaca.types import GenerationParams
-from tests.models._families_run import (
+from tests.models.harness import (
     LAYOUTS,
     check_family_layout,
     check_reference,
@@ -50,8 +50,8 @@ CAPTION_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return str(build_tiny_qwen_image(tmp_path_factory.mktemp("layered") / "ckpt", "layered"))
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint(build_tiny_qwen_image, "layered")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.models._families_run import check_layout, generate, record, world_size
+from tests.models.harness import check_layout, generate, record, world_size
 from tests.models.test_qwen_image_layered import CFG, checkpoint  # noqa: F401 - fixture
 
 LAYOUTS = {

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.models._families_run import record
-from tests.models._run import cancel_after_first_step, fail_on_rank0, generate
+from tests.models.harness import cancel_after_first_step, fail_on_rank0, generate_fused, record
 
 # Two requests in one batch: different prompt lengths (padded text with a mask),
 # true CFG, two images for the first request.
@@ -39,7 +38,7 @@ LATENT_TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoints):
-    return generate({}, tiny_checkpoints["t2i"], T2I_BATCH)
+    return generate_fused({}, tiny_checkpoints["t2i"], T2I_BATCH)
 
 
 def check(results, reference, layout):
@@ -72,21 +71,21 @@ def check(results, reference, layout):
 @pytest.mark.parametrize("name", LAYOUTS_2)
 def test_two_ranks(worker_pool, tiny_checkpoints, reference, name):
     layout = LAYOUTS_2[name]
-    results = worker_pool(2).run(generate, layout, tiny_checkpoints["t2i"], T2I_BATCH)
+    results = worker_pool(2).run(generate_fused, layout, tiny_checkpoints["t2i"], T2I_BATCH)
     record("Qwen-Image", name, *check(results, reference, layout))
 
 
 @pytest.mark.parametrize("name", LAYOUTS_4)
 def test_four_ranks(worker_pool, tiny_checkpoints, reference, name):
     layout = LAYOUTS_4[name]
-    results = worker_pool(4).run(generate, layout, tiny_checkpoints["t2i"], T2I_BATCH)
+    results = worker_pool(4).run(generate_fused, layout, tiny_checkpoints["t2i"], T2I_BATCH)
     record("Qwen-Image", name, *check(results, reference, layout))
 
 
 @pytest.mark.slow
 def test_eight_ranks_cfg_ulysses_ring(worker_pool, tiny_checkpoints, reference):
     layout = dict(cfg_parallel_size=2, ulysses_degree=2, ring_degree=2)
-    results = worker_pool(8).run(generate, layout, tiny_checkpoints["t2i"], T2I_BATCH)
+    results = worker_pool(8).run(generate_fused, layout, tiny_checkpoints["t2i"], T2I_BATCH)
     record("Qwen-Image", "cfg2_ulysses2_ring2", *check(results, reference, layout))
 
 
@@ -102,9 +101,9 @@ def test_edit_two_images_hybrid(worker_pool, tiny_checkpoints):
     batch = [dict(prompt="make it red", negative_prompt=" ", true_cfg_scale=4.0, width=96,
                   height=64, num_inference_steps=2, seed=5, images=_edit_inputs())]  # fmt: skip
     path = tiny_checkpoints["edit_plus"]
-    reference = generate({}, path, batch)
+    reference = generate_fused({}, path, batch)
     layout = dict(ulysses_degree=2, ring_degree=2)
-    results = worker_pool(4).run(generate, layout, path, batch)
+    results = worker_pool(4).run(generate_fused, layout, path, batch)
     record("Qwen-Image-Edit-2509", "hybrid2x2", *check(results, reference, layout))
 
 

@@ -18,8 +18,7 @@ import pytest
 import torch
 
 from ithaca.models.shapes import shipped_checkpoint_path
-from tests.models._families_run import record
-from tests.models._run import generate
+from tests.models.harness import generate_fused, record
 from tools.shapes import analysis, scenes
 from tools.shapes.evaluate import TARGETS, DiffusersGenerator, heldout_cases, run
 
@@ -187,8 +186,7 @@ PARITY_BATCH = [
 
 @pytest.fixture(scope="module")
 def one_rank():
-    torch.set_num_threads(2)
-    return generate({}, shipped_checkpoint_path(), PARITY_BATCH)
+    return generate_fused({}, shipped_checkpoint_path(), PARITY_BATCH)
 
 
 TWO_RANKS = {"ulysses2": dict(ulysses_degree=2), "ring2": dict(ring_degree=2)}
@@ -198,7 +196,7 @@ TWO_RANKS = {"ulysses2": dict(ulysses_degree=2), "ring2": dict(ring_degree=2)}
 def test_two_ranks_match_one_rank(worker_pool, one_rank, name):
     ref_images, ref_latents, _ = one_rank
     images, latents, info = worker_pool(2).run(
-        generate, TWO_RANKS[name], shipped_checkpoint_path(), PARITY_BATCH
+        generate_fused, TWO_RANKS[name], shipped_checkpoint_path(), PARITY_BATCH
     )[0]
     assert info["sharded"], "the sequence was not sharded"
     err = (latents - ref_latents).abs().max().item()

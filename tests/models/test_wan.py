@@ -31,19 +31,13 @@ from ithaca.models.wan.transformer import (
 from ithaca.parallel import ParallelState, validate_sp_plan
 from ithaca.server.media import encode_mp4
 from ithaca.types import GenerationParams
-from tests.models._families_run import record
-from tests.models._wan_run import FAMILIES, max_frame_diff, run_pipeline, tiny_wan_paths
+from tests.models.harness import FAMILIES, max_frame_diff, record, run_pipeline
 
 LATENT_TOL = 1e-5
 PROMPT = dict(prompt="a red cat walks on a blue street", negative_prompt="blurry, low quality")
 # 9 frames -> 3 latent frames; 48 px -> 3x3 patches: 27 tokens (TI2V, 16x VAE: 3x2x3).
 T2V = dict(PROMPT, num_frames=9, width=48, height=48, num_inference_steps=4, guidance_scale=4.0)
 TI2V = dict(T2V, width=96, height=64, guidance_scale=5.0)
-
-
-@pytest.fixture(scope="session")
-def tiny_wan(tmp_path_factory):
-    return tiny_wan_paths(tmp_path_factory.getbasetemp() / "tiny_wan")
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,7 @@ from ithaca.config import ParallelConfig
 from ithaca.models.registry import load_pipeline
 from ithaca.testing.distributed import parallel_state
 from ithaca.types import GenerationParams
-from tests.models._families_run import record
-from tests.models._wan_run import FAMILIES, tiny_wan_paths
+from tests.models.harness import FAMILIES, record
 
 T2V = dict(
     prompt="a red cat walks on a blue street",
@@ -56,8 +55,8 @@ def run_with_latents(layout: dict, path: str, backend, options):
 
 
 @pytest.fixture(scope="module")
-def t2v(tmp_path_factory):
-    return tiny_wan_paths(tmp_path_factory.getbasetemp() / "tiny_wan")["t2v_a14b"]
+def t2v(tiny_wan):
+    return tiny_wan["t2v_a14b"]
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.models._families_run import record
-from tests.models._wan_run import FAMILIES, generate, max_frame_diff, tiny_wan_paths
+from tests.models.harness import FAMILIES, generate_video, max_frame_diff, record
 
 LATENT_TOL = 1e-4
 T2V = dict(prompt="a red cat walks on a blue street", negative_prompt="blurry", num_frames=9,
@@ -32,14 +31,9 @@ def _image():
     return Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="session")
-def tiny_wan(tmp_path_factory):
-    return tiny_wan_paths(tmp_path_factory.getbasetemp() / "tiny_wan")
-
-
 @pytest.fixture(scope="module")
 def t2v_reference(tiny_wan):
-    return generate({}, tiny_wan["t2v_a14b"], T2V_BATCH)
+    return generate_video({}, tiny_wan["t2v_a14b"], T2V_BATCH)
 
 
 def check(results, reference):
@@ -63,7 +57,7 @@ def check(results, reference):
 @pytest.mark.parametrize("name", TWO_RANKS)
 def test_t2v_two_ranks(worker_pool, tiny_wan, t2v_reference, name):
     layout = TWO_RANKS[name]
-    results = worker_pool(2).run(generate, layout, tiny_wan["t2v_a14b"], T2V_BATCH)
+    results = worker_pool(2).run(generate_video, layout, tiny_wan["t2v_a14b"], T2V_BATCH)
     record(FAMILIES["t2v_a14b"], name, *check(results, t2v_reference))
     assert set(results[0][2]["experts"]) == {0, 1}
     if "cfg_parallel_size" not in layout:
@@ -75,7 +69,7 @@ def test_t2v_two_ranks(worker_pool, tiny_wan, t2v_reference, name):
 
 def test_t2v_hybrid_2x2(worker_pool, tiny_wan, t2v_reference):
     layout = dict(ulysses_degree=2, ring_degree=2)
-    results = worker_pool(4).run(generate, layout, tiny_wan["t2v_a14b"], T2V_BATCH)
+    results = worker_pool(4).run(generate_video, layout, tiny_wan["t2v_a14b"], T2V_BATCH)
     record(FAMILIES["t2v_a14b"], "hybrid2x2", *check(results, t2v_reference))
 
 
@@ -84,9 +78,9 @@ def test_ti2v_image_per_token_timesteps_hybrid_2x2(worker_pool, tiny_wan):
     # per-token timesteps (0 on the image's latent frame) are sharded with the tokens.
     batch = [dict(T2V, width=96, height=64, guidance_scale_2=None, images=[_image()], seed=22)]
     path = tiny_wan["ti2v_5b"]
-    reference = generate({}, path, batch)
+    reference = generate_video({}, path, batch)
     layout = dict(ulysses_degree=2, ring_degree=2)
-    results = worker_pool(4).run(generate, layout, path, batch)
+    results = worker_pool(4).run(generate_video, layout, path, batch)
     err, diff = check(results, reference)
     sharded = [".timestep", *T2V_SHARDED]
     assert all(info["sharded"] == [sharded] for _, _, info in results)
@@ -96,6 +90,6 @@ def test_ti2v_image_per_token_timesteps_hybrid_2x2(worker_pool, tiny_wan):
 def test_i2v_ring2(worker_pool, tiny_wan):
     batch = [dict(T2V, images=[_image()], seed=23)]
     path = tiny_wan["i2v_a14b"]
-    reference = generate({}, path, batch)
-    results = worker_pool(2).run(generate, dict(ring_degree=2), path, batch)
+    reference = generate_video({}, path, batch)
+    results = worker_pool(2).run(generate_video, dict(ring_degree=2), path, batch)
     record(FAMILIES["i2v_a14b"], "ring2", *check(results, reference))

@@ -1,4 +1,5 @@
-"""The one server fixture of the server tests, and its in-process twin.
+"""The server tests' fixtures: the in-process app and the shared smoke server (the one
+real-server factory, ``serve``, is in tests/conftest.py: tests/models use it too).
 
 Pyramid for tests/server: media/protocol/store units without processes
 (test_units.py); route logic (every error class, limits, admission, video jobs,
@@ -8,8 +9,6 @@ smoke tests of a real ``ithaca serve`` (torchrun --usp 2, uvicorn, signals, rest
 ``fake_server``; the tiny Qwen-Image and Wan checkpoints driven by the official openai
 SDK (test_openai_sdk.py, test_edits.py, test_layered.py, test_video_wan.py).
 """
-
-import contextlib
 
 import pytest
 
@@ -27,20 +26,6 @@ def app(tmp_path_factory):
         yield client
     finally:
         client.close()
-
-
-@pytest.fixture(scope="module")
-def serve(tmp_path_factory):
-    """The one real-server fixture: ``serve(*cli_args, env=, api_key=)`` starts ``ithaca
-    serve`` and waits for ``/health``; every server it started stops when the module ends."""
-    with contextlib.ExitStack() as stack:
-
-        def start(*args: str, env: dict | None = None, api_key: str | None = None):
-            state = str(tmp_path_factory.mktemp("serve"))
-            running = contextlib.contextmanager(serving)
-            return stack.enter_context(running(*args, state_dir=state, env=env, api_key=api_key))
-
-        yield start
 
 
 @pytest.fixture(scope="session")

@@ -11,14 +11,12 @@ import pytest
 from PIL import Image
 
 from ithaca.server.media import b64
-from ithaca.testing.tiny import build_tiny_qwen_image
 from tests.server.test_units import png_bytes
 
 
 @pytest.fixture(scope="module")
-def server(serve, tmp_path_factory):
-    model = build_tiny_qwen_image(tmp_path_factory.mktemp("edit_plus") / "ckpt", "edit_plus")
-    return serve(str(model), "--usp", "2", "--served-model-name", "tiny-edit")
+def server(serve, tiny_checkpoints):
+    return serve(tiny_checkpoints["edit_plus"], "--usp", "2", "--served-model-name", "tiny-edit")
 
 
 def pixels(b64_json: str) -> np.ndarray:

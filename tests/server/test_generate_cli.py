@@ -8,7 +8,6 @@ import av
 import pytest
 
 from ithaca.cli import main
-from ithaca.testing.tiny_wan import build_tiny_wan
 
 
 class _Terminal(io.StringIO):
@@ -43,9 +42,9 @@ def test_progress_bar_over_steps_and_quiet(tmp_path, terminal):
     assert "3/3" not in terminal.readouterr()
 
 
-def test_progress_bar_over_frames_for_video(tmp_path, terminal):
+def test_progress_bar_over_frames_for_video(tmp_path, terminal, tiny_wan):
     terminal = terminal()
-    wan = build_tiny_wan(tmp_path / "wan", "t2v_a14b")
+    wan = tiny_wan["t2v_a14b"]
     out = tmp_path / "a.mp4"
     args = ["generate", "--model", str(wan), "--prompt", "a cat", "--width", "32",
             "--height", "32", "--num-frames", "9", "--num-inference-steps", "2",

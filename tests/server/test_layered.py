@@ -20,8 +20,8 @@ STEPS = {"num_inference_steps": 2, "seed": 3}
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return str(build_tiny_qwen_image(tmp_path_factory.mktemp("layered") / "ckpt", "layered"))
+def model(tiny_checkpoint):
+    return tiny_checkpoint(build_tiny_qwen_image, "layered")
 
 
 @pytest.fixture(scope="module")

@@ -19,20 +19,19 @@ import openai
 import pytest
 import torch
 
+from ithaca.models.flux.pipeline import FluxPipeline
 from ithaca.testing.lora import random_lora, save_safetensors
-from ithaca.testing.tiny_families import build_tiny_flux
-from tests.server.harness import ServerProcess
 
 API_KEY = "sk-lora"
 SMALL = {"num_inference_steps": 2, "guidance_scale": 3.5}
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(serve, tiny_family, tmp_path_factory):
     from diffusers import FluxTransformer2DModel
 
     root = tmp_path_factory.mktemp("lora_server")
-    path = str(build_tiny_flux(root / "flux", seed=0))
+    path = tiny_family(FluxPipeline)
     model = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer")
     lora_dir = root / "loras"
     a = save_safetensors(random_lora(model, seed=1), lora_dir / "a.safetensors")
@@ -42,19 +41,14 @@ def setup(tmp_path_factory):
     bad[key] = torch.zeros(5, 4)
     save_safetensors(bad, lora_dir / "bad.safetensors")
     save_safetensors({"x": torch.zeros(1)}, root / "outside.safetensors")
-    server = ServerProcess(
-        path, "--usp", "2", "--api-key", API_KEY, "--lora", f"A={a}:0.8",
+    server = serve(
+        path, "--usp", "2", "--lora", f"A={a}:0.8",
         "--lora-dir", str(lora_dir), "--max-loras", "2", "--max-batch-size", "4",
         "--batch-wait-ms", "100", "--max-queue-size", "32", "--executor", "torchrun",
         "--batch-invariant",  # the test compares exact bytes under concurrency
-        state_dir=str(tmp_path_factory.mktemp("lora_state")),
+        api_key=API_KEY, timeout=300,
     )  # fmt: skip
-    try:
-        server.wait_healthy(300)
-        server.client.headers["Authorization"] = f"Bearer {API_KEY}"
-        yield server, key
-    finally:
-        server.stop()
+    return server, key
 
 
 def _client(server):

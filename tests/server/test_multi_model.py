@@ -12,25 +12,15 @@ import pytest
 
 from ithaca.models.shapes import shipped_checkpoint_path
 from ithaca.server.serve import ModelEntry
-from ithaca.testing.tiny_wan import build_tiny_wan
-from tests.server.harness import ServerProcess
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    wan = build_tiny_wan(tmp_path_factory.mktemp("wan") / "ckpt", "t2v_a14b")
-    server = ServerProcess(
-        shipped_checkpoint_path() + "@name=shapes", "--model", f"{wan}@name=tiny-wan",
-        "--executor", "inprocess",
-        state_dir=str(tmp_path_factory.mktemp("multi_state")),
-    )  # fmt: skip
-    try:
-        server.wait_healthy(300)
-        yield server
-    finally:
-        server.stop()
+def server(serve, tiny_wan):
+    wan = tiny_wan["t2v_a14b"]
+    return serve(shipped_checkpoint_path() + "@name=shapes", "--model", f"{wan}@name=tiny-wan",
+                 "--executor", "inprocess", timeout=300)  # fmt: skip
 
 
 @pytest.fixture

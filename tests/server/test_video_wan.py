@@ -9,15 +9,12 @@ import av
 import openai
 import pytest
 
-from ithaca.testing.tiny_wan import build_tiny_wan
-
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
-def server(serve, tmp_path_factory):
-    model = build_tiny_wan(tmp_path_factory.mktemp("wan") / "ckpt", "t2v_a14b")
-    return serve(str(model), "--usp", "2", "--served-model-name", "tiny-wan")
+def server(serve, tiny_wan):
+    return serve(tiny_wan["t2v_a14b"], "--usp", "2", "--served-model-name", "tiny-wan")
 
 
 def test_sdk_video_on_wan(server):

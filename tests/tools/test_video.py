@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ithaca.models.shapes.vocabulary import known_words
+from tools.shapes.vocabulary import known_words
 from tools.video import clips, components, evaluate
 from tools.video.train import KEY_FRAMES, encode_clips, load_image_vae, vocabulary
 from tools.video.vae import from_image_vae
@@ -15,9 +15,9 @@ from tools.video.vae import from_image_vae
 
 def test_the_checker_is_right_on_ground_truth_and_wrong_on_swapped_clips():
     cases = evaluate.heldout_cases(40, seed=7)
-    truth = [evaluate.check(clips.render_clip(c.clip), c.clip) for c in cases]
+    truth = [evaluate.check(clips.render_clip(c.scene), c.scene) for c in cases]
     assert evaluate.accuracy(truth)["all"] == 1.0
-    moving = [c.clip for c in cases if c.clip.start != c.clip.end]
+    moving = [c.scene for c in cases if c.scene.start != c.scene.end]
     backwards = [
         evaluate.check(clips.render_clip(clip)[::-1], clip) for clip in moving
     ]  # played backwards: start and end swapped

@@ -17,6 +17,7 @@ import sys
 import textwrap
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -29,18 +30,22 @@ HELDOUT_SEED = 1234
 
 @dataclass(frozen=True)
 class Case:
-    scene: scenes.Scene
+    scene: Any
+    """What to draw: a :class:`tools.shapes.scenes.Scene` (video: a ``clips.Clip``)."""
     prompt: str
     seed: int
 
 
-def heldout_cases(n: int, seed: int = HELDOUT_SEED) -> list[Case]:
-    """``n`` held-out scenes, each with one wording and a generation seed."""
+def heldout_cases(
+    n: int, seed: int = HELDOUT_SEED, sample=scenes.sample_scene, describe=scenes.describe
+) -> list[Case]:
+    """``n`` held-out scenes (or clips: ``sample``, ``describe``), each with one wording
+    and a generation seed."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        scene = scenes.sample_scene(rng, "heldout")
-        out.append(Case(scene, scenes.describe(scene, rng), seed + i))
+        scene = sample(rng, "heldout")
+        out.append(Case(scene, describe(scene, rng), seed + i))
     return out
 
 

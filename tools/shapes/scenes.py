@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ithaca.models.shapes.vocabulary import (
+from tools.shapes.vocabulary import (
     COLORS,
     GRID,
     KIND_WORDS,
@@ -100,18 +100,16 @@ def _shape_phrase(rng: random.Random, shape: Shape) -> str:
 def describe(scene: Scene, rng: random.Random) -> str:
     """One natural-language prompt for ``scene``, wording drawn from ``rng``."""
     shapes = " and ".join(_shape_phrase(rng, s) for s in scene.shapes)
-    bg = scene.background
-    a_bg = f"an {bg}" if bg[0] in "aeiou" else f"a {bg}"
-    form = rng.randrange(5)
-    if form == 0:
-        return f"{shapes} on {a_bg} background"
-    if form == 1:
-        return f"{a_bg} background with {shapes}"
-    if form == 2:
-        return f"{shapes}, {bg} background"
-    if form == 3:
-        return f"on {a_bg} background, {shapes}"
-    return f"{shapes} against {a_bg} backdrop"
+    bg, a_bg = scene.background, with_article(scene.background)
+    forms = (f"{shapes} on {a_bg} background", f"{a_bg} background with {shapes}",
+             f"{shapes}, {bg} background", f"on {a_bg} background, {shapes}",
+             f"{shapes} against {a_bg} backdrop")  # fmt: skip
+    return forms[rng.randrange(len(forms))]
+
+
+def with_article(word: str) -> str:
+    """``"an orange"``, ``"a red"``."""
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
 def shape_box(shape: Shape, width: int, height: int) -> tuple[float, float, float]:

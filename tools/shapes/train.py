@@ -43,8 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ithaca.models.shapes import components
-from tools.shapes import scenes
+from tools.shapes import components, scenes
 
 SIZES = {(128, 128): 1.0}
 """Training resolutions (width, height) and their share of the bank and the steps. One
@@ -68,6 +67,16 @@ class Log:
         record["time"] = round(time.time(), 2)
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+
+
+def start_run(args) -> tuple[Path, Log, float]:
+    """Seed the RNG, make the output folder, log the arguments: ``(out, log, start time)``."""
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = Log(out / "log.jsonl")
+    log(stage="args", **vars(args))
+    return out, log, time.time()
 
 
 def render_batch(batch: list[scenes.Scene], width: int, height: int) -> torch.Tensor:
@@ -659,12 +668,7 @@ def main(argv=None) -> None:
 
     import pickle
 
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = Log(out / "log.jsonl")
-    log(stage="args", **vars(args))
-    start = time.time()
+    out, log, start = start_run(args)
 
     ranks = spawn_ranks(args, argv_list)
     if args.procs > 1:

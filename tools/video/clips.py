@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ithaca.models.shapes.vocabulary import COLORS, KIND_WORDS, KINDS, POSITIONS, SIZE_WORDS
 from tools.shapes import scenes
+from tools.shapes.vocabulary import COLORS, KIND_WORDS, KINDS, POSITIONS, SIZE_WORDS
 
 FRAMES = 17
 """Frames per clip: 4k+1 for the Wan VAE (5 latent frames)."""
@@ -107,14 +107,13 @@ def describe(clip: Clip, rng: random.Random) -> str:
         changes.append("growing")
     if changes:
         action += " and " + " and ".join(changes)
-    bg = clip.background
-    a_bg = f"an {bg}" if bg[0] in "aeiou" else f"a {bg}"
-    form = rng.randrange(3)
-    if form == 0:
-        return f"{subject} {action} on {a_bg} background"
-    if form == 1:
-        return f"on {a_bg} background, {subject} {action}"
-    return f"{subject} {action}, {bg} background"
+    bg, a_bg = clip.background, scenes.with_article(clip.background)
+    forms = (
+        f"{subject} {action} on {a_bg} background",
+        f"on {a_bg} background, {subject} {action}",
+        f"{subject} {action}, {bg} background",
+    )
+    return forms[rng.randrange(len(forms))]
 
 
 def _mix(a: tuple[int, int, int], b: tuple[int, int, int], u: float) -> tuple[int, ...]:

@@ -15,26 +15,16 @@ the Wan2.2 code path loads unchanged: no ``transformer_2``, no ``expand_timestep
 
 from __future__ import annotations
 
-import copy
-import json
-from pathlib import Path
-
 import torch
+
+from ithaca.testing.parts import WAN_SCHEDULER, umt5_encoder, wan_transformer
+from tools.shapes.components import save_trained
 
 TEXT_DIM = 64
 Z_DIM = 16
 LAYERS = 4
 HEADS = 4
 HEAD_DIM = 32
-
-COMPONENTS = {
-    "scheduler": ("diffusers", "UniPCMultistepScheduler"),
-    "text_encoder": ("transformers", "UMT5EncoderModel"),
-    "tokenizer": ("transformers", "T5Tokenizer"),
-    "transformer": ("diffusers", "WanTransformer3DModel"),
-    "transformer_2": (None, None),
-    "vae": ("diffusers", "AutoencoderKLWan"),
-}
 
 SERVING_DEFAULTS = {
     "width": 64,
@@ -60,83 +50,26 @@ def build_tokenizer(words: list[str]):
 
 
 def build_text_encoder(vocab_size: int, seed: int):
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    config = UMT5Config(
-        vocab_size=vocab_size,
-        d_model=TEXT_DIM,
-        d_kv=16,
-        d_ff=2 * TEXT_DIM,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=16,
-        relative_attention_max_distance=64,
-        feed_forward_proj="gated-gelu",
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return UMT5EncoderModel(config)
+    return umt5_encoder(vocab_size, seed, TEXT_DIM, d_kv=16, buckets=16, distance=64)
 
 
 def build_transformer(seed: int):
-    from diffusers import WanTransformer3DModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 2)
-        return WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=HEADS,
-            attention_head_dim=HEAD_DIM,
-            in_channels=Z_DIM,
-            out_channels=Z_DIM,
-            text_dim=TEXT_DIM,
-            freq_dim=64,
-            ffn_dim=4 * HEADS * HEAD_DIM,
-            num_layers=LAYERS,
-            cross_attn_norm=True,
-            rope_max_seq_len=64,
-        )
+    sizes = dict(text_dim=TEXT_DIM, freq_dim=64, ffn_dim=4 * HEADS * HEAD_DIM, num_layers=LAYERS)
+    return wan_transformer(seed + 2, HEADS, HEAD_DIM, (Z_DIM, Z_DIM), **sizes)
 
 
 def build_scheduler():
     from diffusers import UniPCMultistepScheduler
 
-    return UniPCMultistepScheduler(
-        prediction_type="flow_prediction",
-        use_flow_sigmas=True,
-        flow_shift=3.0,
-        num_train_timesteps=1000,
-        solver_order=2,
-        final_sigmas_type="zero",
-    )
-
-
-def write_model_index(path: Path, vocabulary: list[str]) -> None:
-    from diffusers import __version__ as diffusers_version
-
-    index = {
-        "_class_name": "WanPipeline",
-        "_diffusers_version": diffusers_version,
-        "_ithaca_defaults": SERVING_DEFAULTS,
-        "_ithaca_vocabulary": sorted(vocabulary),
-        "boundary_ratio": None,
-        "expand_timesteps": False,
-    }
-    index.update({k: list(v) for k, v in sorted(COMPONENTS.items())})
-    (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return UniPCMultistepScheduler(**WAN_SCHEDULER)
 
 
 def save_checkpoint(
     path, tokenizer, text_encoder, vae, transformer, vocabulary, dtype=torch.float16
 ):
     """Write a ``WanPipeline`` directory; weights stored in ``dtype``."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    for name, model in (("text_encoder", text_encoder), ("vae", vae), ("transformer", transformer)):
-        copy.deepcopy(model).to(dtype).save_pretrained(path / name, safe_serialization=True)
-    tokenizer.save_pretrained(path / "tokenizer")
-    build_scheduler().save_pretrained(path / "scheduler")
-    write_model_index(path, vocabulary)
-    return path
+    parts = {"text_encoder": text_encoder, "vae": vae, "transformer": transformer,
+             "tokenizer": tokenizer, "scheduler": build_scheduler()}  # fmt: skip
+    extra = {"_ithaca_defaults": SERVING_DEFAULTS, "_ithaca_vocabulary": sorted(vocabulary),
+             "boundary_ratio": None, "expand_timesteps": False}  # fmt: skip
+    return save_trained(path, "WanPipeline", parts, extra, {"transformer_2": (None, None)}, dtype)

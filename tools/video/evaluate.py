@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from tools.shapes import analysis
+from tools.shapes import evaluate as shapes_evaluate
+from tools.shapes.evaluate import Case
 from tools.video import clips
 
 ATTRIBUTES = ("background", "color", "kind", "start", "end")
@@ -33,20 +33,9 @@ the VAE at 64x64 (a small shape is 2x2 latents): the ground truth through it sco
 HELDOUT_SEED = 1234
 
 
-@dataclass(frozen=True)
-class Case:
-    clip: clips.Clip
-    prompt: str
-    seed: int
-
-
 def heldout_cases(n: int, seed: int = HELDOUT_SEED) -> list[Case]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        clip = clips.sample_clip(rng, "heldout")
-        out.append(Case(clip, clips.describe(clip, rng), seed + i))
-    return out
+    """``n`` held-out clips, each with one wording and a generation seed."""
+    return shapes_evaluate.heldout_cases(n, seed, clips.sample_clip, clips.describe)
 
 
 def check(frames: np.ndarray, clip: clips.Clip) -> dict[str, bool]:
@@ -90,7 +79,7 @@ def vae_roundtrip(cases: list[Case]) -> list[np.ndarray]:
     from tools.video.vae import from_image_vae
 
     vae = from_image_vae(load_image_vae())
-    x = torch.from_numpy(clips.to_video_tensor([clips.render_clip(c.clip) for c in cases]))
+    x = torch.from_numpy(clips.to_video_tensor([clips.render_clip(c.scene) for c in cases]))
     with torch.no_grad():
         video = vae.decode(vae.encode(x).latent_dist.mode()).sample  # (B, 3, F, H, W)
     frames = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -112,7 +101,7 @@ def main(argv=None) -> int:
         from ithaca.models.shapes import shipped_video_checkpoint_path
 
         videos = generate(args.model or shipped_video_checkpoint_path(), cases, args.steps)
-    acc = accuracy([check(v, c.clip) for v, c in zip(videos, cases, strict=True)])
+    acc = accuracy([check(v, c.scene) for v, c in zip(videos, cases, strict=True)])
     for k, v in acc.items():
         target = TARGETS.get(k)
         mark = (

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from ithaca.models.shapes import shipped_checkpoint_path
-from ithaca.models.shapes.vocabulary import known_words
-from tools.shapes.train import EMA, Log, lr_at, sample_sigmas, single_frame
+from tools.shapes.train import EMA, Log, lr_at, sample_sigmas, single_frame, start_run
+from tools.shapes.vocabulary import known_words
 from tools.video import clips, components
 from tools.video.vae import from_image_vae
 
@@ -195,12 +195,7 @@ def main(argv=None) -> None:
         print(f"shipped {ship(Path(args.ship_only))}")
         return
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = Log(out / "log.jsonl")
-    log(stage="args", **vars(args))
-    start = time.time()
+    out, log, start = start_run(args)
     image_vae = load_image_vae()
     vae = from_image_vae(image_vae)
     if args.reuse:

@@ -71,22 +71,9 @@ class FluxPipeline(FlowMatchPipeline):
     @torch.no_grad()
     def encode_prompt(self, text: str) -> dict[str, torch.Tensor]:
         """CLIP pooled ``(D_clip,)`` and T5 hidden states ``(T, D_t5)`` of one prompt."""
-        clip = self.tokenizer(
-            text,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        pooled = self.text_encoder(clip.input_ids.to(self.device)).pooler_output[0]
-        t5 = self.tokenizer_2(
-            text,
-            padding="max_length",
-            max_length=self.max_sequence_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        embeds = self.text_encoder_2(t5.input_ids.to(self.device))[0][0]
+        pooled = self.text_encoder(self.tokens(text).input_ids).pooler_output[0]
+        t5 = self.tokens(text, self.max_sequence_length, self.tokenizer_2)
+        embeds = self.text_encoder_2(t5.input_ids)[0][0]
         return {"embeds": embeds.to(self.dtype), "pooled": pooled.to(self.dtype)}
 
     def forward_inputs(self, requests, conds, latents) -> dict:

@@ -31,6 +31,7 @@ from diffusers import FluxTransformer2DModel as _DiffusersFluxTransformer
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
+from ithaca.models.attention import ParallelProcessor, project_out
 from ithaca.models.spec import AttentionLayout
 from ithaca.parallel import (
     SequenceParallelInput,
@@ -53,7 +54,7 @@ class FluxTransformer2DModel(_DiffusersFluxTransformer):
     _sp_plan = FLUX_SP_PLAN
 
 
-class FluxParallelAttnProcessor:
+class FluxParallelAttnProcessor(ParallelProcessor):
     """FLUX joint attention (double- and single-stream) routed through ``ParallelAttention``.
 
     Same projections, QK norms and RoPE as diffusers' ``FluxAttnProcessor``; the
@@ -61,7 +62,7 @@ class FluxParallelAttnProcessor:
     """
 
     def __init__(self, runtime: SequenceParallelRuntime):
-        self.runtime = runtime
+        super().__init__(runtime)
         self._text_len: int | None = None
 
     def attach(self, block: torch.nn.Module, name: str, blocks: str) -> None:
@@ -128,14 +129,11 @@ class FluxParallelAttnProcessor:
         img_out, txt_out = self.runtime.attention(
             q, k, v, joint_q=txt_q, joint_k=txt_k, joint_v=txt_v, joint_strategy="front"
         )
-        # (B, S/P, H, D) -> (B, S/P, H*D); (B, T, H, D) -> (B, T, H*D)
-        img_out = img_out.flatten(2, 3).to(q.dtype)
+        # (B, T, H, D) -> (B, T, H*D)
         txt_out = txt_out.flatten(2, 3).to(q.dtype)
-        if single:
-            return torch.cat([txt_out, img_out], dim=1)  # (B, T + S/P, H*D), no out projection
-        img_out = attn.to_out[1](attn.to_out[0](img_out.contiguous()))  # linear, dropout
-        txt_out = attn.to_add_out(txt_out.contiguous())
-        return img_out, txt_out
+        if single:  # (B, T + S/P, H*D), no out projection
+            return torch.cat([txt_out, img_out.flatten(2, 3).to(q.dtype)], dim=1)
+        return project_out(attn, img_out, q.dtype), attn.to_add_out(txt_out.contiguous())
 
 
 FLUX_ATTENTION = AttentionLayout(

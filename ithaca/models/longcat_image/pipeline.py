@@ -106,37 +106,27 @@ class LongCatImagePipeline(FlowMatchPipeline):
             return_tensors="pt",
         )
 
+    def _wrapped(self, prefix: str, text: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Ids and mask ``(1, P + 512 + S)`` of ``prefix`` + the padded prompt + the suffix,
+        on the device, and the suffix length ``S``."""
+        padded = self._padded(text)
+        ids, mask = padded.input_ids, padded.attention_mask
+        prefix_ids, suffix_ids = (
+            self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in (prefix, SUFFIX)
+        )
+        ids = torch.cat([torch.tensor([prefix_ids], dtype=ids.dtype), ids,
+                         torch.tensor([suffix_ids], dtype=ids.dtype)], dim=-1)  # fmt: skip
+        mask = torch.cat([torch.ones(1, len(prefix_ids), dtype=mask.dtype), mask,
+                          torch.ones(1, len(suffix_ids), dtype=mask.dtype)], dim=-1)  # fmt: skip
+        return ids.to(self.device), mask.to(self.device), len(suffix_ids)
+
     @torch.no_grad()
     def encode_prompt(self, text: str) -> torch.Tensor:
         """Last hidden state of the templated, padded prompt without the template: (512, D)."""
-        padded = self._padded(text)
-        prefix = self.tokenizer(PREFIX, add_special_tokens=False)["input_ids"]
-        suffix = self.tokenizer(SUFFIX, add_special_tokens=False)["input_ids"]
-        dtype = padded.input_ids.dtype
-        ids = torch.cat(
-            [
-                torch.tensor([prefix], dtype=dtype),
-                padded.input_ids,
-                torch.tensor([suffix], dtype=dtype),
-            ],
-            dim=-1,
-        )
-        mask_dtype = padded.attention_mask.dtype
-        mask = torch.cat(
-            [
-                torch.ones(1, len(prefix), dtype=mask_dtype),
-                padded.attention_mask,
-                torch.ones(1, len(suffix), dtype=mask_dtype),
-            ],
-            dim=-1,
-        )
-        out = self.text_encoder(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            output_hidden_states=True,
-        )
-        hidden = out.hidden_states[-1][0, len(prefix) : -len(suffix)]
-        return hidden.to(self.dtype)
+        ids, mask, suffix = self._wrapped(PREFIX, text)
+        out = self.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        start = ids.shape[1] - suffix - self.max_sequence_length
+        return out.hidden_states[-1][0, start:-suffix].to(self.dtype)
 
     def forward_inputs(self, requests, conds, latents) -> dict:
         h, w = self.latent_hw(requests[0])
@@ -227,36 +217,17 @@ class LongCatImageEditPipeline(LongCatImagePipeline):
         vision = self.vision_processor(images=image, return_tensors="pt")
         grid = vision["image_grid_thw"]
         image_tokens = int(grid.prod()) // self.vision_processor.merge_size**2
-        prefix = self.tokenizer(
-            EDIT_PREFIX.replace("<|image_pad|>", "<|image_pad|>" * image_tokens),
-            add_special_tokens=False,
-        )["input_ids"]
-        suffix = self.tokenizer(SUFFIX, add_special_tokens=False)["input_ids"]
-        start = prefix.index(self.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
-        padded = self._padded(text)
-        ids_dtype, mask_dtype = padded.input_ids.dtype, padded.attention_mask.dtype
-        ids = torch.cat(
-            [
-                torch.tensor(prefix, dtype=ids_dtype),
-                padded.input_ids[0],
-                torch.tensor(suffix, dtype=ids_dtype),
-            ]
-        )
-        mask = torch.cat(
-            [
-                torch.ones(len(prefix), dtype=mask_dtype),
-                padded.attention_mask[0],
-                torch.ones(len(suffix), dtype=mask_dtype),
-            ]
-        )
+        prefix = EDIT_PREFIX.replace("<|image_pad|>", "<|image_pad|>" * image_tokens)
+        ids, mask, suffix = self._wrapped(prefix, text)
+        start = ids[0].tolist().index(self.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
         out = self.text_encoder(
-            input_ids=ids[None].to(self.device),
-            attention_mask=mask[None].to(self.device),
+            input_ids=ids,
+            attention_mask=mask,
             pixel_values=vision["pixel_values"].to(self.device),
             image_grid_thw=grid.to(self.device),
             output_hidden_states=True,
         )
-        return out.hidden_states[-1][0, start : -len(suffix)].to(self.dtype)
+        return out.hidden_states[-1][0, start:-suffix].to(self.dtype)
 
     @torch.no_grad()
     def condition(self, request: Request) -> dict[str, Any]:

@@ -64,22 +64,11 @@ class OvisImagePipeline(FlowMatchPipeline):
     @torch.no_grad()
     def encode_prompt(self, text: str) -> torch.Tensor:
         """Qwen3's last hidden state after the template, padding zeroed: ``(256, D)``."""
-        templated = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": SYSTEM_PROMPT + text}],
-            tokenize=False,
-            add_generation_prompt=True,
-            enable_thinking=False,
-        )
-        tokens = self.tokenizer(
-            templated,
-            padding="max_length",
-            truncation=True,
-            max_length=self.max_sequence_length + TEMPLATE_TOKENS,
-            return_tensors="pt",
-            add_special_tokens=False,
-        )
-        mask = tokens.attention_mask.to(self.device)
-        hidden = self.text_encoder(input_ids=tokens.input_ids.to(self.device), attention_mask=mask)
+        templated = self.chat(SYSTEM_PROMPT + text, enable_thinking=False)
+        length = self.max_sequence_length + TEMPLATE_TOKENS
+        tokens = self.tokens(templated, length, add_special_tokens=False)
+        mask = tokens.attention_mask
+        hidden = self.text_encoder(input_ids=tokens.input_ids, attention_mask=mask)
         hidden = hidden.last_hidden_state * mask[..., None]
         return hidden[0, TEMPLATE_TOKENS:].to(self.dtype)
 

@@ -26,12 +26,9 @@ import torch
 from diffusers import QwenImageTransformer2DModel as _DiffusersQwenImageTransformer
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
+from ithaca.models.attention import TEXT, ParallelProcessor, project, project_out
 from ithaca.models.spec import AttentionLayout
-from ithaca.parallel import (
-    SequenceParallelInput,
-    SequenceParallelOutput,
-    SequenceParallelRuntime,
-)
+from ithaca.parallel import SequenceParallelInput, SequenceParallelOutput
 
 QWEN_IMAGE_SP_PLAN = {
     "pos_embed": {
@@ -53,15 +50,12 @@ class QwenImageTransformer2DModel(_DiffusersQwenImageTransformer):
     _sp_plan = QWEN_IMAGE_SP_PLAN
 
 
-class ParallelJointAttnProcessor:
+class ParallelJointAttnProcessor(ParallelProcessor):
     """Qwen-Image's double-stream joint attention, routed through ``ParallelAttention``.
 
     Same projections, QK norms and RoPE as diffusers' ``QwenDoubleStreamAttnProcessor2_0``;
     the attention itself runs on this rank's image shard and the whole text.
     """
-
-    def __init__(self, runtime: SequenceParallelRuntime):
-        self.runtime = runtime
 
     def __call__(
         self,
@@ -76,32 +70,16 @@ class ParallelJointAttnProcessor:
             raise ValueError("Qwen-Image joint attention needs encoder_hidden_states")
         if attention_mask is not None:
             raise ValueError("pass encoder_hidden_states_mask, not attention_mask")
-        head_dim = attn.inner_dim // attn.heads
-
         # (B, S/P, C) -> (B, S/P, H, D) image; (B, T, C) -> (B, T, H, D) text
-        img_q, img_k, img_v = (
-            proj(hidden_states).unflatten(-1, (-1, head_dim))
-            for proj in (attn.to_q, attn.to_k, attn.to_v)
-        )
-        txt_q, txt_k, txt_v = (
-            proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
-            for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-        )
-        if attn.norm_q is not None:
-            img_q = attn.norm_q(img_q)
-        if attn.norm_k is not None:
-            img_k = attn.norm_k(img_k)
-        if attn.norm_added_q is not None:
-            txt_q = attn.norm_added_q(txt_q)
-        if attn.norm_added_k is not None:
-            txt_k = attn.norm_added_k(txt_k)
+        img_q, img_k, img_v = project(attn, hidden_states)
+        txt_q, txt_k, txt_v = project(attn, encoder_hidden_states, TEXT)
         if image_rotary_emb is not None:
             img_freqs, txt_freqs = image_rotary_emb  # (S/P, D/2) sharded, (T, D/2) whole
-            img_q = apply_rotary_emb_qwen(img_q, img_freqs, use_real=False)
-            img_k = apply_rotary_emb_qwen(img_k, img_freqs, use_real=False)
-            txt_q = apply_rotary_emb_qwen(txt_q, txt_freqs, use_real=False)
-            txt_k = apply_rotary_emb_qwen(txt_k, txt_freqs, use_real=False)
-
+            img_q, img_k, txt_q, txt_k = (
+                apply_rotary_emb_qwen(x, freqs, use_real=False)
+                for x, freqs in ((img_q, img_freqs), (img_k, img_freqs),
+                                 (txt_q, txt_freqs), (txt_k, txt_freqs))
+            )  # fmt: skip
         text_mask = None
         if encoder_hidden_states_mask is not None:
             text_mask = encoder_hidden_states_mask.to(torch.bool)  # (B, T), True = attend
@@ -111,14 +89,9 @@ class ParallelJointAttnProcessor:
             joint_q=txt_q, joint_k=txt_k, joint_v=txt_v,
             joint_mask=text_mask, joint_strategy="front",
         )  # fmt: skip
-        # (B, S/P, H, D) -> (B, S/P, H*D); (B, T, H, D) -> (B, T, H*D)
-        img_out = img_out.flatten(2, 3).to(img_q.dtype)
-        txt_out = txt_out.flatten(2, 3).to(txt_q.dtype)
-        img_out = attn.to_out[0](img_out.contiguous())
-        if len(attn.to_out) > 1:
-            img_out = attn.to_out[1](img_out)  # dropout
-        txt_out = attn.to_add_out(txt_out.contiguous())
-        return img_out, txt_out
+        # (B, T, H, D) -> (B, T, H*D)
+        txt_out = attn.to_add_out(txt_out.flatten(2, 3).to(txt_q.dtype).contiguous())
+        return project_out(attn, img_out, img_q.dtype), txt_out
 
 
 QWEN_IMAGE_ATTENTION = AttentionLayout(

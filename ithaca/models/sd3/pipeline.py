@@ -69,13 +69,7 @@ class StableDiffusion3Pipeline(FlowMatchPipeline):
 
     @torch.no_grad()
     def _clip(self, tokenizer, encoder, text: str):
-        ids = tokenizer(
-            text,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
+        ids = self.tokens(text, self.tokenizer.model_max_length, tokenizer).input_ids
         out = encoder(ids, output_hidden_states=True)
         return out.hidden_states[-2][0], out[0][0]  # (77, D), pooled projection (P,)
 
@@ -84,13 +78,7 @@ class StableDiffusion3Pipeline(FlowMatchPipeline):
         """Joint text embeddings ``(77 + 256, D_t5)`` and pooled ``(P1 + P2,)``."""
         hidden_1, pooled_1 = self._clip(self.tokenizer, self.text_encoder, text)
         hidden_2, pooled_2 = self._clip(self.tokenizer_2, self.text_encoder_2, text)
-        ids = self.tokenizer_3(
-            text,
-            padding="max_length",
-            max_length=self.max_sequence_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
+        ids = self.tokens(text, self.max_sequence_length, self.tokenizer_3).input_ids
         t5 = self.text_encoder_3(ids)[0][0]  # (256, D_t5)
         clip = torch.cat([hidden_1, hidden_2], dim=-1)  # (77, D1 + D2)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # (77, D_t5)

@@ -23,12 +23,9 @@ from __future__ import annotations
 import torch
 from diffusers import SD3Transformer2DModel as _DiffusersSD3Transformer
 
+from ithaca.models.attention import TEXT, ParallelProcessor, project, project_out
 from ithaca.models.spec import AttentionLayout
-from ithaca.parallel import (
-    SequenceParallelInput,
-    SequenceParallelOutput,
-    SequenceParallelRuntime,
-)
+from ithaca.parallel import SequenceParallelInput, SequenceParallelOutput
 
 SD3_SP_PLAN = {
     "transformer_blocks.0": {
@@ -44,14 +41,11 @@ class SD3Transformer2DModel(_DiffusersSD3Transformer):
     _sp_plan = SD3_SP_PLAN
 
 
-class SD3ParallelAttnProcessor:
+class SD3ParallelAttnProcessor(ParallelProcessor):
     """SD3 joint attention (``attn``) and SD3.5 image self-attention (``attn2``).
 
     Same projections and QK norms as diffusers' ``JointAttnProcessor2_0``.
     """
-
-    def __init__(self, runtime: SequenceParallelRuntime):
-        self.runtime = runtime
 
     def __call__(
         self,
@@ -62,36 +56,19 @@ class SD3ParallelAttnProcessor:
     ):
         if attention_mask is not None:
             raise ValueError("SD3 attention takes no attention_mask")
-        # (B, S/P, H*D) -> (B, S/P, H, D)
-        q, k, v = (
-            proj(hidden_states).unflatten(-1, (attn.heads, -1))
-            for proj in (attn.to_q, attn.to_k, attn.to_v)
-        )
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = project(attn, hidden_states)  # (B, S/P, H*D) -> (B, S/P, H, D)
         if encoder_hidden_states is None:  # SD3.5's image-only attention
             out, _ = self.runtime.attention(q, k, v)
-            return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(q.dtype)))
-        # (B, T, H*D) -> (B, T, H, D)
-        txt_q, txt_k, txt_v = (
-            proj(encoder_hidden_states).unflatten(-1, (attn.heads, -1))
-            for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-        )
-        if attn.norm_added_q is not None:
-            txt_q = attn.norm_added_q(txt_q)
-        if attn.norm_added_k is not None:
-            txt_k = attn.norm_added_k(txt_k)
+            return project_out(attn, out, q.dtype)
+        txt_q, txt_k, txt_v = project(attn, encoder_hidden_states, TEXT)  # (B, T, H, D)
         out, txt_out = self.runtime.attention(
             q, k, v, joint_q=txt_q, joint_k=txt_k, joint_v=txt_v, joint_strategy="rear"
         )
         # (B, S/P, H, D) -> (B, S/P, H*D); (B, T, H, D) -> (B, T, H*D)
-        out = attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(q.dtype)))  # linear, dropout
         txt_out = txt_out.flatten(2, 3).to(q.dtype)
         if not attn.context_pre_only:
             txt_out = attn.to_add_out(txt_out)
-        return out, txt_out
+        return project_out(attn, out, q.dtype), txt_out
 
 
 SD3_ATTENTION = AttentionLayout(

@@ -29,12 +29,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel as _DiffusersWanTransformer
 
+from ithaca.models.attention import ParallelProcessor, project_out
 from ithaca.models.spec import AttentionLayout
-from ithaca.parallel import (
-    SequenceParallelInput,
-    SequenceParallelOutput,
-    SequenceParallelRuntime,
-)
+from ithaca.parallel import SequenceParallelInput, SequenceParallelOutput
 
 WAN_SP_PLAN = {
     "rope": {
@@ -69,7 +66,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return out.type_as(x)
 
 
-class ParallelWanAttnProcessor:
+class ParallelWanAttnProcessor(ParallelProcessor):
     """Wan's self- and cross-attention; self-attention runs through ``ParallelAttention``.
 
     Same projections, QK norms (across heads) and RoPE as diffusers' ``WanAttnProcessor``.
@@ -78,9 +75,6 @@ class ParallelWanAttnProcessor:
     full text with a local kernel. Wan2.1's image-embedding cross-attention
     (``add_k_proj``) is not supported: no Wan2.2 checkpoint has it.
     """
-
-    def __init__(self, runtime: SequenceParallelRuntime):
-        self.runtime = runtime
 
     def __call__(
         self,
@@ -112,9 +106,7 @@ class ParallelWanAttnProcessor:
                 cos, sin = rotary_emb  # (1, S/P, 1, D): sharded with the tokens
                 q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             out, _ = self.runtime.attention(q, k, v)  # (B, S/P, H, D)
-        out = out.flatten(2, 3).type_as(q)  # (B, S/P, H, D) -> (B, S/P, H*D)
-        out = attn.to_out[0](out)
-        return attn.to_out[1](out)  # dropout
+        return project_out(attn, out, q.dtype)  # (B, S/P, H, D) -> (B, S/P, H*D)
 
 
 def wan_attention(per_token_timesteps: bool) -> AttentionLayout:

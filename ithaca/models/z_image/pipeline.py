@@ -69,22 +69,10 @@ class ZImagePipeline(FlowMatchPipeline):
     @torch.no_grad()
     def encode_prompt(self, text: str) -> torch.Tensor:
         """Second-to-last encoder hidden state of the templated prompt, unpadded: (T, D)."""
-        templated = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}],
-            tokenize=False,
-            add_generation_prompt=True,
-            enable_thinking=True,
-        )
-        tokens = self.tokenizer(
-            templated,
-            padding="max_length",
-            max_length=self.max_sequence_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        mask = tokens.attention_mask.to(self.device).bool()
+        tokens = self.tokens(self.chat(text, enable_thinking=True), self.max_sequence_length)
+        mask = tokens.attention_mask.bool()
         hidden = self.text_encoder(
-            input_ids=tokens.input_ids.to(self.device),
+            input_ids=tokens.input_ids,
             attention_mask=mask,
             output_hidden_states=True,
         ).hidden_states[-2]

@@ -33,6 +33,7 @@ import torch
 from diffusers import ZImageTransformer2DModel as _DiffusersZImageTransformer
 from diffusers.models.embeddings import apply_rotary_emb
 
+from ithaca.models.attention import ParallelProcessor, project, project_out
 from ithaca.models.spec import AttentionLayout
 from ithaca.parallel import (
     SequenceParallelInput,
@@ -76,14 +77,14 @@ def pad_heads(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(*x.shape[:2], extra, x.shape[3])], dim=2)
 
 
-class ZImageParallelAttnProcessor:
+class ZImageParallelAttnProcessor(ParallelProcessor):
     """Z-Image self-attention over this rank's shard, through ``ParallelAttention``.
 
     Same projections, QK norms and complex RoPE as diffusers' ``ZSingleStreamAttnProcessor``.
     """
 
     def __init__(self, runtime: SequenceParallelRuntime, heads_multiple: int = 1):
-        self.runtime = runtime
+        super().__init__(runtime)
         self.heads_multiple = heads_multiple
 
     def __call__(
@@ -96,15 +97,7 @@ class ZImageParallelAttnProcessor:
     ) -> torch.Tensor:
         if encoder_hidden_states is not None:
             raise ValueError("Z-Image attention is self-attention (no encoder_hidden_states)")
-        # (B, S/P, H*D) -> (B, S/P, H, D)
-        q, k, v = (
-            proj(hidden_states).unflatten(-1, (attn.heads, -1))
-            for proj in (attn.to_q, attn.to_k, attn.to_v)
-        )
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = project(attn, hidden_states)  # (B, S/P, H*D) -> (B, S/P, H, D)
         if freqs_cis is not None:  # (B, S/P, D/2) complex, sharded with the tokens
             q = apply_rotary_emb(q, freqs_cis, use_real=False)
             k = apply_rotary_emb(k, freqs_cis, use_real=False)
@@ -117,12 +110,7 @@ class ZImageParallelAttnProcessor:
         # (B, S/P, H, D) -> (B, S/P, H', D): H' divisible by the Ulysses degree
         q, k, v = (pad_heads(t, self.heads_multiple) for t in (q, k, v))
         out, _ = self.runtime.attention(q, k, v, key_mask=key_mask)
-        # (B, S/P, H', D) -> (B, S/P, H*D): the appended heads dropped
-        out = out[:, :, :heads].flatten(2, 3).to(q.dtype)
-        out = attn.to_out[0](out)
-        if len(attn.to_out) > 1:
-            out = attn.to_out[1](out)  # dropout
-        return out
+        return project_out(attn, out[:, :, :heads], q.dtype)  # the appended heads dropped
 
 
 def _plan(config) -> dict:
