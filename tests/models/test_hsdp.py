@@ -9,8 +9,6 @@ CFG-parallel, a replicate dimension and a step cache on FLUX.1 and Qwen-Image.
 The requests are the family tests' 28x20 px, 2-step ones.
 """
 
-import sys
-
 import pytest
 import torch
 
@@ -29,8 +27,8 @@ from ithaca.parallel.hsdp import (
     get_fully_shard_world_size,
     parameter_bytes,
 )
-from tests.models import _families_run, _wan_run
-from tests.models._families_run import (
+from tests.models import harness
+from tests.models.harness import (
     CFG_REQUEST,
     LAYOUT_LATENT_TOL,
     NO_CFG_REQUEST,
@@ -86,10 +84,10 @@ def test_worker_groups_receive_the_hsdp_fields():
 # -- what every rank runs ----------------------------------------------------------------
 
 
-def measured(harness: str, layout: dict, path: str, batch: list[dict]):
-    """``harness.generate(layout, path, batch)`` plus, per transformer of the pipeline,
+def measured(run: str, layout: dict, path: str, batch: list[dict]):
+    """``harness.<run>(layout, path, batch)`` plus, per transformer of the pipeline,
     this rank's ``(parameter bytes, shard world size, shard rank)``."""
-    module = sys.modules[f"tests.models.{harness}"]
+    module = harness
     pipes = []
     load = module.load_pipeline
 
@@ -99,7 +97,7 @@ def measured(harness: str, layout: dict, path: str, batch: list[dict]):
 
     module.load_pipeline = capture
     try:
-        out = module.generate(layout, path, batch)
+        out = getattr(module, run)(layout, path, batch)
     finally:
         module.load_pipeline = load
     models = getattr(pipes[0], "experts", None) or [pipes[0].transformer]
@@ -110,14 +108,14 @@ def measured(harness: str, layout: dict, path: str, batch: list[dict]):
 
 
 def check_hsdp(pool, name: str, label: str, layout: dict, path: str, batch, reference,
-               harness="_families_run"):  # fmt: skip
+               run="generate"):  # fmt: skip
     """``layout`` with HSDP on a pool equals ``reference`` (the unsharded 1-rank run of
     ``measured``); every rank holds <= 1/shard of each transformer + 2%."""
     (ref_out, ref_shards) = reference
-    results = pool(ParallelConfig(**layout).world_size).run(measured, harness, layout, path, batch)
+    results = pool(ParallelConfig(**layout).world_size).run(measured, run, layout, path, batch)
     (images, latents, _), _ = results[0]
     ref_images, ref_latents = ref_out[0], ref_out[1]
-    if harness == "_wan_run":  # frames of one request; latents of the last loop
+    if run == "generate_video":  # frames of one request; latents of the last loop
         latents, ref_latents = [latents], [ref_latents]
         images, ref_images = [[f] for f in images], [[f] for f in ref_images]
     err = max((a - b).abs().max().item() for a, b in zip(latents, ref_latents, strict=True))
@@ -163,7 +161,7 @@ def unsharded(tiny_family):
     def get(name: str):
         if name not in runs:
             path = tiny_family(FAMILIES[name])
-            runs[name] = path, measured("_families_run", {}, path, batch_for(name))
+            runs[name] = path, measured("generate", {}, path, batch_for(name))
         return runs[name]
 
     return get
@@ -198,7 +196,7 @@ def test_hsdp_composes(worker_pool, unsharded, key):
     batch = [dict(batch_for(name)[0], num_inference_steps=3)]
     if backend:
         batch = [dict(batch[0], cache_backend=backend, cache_config=CACHES[backend])]
-    reference = measured("_families_run", {}, path, batch)
+    reference = measured("generate", {}, path, batch)
     if backend:  # the cache really skipped work, the same steps as unsharded
         assert reference[0][2]["metadata"][0]["cache"]["cached_steps"] > 0
     check_hsdp(worker_pool, name, label, dict(COMPOSED[key], use_hsdp=True), path, batch,
@@ -208,20 +206,17 @@ def test_hsdp_composes(worker_pool, unsharded, key):
 def test_default_shapes_model_hsdp_equals_unsharded(worker_pool):
     path = shipped_checkpoint_path()
     batch = [dict(CFG_REQUEST, width=64, height=64, negative_prompt=" ")]
-    reference = measured("_families_run", {}, path, batch)
+    reference = measured("generate", {}, path, batch)
     check_hsdp(worker_pool, "shapes (default model)", "ring2", dict(ring_degree=2, use_hsdp=True),
                path, batch, reference)  # fmt: skip
 
 
-def test_wan_both_experts_sharded(worker_pool, tmp_path_factory):
-    path = _wan_run.tiny_wan_paths(tmp_path_factory.getbasetemp() / "tiny_wan")["t2v_a14b"]
+def test_wan_both_experts_sharded(worker_pool, tiny_wan):
+    path = tiny_wan["t2v_a14b"]
     batch = [dict(prompt="a red cat", negative_prompt="blurry", num_frames=5, width=32,
                   height=32, num_inference_steps=4, guidance_scale=4.0, guidance_scale_2=2.0,
                   seed=21)]  # fmt: skip
-    reference = measured("_wan_run", {}, path, batch)
+    reference = measured("generate_video", {}, path, batch)
     assert len(reference[1]) == 2  # two experts, both measured
     check_hsdp(worker_pool, "Wan2.2-T2V-A14B", "cfg2", dict(cfg_parallel_size=2, use_hsdp=True),
-               path, batch, reference, harness="_wan_run")  # fmt: skip
-
-
-_ = _families_run  # imported so that ``measured`` finds it in sys.modules on every rank
+               path, batch, reference, run="generate_video")  # fmt: skip
