@@ -44,8 +44,8 @@ def _parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ring", "--ring-degree", dest="ring_degree", type=int, default=1)
     g.add_argument("--cfg-parallel-size", type=int, default=1)
     g.add_argument(
-        "--tensor-parallel-size", type=int, default=1,
-        help="accepted for the reference CLI; only 1 (ithaca splits sequences, not weights)",
+        "-tp", "--tensor-parallel-size", type=int, default=1,
+        help="tensor parallel: ranks that split the transformer's heads and MLP (weights)",
     )  # fmt: skip
     g.add_argument("--world-size", type=int, default=None, help="GPUs for --usp auto")
     g.add_argument(
@@ -162,18 +162,18 @@ def _placement(args) -> dict:
 
 
 def _parallel(args, dp: int = 1) -> ParallelConfig:
-    if args.tensor_parallel_size != 1:
-        raise ValueError(
-            f"tensor_parallel_size ({args.tensor_parallel_size}) must be 1: ithaca splits the "
-            f"sequence (--ulysses-degree, --ring-degree) and CFG branches, not the weights"
-        )
     if args.ulysses_degree == "auto":
+        if args.tensor_parallel_size != 1:
+            raise ValueError(
+                "--usp auto plans sequence parallelism only; drop --tensor-parallel-size"
+            )
         return _auto_parallel(args, dp)
     return ParallelConfig(
         ulysses_degree=args.ulysses_degree,
         ring_degree=args.ring_degree,
         cfg_parallel_size=args.cfg_parallel_size,
         data_parallel_size=dp,
+        tensor_parallel_size=args.tensor_parallel_size,
         attention_backend=args.attention_backend,
         collective_timeout_s=args.collective_timeout_s,
         **_hsdp(args),
@@ -229,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for flag, text in batching.items():
         s.add_argument(flag, action="store_true", help=text)
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the repeated blocks (cache in --state-dir)")  # fmt: skip
+    s.add_argument("--compile-sizes", default="", metavar="WxH,...",
+                   help="warm-up sizes of --compile (default: the model's)")  # fmt: skip
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--omni", action="store_true", help="accepted and ignored (reference CLI)")
     s.add_argument("--on-worker-failure", choices=["restart", "exit"], default="restart")
@@ -240,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--step-timeout", type=float, default=300.0)
     s.add_argument("--output-ttl", type=float, default=3600.0)
     s.add_argument("--video-ttl", type=float, default=7 * 24 * 3600.0)
+    s.add_argument("--checkpoint-every", type=int, default=5,
+                   help="a running video job saves its step state this often (steps)")  # fmt: skip
     s.add_argument("--max-body-bytes", type=int, default=64 * 2**20)
     s.add_argument("--max-input-pixels", type=int, default=4096 * 4096)
     s.add_argument("--max-output-pixels", type=int, default=2048 * 2048)
@@ -336,6 +342,8 @@ def cmd_serve(args) -> int:
         batch_wait_ms=args.batch_wait_ms,
         batch_invariant=args.batch_invariant,
         continuous_batching=args.continuous_batching,
+        compile=args.compile,
+        compile_sizes=_sizes(args.compile_sizes),
         executor=args.executor,
         on_worker_failure=args.on_worker_failure,
         startup_timeout_s=args.startup_timeout,
@@ -344,6 +352,7 @@ def cmd_serve(args) -> int:
         drain_timeout_s=args.drain_timeout,
         output_ttl_s=args.output_ttl,
         video_ttl_s=args.video_ttl,
+        checkpoint_every=args.checkpoint_every,
         max_body_bytes=args.max_body_bytes,
         max_input_pixels=args.max_input_pixels,
         max_output_pixels=args.max_output_pixels,
@@ -364,16 +373,28 @@ def cmd_serve(args) -> int:
     return serve(config, models[0].parallel, _cache(args), models)
 
 
+def _sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """``"128x128,256x192"`` -> ``((128, 128), (256, 192))``."""
+    sizes = []
+    for item in filter(None, text.split(",")):
+        width, sep, height = item.strip().partition("x")
+        if not (sep and width.isdigit() and height.isdigit()):
+            raise ValueError(f"--compile-sizes ({item!r}) must be WIDTHxHEIGHT")
+        sizes.append((int(width), int(height)))
+    return tuple(sizes)
+
+
 _LAYOUT_KEYS = {
     "usp": "ulysses_degree",
     "ring": "ring_degree",
     "cfg": "cfg_parallel_size",
     "dp": "data_parallel_size",
+    "tp": "tensor_parallel_size",
 }
 
 
 def parse_model(text: str, default: ParallelConfig):
-    """``MODEL[@key=value,...]`` -> ``ModelEntry``; keys: usp, ring, cfg, dp, name."""
+    """``MODEL[@key=value,...]`` -> ``ModelEntry``; keys: usp, ring, cfg, dp, tp, name."""
 
     from ithaca.server.serve import ModelEntry
 
@@ -557,6 +578,11 @@ def cmd_worker_node(args) -> int:
             f"world size ({parallel.world_size}) must be a multiple of nnodes ({args.nnodes})"
         )
     spec = PipelineSpec(args.model, args.dtype, _cache(args), parallel)
+    if args.compile:  # node 0's ranks warm up, and warm-up is collective: these too
+        cache_dir = ServerConfig.compile_cache_dir(args.state_dir)
+        spec = dataclasses.replace(
+            spec, compile_cache_dir=cache_dir, compile_sizes=_sizes(args.compile_sizes)
+        )
     os.environ[ENV_CONFIG] = spec_to_json(spec, heartbeat_interval_s=1.0)
     cmd = torchrun_command(
         parallel.world_size // args.nnodes,

@@ -6,6 +6,7 @@ mistake on the command line or in Python reads the same way.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -24,9 +25,10 @@ class ParallelConfig:
     """How one worker group splits a request across ranks.
 
     The world size is ``data_parallel_size * cfg_parallel_size * ring_degree *
-    ulysses_degree``. Ranks are laid out with ``ulysses`` innermost (adjacent ranks,
-    so the all-to-all stays on NVLink neighbours), then ``ring``, then ``cfg``, with
-    ``dp`` outermost; see ``ithaca.parallel.state`` for the rank map.
+    ulysses_degree * tensor_parallel_size``. Ranks are laid out with ``tp`` innermost
+    (its all-reduce per layer is the heaviest traffic), then ``ulysses`` (adjacent
+    ranks, so the all-to-all stays on NVLink neighbours), then ``ring``, then ``cfg``,
+    with ``dp`` outermost; see ``ithaca.parallel.state`` for the rank map.
     """
 
     ulysses_degree: int = 1
@@ -51,6 +53,11 @@ class ParallelConfig:
     collective_timeout_s: float = 60.0
     """A collective that has not completed after this many seconds raises (a peer died
     or ran out of memory), instead of hanging the group."""
+
+    tensor_parallel_size: int = 1
+    """Ranks that split the transformer's weights: attention heads and MLP hidden units
+    (column-parallel in, row-parallel out, one all-reduce each); see
+    ``ithaca.parallel.tensor``. Heads are split by TP first, Ulysses splits the rest."""
 
     use_hsdp: bool = False
     """Shard the transformer's weights across ranks (PyTorch FSDP2 ``fully_shard``, one
@@ -83,6 +90,7 @@ class ParallelConfig:
     the device one at a time (the next prefetched on a side stream on CUDA)."""
 
     def __post_init__(self) -> None:
+        _require_positive("tensor_parallel_size", self.tensor_parallel_size)
         _require_positive("ulysses_degree", self.ulysses_degree)
         _require_positive("ring_degree", self.ring_degree)
         _require_positive("data_parallel_size", self.data_parallel_size)
@@ -97,6 +105,11 @@ class ParallelConfig:
             raise ValueError(f"collective_timeout_s ({self.collective_timeout_s}) must be > 0")
         if self.use_hsdp:
             self.hsdp_sizes()  # raises on sizes that do not tile a replica
+            if self.tensor_parallel_size != 1:
+                raise ValueError(
+                    f"use_hsdp with tensor_parallel_size ({self.tensor_parallel_size}) is not "
+                    f"supported yet: both split the weights; pick one"
+                )
             if self.cpu_offload or self.layerwise_offload:
                 raise ValueError(
                     f"use_hsdp with cpu_offload ({self.cpu_offload}) or layerwise_offload "
@@ -119,7 +132,12 @@ class ParallelConfig:
 
     @property
     def world_size(self) -> int:
-        return self.data_parallel_size * self.cfg_parallel_size * self.sequence_parallel_size
+        return (
+            self.data_parallel_size
+            * self.cfg_parallel_size
+            * self.sequence_parallel_size
+            * self.tensor_parallel_size
+        )
 
     @property
     def replica_size(self) -> int:
@@ -133,7 +151,8 @@ class ParallelConfig:
         return hsdp_sizes(self.hsdp_replicate_size, self.hsdp_shard_size, self.replica_size)
 
     def validate_heads(self, num_heads: int) -> None:
-        """Raise when Ulysses cannot split ``num_heads`` attention heads evenly."""
+        """Raise when Ulysses cannot split ``num_heads`` attention heads evenly (the
+        heads of one tensor-parallel rank: the caller divides by ``tensor_parallel_size``)."""
         if num_heads % self.ulysses_degree:
             valid = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
             raise ValueError(
@@ -308,6 +327,15 @@ class ServerConfig:
     running batch at the next denoising step and leave at their last, instead of waiting
     for the whole batch. In-process executor only for now."""
 
+    compile: bool = False
+    """Compile the transformer's repeated blocks (regional ``torch.compile``), warmed up
+    at start-up for ``compile_sizes``; compiled artefacts are kept in the state
+    directory's ``compile/`` so a restart does not compile again."""
+
+    compile_sizes: tuple[tuple[int, int], ...] = ()
+    """``(width, height)`` sizes the compiled blocks are warmed up for; empty: the
+    model's default size. Other sizes compile on first use."""
+
     executor: str = "torchrun"
     """``torchrun`` (worker groups in subprocesses) or ``inprocess`` (one rank, no subprocess)."""
 
@@ -362,11 +390,20 @@ class ServerConfig:
     """A step (or the decode after the last step) is declared hung after this many times
     its expected duration (and never before ``liveness_timeout_s``)."""
 
+    checkpoint_every: int = 5
+    """A running video job saves its latents and scheduler state every this many steps
+    (in the state directory) and resumes from the last save after a restart."""
+
     video_ttl_s: float = 7 * 24 * 3600.0
     """Video jobs and their MP4 files expire this long after they complete (``expires_at``)."""
 
     state_dir: str | None = None
     """Video jobs (SQLite) and stored outputs live here; ``None`` uses ``~/.cache/ithaca``."""
+
+    @staticmethod
+    def compile_cache_dir(state_dir: str | None) -> str:
+        """Where ``--compile`` keeps inductor's artefacts: ``compile/`` in the state dir."""
+        return os.path.join(state_dir or os.path.expanduser("~/.cache/ithaca"), "compile")
 
     nnodes: int = 1
     """Nodes the worker group spans (torchrun static rendezvous)."""
@@ -417,12 +454,16 @@ class ServerConfig:
             raise ValueError(f"dtype ({self.dtype!r}) must be bfloat16, float16 or float32")
         if self.max_loras is not None and self.max_loras < 1:
             raise ValueError(f"max_loras ({self.max_loras}) must be >= 1")
+        for width, height in self.compile_sizes:
+            if width < 1 or height < 1:
+                raise ValueError(f"compile_sizes ({width}x{height}) must be positive")
         names = [entry[0] for entry in self.loras]
         if len(set(names)) != len(names):
             raise ValueError(f"loras ({names}) name an adapter twice")
         for name in ("max_body_bytes", "max_input_pixels", "max_output_pixels", "max_steps"):
             _require_positive(name, getattr(self, name))
         _require_positive("max_n", self.max_n)
+        _require_positive("checkpoint_every", self.checkpoint_every)
         _require_positive("max_frames", self.max_frames)
         if self.max_request_memory_gb is not None and self.max_request_memory_gb <= 0:
             raise ValueError(

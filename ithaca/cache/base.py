@@ -110,6 +110,8 @@ class StepCache:
         self.branch = 0
         self._states: dict[int, dict] = {}
         self._active = False
+        # What was installed on each instance before (a compiled forward), put back on remove.
+        self._previous = [block.__dict__.get("forward") for block in self.blocks]
         for index, block in enumerate(self.blocks):
             block.forward = self._wrap(index, block.forward)
 
@@ -131,8 +133,10 @@ class StepCache:
 
     def remove(self) -> None:
         """Unwrap the blocks."""
-        for block in self.blocks:
-            if "forward" in block.__dict__:
+        for block, previous in zip(self.blocks, self._previous, strict=True):
+            if previous is not None:
+                block.forward = previous
+            elif "forward" in block.__dict__:
                 del block.forward
 
     # -- for subclasses ----------------------------------------------------------

@@ -479,6 +479,11 @@ def build_engine(
     group = dataclasses.replace(parallel, data_parallel_size=1)
     spec = PipelineSpec(server.model, server.dtype, cache or CacheConfig(), group,
                         server.loras, server.max_loras, server.batch_invariant)  # fmt: skip
+    if server.compile:  # the cache beside the video jobs: a restart compiles nothing
+        cache_dir = server.compile_cache_dir(server.state_dir)
+        spec = dataclasses.replace(
+            spec, compile_cache_dir=cache_dir, compile_sizes=server.compile_sizes
+        )
     executors: list[Executor] = []
     for i in range(parallel.data_parallel_size):
         if server.executor == "inprocess":

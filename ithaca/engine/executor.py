@@ -43,6 +43,10 @@ class PipelineSpec:
     """At most this many adapters resident (LRU, the rest reloaded on demand)."""
     batch_invariant: bool = False
     """Each request of a batch runs its own loop (exact solo bytes) instead of fused."""
+    compile_cache_dir: str | None = None
+    """``--compile``: compile the repeated blocks, inductor's cache in this directory,
+    warmed up for ``compile_sizes`` (empty: the model's default size); None: eager."""
+    compile_sizes: tuple[tuple[int, int], ...] = ()
 
 
 def default_model_path() -> str:
@@ -75,6 +79,12 @@ def load_pipeline(spec: PipelineSpec, state) -> Pipeline:
                 pipeline.load_lora(name, path, scale)
     if hasattr(pipeline, "fuse_batches"):
         pipeline.fuse_batches = not spec.batch_invariant
+    if spec.compile_cache_dir is not None:
+        from ithaca.models.compiled import compile_pipeline, use_cache_dir, warm_up
+
+        use_cache_dir(spec.compile_cache_dir)
+        compile_pipeline(pipeline)
+        warm_up(pipeline, [tuple(size) for size in spec.compile_sizes])  # every rank
     return pipeline
 
 

@@ -75,6 +75,7 @@ def spec_to_json(spec: PipelineSpec, heartbeat_interval_s: float) -> str:
                 "ulysses_degree": spec.parallel.ulysses_degree,
                 "ring_degree": spec.parallel.ring_degree,
                 "cfg_parallel_size": spec.parallel.cfg_parallel_size,
+                "tensor_parallel_size": spec.parallel.tensor_parallel_size,
                 "attention_backend": spec.parallel.attention_backend,
                 "collective_timeout_s": spec.parallel.collective_timeout_s,
                 "use_hsdp": spec.parallel.use_hsdp,
@@ -86,6 +87,8 @@ def spec_to_json(spec: PipelineSpec, heartbeat_interval_s: float) -> str:
             "loras": [list(x) for x in spec.loras],
             "max_loras": spec.max_loras,
             "batch_invariant": spec.batch_invariant,
+            "compile_cache_dir": spec.compile_cache_dir,
+            "compile_sizes": [list(size) for size in spec.compile_sizes],
         }
     )
 
@@ -100,6 +103,8 @@ def spec_from_json(text: str) -> tuple[PipelineSpec, float]:
         loras=tuple(tuple(x) for x in raw.get("loras", ())),
         max_loras=raw.get("max_loras"),
         batch_invariant=bool(raw.get("batch_invariant", False)),
+        compile_cache_dir=raw.get("compile_cache_dir"),
+        compile_sizes=tuple(tuple(size) for size in raw.get("compile_sizes", ())),
     )
     return spec, float(raw["heartbeat_interval_s"])
 

@@ -32,6 +32,7 @@ from PIL import Image
 
 from ithaca.cache import BlockCacheAdapter, StepCache, build_cache
 from ithaca.config import CacheConfig
+from ithaca.models.checkpoint import StepCheckpoint
 from ithaca.models.loading import load_streamed
 from ithaca.models.lora import LoraAdapters, adapter_summary
 from ithaca.models.offload import Placement, parameter_bytes
@@ -187,6 +188,11 @@ class DenoisingPipeline:
 
     def load_lora(self, name: str, path: str, scale: float = 1.0) -> dict:
         """Add a named adapter (every rank of the group runs this, in the same order)."""
+        if self.state.tp.size > 1:  # PEFT would wrap the split Linears with whole adapters
+            raise ValueError(
+                f"LoRA adapters are not supported with tensor_parallel_size "
+                f"({self.state.tp.size}) yet; serve with --tensor-parallel-size 1"
+            )
         if self.offloading.transformer_on_host:  # peft adds tensors the host copy lacks
             raise ValueError("LoRA adapters with --enable-cpu/layerwise-offload are not supported")
         return self.lora_table().add(name, path, scale)
@@ -384,7 +390,7 @@ class DenoisingPipeline:
         for i, (r, cache) in enumerate(zip(requests, caches, strict=True)):
             # Unless fusing is on, every request runs its own loop (exact solo bytes). A
             # cache decides from the whole forward, so a cached request always runs alone.
-            alone = cache.backend is not None or not self.fuse_batches
+            alone = cache.backend is not None or not self.fuse_batches or r.params.checkpoint
             key = (*r.batch_key, cache, i if alone else None)
             groups.setdefault(key, []).append(i)
         results = [GenerationResult(request_id=p.request_id) for p in batch]
@@ -476,7 +482,11 @@ class DenoisingPipeline:
         conds = self._conditions(requests)
         t_cond = time.perf_counter() - started
         job = self.prepare(requests, conds)
-        cancelled_at = self.denoise(job, callback, cache)
+        checkpoint, resume = StepCheckpoint.of(self, requests), None
+        if checkpoint is not None and (saved := checkpoint.load(job)) is not None:
+            resume = ResumeState(saved[0], saved[1])  # steps done, their latents
+            conds[0]["seed"] = job.seeds[0] = saved[2]  # the seed the first run drew
+        cancelled_at = self.denoise(job, callback, cache, resume, checkpoint)
         t_loop = time.perf_counter() - started - t_cond
         per_request = [
             {
@@ -519,6 +529,7 @@ class DenoisingPipeline:
         callback: StepCallback | None = None,
         cache: StepCache | None = None,
         resume: ResumeState | None = None,
+        checkpoint: StepCheckpoint | None = None,
     ) -> int | None:
         """Run the steps of ``job`` (from ``resume.step`` with ``resume.latents``, if given),
         leaving the final latents in ``job.latents``. Returns the number of steps done if
@@ -568,6 +579,8 @@ class DenoisingPipeline:
                     previews = self.preview(job, x0)
                 asked = bool(callback(StepEvent(ids, i + 1, total, previews)))
             job.latents = latents
+            if checkpoint is not None:  # every few steps, on the returning rank
+                checkpoint.after_step(i + 1, job)
             if stop.agreed(asked, last=i == total - 1):
                 return i + 1
         return None

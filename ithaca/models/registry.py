@@ -107,6 +107,12 @@ def load_pipeline(
     cache = CacheConfig.from_dict(cache_backend, cache_config)  # before loading any weights
     cls = pipeline_class(model)
     pipeline = cls(model, state, dtype or default_dtype(state.device))
+    transformer = getattr(pipeline, "transformer", None)
+    if state.tp.size > 1 and getattr(transformer, "_ithaca_tp", None) is None:
+        raise ValueError(
+            f"tensor_parallel_size ({state.tp.size}): {cls.__name__} does not split its "
+            f"weights; serve it with --tensor-parallel-size 1"
+        )
     pipeline.configure_cache(cache)
     return pipeline
 

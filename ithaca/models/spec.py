@@ -23,6 +23,7 @@ from ithaca.parallel import (
     apply_guidance,
     apply_sequence_parallel,
 )
+from ithaca.parallel.tensor import apply_tensor_parallel
 
 GuidanceRule = Callable[[torch.Tensor, torch.Tensor | None, float], torch.Tensor]
 
@@ -70,9 +71,12 @@ class AttentionLayout:
 def parallelize(
     transformer: torch.nn.Module, state: ParallelState, layout: AttentionLayout
 ) -> SequenceParallelRuntime:
-    """Apply ``layout``'s plan for ``state`` and route the declared blocks through it."""
-    if layout.check_heads:
-        state.config.validate_heads(transformer.config.num_attention_heads)
+    """Split the weights by the transformer's ``_tp_plan`` over ``state.tp`` (if its size is
+    above 1), apply ``layout``'s sequence-parallel plan for ``state`` and route the
+    declared blocks through it."""
+    transformer._ithaca_tp = apply_tensor_parallel(transformer, state, type(transformer).__name__)
+    if layout.check_heads:  # Ulysses splits the heads one tensor-parallel rank holds
+        state.config.validate_heads(transformer.config.num_attention_heads // state.tp.size)
     plan = layout.plan if layout.plan is not None else transformer._sp_plan
     if callable(plan):
         plan = plan(transformer.config)

@@ -1,10 +1,15 @@
 """Process-group layout: one explicit object with named axes, built once per process.
 
-Rank map. A world of ``dp * cfg * ring * ulysses`` ranks is laid out with ulysses as
-the innermost, contiguous axis (its all-to-all stays between adjacent GPUs, i.e. on
-NVLink), then ring, then cfg, with dp outermost::
+Rank map. A world of ``dp * cfg * ring * ulysses * tp`` ranks is laid out with tensor
+parallel (``tp``) innermost (its all-reduce per layer is the heaviest traffic), then
+ulysses (its all-to-all stays between adjacent GPUs, i.e. on NVLink), then ring, then
+cfg, with dp outermost::
 
-    rank = ((dp_idx * cfg + cfg_idx) * ring + ring_idx) * ulysses + ulysses_idx
+    rank = (((dp_idx * cfg + cfg_idx) * ring + ring_idx) * ulysses + ulysses_idx) * tp + tp_idx
+
+The example below has ``tp == 1``; with ``tp == 2`` every rank becomes two adjacent
+ranks that hold the same sequence shard and half of its heads each (docs/parallel.md,
+"Tensor parallel").
 
 Example, 8 ranks with ulysses=2, ring=2, cfg=2 (dp=1)::
 
@@ -44,7 +49,7 @@ import torch.distributed as dist
 
 from ithaca.config import ParallelConfig
 
-AXES = ("dp", "cfg", "ring", "ulysses")  # outermost -> innermost
+AXES = ("dp", "cfg", "ring", "ulysses", "tp")  # outermost -> innermost
 
 
 @dataclass
@@ -116,7 +121,8 @@ _FREE_AXES = {
     "ring": ("ring",),
     "sp": ("ring", "ulysses"),
     "cfg": ("cfg",),
-    "replica": ("cfg", "ring", "ulysses"),
+    "tp": ("tp",),
+    "replica": ("cfg", "ring", "ulysses", "tp"),
     "dp": ("dp",),
 }
 
@@ -128,12 +134,13 @@ def layout_groups(config: ParallelConfig) -> dict[str, list[tuple[int, ...]]]:
         "cfg": config.cfg_parallel_size,
         "ring": config.ring_degree,
         "ulysses": config.ulysses_degree,
+        "tp": config.tensor_parallel_size,
     }
     return {name: _enumerate_groups(dims, free) for name, free in _FREE_AXES.items()}
 
 
 class ParallelState:
-    """Named process groups for the dp, cfg, ring, ulysses, sp and replica axes.
+    """Named process groups for the dp, cfg, ring, ulysses, tp, sp and replica axes.
 
     Built once per process with :meth:`from_env` (torchrun) or :meth:`build` (an
     already initialised default group), and passed explicitly to whatever needs it.
@@ -165,6 +172,7 @@ class ParallelState:
         self.cfg = axes["cfg"]
         self.ring = axes["ring"]
         self.ulysses = axes["ulysses"]
+        self.tp = axes["tp"]
         self.sp = axes["sp"]
         self.replica = axes["replica"]
 
@@ -172,7 +180,8 @@ class ParallelState:
         return (
             f"ParallelState(rank={self.rank}/{self.world_size}, dp={self.dp.rank}/{self.dp.size}, "
             f"cfg={self.cfg.rank}/{self.cfg.size}, ring={self.ring.rank}/{self.ring.size}, "
-            f"ulysses={self.ulysses.rank}/{self.ulysses.size}, device={self.device})"
+            f"ulysses={self.ulysses.rank}/{self.ulysses.size}, tp={self.tp.rank}/{self.tp.size}, "
+            f"device={self.device})"
         )
 
     @classmethod
@@ -197,7 +206,8 @@ class ParallelState:
         if world != config.world_size:
             raise ValueError(
                 f"world size ({world}) must equal data_parallel_size * cfg_parallel_size * "
-                f"ring_degree * ulysses_degree ({config.world_size}) for {config}"
+                f"ring_degree * ulysses_degree * tensor_parallel_size ({config.world_size}) "
+                f"for {config}"
             )
         rank = dist.get_rank()
         device = torch.device(device) if device is not None else default_device()

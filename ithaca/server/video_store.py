@@ -235,7 +235,7 @@ class VideoStore:
             return False
         with self._lock:
             self._db.execute("DELETE FROM videos WHERE id=?", (job_id,))
-        for path in (job.path, self.input_path(job_id)):
+        for path in (job.path, self.input_path(job_id), self.checkpoint_path(job_id)):
             if path:
                 with contextlib.suppress(OSError):
                     os.remove(path)
@@ -243,6 +243,10 @@ class VideoStore:
 
     def video_path(self, job_id: str) -> str:
         return os.path.join(self.files, f"{job_id}.mp4")
+
+    def checkpoint_path(self, job_id: str) -> str:
+        """The running job's saved step (written by the returning rank, 0600)."""
+        return os.path.join(self.files, f"{job_id}.steps")
 
     def close(self) -> None:
         with self._lock:

@@ -172,6 +172,10 @@ def _submit(
     state: ServerState, engine, job_id: str, params, resolved=None, label="-"
 ) -> EngineRequest:
     last = [-1]
+    # Every few steps the loop saves its state here; after a restart the job resumes
+    # from it (ithaca.models.checkpoint). Removed when the job ends.
+    params.checkpoint = state.videos.checkpoint_path(job_id)
+    params.checkpoint_every = state.config.checkpoint_every
 
     def on_progress(step: int, total: int, previews) -> None:
         progress = min(99, int(100 * step / max(1, total)))
@@ -183,6 +187,7 @@ def _submit(
 
 
 async def _finish(state: ServerState, job_id: str, req: EngineRequest) -> None:
+    ended = True  # False: requeued, its saved step kept for the next start
     try:
         result = await asyncio.wrap_future(req.future)
         if result.frames is None:
@@ -196,9 +201,11 @@ async def _finish(state: ServerState, job_id: str, req: EngineRequest) -> None:
             return
         state.videos.complete(job_id, path, f"{frames.shape[2]}x{frames.shape[1]}")
     except asyncio.CancelledError:
+        ended = False
         _requeue(state, job_id)  # the server shuts down: the next start runs it again
         raise
     except DrainingError:
+        ended = False
         _requeue(state, job_id)
     except EngineError as exc:
         state.videos.fail(job_id, exc.code, client_message(exc))
@@ -207,6 +214,8 @@ async def _finish(state: ServerState, job_id: str, req: EngineRequest) -> None:
         state.videos.fail(job_id, "internal_error", "the job failed with an internal error")
     finally:
         state.video_jobs.pop(job_id, None)
+        if ended:
+            await asyncio.to_thread(_remove, state.videos.checkpoint_path(job_id))
 
 
 def _requeue(state: ServerState, job_id: str) -> None:

@@ -41,15 +41,11 @@ def test_seed_command_parses(key, argv):
         assert argv[0] in NOT_OURS, f"{key}: a command of an unknown program: {argv}"
         return
     args = build_parser().parse_args(ours)
-    if _flag(ours, "--tensor_parallel_size", "--tensor-parallel-size") != 1:
-        # ithaca has no tensor parallelism; the flag parses and the error says what to use
-        with pytest.raises(ValueError, match=r"tensor_parallel_size \(2\) must be 1"):
-            _parallel(args)
-        return
     config = _parallel(args)
     assert config == ParallelConfig(
         ulysses_degree=_flag(ours, "--usp", "--ulysses-degree", "--ulysses_degree"),
         ring_degree=_flag(ours, "--ring", "--ring-degree", "--ring_degree"),
+        tensor_parallel_size=_flag(ours, "--tensor_parallel_size", "--tensor-parallel-size"),
     )
     if "--num_inference_steps" in ours:
         assert args.num_inference_steps == _flag(ours, "--num_inference_steps")

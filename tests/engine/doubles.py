@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ithaca.models.checkpoint import StepCheckpoint
 from ithaca.parallel.comm import all_reduce, broadcast_object
 from ithaca.types import GenerationParams, GenerationResult, StepEvent
 
@@ -32,6 +33,8 @@ class FakePipeline:
         self.state = state
         self.step_s = float(os.environ.get("ITHACA_FAKE_STEP_S", "0"))
         self.calls: list[int] = []  # batch sizes seen (in-process tests)
+        self.device = state.device
+        self.is_returning_rank = state.replica.rank == 0
 
     def _latents(self, p: GenerationParams, index: int, h: int, w: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(_seed_of(p) + index)
@@ -73,7 +76,15 @@ class FakePipeline:
         for i, p in enumerate(batch):
             h, w = p.height or 64, p.width or 64
             items += [(i, k, self._latents(p, k, h, w)) for k in range(max(1, p.num_images))]
-        for step in range(steps):
+        # A lone request with a checkpoint file resumes from its saved step, as the real
+        # loop does (ithaca.models.checkpoint); its latents are the job's.
+        job = SimpleNamespace(timesteps=range(steps), scheduler=SimpleNamespace(),
+                              latents=items[0][2], seeds=[batch[0].seed])  # fmt: skip
+        checkpoint = StepCheckpoint.of(self, [SimpleNamespace(params=p) for p in batch])
+        start = 0
+        if checkpoint is not None and (saved := checkpoint.load(job)) is not None:
+            start, items[0] = saved[0], (0, 0, saved[1])
+        for step in range(start, steps):
             for n, (i, k, lat) in enumerate(items):
                 lat = (lat * 0.5 + 0.25).clamp(0, 1)
                 # SPMD: every rank holds the same latents; the all-reduce averages identical
@@ -89,6 +100,9 @@ class FakePipeline:
                     previews = [self._decode(lat[:1], 32, 32)[0] for _, _, lat in items]
                 event = StepEvent([p.request_id for p in batch], step + 1, steps, previews)
                 cancel = bool(callback(event))
+            if checkpoint is not None:
+                job.latents = items[0][2]
+                checkpoint.after_step(step + 1, job)
             if broadcast_object(cancel, self.state.replica):
                 return []
         out = []

@@ -55,6 +55,18 @@ def test_rank_map_of_the_documented_eight_rank_example():
     assert groups["replica"] == [tuple(range(8))]
 
 
+def test_tensor_parallel_is_the_innermost_axis():
+    """tp 2 x ulysses 2 x cfg 2: tp ranks adjacent, Ulysses over the ranks of one tp index."""
+    groups = layout_groups(
+        ParallelConfig(tensor_parallel_size=2, ulysses_degree=2, cfg_parallel_size=2)
+    )
+    assert groups["tp"] == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    assert groups["ulysses"] == groups["sp"] == [(0, 2), (1, 3), (4, 6), (5, 7)]
+    assert groups["cfg"] == [(0, 4), (1, 5), (2, 6), (3, 7)]
+    assert groups["replica"] == [tuple(range(8))]
+    assert ParallelState.single().tp.size == 1
+
+
 def test_data_parallel_is_the_outermost_axis():
     groups = layout_groups(ParallelConfig(ulysses_degree=2, data_parallel_size=2))
     assert groups["dp"] == [(0, 2), (1, 3)]

@@ -1,7 +1,8 @@
 """``/v1/videos`` with the official SDK on the pipeline double (it produces frames; the
 real-video proof waits for a served Wan checkpoint), and jobs across a killed front:
-queued and running jobs complete after the restart, the interrupted one with the same
-MP4 as an uninterrupted run (it reruns from its stored parameters and seed)."""
+queued and running jobs complete after the restart, the interrupted one resumed from its
+last saved step (``--checkpoint-every``, default 5) with the same MP4 as an
+uninterrupted run."""
 
 import io
 import os
@@ -114,8 +115,11 @@ def test_jobs_survive_a_restart(tmp_path):
         assert client.videos.retrieve(done.id).status == "completed"
         assert len(frames_of(client.videos.download_content(done.id).read())) == 3
         for job in (running, queued):  # both run again after the restart
-            finished, _ = poll(client, job.id)
+            finished, seen = poll(client, job.id)
             assert finished.status == "completed", finished.error
+            if job is running:  # resumed from its last saved step (>= 20 of 100), not 0
+                assert min(p for p in seen if p > 0) > 20, seen
+        assert not os.path.exists(os.path.join(state, "videos", f"{running.id}.steps"))
         reference = client.videos.create(prompt="running", size="32x32", extra_body=RESUMED)
         poll(client, reference.id)
         resumed = client.videos.download_content(running.id).read()

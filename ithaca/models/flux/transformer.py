@@ -28,6 +28,7 @@ import inspect
 
 import torch
 from diffusers import FluxTransformer2DModel as _DiffusersFluxTransformer
+from diffusers.hooks.tensor_parallel import PackedColwiseParallel, PackedRowwiseParallel
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
@@ -46,6 +47,22 @@ FLUX_SP_PLAN = {
     },
     "proj_out": SequenceParallelOutput(gather_dim=1, expected_dims=3),
 }
+
+
+LONGCAT_TP_PLAN = {
+    **_DiffusersFluxTransformer._tp_plan,
+    # input = cat([attention (C), MLP (4C)]): LongCat sets no packed blocks on the Linear
+    "single_transformer_blocks.*.proj_out": PackedRowwiseParallel([1, 4]),
+}
+"""FLUX.1's tensor-parallel plan (diffusers' ``_tp_plan``) for LongCat-Image."""
+
+OVIS_TP_PLAN = {
+    **LONGCAT_TP_PLAN,
+    "single_transformer_blocks.*.proj_mlp": PackedColwiseParallel([1, 1]),  # [value, gate]
+    "transformer_blocks.*.ff.net.0.proj": PackedColwiseParallel([1, 1]),  # SwiGLU
+    "transformer_blocks.*.ff_context.net.0.proj": PackedColwiseParallel([1, 1]),
+}
+"""Ovis-Image: LongCat's plan with its SwiGLU projections split per half."""
 
 
 class FluxTransformer2DModel(_DiffusersFluxTransformer):

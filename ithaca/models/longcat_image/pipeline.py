@@ -37,7 +37,7 @@ from PIL import Image
 from ithaca.models.base import Job, Request
 from ithaca.models.flow import FlowMatchPipeline, pack_latents
 from ithaca.models.flux.cache import cache_adapter  # FLUX.1's blocks
-from ithaca.models.flux.transformer import FLUX_ATTENTION, FLUX_SP_PLAN
+from ithaca.models.flux.transformer import FLUX_ATTENTION, FLUX_SP_PLAN, LONGCAT_TP_PLAN
 from ithaca.models.spec import Defaults, FamilySpec, plain_cfg
 from ithaca.types import GenerationParams
 
@@ -53,6 +53,7 @@ class LongCatImageTransformer2DModel(_DiffusersLongCatTransformer):
     """diffusers' LongCat-Image transformer with FLUX.1's sequence-parallel plan declared."""
 
     _sp_plan = FLUX_SP_PLAN
+    _tp_plan = LONGCAT_TP_PLAN
 
 
 def renormed_cfg(positive: torch.Tensor, negative: torch.Tensor | None, scale: float):

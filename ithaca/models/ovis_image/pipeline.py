@@ -25,7 +25,7 @@ from diffusers.pipelines.ovis_image.pipeline_ovis_image import OvisImagePipeline
 from ithaca.models.base import Job
 from ithaca.models.flow import FlowMatchPipeline
 from ithaca.models.flux.cache import cache_adapter  # FLUX.1's blocks
-from ithaca.models.flux.transformer import FLUX_ATTENTION, FLUX_SP_PLAN
+from ithaca.models.flux.transformer import FLUX_ATTENTION, FLUX_SP_PLAN, OVIS_TP_PLAN
 from ithaca.models.spec import Defaults, FamilySpec
 
 SYSTEM_PROMPT = (
@@ -40,6 +40,8 @@ class OvisImageTransformer2DModel(_DiffusersOvisTransformer):
     """diffusers' Ovis-Image transformer with FLUX.1's sequence-parallel plan declared."""
 
     _sp_plan = FLUX_SP_PLAN
+    _tp_plan = OVIS_TP_PLAN
+    _tp_local_sizes = ("single_transformer_blocks.*.mlp_hidden_dim",)  # its split point
 
 
 SPEC = FamilySpec(

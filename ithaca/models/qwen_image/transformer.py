@@ -6,8 +6,9 @@ text+image attention through :class:`ithaca.parallel.ParallelAttention`.
 
 Plan (``auto_pad`` everywhere a length may not divide by the sequence-parallel size):
 
-- ``pos_embed`` output 0, the image RoPE frequencies ``(S_img, D/2)`` complex: sharded
-  on dim 0 with the image tokens (output 1, the text frequencies, stays whole);
+- ``pos_embed`` output 0, the image RoPE frequencies ``(S_img, D/2, 2)`` (cos, sin: the
+  real form of diffusers' complex ones, :mod:`ithaca.models.rotary`): sharded on dim 0
+  with the image tokens (output 1, the text frequencies, stays whole);
 - ``transformer_blocks.0`` input ``hidden_states`` ``(B, S_img, C)``: the image tokens
   (for edit: noise tokens followed by every input image's tokens) are sharded on dim 1;
   every later block receives the shard from the previous one;
@@ -22,17 +23,19 @@ plan needs crosses a module boundary in diffusers' forward.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from diffusers import QwenImageTransformer2DModel as _DiffusersQwenImageTransformer
-from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
 from ithaca.models.attention import TEXT, ParallelProcessor, project, project_out
+from ithaca.models.rotary import apply_rope, use_real_freqs
 from ithaca.models.spec import AttentionLayout
 from ithaca.parallel import SequenceParallelInput, SequenceParallelOutput
 
 QWEN_IMAGE_SP_PLAN = {
     "pos_embed": {
-        0: SequenceParallelInput(split_dim=0, expected_dims=2, split_output=True, auto_pad=True),
+        0: SequenceParallelInput(split_dim=0, expected_dims=3, split_output=True, auto_pad=True),
     },
     "transformer_blocks.0": {
         "hidden_states": SequenceParallelInput(split_dim=1, expected_dims=3, auto_pad=True),
@@ -45,9 +48,15 @@ QWEN_IMAGE_SP_PLAN = {
 
 
 class QwenImageTransformer2DModel(_DiffusersQwenImageTransformer):
-    """diffusers' Qwen-Image transformer with its sequence-parallel plan declared."""
+    """diffusers' Qwen-Image transformer with its sequence-parallel plan declared, its
+    RoPE frequencies in the real form (compilable; the same numbers)."""
 
     _sp_plan = QWEN_IMAGE_SP_PLAN
+
+    @functools.wraps(_DiffusersQwenImageTransformer.__init__)  # its signature: the config
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        use_real_freqs(self.pos_embed)  # before the plan's hooks: they shard the real form
 
 
 class ParallelJointAttnProcessor(ParallelProcessor):
@@ -74,12 +83,9 @@ class ParallelJointAttnProcessor(ParallelProcessor):
         img_q, img_k, img_v = project(attn, hidden_states)
         txt_q, txt_k, txt_v = project(attn, encoder_hidden_states, TEXT)
         if image_rotary_emb is not None:
-            img_freqs, txt_freqs = image_rotary_emb  # (S/P, D/2) sharded, (T, D/2) whole
-            img_q, img_k, txt_q, txt_k = (
-                apply_rotary_emb_qwen(x, freqs, use_real=False)
-                for x, freqs in ((img_q, img_freqs), (img_k, img_freqs),
-                                 (txt_q, txt_freqs), (txt_k, txt_freqs))
-            )  # fmt: skip
+            img_freqs, txt_freqs = image_rotary_emb  # (S/P, D/2, 2) sharded, (T, D/2, 2) whole
+            img_q, img_k = apply_rope(img_q, img_freqs), apply_rope(img_k, img_freqs)
+            txt_q, txt_k = apply_rope(txt_q, txt_freqs), apply_rope(txt_k, txt_freqs)
         text_mask = None
         if encoder_hidden_states_mask is not None:
             text_mask = encoder_hidden_states_mask.to(torch.bool)  # (B, T), True = attend

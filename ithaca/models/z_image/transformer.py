@@ -63,10 +63,28 @@ def z_image_sp_plan(n_refiner_layers: int = 2, patches: tuple[str, ...] = ("2-1"
     return plan
 
 
+Z_IMAGE_TP_PLAN = {
+    f"{blocks}.*.{path}": style
+    for blocks in ("noise_refiner", "context_refiner", "layers")
+    for path, style in {
+        "attention.to_q": "colwise",
+        "attention.to_k": "colwise",
+        "attention.to_v": "colwise",
+        "attention.to_out.0": "rowwise",
+        "feed_forward.w1": "colwise",  # SwiGLU: silu(w1 x) * w3 x, then w2
+        "feed_forward.w3": "colwise",
+        "feed_forward.w2": "rowwise",
+    }.items()
+}
+"""Tensor-parallel plan (``ithaca.parallel.tensor``): heads and SwiGLU units split in
+every block list; QK norms are per head, so they stay whole."""
+
+
 class ZImageTransformer2DModel(_DiffusersZImageTransformer):
-    """diffusers' Z-Image transformer with its sequence-parallel plan declared."""
+    """diffusers' Z-Image transformer with its sequence- and tensor-parallel plans declared."""
 
     _sp_plan = z_image_sp_plan()
+    _tp_plan = Z_IMAGE_TP_PLAN
 
 
 def pad_heads(x: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -1,0 +1,218 @@
+"""Tensor parallelism for a diffusion transformer, driven by the model's ``_tp_plan``.
+
+The plan is diffusers' format (``ModelMixin._tp_plan``; diffusers declares it for
+Qwen-Image and FLUX.1, ithaca's family modules declare it for the others): module
+paths with one ``*`` over a ``ModuleList`` mapped to ``"colwise"``, ``"rowwise"``,
+``PackedColwiseParallel(blocks)`` or ``PackedRowwiseParallel(blocks)`` (a fused
+Linear whose rows / columns are several projections, each split on its own, e.g.
+FLUX's single-block ``proj_out`` over ``cat([attention (H*D), MLP (4*C)])``).
+
+What :func:`apply_tensor_parallel` does, with ``P = tensor_parallel_size`` and ``r``
+this rank's tp index (written once here, for every family):
+
+- colwise Linear ``(out, in)``: keeps rows ``[r*out/P, (r+1)*out/P)`` of the weight and
+  bias (per block when packed); its output is this rank's slice of features
+  ``(..., in) -> (..., out/P)``: for q/k/v that is heads ``[r*H/P, (r+1)*H/P)``;
+- rowwise Linear ``(out, in)``: keeps columns ``[r*in/P, ...)`` and no bias; a forward
+  hook all-reduces the partial sums over the tp group ``(..., out)`` and adds the bias
+  once, after the sum;
+- an attention module whose projections are split (it has ``heads``): ``heads`` (and
+  ``inner_dim`` / ``inner_kv_dim``) become this rank's, so a processor that reshapes by
+  ``attn.heads`` sees ``H/P`` heads; QK norms over ``head_dim`` stay whole (per head).
+
+Norms, modulation, embeddings and the output projection stay replicated: every tp rank
+holds the same full hidden states between blocks, and the sequence-parallel plan
+(Ulysses / Ring over the ranks of one tp index) runs on the local heads unchanged.
+The all-reduce changes the order of the sums, so results equal one rank within fp32
+rounding, not bit for bit; every tp rank gets the same reduced bits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ithaca.parallel import comm
+from ithaca.parallel.state import ParallelState
+
+HEAD_ATTRS = ("heads", "inner_dim", "inner_kv_dim")
+"""Attention-module attributes that count this rank's heads (or heads x head_dim)."""
+
+
+@dataclass
+class TensorParallelRuntime:
+    """What :func:`apply_tensor_parallel` did: the split parameters and the hooks."""
+
+    size: int
+    specs: dict = field(default_factory=dict)
+    """Parameter name -> diffusers ``TPShardSpec`` (dim, block sizes) of the full tensor."""
+    hooks: list = field(default_factory=list)
+
+    def remove(self) -> None:
+        """Take the all-reduce hooks out (the weights stay split)."""
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks.clear()
+
+
+def tp_plan(transformer: nn.Module) -> dict | None:
+    """The transformer's ``_tp_plan`` (a dict, or a function of its config), or None."""
+    plan = getattr(transformer, "_tp_plan", None)
+    if callable(plan):
+        plan = plan(transformer.config)
+    return plan or None
+
+
+def _attention_modules(transformer: nn.Module, linears: set[str]) -> dict[str, nn.Module]:
+    """Modules with a ``heads`` count whose projections the plan splits."""
+    return {
+        path: module
+        for path, module in transformer.named_modules()
+        if isinstance(getattr(module, "heads", None), int)
+        and any(p.startswith(f"{path}.") for p in linears)
+    }
+
+
+def valid_degrees(transformer: nn.Module, plan: dict) -> tuple[int, list[int]]:
+    """``(heads, degrees)``: the fewest heads of a split attention module, and every
+    tensor-parallel degree that divides the heads of every such module and every split
+    block of the plan."""
+    from diffusers.hooks.tensor_parallel import resolve_tp_shard_specs
+
+    specs = resolve_tp_shard_specs(transformer, plan, 1)
+    linears = {name.rpartition(".")[0] for name in specs}
+    heads = [m.heads for m in _attention_modules(transformer, linears).values()]
+    sizes = heads + [b for spec in specs.values() for b in spec.block_sizes or []]
+    g = math.gcd(*sizes)
+    return min(heads, default=0), [d for d in range(1, g + 1) if g % d == 0]
+
+
+def check_degree(transformer: nn.Module, size: int, family: str) -> dict:
+    """The plan, or ``ValueError`` naming the valid degrees when ``size`` cannot split
+    the heads and every block of it (call before any weight is split)."""
+    plan = tp_plan(transformer)
+    if plan is None:
+        raise ValueError(
+            f"tensor_parallel_size ({size}): {family} declares no tensor-parallel plan "
+            f"(_tp_plan); serve it with --tensor-parallel-size 1 and sequence parallelism"
+        )
+    heads, valid = valid_degrees(transformer, plan)
+    if size not in valid:
+        raise ValueError(
+            f"tensor_parallel_size ({size}) must divide num_attention_heads ({heads}) and "
+            f"every split MLP / projection block of {family}; valid degrees: {valid}"
+        )
+    return plan
+
+
+def _slice(tensor: torch.Tensor, dim: int, blocks: list[int], rank: int, size: int):
+    """This rank's rows (dim 0) or columns (dim 1) of ``tensor``, block by block."""
+    parts, start = [], 0
+    for block in blocks:
+        chunk = block // size
+        parts.append(tensor.narrow(dim, start + rank * chunk, chunk))
+        start += block
+    return torch.cat(parts, dim) if len(parts) > 1 else parts[0].clone()
+
+
+def apply_tensor_parallel(
+    transformer: nn.Module, state: ParallelState, family: str = "the model"
+) -> TensorParallelRuntime | None:
+    """Split ``transformer``'s planned Linears over ``state.tp`` (None when tp size is 1).
+
+    Every rank of the tp group calls it on the same full weights; each keeps its shard
+    (the full tensors are freed). Raises before touching anything when the degree does
+    not divide the heads and blocks (see :func:`check_degree`).
+    """
+    axis = state.tp
+    if axis.size == 1:
+        return None
+    from diffusers.hooks.tensor_parallel import resolve_tp_shard_specs
+
+    plan = check_degree(transformer, axis.size, family)
+    specs = resolve_tp_shard_specs(transformer, plan, axis.size)
+    runtime = TensorParallelRuntime(axis.size, specs)
+    modules = dict(transformer.named_modules())
+    linears = {name.rpartition(".")[0] for name in specs}
+    for path in sorted(linears):
+        linear = modules[path]
+        weight = specs[f"{path}.weight"]
+        local = _slice(linear.weight.data, weight.dim, weight.block_sizes, axis.rank, axis.size)
+        linear.weight = _split_parameter(local)
+        if weight.dim == 0:  # colwise: (out/P, in), bias (out/P,)
+            linear.out_features = local.shape[0]
+            if linear.bias is not None:
+                bias = _slice(linear.bias.data, 0, weight.block_sizes, axis.rank, axis.size)
+                linear.bias = _split_parameter(bias)
+        else:  # rowwise: (out, in/P); the bias is added once, after the all-reduce
+            linear.in_features = local.shape[1]
+            bias = linear.bias
+            linear.bias = None
+            if bias is not None:
+                linear.register_buffer("tp_bias", bias.data, persistent=False)
+            runtime.hooks.append(linear.register_forward_hook(_reduce(state)))
+    for module in _attention_modules(transformer, linears).values():
+        for attr in HEAD_ATTRS:  # this rank's heads: H/P (and H/P * D)
+            value = getattr(module, attr, None)
+            if isinstance(value, int):
+                setattr(module, attr, value // axis.size)
+    for module, attr in _local_sizes(transformer):
+        setattr(module, attr, getattr(module, attr) // axis.size)
+    return runtime
+
+
+def _local_sizes(transformer: nn.Module) -> list[tuple[nn.Module, str]]:
+    """``(module, attribute)`` of every ``_tp_local_sizes`` entry: integer sizes a block's
+    forward splits a column-parallel output by (``"blocks.*.mlp_hidden_dim"``), which
+    become this rank's (``size / P``)."""
+    found = []
+    for pattern in getattr(transformer, "_tp_local_sizes", ()):
+        prefix, _, rest = pattern.rpartition(".")
+        head, star, tail = prefix.partition("*")
+        modules = [transformer.get_submodule(head.strip("."))] if head.strip(".") else [transformer]
+        if star:
+            modules = [m.get_submodule(tail.strip(".")) if tail.strip(".") else m
+                       for m in modules[0]]  # fmt: skip
+        found.extend((m, rest) for m in modules if isinstance(getattr(m, rest, None), int))
+    if getattr(transformer, "_tp_local_sizes", ()) and not found:
+        raise ValueError(f"_tp_local_sizes {transformer._tp_local_sizes} names no int attribute")
+    return found
+
+
+def _split_parameter(local: torch.Tensor) -> nn.Parameter:
+    param = nn.Parameter(local, requires_grad=False)
+    param._tp_split = True  # counted by parameter_bytes as this rank's shard
+    return param
+
+
+def _reduce(state: ParallelState):
+    def hook(module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
+        # (..., out) partial sums over this rank's in/P features -> the full sum on every
+        # tp rank; every rank of the tp group reaches this all-reduce in the same order
+        # (the same layer of the same forward).
+        comm.all_reduce(out, state.tp)
+        bias = getattr(module, "tp_bias", None)
+        return out if bias is None else out + bias
+
+    return hook
+
+
+def parameter_bytes(module: nn.Module) -> dict[str, int]:
+    """This rank's parameter bytes of ``module``: ``split`` (tensor-parallel shards,
+    1/P of the full tensors), ``replicated`` (everything else: norms, modulation,
+    embeddings, rowwise biases, which every tp rank holds whole) and ``total``.
+    Without tensor parallelism everything is ``replicated``."""
+    split = replicated = 0
+    for p in module.parameters():
+        nbytes = p.numel() * p.element_size()
+        if getattr(p, "_tp_split", False):
+            split += nbytes
+        else:
+            replicated += nbytes
+    for name, b in module.named_buffers():
+        if name.endswith("tp_bias"):
+            replicated += b.numel() * b.element_size()
+    return {"split": split, "replicated": replicated, "total": split + replicated}
