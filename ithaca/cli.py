@@ -68,6 +68,17 @@ def _parallel_args(p: argparse.ArgumentParser) -> None:
         "--collective-timeout", dest="collective_timeout_s", type=float, default=60.0,
         help="seconds before a stuck collective raises instead of hanging the group",
     )  # fmt: skip
+    g.add_argument(
+        "--use-hsdp", action="store_true",
+        help="shard the transformer's weights over the ranks of a replica (FSDP2)",
+    )  # fmt: skip
+    g.add_argument(
+        "--hsdp-shard-size", type=int, default=-1,
+        help="ranks sharing one copy of the weights (-1: the whole replica)",
+    )  # fmt: skip
+    g.add_argument(
+        "--hsdp-replicate-size", type=int, default=1, help="copies of the weights per replica"
+    )
     g = p.add_argument_group("placement (docs/memory.md)")
     g.add_argument(
         "--enable-cpu-offload", dest="cpu_offload", action="store_true",
@@ -136,7 +147,16 @@ def _auto_parallel(args, dp: int) -> ParallelConfig:
         vae_patch_parallel_size=args.vae_patch_parallel_size,
         attention_backend=args.attention_backend,
         collective_timeout_s=args.collective_timeout_s,
+        **_hsdp(args),
         **_placement(args),
+    )
+
+
+def _hsdp(args) -> dict:
+    return dict(
+        use_hsdp=args.use_hsdp,
+        hsdp_shard_size=args.hsdp_shard_size,
+        hsdp_replicate_size=args.hsdp_replicate_size,
     )
 
 
@@ -162,6 +182,7 @@ def _parallel(args, dp: int = 1) -> ParallelConfig:
         vae_patch_parallel_size=args.vae_patch_parallel_size,
         attention_backend=args.attention_backend,
         collective_timeout_s=args.collective_timeout_s,
+        **_hsdp(args),
         **_placement(args),
     )
 

@@ -66,6 +66,20 @@ class ParallelConfig:
     (column-parallel in, row-parallel out, one all-reduce each); see
     ``ithaca.parallel.tensor``. Heads are split by TP first, Ulysses splits the rest."""
 
+    use_hsdp: bool = False
+    """Shard the transformer's weights across ranks (PyTorch FSDP2 ``fully_shard``, one
+    block at a time; see ``ithaca.parallel.hsdp``): each rank holds 1/``hsdp_shard_size``
+    of them and all-gathers a block just before it runs."""
+
+    hsdp_shard_size: int = -1
+    """Ranks that share one copy of the weights (consecutive ranks of one replica, i.e.
+    Ulysses neighbours first); -1: every rank of the replica
+    (``cfg_parallel_size * ring_degree * ulysses_degree``)."""
+
+    hsdp_replicate_size: int = 1
+    """Copies of the weights within one replica; ``hsdp_replicate_size *
+    hsdp_shard_size`` must equal the replica's rank count."""
+
     text_encoder_placement: str | None = None
     """Where the text encoders live (``ithaca.models.offload``): ``rank0`` (on the
     returning rank's device, the others hold none) or ``offload`` (on its host, on the
@@ -104,6 +118,19 @@ class ParallelConfig:
             )
         if not self.collective_timeout_s > 0:
             raise ValueError(f"collective_timeout_s ({self.collective_timeout_s}) must be > 0")
+        if self.use_hsdp:
+            self.hsdp_sizes()  # raises on sizes that do not tile a replica
+            if self.tensor_parallel_size != 1:
+                raise ValueError(
+                    f"use_hsdp with tensor_parallel_size ({self.tensor_parallel_size}) is not "
+                    f"supported yet: both split the weights; pick one"
+                )
+            if self.cpu_offload or self.layerwise_offload:
+                raise ValueError(
+                    f"use_hsdp with cpu_offload ({self.cpu_offload}) or layerwise_offload "
+                    f"({self.layerwise_offload}) is not supported: the transformer is either "
+                    f"sharded or offloaded (encoder placements combine with HSDP)"
+                )
         for name in ("text_encoder_placement", "vae_placement"):
             value = getattr(self, name)
             if value not in (None, *PLACEMENTS):
@@ -126,6 +153,17 @@ class ParallelConfig:
             * self.sequence_parallel_size
             * self.tensor_parallel_size
         )
+
+    @property
+    def replica_size(self) -> int:
+        """Ranks serving one request together (cfg x ring x ulysses)."""
+        return self.cfg_parallel_size * self.sequence_parallel_size
+
+    def hsdp_sizes(self) -> tuple[int, int]:
+        """``(hsdp_replicate_size, hsdp_shard_size)`` with -1 resolved; ValueError if
+        they do not tile one replica (HSDP shards only over ranks that run every forward
+        together: a replica, never across data-parallel replicas)."""
+        return hsdp_sizes(self.hsdp_replicate_size, self.hsdp_shard_size, self.replica_size)
 
     def validate_heads(self, num_heads: int) -> None:
         """Raise when Ulysses cannot split ``num_heads`` attention heads evenly (the
@@ -159,6 +197,30 @@ class ParallelConfig:
         chosen = plan(world_size, model, size, cfg, interconnect)
         logging.getLogger(__name__).info("auto parallel layout: %s", chosen.reason)
         return cls(**chosen.degrees)
+
+
+def hsdp_sizes(replicate: int, shard: int, replica: int) -> tuple[int, int]:
+    """``(replicate, shard)`` for HSDP over ``replica`` ranks; shard -1: replica / replicate."""
+    _require_positive("hsdp_replicate_size", replicate)
+    if shard != -1:
+        _require_positive("hsdp_shard_size", shard)
+    where = (
+        f"the ranks of one replica (cfg_parallel_size * ring_degree * ulysses_degree = {replica})"
+    )
+    if shard == -1:
+        if replica % replicate:
+            raise ValueError(f"hsdp_replicate_size ({replicate}) must divide {where}")
+        shard = replica // replicate
+    if replicate * shard != replica:
+        raise ValueError(
+            f"hsdp_replicate_size ({replicate}) * hsdp_shard_size ({shard}) must equal {where}"
+        )
+    if shard < 2:
+        raise ValueError(
+            f"hsdp_shard_size ({shard}) must be at least 2 to shard anything: HSDP splits the "
+            f"weights over {where}; add --ulysses-degree / --ring-degree / --cfg-parallel-size"
+        )
+    return replicate, shard
 
 
 # The reference system's name for the same object.

@@ -20,6 +20,7 @@ resuming from a step (:class:`ResumeState`), without a host sync inside the loop
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -37,6 +38,7 @@ from ithaca.models.lora import LoraAdapters, adapter_summary
 from ithaca.models.offload import Placement, parameter_bytes
 from ithaca.models.spec import plain_cfg
 from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_branches
+from ithaca.parallel.hsdp import HSDPInferenceConfig, apply_hsdp_to_model, hsdp_mesh
 from ithaca.parallel.vae import follow_encodes, lead_encodes, split_vae
 from ithaca.types import (
     GenerationParams,
@@ -174,6 +176,9 @@ class DenoisingPipeline:
         return True
 
     def lora_table(self) -> LoraAdapters:
+        if self.loras is None and self.state.config.use_hsdp:
+            raise ValueError("LoRA adapters with use_hsdp are not supported yet (peft would "
+                             "wrap layers whose weights are sharded)")  # fmt: skip
         if self.loras is None:
             runtimes = [r for r in (getattr(self, "runtimes", None) or [self.runtime]) if r]
             name = getattr(getattr(self, "spec", None), "name", type(self).__name__)
@@ -258,18 +263,37 @@ class DenoisingPipeline:
         return [images[0] for images in self.decode(job, x0)]
 
     # -- shared loading ----------------------------------------------------------
-    def load_transformer(self, cls, model: str, subfolder: str = "transformer"):
+    def load_transformer(self, cls, model: str, subfolder: str = "transformer", device=None):
         """The checkpoint's transformer on this rank's device, frozen for inference:
         read tensor by tensor straight to the device (:mod:`ithaca.models.loading`: no
-        whole host copy per rank); checkpoints that need diffusers' key conversion go
-        through ``from_pretrained``."""
-        device = self.offloading.load_device("transformer")  # the host when offloaded
+        whole host copy per rank); with ``use_hsdp`` sharded on the meta device first,
+        so each rank reads and keeps only its shards (:mod:`ithaca.parallel.hsdp`);
+        checkpoints that need diffusers' key conversion go through ``from_pretrained``
+        (then sharded after loading). ``device``: where to load (default: the rank's;
+        the host when offloaded)."""
+        device = self.offloading.load_device("transformer") if device is None else device
+        shard = self.hsdp_shard()
         try:
-            transformer = load_streamed(cls, model, subfolder, device=device, dtype=self.dtype)
+            transformer = load_streamed(
+                cls, model, subfolder, device=device, dtype=self.dtype, shard=shard
+            )
         except (ValueError, FileNotFoundError) as exc:
             logger.info("%s: loading through from_pretrained (%s)", model, exc)
             transformer = cls.from_pretrained(model, subfolder=subfolder, torch_dtype=self.dtype)
-        return transformer.to(device).eval().requires_grad_(False)
+            transformer = transformer.to(device)
+            if shard is not None:
+                transformer = shard(transformer)
+        return transformer.eval().requires_grad_(False)
+
+    def hsdp_shard(self):
+        """``apply_hsdp_to_model`` bound to this pipeline's mesh (built once, shared by
+        Wan2.2's experts), or None without ``use_hsdp``."""
+        config = HSDPInferenceConfig.from_parallel(self.state.config)
+        if not config.enabled:
+            return None
+        if getattr(self, "_hsdp_mesh", None) is None:
+            self._hsdp_mesh = hsdp_mesh(config, self.state)
+        return functools.partial(apply_hsdp_to_model, config=config, mesh=self._hsdp_mesh)
 
     def memory(self) -> dict[str, int]:
         """This rank's weights: ``parameter_bytes`` held (a DTensor: its local shard),

@@ -15,6 +15,8 @@ model in host RAM before the copy to the GPU: 8 ranks x 41 GB (Qwen-Image) or
 
 A rank's host memory at peak is then about one tensor plus the map window, not the
 model in its stored dtype plus a copy; ``tests/models/test_loading.py`` measures it.
+With HSDP (``shard=``) the module is sharded while still on ``meta`` and each rank
+allocates and reads only the rows it keeps: its peak is its shard plus one tensor.
 Checkpoints whose keys need a diffusers conversion (single-file, legacy names) are
 not handled here: the loader raises on unexpected keys and the caller falls back to
 ``from_pretrained``.
@@ -25,9 +27,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+from ithaca.parallel.hsdp import local_rows
 
 log = logging.getLogger(__name__)
 
@@ -66,47 +72,65 @@ def load_streamed(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     window_bytes: int = 256 << 20,
+    shard: Callable[[nn.Module], nn.Module] | None = None,
 ) -> nn.Module:
     """``cls`` (a diffusers ``ModelMixin``) from ``model/subfolder`` on ``device``, in eval.
 
     Floating-point tensors are cast to ``dtype`` (None: as stored), except in the
     class's ``_keep_in_fp32_modules``; other tensors keep their dtype.
+
+    ``shard`` (e.g. :func:`ithaca.parallel.hsdp.apply_hsdp_to_model` bound to its mesh)
+    is applied to the module while it is still on ``meta``; each rank then allocates
+    only its shards on ``device`` and reads only their rows from the files
+    (``safe_open(...).get_slice``): its peak memory is its shard plus one tensor's rows.
     """
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
 
     device = torch.device(device)
     directory = component_dir(model, subfolder)
     with init_empty_weights(include_buffers=False):
         module = cls.from_config(cls.load_config(directory))
     keep_fp32 = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
+
+    def target(name: str, stored: torch.dtype) -> torch.dtype:
+        return _target_dtype(name, stored, dtype, keep_fp32)
+
+    buffers = dict(module.named_buffers())  # built for real (small); not in every file
+    if shard is not None:
+        for name, param in module.named_parameters():  # on meta: free
+            param.data = param.data.to(target(name, param.dtype))
+        module = shard(module)
+        module.to_empty(device=device)  # this rank's shards only (buffers: restored below)
     expected = dict(module.named_parameters()) | dict(module.named_buffers())
     loaded: set[str] = set()
-    for path in weight_files(directory):
-        names = _keys(path)
-        start = 0
-        while start < len(names):
-            # One map per window: tensors read so far are unmapped when it closes.
-            with safe_open(path, framework="pt", device="cpu") as f:
-                read = 0
-                while start < len(names) and read < window_bytes:
-                    name = names[start]
-                    start += 1
-                    if name not in expected:
-                        raise ValueError(
-                            f"{path}: tensor {name!r} is not a parameter of {cls.__name__}; "
-                            f"load this checkpoint with from_pretrained"
-                        )
-                    tensor = f.get_tensor(name)
-                    read += tensor.numel() * tensor.element_size()
-                    target = _target_dtype(name, tensor.dtype, dtype, keep_fp32)
-                    value = tensor.to(device=device, dtype=target)
-                    set_module_tensor_to_device(
-                        module, name, device, value=value, dtype=target, clear_cache=False
-                    )
-                    del tensor
-                    loaded.add(name)
+    for path, f, name, account in _read_windows(weight_files(directory), window_bytes):
+        if name not in expected:
+            raise ValueError(
+                f"{path}: tensor {name!r} is not a parameter of {cls.__name__}; "
+                f"load this checkpoint with from_pretrained"
+            )
+        param = expected[name]
+        rows = local_rows(param) if isinstance(param, DTensor) else None
+        if isinstance(param, DTensor):
+            local = param.to_local()
+            if rows is None:
+                tensor = f.get_tensor(name)
+            else:
+                dim, start, length = rows
+                tensor = f.get_slice(name)[(slice(None),) * dim + (slice(start, start + length),)]
+            account(tensor.numel() * tensor.element_size())
+            with torch.no_grad():
+                local.copy_(tensor)  # cast on the device, into the shard
+        else:
+            tensor = f.get_tensor(name)
+            account(tensor.numel() * tensor.element_size())
+            value = tensor.to(device=device, dtype=target(name, tensor.dtype))
+            set_module_tensor_to_device(
+                module, name, device, value=value, dtype=value.dtype, clear_cache=False
+            )
+        del tensor
+        loaded.add(name)
     missing = [n for n, t in module.named_parameters() if n not in loaded or t.is_meta]
     if missing:
         raise ValueError(
@@ -114,14 +138,40 @@ def load_streamed(
             f"{cls.__name__}, e.g. {missing[:5]}"
         )
     # Buffers the checkpoint does not hold (rotary tables, ...) were built on the CPU.
-    for name, buf in module.named_buffers():
+    for name, buf in buffers.items():
         if name not in loaded:
-            target = _target_dtype(name, buf.dtype, dtype, keep_fp32)
-            value = buf.to(device, target)
+            value = buf.to(device, target(name, buf.dtype))
             set_module_tensor_to_device(
-                module, name, device, value=value, dtype=target, clear_cache=False
+                module, name, device, value=value, dtype=value.dtype, clear_cache=False
             )
     return module.eval()
+
+
+def _read_windows(paths: list[str], window_bytes: int):
+    """``(path, open file, tensor name, account)`` for every tensor of ``paths``; the
+    caller passes the bytes it read to ``account``. Each file is re-opened once
+    ``window_bytes`` were read: tensors read so far are unmapped when its map closes."""
+    from safetensors import safe_open
+
+    for path in paths:
+        names = _keys(path)
+        start = 0
+        while start < len(names):
+            window = _Window()
+            with safe_open(path, framework="pt", device="cpu") as f:
+                while start < len(names) and window.read < window_bytes:
+                    start += 1
+                    yield path, f, names[start - 1], window.account
+
+
+class _Window:
+    """Bytes read through one map of a file."""
+
+    def __init__(self):
+        self.read = 0
+
+    def account(self, nbytes: int) -> None:
+        self.read += nbytes
 
 
 def _keys(path: str) -> list[str]:

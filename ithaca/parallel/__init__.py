@@ -6,12 +6,20 @@
 - :mod:`attention`: the entry point for attention processors (local / Ulysses /
   Ring / hybrid, joint text, key masks, auto_pad masking);
 - :mod:`sp_plan`, :mod:`hooks`, :mod:`sharding`: declarative ``_sp_plan`` sharding;
-- :mod:`cfg`: CFG-parallel.
+- :mod:`cfg`: CFG-parallel;
+- :mod:`hsdp`: weights sharded over a replica's ranks (FSDP2 ``fully_shard``).
 """
 
 from ithaca.parallel.attention import ParallelAttention
 from ithaca.parallel.cfg import apply_guidance, idle_branch_warning, predict_branches
 from ithaca.parallel.hooks import SequenceParallelRuntime, apply_sequence_parallel
+from ithaca.parallel.hsdp import (
+    HSDPInferenceConfig,
+    apply_hsdp_to_model,
+    get_fully_shard_rank,
+    get_fully_shard_world_size,
+    parameter_bytes,
+)
 from ithaca.parallel.sharding import (
     ShardingValidator,
     sp_gather,
@@ -30,6 +38,7 @@ from ithaca.parallel.sp_plan import (
 from ithaca.parallel.state import ParallelState
 
 __all__ = [
+    "HSDPInferenceConfig",
     "ParallelAttention",
     "ParallelState",
     "SequenceParallelConfig",
@@ -40,9 +49,13 @@ __all__ = [
     "SequenceParallelRuntime",
     "ShardingValidator",
     "apply_guidance",
+    "apply_hsdp_to_model",
     "apply_sequence_parallel",
+    "get_fully_shard_rank",
+    "get_fully_shard_world_size",
     "get_sp_plan_from_model",
     "idle_branch_warning",
+    "parameter_bytes",
     "predict_branches",
     "sp_gather",
     "sp_shard",

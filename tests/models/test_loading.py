@@ -116,6 +116,61 @@ def test_peak_host_memory_is_the_kept_weights_plus_one_window(checkpoint):
     assert got["peak"] < 0.75 * file_bytes, got
 
 
+MEASURE_SHARDED = r"""
+import functools, json, os, sys, torch
+import torch.distributed as dist
+from diffusers import FluxTransformer2DModel
+from ithaca.models.loading import load_streamed
+from ithaca.parallel.hsdp import HSDPInferenceConfig, apply_hsdp_to_model, parameter_bytes
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+dist.init_process_group("gloo")
+shard = functools.partial(apply_hsdp_to_model, config=HSDPInferenceConfig(enabled=True))
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+base = status("VmRSS:")
+model = load_streamed(FluxTransformer2DModel, sys.argv[1], window_bytes=int(sys.argv[2]),
+                      shard=shard)
+peak = status("VmHWM:") - base
+from safetensors import safe_open
+with safe_open(sys.argv[1] + "/diffusion_pytorch_model.safetensors", "pt") as f:
+    name = "single_transformer_blocks.0.proj_out.weight"
+    rows = f.get_tensor(name).chunk(2)[dist.get_rank()]
+    equal = torch.equal(dict(model.named_parameters())[name].to_local(), rows)
+print(json.dumps({"peak": peak, "kept": parameter_bytes(model), "equal": equal}))
+dist.destroy_process_group()
+"""
+
+
+def test_sharded_loading_peaks_below_the_whole_transformer(checkpoint):
+    """2 gloo ranks load the ~230 MB fp32 checkpoint with HSDP: each reads only its
+    rows, so its peak is its half plus one window, below the whole transformer."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc to measure peak RSS")
+    from ithaca.testing.distributed import free_port
+
+    file_bytes = os.path.getsize(checkpoint / "diffusion_pytorch_model.safetensors")
+    window = 16 << 20
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
+    command = [sys.executable, "-c", MEASURE_SHARDED, str(checkpoint), str(window)]
+    procs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**env, "RANK": str(r)})
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    for out in outs:
+        got = json.loads(out.strip().splitlines()[-1])
+        assert got["equal"], "a rank's shard is not its rows of the checkpoint"
+        assert got["kept"] <= 0.51 * file_bytes, got  # half of the fp32 weights
+        assert got["peak"] <= got["kept"] + window + (48 << 20), got
+        assert got["peak"] < 0.8 * file_bytes, got  # below the whole transformer
+
+
 @pytest.mark.gpu
 def test_loading_straight_to_the_gpu(checkpoint):
     from diffusers import FluxTransformer2DModel

@@ -124,14 +124,18 @@ class WanPipeline(DenoisingPipeline):
             names.append("transformer_2")
         if len(names) == 2 and self.boundary_ratio is None:
             raise ValueError(f"{model}: two transformers but no boundary_ratio in model_index")
+        sharded = state.config.use_hsdp  # both experts, each rank 1/shard of each
+        # Unsharded experts load to the host: ExpertPlacement moves (or offloads) them.
+        where = self.device if sharded else "cpu"
         self.experts = [
-            WanTransformer3DModel.from_pretrained(model, subfolder=name, torch_dtype=dtype)
-            for name in names
+            self.load_transformer(WanTransformer3DModel, model, n, where) for n in names
         ]
-        for expert in self.experts:
-            expert.eval().requires_grad_(False)
+        if expert_offload and sharded:
+            raise ValueError("expert_offload and use_hsdp exclude each other: pick one")
         if expert_offload is None:
-            expert_offload = should_offload(module_bytes(self.experts[0]), self.device)
+            expert_offload = not sharded and should_offload(
+                module_bytes(self.experts[0]), self.device
+            )
         on_host = self.offloading.transformer_on_host  # --enable-*-offload decide instead
         self.placement = ExpertPlacement(
             self.experts, self.offloading.load_device("transformer"), expert_offload and not on_host

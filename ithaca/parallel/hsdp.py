@@ -1,0 +1,216 @@
+"""HSDP for inference: the transformer's weights sharded with PyTorch FSDP2 ``fully_shard``.
+
+Sequence parallelism splits activations, not weights: without this every rank holds
+the whole transformer. With HSDP each rank keeps ``1/shard`` of every parameter (rows
+of dim 0, a DTensor ``Shard(0)``) and, for each block in turn, all-gathers the block's
+weights just before it runs and frees them right after (``reshard_after_forward``).
+
+The mesh. HSDP may shard only over ranks that run every forward of a request
+together, i.e. inside one replica (cfg x ring x ulysses; data-parallel replicas run
+different requests). The world is laid out as a 2-D :class:`DeviceMesh`
+``(replicate, shard)`` of shape ``(dp * hsdp_replicate_size, hsdp_shard_size)`` in the
+layout's own rank order, so a shard group is ``hsdp_shard_size`` consecutive ranks of
+one replica (Ulysses neighbours first, the NVLink-near GPUs)::
+
+    8 ranks, ulysses 4, cfg 2, hsdp_shard_size -1 (= 8):   shard [0..7]
+    8 ranks, ulysses 4, cfg 2, hsdp_replicate_size 2:      shard [0..3] [4..7]
+    8 ranks, ulysses 2, dp 2, hsdp_shard_size -1 (= 4):    shard [0..3] [4..7]
+
+Inference has no gradients, so nothing is ever reduced over the replicate dimension:
+it only says which ranks hold the same shard.
+
+The sharding unit is a block: every element of each top-level ``nn.ModuleList`` of
+the transformer (the block lists a family's spec names - ``transformer_blocks``,
+``single_transformer_blocks``, ``blocks``, ``layers`` - plus refiners such as
+Z-Image's) gets its own ``fully_shard``; the root collects the rest (embedders,
+norms, projections). Prefetch: FSDP2's implicit forward prefetching. On a GPU the
+all-gathers run on their own stream, so block ``i+1``'s all-gather is issued as soon as
+the CPU reaches it - while the GPU still computes block ``i`` - and no explicit
+``set_modules_to_forward_prefetch`` order is needed. That also keeps it correct when a
+step cache skips blocks (an explicit prefetch of a block that then does not run would
+hold its gathered weights). On CPU/gloo collectives are synchronous: no overlap.
+
+Everything a step cache, Ulysses or Ring does happens inside a block's forward (their
+hooks wrap ``block.forward``; FSDP's hooks wrap ``block.__call__``), so they see whole
+weights. Every rank of a shard group calls the same blocks in the same order (the
+cache decisions are agreed across the replica), as FSDP's all-gathers need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from ithaca.config import ParallelConfig, hsdp_sizes
+from ithaca.parallel.state import ParallelState
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MESH_DIMS = ("replicate", "shard")
+
+
+def _dtype(name: str, value) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value not in _DTYPES:
+        raise ValueError(f"{name} ({value!r}) must be None or one of {sorted(_DTYPES)}")
+    return _DTYPES[value]
+
+
+@dataclass(frozen=True)
+class HSDPInferenceConfig:
+    """How the transformer's weights are sharded (the reference system's names)."""
+
+    enabled: bool = False
+    """Shard the weights; False: :func:`apply_hsdp_to_model` leaves the model alone."""
+    hsdp_replicate_size: int = 1
+    """Copies of the weights per replica."""
+    hsdp_shard_size: int = -1
+    """Ranks one copy is split over; -1: all ranks of the replica / ``hsdp_replicate_size``."""
+    param_dtype: torch.dtype | str | None = None
+    """dtype the weights are all-gathered and computed in (None: as loaded)."""
+    reduce_dtype: torch.dtype | str | None = None
+    """dtype of gradient reductions (unused by inference; kept for the reference's API)."""
+    output_dtype: torch.dtype | str | None = None
+    """dtype each sharded module's outputs are cast to (None: as computed)."""
+    reshard_after_forward: bool = True
+    """Free each block's gathered weights after it ran (False keeps them: the whole
+    model resident after the first step, less communication, no memory saving)."""
+
+    def __post_init__(self) -> None:
+        for name in ("param_dtype", "reduce_dtype", "output_dtype"):
+            object.__setattr__(self, name, _dtype(name, getattr(self, name)))
+        if self.hsdp_replicate_size < 1 or isinstance(self.hsdp_replicate_size, bool):
+            raise ValueError(f"hsdp_replicate_size ({self.hsdp_replicate_size}) must be >= 1")
+        if self.hsdp_shard_size != -1 and self.hsdp_shard_size < 1:
+            raise ValueError(f"hsdp_shard_size ({self.hsdp_shard_size}) must be -1 or >= 1")
+
+    @classmethod
+    def from_parallel(cls, config: ParallelConfig, **kwargs) -> HSDPInferenceConfig:
+        """The HSDP settings of a layout (``use_hsdp`` and the two sizes)."""
+        return cls(
+            enabled=config.use_hsdp,
+            hsdp_replicate_size=config.hsdp_replicate_size,
+            hsdp_shard_size=config.hsdp_shard_size,
+            **kwargs,
+        )
+
+    def sizes(self, replica_size: int) -> tuple[int, int]:
+        """``(replicate, shard)`` over a replica of ``replica_size`` ranks (ValueError if
+        they do not tile it)."""
+        return hsdp_sizes(self.hsdp_replicate_size, self.hsdp_shard_size, replica_size)
+
+
+def hsdp_mesh(config: HSDPInferenceConfig, state: ParallelState | None = None) -> DeviceMesh:
+    """The ``(replicate, shard)`` mesh over the world in the layout's rank order.
+
+    ``state=None``: the whole default group is one replica. Collective: every rank of
+    the world calls it (it creates the mesh's process groups).
+    """
+    if state is not None:
+        world, replica, device = state.world_size, state.replica, state.device
+    else:
+        world = dist.get_world_size()
+        replica, device = None, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, shard = config.sizes(replica.size if replica is not None else world)
+    mesh = init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=MESH_DIMS)
+    if replica is not None:  # a shard group lies inside this rank's replica, in its order
+        members = mesh["shard"].mesh.flatten().tolist()
+        assert set(members) <= set(replica.ranks), (members, replica.ranks)
+    return mesh
+
+
+def block_lists(model: nn.Module) -> list[str]:
+    """Names of the model's top-level ``nn.ModuleList`` s: its block stacks."""
+    return [name for name, child in model.named_children() if isinstance(child, nn.ModuleList)]
+
+
+def apply_hsdp_to_model(
+    model: nn.Module,
+    config: HSDPInferenceConfig,
+    *,
+    mesh: DeviceMesh | None = None,
+    state: ParallelState | None = None,
+) -> nn.Module:
+    """Shard ``model`` in place: each block of :func:`block_lists`, then the root.
+
+    Works on a model built on the ``meta`` device (nothing is allocated: the sharded
+    parameters are meta DTensors, see :func:`ithaca.models.loading.load_streamed`) or
+    on a loaded one (each rank keeps its rows, the rest is freed). ``mesh`` defaults to
+    :func:`hsdp_mesh` of ``state``. Collective over the mesh.
+    """
+    if not config.enabled:
+        return model
+    mesh = mesh if mesh is not None else hsdp_mesh(config, state)
+    policy = MixedPrecisionPolicy(
+        param_dtype=config.param_dtype,
+        reduce_dtype=config.reduce_dtype,
+        output_dtype=config.output_dtype,
+    )
+    kwargs = dict(mesh=mesh, reshard_after_forward=config.reshard_after_forward, mp_policy=policy)
+    for name in block_lists(model):
+        for block in getattr(model, name):
+            fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def _shard_mesh(target) -> tuple[int, int] | None:
+    """``(shard size, shard rank)`` of a sharded module or a layout; None if unsharded."""
+    if isinstance(target, ParallelState):
+        if not target.config.use_hsdp:
+            return None
+        _, shard = target.config.hsdp_sizes()
+        return shard, target.replica.rank % shard
+    for param in target.parameters():
+        if isinstance(param, DTensor):
+            mesh = param.device_mesh
+            dim = mesh.mesh_dim_names.index("shard") if mesh.mesh_dim_names else mesh.ndim - 1
+            return mesh.size(dim), mesh.get_local_rank(dim)
+    return None
+
+
+def get_fully_shard_world_size(target: nn.Module | ParallelState) -> int:
+    """Ranks one copy of the weights is split over (1: not sharded), of a module
+    sharded by :func:`apply_hsdp_to_model` or of a layout."""
+    found = _shard_mesh(target)
+    return found[0] if found else 1
+
+
+def get_fully_shard_rank(target: nn.Module | ParallelState) -> int:
+    """This rank's index in its shard group (0: not sharded)."""
+    found = _shard_mesh(target)
+    return found[1] if found else 0
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s parameters held by this rank: a DTensor counts its local
+    shard only (what ``/metrics`` reports per rank; read between forwards)."""
+    total = 0
+    for param in module.parameters():
+        local = param.to_local() if isinstance(param, DTensor) else param
+        total += local.numel() * local.element_size()
+    return total
+
+
+def local_rows(param: DTensor) -> tuple[int, int, int] | None:
+    """``(dim, start, length)`` of the global tensor this rank's shard holds; None if
+    it holds all of it. FSDP2 splits like ``torch.chunk``: ``ceil(n / shards)`` rows per
+    rank, the last ranks fewer or none."""
+    sharded = [(i, p.dim) for i, p in enumerate(param.placements) if p.is_shard()]
+    if not sharded:
+        return None
+    assert len(sharded) == 1, param.placements
+    mesh_dim, dim = sharded[0]
+    n, rank = param.device_mesh.size(mesh_dim), param.device_mesh.get_local_rank(mesh_dim)
+    size = param.shape[dim]
+    chunk = -(-size // n)
+    start = min(rank * chunk, size)
+    length = param.to_local().shape[dim]
+    assert length == max(0, min(chunk, size - start)), (param.shape, length, rank, n)
+    return dim, start, length

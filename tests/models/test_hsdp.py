@@ -1,0 +1,222 @@
+"""HSDP (FSDP2 weight sharding) equals the unsharded run, in every family, at 1/N the bytes.
+
+Pyramid: config and CLI validation (no processes); then per family one 2-rank gloo
+run with ``use_hsdp`` (sharded loading on the meta device, one ``fully_shard`` per
+block) against the family's unsharded 1-rank run: final latents within
+:data:`LAYOUT_LATENT_TOL` (fp32), images within 1/255, and each rank's parameter bytes
+<= 1/N of the unsharded transformer + 2%; then 4 ranks and HSDP with Ulysses, Ring,
+CFG-parallel, a replicate dimension and a step cache on FLUX.1 and Qwen-Image.
+The requests are the family tests' 28x20 px, 2-step ones.
+"""
+
+import pytest
+import torch
+
+from ithaca.cli import build_parser
+from ithaca.config import ParallelConfig
+from ithaca.models.flux.pipeline import FluxPipeline
+from ithaca.models.longcat_image.pipeline import LongCatImagePipeline
+from ithaca.models.ovis_image.pipeline import OvisImagePipeline
+from ithaca.models.qwen_image.pipeline import QwenImagePipeline
+from ithaca.models.sd3.pipeline import StableDiffusion3Pipeline
+from ithaca.models.shapes import shipped_checkpoint_path
+from ithaca.models.z_image.pipeline import ZImagePipeline
+from ithaca.parallel.hsdp import (
+    HSDPInferenceConfig,
+    get_fully_shard_rank,
+    get_fully_shard_world_size,
+    parameter_bytes,
+)
+from tests.models import harness
+from tests.models.harness import (
+    CFG_REQUEST,
+    LAYOUT_LATENT_TOL,
+    NO_CFG_REQUEST,
+    max_image_diff,
+    record,
+)
+
+# -- configuration, no processes -----------------------------------------------------
+
+
+def test_sizes_resolve_and_bad_sizes_name_fields_and_numbers():
+    config = ParallelConfig(ulysses_degree=2, cfg_parallel_size=2, use_hsdp=True)
+    assert config.hsdp_sizes() == (1, 4)  # -1: the whole replica
+    config = ParallelConfig(ulysses_degree=4, use_hsdp=True, hsdp_replicate_size=2)
+    assert config.hsdp_sizes() == (2, 2)
+    with pytest.raises(ValueError, match=r"hsdp_replicate_size \(3\) must divide .* = 4\)"):
+        ParallelConfig(ulysses_degree=4, use_hsdp=True, hsdp_replicate_size=3)
+    with pytest.raises(ValueError, match=r"hsdp_replicate_size \(1\) \* hsdp_shard_size \(2\)"):
+        ParallelConfig(ulysses_degree=4, use_hsdp=True, hsdp_shard_size=2)
+    with pytest.raises(ValueError, match=r"hsdp_shard_size \(1\) must be at least 2"):
+        ParallelConfig(data_parallel_size=2, use_hsdp=True)
+    with pytest.raises(ValueError, match=r"hsdp_shard_size \(0\)"):
+        ParallelConfig(ring_degree=2, use_hsdp=True, hsdp_shard_size=0)
+    ParallelConfig(ulysses_degree=3, hsdp_shard_size=2)  # sizes matter only with use_hsdp
+    hsdp = HSDPInferenceConfig(enabled=True, param_dtype="bfloat16")
+    assert hsdp.param_dtype is torch.bfloat16 and hsdp.sizes(6) == (1, 6)
+    with pytest.raises(ValueError, match=r"output_dtype \('fp8'\)"):
+        HSDPInferenceConfig(output_dtype="fp8")
+
+
+@pytest.mark.parametrize("command", ["serve", "generate", "worker-node"])
+def test_cli_flags_on_every_command(command):
+    args = {"serve": ["serve", "m"], "generate": ["generate", "--prompt", "x"],
+            "worker-node": ["worker-node", "m", "--nnodes", "2", "--node-rank", "1",
+                            "--master-addr", "h", "--master-port", "1"]}[command]  # fmt: skip
+    flags = ["--usp", "4", "--use-hsdp", "--hsdp_shard_size", "2", "--hsdp-replicate-size", "2"]
+    parsed = build_parser().parse_args([*args, *flags])
+    from ithaca.cli import _parallel
+
+    config = _parallel(parsed)
+    assert (config.use_hsdp, config.hsdp_shard_size, config.hsdp_replicate_size) == (True, 2, 2)
+
+
+def test_worker_groups_receive_the_hsdp_fields():
+    from ithaca.engine.executor import PipelineSpec
+    from ithaca.engine.worker import spec_from_json, spec_to_json
+
+    parallel = ParallelConfig(ulysses_degree=4, use_hsdp=True, hsdp_replicate_size=2)
+    spec, _ = spec_from_json(spec_to_json(PipelineSpec(model="m", parallel=parallel), 1.0))
+    assert spec.parallel == parallel
+
+
+# -- what every rank runs ----------------------------------------------------------------
+
+
+def measured(run: str, layout: dict, path: str, batch: list[dict]):
+    """``harness.<run>(layout, path, batch)`` plus, per transformer of the pipeline,
+    this rank's ``(parameter bytes, shard world size, shard rank)``."""
+    module = harness
+    pipes = []
+    load = module.load_pipeline
+
+    def capture(*args, **kwargs):
+        pipes.append(load(*args, **kwargs))
+        return pipes[-1]
+
+    module.load_pipeline = capture
+    try:
+        out = getattr(module, run)(layout, path, batch)
+    finally:
+        module.load_pipeline = load
+    models = getattr(pipes[0], "experts", None) or [pipes[0].transformer]
+    shards = [
+        (parameter_bytes(m), get_fully_shard_world_size(m), get_fully_shard_rank(m)) for m in models
+    ]
+    return out, shards
+
+
+def check_hsdp(pool, name: str, label: str, layout: dict, path: str, batch, reference,
+               run="generate"):  # fmt: skip
+    """``layout`` with HSDP on a pool equals ``reference`` (the unsharded 1-rank run of
+    ``measured``); every rank holds <= 1/shard of each transformer + 2%."""
+    (ref_out, ref_shards) = reference
+    results = pool(ParallelConfig(**layout).world_size).run(measured, run, layout, path, batch)
+    (images, latents, _), _ = results[0]
+    ref_images, ref_latents = ref_out[0], ref_out[1]
+    if run == "generate_video":  # frames of one request; latents of the last loop
+        latents, ref_latents = [latents], [ref_latents]
+        images, ref_images = [[f] for f in images], [[f] for f in ref_images]
+    err = max((a - b).abs().max().item() for a, b in zip(latents, ref_latents, strict=True))
+    assert err <= LAYOUT_LATENT_TOL, f"{name} {label}: latents differ by {err:.2e}"
+    diff = max(max_image_diff(a, b) for a, b in zip(images, ref_images, strict=True))
+    assert diff <= 1, f"{name} {label}: images differ by {diff}/255"
+    _, shard = ParallelConfig(**layout).hsdp_sizes()
+    for index, (full, _, _) in enumerate(ref_shards):
+        held = [r[1][index] for r in results]
+        groups = len(held) // shard
+        assert sorted(rank for _, _, rank in held) == sorted(list(range(shard)) * groups)
+        assert all(size == shard for _, size, _ in held)
+        for nbytes, _, _ in held:
+            assert nbytes <= full / shard * 1.02, (name, label, nbytes, full, shard)
+        # The shards of one group add up to the whole transformer, nothing more.
+        assert sum(b for b, _, _ in held) == full * len(held) // shard
+    record(name, f"{label} (hsdp)", err, diff)
+    return held
+
+
+FAMILIES = {
+    "FLUX.1": FluxPipeline,
+    "SD3.5": StableDiffusion3Pipeline,
+    "Z-Image": ZImagePipeline,
+    "LongCat-Image": LongCatImagePipeline,
+    "Ovis-Image": OvisImagePipeline,
+    "Qwen-Image": QwenImagePipeline,
+}
+BATCH = [CFG_REQUEST, NO_CFG_REQUEST]
+SIZES = {"Qwen-Image": dict(width=64, height=32)}
+"""Where 28x20 px is below the family's smallest size."""
+
+
+def batch_for(name: str) -> list[dict]:
+    return [dict(r, **SIZES.get(name, {})) for r in BATCH]
+
+
+@pytest.fixture(scope="module")
+def unsharded(tiny_family):
+    """``unsharded(name)`` -> ``(checkpoint, 1-rank measured run)``, computed once."""
+    runs = {}
+
+    def get(name: str):
+        if name not in runs:
+            path = tiny_family(FAMILIES[name])
+            runs[name] = path, measured("generate", {}, path, batch_for(name))
+        return runs[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_two_ranks_hsdp_equals_unsharded(worker_pool, unsharded, name):
+    path, reference = unsharded(name)
+    assert reference[1][0][1:] == (1, 0)  # the reference is not sharded
+    check_hsdp(worker_pool, name, "ulysses2", dict(ulysses_degree=2, use_hsdp=True), path,
+               batch_for(name), reference)  # fmt: skip
+
+
+COMPOSED = {
+    # 4 ranks: Ulysses x CFG, one shard group of 4, TeaCache on every step.
+    ("FLUX.1", "ulysses2xcfg2+tea_cache"): dict(ulysses_degree=2, cfg_parallel_size=2),
+    # 4 ranks: ring x ulysses, two copies of the weights, each over 2 ranks.
+    ("Qwen-Image", "hybrid2x2 replicate2"): dict(
+        ulysses_degree=2, ring_degree=2, hsdp_replicate_size=2
+    ),
+    ("Qwen-Image", "ulysses2+cache_dit"): dict(ulysses_degree=2),
+}
+CACHES = {"tea_cache": dict(rel_l1_thresh=0.6), "cache_dit": dict(Fn_compute_blocks=1,
+          Bn_compute_blocks=0, max_warmup_steps=0, residual_diff_threshold=10.0)}  # fmt: skip
+
+
+@pytest.mark.parametrize("key", list(COMPOSED), ids=[k[1] for k in COMPOSED])
+def test_hsdp_composes(worker_pool, unsharded, key):
+    name, label = key
+    path, _ = unsharded(name)
+    backend = next((c for c in CACHES if c in label), None)
+    batch = [dict(batch_for(name)[0], num_inference_steps=3)]
+    if backend:
+        batch = [dict(batch[0], cache_backend=backend, cache_config=CACHES[backend])]
+    reference = measured("generate", {}, path, batch)
+    if backend:  # the cache really skipped work, the same steps as unsharded
+        assert reference[0][2]["metadata"][0]["cache"]["cached_steps"] > 0
+    check_hsdp(worker_pool, name, label, dict(COMPOSED[key], use_hsdp=True), path, batch,
+               reference)  # fmt: skip
+
+
+def test_default_shapes_model_hsdp_equals_unsharded(worker_pool):
+    path = shipped_checkpoint_path()
+    batch = [dict(CFG_REQUEST, width=64, height=64, negative_prompt=" ")]
+    reference = measured("generate", {}, path, batch)
+    check_hsdp(worker_pool, "shapes (default model)", "ring2", dict(ring_degree=2, use_hsdp=True),
+               path, batch, reference)  # fmt: skip
+
+
+def test_wan_both_experts_sharded(worker_pool, tiny_wan):
+    path = tiny_wan["t2v_a14b"]
+    batch = [dict(prompt="a red cat", negative_prompt="blurry", num_frames=5, width=32,
+                  height=32, num_inference_steps=4, guidance_scale=4.0, guidance_scale_2=2.0,
+                  seed=21)]  # fmt: skip
+    reference = measured("generate_video", {}, path, batch)
+    assert len(reference[1]) == 2  # two experts, both measured
+    check_hsdp(worker_pool, "Wan2.2-T2V-A14B", "cfg2", dict(cfg_parallel_size=2, use_hsdp=True),
+               path, batch, reference, run="generate_video")  # fmt: skip
