@@ -92,9 +92,22 @@ class StepEvent:
     """Decoded intermediate images when a request asked for partial images."""
 
 
-StepCallback = Callable[[StepEvent], bool]
-"""Called after each step on the returning rank; returning True cancels the batch.
-The cancel decision is broadcast by the pipeline so every rank stops at the same step."""
+@dataclass
+class DecodeEvent:
+    """Progress of the final decode, reported on the returning rank: ``chunk`` of
+    ``chunks`` done (0 when it starts). A chunk is one latent frame of a video VAE, one
+    up-block of an image VAE (``DenoisingPipeline.decode_chunks``)."""
+
+    request_ids: list[str]
+    chunk: int
+    chunks: int
+
+
+StepCallback = Callable[[StepEvent | DecodeEvent], bool]
+"""Called after each step (and each decode chunk) on the returning rank; returning True
+at a step cancels the batch. The cancel decision is broadcast by the pipeline so every
+rank stops at the same step; a decode, once started, is not cancelled (its return value
+is ignored)."""
 
 
 class Pipeline(Protocol):

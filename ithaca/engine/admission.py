@@ -89,6 +89,22 @@ class Deadlines:
     decode_s: float
     overdue_step_s: float
     overdue_decode_s: float
+    expected_decode_s: float | None = None
+    """The measured estimate of the whole decode (None before a measurement)."""
+    factor: float = 10.0
+    floor_s: float = 10.0
+
+    def decode_limits(self, chunks: int) -> tuple[float, float]:
+        """(overdue, hung) seconds without progress during a decode that reports
+        ``chunks`` chunks: each chunk gets ``expected_decode_s / chunks`` (overdue after
+        twice that, hung after ``factor`` times, never sooner than ``floor_s``), so a long
+        decode that keeps reporting is alive and one that stops is found per chunk.
+        Without chunks or a measurement: the whole decode's limits."""
+        if chunks < 1 or self.expected_decode_s is None:
+            return self.overdue_decode_s, self.decode_s
+        per_chunk = self.expected_decode_s / chunks
+        hung = max(self.floor_s, self.factor * per_chunk)
+        return min(2 * per_chunk + 1.0, hung), hung
 
 
 class CostModel:
@@ -148,7 +164,15 @@ class CostModel:
         decode_s = step_s if decode is None else max(self.floor_s, self.factor * decode)
         overdue = 2 * step + 1.0 if step is not None else step_s
         overdue_decode = 2 * decode + 1.0 if decode is not None else decode_s
-        return Deadlines(step_s, decode_s, min(overdue, step_s), min(overdue_decode, decode_s))
+        return Deadlines(
+            step_s,
+            decode_s,
+            min(overdue, step_s),
+            min(overdue_decode, decode_s),
+            decode,
+            self.factor,
+            self.floor_s,
+        )
 
 
 def admit(

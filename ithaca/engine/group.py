@@ -320,7 +320,9 @@ class WorkerGroupExecutor:
                 log.warning("%s: message %r for an unknown batch", self.name, kind)
                 continue
             batch.last_progress = time.monotonic()
-            if kind == "step":
+            if kind == "decode":  # chunk msg[2] of msg[3] of the final decode done
+                batch.decoding, batch.decode_chunks = True, msg[3]
+            elif kind == "step":
                 event = msg[2]
                 batch.stepped = True
                 batch.decoding = event.step >= event.total_steps
@@ -366,10 +368,9 @@ class WorkerGroupExecutor:
             now = time.monotonic()
             batch = self._batch
             if batch is not None:
-                _, hung_after = batch.limits(self.step_timeout_s)
-                if now - batch.last_progress > hung_after:
-                    phase = "the decode" if batch.decoding else "a denoising step"
-                    self._die(session, f"{phase} made no progress for {hung_after:.1f} s")
+                hung = batch.hung(self.step_timeout_s, now)
+                if hung is not None:
+                    self._die(session, hung)
                     return
             elif now - self._last_alive > self.liveness_timeout_s:
                 self._die(

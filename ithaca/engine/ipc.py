@@ -7,6 +7,7 @@ item names them:
 
     worker -> front: ("hello", token, pid) ("ready", ranks) ("failed", message)
                      ("alive",) ("step", batch_id, StepEvent) ("result", batch_id, results)
+                     ("decode", batch_id, chunk, chunks)
                      ("error", batch_id, kind, message) ("fatal", message)
     front -> worker: ("batch", batch_id, [GenerationParams]) ("cancel", batch_id) ("shutdown",)
 """

@@ -56,6 +56,7 @@ class RunningBatch:
         self.cancel_sent = False
         self.stepped = False
         self.decoding = False
+        self.decode_chunks = 0  # known from the decode's first progress message
         self.last_progress = time.monotonic()
 
     def limits(self, fallback_s: float) -> tuple[float, float]:
@@ -68,8 +69,18 @@ class RunningBatch:
         if d is None or not self.stepped:
             return fallback_s, fallback_s
         if self.decoding:
-            return d.overdue_decode_s, d.decode_s
+            return d.decode_limits(self.decode_chunks)
         return d.overdue_step_s, d.step_s
+
+    def hung(self, fallback_s: float, now: float) -> str | None:
+        """Why the batch counts as hung at ``now`` (no progress within its phase's
+        limit), or None."""
+        _, hung_after = self.limits(fallback_s)
+        if now - self.last_progress <= hung_after:
+            return None
+        phase = "a decode chunk" if self.decode_chunks else "the decode"
+        phase = phase if self.decoding else "a denoising step"
+        return f"{phase} made no progress for {hung_after:.1f} s"
 
 
 class Session:

@@ -54,6 +54,7 @@ from ithaca.engine.executor import (
 from ithaca.engine.ipc import Channel, ChannelClosed
 from ithaca.parallel.comm import broadcast_object
 from ithaca.parallel.state import ParallelState
+from ithaca.types import DecodeEvent
 
 log = logging.getLogger("ithaca.worker")
 
@@ -206,6 +207,9 @@ class WorkerLoop:
         if self.is_root:
 
             def callback(event) -> bool:
+                if isinstance(event, DecodeEvent):  # the decode clock; nothing to cancel
+                    self._send(("decode", batch_id, event.chunk, event.chunks))
+                    return False
                 self._send(("step", batch_id, event))
                 return self.front_gone or batch_id in self.cancelled
 

@@ -36,6 +36,7 @@ from ithaca.models.checkpoint import StepCheckpoint
 from ithaca.models.loading import load_streamed
 from ithaca.models.lora import LoraAdapters, adapter_summary
 from ithaca.models.offload import Placement, parameter_bytes
+from ithaca.models.progress import report_decode, up_block_chunks
 from ithaca.models.spec import plain_cfg
 from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_branches
 from ithaca.parallel.hsdp import HSDPInferenceConfig, apply_hsdp_to_model, hsdp_mesh
@@ -385,13 +386,24 @@ class DenoisingPipeline:
         ``vae_patch_parallel_size`` > 1, the rest of its VAE group (they hold the VAE)."""
         return self.state.vae.ranks[0] == self.state.replica.ranks[0]
 
-    def final_decode(self, job: Job, latents: torch.Tensor):
+    def decode_chunks(self, job: Job, latents: torch.Tensor) -> tuple[list[torch.nn.Module], int]:
+        """The modules whose forwards end one chunk of the final decode, and how many
+        chunks there are (:mod:`ithaca.models.progress`): the image VAE's up-blocks."""
+        return up_block_chunks(getattr(self, "vae", None))
+
+    def final_decode(self, job: Job, latents: torch.Tensor, callback: StepCallback | None = None):
         """``decode`` on every rank of the returning rank's VAE group, the VAE split by
         rows across them (exact: :mod:`ithaca.parallel.vae`); the output on the returning
-        rank, None elsewhere. Previews decode on the returning rank alone."""
+        rank, None elsewhere. Previews decode on the returning rank alone. The returning
+        rank reports each decode chunk through ``callback`` (a :class:`DecodeEvent`)."""
         if not self.decodes:
             return None
-        with split_vae(getattr(self, "vae", None), self.state.vae):
+        report = callback if self.is_returning_rank else None
+        ids = [r.params.request_id for r in job.requests]
+        with (
+            split_vae(getattr(self, "vae", None), self.state.vae),
+            report_decode(self.decode_chunks(job, latents), ids, report, self.device),
+        ):
             outputs = self.decode(job, latents)
         return outputs if self.is_returning_rank else None
 
@@ -542,7 +554,7 @@ class DenoisingPipeline:
             for m in per_request:
                 m["steps_done"] = cancelled_at
             return None, meta
-        outputs = self.final_decode(job, job.latents)
+        outputs = self.final_decode(job, job.latents, callback)
         self.offloading.evict()  # between requests every offloaded component is on the host
         t_total = time.perf_counter() - started
         for m in per_request:

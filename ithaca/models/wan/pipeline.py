@@ -439,6 +439,11 @@ class WanPipeline(DenoisingPipeline):
         frames = self.video_processor.postprocess_video(video, output_type="np")  # [0, 1]
         return (frames * 255).round().astype(np.uint8)
 
+    def decode_chunks(self, job: Job, latents: torch.Tensor) -> tuple[list[torch.nn.Module], int]:
+        """The VAE's ``_decode`` calls its ``decoder`` once per latent frame (F of them):
+        a hook on ``vae.decoder`` fires once per frame."""
+        return [self.vae.decoder], latents.shape[2]
+
     def decode(self, job: Job, latents: torch.Tensor) -> list[np.ndarray]:
         """One ``(F, H, W, 3)`` uint8 video per request."""
         return list(self._decode_frames(job, latents))
