@@ -103,18 +103,23 @@ class DecodeEvent:
     chunks: int
 
 
-StepCallback = Callable[[StepEvent | DecodeEvent], bool]
-"""Called after each step (and each decode chunk) on the returning rank; returning True
-at a step cancels the batch. The cancel decision is broadcast by the pipeline so every
-rank stops at the same step; a decode, once started, is not cancelled (its return value
-is ignored)."""
+StepCallback = Callable[[StepEvent], bool]
+"""Called after each step on the returning rank; returning True cancels the batch.
+The cancel decision is broadcast by the pipeline so every rank stops at the same step."""
+
+DecodeCallback = Callable[[DecodeEvent], None]
+"""Called on the returning rank as the final decode starts and after each of its chunks
+(the worker group's decode clock, docs/serving.md); a decode is never cancelled."""
 
 
 class Pipeline(Protocol):
     """What the engine drives on every rank of a worker group."""
 
     def generate(
-        self, batch: list[GenerationParams], callback: StepCallback | None = None
+        self,
+        batch: list[GenerationParams],
+        callback: StepCallback | None = None,
+        on_decode: DecodeCallback | None = None,
     ) -> list[GenerationResult]: ...
 
 

@@ -36,7 +36,7 @@ from ithaca.engine.errors import (
 from ithaca.engine.executor import Executor
 from ithaca.engine.metrics import EngineMetrics
 from ithaca.engine.scheduler import EngineRequest, ProgressCallback, Scheduler
-from ithaca.types import DecodeEvent, GenerationParams, GenerationResult, StepEvent
+from ithaca.types import GenerationParams, GenerationResult, StepEvent
 
 log = logging.getLogger(__name__)
 
@@ -419,9 +419,7 @@ class Engine:
         last = [start, 0]  # time and index of the last step event
         stepwise = self.continuous and hasattr(ex, "execute_stepwise")
 
-        def on_step(event: StepEvent | DecodeEvent) -> bool:
-            if isinstance(event, DecodeEvent):  # in-process: no clock to reset, no progress
-                return False
+        def on_step(event: StepEvent) -> bool:
             now = time.monotonic()
             self.metrics.step_latency.observe(now - last[0])
             # The first step has warm-up; a step batch's members change (no fixed cost).

@@ -18,11 +18,11 @@ from typing import Protocol
 
 from ithaca.config import CacheConfig, ParallelConfig
 from ithaca.engine.errors import GenerationFailedError, WorkerGroupDiedError
-from ithaca.types import DecodeEvent, GenerationParams, GenerationResult, Pipeline, StepEvent
+from ithaca.types import GenerationParams, GenerationResult, Pipeline, StepEvent
 
 log = logging.getLogger(__name__)
 
-StepHandler = Callable[[StepEvent | DecodeEvent], bool]
+StepHandler = Callable[[StepEvent], bool]
 """The engine's per-step hook: returns True when every request of the batch is cancelled."""
 
 

@@ -320,8 +320,8 @@ class WorkerGroupExecutor:
                 log.warning("%s: message %r for an unknown batch", self.name, kind)
                 continue
             batch.last_progress = time.monotonic()
-            if kind == "decode":  # chunk msg[2] of msg[3] of the final decode done
-                batch.decoding, batch.decode_chunks = True, msg[3]
+            if kind == "decode":  # ("decode", id, chunk, chunks): chunk of chunks done
+                batch.decoded(msg[3], batch.last_progress)
             elif kind == "step":
                 event = msg[2]
                 batch.stepped = True

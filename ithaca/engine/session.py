@@ -72,6 +72,11 @@ class RunningBatch:
             return d.decode_limits(self.decode_chunks)
         return d.overdue_step_s, d.step_s
 
+    def decoded(self, chunks: int, now: float) -> None:
+        """A chunk of the final decode of ``chunks`` finished (or the decode began): the
+        clock restarts, with one chunk's budget (:meth:`Deadlines.decode_limits`)."""
+        self.decoding, self.decode_chunks, self.last_progress = True, chunks, now
+
     def hung(self, fallback_s: float, now: float) -> str | None:
         """Why the batch counts as hung at ``now`` (no progress within its phase's
         limit), or None."""

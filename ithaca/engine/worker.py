@@ -27,6 +27,7 @@ failed to load, ``("failed", message)``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -203,22 +204,24 @@ class WorkerLoop:
                 raise AssertionError(f"unknown command {kind!r}")
 
     def _run_batch(self, batch_id: int, batch, lora: bool = False) -> None:
-        callback = None
+        callback, generate = None, self.pipeline.generate
         if self.is_root:
 
             def callback(event) -> bool:
-                if isinstance(event, DecodeEvent):  # the decode clock; nothing to cancel
-                    self._send(("decode", batch_id, event.chunk, event.chunks))
-                    return False
                 self._send(("step", batch_id, event))
                 return self.front_gone or batch_id in self.cancelled
+
+            def on_decode(event: DecodeEvent) -> None:  # the front's decode clock
+                self._send(("decode", batch_id, event.chunk, event.chunks))
+
+            generate = functools.partial(self.pipeline.generate, on_decode=on_decode)
 
         results, stats, status = None, {}, (True, "", "", False)
         try:
             if lora:
                 results = self.pipeline.manage_lora(batch)
             else:
-                results, stats = run_measured(self.pipeline.generate, batch, callback)
+                results, stats = run_measured(generate, batch, callback)
         except Exception as exc:
             log.error(
                 "rank %d: batch %d failed:\n%s", self.state.rank, batch_id, traceback.format_exc()

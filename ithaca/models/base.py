@@ -42,6 +42,7 @@ from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_br
 from ithaca.parallel.hsdp import HSDPInferenceConfig, apply_hsdp_to_model, hsdp_mesh
 from ithaca.parallel.vae import follow_encodes, lead_encodes, split_vae
 from ithaca.types import (
+    DecodeCallback,
     GenerationParams,
     GenerationResult,
     LoraCommand,
@@ -391,14 +392,16 @@ class DenoisingPipeline:
         chunks there are (:mod:`ithaca.models.progress`): the image VAE's up-blocks."""
         return up_block_chunks(getattr(self, "vae", None))
 
-    def final_decode(self, job: Job, latents: torch.Tensor, callback: StepCallback | None = None):
+    def final_decode(
+        self, job: Job, latents: torch.Tensor, on_decode: DecodeCallback | None = None
+    ):
         """``decode`` on every rank of the returning rank's VAE group, the VAE split by
         rows across them (exact: :mod:`ithaca.parallel.vae`); the output on the returning
         rank, None elsewhere. Previews decode on the returning rank alone. The returning
-        rank reports each decode chunk through ``callback`` (a :class:`DecodeEvent`)."""
+        rank reports the decode's start and each chunk through ``on_decode``."""
         if not self.decodes:
             return None
-        report = callback if self.is_returning_rank else None
+        report = on_decode if self.is_returning_rank else None
         ids = [r.params.request_id for r in job.requests]
         with (
             split_vae(getattr(self, "vae", None), self.state.vae),
@@ -408,13 +411,17 @@ class DenoisingPipeline:
         return outputs if self.is_returning_rank else None
 
     def generate(
-        self, batch: list[GenerationParams], callback: StepCallback | None = None
+        self,
+        batch: list[GenerationParams],
+        callback: StepCallback | None = None,
+        on_decode: DecodeCallback | None = None,
     ) -> list[GenerationResult]:
         """Run ``batch``; results in batch order (empty on ranks other than the returning one).
 
         Requests with equal size, steps and guidance settings share one loop. A callback
         returning True cancels the whole batch: the unfinished requests come back without
-        images and with ``metadata["cancelled"] = True``.
+        images and with ``metadata["cancelled"] = True``. ``on_decode`` hears the final
+        decode's progress (:mod:`ithaca.models.progress`).
         """
         requests = [self.resolve(p) for p in batch]  # raises ValueError before any work
         for r in requests:
@@ -434,7 +441,7 @@ class DenoisingPipeline:
             if cancelled:
                 outputs, meta = None, {"cancelled": True}
             else:
-                outputs, meta = self._run_group(members, callback)
+                outputs, meta = self._run_group(members, callback, on_decode)
                 cancelled = bool(meta.get("cancelled"))
             for j, i in enumerate(indices):
                 results[i].metadata.update(meta.get("per_request", [{}] * len(indices))[j])
@@ -512,7 +519,12 @@ class DenoisingPipeline:
             "hit_ratio": round(cached / total, 4) if total else 0.0,
         }
 
-    def _run_group(self, requests: list[Request], callback: StepCallback | None):
+    def _run_group(
+        self,
+        requests: list[Request],
+        callback: StepCallback | None,
+        on_decode: DecodeCallback | None = None,
+    ):
         started = time.perf_counter()
         if self.loras is not None:  # every rank, before the group's first forward
             self.loras.apply(requests[0].lora, fuse=self.fuse_loras and self.lora_fusable())
@@ -554,7 +566,7 @@ class DenoisingPipeline:
             for m in per_request:
                 m["steps_done"] = cancelled_at
             return None, meta
-        outputs = self.final_decode(job, job.latents, callback)
+        outputs = self.final_decode(job, job.latents, on_decode)
         self.offloading.evict()  # between requests every offloaded component is on the host
         t_total = time.perf_counter() - started
         for m in per_request:

@@ -3,8 +3,8 @@
 A decode is cut into *chunks* the VAE already runs one by one: diffusers' video VAEs
 (``AutoencoderKLWan`` / ``AutoencoderKLQwenImage``) call their ``decoder`` once per latent
 frame inside ``_decode``, image VAEs run their decoder's ``up_blocks`` in turn. A forward
-hook on each chunk's module reports ``DecodeEvent(ids, k, n)`` through the step callback
-(returning rank only); the engine resets the decode clock on each and gives every chunk
+hook on each chunk's module reports ``DecodeEvent(ids, k, n)`` to the ``on_decode``
+callback (returning rank only); the engine resets the decode clock on each and gives every chunk
 ``measured decode time / n`` instead of the whole decode's time (docs/serving.md).
 
 The hooks read no tensor. On an accelerator a module's forward returns when its kernels
@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ithaca.types import DecodeEvent, StepCallback
+from ithaca.types import DecodeCallback, DecodeEvent
 
 
 def up_block_chunks(vae: nn.Module | None) -> tuple[list[nn.Module], int]:
@@ -33,7 +33,7 @@ def up_block_chunks(vae: nn.Module | None) -> tuple[list[nn.Module], int]:
 def report_decode(
     chunks: tuple[list[nn.Module], int],
     ids: list[str],
-    callback: StepCallback | None,
+    callback: DecodeCallback | None,
     device: torch.device,
 ) -> Iterator[None]:
     """While inside, each forward of one of the ``chunks`` modules reports one more of

@@ -195,7 +195,7 @@ class StepBatch:
         if self.pipe.decodes:  # the returning rank (and its VAE group, which splits it)
             job = self.pipe.prepare([s.request for s in finished], [s.cond for s in finished])
             job.latents = torch.cat([s.job.latents for s in finished])
-            outputs = self.pipe.final_decode(job, job.latents, self.callback)
+            outputs = self.pipe.final_decode(job, job.latents)
             for s, res, out in zip(finished, results, outputs, strict=True) if outputs else ():
                 self.pipe.fill_result(res, s.request, out)
         for res in results:

@@ -4,7 +4,9 @@ Each request's image is a pure function of (prompt, seed, size, steps, guidance)
 batched or alone, on 1 or N ranks, the bytes are the same. Every step all-reduces
 over the replica axis (so a dead or stopped rank blocks the group, as a real model
 would) and the cancel decision is broadcast from rank 0. ``ITHACA_FAKE_STEP_S`` slows
-each step down for cancellation and crash tests.
+each step down for cancellation and crash tests. The decode reports DECODE_CHUNKS chunks
+through ``on_decode``, as the real one does per up-block or latent frame; a prompt
+holding ``slow-decode`` spends ``SLOW_DECODE_CHUNK_S`` on each.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from PIL import Image
 
 from ithaca.models.checkpoint import StepCheckpoint
 from ithaca.parallel.comm import all_reduce, broadcast_object
-from ithaca.types import GenerationParams, GenerationResult, StepEvent
+from ithaca.types import DecodeEvent, GenerationParams, GenerationResult, StepEvent
+
+DECODE_CHUNKS = 4
+SLOW_DECODE_CHUNK_S = 0.25
 
 
 def _seed_of(p: GenerationParams) -> int:
@@ -62,7 +67,9 @@ class FakePipeline:
         steps = p.num_inference_steps or 4
         return SimpleNamespace(width=p.width or 64, height=p.height or 64, steps=steps)
 
-    def generate(self, batch: list[GenerationParams], callback=None) -> list[GenerationResult]:
+    def generate(
+        self, batch: list[GenerationParams], callback=None, on_decode=None
+    ) -> list[GenerationResult]:
         self.calls.append(len(batch))
         for p in batch:
             self.resolve(p)
@@ -105,6 +112,7 @@ class FakePipeline:
                 checkpoint.after_step(step + 1, job)
             if broadcast_object(cancel, self.state.replica):
                 return []
+        self._report_decode(batch, on_decode)
         out = []
         for i, p in enumerate(batch):
             h, w = p.height or 64, p.width or 64
@@ -120,6 +128,17 @@ class FakePipeline:
                 res.images = [self._decode(lat, h, w)[0] for lat in lats]
             out.append(res)
         return out
+
+    @staticmethod
+    def _report_decode(batch: list[GenerationParams], on_decode) -> None:
+        if on_decode is None:
+            return
+        ids = [p.request_id for p in batch]
+        slow = any("slow-decode" in p.prompt for p in batch)
+        for chunk in range(DECODE_CHUNKS + 1):  # 0: the decode begins
+            if chunk and slow:
+                time.sleep(SLOW_DECODE_CHUNK_S)
+            on_decode(DecodeEvent(ids, chunk, DECODE_CHUNKS))
 
 
 def make_pipeline(state, **kwargs) -> FakePipeline:

@@ -30,7 +30,7 @@ BUG_PROMPT = "a bug"
 class OomOnRank1(FakePipeline):
     """The fake pipeline; on ``OOM_PROMPT`` rank 1 runs out of memory after one step."""
 
-    def generate(self, batch, callback=None):
+    def generate(self, batch, callback=None, on_decode=None):
         prompt = batch[0].prompt
         if self.state.rank == 1 and prompt in (OOM_PROMPT, BUG_PROMPT):
             lat = self._latents(batch[0], 0, batch[0].height, batch[0].width)
@@ -40,7 +40,7 @@ class OomOnRank1(FakePipeline):
             raise torch.OutOfMemoryError(
                 "CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test)"
             )
-        return super().generate(batch, callback)
+        return super().generate(batch, callback, on_decode)
 
 
 def make(state, **kwargs):

@@ -30,6 +30,7 @@ from ithaca.cache import BlockCacheAdapter, build_cache, checkpoint_coefficients
 from ithaca.config import CacheConfig
 from ithaca.models.bagel import inputs, loader, sampling
 from ithaca.models.base import DenoisingPipeline, Request, _StopFlag, preview_steps
+from ithaca.models.progress import report_decode, up_block_chunks
 from ithaca.parallel import ParallelState
 from ithaca.types import GenerationParams, ParamError, StepEvent
 
@@ -152,7 +153,7 @@ class BagelPipeline(DenoisingPipeline):
         return build_cache(config, self.transformer, self.cache_adapter(), self.state)
 
     # -- the loop -------------------------------------------------------------------
-    def _run_group(self, requests: list[Request], callback):
+    def _run_group(self, requests: list[Request], callback, on_decode=None):
         started = time.perf_counter()
         cache = self._install_cache(self._cache_settings(requests[0]))
         conds = self._conditions(requests)
@@ -169,7 +170,9 @@ class BagelPipeline(DenoisingPipeline):
                 if cache is not None:
                     stats.append(self._cache_stats(cache, False))
                 if self.is_returning_rank:
-                    _, _, u8 = inputs.decode_tokens(self.vae, self.vae_scale, x, grid)
+                    chunks, ids = up_block_chunks(self.vae), [r.params.request_id]
+                    with report_decode(chunks, ids, on_decode, self.device):
+                        _, _, u8 = inputs.decode_tokens(self.vae, self.vae_scale, x, grid)
                     images.append(Image.fromarray(u8.cpu().numpy()))
             outputs.append(images)
             meta = {"seed": c["seed"], "width": r.width, "height": r.height}
