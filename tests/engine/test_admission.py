@@ -1,6 +1,8 @@
 """The cost model: units from tokens and images, rates measured per group, deadlines,
 admission, and the overdue signal ``/health`` reports."""
 
+import time
+
 import pytest
 
 from ithaca.config import ParallelConfig
@@ -75,3 +77,43 @@ def test_overdue_step_turns_health_503_before_the_group_is_declared_hung():
     assert group.overdue() and group.describe()["status"] == "step_overdue"
     _, hung_after = group._batch.limits(300.0)
     assert hung_after == deadlines.step_s > deadlines.overdue_step_s
+
+
+def test_decode_reporting_chunks_is_alive_past_the_whole_decode_deadline():
+    model = CostModel(factor=10.0, floor_s=1.0)
+    cost = Cost(64, 64, 4)
+    model.observe_step(cost, 0.05)
+    model.observe_decode(cost, 4.0)  # 4 s a decode: the whole decode is hung after 40 s
+    d = model.deadlines(cost)
+    assert d.decode_s == pytest.approx(40.0) and d.expected_decode_s == pytest.approx(4.0)
+    # 8 chunks of 0.5 s expected: overdue after 2 s, hung after 5 s without a chunk.
+    assert d.decode_limits(8) == (pytest.approx(2.0), pytest.approx(5.0))
+    assert d.decode_limits(0) == (d.overdue_decode_s, d.decode_s)  # no chunks reported yet
+    batch = RunningBatch(0, lambda event: False, d)
+    batch.stepped, t = True, 1000.0
+    batch.decoded(8, t)  # ("decode", id, 0, 8): the decode began
+    for _ in range(12):  # 12 chunks 4.5 s apart: 54 s, past the old 40 s, never hung
+        assert batch.hung(300.0, t + 4.5) is None
+        t += 4.5
+        batch.decoded(8, t)
+    assert t - 1000.0 > d.decode_s
+    # Then it stops reporting: hung once one chunk's budget (5 s) passes, not after 40 s.
+    assert batch.hung(300.0, t + 4.9) is None
+    assert batch.hung(300.0, t + 5.1) == "a decode chunk made no progress for 5.0 s"
+
+
+def test_health_follows_the_decode_clock_per_chunk():
+    group = WorkerGroupExecutor(PipelineSpec(FAKE, parallel=ParallelConfig(ulysses_degree=2)))
+    model = CostModel(factor=10.0, floor_s=1.0)
+    model.observe_step(Cost(64, 64, 4), 0.05)
+    model.observe_decode(Cost(64, 64, 4), 4.0)
+    d = model.deadlines(Cost(64, 64, 4))
+    group._dead.clear()
+    group._batch = batch = RunningBatch(0, lambda event: False, d)
+    batch.stepped, batch.decoding = True, True
+    batch.last_progress -= d.overdue_decode_s + 0.1  # the decode so far, no chunk reported
+    assert group.overdue()
+    batch.decoded(8, time.monotonic())  # a chunk done: alive again, on a 2 s chunk clock
+    assert not group.overdue() and group.describe()["status"] != "step_overdue"
+    batch.last_progress -= 2.1
+    assert group.overdue() and group.describe()["status"] == "step_overdue"

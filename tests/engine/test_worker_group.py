@@ -1,5 +1,6 @@
 """A real torchrun worker group (--usp 2, gloo) behind the engine: READY handshake,
-results equal to the in-process twin, hang detection (a stopped rank, idle or mid-step),
+results equal to the in-process twin, hang detection (a stopped rank, idle or mid-step; a
+slow decode that reports its chunks is not one),
 restart with one teardown per generation, bounded shutdown that leaves no rank behind,
 startup failure with the rank's error."""
 
@@ -12,18 +13,20 @@ import numpy as np
 import pytest
 
 from ithaca.config import ParallelConfig
+from ithaca.engine.admission import Deadlines
 from ithaca.engine.engine import Engine
 from ithaca.engine.errors import EngineDeadError
 from ithaca.engine.executor import InProcessExecutor, PipelineSpec
 from ithaca.engine.group import WorkerGroupExecutor
 from ithaca.types import GenerationParams
+from tests.engine.doubles import DECODE_CHUNKS, SLOW_DECODE_CHUNK_S
 from tests.server.harness import FAKE, REPO
 
 USP2 = ParallelConfig(ulysses_degree=2)
 
 
-def P(seed=0, steps=3):
-    return GenerationParams("a cat", width=32, height=32, num_inference_steps=steps, seed=seed)
+def P(seed=0, steps=3, prompt="a cat"):
+    return GenerationParams(prompt, width=32, height=32, num_inference_steps=steps, seed=seed)
 
 
 def alive(pid: int) -> bool:
@@ -60,6 +63,14 @@ def test_group_serves_detects_a_hang_and_restarts():
         out = engine.generate(P(seed=7), timeout=30)
         ref = twin.execute([P(seed=7)], lambda e: False)[0]
         assert np.array_equal(np.asarray(out.images[0]), np.asarray(ref.images[0]))
+
+        # A decode of 4 chunks x 0.25 s (1 s) outlives a whole-decode limit of 0.6 s but
+        # reports each chunk (0.2 s expected, hung after 2 s without one): alive.
+        slow = Deadlines(30.0, 0.6, 30.0, 0.6, expected_decode_s=0.8, factor=10.0, floor_s=0.0)
+        started = time.monotonic()
+        [res] = group.execute([P(seed=5, prompt="slow-decode")], lambda e: False, slow)
+        assert time.monotonic() - started > DECODE_CHUNKS * SLOW_DECODE_CHUNK_S > slow.decode_s
+        assert res.images and group.is_alive()
 
         # SIGKILL of a rank under load (503 within 10 s, restart) is proven end to end
         # through HTTP in tests/server/test_openai_sdk.py; here: a hang.

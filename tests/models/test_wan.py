@@ -246,6 +246,19 @@ def test_preview_is_the_first_frame_of_the_full_decode(tiny_wan, state):
     assert len(previews) == 1 and previews[0].size == (48, 48)
 
 
+def test_decode_reports_one_chunk_per_latent_frame_and_changes_nothing(tiny_wan, state):
+    pipe = load_pipeline(tiny_wan["t2v_a14b"], state)
+    params = GenerationParams(**T2V, seed=5, request_id="v")
+    events = []
+    [reported] = pipe.generate([params], on_decode=events.append)
+    # 9 frames -> 3 latent frames: the start, then one event per latent frame's decoder call.
+    assert [(e.request_ids, e.chunk, e.chunks) for e in events] == [(["v"], k, 3) for k in range(4)]
+    [plain] = pipe.generate([params])
+    assert reported.frames.shape == (9, 48, 48, 3)
+    assert np.array_equal(reported.frames, plain.frames)  # the hook reads nothing
+    assert not pipe.vae.decoder._forward_hooks  # and is gone after the decode
+
+
 # -- memory: offloading the idle expert ------------------------------------------------
 def test_expert_offload_swaps_once_per_switch_and_changes_nothing(tiny_wan, state):
     path = tiny_wan["t2v_a14b"]
