@@ -10,8 +10,9 @@ from ithaca.engine.admission import Cost, CostModel, admit, batch_cost, cost_of
 from ithaca.engine.errors import AdmissionError
 from ithaca.engine.executor import PipelineSpec
 from ithaca.engine.group import WorkerGroupExecutor
-from ithaca.engine.session import RunningBatch
-from ithaca.types import GenerationParams
+from ithaca.engine.ipc import ChannelClosed
+from ithaca.engine.session import RunningBatch, Session
+from ithaca.types import GenerationParams, StepEvent
 from tests.server.harness import FAKE
 
 
@@ -117,3 +118,36 @@ def test_health_follows_the_decode_clock_per_chunk():
     assert not group.overdue() and group.describe()["status"] != "step_overdue"
     batch.last_progress -= 2.1
     assert group.overdue() and group.describe()["status"] == "step_overdue"
+
+
+class _Replay:
+    """Rank 0's side of the channel, replaying recorded messages, then closing."""
+
+    def __init__(self, messages):
+        self.messages, self.sent = list(messages), []
+
+    def recv(self):
+        if not self.messages:
+            raise ChannelClosed("replayed")
+        return self.messages.pop(0)
+
+    def send(self, message):
+        self.sent.append(message)
+
+
+def test_the_reader_turns_decode_messages_into_the_per_chunk_clock():
+    group = WorkerGroupExecutor(PipelineSpec(FAKE, parallel=ParallelConfig(ulysses_degree=2)))
+    model = CostModel(factor=10.0, floor_s=1.0)
+    model.observe_step(Cost(64, 64, 4), 0.05)
+    model.observe_decode(Cost(64, 64, 4), 4.0)
+    d = model.deadlines(Cost(64, 64, 4))
+    steps = []
+    group._batch = batch = RunningBatch(7, lambda event: steps.append(event.step), d)
+    session = Session(0, "/nonexistent")  # not the group's: the closing channel kills nothing
+    session.channel = _Replay(
+        [("step", 7, StepEvent(["r"], 4, 4)), ("decode", 7, 0, 8), ("decode", 7, 1, 8)]
+    )
+    group._reader(session)
+    assert steps == [4]  # decode messages never reach the step handler
+    assert batch.decoding and batch.decode_chunks == 8
+    assert batch.limits(300.0) == d.decode_limits(8) == (pytest.approx(2.0), pytest.approx(5.0))
