@@ -130,13 +130,15 @@ def test_resolve_rejects_what_bagel_cannot_do_and_n_images_use_consecutive_seeds
         [GenerationParams(prompt="a cat", width=32, height=32, seed=8, model_options=quick)]
     )[0]
     assert len(two.images) == 2 and two.metadata["seed"] == 7
-    events = []
+    events, decodes = [], []
     pipe.generate(
         [GenerationParams(prompt="a cat", width=48, height=32, seed=7, partial_images=2,
                           model_options={"num_timesteps": 5})],
-        callback=lambda event: events.append(event) and False,
+        callback=lambda event: events.append(event) and False, on_decode=decodes.append,
     )  # fmt: skip
     previews = [e.previews[0].size for e in events if e.previews]
     assert [e.step for e in events] == [1, 2, 3, 4] and previews == [(48, 32)] * 2
+    n = len(pipe.vae.decoder.up_blocks)  # the final decode: one event per up-block
+    assert [(e.chunk, e.chunks) for e in decodes] == [(k, n) for k in range(n + 1)]
     assert np.array_equal(np.array(two.images[1]), np.array(second.images[0]))
     assert not np.array_equal(np.array(two.images[0]), np.array(two.images[1]))
