@@ -103,12 +103,17 @@ def test_decode_reporting_chunks_is_alive_past_the_whole_decode_deadline():
     assert batch.hung(300.0, t + 5.1) == "a decode chunk made no progress for 5.0 s"
 
 
-def test_health_follows_the_decode_clock_per_chunk():
-    group = WorkerGroupExecutor(PipelineSpec(FAKE, parallel=ParallelConfig(ulysses_degree=2)))
+def _measured_deadlines():
+    """A group that measured 50 ms steps and a 4 s decode (8 chunks: 0.5 s each)."""
     model = CostModel(factor=10.0, floor_s=1.0)
     model.observe_step(Cost(64, 64, 4), 0.05)
     model.observe_decode(Cost(64, 64, 4), 4.0)
-    d = model.deadlines(Cost(64, 64, 4))
+    return model.deadlines(Cost(64, 64, 4))
+
+
+def test_health_follows_the_decode_clock_per_chunk():
+    group = WorkerGroupExecutor(PipelineSpec(FAKE, parallel=ParallelConfig(ulysses_degree=2)))
+    d = _measured_deadlines()
     group._dead.clear()
     group._batch = batch = RunningBatch(0, lambda event: False, d)
     batch.stepped, batch.decoding = True, True
@@ -137,10 +142,7 @@ class _Replay:
 
 def test_the_reader_turns_decode_messages_into_the_per_chunk_clock():
     group = WorkerGroupExecutor(PipelineSpec(FAKE, parallel=ParallelConfig(ulysses_degree=2)))
-    model = CostModel(factor=10.0, floor_s=1.0)
-    model.observe_step(Cost(64, 64, 4), 0.05)
-    model.observe_decode(Cost(64, 64, 4), 4.0)
-    d = model.deadlines(Cost(64, 64, 4))
+    d = _measured_deadlines()
     steps = []
     group._batch = batch = RunningBatch(7, lambda event: steps.append(event.step), d)
     session = Session(0, "/nonexistent")  # not the group's: the closing channel kills nothing
