@@ -6,7 +6,8 @@ over the replica axis (so a dead or stopped rank blocks the group, as a real mod
 would) and the cancel decision is broadcast from rank 0. ``ITHACA_FAKE_STEP_S`` slows
 each step down for cancellation and crash tests. The decode reports DECODE_CHUNKS chunks
 through ``on_decode``, as the real one does per up-block or latent frame; a prompt
-holding ``slow-decode`` spends ``SLOW_DECODE_CHUNK_S`` on each.
+holding ``slow-decode`` spends ``SLOW_DECODE_CHUNK_S`` on each, one holding
+``stall-decode`` stops for ``STALL_DECODE_S`` after the decode began.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ithaca.types import DecodeEvent, GenerationParams, GenerationResult, StepEv
 
 DECODE_CHUNKS = 4
 SLOW_DECODE_CHUNK_S = 0.25
+STALL_DECODE_S = 60.0
 
 
 def _seed_of(p: GenerationParams) -> int:
@@ -135,9 +137,12 @@ class FakePipeline:
             return
         ids = [p.request_id for p in batch]
         slow = any("slow-decode" in p.prompt for p in batch)
+        stall = any("stall-decode" in p.prompt for p in batch)
         for chunk in range(DECODE_CHUNKS + 1):  # 0: the decode begins
             if chunk and slow:
                 time.sleep(SLOW_DECODE_CHUNK_S)
+            if chunk and stall:  # alive but silent, as a decode stuck in a kernel
+                time.sleep(STALL_DECODE_S)
             on_decode(DecodeEvent(ids, chunk, DECODE_CHUNKS))
 
 

@@ -15,7 +15,7 @@ import pytest
 from ithaca.config import ParallelConfig
 from ithaca.engine.admission import Deadlines
 from ithaca.engine.engine import Engine
-from ithaca.engine.errors import EngineDeadError
+from ithaca.engine.errors import EngineDeadError, WorkerGroupDiedError
 from ithaca.engine.executor import InProcessExecutor, PipelineSpec
 from ithaca.engine.group import WorkerGroupExecutor
 from ithaca.types import GenerationParams
@@ -83,6 +83,14 @@ def test_group_serves_detects_a_hang_and_restarts():
         assert not any(alive(p) for p in old)  # the stopped rank was killed, not leaked
         assert engine.generate(P(seed=3), timeout=30).images
         assert engine.metrics.restarts._value.get() == 1
+
+        # A decode that stops reporting is hung one chunk's budget (2 s) after its last
+        # message, not after its whole-decode limit (30 s); 3 steps of 0.1 s before it.
+        stall = Deadlines(30.0, 30.0, 30.0, 30.0, expected_decode_s=0.8, factor=10.0, floor_s=0)
+        started = time.monotonic()
+        with pytest.raises(WorkerGroupDiedError, match=r"decode chunk made no progress for 2\.0 s"):
+            group.execute([P(seed=6, prompt="stall-decode")], lambda e: False, stall)
+        assert 2.0 < time.monotonic() - started < 3 * 0.1 + 2 * 2.0
     finally:
         pids = group.pids()
         engine.shutdown()
