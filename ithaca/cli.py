@@ -451,7 +451,7 @@ def _model_entries(args) -> list:
     args.model = parse_model(given[0], ParallelConfig()).model if given else None
     default = _parallel(args, args.data_parallel_size)
     if not given:
-        return default_entries(default)
+        return default_entries(default, getattr(args, "nnodes", 1))
     if len(given) == 1 and "@" not in given[0]:
         return [ModelEntry(given[0], args.served_model_name, default)]
     return [parse_model(text, default) for text in given]

@@ -66,12 +66,21 @@ class ModelEntry:
 DEFAULT_VIDEO_NAME = "ithaca-default-video"
 
 
-def default_entries(parallel: ParallelConfig) -> list[ModelEntry]:
-    """``ithaca serve`` with no model: the default image model, then the default video model."""
+def default_entries(parallel: ParallelConfig, nnodes: int = 1) -> list[ModelEntry]:
+    """``ithaca serve`` with no model: the default image model with the given layout, then
+    the default video model on one rank of its own (it is tiny: 80 tokens a clip; the
+    layout flags are the image model's). On several nodes only the image model: a worker
+    node serves one model's ranks."""
     from ithaca.engine.catalog import default_models
 
     entries = [ModelEntry(None, None, parallel)]
-    entries += [ModelEntry(m, DEFAULT_VIDEO_NAME, parallel) for m in default_models()[1:]]
+    if nnodes > 1:
+        return entries
+    video = ParallelConfig(
+        attention_backend=parallel.attention_backend,
+        collective_timeout_s=parallel.collective_timeout_s,
+    )
+    entries += [ModelEntry(m, DEFAULT_VIDEO_NAME, video) for m in default_models()[1:]]
     return entries
 
 

@@ -24,7 +24,12 @@ SMALL = {"num_inference_steps": 2}
 
 @pytest.fixture(scope="module")
 def server(serve):
-    return serve("--usp", "2", "--max-batch-size", "4", "--batch-wait-ms", "300",
+    # The image model alone (with no model the server also runs the default video model,
+    # tested in tests/models/test_default_video.py): these tests count its ranks.
+    from ithaca.models.registry import default_model_path
+
+    return serve(default_model_path(), "--served-model-name", "ithaca-default",
+                 "--usp", "2", "--max-batch-size", "4", "--batch-wait-ms", "300",
                  "--max-queue-size", "32", "--max-steps", "1000")  # fmt: skip
 
 

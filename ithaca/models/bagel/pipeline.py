@@ -63,12 +63,18 @@ class BagelPipeline(DenoisingPipeline):
     joins_mid_run = False  # its own loop per request (KV caches), no shared prepare/predict
 
     def __init__(self, model: str, state: ParallelState, dtype: torch.dtype):
-        super().__init__(state, dtype)
         if state.sp.size > 1 or state.cfg.size > 1:
             raise ValueError(
                 f"Bagel supports no sequence or CFG parallelism (sequence-parallel size "
                 f"{state.sp.size}, cfg_parallel_size {state.cfg.size}); use data parallelism"
             )
+        if state.config.tensor_parallel_size > 1 or state.config.use_hsdp:
+            raise ValueError(
+                f"Bagel supports no tensor parallelism or HSDP (tensor_parallel_size "
+                f"{state.config.tensor_parallel_size}, use_hsdp {state.config.use_hsdp}); "
+                "use data parallelism"
+            )
+        super().__init__(state, dtype)
         if not os.path.isdir(model):
             from huggingface_hub import snapshot_download
 
