@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from ithaca.models.wan.experts import _aligned, _alloc_host, _tensors, _views
+from ithaca.parallel.hsdp import parameter_bytes  # noqa: F401 (the one counter; re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -178,23 +179,6 @@ class LayerwiseOffload:
 def transformer_blocks(transformer: nn.Module, names: Iterable[str]) -> list[nn.Module]:
     """The blocks of the named block lists, in forward order."""
     return [b for name in names for b in getattr(transformer, name, None) or ()]
-
-
-def parameter_bytes(modules: Iterable[nn.Module | None]) -> int:
-    """Bytes of the parameters of ``modules`` held by this rank (each parameter once;
-    a DTensor counts its local shard)."""
-    seen: set[int] = set()
-    total = 0
-    for module in modules:
-        if not isinstance(module, nn.Module):
-            continue
-        for p in module.parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            local = p.to_local() if hasattr(p, "to_local") else p
-            total += local.numel() * local.element_size()
-    return total
 
 
 class Placement:

@@ -38,6 +38,7 @@ cache decisions are agreed across the replica), as FSDP's all-gathers need.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -188,13 +189,23 @@ def get_fully_shard_rank(target: nn.Module | ParallelState) -> int:
     return found[1] if found else 0
 
 
-def parameter_bytes(module: nn.Module) -> int:
-    """Bytes of ``module``'s parameters held by this rank: a DTensor counts its local
-    shard only (what ``/metrics`` reports per rank; read between forwards)."""
+def parameter_bytes(modules: nn.Module | Iterable[nn.Module | None]) -> int:
+    """Bytes of the parameters of ``modules`` (one module or several; ``None`` skipped)
+    held by this rank, each parameter once: a DTensor counts its local shard only (what
+    ``/metrics`` reports per rank; read between forwards)."""
+    if isinstance(modules, nn.Module):
+        modules = [modules]
+    seen: set[int] = set()
     total = 0
-    for param in module.parameters():
-        local = param.to_local() if isinstance(param, DTensor) else param
-        total += local.numel() * local.element_size()
+    for module in modules:
+        if not isinstance(module, nn.Module):
+            continue
+        for param in module.parameters():
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            local = param.to_local() if isinstance(param, DTensor) else param
+            total += local.numel() * local.element_size()
     return total
 
 
