@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-wait-ms", type=float, default=10.0)
     batching = {
         "--batch-invariant": "exact solo bytes per request: no fused forwards (slower)",
-        "--continuous-batching": "join a running batch at the next step (inprocess)",
+        "--continuous-batching": "requests join a running batch at the next step",
     }
     for flag, text in batching.items():
         s.add_argument(flag, action="store_true", help=text)

@@ -340,7 +340,9 @@ class ServerConfig:
     continuous_batching: bool = False
     """Step-level batching: compatible requests (same size and model settings) join a
     running batch at the next denoising step and leave at their last, instead of waiting
-    for the whole batch. In-process executor only for now."""
+    for the whole batch. In process and on worker groups (rank 0 decides at each step
+    boundary and broadcasts it); a request with a step cache, LoRA or input images runs
+    in a batch of its own."""
 
     compile: bool = False
     """Compile the transformer's repeated blocks (regional ``torch.compile``), warmed up
@@ -457,11 +459,6 @@ class ServerConfig:
             raise ValueError(f"batch_wait_ms ({self.batch_wait_ms}) must be >= 0")
         if self.executor not in ("torchrun", "inprocess"):
             raise ValueError(f"executor ({self.executor!r}) must be 'torchrun' or 'inprocess'")
-        if self.continuous_batching and self.executor != "inprocess":
-            raise ValueError(
-                f"continuous_batching needs executor 'inprocess' (got {self.executor!r}): "
-                "worker groups run whole batches"
-            )
         if self.continuous_batching and self.batch_invariant:
             raise ValueError("continuous_batching fuses requests; batch_invariant forbids it")
         if self.on_worker_failure not in ON_WORKER_FAILURE:

@@ -132,7 +132,8 @@ def release_memory(device) -> None:
 
 def resolve_request(pipeline, params: GenerationParams) -> dict:
     """One request checked alone by the pipeline's ``resolve`` (raises ValueError for the
-    client's mistake), as plain data for admission: width, height, steps, frames, do_cfg."""
+    client's mistake), as plain data for admission: width, height, steps, frames, do_cfg,
+    and ``join_key`` (what a step batch compares, None when the request never joins one)."""
     if params.layers is not None and not getattr(pipeline, "takes_layers", True):
         # Checked in generate() by the model layer today; resolve() takes it over.
         raise ValueError(
@@ -153,7 +154,16 @@ def resolve_request(pipeline, params: GenerationParams) -> dict:
         "steps": getattr(request, "steps", None),
         "frames": frames or params.num_frames,
         "do_cfg": bool(getattr(request, "do_cfg", False)),
+        "join_key": _join_key(pipeline, request),
     }
+
+
+def _join_key(pipeline, request) -> tuple | None:
+    if not hasattr(pipeline, "joins_mid_run"):  # not a DenoisingPipeline: no step batches
+        return None
+    from ithaca.models.stepping import shared_join_key  # lazy: models is optional
+
+    return shared_join_key(pipeline, request)
 
 
 def reset_peak_memory() -> None:

@@ -318,9 +318,16 @@ class WorkerGroupExecutor:
             batch = self._batch
             if batch is None or msg[1] != batch.batch_id:
                 log.warning("%s: message %r for an unknown batch", self.name, kind)
+                if kind == "admit":  # rank 0 waits for an answer: none join
+                    channel.send(("joiners", msg[1], []))
                 continue
             batch.last_progress = time.monotonic()
-            if kind == "decode":  # ("decode", id, chunk, chunks): chunk of chunks done
+            if kind == "admit":  # ("admit", id, join_key): a step boundary of a step batch
+                channel.send(("joiners", batch.batch_id, self._joiners(batch, msg[2])))
+            elif kind == "done":  # ("done", id, result): a request left the step batch
+                if batch.on_done is not None:
+                    batch.on_done(msg[2])
+            elif kind == "decode":  # ("decode", id, chunk, chunks): chunk of chunks done
                 batch.decoded(msg[3], batch.last_progress)
             elif kind == "step":
                 event = msg[2]
@@ -421,13 +428,39 @@ class WorkerGroupExecutor:
     ) -> list[GenerationResult]:
         return self._roundtrip("batch", batch, on_step, deadlines)
 
+    def execute_stepwise(self, batch, on_step: StepHandler, admit, on_done):
+        """``execute`` with step-level batching on the group: at each step boundary rank 0
+        asks for joiners and ``admit(accepts)`` hands over the waiting requests whose
+        validated ``join_key`` is the batch's; ``on_done(result)`` gets each request as
+        it leaves. Returns the results not given to ``on_done`` (cancelled ones)."""
+        return self._roundtrip("stepwise", batch, on_step, admit=admit, on_done=on_done)
+
+    def _joiners(self, batch: RunningBatch, key) -> list[GenerationParams]:
+        """The reader thread, at rank 0's step boundary: the engine's joiners for ``key``."""
+        if batch.admit is None or key is None:
+            return []
+        key = tuple(key)
+
+        def accepts(params: GenerationParams, resolved: dict | None = None) -> bool:
+            known = (resolved or {}).get("join_key")  # from validate(): rank 0's resolve
+            return known is not None and tuple(known) == key
+
+        try:
+            return list(batch.admit(accepts))
+        except Exception:  # an engine bug must not leave rank 0 waiting for its answer
+            log.exception("%s: admitting joiners failed", self.name)
+            return []
+
     def manage_lora(self, command) -> list[dict]:
         """Run a :class:`ithaca.types.LoraCommand` on every rank, between batches."""
         return self._roundtrip("lora", command, lambda event: False)
 
-    def _roundtrip(self, kind: str, payload, on_step: StepHandler, deadlines=None):
+    def _roundtrip(
+        self, kind: str, payload, on_step: StepHandler, deadlines=None, admit=None, on_done=None
+    ):
         with self._exec_lock:
             running = RunningBatch(next(self._ids), on_step, deadlines)
+            running.admit, running.on_done = admit, on_done
             with self._lock:
                 if self._dead.is_set():
                     raise WorkerGroupDiedError(

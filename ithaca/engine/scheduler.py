@@ -141,11 +141,13 @@ class Scheduler:
         return batch
 
     def take_joiners(
-        self, accepts: Callable[[GenerationParams], bool], room: int
+        self, accepts: Callable[[GenerationParams, dict], bool], room: int
     ) -> list[EngineRequest]:
         """Step-level batching: the waiting requests that join a running batch now.
 
-        Oldest first, and only from the head of the queue: the first request the batch
+        ``accepts(params, resolved)`` sees each request with its validation (``resolved``,
+        which may carry the model's ``join_key``). Oldest first, and only from the head of
+        the queue: the first request the batch
         does not ``accept`` (or that does not fit in ``room`` images) stops the joins, so
         a waiting incompatible request is never overtaken by later ones; the running
         batch drains and it runs next.
@@ -153,7 +155,8 @@ class Scheduler:
         with self._cond:
             joined = []
             for req in self._queue:
-                if req.weight > room or req.cancelled.is_set() or not accepts(req.params):
+                fits = req.weight <= room and not req.cancelled.is_set()
+                if not fits or not accepts(req.params, req.resolved):
                     break
                 joined.append(req)
                 room -= req.weight

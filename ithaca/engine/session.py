@@ -58,6 +58,10 @@ class RunningBatch:
         self.decoding = False
         self.decode_chunks = 0  # known from the decode's first progress message
         self.last_progress = time.monotonic()
+        self.admit = None
+        """Continuous batching: the engine's ``admit(accepts)`` (joiners at a boundary)."""
+        self.on_done = None
+        """Continuous batching: the engine's ``on_done(result)`` (a request that left)."""
 
     def limits(self, fallback_s: float) -> tuple[float, float]:
         """(overdue, hung) seconds without progress for the phase the batch is in.

@@ -10,6 +10,14 @@ only ever hear from rank 0, by broadcast. The loop, on every rank, in lockstep:
     batch -> pipeline.generate(batch, cb)      # SPMD; cb on rank 0: sends steps, reads cancels
              all_gather_object(status)         # every rank agrees whether the batch failed
              (failed, not the user's fault) -> every rank rebuilds its model groups
+    stepwise -> generate_stepwise(batch, ...)  # continuous batching, then as a batch
+
+Continuous batching (``stepwise``, :mod:`ithaca.models.stepping`): at each step
+boundary rank 0 asks the front ``("admit", id, join_key)`` and waits for its
+``("joiners", id, params)`` (the engine takes the oldest waiting requests whose validated
+``join_key`` equals the batch's); the decision reaches the other ranks as a device-tensor
+broadcast (plus the joiners' parameters when some join). A request that finished is sent
+at once, ``("done", id, result)``; the batch's final ``result`` holds the rest.
 
 A rank that fails mid-forward (typically out of memory: rank 0 alone also holds the
 text encoder and VAE) closes its model groups at once, so peers blocked in a
@@ -126,6 +134,7 @@ class WorkerLoop:
         self.heartbeat_s = heartbeat_s
         self.cpu_group = state.cpu_group  # gloo twin of the world group on NCCL, else None
         self.inbox: queue.Queue = queue.Queue()
+        self.joiners: queue.Queue = queue.Queue()  # the front's answers to "admit"
         self.cancelled: set[int] = set()
         self.front_gone = False
         self.peak = peak_memory_bytes()  # loading's peak; each batch opens a new window
@@ -150,6 +159,8 @@ class WorkerLoop:
                 return
             if msg[0] == "cancel":
                 self.cancelled.add(msg[1])
+            elif msg[0] == "joiners":
+                self.joiners.put(msg)
             elif msg[0] == "validate":
                 self._validate(msg[1], msg[2])
             else:
@@ -196,15 +207,46 @@ class WorkerLoop:
                     dist.all_reduce(flag, group=self.cpu_group)
                 if self.is_root:
                     self._send(("alive", int(flag.item())))
-            elif kind == "batch":
-                self._run_batch(command[1], command[2])
+            elif kind in ("batch", "stepwise"):
+                self._run_batch(command[1], command[2], stepwise=kind == "stepwise")
             elif kind == "lora":  # adapter management: every rank, between batches
                 self._run_batch(command[1], command[2], lora=True)
             else:
                 raise AssertionError(f"unknown command {kind!r}")
 
-    def _run_batch(self, batch_id: int, batch, lora: bool = False) -> None:
-        callback, generate = None, self.pipeline.generate
+    def _admit(self, batch_id: int, accepts) -> list:
+        """Rank 0 at a step boundary: the joiners the front hands over (none once the
+        front is gone). A round trip on the local socket, not a collective."""
+        self._send(("admit", batch_id, accepts.key))
+        while not self.front_gone:
+            try:
+                _, answered, params = self.joiners.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if answered == batch_id:
+                return params
+        return []
+
+    def _stepwise(self, batch_id: int, sent: set[str]):
+        """``generate(batch, callback)`` running :func:`generate_stepwise`; ``sent`` gets
+        the ids of the results already sent to the front as their requests left."""
+        from ithaca.models.stepping import generate_stepwise
+
+        admit = on_done = None
+        if self.is_root:
+            admit = functools.partial(self._admit, batch_id)
+
+            def on_done(result) -> None:
+                sent.add(result.request_id)
+                self._send(("done", batch_id, result))
+
+        def generate(batch, callback):
+            return generate_stepwise(self.pipeline, batch, callback, admit, on_done)
+
+        return generate
+
+    def _run_batch(self, batch_id: int, batch, lora: bool = False, stepwise=False) -> None:
+        callback, generate, sent = None, self.pipeline.generate, set()
         if self.is_root:
 
             def callback(event) -> bool:
@@ -215,6 +257,8 @@ class WorkerLoop:
                 self._send(("decode", batch_id, event.chunk, event.chunks))
 
             generate = functools.partial(self.pipeline.generate, on_decode=on_decode)
+        if stepwise:
+            generate = self._stepwise(batch_id, sent)
 
         results, stats, status = None, {}, (True, "", "", False)
         try:
@@ -222,6 +266,7 @@ class WorkerLoop:
                 results = self.pipeline.manage_lora(batch)
             else:
                 results, stats = run_measured(generate, batch, callback)
+                results = [r for r in results if r.request_id not in sent]
         except Exception as exc:
             log.error(
                 "rank %d: batch %d failed:\n%s", self.state.rank, batch_id, traceback.format_exc()

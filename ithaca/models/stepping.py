@@ -13,9 +13,18 @@ slot that reaches its last step is decoded and handed to ``on_done`` at once.
 
 At each step boundary the returning rank makes one decision, ``(cancel, joiners)``: the
 engine's ``admit(accepts)`` hands the oldest waiting requests this batch ``accepts``
-(same size and model settings, no step cache, no LoRA, no input images). With several ranks the
-decision is broadcast (``broadcast_object``), so every rank joins and leaves at the same
-step and reaches the joiners' conditioning broadcast in the same order.
+(same size and model settings, no step cache, no LoRA, no input images). With several
+ranks the decision is broadcast so every rank joins and leaves at the same step and
+reaches the joiners' conditioning broadcast in the same order: a 2-element device tensor
+``[cancel, joiners]`` every boundary (read back with one ``tolist()``: the one host sync
+the boundary protocol needs, after the step's last kernel), and the joiners' parameters
+(``broadcast_object``, a pickle) only at a boundary where some join.
+
+Step caches (TeaCache, Cache-DiT, TaylorSeer) decide from the whole batch's forward and
+keep one accumulator per run, not per request, so the rule is: a request with a step
+cache never joins a step batch and a step batch never takes one; it runs in a batch of
+its own with its cache (:meth:`DenoisingPipeline.generate`), exactly as without
+``--continuous-batching``.
 
 Compatibility is :func:`join_key`: width, height, CFG on/off, the family's extra key and
 the cache settings; steps and the guidance scale may differ. A family whose loop decides
@@ -36,9 +45,10 @@ from ithaca.models.base import DenoisingPipeline, Job, Request, preview_steps
 from ithaca.parallel import comm, predict_branches
 from ithaca.types import GenerationParams, GenerationResult, StepCallback, StepEvent
 
-Admit = Callable[[Callable[[GenerationParams], bool]], list[GenerationParams]]
+Admit = Callable[["Accepts"], list[GenerationParams]]
 """``admit(accepts)`` (returning rank): waiting requests that join at this boundary, taken
-oldest first while ``accepts`` them (the engine also bounds them by free batch rows)."""
+oldest first while ``accepts(params, resolved)`` them (the engine also bounds them by free
+batch rows)."""
 Done = Callable[[GenerationResult], None]
 """``on_done(result)`` (returning rank): a request finished at this step boundary."""
 
@@ -55,6 +65,33 @@ def join_key(pipe: DenoisingPipeline, request: Request) -> tuple:
         cache,
         id(request) if alone or cache.backend is not None else None,
     )
+
+
+def shared_join_key(pipe: DenoisingPipeline, request: Request) -> tuple | None:
+    """:func:`join_key` as plain data for another process (the front of a worker group
+    compares it without the model), or None when the request never joins."""
+    key = join_key(pipe, request)
+    return key if key[-1] is None else None
+
+
+@dataclass(frozen=True)
+class Accepts:
+    """The running batch's join rule, ``accepts(params, resolved=None)``: ``resolved``
+    (the engine's validation of the request) may carry its ``join_key``, else the
+    request is resolved here. ``key`` is what a worker group's front compares."""
+
+    pipe: DenoisingPipeline
+    key: tuple
+
+    def __call__(self, params: GenerationParams, resolved: dict | None = None) -> bool:
+        known = (resolved or {}).get("join_key")
+        if known is not None:
+            return tuple(known) == self.key
+        try:
+            request = self.pipe.resolve(params)
+        except ValueError:
+            return False  # it fails on its own, in a batch of its own
+        return join_key(self.pipe, request) == self.key
 
 
 @dataclass
@@ -96,17 +133,23 @@ class StepBatch:
         self.fused: Job | None = None  # the members' inputs; None after a membership change
         self.batch_step = 0
         self.results: dict[str, GenerationResult] = {}
+        self.refused: list[GenerationParams] = []
+        """Joiners this batch turned down after all (the front's key was stale): they
+        run after it, in batches of their own."""
 
     # -- membership ------------------------------------------------------------------
-    def accepts(self, params: GenerationParams) -> bool:
-        """Whether a waiting request may join (returning rank, before the broadcast)."""
-        try:
-            request = self.pipe.resolve(params)
-        except ValueError:
-            return False  # it fails on its own, in a batch of its own
-        return join_key(self.pipe, request) == self.key
+    def join(self, params: list[GenerationParams]) -> None:
+        """Every rank, same order: the joiners this rank resolves to this batch's key."""
+        requests = []
+        for p in params:
+            request = self.pipe.resolve(p)
+            if join_key(self.pipe, request) == self.key:
+                requests.append(request)
+            else:
+                self.refused.append(p)
+        self._join(requests)
 
-    def join(self, requests: list[Request]) -> None:
+    def _join(self, requests: list[Request]) -> None:
         if not requests:
             return
         conds = self.pipe._conditions(requests)  # a broadcast: every rank, same order
@@ -205,11 +248,20 @@ class StepBatch:
 
     def decide(self, asked: bool) -> tuple[bool, list[GenerationParams]]:
         """The returning rank's ``(cancel, joiners)``, the same on every rank."""
-        decision: tuple[bool, list[GenerationParams]] = (asked, [])
+        joiners: list[GenerationParams] = []
         if self.pipe.is_returning_rank and not asked and self.admit is not None:
-            decision = (False, list(self.admit(self.accepts)))
-        # Every rank of the replica reaches this broadcast once per step boundary.
-        return comm.broadcast_object(decision, self.pipe.state.replica)
+            assert self.key is not None
+            joiners = list(self.admit(Accepts(self.pipe, self.key)))
+        replica = self.pipe.state.replica
+        if replica.size == 1:
+            return asked, joiners
+        # Every rank of the replica reaches both broadcasts once per step boundary, in
+        # this order. (2,) on the rank's device: [cancel, number of joiners] from rank 0.
+        flags = torch.tensor([int(asked), len(joiners)], device=self.pipe.state.device)
+        cancel, count = comm.broadcast(flags, replica).tolist()  # the boundary's host sync
+        if count:  # the joiners' parameters (prompts: host data) only when some join
+            joiners = comm.broadcast_object(joiners, replica)
+        return bool(cancel), joiners
 
     def cancel_rest(self) -> None:
         for s in self.slots:
@@ -226,16 +278,16 @@ class StepBatch:
             self.pipe.loras.apply(())
         self.pipe._install_cache(None)
         self.key = join_key(self.pipe, requests[0])
-        self.join(requests)
+        self._join(requests)
         while self.slots:
             asked = self.step()
             self.leave(started)
             cancel, joiners = self.decide(asked)
             if cancel:
                 self.cancel_rest()
+                self.refused += joiners  # taken from the queue: they still get an answer
                 return
-            if self.slots or joiners:
-                self.join([self.pipe.resolve(p) for p in joiners])
+            self.join(joiners)
 
 
 def generate_stepwise(
@@ -260,6 +312,7 @@ def generate_stepwise(
         stepper = StepBatch(pipe, callback, admit, on_done)
         stepper.run(joining)
         results.update(stepper.results)
+        rest += stepper.refused
     if rest:
         for res in pipe.generate(rest, callback):
             results[res.request_id] = res

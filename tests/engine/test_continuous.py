@@ -56,8 +56,7 @@ def test_continuous_batching_settings_are_checked():
     from ithaca.config import ServerConfig
 
     assert ServerConfig(executor="inprocess", continuous_batching=True).continuous_batching
-    with pytest.raises(ValueError, match="continuous_batching needs executor 'inprocess'"):
-        ServerConfig(continuous_batching=True)
+    assert ServerConfig(continuous_batching=True).continuous_batching  # worker groups too
     with pytest.raises(ValueError, match="batch_invariant"):
         ServerConfig(executor="inprocess", continuous_batching=True, batch_invariant=True)
 

@@ -104,7 +104,7 @@ def test_joiners_come_oldest_first_and_stop_at_the_first_incompatible_request():
     for r in (first, second, other, third):
         s.add(r)
 
-    def accepts(params):
+    def accepts(params, resolved):
         return params.width == 64
 
     # "3" is compatible but waits behind "o": joining would overtake it.
