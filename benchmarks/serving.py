@@ -23,6 +23,12 @@ pipeline, one rank, no HTTP), the way LLM serving benchmarks drive a server:
     OMP_NUM_THREADS=2 python benchmarks/serving.py --modes off,fused,continuous \
         --size 128x128 --steps 20 --rate 4 --requests 32 --concurrency 1,8
 
+The same over a torchrun worker group (``--group-usp 2``: Ulysses 2, started once and
+shared by the modes ``off``, ``fused`` and ``continuous``, each an engine setting):
+
+    python benchmarks/serving.py --modes fused,continuous --group-usp 2 \
+        --size 128x128 --steps 20 --requests 16 --rate -0.9 --concurrency 1,8
+
 ``--concurrency`` runs closed loops per mode (that many requests in flight); ``--rate``
 sends ``--requests`` requests with Poisson arrivals (exponential gaps, seeded), open
 loop: a slow server does not slow the arrivals. Each row: throughput (images/s), p50 /
@@ -183,15 +189,19 @@ def run_engine(engine, make, arrivals: list[float] | None, concurrency: int, n: 
     """Drive an in-process engine: open loop at ``arrivals`` or closed at ``concurrency``."""
     done: list = []
     start = time.monotonic()
+
+    def submit(params):  # as the server does: validated first (a worker group's join key)
+        return engine.submit(params, resolved=engine.validate(params))
+
     if arrivals is not None:
         for i, at in enumerate(arrivals):
             time.sleep(max(0.0, start + at - time.monotonic()))
-            done.append(engine.submit(make(i)))
+            done.append(submit(make(i)))
     else:
         slots = threading.Semaphore(concurrency)
         for i in range(n):
             slots.acquire()
-            req = engine.submit(make(i))
+            req = submit(make(i))
             req.future.add_done_callback(lambda f: slots.release())
             done.append(req)
     for req in done:
@@ -222,32 +232,77 @@ def compare_modes(args) -> None:
     torch.set_num_threads(args.threads)
     w, h = (int(x) for x in args.size.split("x"))
     spec = PipelineSpec(args.direct_model)
-    pipe = load_pipeline(spec, ParallelState.single())
 
     def make(i: int) -> GenerationParams:
         return GenerationParams(args.prompt, width=w, height=h, num_inference_steps=args.steps,
                                 seed=i)  # fmt: skip
 
-    pipe.generate([make(0)])  # warm-up
     modes = args.modes.split(",")
-    print(f"in process, {args.size}, {args.steps} steps, {args.requests} requests per row, "
+    if args.group_usp:
+        row, close = _group_rows(args, spec, modes, make)
+    else:
+        pipe = load_pipeline(spec, ParallelState.single())
+        pipe.generate([make(0)])  # warm-up
+
+        def row(mode: str, arrivals, concurrency: int) -> dict:
+            size, fuse, continuous = MODES[mode]
+            pipe.fuse_batches = fuse
+            engine = Engine(
+                [InProcessExecutor(spec, pipeline=pipe)],
+                max_queue_size=max(64, 2 * args.requests),
+                max_batch_size=size or args.max_batch_size,
+                batch_wait_ms=args.batch_wait_ms,
+                continuous=continuous,
+            )
+            engine.start()
+            r = run_engine(engine, make, arrivals, concurrency, args.requests)
+            engine.shutdown()
+            return r
+
+        def close() -> None:
+            pass
+
+    where = f"worker group of {args.group_usp} ranks (Ulysses)" if args.group_usp else "in process"
+    print(f"{where}, {args.size}, {args.steps} steps, {args.requests} requests per row, "
           f"max batch {args.max_batch_size}, {args.threads} torch threads", flush=True)  # fmt: skip
     print("| mode | load | images/s | p50 s | p99 s | queue p50 s | queue p99 s |")
     print("|---|---|---:|---:|---:|---:|---:|", flush=True)
+    try:
+        _rows(args, modes, row)
+    finally:
+        close()
 
+
+def _group_rows(args, spec, modes: list[str], make):
+    """One worker group (started once, warmed up) behind one engine; each mode is the
+    engine's setting (max batch size, continuous), so every row runs on the same ranks."""
+    import dataclasses
+
+    from ithaca.config import ParallelConfig
+    from ithaca.engine.engine import Engine
+    from ithaca.engine.group import WorkerGroupExecutor
+
+    if "invariant" in modes:
+        raise SystemExit("--group-usp: mode 'invariant' is a start-up flag; run it alone")
+    parallel = ParallelConfig(ulysses_degree=args.group_usp)
+    group = WorkerGroupExecutor(dataclasses.replace(spec, parallel=parallel))
+    engine = Engine([group], max_queue_size=max(64, 2 * args.requests),
+                    batch_wait_ms=args.batch_wait_ms)  # fmt: skip
+    engine.start()
+    engine.generate(make(0))  # warm-up
+
+    def row(mode: str, arrivals, concurrency: int) -> dict:
+        size, _, continuous = MODES[mode]
+        engine.scheduler.max_batch_size = size or args.max_batch_size
+        engine.continuous = continuous
+        return run_engine(engine, make, arrivals, concurrency, args.requests)
+
+    return row, engine.shutdown
+
+
+def _rows(args, modes: list[str], run) -> None:
     def row(mode: str, load: str, arrivals, concurrency: int) -> dict:
-        size, fuse, continuous = MODES[mode]
-        pipe.fuse_batches = fuse
-        engine = Engine(
-            [InProcessExecutor(spec, pipeline=pipe)],
-            max_queue_size=max(64, 2 * args.requests),
-            max_batch_size=size or args.max_batch_size,
-            batch_wait_ms=args.batch_wait_ms,
-            continuous=continuous,
-        )
-        engine.start()
-        r = run_engine(engine, make, arrivals, concurrency, args.requests)
-        engine.shutdown()
+        r = run(mode, arrivals, concurrency)
         print(f"| {mode} | {load} | {r['throughput']:.2f} | {r['p50']:.2f} | {r['p99']:.2f} "
               f"| {r['q50']:.2f} | {r['q99']:.2f} |", flush=True)  # fmt: skip
         return r
@@ -341,6 +396,12 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=8, help="--modes: engine batch cap")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="--modes: engine wait")
     p.add_argument("--threads", type=int, default=2, help="--modes: torch threads")
+    p.add_argument(
+        "--group-usp",
+        type=int,
+        default=0,
+        help="--modes on a torchrun worker group of this many Ulysses ranks",
+    )
     args = p.parse_args()
     if args.modes:
         compare_modes(args)

@@ -6,6 +6,7 @@ boundary and broadcasts the decision to rank 1.
   for bit; one joining after step 1 is within 1/255 of its solo run on the group;
 - a request that finished is delivered (``on_done``) while the batch still runs;
 - through the engine: a request submitted mid-run joins and is answered first;
+- a request with a step cache is never admitted (its accumulators are per run);
 - cancelled requests stop at the next boundary; a killed rank fails the batch at once.
 """
 
@@ -60,6 +61,9 @@ def test_joins_and_leaves_at_step_boundaries_on_the_group(served):
     assert keys["a"]["join_key"] == keys["c"]["join_key"] is not None  # steps, scale differ
     other = P("o", 2, seed=4, size=64)
     other_key = group.validate(other)
+    cached = P("t", 2, seed=5, cache_backend="tea_cache")  # a step cache never joins
+    cached_key = group.validate(cached)
+    assert cached_key["join_key"] is None
     fused = {r.request_id: r for r in group.execute([a, b], never)}
     solo = group.execute([c], never)[0]
 
@@ -72,7 +76,8 @@ def test_joins_and_leaves_at_step_boundaries_on_the_group(served):
     def admit(accepts):
         boundaries.append(len(boundaries) + 1)
         if len(boundaries) == 1:  # after step 1 of a and b
-            asked.append((accepts(c, keys["c"]), accepts(other, other_key), accepts(c, {})))
+            asked.append((accepts(c, keys["c"]), accepts(other, other_key), accepts(c, {}),
+                          accepts(cached, cached_key)))  # fmt: skip
             return [c]
         return []
 
@@ -83,7 +88,8 @@ def test_joins_and_leaves_at_step_boundaries_on_the_group(served):
     done: dict = {}
     rest = group.execute_stepwise([a, b], on_step, admit, on_done)
     assert rest == []  # every result was delivered as its request left
-    assert asked == [(True, False, False)]  # unknown join key: it waits for its own batch
+    # An unknown join key (not validated) or a step cache: it waits for a batch of its own.
+    assert asked == [(True, False, False, False)]
     assert boundaries == [1, 2, 3, 4]  # a, b leave after 2 steps; c after 1 + 3
     # a and b were delivered before c's last step ran (not at the end of the batch).
     assert events.index(("done", "a")) < events.index(("step", ("c",), 3))

@@ -10,7 +10,7 @@ no diffusers forward is copied. Plan (``auto_pad`` everywhere):
   ``attn_mask`` ``(B, S_img)`` and ``freqs_cis`` ``(B, S_img, D/2)`` complex: the image
   tokens are sharded on dim 1 through the refiner; its last block's output is gathered
   (the forward then slices and concatenates whole sequences);
-- ``context_refiner``: captions only, replicated (diffusers' own processor);
+- ``context_refiner``: captions only, replicated (the processor over local attention);
 - ``layers.0`` input ``x`` ``(B, S_img + S_cap, C)`` and ``layers.*`` inputs
   ``attn_mask`` / ``freqs_cis``: the unified ``[image, caption]`` sequence is sharded as
   one sequence (image and caption tokens are treated alike by these blocks: one
@@ -31,15 +31,16 @@ from __future__ import annotations
 
 import torch
 from diffusers import ZImageTransformer2DModel as _DiffusersZImageTransformer
-from diffusers.models.embeddings import apply_rotary_emb
 
 from ithaca.models.attention import ParallelProcessor, project, project_out
+from ithaca.models.rotary import apply_rope
 from ithaca.models.spec import AttentionLayout
 from ithaca.parallel import (
     SequenceParallelInput,
     SequenceParallelOutput,
     SequenceParallelRuntime,
 )
+from ithaca.parallel.kernels import local_attention
 
 
 def _shard(dims: int) -> SequenceParallelInput:
@@ -98,7 +99,10 @@ def pad_heads(x: torch.Tensor, multiple: int) -> torch.Tensor:
 class ZImageParallelAttnProcessor(ParallelProcessor):
     """Z-Image self-attention over this rank's shard, through ``ParallelAttention``.
 
-    Same projections, QK norms and complex RoPE as diffusers' ``ZSingleStreamAttnProcessor``.
+    Same projections, QK norms and RoPE as diffusers' ``ZSingleStreamAttnProcessor``; the
+    RoPE in the real ``(cos, sin)`` form (:func:`ithaca.models.rotary.apply_rope`), so a
+    compiled block (``--compile``) fuses it: the only complex op left is the free
+    ``view_as_real`` of the frequencies.
     """
 
     def __init__(self, runtime: SequenceParallelRuntime, heads_multiple: int = 1):
@@ -117,8 +121,7 @@ class ZImageParallelAttnProcessor(ParallelProcessor):
             raise ValueError("Z-Image attention is self-attention (no encoder_hidden_states)")
         q, k, v = project(attn, hidden_states)  # (B, S/P, H*D) -> (B, S/P, H, D)
         if freqs_cis is not None:  # (B, S/P, D/2) complex, sharded with the tokens
-            q = apply_rotary_emb(q, freqs_cis, use_real=False)
-            k = apply_rotary_emb(k, freqs_cis, use_real=False)
+            q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
         key_mask = None
         if attention_mask is not None:
             if attention_mask.dim() != 2:
@@ -129,6 +132,25 @@ class ZImageParallelAttnProcessor(ParallelProcessor):
         q, k, v = (pad_heads(t, self.heads_multiple) for t in (q, k, v))
         out, _ = self.runtime.attention(q, k, v, key_mask=key_mask)
         return project_out(attn, out[:, :, :heads], q.dtype)  # the appended heads dropped
+
+    def attach(self, block, name: str, blocks: str) -> None:
+        """The caption refiner sees whole, replicated captions: the same processor over
+        plain local attention (no collective), so its RoPE is the real form too."""
+        processor = self
+        if blocks == "context_refiner":
+            backend = getattr(self.runtime.attention, "backend", "auto")
+            processor = ZImageParallelAttnProcessor(_LocalAttention(backend))
+        getattr(block, name).set_processor(processor)
+
+
+class _LocalAttention:
+    """A runtime face for replicated sequences: ``attention`` on this device only."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def attention(self, q, k, v, key_mask=None):  # (B, S, H, D) -> (B, S, H, D), no lse
+        return local_attention(q, k, v, key_mask, backend=self.backend, need_lse=False)
 
 
 def _plan(config) -> dict:
@@ -142,8 +164,12 @@ Z_IMAGE_ATTENTION = AttentionLayout(
     processor=lambda runtime, state: ZImageParallelAttnProcessor(
         runtime, heads_multiple=state.ulysses.size
     ),
-    # The caption refiner keeps diffusers' processor: it sees whole, replicated captions.
-    blocks={"noise_refiner": ("attention",), "layers": ("attention",)},
+    # The caption refiner gets a local twin (``attach``): it sees whole, replicated captions.
+    blocks={
+        "noise_refiner": ("attention",),
+        "context_refiner": ("attention",),
+        "layers": ("attention",),
+    },
     plan=_plan,
     check_heads=False,  # the processor pads heads to a multiple of the Ulysses degree
 )
