@@ -1,7 +1,8 @@
 """Step-level (continuous) batching through the engine, in process, on a tiny
 Qwen-Image checkpoint: a request submitted while another runs joins it at a step
 boundary, leaves as soon as its own steps are done (before the longer request), and its
-image is within 1/255 of the same request run alone."""
+image is within 1/255 of the same request run alone; a request with a step cache never
+joins (its validated ``join_key`` is None)."""
 
 import numpy as np
 import pytest
@@ -67,3 +68,17 @@ def test_batch_invariant_reaches_every_rank():
     for flag in (False, True):
         spec, _ = spec_from_json(spec_to_json(PipelineSpec(batch_invariant=flag), 1.0))
         assert spec.batch_invariant is flag
+
+
+def test_a_request_with_a_step_cache_never_joins(engine):
+    from ithaca.models.stepping import Accepts, join_key
+
+    pipe = engine.executors[0].pipeline
+    key = join_key(pipe, pipe.resolve(P(6, seed=1)))
+    accepts = Accepts(pipe, key)
+    assert accepts(P(2, seed=9)) and not accepts(GenerationParams("x", width=64, height=64))
+    cached = P(2, seed=9, cache_backend="tea_cache")  # its accumulators are per run
+    assert not accepts(cached)
+    resolved = engine.executors[0].validate(cached)
+    assert resolved["join_key"] is None and not accepts(cached, resolved)
+    assert engine.executors[0].validate(P(2, seed=9))["join_key"] == key
