@@ -14,30 +14,19 @@ class EngineMetrics:
         self.requests = Counter("ithaca_requests", "Requests accepted into the queue", registry=r)
         self.running = Gauge("ithaca_requests_running", "Requests in a running batch", registry=r)
         self.waiting = Gauge("ithaca_requests_waiting", "Requests waiting in the queue", registry=r)
-        self.queue_time = Histogram(
-            "ithaca_request_queue_time_seconds",
-            "Submit to batch start",
-            buckets=_LATENCY,
-            registry=r,
+
+        def latency(name: str, doc: str, labels: tuple[str, ...] = ()) -> Histogram:
+            return Histogram(name, doc, labels, buckets=_LATENCY, registry=r)
+
+        self.queue_time = latency("ithaca_request_queue_time_seconds", "Submit to batch start")
+        self.step_latency = latency("ithaca_step_latency_seconds", "One denoising step of a batch")
+        self.e2e_latency = latency(
+            "ithaca_request_latency_seconds", "Submit to result inside the engine"
         )
-        self.step_latency = Histogram(
-            "ithaca_step_latency_seconds",
-            "One denoising step of a batch",
-            buckets=_LATENCY,
-            registry=r,
-        )
-        self.e2e_latency = Histogram(
-            "ithaca_request_latency_seconds",
-            "Submit to result inside the engine",
-            buckets=_LATENCY,
-            registry=r,
-        )
-        self.http_latency = Histogram(
+        self.http_latency = latency(
             "ithaca_http_request_duration_seconds",
             "HTTP request to response (includes encoding)",
-            ["route"],
-            buckets=_LATENCY,
-            registry=r,
+            ("route",),
         )
         self.batch_size = Histogram(
             "ithaca_batch_size",

@@ -45,7 +45,6 @@ SPEC = FamilySpec(
     cfg_aliases=False,  # guidance_scale is the embedded guidance
     tiny="ithaca.testing.tiny_families:build_tiny_flux",
     reference="FluxPipeline",
-    reference_args={"true_cfg_scale": "true_cfg_scale", "guidance_scale": "guidance_scale"},
 )
 
 

@@ -71,14 +71,12 @@ SPEC = FamilySpec(
     name="LongCat-Image",
     transformer=LongCatImageTransformer2DModel,
     attention=FLUX_ATTENTION,
-    components=("vae", "text_encoder", "tokenizer"),
     cache_adapter=cache_adapter,
     defaults=Defaults(steps=50, cfg_scale=4.5),
     guidance=renormed_cfg,
     noise_dtype=torch.float32,  # diffusers' LongCat t2i draws fp32 noise, then casts
     tiny="ithaca.testing.tiny_families:build_tiny_longcat_image",
     reference="LongCatImagePipeline",
-    reference_args={"true_cfg_scale": "guidance_scale"},
 )
 
 

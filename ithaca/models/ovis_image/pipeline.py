@@ -48,12 +48,10 @@ SPEC = FamilySpec(
     name="Ovis-Image",
     transformer=OvisImageTransformer2DModel,
     attention=FLUX_ATTENTION,
-    components=("vae", "text_encoder", "tokenizer"),
     cache_adapter=cache_adapter,
     defaults=Defaults(steps=50, cfg_scale=5.0),
     tiny="ithaca.testing.tiny_families:build_tiny_ovis_image",
     reference="OvisImagePipeline",
-    reference_args={"true_cfg_scale": "guidance_scale"},
 )
 
 

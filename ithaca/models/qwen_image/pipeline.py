@@ -64,7 +64,6 @@ SPEC = FamilySpec(
     name="Qwen-Image",
     transformer=QwenImageTransformer2DModel,
     attention=QWEN_IMAGE_ATTENTION,
-    components=("vae", "text_encoder", "tokenizer"),
     cache_adapter=cache_adapter,
     defaults=Defaults(steps=50, cfg_scale=4.0),
     guidance=rescaled_cfg,

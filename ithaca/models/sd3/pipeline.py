@@ -50,7 +50,6 @@ SPEC = FamilySpec(
     sigmas="scheduler",
     tiny="ithaca.testing.tiny_families:build_tiny_sd3",
     reference="StableDiffusion3Pipeline",
-    reference_args={"true_cfg_scale": "guidance_scale"},
 )
 
 
