@@ -41,17 +41,17 @@ class EngineMetrics:
             "ithaca_worker_group_restarts", "Worker groups restarted after a failure", registry=r
         )
         self.groups_alive = Gauge("ithaca_worker_groups_alive", "Live worker groups", registry=r)
-        self.rank_parameter_bytes = Gauge(
+
+        def per_rank(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, ("group", "rank"), registry=r)
+
+        self.rank_parameter_bytes = per_rank(
             "ithaca_rank_parameter_bytes",
             "Bytes of model parameters a rank holds (its local shard of sharded ones)",
-            ["group", "rank"],
-            registry=r,
         )
-        self.rank_peak_memory = Gauge(
+        self.rank_peak_memory = per_rank(
             "ithaca_rank_peak_memory_bytes",
             "A rank's peak memory: CUDA peak allocated, or peak RSS on the CPU",
-            ["group", "rank"],
-            registry=r,
         )
         self.cache_steps = Counter(
             "ithaca_cache_steps",

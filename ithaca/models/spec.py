@@ -134,4 +134,5 @@ class FamilySpec:
     for tests (a string: the runtime never imports test helpers)."""
     tiny_args: Mapping[str, Any] = field(default_factory=dict)
     reference: str | None = None
-    """The diffusers pipeline class that is this family's numerical oracle."""
+    """The diffusers pipeline class that is this family's numerical oracle; None: the one
+    named like the family's pipeline class (the checkpoint's ``_class_name``)."""

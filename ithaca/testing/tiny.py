@@ -73,10 +73,7 @@ def _build_transformer(seed: int, layered: bool = False):
     flags = dict(use_layer3d_rope=True, use_additional_t_cond=True) if layered else {}
     return seeded(
         seed + 1,
-        lambda: QwenImageTransformer2DModel(
-            patch_size=2,
-            in_channels=64,
-            out_channels=16,
+        lambda: QwenImageTransformer2DModel(  # Qwen-Image's config but for these
             num_layers=2,
             attention_head_dim=16,
             num_attention_heads=4,

@@ -294,15 +294,10 @@ def build_tiny_z_image(path: str | os.PathLike, seed: int = 0) -> Path:
     tok = qwen3_tokenizer()
     transformer = seeded(
         seed + 1,
-        lambda: ZImageTransformer2DModel(
-            all_patch_size=(2,),
-            all_f_patch_size=(1,),
+        lambda: ZImageTransformer2DModel(  # Z-Image's config but for these
             in_channels=4,
             dim=240,
             n_layers=2,
-            n_refiner_layers=2,
-            n_heads=30,
-            n_kv_heads=30,
             cap_feat_dim=TEXT_HIDDEN,
             axes_dims=[2, 2, 4],
             axes_lens=[1024, 64, 64],
@@ -334,9 +329,8 @@ def build_tiny_sd3(path: str | os.PathLike, seed: int = 0, dual_attention: bool 
     clip_hidden = TEXT_HIDDEN // 2  # both CLIP widths side by side fit T5's width
     transformer = seeded(
         seed + 1,
-        lambda: SD3Transformer2DModel(
+        lambda: SD3Transformer2DModel(  # SD3's config but for these
             sample_size=16,
-            patch_size=2,
             in_channels=4,
             num_layers=2,
             attention_head_dim=16,

@@ -49,7 +49,6 @@ SPEC = FamilySpec(
     packed=False,
     sigmas="scheduler",
     tiny="ithaca.testing.tiny_families:build_tiny_sd3",
-    reference="StableDiffusion3Pipeline",
 )
 
 

@@ -54,7 +54,6 @@ SPEC = FamilySpec(
     latents_dtype=torch.float32,
     sigmas="torch_linspace",
     tiny="ithaca.testing.tiny_families:build_tiny_z_image",
-    reference="ZImagePipeline",
 )
 
 
