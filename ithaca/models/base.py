@@ -201,8 +201,6 @@ class DenoisingPipeline:
                 f"LoRA adapters are not supported with tensor_parallel_size "
                 f"({self.state.tp.size}) yet; serve with --tensor-parallel-size 1"
             )
-        if self.offloading.transformer_on_host:  # peft adds tensors the host copy lacks
-            raise ValueError("LoRA adapters with --enable-cpu/layerwise-offload are not supported")
         return self.lora_table().add(name, path, scale)
 
     def unload_lora(self, name: str) -> None:
@@ -527,7 +525,10 @@ class DenoisingPipeline:
     ):
         started = time.perf_counter()
         if self.loras is not None:  # every rank, before the group's first forward
-            self.loras.apply(requests[0].lora, fuse=self.fuse_loras and self.lora_fusable())
+            # Not fused when the transformer is offloaded: a merge into a device copy
+            # would be dropped at eviction (the host buffer keeps the base weights).
+            fuse = self.lora_fusable() and not self.offloading.transformer_on_host
+            self.loras.apply(requests[0].lora, fuse=self.fuse_loras and fuse)
         cache = self._install_cache(self._cache_settings(requests[0]), requests[0].lora)
         conds = self._conditions(requests)
         t_cond = time.perf_counter() - started
