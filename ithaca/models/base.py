@@ -20,7 +20,6 @@ resuming from a step (:class:`ResumeState`), without a host sync inside the loop
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
 import time
@@ -39,7 +38,7 @@ from ithaca.models.offload import Placement, parameter_bytes
 from ithaca.models.progress import report_decode, up_block_chunks
 from ithaca.models.spec import plain_cfg
 from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_branches
-from ithaca.parallel.hsdp import HSDPInferenceConfig, apply_hsdp_to_model, hsdp_mesh
+from ithaca.parallel.hsdp import HSDPInferenceConfig, HSDPMesh
 from ithaca.parallel.vae import follow_encodes, lead_encodes, split_vae
 from ithaca.types import (
     DecodeCallback,
@@ -287,13 +286,13 @@ class DenoisingPipeline:
 
     def hsdp_shard(self):
         """``apply_hsdp_to_model`` bound to this pipeline's mesh (built once, shared by
-        Wan2.2's experts), or None without ``use_hsdp``."""
+        Wan2.2's experts, rebuilt with the state's groups), or None without ``use_hsdp``."""
         config = HSDPInferenceConfig.from_parallel(self.state.config)
         if not config.enabled:
             return None
-        if getattr(self, "_hsdp_mesh", None) is None:
-            self._hsdp_mesh = hsdp_mesh(config, self.state)
-        return functools.partial(apply_hsdp_to_model, config=config, mesh=self._hsdp_mesh)
+        if getattr(self, "hsdp", None) is None:
+            self.hsdp = HSDPMesh(config, self.state)
+        return self.hsdp.shard
 
     def memory(self) -> dict[str, int]:
         """This rank's weights: ``parameter_bytes`` held (a DTensor: its local shard),
