@@ -12,6 +12,7 @@ all-gathered weights).
 import time
 import weakref
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -87,3 +88,22 @@ def test_rebuild_groups_rebuilds_the_hsdp_mesh(worker_pool):
         assert r["first"] and r["again"], r
         held, full = r["bytes"]
         assert held == full // 2, r["bytes"]  # still 1/2 of the weights per rank
+
+
+def test_hsdp_with_offload_or_tensor_parallel_is_refused_naming_both_fields():
+    """One rule in ParallelConfig (every family, before anything loads): the transformer
+    is either sharded by HSDP, or split by TP, or offloaded."""
+    with pytest.raises(ValueError, match=r"use_hsdp with tensor_parallel_size \(2\)"):
+        ParallelConfig(ulysses_degree=2, tensor_parallel_size=2, use_hsdp=True)
+    for flag in ("cpu_offload", "layerwise_offload"):
+        with pytest.raises(ValueError, match=rf"use_hsdp with .*{flag} \(True\)"):
+            ParallelConfig(ulysses_degree=2, use_hsdp=True, **{flag: True})
+    from ithaca.cli import _parallel, build_parser
+
+    args = build_parser().parse_args(["serve", "m", "--usp", "2", "--use-hsdp",
+                                      "--enable-cpu-offload"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"cpu_offload \(True\)"):
+        _parallel(args)
+    # Encoder placements are not the transformer's: they combine with HSDP.
+    config = ParallelConfig(ulysses_degree=2, use_hsdp=True, text_encoder_placement="offload")
+    assert config.placement("text_encoder") == "offload"
