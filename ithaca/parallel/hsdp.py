@@ -294,8 +294,14 @@ def _shard_mesh(target) -> tuple[int, int] | None:
         if isinstance(param, DTensor):
             mesh = param.device_mesh
             dim = mesh.mesh_dim_names.index("shard") if mesh.mesh_dim_names else mesh.ndim - 1
-            return mesh.size(dim), mesh.get_local_rank(dim)
+            return mesh.size(dim), _coordinate(mesh, dim)
     return None
+
+
+def _coordinate(mesh: DeviceMesh, dim: int) -> int:
+    """This rank's index along ``dim`` of ``mesh``, from the mesh's layout (no process
+    group: valid after the state's groups were closed)."""
+    return mesh.get_coordinate()[dim]
 
 
 def get_fully_shard_world_size(target: nn.Module | ParallelState) -> int:
@@ -340,7 +346,7 @@ def local_rows(param: DTensor) -> tuple[int, int, int] | None:
         return None
     assert len(sharded) == 1, param.placements
     mesh_dim, dim = sharded[0]
-    n, rank = param.device_mesh.size(mesh_dim), param.device_mesh.get_local_rank(mesh_dim)
+    n, rank = param.device_mesh.size(mesh_dim), _coordinate(param.device_mesh, mesh_dim)
     size = param.shape[dim]
     chunk = -(-size // n)
     start = min(rank * chunk, size)
