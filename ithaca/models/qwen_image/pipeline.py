@@ -34,7 +34,6 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import (
 )
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
     CONDITION_IMAGE_SIZE,
-    VAE_IMAGE_SIZE,
 )
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
     calculate_dimensions as _plus_dimensions,
@@ -328,7 +327,9 @@ class QwenImageEditPlusPipeline(QwenImageEditPipeline):
         return _plus_dimensions(area, image.size[0] / image.size[1])
 
     def _vae_size(self, image: Image.Image) -> tuple[int, int]:
-        return self._dims(image, VAE_IMAGE_SIZE)
+        # The edit area: diffusers' VAE_IMAGE_SIZE (1024 * 1024), or the trained size a
+        # checkpoint states (_ithaca_defaults), as in Edit
+        return self._dims(image, self._edit_area())
 
     def _condition_images(self, request: Request):
         shown, pixels = [], []
