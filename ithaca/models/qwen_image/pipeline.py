@@ -270,7 +270,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
         return self._dims(image, self._edit_area())
 
     def _edit_area(self) -> int:
-        # diffusers' 1024 * 1024, or the trained size a checkpoint states (_ithaca_defaults)
+        # diffusers' 1024 * 1024 (Edit-Plus: VAE_IMAGE_SIZE, the same area), or the trained
+        # size a checkpoint states (_ithaca_defaults): the input images' VAE area
         return self.default_width * self.default_height
 
     def _image_shapes(self, request: Request) -> list[tuple[int, int, int]]:
@@ -317,11 +318,6 @@ class QwenImageEditPlusPipeline(QwenImageEditPipeline):
 
     def _dims(self, image: Image.Image, area: int) -> tuple[int, int]:
         return _plus_dimensions(area, image.size[0] / image.size[1])
-
-    def _vae_size(self, image: Image.Image) -> tuple[int, int]:
-        # The edit area: diffusers' VAE_IMAGE_SIZE (1024 * 1024), or the trained size a
-        # checkpoint states (_ithaca_defaults), as in Edit
-        return self._dims(image, self._edit_area())
 
     def _condition_images(self, request: Request):
         shown, pixels = [], []
