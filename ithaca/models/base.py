@@ -40,6 +40,7 @@ from ithaca.models.progress import report_decode, up_block_chunks
 from ithaca.models.spec import plain_cfg
 from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_branches
 from ithaca.parallel.hsdp import HSDPInferenceConfig, apply_hsdp_to_model, hsdp_mesh
+from ithaca.parallel.tensor import tp_shard
 from ithaca.parallel.vae import follow_encodes, lead_encodes, split_vae
 from ithaca.types import (
     DecodeCallback,
@@ -274,7 +275,7 @@ class DenoisingPipeline:
         (then sharded after loading). ``device``: where to load (default: the rank's;
         the host when offloaded)."""
         device = self.offloading.load_device("transformer") if device is None else device
-        shard = self.hsdp_shard()
+        shard = self.hsdp_shard() or tp_shard(self.state, cls)  # split on meta
         try:
             transformer = load_streamed(
                 cls, model, subfolder, device=device, dtype=self.dtype, shard=shard
