@@ -184,7 +184,7 @@ def test_sharded_loading_peaks_below_the_whole_transformer(checkpoint, how):
     assert all(p.returncode == 0 for p in procs), outs
     # HSDP keeps half of everything; TP keeps the AdaLN modulation (C x 6C per block),
     # norms and embeddings whole: 0.68 of this small-C checkpoint.
-    kept_share, peak_share = (0.51, 0.8) if how == "hsdp" else (0.7, 0.9)
+    kept_share, peak_share = (0.51, 0.8) if how == "hsdp" else (0.7, 0.95)
     for out in outs:
         got = json.loads(out.strip().splitlines()[-1])
         print(how, f"kept {got['kept'] / file_bytes:.3f}, peak {got['peak'] / file_bytes:.3f}")
