@@ -40,7 +40,7 @@ from ithaca.models.progress import report_decode, up_block_chunks
 from ithaca.models.spec import plain_cfg
 from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_branches
 from ithaca.parallel.hsdp import HSDPInferenceConfig, apply_hsdp_to_model, hsdp_mesh
-from ithaca.parallel.tensor import tp_shard
+from ithaca.parallel.tensor import DegreeError, tp_shard
 from ithaca.parallel.vae import follow_encodes, lead_encodes, split_vae
 from ithaca.types import (
     DecodeCallback,
@@ -280,6 +280,8 @@ class DenoisingPipeline:
             transformer = load_streamed(
                 cls, model, subfolder, device=device, dtype=self.dtype, shard=shard
             )
+        except DegreeError:
+            raise  # -tp does not fit this model: no whole-model fallback load
         except (ValueError, FileNotFoundError) as exc:
             logger.info("%s: loading through from_pretrained (%s)", model, exc)
             transformer = cls.from_pretrained(model, subfolder=subfolder, torch_dtype=self.dtype)

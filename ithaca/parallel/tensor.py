@@ -47,6 +47,11 @@ HEAD_ATTRS = ("heads", "inner_dim", "inner_kv_dim")
 """Attention-module attributes that count this rank's heads (or heads x head_dim)."""
 
 
+class DegreeError(ValueError):
+    """A tensor-parallel degree the model cannot take (a user's configuration error: the
+    loader must not fall back to another way of loading on it)."""
+
+
 @dataclass
 class TensorParallelRuntime:
     """What :func:`apply_tensor_parallel` did: the split parameters and the hooks."""
@@ -103,7 +108,7 @@ def check_degree(transformer: nn.Module, size: int, family: str) -> dict:
         raise _no_plan(size, family)
     heads, valid = valid_degrees(transformer, plan)
     if size not in valid:
-        raise ValueError(
+        raise DegreeError(
             f"tensor_parallel_size ({size}) must divide num_attention_heads ({heads}) and "
             f"every split MLP / projection block of {family}; valid degrees: {valid}"
         )
@@ -120,8 +125,8 @@ def take(tensor, pieces: list[tuple[int, int, int]]) -> torch.Tensor:
     return parts[0].clone() if isinstance(tensor, torch.Tensor) else parts[0]
 
 
-def _no_plan(size: int, family: str) -> ValueError:
-    return ValueError(
+def _no_plan(size: int, family: str) -> DegreeError:
+    return DegreeError(
         f"tensor_parallel_size ({size}): {family} declares no tensor-parallel plan "
         f"(_tp_plan); serve it with --tensor-parallel-size 1 and sequence parallelism"
     )

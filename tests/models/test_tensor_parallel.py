@@ -24,7 +24,7 @@ from ithaca.models.registry import load_pipeline
 from ithaca.models.sd3.pipeline import StableDiffusion3Pipeline
 from ithaca.models.z_image.pipeline import ZImagePipeline
 from ithaca.parallel import ParallelState
-from ithaca.parallel.tensor import check_degree, parameter_bytes, tp_shard
+from ithaca.parallel.tensor import DegreeError, check_degree, parameter_bytes, tp_shard
 from ithaca.testing.distributed import parallel_state
 from ithaca.types import GenerationParams
 from tests.models._families_run import LAYOUT_LATENT_TOL, max_image_diff, record, world_size
@@ -137,15 +137,15 @@ def test_bad_degree_names_the_valid_ones(tiny_checkpoints, tiny_family):
     pipe = load_pipeline(tiny_checkpoints["t2i"], ParallelState.single())
     heads = pipe.transformer.config.num_attention_heads
     bad = next(d for d in range(2, heads + 2) if heads % d)
-    with pytest.raises(ValueError, match=rf"tensor_parallel_size \({bad}\) must divide .*valid"):
-        check_degree(pipe.transformer, bad, "Qwen-Image")
+    with pytest.raises(DegreeError, match=rf"tensor_parallel_size \({bad}\) must divide .*valid"):
+        check_degree(pipe.transformer, bad, "Qwen-Image")  # no fallback load catches it
     with pytest.raises(ValueError, match="declares no tensor-parallel plan"):
         sd3 = load_pipeline(tiny_family(StableDiffusion3Pipeline), ParallelState.single())
         check_degree(sd3.transformer, 2, "SD3.5")
     from diffusers import WanTransformer3DModel
 
     two = SimpleNamespace(tp=SimpleNamespace(size=2))  # what tp_shard reads of the state
-    with pytest.raises(ValueError, match=r"\(2\): WanTransformer3DModel declares no tensor"):
+    with pytest.raises(DegreeError, match=r"\(2\): WanTransformer3DModel declares no tensor"):
         tp_shard(two, WanTransformer3DModel)  # before a single weight is read
     assert tp_shard(ParallelState.single(), WanTransformer3DModel) is None
     with pytest.raises(ValueError, match=r"tensor_parallel_size \(0\) must be a positive"):
