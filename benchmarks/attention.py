@@ -24,7 +24,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from plotting import pyplot
+from common import pyplot, save
 
 from ithaca.config import ParallelConfig
 from ithaca.parallel import ParallelAttention, ParallelState
@@ -145,9 +145,7 @@ def plot(rows, path: str) -> None:
     ax.set_ylabel("strong-scaling efficiency")
     ax.set_xscale("log", base=2)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    print(f"wrote {path}")
+    save(fig, path)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plotting import pyplot
+from common import pyplot, save
 from quality import psnr, ssim
 
 from ithaca.models.registry import default_model_path, load_pipeline
@@ -163,9 +163,7 @@ def plot(rows, path: str) -> None:
     ax.set_xlabel("speed-up over uncached (same run)")
     ax.set_ylabel("PSNR vs uncached (dB, capped at 60)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    print(f"wrote {path}")
+    save(fig, path)
 
 
 if __name__ == "__main__":

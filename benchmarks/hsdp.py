@@ -19,13 +19,13 @@ collectives are not NCCL's: for NCCL figures time ``ithaca serve --use-hsdp`` wi
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import options
 
 from ithaca.config import ParallelConfig
 from ithaca.models.registry import load_pipeline
@@ -76,12 +76,7 @@ def time_layout(layout: dict, path: str, size: int, steps: int, repeats: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = options(__doc__, layers=4, heads=8, size=128, steps=4, repeats=3)
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,11 +23,11 @@ relative to a small model; a real checkpoint on a GPU is where the fused row mat
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 
 import torch
+from common import options
 
 from ithaca.models.registry import load_pipeline
 from ithaca.parallel import ParallelState
@@ -61,12 +61,7 @@ def per_step(pipe, request: dict, adapter: tuple, repeats: int) -> dict[str, flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = options(__doc__, size=256, steps=8, rank=16, repeats=5).parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as root:
         path = str(build_tiny_flux(f"{root}/flux"))

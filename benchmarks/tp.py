@@ -17,12 +17,12 @@ Usage: ``python benchmarks/tp.py [--size 512 --layers 4 --heads 8 --repeats 5]``
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import time
 
 import torch
+from common import options
 
 
 def _transformer(heads: int, layers: int):
@@ -76,12 +76,7 @@ def step_time(layout: dict, args: dict, threads: int = 1):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
-    a = parser.parse_args()
+    a = options(__doc__, size=512, layers=4, heads=8, repeats=5).parse_args()
     args = dict(size=a.size, layers=a.layers, heads=a.heads, repeats=a.repeats)
 
     from ithaca.testing.distributed import WorkerPool

@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ithaca.models import seed_support
+from tools import seed_support
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "models.md"

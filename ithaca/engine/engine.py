@@ -536,14 +536,9 @@ def build_engine(
             WorkerGroupExecutor(
                 spec,
                 name=f"group-{i}",
-                startup_timeout_s=server.startup_timeout_s,
-                heartbeat_interval_s=server.heartbeat_interval_s,
-                liveness_timeout_s=server.liveness_timeout_s,
-                step_timeout_s=server.step_timeout_s,
-                nnodes=server.nnodes,
-                master_addr=server.master_addr,
                 master_port=port,
                 env=group_env,
+                **{name: getattr(server, name) for name in _GROUP_SETTINGS},
             )
         )
     engine = Engine(
@@ -567,6 +562,17 @@ def build_engine(
         name: {"name": name, "path": path, "scale": scale} for name, path, scale in server.loras
     }
     return engine
+
+
+_GROUP_SETTINGS = (
+    "startup_timeout_s",
+    "heartbeat_interval_s",
+    "liveness_timeout_s",
+    "step_timeout_s",
+    "nnodes",
+    "master_addr",
+)
+"""ServerConfig fields every worker group takes as they are, by the same name."""
 
 
 def _visible_devices(group_index: int, per_node: int, offset: int = 0) -> str | None:

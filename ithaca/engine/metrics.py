@@ -14,30 +14,19 @@ class EngineMetrics:
         self.requests = Counter("ithaca_requests", "Requests accepted into the queue", registry=r)
         self.running = Gauge("ithaca_requests_running", "Requests in a running batch", registry=r)
         self.waiting = Gauge("ithaca_requests_waiting", "Requests waiting in the queue", registry=r)
-        self.queue_time = Histogram(
-            "ithaca_request_queue_time_seconds",
-            "Submit to batch start",
-            buckets=_LATENCY,
-            registry=r,
+
+        def latency(name: str, doc: str, labels: tuple[str, ...] = ()) -> Histogram:
+            return Histogram(name, doc, labels, buckets=_LATENCY, registry=r)
+
+        self.queue_time = latency("ithaca_request_queue_time_seconds", "Submit to batch start")
+        self.step_latency = latency("ithaca_step_latency_seconds", "One denoising step of a batch")
+        self.e2e_latency = latency(
+            "ithaca_request_latency_seconds", "Submit to result inside the engine"
         )
-        self.step_latency = Histogram(
-            "ithaca_step_latency_seconds",
-            "One denoising step of a batch",
-            buckets=_LATENCY,
-            registry=r,
-        )
-        self.e2e_latency = Histogram(
-            "ithaca_request_latency_seconds",
-            "Submit to result inside the engine",
-            buckets=_LATENCY,
-            registry=r,
-        )
-        self.http_latency = Histogram(
+        self.http_latency = latency(
             "ithaca_http_request_duration_seconds",
             "HTTP request to response (includes encoding)",
-            ["route"],
-            buckets=_LATENCY,
-            registry=r,
+            ("route",),
         )
         self.batch_size = Histogram(
             "ithaca_batch_size",
@@ -52,17 +41,17 @@ class EngineMetrics:
             "ithaca_worker_group_restarts", "Worker groups restarted after a failure", registry=r
         )
         self.groups_alive = Gauge("ithaca_worker_groups_alive", "Live worker groups", registry=r)
-        self.rank_parameter_bytes = Gauge(
+
+        def per_rank(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, ("group", "rank"), registry=r)
+
+        self.rank_parameter_bytes = per_rank(
             "ithaca_rank_parameter_bytes",
             "Bytes of model parameters a rank holds (its local shard of sharded ones)",
-            ["group", "rank"],
-            registry=r,
         )
-        self.rank_peak_memory = Gauge(
+        self.rank_peak_memory = per_rank(
             "ithaca_rank_peak_memory_bytes",
             "A rank's peak memory: CUDA peak allocated, or peak RSS on the CPU",
-            ["group", "rank"],
-            registry=r,
         )
         self.cache_steps = Counter(
             "ithaca_cache_steps",

@@ -41,5 +41,41 @@ class ParallelProcessor:
     """Base of the families' processors: attention runs through ``runtime``
     (:class:`ithaca.parallel.ParallelAttention` with the layout's Ulysses / Ring groups)."""
 
+    family = "this"
+    """The family's name in error messages."""
+    mask_arg: str | None = None
+    """The diffusers argument that carries the family's key mask (``"attention_mask"`` or
+    ``"encoder_hidden_states_mask"``); any other mask given is refused."""
+
     def __init__(self, runtime: SequenceParallelRuntime):
         self.runtime = runtime
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb=None,
+        image_rotary_emb=None,
+        freqs_cis: torch.Tensor | None = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+    ):
+        """What diffusers calls: the union of its processors' arguments, by name (its
+        ``Attention`` drops keyword arguments the signature does not list). FLUX and Wan
+        pass their RoPE fifth by position, the others by name; one of them is the RoPE."""
+        masks = {
+            "attention_mask": attention_mask,
+            "encoder_hidden_states_mask": encoder_hidden_states_mask,
+        }
+        for name, mask in masks.items():
+            if mask is not None and name != self.mask_arg:
+                raise ValueError(f"{self.family} attention takes no {name}")
+        rope = next((r for r in (rotary_emb, image_rotary_emb, freqs_cis) if r is not None), None)
+        mask = masks.get(self.mask_arg)
+        return self.attend(attn, hidden_states, encoder_hidden_states, rope, mask)
+
+    def attend(self, attn, x: torch.Tensor, text: torch.Tensor | None, rope, mask):
+        """The family's attention: image (or only) tokens ``x`` ``(B, S/P, C)``, the text
+        ``(B, T, C)`` or None, the RoPE diffusers passed and the key mask (``mask_arg``)."""
+        raise NotImplementedError

@@ -20,7 +20,6 @@ resuming from a step (:class:`ResumeState`), without a host sync inside the loop
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
 import time
@@ -39,7 +38,7 @@ from ithaca.models.offload import Placement, parameter_bytes
 from ithaca.models.progress import report_decode, up_block_chunks
 from ithaca.models.spec import plain_cfg
 from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_branches
-from ithaca.parallel.hsdp import HSDPInferenceConfig, apply_hsdp_to_model, hsdp_mesh
+from ithaca.parallel.hsdp import HSDPInferenceConfig, HSDPMesh
 from ithaca.parallel.tensor import DegreeError, tp_shard
 from ithaca.parallel.vae import follow_encodes, lead_encodes, split_vae
 from ithaca.types import (
@@ -202,8 +201,6 @@ class DenoisingPipeline:
                 f"LoRA adapters are not supported with tensor_parallel_size "
                 f"({self.state.tp.size}) yet; serve with --tensor-parallel-size 1"
             )
-        if self.offloading.transformer_on_host:  # peft adds tensors the host copy lacks
-            raise ValueError("LoRA adapters with --enable-cpu/layerwise-offload are not supported")
         return self.lora_table().add(name, path, scale)
 
     def unload_lora(self, name: str) -> None:
@@ -292,13 +289,13 @@ class DenoisingPipeline:
 
     def hsdp_shard(self):
         """``apply_hsdp_to_model`` bound to this pipeline's mesh (built once, shared by
-        Wan2.2's experts), or None without ``use_hsdp``."""
+        Wan2.2's experts, rebuilt with the state's groups), or None without ``use_hsdp``."""
         config = HSDPInferenceConfig.from_parallel(self.state.config)
         if not config.enabled:
             return None
-        if getattr(self, "_hsdp_mesh", None) is None:
-            self._hsdp_mesh = hsdp_mesh(config, self.state)
-        return functools.partial(apply_hsdp_to_model, config=config, mesh=self._hsdp_mesh)
+        if getattr(self, "hsdp", None) is None:
+            self.hsdp = HSDPMesh(config, self.state)
+        return self.hsdp.shard
 
     def memory(self) -> dict[str, int]:
         """This rank's weights: ``parameter_bytes`` held (a DTensor: its local shard),
@@ -530,7 +527,10 @@ class DenoisingPipeline:
     ):
         started = time.perf_counter()
         if self.loras is not None:  # every rank, before the group's first forward
-            self.loras.apply(requests[0].lora, fuse=self.fuse_loras and self.lora_fusable())
+            # Not fused when the transformer is offloaded: a merge into a device copy
+            # would be dropped at eviction (the host buffer keeps the base weights).
+            fuse = self.lora_fusable() and not self.offloading.transformer_on_host
+            self.loras.apply(requests[0].lora, fuse=self.fuse_loras and fuse)
         cache = self._install_cache(self._cache_settings(requests[0]), requests[0].lora)
         conds = self._conditions(requests)
         t_cond = time.perf_counter() - started

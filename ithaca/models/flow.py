@@ -142,7 +142,7 @@ class FlowMatchPipeline(DenoisingPipeline):
         LoRA support; else adapters load in the diffusers/PEFT key layout only."""
         import diffusers
 
-        return getattr(diffusers, self.spec.reference or "", None)
+        return getattr(diffusers, self.spec.reference or type(self).__name__, None)
 
     def cache_adapter(self):
         if self.spec.cache_adapter is None:

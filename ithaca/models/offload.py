@@ -43,28 +43,38 @@ class HostCopy:
         self.name = name or type(module).__name__
         self.device = torch.device(device)
         tensors = list(_tensors(module))
+        self.tensors = [tensor for _, tensor in tensors]
+        """The module's parameters and buffers at placement, kept by identity: peft
+        renames a layer's weight when it wraps the layer with a LoRA adapter (the tensor
+        stays the same object) and adds the adapter's own tensors beside it."""
         self.layout, offset = [], 0
         for key, tensor in tensors:
             self.layout.append((key, offset, tensor.dtype, tensor.shape))
             offset += _aligned(tensor.numel() * tensor.element_size())
         self.flat = _alloc_host(offset, pin=self.device.type == "cuda")
         self.host = []
-        for (_, tensor), view in zip(tensors, _views(self.flat, self.layout), strict=True):
+        for tensor, view in zip(self.tensors, _views(self.flat, self.layout), strict=True):
             view.copy_(tensor.detach())
             self.host.append(view)
         self._device_flat: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
         self.loads = 0
         """How many times the module was brought to the device (what tests count)."""
-        self._point(self.host)  # the original (device) storage is freed here
+        self._point(self.host, self.flat.device)  # the original (device) storage is freed here
 
     @property
     def nbytes(self) -> int:
         return self.flat.numel()
 
-    def _point(self, views: Iterable[torch.Tensor]) -> None:
-        for (_, tensor), view in zip(_tensors(self.module), views, strict=True):
+    def _point(self, views: Iterable[torch.Tensor], device: torch.device) -> None:
+        """The placed tensors onto ``views``; tensors added since (LoRA adapters: small,
+        not in the buffer) follow them to ``device``."""
+        for tensor, view in zip(self.tensors, views, strict=True):
             tensor.data = view
+        placed = {id(t) for t in self.tensors}
+        for _, tensor in _tensors(self.module):
+            if id(tensor) not in placed and tensor.device != device:
+                tensor.data = tensor.data.to(device)
 
     def prefetch(self, stream: torch.cuda.Stream | None = None) -> None:
         """Start the host-to-device copy (on ``stream`` when given, CUDA only)."""
@@ -88,23 +98,22 @@ class HostCopy:
             current.wait_event(self._ready)
             self._device_flat.record_stream(current)
             self._ready = None
-        self._point(_views(self._device_flat, self.layout))
+        self._point(_views(self._device_flat, self.layout), self.device)
         self.loads += 1
 
     def evict(self) -> None:
         """Back to the host views; the device copy is freed."""
         if self._device_flat is None:
             return
-        self._point(self.host)
+        self._point(self.host, self.flat.device)
         self._device_flat, self._ready = None, None
 
     def resident(self) -> bool:
         """Whether the module's tensors are the device copy (not the host buffer)."""
-        first = next(iter(_tensors(self.module)), None)
-        if first is None or self._device_flat is None:
+        if not self.tensors or self._device_flat is None:
             return False
         start = self._device_flat.data_ptr()
-        return start <= first[1].data_ptr() < start + self._device_flat.numel()
+        return start <= self.tensors[0].data_ptr() < start + self._device_flat.numel()
 
 
 class Offload:

@@ -15,27 +15,25 @@ from ithaca.config import CacheConfig
 from ithaca.parallel import ParallelState
 from ithaca.types import Pipeline
 
-# _class_name -> (module, class): imported lazily so that the registry stays cheap.
-PIPELINES: dict[str, tuple[str, str]] = {
-    "QwenImagePipeline": ("ithaca.models.qwen_image.pipeline", "QwenImagePipeline"),
-    "QwenImageEditPipeline": ("ithaca.models.qwen_image.pipeline", "QwenImageEditPipeline"),
-    "QwenImageEditPlusPipeline": (
-        "ithaca.models.qwen_image.pipeline",
+_BUILTIN = {
+    "ithaca.models.qwen_image.pipeline": (
+        "QwenImagePipeline",
+        "QwenImageEditPipeline",
         "QwenImageEditPlusPipeline",
     ),
-    "QwenImageLayeredPipeline": ("ithaca.models.qwen_image.layered", "QwenImageLayeredPipeline"),
-    "FluxPipeline": ("ithaca.models.flux.pipeline", "FluxPipeline"),
-    "ZImagePipeline": ("ithaca.models.z_image.pipeline", "ZImagePipeline"),
-    "StableDiffusion3Pipeline": ("ithaca.models.sd3.pipeline", "StableDiffusion3Pipeline"),
-    "LongCatImagePipeline": ("ithaca.models.longcat_image.pipeline", "LongCatImagePipeline"),
-    "LongCatImageEditPipeline": (
-        "ithaca.models.longcat_image.pipeline",
-        "LongCatImageEditPipeline",
-    ),
-    "OvisImagePipeline": ("ithaca.models.ovis_image.pipeline", "OvisImagePipeline"),
-    "WanPipeline": ("ithaca.models.wan.pipeline", "WanPipeline"),
-    "WanImageToVideoPipeline": ("ithaca.models.wan.pipeline", "WanImageToVideoPipeline"),
+    "ithaca.models.qwen_image.layered": ("QwenImageLayeredPipeline",),
+    "ithaca.models.flux.pipeline": ("FluxPipeline",),
+    "ithaca.models.z_image.pipeline": ("ZImagePipeline",),
+    "ithaca.models.sd3.pipeline": ("StableDiffusion3Pipeline",),
+    "ithaca.models.longcat_image.pipeline": ("LongCatImagePipeline", "LongCatImageEditPipeline"),
+    "ithaca.models.ovis_image.pipeline": ("OvisImagePipeline",),
+    "ithaca.models.wan.pipeline": ("WanPipeline", "WanImageToVideoPipeline"),
 }
+"""module -> the classes it defines, each named as the diffusers ``_class_name`` it serves."""
+PIPELINES: dict[str, tuple[str, str]] = {
+    name: (module, name) for module, names in _BUILTIN.items() for name in names
+}
+"""_class_name -> (module, class): imported lazily so that the registry stays cheap."""
 
 
 def model_index(model: str) -> dict:

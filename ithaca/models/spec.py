@@ -103,7 +103,7 @@ class FamilySpec:
     transformer: type
     """The diffusers transformer subclass that declares ``_sp_plan``."""
     attention: AttentionLayout
-    components: tuple[str, ...]
+    components: tuple[str, ...] = ("vae", "text_encoder", "tokenizer")
     """``model_index.json`` components the returning rank loads (encoders, tokenizers,
     VAE); their classes come from the checkpoint's own index."""
     cache_adapter: Callable[[str | None], Any] | None = None
@@ -134,6 +134,5 @@ class FamilySpec:
     for tests (a string: the runtime never imports test helpers)."""
     tiny_args: Mapping[str, Any] = field(default_factory=dict)
     reference: str | None = None
-    """The diffusers pipeline class that is this family's numerical oracle."""
-    reference_args: Mapping[str, str] = field(default_factory=dict)
-    """Request field -> reference keyword, where the names differ."""
+    """The diffusers pipeline class that is this family's numerical oracle; None: the one
+    named like the family's pipeline class (the checkpoint's ``_class_name``)."""

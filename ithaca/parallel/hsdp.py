@@ -38,6 +38,7 @@ cache decisions are agreed across the replica), as FSDP's all-gathers need.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -45,7 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from ithaca.config import ParallelConfig, hsdp_sizes
@@ -110,20 +111,83 @@ class HSDPInferenceConfig:
 def hsdp_mesh(config: HSDPInferenceConfig, state: ParallelState | None = None) -> DeviceMesh:
     """The ``(replicate, shard)`` mesh over the world in the layout's rank order.
 
-    ``state=None``: the whole default group is one replica. Collective: every rank of
-    the world calls it (it creates the mesh's process groups).
+    ``state=None``: the whole default group is one replica (``init_device_mesh``). With
+    a state, the mesh's groups are the state's own (:meth:`ParallelState.add_groups`):
+    closed by ``abort_groups`` and made again by ``rebuild_groups``; use
+    :class:`HSDPMesh` to have the sharded models follow. Collective: every rank of the
+    world calls it (it creates the mesh's process groups).
     """
-    if state is not None:
-        world, replica, device = state.world_size, state.replica, state.device
-    else:
+    if state is None:
         world = dist.get_world_size()
-        replica, device = None, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    _, shard = config.sizes(replica.size if replica is not None else world)
-    mesh = init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=MESH_DIMS)
-    if replica is not None:  # a shard group lies inside this rank's replica, in its order
-        members = mesh["shard"].mesh.flatten().tolist()
-        assert set(members) <= set(replica.ranks), (members, replica.ranks)
-    return mesh
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        _, shard = config.sizes(world)
+        return init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=MESH_DIMS)
+    holder = HSDPMesh(config, state)
+    return holder.mesh
+
+
+class HSDPMesh:
+    """A layout's HSDP mesh built from groups its :class:`ParallelState` owns, and the
+    models sharded over it (:meth:`shard`).
+
+    After a failed collective the worker loop calls ``state.rebuild_groups()``: the old
+    groups are closed (a peer blocked in a block's all-gather is released) and this
+    builds a fresh mesh of the same shape and points every sharded module at it
+    (:func:`rebind_mesh`), so the next request all-gathers over groups that start clean.
+    """
+
+    def __init__(self, config: HSDPInferenceConfig, state: ParallelState):
+        self.config, self.state = config, state
+        _, self.shard_size = config.sizes(state.replica.size)
+        self.mesh: DeviceMesh | None = None
+        self.models: list[nn.Module] = []
+        self.builds = 0
+        """How many meshes were built (1 + rebuilds; what the tests check)."""
+        state.add_groups(self._build, self._release)
+
+    def _build(self) -> list[dist.ProcessGroup]:
+        # (world,) -> (world / shard, shard): a row is one shard group (consecutive
+        # ranks of one replica), a column the ranks holding the same rows.
+        # new_group is collective: every rank creates every group, in this order.
+        world, shard, rank = self.state.world_size, self.shard_size, self.state.rank
+        grid = torch.arange(world).view(world // shard, shard)
+        owned, mine = [], {}
+        for dim, lines in enumerate((grid.t(), grid)):  # replicate: columns; shard: rows
+            for line in lines.tolist():
+                group = self.state.new_group(line)
+                owned.append(group)
+                if rank in line:
+                    mine[dim] = group
+        mesh = DeviceMesh.from_group(
+            [mine[0], mine[1]], self.state.device.type, grid, mesh_dim_names=MESH_DIMS
+        )
+        members = mesh["shard"].mesh.flatten().tolist()  # inside this rank's replica
+        assert set(members) <= set(self.state.replica.ranks), (members, self.state.replica)
+        self.mesh = mesh
+        self.builds += 1
+        for model in self.models:
+            reset_after_failure(model)
+            rebind_mesh(model, mesh)
+        return owned
+
+    def _release(self) -> None:
+        """Drop every reference to the closed groups (the mesh's registry, the process
+        groups FSDP's mesh infos keep), until :meth:`_build` makes new ones."""
+        if self.mesh is not None:
+            self.mesh._pg_registry.clear()
+        for model in self.models:
+            for group in _param_groups(model):
+                for info in {id(i): i for i in _infos(group)}.values():
+                    info.shard_process_group = info.reduce_scatter_process_group = None
+                    if hasattr(info, "replicate_process_group"):
+                        info.replicate_process_group = None
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """:func:`apply_hsdp_to_model` over this mesh; ``model`` follows its rebuilds."""
+        apply_hsdp_to_model(model, self.config, mesh=self.mesh)
+        if self.config.enabled:
+            self.models.append(model)
+        return model
 
 
 def block_lists(model: nn.Module) -> list[str]:
@@ -161,6 +225,64 @@ def apply_hsdp_to_model(
     return model
 
 
+def _param_groups(model: nn.Module):
+    """FSDP2's parameter groups of every sharded module of ``model``."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            yield from module._get_fsdp_state()._fsdp_param_groups
+
+
+def _infos(group) -> list:
+    """The mesh infos of one parameter group and its parameters (shared objects)."""
+    out = [group.mesh_info, group.post_forward_mesh_info]
+    for param in group.fsdp_params:
+        out += [param.mesh_info, param.post_forward_mesh_info]
+    return [info for info in out if info is not None]
+
+
+def reset_after_failure(model: nn.Module) -> None:
+    """A sharded ``model`` (the root :func:`apply_hsdp_to_model` was given) whose forward
+    raised, back to its state between forwards: every block resharded (a block whose
+    weights stayed gathered would skip the next all-gather its peers make), the
+    iteration's trackers cleared. The failed all-gathers' work belongs to closed groups:
+    dropped, not waited on. No collective."""
+    if not isinstance(model, FSDPModule):
+        return
+    for group in _param_groups(model):
+        group._all_gather_result = None
+    model._get_fsdp_state()._comm_ctx.all_gather_state = None
+    model.reset_iter_state()
+
+
+def rebind_mesh(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Point every module of ``model`` sharded by :func:`apply_hsdp_to_model` at ``mesh``
+    (the same shape as the one it was sharded over, e.g. rebuilt after a failure).
+
+    FSDP2 keeps the mesh in each parameter group's mesh info (whose process group the
+    all-gathers use), in each parameter's info and sharding spec, and in the sharded
+    DTensor parameter; the local shards themselves stay where they are.
+    """
+    infos: dict[int, object] = {}
+
+    def remesh(info):
+        if info is None:
+            return None
+        if id(info) not in infos:  # shared infos stay shared
+            infos[id(info)] = dataclasses.replace(info, mesh=mesh)  # new process groups
+        return infos[id(info)]
+
+    for group in _param_groups(model):
+        group.mesh_info = remesh(group.mesh_info)
+        group.post_forward_mesh_info = remesh(group.post_forward_mesh_info)
+        for param in group.fsdp_params:
+            assert tuple(param.mesh_info.mesh.shape) == tuple(mesh.shape), mesh
+            param.mesh_info = remesh(param.mesh_info)
+            param.post_forward_mesh_info = remesh(param.post_forward_mesh_info)
+            param._shard_mesh = param._init_shard_mesh()
+            param._sharding_spec = dataclasses.replace(param._sharding_spec, mesh=mesh)
+            param.sharded_param._spec = param._sharding_spec
+
+
 def _shard_mesh(target) -> tuple[int, int] | None:
     """``(shard size, shard rank)`` of a sharded module or a layout; None if unsharded."""
     if isinstance(target, ParallelState):
@@ -172,8 +294,14 @@ def _shard_mesh(target) -> tuple[int, int] | None:
         if isinstance(param, DTensor):
             mesh = param.device_mesh
             dim = mesh.mesh_dim_names.index("shard") if mesh.mesh_dim_names else mesh.ndim - 1
-            return mesh.size(dim), mesh.get_local_rank(dim)
+            return mesh.size(dim), _coordinate(mesh, dim)
     return None
+
+
+def _coordinate(mesh: DeviceMesh, dim: int) -> int:
+    """This rank's index along ``dim`` of ``mesh``, from the mesh's layout (no process
+    group: valid after the state's groups were closed)."""
+    return mesh.get_coordinate()[dim]
 
 
 def get_fully_shard_world_size(target: nn.Module | ParallelState) -> int:
@@ -218,7 +346,7 @@ def local_rows(param: DTensor) -> tuple[int, int, int] | None:
         return None
     assert len(sharded) == 1, param.placements
     mesh_dim, dim = sharded[0]
-    n, rank = param.device_mesh.size(mesh_dim), param.device_mesh.get_local_rank(mesh_dim)
+    n, rank = param.device_mesh.size(mesh_dim), _coordinate(param.device_mesh, mesh_dim)
     size = param.shape[dim]
     chunk = -(-size // n)
     start = min(rank * chunk, size)

@@ -44,6 +44,7 @@ import dataclasses
 import gc
 import itertools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -173,6 +174,8 @@ class ParallelState:
         """Gloo group over the whole world, for CPU metadata (requests, decisions)."""
         self.stats = stats
         self._owned = owned_groups
+        self._builders: list[tuple[Callable[[], list], Callable[[], None] | None]] = []
+        """Who lays out more groups of this state (the HSDP mesh): see :meth:`add_groups`."""
 
     def _set_axes(self, axes: dict[str, Axis]) -> None:
         self.dp = axes["dp"]
@@ -248,6 +251,9 @@ class ParallelState:
         # Drop every reference: a gloo group closes its connections (releasing peers)
         # only when it is freed. Until rebuild_groups no axis may be used.
         self._set_axes({name: _detached(axis) for name, axis in self._axes().items()})
+        for _, release in self._builders:
+            if release is not None:
+                release()
         gc.collect()
 
     def _axes(self) -> dict[str, Axis]:
@@ -265,6 +271,26 @@ class ParallelState:
         axes, owned = _create_groups(self.config, self.rank, self.device, self.stats)
         self._set_axes(axes)
         self._owned = owned + self._owned
+        for build, _ in self._builders:
+            self._owned += build()
+
+    def add_groups(
+        self,
+        build: Callable[[], list[dist.ProcessGroup]],
+        release: Callable[[], None] | None = None,
+    ) -> None:
+        """Groups laid out outside this class (the HSDP mesh, ``ithaca.parallel.hsdp``):
+        ``build()`` creates them now and again after every :meth:`rebuild_groups`, and
+        returns them; :meth:`abort_groups` closes them like the axes' groups and calls
+        ``release()``, which must drop every reference to them (a gloo group releases a
+        blocked peer only when freed). Collective: every rank, in the same order."""
+        self._builders.append((build, release))
+        self._owned += build()
+
+    def new_group(self, members: list[int]) -> dist.ProcessGroup:
+        """A model group over ``members`` with the layout's collective timeout (collective:
+        every rank calls it, members or not; the caller owns it, see :meth:`add_groups`)."""
+        return dist.new_group(members, timeout=_timeout(self.config))
 
     @classmethod
     def from_env(cls, config: ParallelConfig, device: str | torch.device | None = None):

@@ -132,8 +132,22 @@ class _Request(BaseModel):
         CacheConfig.from_dict(info.data.get("cache_backend"), v)
         return v
 
-    def cache_fields(self) -> dict:
-        return {"cache_backend": self.cache_backend, "cache_config": self.cache_config}
+    def common_params(self) -> dict:
+        """The :class:`GenerationParams` fields every request kind fills the same way."""
+        width, height = parse_size(self.size)
+        return dict(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            width=width,
+            height=height,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            true_cfg_scale=self.true_cfg_scale,
+            seed=self.seed,
+            lora=self.lora_refs(),
+            cache_backend=self.cache_backend,
+            cache_config=self.cache_config,
+        )
 
     @field_validator("size", check_fields=False)
     @classmethod
@@ -190,22 +204,12 @@ class ImageRequest(_Request):
         return {k: getattr(self, k) for k in MODEL_OPTIONS if getattr(self, k) is not None}
 
     def to_params(self) -> GenerationParams:
-        width, height = parse_size(self.size)
         return GenerationParams(
-            prompt=self.prompt,
-            negative_prompt=self.negative_prompt,
-            width=width,
-            height=height,
-            num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale,
-            true_cfg_scale=self.true_cfg_scale,
-            seed=self.seed,
+            **self.common_params(),
             num_images=self.n or 1,
             layers=self.layers,
             partial_images=(self.partial_images or 0) if self.stream else 0,
-            lora=self.lora_refs(),
             model_options=self.model_options(),
-            **self.cache_fields(),
         )
 
 
@@ -247,27 +251,17 @@ class VideoRequest(_Request):
         return v
 
     def to_params(self, default_fps: int = 16) -> GenerationParams:
-        width, height = parse_size(self.size)
         fps = self.fps or default_fps
         frames = self.num_frames
         if frames is None:
             frames = max(1, round(float(self.seconds or 4) * fps)) + 1  # Wan-style 4k+1 frames
             frames = frames - (frames - 1) % 4
         return GenerationParams(
-            prompt=self.prompt,
-            negative_prompt=self.negative_prompt,
-            width=width,
-            height=height,
-            num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale,
-            true_cfg_scale=self.true_cfg_scale,
+            **self.common_params(),
             guidance_scale_2=self.guidance_scale_2,
             flow_shift=self.flow_shift,
-            seed=self.seed,
             num_frames=frames,
             fps=fps,
-            lora=self.lora_refs(),
-            **self.cache_fields(),
         )
 
 

@@ -173,28 +173,17 @@ class VideoStore:
         with self._lock:
             self._db.execute(f"UPDATE videos SET {sets} WHERE id=?", (*fields.values(), job_id))
 
-    def fail(self, job_id: str, code: str, message: str) -> None:
+    def _finish(self, job_id: str, **fields) -> None:
+        """Set ``fields`` and stamp completion now; the job expires ``ttl_s`` later."""
         now = int(time.time())
-        self.update(
-            job_id,
-            status="failed",
-            progress=0,
-            error=json.dumps({"code": code, "message": message}),
-            completed_at=now,
-            expires_at=now + int(self.ttl_s),
-        )
+        self.update(job_id, completed_at=now, expires_at=now + int(self.ttl_s), **fields)
+
+    def fail(self, job_id: str, code: str, message: str) -> None:
+        error = json.dumps({"code": code, "message": message})
+        self._finish(job_id, status="failed", progress=0, error=error)
 
     def complete(self, job_id: str, path: str, size: str) -> None:
-        now = int(time.time())
-        self.update(
-            job_id,
-            status="completed",
-            progress=100,
-            path=path,
-            size=size,
-            completed_at=now,
-            expires_at=now + int(self.ttl_s),
-        )
+        self._finish(job_id, status="completed", progress=100, path=path, size=size)
 
     def get(self, job_id: str) -> VideoJob | None:
         """The job, or None when unknown or expired."""

@@ -30,11 +30,11 @@ WAN_SCHEDULER = dict(prediction_type="flow_prediction", use_flow_sigmas=True, fl
 is a request knob)."""
 
 
-def seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    """``build()`` with the global RNG seeded to ``seed`` (and restored afterwards)."""
+def seeded(seed: int, build: Callable[..., torch.nn.Module], **config) -> torch.nn.Module:
+    """``build(**config)`` with the global RNG seeded to ``seed`` (and restored afterwards)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build()
+        return build(**config)
 
 
 def sharpen_decoder(decoder: torch.nn.Module, *extra: torch.nn.Module) -> None:
@@ -171,14 +171,13 @@ def wan_transformer(seed: int, heads: int, head_dim: int, channels: tuple[int, i
 
     return seeded(
         seed,
-        lambda: WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=heads,
-            attention_head_dim=head_dim,
-            in_channels=channels[0],
-            out_channels=channels[1],
-            cross_attn_norm=True,
-            rope_max_seq_len=64,
-            **sizes,
-        ),
+        WanTransformer3DModel,
+        patch_size=(1, 2, 2),
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=channels[0],
+        out_channels=channels[1],
+        cross_attn_norm=True,
+        rope_max_seq_len=64,
+        **sizes,
     )

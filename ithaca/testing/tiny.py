@@ -73,17 +73,13 @@ def _build_transformer(seed: int, layered: bool = False):
     flags = dict(use_layer3d_rope=True, use_additional_t_cond=True) if layered else {}
     return seeded(
         seed + 1,
-        lambda: QwenImageTransformer2DModel(
-            patch_size=2,
-            in_channels=64,
-            out_channels=16,
-            num_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=4,
-            joint_attention_dim=TEXT_HIDDEN,
-            axes_dims_rope=(4, 6, 6),
-            **flags,
-        ),
+        QwenImageTransformer2DModel,  # Qwen-Image's config but for these
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=TEXT_HIDDEN,
+        axes_dims_rope=(4, 6, 6),
+        **flags,
     )
 
 
@@ -94,14 +90,13 @@ def _build_vae(seed: int, input_channels: int = 3):
     channels = {"input_channels": input_channels} if input_channels != 3 else {}
     model = seeded(
         seed + 2,
-        lambda: AutoencoderKLQwenImage(
-            base_dim=4,
-            z_dim=16,
-            dim_mult=[1, 1, 1, 1, 1],
-            num_res_blocks=1,
-            temperal_downsample=[False, True, True, False],
-            **channels,
-        ),
+        AutoencoderKLQwenImage,
+        base_dim=4,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True, False],
+        **channels,
     )
     sharpen_decoder(model.decoder, model.post_quant_conv)
     return model

@@ -204,17 +204,16 @@ def flux_like(cls, seed: int, in_channels: int = 16, **config):
     """A FLUX-layout transformer of class ``cls``: 2 double + 2 single blocks, 4 heads of 16."""
     return seeded(
         seed,
-        lambda: cls(
-            patch_size=1,
-            in_channels=in_channels,
-            num_layers=2,
-            num_single_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=4,
-            joint_attention_dim=TEXT_HIDDEN,
-            axes_dims_rope=(4, 6, 6),
-            **config,
-        ),
+        cls,
+        patch_size=1,
+        in_channels=in_channels,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=TEXT_HIDDEN,
+        axes_dims_rope=(4, 6, 6),
+        **config,
     )
 
 
@@ -294,19 +293,13 @@ def build_tiny_z_image(path: str | os.PathLike, seed: int = 0) -> Path:
     tok = qwen3_tokenizer()
     transformer = seeded(
         seed + 1,
-        lambda: ZImageTransformer2DModel(
-            all_patch_size=(2,),
-            all_f_patch_size=(1,),
-            in_channels=4,
-            dim=240,
-            n_layers=2,
-            n_refiner_layers=2,
-            n_heads=30,
-            n_kv_heads=30,
-            cap_feat_dim=TEXT_HIDDEN,
-            axes_dims=[2, 2, 4],
-            axes_lens=[1024, 64, 64],
-        ),
+        ZImageTransformer2DModel,  # Z-Image's config but for these
+        in_channels=4,
+        dim=240,
+        n_layers=2,
+        cap_feat_dim=TEXT_HIDDEN,
+        axes_dims=[2, 2, 4],
+        axes_lens=[1024, 64, 64],
     )
     parts = {
         "transformer": transformer,
@@ -334,21 +327,19 @@ def build_tiny_sd3(path: str | os.PathLike, seed: int = 0, dual_attention: bool 
     clip_hidden = TEXT_HIDDEN // 2  # both CLIP widths side by side fit T5's width
     transformer = seeded(
         seed + 1,
-        lambda: SD3Transformer2DModel(
-            sample_size=16,
-            patch_size=2,
-            in_channels=4,
-            num_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=4,
-            joint_attention_dim=TEXT_HIDDEN,
-            caption_projection_dim=64,
-            pooled_projection_dim=2 * clip_hidden,
-            out_channels=4,
-            pos_embed_max_size=16,
-            dual_attention_layers=(0,) if dual_attention else (),
-            qk_norm="rms_norm",
-        ),
+        SD3Transformer2DModel,  # SD3's config but for these
+        sample_size=16,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=TEXT_HIDDEN,
+        caption_projection_dim=64,
+        pooled_projection_dim=2 * clip_hidden,
+        out_channels=4,
+        pos_embed_max_size=16,
+        dual_attention_layers=(0,) if dual_attention else (),
+        qk_norm="rms_norm",
     )
     clips = [
         clip_text_model(clip_tok, seed + 3 + i, with_projection=True, hidden=clip_hidden)

@@ -90,9 +90,11 @@ def _build_vae(seed: int, wan22: bool):
         )
     model = seeded(
         seed,
-        lambda: AutoencoderKLWan(
-            temperal_downsample=[False, True, True], latents_mean=mean, latents_std=std, **layout
-        ),
+        AutoencoderKLWan,
+        temperal_downsample=[False, True, True],
+        latents_mean=mean,
+        latents_std=std,
+        **layout,
     )
     # As in the tiny Qwen-Image VAE: frames that follow the latents, not a constant grey.
     sharpen_decoder(model.decoder, model.post_quant_conv)

@@ -494,3 +494,40 @@ def generate_video(layout: dict, path: str, batch: list[dict]):
 def max_frame_diff(a: np.ndarray, b: np.ndarray) -> int:
     assert a.shape == b.shape, (a.shape, b.shape)
     return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def generate_cached(layout: dict, path: str, request: dict, backend=None, options=None):
+    """``request`` on every rank of ``layout`` under the step cache ``backend`` with
+    ``options``: (result, the cache's computed/skipped pattern, rank 0's final latents
+    fp32 or None elsewhere)."""
+    latents: list = []
+    with parallel_state(ParallelConfig(**layout)) as state:
+        pipe = load_pipeline(path, state, cache_backend=backend, cache_config=options)
+        decode = pipe.decode
+        pipe.decode = lambda job, x: (latents.append(x.float().cpu()), decode(job, x))[1]
+        result = pipe.generate([GenerationParams(**request)])[0]
+        pattern = pipe._cache.stats.pattern if pipe._cache is not None else []
+        for runtime in getattr(pipe, "runtimes", [pipe.runtime]):  # Wan: one per expert
+            runtime.remove()
+    return result, pattern, latents[0] if latents else None
+
+
+def check_cache_layout(worker_pool, run, path: str, layout: dict, backend, options):
+    """``run(layout, path, backend, options)`` -> ``(pixels, metadata, pattern, latents)``
+    on 2 ranks against 1 rank: pixels within 1/255, the same cache report, final latents
+    within 1e-4, and every rank skips the steps one rank skips (a CFG rank: those of its
+    branch). Returns (latent error, pixel difference) to record."""
+    ref_pixels, ref_meta, ref_pattern, ref_latents = run({}, path, backend, options)
+    results = worker_pool(2).run(run, layout, path, backend, options)
+    pixels, meta, _, latents = results[0]
+    diff = int(np.abs(pixels.astype(int) - ref_pixels.astype(int)).max())
+    assert diff <= 1, f"output differs by {diff}/255"
+    assert meta["cache"] == ref_meta["cache"]
+    err = (latents - ref_latents).abs().max().item()
+    assert err <= 1e-4, f"final latents differ by {err:.2e}"
+    for rank, (_, _, pattern, _) in enumerate(results):
+        if layout.get("cfg_parallel_size", 1) == 2:  # cfg rank r runs branch r only
+            assert pattern == [p for p in ref_pattern if p[1] == rank]
+        else:
+            assert pattern == ref_pattern, f"rank {rank} skipped other steps"
+    return err, diff

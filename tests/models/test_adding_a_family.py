@@ -30,7 +30,6 @@ class ClipFluxPipeline(FlowMatchPipeline):
         name="CLIP-FLUX",
         transformer=FluxTransformer2DModel,
         attention=FLUX_ATTENTION,
-        components=("vae", "text_encoder", "tokenizer"),
         defaults=Defaults(width=32, height=32, steps=2, cfg_scale=1.0),
     )
 

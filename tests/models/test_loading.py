@@ -15,17 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from ithaca.models.loading import load_streamed
 
-CONFIG = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=128,
-    num_attention_heads=8,
-    joint_attention_dim=1024,
-    pooled_projection_dim=256,
-    axes_dims_rope=(16, 56, 56),
-)
+CONFIG = dict(num_layers=1, num_single_layers=1, num_attention_heads=8,
+              joint_attention_dim=1024, pooled_projection_dim=256)  # fmt: skip
+"""FLUX.1's transformer config but for these (128-wide heads, 64 input channels)."""
 
 
 @pytest.fixture(scope="module")

@@ -218,3 +218,37 @@ def test_step_cache_state_is_per_adapter_set(flux):
     again = run(("a", 1.0))
     assert np.array_equal(first[0], again[0]) and first[1] == again[1]
     assert first[1]["cached_steps"] + first[1]["computed_steps"] == 4
+
+
+def test_offloaded_transformer_takes_adapters_and_gives_the_base_back(flux):
+    """--enable-cpu-offload / --enable-layerwise-offload keep the transformer's tensors by
+    identity, so peft's renamed weights and added adapter tensors do not shift the host
+    copy: a LoRA request equals the resident run (latents 1e-5, images 1/255), and after
+    unloading the host buffer and the image are the base ones, bit for bit."""
+    loras = (("a", flux["a"], 0.8),)
+    batch = [dict(CFG, lora=_refs(("a", None)))]
+    resident = generate({}, flux["path"], batch, loras=loras)
+    for layout in (dict(cpu_offload=True), dict(layerwise_offload=True)):
+        offloaded = generate(layout, flux["path"], batch, loras=loras)
+        check_reference(offloaded, 0, (resident[1][0], resident[0][0]))
+
+    from ithaca.config import ParallelConfig
+
+    pipe = load_pipeline(flux["path"], ParallelState.single(ParallelConfig(cpu_offload=True)))
+    pipe.fuse_loras = True  # refused under offload: a merge would land in the device copy
+    copy = pipe.offloading.offload.copies["transformer"]
+    host = copy.flat.clone()
+
+    def image(**extra):
+        result = pipe.generate([GenerationParams(**CFG, **extra)])[0]
+        return np.asarray(result.images[0])
+
+    base = image()
+    pipe.load_lora("a", flux["a"], 0.8)
+    adapted = image(lora=_refs(("a", None)))
+    assert max_image_diff([adapted], resident[0][0]) <= 1
+    assert max_image_diff([adapted], [base]) > 8  # the adapter ran
+    assert not pipe.loras.fused and not copy.resident() and copy.loads >= 2
+    pipe.unload_lora("a")
+    assert np.array_equal(image(), base)
+    assert torch.equal(copy.flat, host)  # the host copy never saw the adapter

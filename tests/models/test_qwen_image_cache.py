@@ -13,17 +13,10 @@ from ithaca.config import ParallelConfig
 from ithaca.models.registry import load_pipeline
 from ithaca.testing.distributed import parallel_state
 from ithaca.types import GenerationParams
-from tests.models.harness import record
+from tests.models.harness import check_cache_layout, generate_cached, record
 
-REQUEST = dict(
-    prompt="a red cat on a mat",
-    negative_prompt="blurry",
-    true_cfg_scale=4.0,
-    width=80,
-    height=80,
-    num_inference_steps=8,
-    seed=5,
-)
+REQUEST = dict(prompt="a red cat on a mat", negative_prompt="blurry", true_cfg_scale=4.0,
+               width=80, height=80, num_inference_steps=8, seed=5)  # fmt: skip
 
 CACHES = {
     "teacache": ("tea_cache", {"rel_l1_thresh": 0.6}),
@@ -34,25 +27,17 @@ CACHES = {
 }
 
 
-def run(layout: dict, path: str, backend=None, options=None, request=None, latents=None):
-    """Generate on every rank; rank 0 returns (image, metadata), all return the pattern.
-    ``latents``, a list, receives rank 0's final latents."""
-    with parallel_state(ParallelConfig(**layout)) as state:
-        pipe = load_pipeline(path, state, cache_backend=backend, cache_config=options)
-        if latents is not None:
-            decode = pipe.decode
-            pipe.decode = lambda job, x: (latents.append(x.float().cpu()), decode(job, x))[1]
-        result = pipe.generate([GenerationParams(**(request or REQUEST))])[0]
-        pattern = pipe._cache.stats.pattern if pipe._cache is not None else []
-        pipe.runtime.remove()
-        image = np.asarray(result.images[0]) if result.images else None
-        return image, result.metadata, pattern
+def run_with_latents(layout: dict, path: str, backend=None, options=None, request=None):
+    """Generate on every rank: (image, metadata) on rank 0, the pattern on all, and rank
+    0's final latents fp32 (None elsewhere)."""
+    result, pattern, latents = generate_cached(layout, path, request or REQUEST, backend, options)
+    image = np.asarray(result.images[0]) if result.images else None
+    return image, result.metadata, pattern, latents
 
 
-def run_with_latents(layout: dict, path: str, backend, options):
-    """``run``, and rank 0's final latents fp32 (None elsewhere)."""
-    latents: list = []
-    return (*run(layout, path, backend, options, latents=latents), latents[0] if latents else None)
+def run(layout: dict, path: str, backend=None, options=None, request=None):
+    """``run_with_latents`` without the latents."""
+    return run_with_latents(layout, path, backend, options, request)[:3]
 
 
 @pytest.fixture(scope="module")
@@ -102,20 +87,8 @@ LAYOUTS = {
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_layouts_cache_like_one_rank(worker_pool, tiny_checkpoints, name, backend, options):
     path, layout = tiny_checkpoints["t2i"], LAYOUTS[name]
-    ref_image, ref_meta, ref_pattern, ref_latents = run_with_latents({}, path, backend, options)
-    results = worker_pool(2).run(run_with_latents, layout, path, backend, options)
-    image, meta, _, latents = results[0]
-    diff = int(np.abs(image.astype(int) - ref_image.astype(int)).max())
-    assert diff <= 1, f"image differs by {diff}/255"
-    assert meta["cache"] == ref_meta["cache"]
-    err = (latents - ref_latents).abs().max().item()
-    assert err <= 1e-4, f"final latents differ by {err:.2e}"
+    err, diff = check_cache_layout(worker_pool, run_with_latents, path, layout, backend, options)
     record("Qwen-Image", name, err, diff, cache=backend)
-    for rank, (_, _, pattern, _) in enumerate(results):
-        if layout.get("cfg_parallel_size", 1) == 2:  # cfg rank r runs branch r only
-            assert pattern == [p for p in ref_pattern if p[1] == rank]
-        else:
-            assert pattern == ref_pattern, f"rank {rank} skipped other steps"
 
 
 def test_unknown_cache_options_fail_before_loading(tiny_checkpoints):

@@ -1,6 +1,6 @@
 """The reference's model x method table in docs/models.md: checked only where a record is."""
 
-from ithaca.models import seed_support
+from tools import seed_support
 
 
 def test_a_cell_is_checked_only_by_a_record_of_its_family_and_method():

@@ -9,11 +9,7 @@ skipped steps on every rank.
 import numpy as np
 import pytest
 
-from ithaca.config import ParallelConfig
-from ithaca.models.registry import load_pipeline
-from ithaca.testing.distributed import parallel_state
-from ithaca.types import GenerationParams
-from tests.models.harness import FAMILIES, record
+from tests.models.harness import FAMILIES, check_cache_layout, generate_cached, record
 
 T2V = dict(
     prompt="a red cat walks on a blue street",
@@ -34,24 +30,15 @@ CACHES = {
 }
 
 
-def run(layout: dict, path: str, backend=None, options=None, latents=None):
-    """(frames, metadata, pattern); ``latents``, a list, receives rank 0's final latents."""
-    with parallel_state(ParallelConfig(**layout)) as state:
-        pipe = load_pipeline(path, state, cache_backend=backend, cache_config=options)
-        if latents is not None:
-            decode = pipe.decode
-            pipe.decode = lambda job, x: (latents.append(x.float().cpu()), decode(job, x))[1]
-        result = pipe.generate([GenerationParams(**T2V)])[0]
-        pattern = pipe._cache.stats.pattern if pipe._cache is not None else []
-        for runtime in pipe.runtimes:
-            runtime.remove()
-        return result.frames, result.metadata, pattern
+def run_with_latents(layout: dict, path: str, backend=None, options=None):
+    """(frames, metadata, pattern, rank 0's final latents fp32 or None elsewhere)."""
+    result, pattern, latents = generate_cached(layout, path, T2V, backend, options)
+    return result.frames, result.metadata, pattern, latents
 
 
-def run_with_latents(layout: dict, path: str, backend, options):
-    """``run``, and rank 0's final latents fp32 (None elsewhere)."""
-    latents: list = []
-    return (*run(layout, path, backend, options, latents), latents[0] if latents else None)
+def run(layout: dict, path: str, backend=None, options=None):
+    """``run_with_latents`` without the latents."""
+    return run_with_latents(layout, path, backend, options)[:3]
 
 
 @pytest.fixture(scope="module")
@@ -84,17 +71,5 @@ def test_each_expert_skips_steps(t2v, uncached, backend, options):
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_layouts_cache_like_one_rank(worker_pool, t2v, name, backend, options):
     layout = LAYOUTS[name]
-    ref_frames, ref_meta, ref_pattern, ref_latents = run_with_latents({}, t2v, backend, options)
-    results = worker_pool(2).run(run_with_latents, layout, t2v, backend, options)
-    frames, meta, _, latents = results[0]
-    diff = int(np.abs(frames.astype(int) - ref_frames.astype(int)).max())
-    assert diff <= 1, f"frames differ by {diff}/255"
-    assert meta["cache"] == ref_meta["cache"]
-    err = (latents - ref_latents).abs().max().item()
-    assert err <= 1e-4, f"final latents differ by {err:.2e}"
+    err, diff = check_cache_layout(worker_pool, run_with_latents, t2v, layout, backend, options)
     record(FAMILIES["t2v_a14b"], name, err, diff, cache=backend)
-    for rank, (_, _, pattern, _) in enumerate(results):
-        if layout.get("cfg_parallel_size", 1) == 2:
-            assert pattern == [p for p in ref_pattern if p[1] == rank]
-        else:
-            assert pattern == ref_pattern

@@ -59,15 +59,14 @@ def build_vae(seed: int):
 
     return seeded(
         seed + 1,
-        lambda: AutoencoderKLQwenImage(
-            base_dim=16,
-            z_dim=Z_DIM,
-            dim_mult=[1, 2, 2, 2],
-            num_res_blocks=1,
-            temperal_downsample=[False, False, False],
-            latents_mean=[0.0] * Z_DIM,  # set from data after the VAE is trained
-            latents_std=[1.0] * Z_DIM,
-        ),
+        AutoencoderKLQwenImage,
+        base_dim=16,
+        z_dim=Z_DIM,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, False, False],
+        latents_mean=[0.0] * Z_DIM,  # set from data after the VAE is trained
+        latents_std=[1.0] * Z_DIM,
     )
 
 
@@ -76,16 +75,15 @@ def build_transformer(seed: int):
 
     return seeded(
         seed + 2,
-        lambda: QwenImageTransformer2DModel(
-            patch_size=2,
-            in_channels=4 * Z_DIM,
-            out_channels=Z_DIM,
-            num_layers=DIT_LAYERS,
-            attention_head_dim=DIT_HEAD_DIM,
-            num_attention_heads=DIT_HEADS,
-            joint_attention_dim=TEXT_HIDDEN,
-            axes_dims_rope=(8, 12, 12),  # sums to the head dim
-        ),
+        QwenImageTransformer2DModel,
+        patch_size=2,
+        in_channels=4 * Z_DIM,
+        out_channels=Z_DIM,
+        num_layers=DIT_LAYERS,
+        attention_head_dim=DIT_HEAD_DIM,
+        num_attention_heads=DIT_HEADS,
+        joint_attention_dim=TEXT_HIDDEN,
+        axes_dims_rope=(8, 12, 12),  # sums to the head dim
     )
 
 

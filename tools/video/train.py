@@ -82,17 +82,9 @@ def build_bank(vae, n: int, rng: random.Random, split: str = "train"):
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     """``WanPipeline``'s prompt states for a batch: (B, 512, D), zero past each prompt's
     real tokens (the encoder runs on the longest prompt only; the mask makes it equal)."""
-    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+    from ithaca.models.wan.pipeline import tokenize
 
-    tokens = tokenizer(
-        [prompt_clean(p) for p in prompts],
-        padding="longest",
-        max_length=MAX_SEQUENCE_LENGTH,
-        truncation=True,
-        add_special_tokens=True,
-        return_attention_mask=True,
-        return_tensors="pt",
-    )
+    tokens = tokenize(tokenizer, prompts, padding="longest")
     hidden = text_encoder(tokens.input_ids, tokens.attention_mask).last_hidden_state
     hidden = hidden * tokens.attention_mask.unsqueeze(-1).to(hidden.dtype)
     return F.pad(hidden, (0, 0, 0, MAX_SEQUENCE_LENGTH - hidden.shape[1]))

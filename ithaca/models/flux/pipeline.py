@@ -44,8 +44,6 @@ SPEC = FamilySpec(
     cfg_needs_negative=True,  # true CFG is opt-in, as in diffusers
     cfg_aliases=False,  # guidance_scale is the embedded guidance
     tiny="ithaca.testing.tiny_families:build_tiny_flux",
-    reference="FluxPipeline",
-    reference_args={"true_cfg_scale": "true_cfg_scale", "guidance_scale": "guidance_scale"},
 )
 
 
@@ -108,3 +106,25 @@ class FluxPipeline(FlowMatchPipeline):
             img_ids=job.inputs["img_ids"],
             return_dict=False,
         )[0]
+
+
+class TextIdsPipeline(FlowMatchPipeline):
+    """FLUX.1's transformer layout on one text tensor with its own position ids
+    (LongCat-Image, Ovis-Image): ``forward_inputs`` gives ``txt_ids`` and ``img_ids``, and
+    for an edit the input image's packed ``image_latents``, which follow the noise tokens."""
+
+    def forward(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
+        latents = job.latents  # (B, S, C)
+        hidden = latents
+        if "image_latents" in job.inputs:  # (B, S + S_image, C)
+            hidden = torch.cat([latents, job.inputs["image_latents"]], dim=1)
+        timestep = t.expand(latents.shape[0]).to(latents.dtype)
+        out = self.transformer(
+            hidden_states=hidden,
+            timestep=timestep / 1000,
+            encoder_hidden_states=job.inputs["text"][branch],
+            txt_ids=job.inputs["txt_ids"],
+            img_ids=job.inputs["img_ids"],
+            return_dict=False,
+        )[0]
+        return out[:, : latents.shape[1]]  # the noise tokens' prediction

@@ -102,16 +102,9 @@ class FluxParallelAttnProcessor(ParallelProcessor):
 
         self.runtime.track(block.register_forward_pre_hook(record, with_kwargs=True))
 
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ):
-        if attention_mask is not None:
-            raise ValueError("FLUX attention takes no attention_mask (every text token attends)")
+    family = "FLUX"
+
+    def attend(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb, mask):
         single = encoder_hidden_states is None
         if single and self._text_len is None:
             raise ValueError(

@@ -34,9 +34,10 @@ from diffusers.pipelines.longcat_image.pipeline_longcat_image import (
 from diffusers.pipelines.longcat_image.pipeline_longcat_image_edit import calculate_dimensions
 from PIL import Image
 
-from ithaca.models.base import Job, Request
-from ithaca.models.flow import FlowMatchPipeline, pack_latents
+from ithaca.models.base import Request
+from ithaca.models.flow import pack_latents
 from ithaca.models.flux.cache import cache_adapter  # FLUX.1's blocks
+from ithaca.models.flux.pipeline import TextIdsPipeline
 from ithaca.models.flux.transformer import FLUX_ATTENTION, FLUX_SP_PLAN, LONGCAT_TP_PLAN
 from ithaca.models.spec import Defaults, FamilySpec, plain_cfg
 from ithaca.types import GenerationParams
@@ -71,18 +72,15 @@ SPEC = FamilySpec(
     name="LongCat-Image",
     transformer=LongCatImageTransformer2DModel,
     attention=FLUX_ATTENTION,
-    components=("vae", "text_encoder", "tokenizer"),
     cache_adapter=cache_adapter,
     defaults=Defaults(steps=50, cfg_scale=4.5),
     guidance=renormed_cfg,
     noise_dtype=torch.float32,  # diffusers' LongCat t2i draws fp32 noise, then casts
     tiny="ithaca.testing.tiny_families:build_tiny_longcat_image",
-    reference="LongCatImagePipeline",
-    reference_args={"true_cfg_scale": "guidance_scale"},
 )
 
 
-class LongCatImagePipeline(FlowMatchPipeline):
+class LongCatImagePipeline(TextIdsPipeline):
     """LongCat-Image text-to-image with true CFG and LongCat's CFG renorm."""
 
     spec = SPEC
@@ -151,22 +149,6 @@ class LongCatImagePipeline(FlowMatchPipeline):
             inputs["img_ids"] = torch.cat([inputs["img_ids"], image_ids])
         return inputs
 
-    def forward(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
-        latents = job.latents
-        hidden = latents
-        if "image_latents" in job.inputs:
-            hidden = torch.cat([latents, job.inputs["image_latents"]], dim=1)
-        timestep = t.expand(latents.shape[0]).to(latents.dtype)
-        out = self.transformer(
-            hidden_states=hidden,
-            timestep=timestep / 1000,
-            encoder_hidden_states=job.inputs["text"][branch],
-            txt_ids=job.inputs["txt_ids"],
-            img_ids=job.inputs["img_ids"],
-            return_dict=False,
-        )[0]
-        return out[:, : latents.shape[1]]
-
 
 EDIT_PREFIX = (
     "<|im_start|>system\nAs an image editing expert, first analyze the content and attributes "
@@ -194,7 +176,6 @@ class LongCatImageEditPipeline(LongCatImagePipeline):
         images=(1, 1),
         noise_dtype=None,
         tiny_args={"edit": True},
-        reference="LongCatImageEditPipeline",
     )
     target_area = 1024 * 1024
 

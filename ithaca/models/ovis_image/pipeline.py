@@ -22,9 +22,8 @@ import torch
 from diffusers import OvisImageTransformer2DModel as _DiffusersOvisTransformer
 from diffusers.pipelines.ovis_image.pipeline_ovis_image import OvisImagePipeline as _Ref
 
-from ithaca.models.base import Job
-from ithaca.models.flow import FlowMatchPipeline
 from ithaca.models.flux.cache import cache_adapter  # FLUX.1's blocks
+from ithaca.models.flux.pipeline import TextIdsPipeline
 from ithaca.models.flux.transformer import FLUX_ATTENTION, FLUX_SP_PLAN, OVIS_TP_PLAN
 from ithaca.models.spec import Defaults, FamilySpec
 
@@ -48,16 +47,13 @@ SPEC = FamilySpec(
     name="Ovis-Image",
     transformer=OvisImageTransformer2DModel,
     attention=FLUX_ATTENTION,
-    components=("vae", "text_encoder", "tokenizer"),
     cache_adapter=cache_adapter,
     defaults=Defaults(steps=50, cfg_scale=5.0),
     tiny="ithaca.testing.tiny_families:build_tiny_ovis_image",
-    reference="OvisImagePipeline",
-    reference_args={"true_cfg_scale": "guidance_scale"},
 )
 
 
-class OvisImagePipeline(FlowMatchPipeline):
+class OvisImagePipeline(TextIdsPipeline):
     """Ovis-Image text-to-image with true CFG."""
 
     spec = SPEC
@@ -84,15 +80,3 @@ class OvisImagePipeline(FlowMatchPipeline):
             "txt_ids": txt_ids.to(self.device, self.dtype),
             "img_ids": _Ref._prepare_latent_image_ids(1, h // 2, w // 2, self.device, self.dtype),
         }
-
-    def forward(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
-        latents = job.latents
-        timestep = t.expand(latents.shape[0]).to(latents.dtype)
-        return self.transformer(
-            hidden_states=latents,
-            timestep=timestep / 1000,
-            encoder_hidden_states=job.inputs["text"][branch],
-            txt_ids=job.inputs["txt_ids"],
-            img_ids=job.inputs["img_ids"],
-            return_dict=False,
-        )[0]

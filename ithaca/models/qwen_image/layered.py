@@ -29,7 +29,6 @@ image sequence (every layer's tokens and the condition's) is one sharded dimensi
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 from typing import Any
@@ -46,7 +45,7 @@ from PIL import Image
 from ithaca.models.base import Job, Request
 from ithaca.models.flow import seeded_noise
 from ithaca.models.qwen_image import templates
-from ithaca.models.qwen_image.pipeline import QwenImageEditPipeline, QwenImagePipeline
+from ithaca.models.qwen_image.pipeline import QwenImageEditPipeline, QwenImagePipeline, variant
 from ithaca.models.spec import plain_cfg, rescaled_cfg
 from ithaca.types import GenerationParams, ParamError
 
@@ -68,12 +67,7 @@ def caption_prompts() -> tuple[str, str]:
 class QwenImageLayeredPipeline(QwenImageEditPipeline):
     """Image to RGBA layers (``Qwen/Qwen-Image-Layered``)."""
 
-    spec = dataclasses.replace(
-        QwenImageEditPipeline.spec,
-        name="Qwen-Image-Layered",
-        tiny_args={"kind": "layered"},
-        reference="QwenImageLayeredPipeline",
-    )
+    spec = variant("Qwen-Image-Layered", "layered", images=(1, 1))
     template = templates.T2I
     max_sequence_length = 512
     tokenizer_max_length = None

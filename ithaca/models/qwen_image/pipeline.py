@@ -64,7 +64,6 @@ SPEC = FamilySpec(
     name="Qwen-Image",
     transformer=QwenImageTransformer2DModel,
     attention=QWEN_IMAGE_ATTENTION,
-    components=("vae", "text_encoder", "tokenizer"),
     cache_adapter=cache_adapter,
     defaults=Defaults(steps=50, cfg_scale=4.0),
     guidance=rescaled_cfg,
@@ -72,8 +71,13 @@ SPEC = FamilySpec(
     cfg_aliases=False,  # guidance_scale is ignored: Qwen-Image is not guidance-distilled
     tiny="ithaca.testing.tiny:build_tiny_qwen_image",
     tiny_args={"kind": "t2i"},
-    reference="QwenImagePipeline",
 )
+
+
+def variant(name: str, kind: str, **changes) -> FamilySpec:
+    """Qwen-Image's spec for another of its checkpoints: ``name``, the tiny recipe's
+    ``kind`` and what else differs (``images=(1, 16)``)."""
+    return dataclasses.replace(SPEC, name=name, tiny_args={"kind": kind}, **changes)
 
 
 class QwenImagePipeline(FlowMatchPipeline):
@@ -221,13 +225,7 @@ class QwenImagePipeline(FlowMatchPipeline):
 class QwenImageEditPipeline(QwenImagePipeline):
     """Image editing with one input image (``Qwen/Qwen-Image-Edit``)."""
 
-    spec = dataclasses.replace(
-        SPEC,
-        name="Qwen-Image-Edit",
-        images=(1, 1),
-        tiny_args={"kind": "edit"},
-        reference="QwenImageEditPipeline",
-    )
+    spec = variant("Qwen-Image-Edit", "edit", images=(1, 1))
     template = templates.EDIT
     max_sequence_length = None
     tokenizer_max_length = None
@@ -315,13 +313,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
 class QwenImageEditPlusPipeline(QwenImageEditPipeline):
     """Image editing with one or more input images (``Qwen/Qwen-Image-Edit-2509``)."""
 
-    spec = dataclasses.replace(
-        SPEC,
-        name="Qwen-Image-Edit-2509",
-        images=(1, 16),
-        tiny_args={"kind": "edit_plus"},
-        reference="QwenImageEditPlusPipeline",
-    )
+    spec = variant("Qwen-Image-Edit-2509", "edit_plus", images=(1, 16))
     template = templates.EDIT_PLUS
 
     def _dims(self, image: Image.Image, area: int) -> tuple[int, int]:

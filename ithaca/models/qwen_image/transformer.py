@@ -66,19 +66,13 @@ class ParallelJointAttnProcessor(ParallelProcessor):
     the attention itself runs on this rank's image shard and the whole text.
     """
 
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_hidden_states_mask: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    family = "Qwen-Image"
+    mask_arg = "encoder_hidden_states_mask"
+
+    def attend(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb, mask):
         if encoder_hidden_states is None:
             raise ValueError("Qwen-Image joint attention needs encoder_hidden_states")
-        if attention_mask is not None:
-            raise ValueError("pass encoder_hidden_states_mask, not attention_mask")
+        encoder_hidden_states_mask = mask
         # (B, S/P, C) -> (B, S/P, H, D) image; (B, T, C) -> (B, T, H, D) text
         img_q, img_k, img_v = project(attn, hidden_states)
         txt_q, txt_k, txt_v = project(attn, encoder_hidden_states, TEXT)

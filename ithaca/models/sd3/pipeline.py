@@ -49,8 +49,6 @@ SPEC = FamilySpec(
     packed=False,
     sigmas="scheduler",
     tiny="ithaca.testing.tiny_families:build_tiny_sd3",
-    reference="StableDiffusion3Pipeline",
-    reference_args={"true_cfg_scale": "guidance_scale"},
 )
 
 

@@ -20,7 +20,6 @@ RoPE and no mask: the processor needs nothing beyond its inputs.
 
 from __future__ import annotations
 
-import torch
 from diffusers import SD3Transformer2DModel as _DiffusersSD3Transformer
 
 from ithaca.models.attention import TEXT, ParallelProcessor, project, project_out
@@ -47,15 +46,9 @@ class SD3ParallelAttnProcessor(ParallelProcessor):
     Same projections and QK norms as diffusers' ``JointAttnProcessor2_0``.
     """
 
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ):
-        if attention_mask is not None:
-            raise ValueError("SD3 attention takes no attention_mask")
+    family = "SD3"
+
+    def attend(self, attn, hidden_states, encoder_hidden_states, rope, mask):
         q, k, v = project(attn, hidden_states)  # (B, S/P, H*D) -> (B, S/P, H, D)
         if encoder_hidden_states is None:  # SD3.5's image-only attention
             out, _ = self.runtime.attention(q, k, v)

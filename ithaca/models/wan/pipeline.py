@@ -93,6 +93,20 @@ class VideoSettings:
     """(width, height) of the input image's condition, None without an image."""
 
 
+def tokenize(tokenizer, prompts: list[str], padding: str = "max_length"):
+    """``WanPipeline``'s UMT5 ids and attention mask of the cleaned ``prompts``, ``(B, L)``
+    each: ``L`` = 512 (``padding="max_length"``) or the longest (``"longest"``), at most 512."""
+    return tokenizer(
+        [prompt_clean(p) for p in prompts],
+        padding=padding,
+        max_length=MAX_SEQUENCE_LENGTH,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+
+
 class WanPipeline(DenoisingPipeline):
     """Text-to-video (T2V-A14B, two experts) and text(+image)-to-video (TI2V-5B)."""
 
@@ -104,6 +118,7 @@ class WanPipeline(DenoisingPipeline):
     default_fps = 16
     joins_mid_run = False  # the experts and scales are decided per step of one schedule
     takes_image: str = "optional"  # with expand_timesteps; else "never" (see __init__)
+    requires_image = False  # True: "always", whatever the checkpoint
 
     def __init__(
         self,
@@ -162,6 +177,8 @@ class WanPipeline(DenoisingPipeline):
             self.default_steps, self.default_true_cfg_scale = 50, 5.0
         else:
             self.takes_image = "always" if self.concat_condition else "never"
+        if self.requires_image:
+            self.takes_image = "always"
         # A checkpoint may declare what it was trained at (the default video model does).
         declared = index.get("_ithaca_defaults") or {}
         for key, attr in _DECLARED_DEFAULTS.items():
@@ -279,15 +296,7 @@ class WanPipeline(DenoisingPipeline):
     @torch.no_grad()
     def _encode_text(self, text: str) -> torch.Tensor:
         """UMT5 last hidden state of the real tokens: (T, D), T <= 512."""
-        tokens = self.tokenizer(
-            [prompt_clean(text)],
-            padding="max_length",
-            max_length=MAX_SEQUENCE_LENGTH,
-            truncation=True,
-            add_special_tokens=True,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
+        tokens = tokenize(self.tokenizer, [text])
         ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
         hidden = self.text_encoder(ids, mask).last_hidden_state  # (1, 512, D)
         return hidden[0, : int(mask.gt(0).sum())].to(self.dtype)
@@ -480,13 +489,4 @@ class WanImageToVideoPipeline(WanPipeline):
     default_width = 832
     default_height = 480
     default_true_cfg_scale = 3.5
-
-    def __init__(
-        self,
-        model: str,
-        state: ParallelState,
-        dtype: torch.dtype,
-        expert_offload: bool | None = None,
-    ):
-        super().__init__(model, state, dtype, expert_offload)
-        self.takes_image = "always"
+    requires_image = True

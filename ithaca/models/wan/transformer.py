@@ -76,18 +76,11 @@ class ParallelWanAttnProcessor(ParallelProcessor):
     (``add_k_proj``) is not supported: no Wan2.2 checkpoint has it.
     """
 
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+    family = "Wan"
+
+    def attend(self, attn, hidden_states, encoder_hidden_states, rotary_emb, mask):
         if attn.add_k_proj is not None:
             raise ValueError("Wan2.1 image cross-attention (added_kv_proj_dim) is not supported")
-        if attention_mask is not None:
-            raise ValueError("Wan attention takes no attention_mask")
         if getattr(attn, "fused_projections", False):
             raise ValueError("fused Wan projections are not supported; unfuse them first")
         cross = encoder_hidden_states is not None

@@ -45,7 +45,6 @@ SPEC = FamilySpec(
     name="Z-Image",
     transformer=ZImageTransformer2DModel,
     attention=Z_IMAGE_ATTENTION,
-    components=("vae", "text_encoder", "tokenizer"),
     cache_adapter=cache_adapter,
     defaults=Defaults(steps=9, cfg_scale=0.0),
     guidance=z_image_cfg,
@@ -55,8 +54,6 @@ SPEC = FamilySpec(
     latents_dtype=torch.float32,
     sigmas="torch_linspace",
     tiny="ithaca.testing.tiny_families:build_tiny_z_image",
-    reference="ZImagePipeline",
-    reference_args={"true_cfg_scale": "guidance_scale"},
 )
 
 

@@ -105,14 +105,10 @@ class ZImageParallelAttnProcessor(ParallelProcessor):
         super().__init__(runtime)
         self.heads_multiple = heads_multiple
 
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        freqs_cis: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    family = "Z-Image"
+    mask_arg = "attention_mask"
+
+    def attend(self, attn, hidden_states, encoder_hidden_states, freqs_cis, attention_mask):
         if encoder_hidden_states is not None:
             raise ValueError("Z-Image attention is self-attention (no encoder_hidden_states)")
         q, k, v = project(attn, hidden_states)  # (B, S/P, H*D) -> (B, S/P, H, D)
