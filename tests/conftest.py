@@ -5,7 +5,8 @@
 - ``tiny_checkpoint(recipe, *args, **kwargs)``: every tiny checkpoint is built once per
   run, keyed by its recipe and arguments, and shared by every test module (tests read
   checkpoints, they never write into them); ``tiny_family``, ``tiny_checkpoints`` and
-  ``tiny_wan`` are views of it.
+  ``tiny_wan`` are views of it; ``with_defaults(path, **defaults)`` is a checkpoint with
+  other ``_ithaca_defaults`` (e.g. a small edit area), its weights linked, not copied.
 - ``serve(*cli_args)``: the one real ``ithaca serve`` fixture (tests/server/harness.py).
 
 The test process and every process it starts compute with one intra-op thread: the
@@ -17,6 +18,7 @@ with 1 on a loaded machine).
 import contextlib
 import importlib
 import inspect
+import json
 import os
 
 import pytest
@@ -61,6 +63,31 @@ def tiny_checkpoint(tmp_path_factory):
         return built[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def with_defaults(tmp_path_factory):
+    """``with_defaults(path, **defaults)`` -> the path of a view of checkpoint ``path`` whose
+    ``model_index.json`` states ``_ithaca_defaults`` (width, height, num_inference_steps):
+    a Qwen-Image edit checkpoint with ``width=128, height=128`` resizes its input images to
+    that area instead of 1024x1024. Its components are symlinks; built once per arguments."""
+    built: dict[tuple, str] = {}
+
+    def view(path: str, **defaults) -> str:
+        key = (os.path.realpath(path), tuple(sorted(defaults.items())))
+        if key not in built:
+            root = tmp_path_factory.mktemp("defaults")
+            for entry in os.scandir(path):
+                if entry.name != "model_index.json":
+                    os.symlink(entry.path, root / entry.name)
+            with open(os.path.join(path, "model_index.json")) as f:
+                index = json.load(f)
+            index["_ithaca_defaults"] = {**index.get("_ithaca_defaults", {}), **defaults}
+            (root / "model_index.json").write_text(json.dumps(index, indent=2))
+            built[key] = str(root)
+        return built[key]
+
+    return view
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,6 @@ Pyramid: this is the top (whole engine, subprocess ranks); the parts are tested 
 from __future__ import annotations
 
 import ast
-import json
 import os
 import re
 from pathlib import Path
@@ -54,16 +53,12 @@ def _snippets():
 
 
 @pytest.fixture(scope="module")
-def hub_cache(tmp_path_factory):
-    """A Hugging Face cache in which the snippets' hub names are tiny checkpoints."""
-    from ithaca.testing.tiny import build_tiny_qwen_image
-
+def hub_cache(tmp_path_factory, tiny_checkpoints, with_defaults):
+    """A Hugging Face cache in which the snippets' hub names are tiny checkpoints (the
+    session's, stating a SMALL x SMALL default size)."""
     root = tmp_path_factory.mktemp("seed-hub")
     for name, kind in HUB.items():
-        path = build_tiny_qwen_image(root / "checkpoints" / kind, kind)
-        index = json.loads((path / "model_index.json").read_text())
-        index["_ithaca_defaults"] = {"width": SMALL, "height": SMALL}
-        (path / "model_index.json").write_text(json.dumps(index))
+        path = with_defaults(tiny_checkpoints[kind], width=SMALL, height=SMALL)
         repo = root / "hub" / ("models--" + name.replace("/", "--"))
         commit = "0" * 40
         (repo / "refs").mkdir(parents=True)

@@ -266,6 +266,12 @@ def record(family: str, layout: str, latent_err: float, image_diff: int, cache: 
 LAYOUT_LATENT_TOL = 1e-4
 """Final latents of a layout vs our 1-rank run (fp32; attention's sum order changes)."""
 
+EDIT_AREA = dict(default_width=128, default_height=128)
+"""``attrs`` of a Qwen-Image edit run compared with our own 1-rank run (not diffusers):
+the input images are resized to a 128x128 px area instead of 1024x1024 (the output keeps
+the request's size). Their VAE encode and their tokens were most of such a run's time;
+the layout and cache code paths are the same at either area."""
+
 LAYOUTS = {
     "ulysses2": dict(ulysses_degree=2),
     "ring2": dict(ring_degree=2),
@@ -349,13 +355,15 @@ def check_reference(one_rank: tuple, index: int, reference: tuple, tol: float = 
 # -- fused batches, failures, step-level joins ---------------------------------------------
 
 
-def generate_fused(layout: dict, path: str, batch: list[dict]):
+def generate_fused(layout: dict, path: str, batch: list[dict], attrs: dict | None = None):
     """Run ``batch`` under ``layout`` with fused batches; return (images as uint8 arrays,
     the last loop's final latents, info) with images and latents only on the returning
     rank; ``info`` says what the last forward sharded and gathered and which encoders this
-    rank loaded."""
+    rank loaded. ``attrs`` are set on the loaded pipeline (as in :func:`generate`)."""
     with parallel_state(ParallelConfig(**layout)) as state:
         pipe = load_pipeline(path, state)
+        for name, value in (attrs or {}).items():
+            setattr(pipe, name, value)
         # Fused: the two requests of a batch share forwards, so prompts of different
         # lengths go through the shards padded, with a key mask.
         pipe.fuse_batches = True

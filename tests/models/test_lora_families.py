@@ -169,7 +169,7 @@ def test_wan_expert_offload_takes_adapters(tmp_path):
     from ithaca.models.registry import load_pipeline
     from ithaca.models.wan.pipeline import WanPipeline
     from ithaca.parallel import ParallelState
-    from tests.models._wan_run import max_frame_diff, run_pipeline, tiny_wan_paths
+    from tests.models.harness import max_frame_diff, run_pipeline, tiny_wan_paths
     from tests.models.test_wan import T2V
 
     path = tiny_wan_paths(tmp_path / "wan")["t2v_a14b"]

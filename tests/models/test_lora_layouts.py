@@ -15,8 +15,13 @@ import pytest
 
 from ithaca.testing.lora import random_lora, save_safetensors, to_comfy
 from ithaca.types import LoraRef
-from tests.models._families_run import check_layout, generate, max_image_diff
-from tests.models._wan_run import max_frame_diff, tiny_wan_paths
+from tests.models.harness import (
+    check_layout,
+    generate,
+    max_frame_diff,
+    max_image_diff,
+    tiny_wan_paths,
+)
 from tests.models.test_lora_families import wan_generate
 
 TWO_RANKS = {"ulysses2": dict(ulysses_degree=2), "ring2": dict(ring_degree=2),

@@ -6,9 +6,13 @@ hybrid 2x2) and both step caches under Ulysses 2, Ring 2 and CFG 2, against our 
 run with the same cache, on 2- and 4-rank gloo pools. The 2509 and 2511 requests carry
 two input images, so every layout runs a multi-image edit. Tolerances as the other model
 tests: latents 1e-5 vs diffusers (images equal), 1e-4 between layouts (images within
-1/255). Tiny checkpoints: -2511 is the -2509 (Edit-Plus) architecture with the
-transformer's ``zero_cond_t`` on (the input images' tokens modulated at t = 0, as the
-2511 release configures it); -2512 is the Qwen-Image architecture with other weights.
+1/255). The layout cells (ours against ours) edit at a 128x128 px area (``EDIT_AREA``)
+instead of diffusers' 1024x1024: the input images' VAE encode and their tokens in every
+forward were most of each cell's time, and every layout and cache path is the same at
+either area; the diffusers cells keep diffusers' area. Tiny checkpoints: -2511 is the
+-2509 (Edit-Plus) architecture with the transformer's ``zero_cond_t`` on (the input
+images' tokens modulated at t = 0, as the 2511 release configures it); -2512 is the
+Qwen-Image architecture with other weights.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import pytest
 
 from ithaca.testing.tiny import build_tiny_qwen_image
 from ithaca.types import GenerationParams
-from tests.models.harness import check_layout, generate, record, world_size
+from tests.models.harness import EDIT_AREA, check_layout, generate, record, world_size
 from tests.models.test_qwen_image import edit_images, run_ours, run_reference
 
 LAYOUTS = {
@@ -79,9 +83,9 @@ def test_one_rank_equals_diffusers(checkpoints, family):
 
 def test_2511_modulates_the_input_images_differently(checkpoints):
     # zero_cond_t changes the result: the 2511 checkpoint is not the 2509 one renamed.
-    batch = [GenerationParams(**request("Qwen-Image-Edit-2509"))]
-    a = run_ours(checkpoints["Qwen-Image-Edit-2509"], batch)[1][-1]
-    b = run_ours(checkpoints["Qwen-Image-Edit-2511"], batch)[1][-1]
+    # The same request (two input images) on both: the layout cells' 1-rank runs.
+    a = one_rank(checkpoints, "Qwen-Image-Edit-2509", None)[1][0]
+    b = one_rank(checkpoints, "Qwen-Image-Edit-2511", None)[1][0]
     assert (a - b).abs().max().item() > 1e-3
 
 
@@ -93,7 +97,8 @@ def one_rank(checkpoints, family: str, cache: str | None):
     if key not in _one_rank:
         extra = {} if cache is None else dict(cache_backend=cache, cache_config=CACHES[cache])
         steps = 2 if cache is None else 6
-        _one_rank[key] = generate({}, checkpoints[family], [request(family, steps, **extra)])
+        batch = [request(family, steps, **extra)]
+        _one_rank[key] = generate({}, checkpoints[family], batch, EDIT_AREA)
     return _one_rank[key]
 
 
@@ -106,7 +111,8 @@ def _check(worker_pool, checkpoints, family, name, cache):
     batch = [request(family, 2 if cache is None else 6)]
     if cache is not None:
         batch[0].update(cache_backend=cache, cache_config=CACHES[cache])
-    results = worker_pool(world_size(layout)).run(generate, layout, checkpoints[family], batch)
+    pool = worker_pool(world_size(layout))
+    results = pool.run(generate, layout, checkpoints[family], batch, EDIT_AREA)
     hooks = {}
     if "ulysses_degree" in layout or "ring_degree" in layout:
         sharded = list(SHARDED)

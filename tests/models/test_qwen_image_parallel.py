@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.models.harness import cancel_after_first_step, fail_on_rank0, generate_fused, record
+from tests.models.harness import (
+    EDIT_AREA,
+    cancel_after_first_step,
+    fail_on_rank0,
+    generate_fused,
+    record,
+)
 
 # Two requests in one batch: different prompt lengths (padded text with a mask),
 # true CFG, two images for the first request.
@@ -105,9 +111,9 @@ def test_edit_two_images_hybrid(worker_pool, tiny_checkpoints):
     batch = [dict(prompt="make it red", negative_prompt=" ", true_cfg_scale=4.0, width=96,
                   height=64, num_inference_steps=2, seed=5, images=_edit_inputs())]  # fmt: skip
     path = tiny_checkpoints["edit_plus"]
-    reference = generate_fused({}, path, batch)
+    reference = generate_fused({}, path, batch, EDIT_AREA)
     layout = dict(ulysses_degree=2, ring_degree=2)
-    results = worker_pool(4).run(generate_fused, layout, path, batch)
+    results = worker_pool(4).run(generate_fused, layout, path, batch, EDIT_AREA)
     record("Qwen-Image-Edit-2509", "hybrid2x2", *check(results, reference, layout))
 
 

@@ -27,7 +27,7 @@ from ithaca.parallel import ParallelState
 from ithaca.parallel.tensor import DegreeError, check_degree, parameter_bytes, tp_shard
 from ithaca.testing.distributed import parallel_state
 from ithaca.types import GenerationParams
-from tests.models._families_run import LAYOUT_LATENT_TOL, max_image_diff, record, world_size
+from tests.models.harness import LAYOUT_LATENT_TOL, max_image_diff, record, world_size
 
 REQUEST = dict(prompt="a red cat", negative_prompt="blurry", true_cfg_scale=4.0, width=64,
                height=64, num_inference_steps=2, seed=3)  # fmt: skip

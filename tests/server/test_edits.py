@@ -1,6 +1,7 @@
 """``/v1/images/edits`` on the tiny Qwen-Image-Edit-Plus checkpoint at --usp 2: the
 openai SDK with two ``image[]`` files, the JSON form with data URLs, and multipart
-numbers arriving as strings."""
+numbers arriving as strings. The checkpoint states a 128x128 px edit area
+(``_ithaca_defaults``): the input images are not encoded at 1024x1024 px."""
 
 import base64
 import io
@@ -15,8 +16,9 @@ from tests.server.test_units import png_bytes
 
 
 @pytest.fixture(scope="module")
-def server(serve, tiny_checkpoints):
-    return serve(tiny_checkpoints["edit_plus"], "--usp", "2", "--served-model-name", "tiny-edit")
+def server(serve, tiny_checkpoints, with_defaults):
+    path = with_defaults(tiny_checkpoints["edit_plus"], width=128, height=128)
+    return serve(path, "--usp", "2", "--served-model-name", "tiny-edit")
 
 
 def pixels(b64_json: str) -> np.ndarray:

@@ -15,8 +15,9 @@ from ithaca.parallel.state import ParallelState
 from ithaca.types import GenerationParams
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = ["--bank", "64", "--val", "16", "--steps", "3", "--batch", "2", "--save-every", "3",
+TINY = ["--bank", "8", "--val", "4", "--steps", "3", "--batch", "2", "--save-every", "3",
         "--warmup", "1"]  # fmt: skip
+"""Smoke sizes: 8 training and 4 held-out scenes or clips (one batch per process)."""
 
 
 def _train(module: str, *args: str) -> None:
@@ -34,7 +35,7 @@ def _steps(run) -> list[int]:
 
 def test_shapes_training_two_processes_then_reuse(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    shapes = [*TINY, "--procs", "2", "--vae-steps", "3", "--vae-batch", "2", "--stats", "32",
+    shapes = [*TINY, "--procs", "2", "--vae-steps", "3", "--vae-batch", "2", "--stats", "8",
               "--probe", "0", "--dtype", "float32"]  # fmt: skip
     _train("tools.shapes.train", "--out", str(a), *shapes)
     assert (a / "bank.pkl").is_file() and (a / "decoder.safetensors").is_file()

@@ -265,7 +265,7 @@ def build_bank(vae, args, rng: random.Random, split: str = "train", total: int |
     total = total or args.bank
     bank = {}
     for (w, h), share in SIZES.items():
-        n = max(64, int(total * share))
+        n = max(min(64, total), int(total * share))  # a small --bank: a smoke run
         items, latents = [], []
         for i in tqdm(range(0, n, 64), desc=f"bank {w}x{h}", mininterval=5):
             batch = [scenes.sample_scene(rng, split) for _ in range(min(64, n - i))]

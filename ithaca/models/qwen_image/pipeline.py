@@ -34,7 +34,6 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import (
 )
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
     CONDITION_IMAGE_SIZE,
-    VAE_IMAGE_SIZE,
 )
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
     calculate_dimensions as _plus_dimensions,
@@ -271,7 +270,8 @@ class QwenImageEditPipeline(QwenImagePipeline):
         return self._dims(image, self._edit_area())
 
     def _edit_area(self) -> int:
-        # diffusers' 1024 * 1024, or the trained size a checkpoint states (_ithaca_defaults)
+        # diffusers' 1024 * 1024 (Edit-Plus: VAE_IMAGE_SIZE, the same area), or the trained
+        # size a checkpoint states (_ithaca_defaults): the input images' VAE area
         return self.default_width * self.default_height
 
     def _image_shapes(self, request: Request) -> list[tuple[int, int, int]]:
@@ -318,9 +318,6 @@ class QwenImageEditPlusPipeline(QwenImageEditPipeline):
 
     def _dims(self, image: Image.Image, area: int) -> tuple[int, int]:
         return _plus_dimensions(area, image.size[0] / image.size[1])
-
-    def _vae_size(self, image: Image.Image) -> tuple[int, int]:
-        return self._dims(image, VAE_IMAGE_SIZE)
 
     def _condition_images(self, request: Request):
         shown, pixels = [], []
