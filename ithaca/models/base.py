@@ -39,6 +39,7 @@ from ithaca.models.progress import report_decode, up_block_chunks
 from ithaca.models.spec import plain_cfg
 from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_branches
 from ithaca.parallel.hsdp import HSDPInferenceConfig, HSDPMesh
+from ithaca.parallel.tensor import DegreeError, tp_shard
 from ithaca.parallel.vae import follow_encodes, lead_encodes, split_vae
 from ithaca.types import (
     DecodeCallback,
@@ -271,11 +272,13 @@ class DenoisingPipeline:
         (then sharded after loading). ``device``: where to load (default: the rank's;
         the host when offloaded)."""
         device = self.offloading.load_device("transformer") if device is None else device
-        shard = self.hsdp_shard()
+        shard = self.hsdp_shard() or tp_shard(self.state, cls)  # split on meta
         try:
             transformer = load_streamed(
                 cls, model, subfolder, device=device, dtype=self.dtype, shard=shard
             )
+        except DegreeError:
+            raise  # -tp does not fit this model: no whole-model fallback load
         except (ValueError, FileNotFoundError) as exc:
             logger.info("%s: loading through from_pretrained (%s)", model, exc)
             transformer = cls.from_pretrained(model, subfolder=subfolder, torch_dtype=self.dtype)

@@ -15,8 +15,9 @@ model in host RAM before the copy to the GPU: 8 ranks x 41 GB (Qwen-Image) or
 
 A rank's host memory at peak is then about one tensor plus the map window, not the
 model in its stored dtype plus a copy; ``tests/models/test_loading.py`` measures it.
-With HSDP (``shard=``) the module is sharded while still on ``meta`` and each rank
-allocates and reads only the rows it keeps: its peak is its shard plus one tensor.
+With HSDP or tensor parallelism (``shard=``) the module is sharded while still on
+``meta`` and each rank allocates and reads only the rows or columns it keeps: its peak
+is its shard plus one tensor.
 Checkpoints whose keys need a diffusers conversion (single-file, legacy names) are
 not handled here: the loader raises on unexpected keys and the caller falls back to
 ``from_pretrained``.
@@ -34,6 +35,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from ithaca.parallel.hsdp import local_rows
+from ithaca.parallel.tensor import take
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +81,13 @@ def load_streamed(
     Floating-point tensors are cast to ``dtype`` (None: as stored), except in the
     class's ``_keep_in_fp32_modules``; other tensors keep their dtype.
 
-    ``shard`` (e.g. :func:`ithaca.parallel.hsdp.apply_hsdp_to_model` bound to its mesh)
-    is applied to the module while it is still on ``meta``; each rank then allocates
-    only its shards on ``device`` and reads only their rows from the files
-    (``safe_open(...).get_slice``): its peak memory is its shard plus one tensor's rows.
+    ``shard`` (e.g. :func:`ithaca.parallel.hsdp.apply_hsdp_to_model` bound to its mesh,
+    or :func:`ithaca.parallel.tensor.split_weights`) is applied to the module while it is
+    still on ``meta``; each rank then allocates only its shards on ``device`` and reads
+    only their parts from the files (``safe_open(...).get_slice``): an HSDP DTensor's
+    rows, or the pieces the hook recorded in ``module._load_slices`` (parameter name ->
+    ``[(dim, start, length), ...]``, concatenated along dim). Its peak memory is its
+    shard plus one tensor's part.
     """
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
@@ -103,6 +108,7 @@ def load_streamed(
         module = shard(module)
         module.to_empty(device=device)  # this rank's shards only (buffers: restored below)
     expected = dict(module.named_parameters()) | dict(module.named_buffers())
+    slices = getattr(module, "_load_slices", {})  # left by a tensor-parallel shard
     loaded: set[str] = set()
     for path, f, name, account in _read_windows(weight_files(directory), window_bytes):
         if name not in expected:
@@ -111,20 +117,12 @@ def load_streamed(
                 f"load this checkpoint with from_pretrained"
             )
         param = expected[name]
-        rows = local_rows(param) if isinstance(param, DTensor) else None
-        if isinstance(param, DTensor):
-            local = param.to_local()
-            if rows is None:
-                tensor = f.get_tensor(name)
-            else:
-                dim, start, length = rows
-                tensor = f.get_slice(name)[(slice(None),) * dim + (slice(start, start + length),)]
-            account(tensor.numel() * tensor.element_size())
+        tensor = _read(f, name, param, slices.get(name))
+        account(tensor.numel() * tensor.element_size())
+        if shard is not None:  # allocated by to_empty: cast on the device, into the shard
             with torch.no_grad():
-                local.copy_(tensor)  # cast on the device, into the shard
+                (param.to_local() if isinstance(param, DTensor) else param).copy_(tensor)
         else:
-            tensor = f.get_tensor(name)
-            account(tensor.numel() * tensor.element_size())
             value = tensor.to(device=device, dtype=target(name, tensor.dtype))
             set_module_tensor_to_device(
                 module, name, device, value=value, dtype=value.dtype, clear_cache=False
@@ -145,6 +143,16 @@ def load_streamed(
                 module, name, device, value=value, dtype=value.dtype, clear_cache=False
             )
     return module.eval()
+
+
+def _read(f, name: str, param: torch.Tensor, pieces: list | None) -> torch.Tensor:
+    """This rank's part of checkpoint tensor ``name``: an HSDP shard's rows, the
+    ``(dim, start, length)`` pieces a shard hook recorded (tensor parallel), or all of it.
+    Only that part is read from the file."""
+    if isinstance(param, DTensor):
+        rows = local_rows(param)
+        pieces = None if rows is None else [rows]
+    return take(f.get_slice(name), pieces) if pieces else f.get_tensor(name)
 
 
 def _read_windows(paths: list[str], window_bytes: int):

@@ -25,10 +25,15 @@ holds the same full hidden states between blocks, and the sequence-parallel plan
 (Ulysses / Ring over the ranks of one tp index) runs on the local heads unchanged.
 The all-reduce changes the order of the sums, so results equal one rank within fp32
 rounding, not bit for bit; every tp rank gets the same reduced bits.
+
+Loading: :func:`split_weights` is ``load_streamed``'s ``shard=`` hook, so the module is
+split while on ``meta`` and each rank reads only its pieces of the checkpoint
+(``safe_open(...).get_slice``): no rank holds more of the transformer than it keeps.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -40,6 +45,11 @@ from ithaca.parallel.state import ParallelState
 
 HEAD_ATTRS = ("heads", "inner_dim", "inner_kv_dim")
 """Attention-module attributes that count this rank's heads (or heads x head_dim)."""
+
+
+class DegreeError(ValueError):
+    """A tensor-parallel degree the model cannot take (a user's configuration error: the
+    loader must not fall back to another way of loading on it)."""
 
 
 @dataclass
@@ -95,27 +105,89 @@ def check_degree(transformer: nn.Module, size: int, family: str) -> dict:
     the heads and every block of it (call before any weight is split)."""
     plan = tp_plan(transformer)
     if plan is None:
-        raise ValueError(
-            f"tensor_parallel_size ({size}): {family} declares no tensor-parallel plan "
-            f"(_tp_plan); serve it with --tensor-parallel-size 1 and sequence parallelism"
-        )
+        raise _no_plan(size, family)
     heads, valid = valid_degrees(transformer, plan)
     if size not in valid:
-        raise ValueError(
+        raise DegreeError(
             f"tensor_parallel_size ({size}) must divide num_attention_heads ({heads}) and "
             f"every split MLP / projection block of {family}; valid degrees: {valid}"
         )
     return plan
 
 
-def _slice(tensor: torch.Tensor, dim: int, blocks: list[int], rank: int, size: int):
-    """This rank's rows (dim 0) or columns (dim 1) of ``tensor``, block by block."""
-    parts, start = [], 0
+def take(tensor, pieces: list[tuple[int, int, int]]) -> torch.Tensor:
+    """The ``(dim, start, length)`` pieces of ``tensor`` concatenated along their dim: a
+    copy (the full tensor can be freed). ``tensor`` may be a safetensors slice
+    (``safe_open(...).get_slice(name)``): only the pieces are read from the file."""
+    parts = [tensor[(slice(None),) * dim + (slice(start, start + n),)] for dim, start, n in pieces]
+    if len(parts) > 1:
+        return torch.cat(parts, pieces[0][0])
+    return parts[0].clone() if isinstance(tensor, torch.Tensor) else parts[0]
+
+
+def _no_plan(size: int, family: str) -> DegreeError:
+    return DegreeError(
+        f"tensor_parallel_size ({size}): {family} declares no tensor-parallel plan "
+        f"(_tp_plan); serve it with --tensor-parallel-size 1 and sequence parallelism"
+    )
+
+
+def _pieces(dim: int, blocks: list[int], rank: int, size: int) -> list[tuple[int, int, int]]:
+    """This rank's rows (dim 0) or columns (dim 1), block by block: ``(dim, start, n)``."""
+    pieces, start = [], 0
     for block in blocks:
         chunk = block // size
-        parts.append(tensor.narrow(dim, start + rank * chunk, chunk))
+        pieces.append((dim, start + rank * chunk, chunk))
         start += block
-    return torch.cat(parts, dim) if len(parts) > 1 else parts[0].clone()
+    return pieces
+
+
+def split_weights(transformer: nn.Module, state: ParallelState, family: str = "the model"):
+    """Keep this rank's shard of every Linear the plan splits; returns ``transformer``.
+
+    This is :func:`ithaca.models.loading.load_streamed`'s ``shard=`` hook: called on the
+    ``meta`` module it only shrinks the parameters to their local shapes and records,
+    in ``transformer._load_slices``, the pieces of each checkpoint tensor this rank keeps
+    (the loader reads just those): no rank ever holds the whole transformer. Called on
+    loaded weights (the ``from_pretrained`` fallback) it copies the pieces out. Either
+    way the split happens once; :func:`apply_tensor_parallel` does the rest.
+    """
+    axis = state.tp
+    if axis.size == 1 or hasattr(transformer, "_tp_specs"):
+        return transformer
+    from diffusers.hooks.tensor_parallel import resolve_tp_shard_specs
+
+    plan = check_degree(transformer, axis.size, family)
+    specs = resolve_tp_shard_specs(transformer, plan, axis.size)  # shapes only: meta is fine
+    modules = dict(transformer.named_modules())
+    slices = {}
+    for name, spec in specs.items():
+        if spec.dim is None:  # a rowwise bias: whole on every rank
+            continue
+        path, _, attr = name.rpartition(".")
+        linear = modules[path]
+        slices[name] = _pieces(spec.dim, spec.block_sizes, axis.rank, axis.size)
+        # colwise (out, in) -> (out/P, in), bias (out/P,); rowwise (out, in) -> (out, in/P)
+        local = take(getattr(linear, attr).data, slices[name])
+        setattr(linear, attr, nn.Parameter(local, requires_grad=False))
+        if attr == "weight" and spec.dim == 0:
+            linear.out_features = local.shape[0]
+        elif attr == "weight":
+            linear.in_features = local.shape[1]
+    transformer._tp_specs = specs
+    transformer._load_slices = slices
+    return transformer
+
+
+def tp_shard(state: ParallelState, cls: type):
+    """:func:`split_weights` bound to ``state`` (``load_streamed``'s ``shard=``), or None
+    without tensor parallelism. Raises before anything is loaded when the transformer
+    class ``cls`` declares no ``_tp_plan`` (Wan, SD3.5: sequence parallelism only)."""
+    if state.tp.size == 1:
+        return None
+    if getattr(cls, "_tp_plan", None) is None:
+        raise _no_plan(state.tp.size, cls.__name__)
+    return functools.partial(split_weights, state=state, family=cls.__name__)
 
 
 def apply_tensor_parallel(
@@ -123,32 +195,26 @@ def apply_tensor_parallel(
 ) -> TensorParallelRuntime | None:
     """Split ``transformer``'s planned Linears over ``state.tp`` (None when tp size is 1).
 
-    Every rank of the tp group calls it on the same full weights; each keeps its shard
-    (the full tensors are freed). Raises before touching anything when the degree does
-    not divide the heads and blocks (see :func:`check_degree`).
+    Every rank of the tp group calls it, on the full weights or on the shard
+    :func:`split_weights` loaded; each keeps its shard (full tensors are freed), its
+    rowwise layers all-reduce, its attention modules count their local heads. Raises
+    before touching anything when the degree does not divide the heads and blocks (see
+    :func:`check_degree`).
     """
     axis = state.tp
     if axis.size == 1:
         return None
-    from diffusers.hooks.tensor_parallel import resolve_tp_shard_specs
-
-    plan = check_degree(transformer, axis.size, family)
-    specs = resolve_tp_shard_specs(transformer, plan, axis.size)
+    split_weights(transformer, state, family)  # a no-op when it was loaded split
+    specs = transformer._tp_specs
     runtime = TensorParallelRuntime(axis.size, specs)
+    params = dict(transformer.named_parameters())
+    for name in transformer._load_slices:
+        params[name]._tp_split = True  # counted by parameter_bytes as this rank's shard
     modules = dict(transformer.named_modules())
     linears = {name.rpartition(".")[0] for name in specs}
     for path in sorted(linears):
         linear = modules[path]
-        weight = specs[f"{path}.weight"]
-        local = _slice(linear.weight.data, weight.dim, weight.block_sizes, axis.rank, axis.size)
-        linear.weight = _split_parameter(local)
-        if weight.dim == 0:  # colwise: (out/P, in), bias (out/P,)
-            linear.out_features = local.shape[0]
-            if linear.bias is not None:
-                bias = _slice(linear.bias.data, 0, weight.block_sizes, axis.rank, axis.size)
-                linear.bias = _split_parameter(bias)
-        else:  # rowwise: (out, in/P); the bias is added once, after the all-reduce
-            linear.in_features = local.shape[1]
+        if specs[f"{path}.weight"].dim == 1:  # rowwise: the bias is added once, after the sum
             bias = linear.bias
             linear.bias = None
             if bias is not None:
@@ -180,12 +246,6 @@ def _local_sizes(transformer: nn.Module) -> list[tuple[nn.Module, str]]:
     if getattr(transformer, "_tp_local_sizes", ()) and not found:
         raise ValueError(f"_tp_local_sizes {transformer._tp_local_sizes} names no int attribute")
     return found
-
-
-def _split_parameter(local: torch.Tensor) -> nn.Parameter:
-    param = nn.Parameter(local, requires_grad=False)
-    param._tp_split = True  # counted by parameter_bytes as this rank's shard
-    return param
 
 
 def _reduce(state: ParallelState):

@@ -392,8 +392,10 @@ def lead_encodes(vae: nn.Module | None, axis: Axis) -> Iterator[None]:
         rows = x.shape[-2]
         if rows % unit or rows // unit < axis.size:  # not whole latent rows for every rank
             return encode(x)  # decided here alone: the followers are not told
-        # Every rank of the axis reaches this broadcast once per encode, in order.
-        comm.broadcast_object(("encode", x.cpu()), axis)
+        # Every rank of the axis reaches this broadcast once per encode, in order: the
+        # kind and x's shape / dtype as metadata, then x (B, C, [T,] H, W) itself from
+        # this rank's device into a tensor the others create on theirs (never pickled).
+        comm.broadcast_nested(("encode", x), axis)
         return run_split(vae, encode, x, axis, unit=unit)
 
     vae._encode = split_encode
@@ -401,7 +403,7 @@ def lead_encodes(vae: nn.Module | None, axis: Axis) -> Iterator[None]:
         yield
     finally:
         del vae._encode
-        comm.broadcast_object(("done", None), axis)
+        comm.broadcast_nested(("done", None), axis)
 
 
 def follow_encodes(vae: nn.Module | None, axis: Axis, device: torch.device) -> None:
@@ -409,7 +411,7 @@ def follow_encodes(vae: nn.Module | None, axis: Axis, device: torch.device) -> N
     if not _splits_encode(vae, axis):
         return
     while True:
-        kind, x = comm.broadcast_object(None, axis)
+        kind, x = comm.broadcast_nested(None, axis)  # x: on this rank's device already
         if kind == "done":
             return
         with torch.no_grad():
