@@ -138,6 +138,11 @@ class StepBatch:
         run after it, in batches of their own."""
 
     # -- membership ------------------------------------------------------------------
+    def start(self, requests: list[Request]) -> None:
+        """Begin the batch with resolved ``requests``: the first one's key is the batch's."""
+        self.key = join_key(self.pipe, requests[0])
+        self._join(requests)
+
     def join(self, params: list[GenerationParams]) -> None:
         """Every rank, same order: the joiners this rank resolves to this batch's key."""
         requests = []
@@ -277,8 +282,7 @@ class StepBatch:
         if getattr(self.pipe, "loras", None) is not None:
             self.pipe.loras.apply(())
         self.pipe._install_cache(None)
-        self.key = join_key(self.pipe, requests[0])
-        self._join(requests)
+        self.start(requests)
         while self.slots:
             asked = self.step()
             self.leave(started)

@@ -133,7 +133,7 @@ def test_a_step_batch_reads_nothing_back_per_step(pipe):
         for s, n, g in ((1, 4, 4.0), (2, 5, 2.5))
     ]  # fmt: skip
     stepper = StepBatch(pipe, callback=lambda event: False, admit=None, on_done=None)
-    stepper.join([pipe.resolve(p) for p in batch])
+    stepper.start([pipe.resolve(p) for p in batch])
     stepper.step()
     counts: list[str] = []
     with count_host_reads(counts):
