@@ -47,6 +47,7 @@ class HostCopy:
         """The module's parameters and buffers at placement, kept by identity: peft
         renames a layer's weight when it wraps the layer with a LoRA adapter (the tensor
         stays the same object) and adds the adapter's own tensors beside it."""
+        self._placed = {id(tensor) for tensor in self.tensors}
         self.layout, offset = [], 0
         for key, tensor in tensors:
             self.layout.append((key, offset, tensor.dtype, tensor.shape))
@@ -71,9 +72,8 @@ class HostCopy:
         not in the buffer) follow them to ``device``."""
         for tensor, view in zip(self.tensors, views, strict=True):
             tensor.data = view
-        placed = {id(t) for t in self.tensors}
         for _, tensor in _tensors(self.module):
-            if id(tensor) not in placed and tensor.device != device:
+            if id(tensor) not in self._placed and tensor.device != device:
                 tensor.data = tensor.data.to(device)
 
     def prefetch(self, stream: torch.cuda.Stream | None = None) -> None:

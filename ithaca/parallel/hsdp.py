@@ -206,12 +206,15 @@ def apply_hsdp_to_model(
 
     Works on a model built on the ``meta`` device (nothing is allocated: the sharded
     parameters are meta DTensors, see :func:`ithaca.models.loading.load_streamed`) or
-    on a loaded one (each rank keeps its rows, the rest is freed). ``mesh`` defaults to
-    :func:`hsdp_mesh` of ``state``. Collective over the mesh.
+    on a loaded one (each rank keeps its rows, the rest is freed). Without ``mesh``: an
+    :class:`HSDPMesh` of ``state``, which ``model`` then follows through group rebuilds
+    (with neither, the default group is one replica). Collective over the mesh.
     """
     if not config.enabled:
         return model
-    mesh = mesh if mesh is not None else hsdp_mesh(config, state)
+    if mesh is None and state is not None:
+        return HSDPMesh(config, state).shard(model)
+    mesh = mesh if mesh is not None else hsdp_mesh(config)
     policy = MixedPrecisionPolicy(
         param_dtype=config.param_dtype,
         reduce_dtype=config.reduce_dtype,
