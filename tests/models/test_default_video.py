@@ -67,8 +67,8 @@ def test_clips_have_the_declared_shape(clips_and_cases):
 MEASURED = {"background": 0.95, "color": 0.75}
 """What the shipped checkpoint holds on these held-out clips (docs/default-model.md: on these
 16 it measured background 100%, colour 87.5%, kind 12.5%, start 25%, end 19%): a regression
-floor two clips below the measured colour; kind and positions are not learned (the probe in
-tools/video/probe.py shows why), so they have no floor."""
+floor two clips below the measured colour; kind and positions are barely learned yet
+(tools/video/probe.py tracks positions), so they have no floor."""
 
 
 def _accuracy(clips_and_cases) -> dict[str, float]:
@@ -86,7 +86,7 @@ def test_prompt_adherence_holds_its_measured_level(clips_and_cases):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="the shipped video model does not place shapes: kind and start/end positions "
+    reason="the shipped video model barely places shapes yet: kind and start/end positions "
     "are below evaluate.TARGETS (docs/default-model.md); strict, so meeting them fails here",
 )
 def test_prompt_adherence_meets_targets(clips_and_cases):

@@ -11,8 +11,8 @@ two predictions are, from the same noise, relative to the prediction's own size:
 - ``kind``: "a red circle" against "a red square".
 
 A model that ignores its position words shows ``position`` near 0 while ``colour`` is
-well above it: it then places the shape wherever the noise suggests (what
-docs/default-model.md reports for the shipped video model).
+well above it: it then places the shape wherever the noise suggests (the video model
+until ~14,000 steps; docs/default-model.md has the column over its training).
 """
 
 from __future__ import annotations
