@@ -16,8 +16,6 @@ import os
 import sys
 
 from ithaca.config import (
-    ATTENTION_BACKENDS,
-    PLACEMENTS,
     CacheConfig,
     ParallelConfig,
     ServerConfig,
@@ -35,22 +33,27 @@ def _degree(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {value!r}") from None
 
 
+_FLAG_TYPES = {"int": int, "float": float, "str": str, "str | None": str}
+
+
 def _parallel_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("parallelism")
-    g.add_argument(
-        "--usp", "--ulysses-degree", dest="ulysses_degree", type=_degree, default=1,
-        help="Ulysses degree, or 'auto' to choose every degree by the guide's cost model",
-    )  # fmt: skip
-    g.add_argument("--ring", "--ring-degree", dest="ring_degree", type=int, default=1)
-    g.add_argument("--cfg-parallel-size", type=int, default=1)
-    g.add_argument(
-        "-tp", "--tensor-parallel-size", type=int, default=1,
-        help="tensor parallel: ranks that split the transformer's heads and MLP (weights)",
-    )  # fmt: skip
-    g.add_argument(
-        "--vae-patch-parallel-size", type=int, default=1,
-        help="ranks of the replica that split the VAE decode by rows (exact, not tiled)",
-    )  # fmt: skip
+    """One flag per :class:`ParallelConfig` field that declares one (``config.flag``),
+    then the flags of ``--usp auto``, the dtype and the step cache."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(ParallelConfig):
+        if "flags" not in f.metadata:
+            continue
+        options = dict(f.metadata)
+        names, title = options.pop("flags"), options.pop("group")
+        if title not in groups:
+            groups[title] = p.add_argument_group(title)
+        if f.type == "bool":
+            options["action"] = "store_true"
+        else:
+            kind = _degree if f.name == "ulysses_degree" else _FLAG_TYPES[f.type]
+            options.update(type=kind, default=f.default)
+        groups[title].add_argument(*names, dest=f.name, **options)
+    g = groups["parallelism"]
     g.add_argument("--world-size", type=int, default=None, help="GPUs for --usp auto")
     g.add_argument(
         "--interconnect", choices=["auto", "nvlink", "pcie"], default="auto",
@@ -60,41 +63,7 @@ def _parallel_args(p: argparse.ArgumentParser) -> None:
         "--expect-cfg", action="store_true",
         help="--usp auto: requests will use true CFG (a negative prompt)",
     )  # fmt: skip
-    g.add_argument(
-        "--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
-        help="local attention kernel; auto: the fastest installed one the layout can use",
-    )  # fmt: skip
-    g.add_argument(
-        "--collective-timeout", dest="collective_timeout_s", type=float, default=60.0,
-        help="seconds before a stuck collective raises instead of hanging the group",
-    )  # fmt: skip
-    g.add_argument(
-        "--use-hsdp", action="store_true",
-        help="shard the transformer's weights over the ranks of a replica (FSDP2)",
-    )  # fmt: skip
-    g.add_argument(
-        "--hsdp-shard-size", type=int, default=-1,
-        help="ranks sharing one copy of the weights (-1: the whole replica)",
-    )  # fmt: skip
-    g.add_argument(
-        "--hsdp-replicate-size", type=int, default=1, help="copies of the weights per replica"
-    )
-    g = p.add_argument_group("placement (docs/memory.md)")
-    g.add_argument(
-        "--enable-cpu-offload", dest="cpu_offload", action="store_true",
-        help="text encoders, VAE and (between requests) the transformer on the host, on the "
-        "device only while they run",
-    )  # fmt: skip
-    g.add_argument(
-        "--enable-layerwise-offload", dest="layerwise_offload", action="store_true",
-        help="transformer blocks on the host, streamed to the device one at a time",
-    )  # fmt: skip
-    for part in ("text-encoder", "vae"):
-        g.add_argument(
-            f"--{part}-placement", choices=PLACEMENTS, default=None,
-            help=f"rank0: the {part.replace('-', ' ')} on the returning rank's device; offload: "
-            "on its host until used (default: offload with --enable-cpu-offload, else rank0)",
-        )  # fmt: skip
+    g = groups["placement (docs/memory.md)"]
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     g.add_argument("--cache-backend", default=None, help="step cache, e.g. tea_cache")
     g.add_argument("--cache-config", default=None, help="JSON object of cache settings")
@@ -142,28 +111,13 @@ def _auto_parallel(args, dp: int) -> ParallelConfig:
     interconnect = None if args.interconnect == "auto" else args.interconnect
     chosen = plan(world, args.model, _auto_size(args), cfg, interconnect)
     print(f"ithaca: --usp auto: {chosen.reason}", file=sys.stderr)
-    return ParallelConfig(
-        **chosen.degrees,
-        vae_patch_parallel_size=args.vae_patch_parallel_size,
-        attention_backend=args.attention_backend,
-        collective_timeout_s=args.collective_timeout_s,
-        **_hsdp(args),
-        **_placement(args),
-    )
+    return ParallelConfig(**{**_flagged(args), **chosen.degrees})
 
 
-def _hsdp(args) -> dict:
-    return dict(
-        use_hsdp=args.use_hsdp,
-        hsdp_shard_size=args.hsdp_shard_size,
-        hsdp_replicate_size=args.hsdp_replicate_size,
-    )
-
-
-def _placement(args) -> dict:
-    """The placement flags as :class:`ParallelConfig` fields."""
-    keys = ("text_encoder_placement", "vae_placement", "cpu_offload", "layerwise_offload")
-    return {k: getattr(args, k) for k in keys if hasattr(args, k)}
+def _flagged(args) -> dict:
+    """The :class:`ParallelConfig` fields the command line set (``_parallel_args``)."""
+    fields = dataclasses.fields(ParallelConfig)
+    return {f.name: getattr(args, f.name) for f in fields if "flags" in f.metadata}
 
 
 def _parallel(args, dp: int = 1) -> ParallelConfig:
@@ -173,18 +127,7 @@ def _parallel(args, dp: int = 1) -> ParallelConfig:
                 "--usp auto plans sequence parallelism only; drop --tensor-parallel-size"
             )
         return _auto_parallel(args, dp)
-    return ParallelConfig(
-        ulysses_degree=args.ulysses_degree,
-        ring_degree=args.ring_degree,
-        cfg_parallel_size=args.cfg_parallel_size,
-        data_parallel_size=dp,
-        tensor_parallel_size=args.tensor_parallel_size,
-        vae_patch_parallel_size=args.vae_patch_parallel_size,
-        attention_backend=args.attention_backend,
-        collective_timeout_s=args.collective_timeout_s,
-        **_hsdp(args),
-        **_placement(args),
-    )
+    return ParallelConfig(**_flagged(args), data_parallel_size=dp)
 
 
 def add_underscore_aliases(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ mistake on the command line or in Python reads the same way.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 def _require_positive(name: str, value: int) -> None:
@@ -18,6 +18,15 @@ def _require_positive(name: str, value: int) -> None:
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "cudnn", "efficient", "sage")
 PLACEMENTS = ("rank0", "offload")
 """Where a text encoder or VAE lives (``ParallelConfig.text_encoder_placement``)."""
+
+
+def flag(default, *names: str, help: str | None = None, group: str = "parallelism", **kwargs):
+    """A field the command line sets with ``names`` (``ithaca.cli`` adds one flag per such
+    field, typed and defaulted by the field; ``kwargs`` go to ``add_argument``)."""
+    return field(default=default, metadata=dict(flags=names, help=help, group=group, **kwargs))
+
+
+_PLACE = "placement (docs/memory.md)"
 
 
 @dataclass(frozen=True)
@@ -31,68 +40,106 @@ class ParallelConfig:
     with ``dp`` outermost; see ``ithaca.parallel.state`` for the rank map.
     """
 
-    ulysses_degree: int = 1
+    ulysses_degree: int = flag(
+        1, "--usp", "--ulysses-degree",
+        help="Ulysses degree, or 'auto' to choose every degree by the guide's cost model",
+    )  # fmt: skip
     """Ranks that exchange attention heads by all-to-all (DeepSpeed Ulysses)."""
 
-    ring_degree: int = 1
+    ring_degree: int = flag(1, "--ring", "--ring-degree")
     """Ranks that rotate K/V blocks peer-to-peer (Ring attention)."""
 
-    cfg_parallel_size: int = 1
+    cfg_parallel_size: int = flag(1, "--cfg-parallel-size")
     """1, or 2 to run the positive and negative guidance branches on separate ranks."""
 
     data_parallel_size: int = 1
     """Independent replicas, each running whole requests on its own ranks."""
 
-    attention_backend: str = "auto"
+    attention_backend: str = flag(
+        "auto", "--attention-backend", choices=ATTENTION_BACKENDS,
+        help="local attention kernel; auto: the fastest installed one the layout can use",
+    )  # fmt: skip
     """Local attention kernel: ``auto`` picks the fastest installed one for what the
     layout needs (see ``ithaca.parallel.kernels``); ``sdpa``, ``flash`` (flash-attn 2/3),
     ``cudnn``, ``efficient`` or ``sage`` (SageAttention) ask for one, falling back with a
     warning where it cannot serve a call (no GPU, wrong architecture, a mask, a
     log-sum-exp it does not return)."""
 
-    vae_patch_parallel_size: int = 1
+    vae_patch_parallel_size: int = flag(
+        1, "--vae-patch-parallel-size",
+        help="ranks of the replica that split the VAE decode by rows (exact, not tiled)",
+    )  # fmt: skip
     """Ranks of the replica that split the VAE decode (and encode) by latent rows, exactly:
     convolutions exchange halo rows, group norms all-reduce their statistics, attention
     gathers what it attends over (``ithaca.parallel.vae``). At most the replica's size
     ``cfg_parallel_size * ring_degree * ulysses_degree``; the first ranks of the replica
     decode, the others wait."""
 
-    collective_timeout_s: float = 60.0
+    collective_timeout_s: float = flag(
+        60.0, "--collective-timeout",
+        help="seconds before a stuck collective raises instead of hanging the group",
+    )  # fmt: skip
     """A collective that has not completed after this many seconds raises (a peer died
     or ran out of memory), instead of hanging the group."""
 
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = flag(
+        1, "-tp", "--tensor-parallel-size",
+        help="tensor parallel: ranks that split the transformer's heads and MLP (weights)",
+    )  # fmt: skip
     """Ranks that split the transformer's weights: attention heads and MLP hidden units
     (column-parallel in, row-parallel out, one all-reduce each); see
     ``ithaca.parallel.tensor``. Heads are split by TP first, Ulysses splits the rest."""
 
-    use_hsdp: bool = False
+    use_hsdp: bool = flag(
+        False, "--use-hsdp",
+        help="shard the transformer's weights over the ranks of a replica (FSDP2)",
+    )  # fmt: skip
     """Shard the transformer's weights across ranks (PyTorch FSDP2 ``fully_shard``, one
     block at a time; see ``ithaca.parallel.hsdp``): each rank holds 1/``hsdp_shard_size``
     of them and all-gathers a block just before it runs."""
 
-    hsdp_shard_size: int = -1
+    hsdp_shard_size: int = flag(
+        -1, "--hsdp-shard-size",
+        help="ranks sharing one copy of the weights (-1: the whole replica)",
+    )  # fmt: skip
     """Ranks that share one copy of the weights (consecutive ranks of one replica, i.e.
     Ulysses neighbours first); -1: every rank of the replica
     (``cfg_parallel_size * ring_degree * ulysses_degree``)."""
 
-    hsdp_replicate_size: int = 1
+    hsdp_replicate_size: int = flag(
+        1, "--hsdp-replicate-size", help="copies of the weights per replica"
+    )
     """Copies of the weights within one replica; ``hsdp_replicate_size *
     hsdp_shard_size`` must equal the replica's rank count."""
 
-    text_encoder_placement: str | None = None
+    text_encoder_placement: str | None = flag(
+        None, "--text-encoder-placement", choices=PLACEMENTS, group=_PLACE,
+        help="rank0: the text encoder on the returning rank's device; offload: on its host "
+        "until used (default: offload with --enable-cpu-offload, else rank0)",
+    )  # fmt: skip
     """Where the text encoders live (``ithaca.models.offload``): ``rank0`` (on the
     returning rank's device, the others hold none) or ``offload`` (on its host, on the
     device only while encoding). None: ``offload`` under ``cpu_offload``, else ``rank0``."""
 
-    vae_placement: str | None = None
+    vae_placement: str | None = flag(
+        None, "--vae-placement", choices=PLACEMENTS, group=_PLACE,
+        help="rank0: the vae on the returning rank's device; offload: on its host until "
+        "used (default: offload with --enable-cpu-offload, else rank0)",
+    )  # fmt: skip
     """Where the VAE lives: ``rank0`` or ``offload``, as ``text_encoder_placement``."""
 
-    cpu_offload: bool = False
+    cpu_offload: bool = flag(
+        False, "--enable-cpu-offload", group=_PLACE,
+        help="text encoders, VAE and (between requests) the transformer on the host, on the "
+        "device only while they run",
+    )  # fmt: skip
     """``--enable-cpu-offload``: every large component (text encoders, VAE, and the
     transformer between requests) on the host, on the device only while it runs."""
 
-    layerwise_offload: bool = False
+    layerwise_offload: bool = flag(
+        False, "--enable-layerwise-offload", group=_PLACE,
+        help="transformer blocks on the host, streamed to the device one at a time",
+    )  # fmt: skip
     """``--enable-layerwise-offload``: the transformer's blocks on the host, streamed to
     the device one at a time (the next prefetched on a side stream on CUDA)."""
 
