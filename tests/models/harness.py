@@ -304,6 +304,15 @@ def check_family_layout(worker_pool, family: str, name: str, layout: dict, check
     record(family, name, err, diff)
 
 
+def check_family_reference(family: str, checkpoint: str, request: dict, one_rank: tuple,
+                           index: int, **reference_args):  # fmt: skip
+    """Check request ``index`` of ``one_rank`` (which ran ``request`` there) against the
+    diffusers reference of ``checkpoint`` and record the cell ``family`` x 1 rank."""
+    reference = diffusers_reference(checkpoint, request, **reference_args)
+    err, diff = check_reference(one_rank, index, reference)
+    record(family, "1 rank vs diffusers", err, diff)
+
+
 def world_size(layout: dict) -> int:
     size = 1
     for degree in layout.values():

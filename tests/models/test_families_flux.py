@@ -21,10 +21,8 @@ from tests.models.harness import (
     FLUX_STYLE_HOOKS,
     LAYOUTS,
     check_family_layout,
-    check_reference,
-    diffusers_reference,
+    check_family_reference,
     generate,
-    record,
 )
 
 CFG = dict(prompt="a red cat", negative_prompt="blurry", true_cfg_scale=4.0,
@@ -50,9 +48,7 @@ def one_rank(checkpoints):
 
 @pytest.mark.parametrize("index", [0, 1], ids=["true_cfg", "embedded_guidance"])
 def test_one_rank_matches_diffusers(checkpoints, one_rank, index):
-    reference = diffusers_reference(checkpoints["dev"], BATCH[index])
-    err, diff = check_reference(one_rank, index, reference)
-    record("FLUX.1-dev", "1 rank vs diffusers", err, diff)
+    check_family_reference("FLUX.1-dev", checkpoints["dev"], BATCH[index], one_rank, index)
 
 
 def test_batched_guidance_scales_match_diffusers(checkpoints):
@@ -64,17 +60,14 @@ def test_batched_guidance_scales_match_diffusers(checkpoints):
     ours = generate({}, checkpoints["dev"], batch, attrs={"fuse_batches": True})
     assert ours[2]["metadata"][0]["timings"] == ours[2]["metadata"][1]["timings"]  # one loop
     for index, request in enumerate(batch):
-        reference = diffusers_reference(checkpoints["dev"], request)
-        err, diff = check_reference(ours, index, reference)
-        record("FLUX.1-dev", "1 rank vs diffusers", err, diff)
+        check_family_reference("FLUX.1-dev", checkpoints["dev"], request, ours, index)
 
 
 def test_schnell_matches_diffusers(checkpoints):
     request = dict(DISTILLED, guidance_scale=None, num_inference_steps=3)
     ours = generate({}, checkpoints["schnell"], [request])
-    reference = diffusers_reference(checkpoints["schnell"], dict(request, guidance_scale=0.0))
-    err, diff = check_reference(ours, 0, reference)
-    record("FLUX.1-schnell", "1 rank vs diffusers", err, diff)
+    reference = dict(request, guidance_scale=0.0)  # diffusers' "no embedded guidance"
+    check_family_reference("FLUX.1-schnell", checkpoints["schnell"], reference, ours, 0)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)

@@ -18,12 +18,11 @@ from PIL import Image
 
 from ithaca.models.longcat_image.pipeline import LongCatImageEditPipeline
 from tests.models.harness import (
+    FLUX_STYLE_HOOKS,
     LAYOUTS,
-    check_layout,
-    check_reference,
-    diffusers_reference,
+    check_family_layout,
+    check_family_reference,
     generate,
-    record,
     world_size,
 )
 
@@ -51,20 +50,14 @@ def one_rank(checkpoint):
 
 def test_one_rank_matches_diffusers(checkpoint, one_rank):
     assert one_rank[1][0].shape == (2, 15, 64)  # 80x48 px output: 5x3 packed tokens
-    reference = diffusers_reference(checkpoint, _batch()[0], target_area=AREA)
-    err, diff = check_reference(one_rank, 0, reference)
-    record("LongCat-Image-Edit", "1 rank vs diffusers", err, diff)
+    check_family_reference("LongCat-Image-Edit", checkpoint, _batch()[0], one_rank, 0,
+                           target_area=AREA)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_layout_matches_one_rank(worker_pool, checkpoint, one_rank, name):
     layout = LAYOUTS[name]
-    results = worker_pool(world_size(layout)).run(generate, layout, checkpoint, _batch(), ATTRS)
-    expect = {}
-    if name != "cfg2":  # the plan's hooks acted on every rank
-        # 15 noise + 15 image tokens: padded to 32 at 4 ranks, unpadded at 2.
-        valid = {32: 30} if world_size(layout) == 4 else {}
-        expect = dict(sharded=[".hidden_states", ".img_ids"], gathered=["proj_out[0]"],
-                      valid=valid)  # fmt: skip
-    err, diff = check_layout(results, one_rank, **expect)
-    record("LongCat-Image-Edit", name, err, diff)
+    # 15 noise + 15 image tokens: padded to 32 at 4 ranks, unpadded at 2.
+    hooks = dict(FLUX_STYLE_HOOKS, valid={32: 30} if world_size(layout) == 4 else {})
+    check_family_layout(worker_pool, "LongCat-Image-Edit", name, layout, checkpoint, _batch(),
+                        one_rank, hooks, ATTRS)  # fmt: skip

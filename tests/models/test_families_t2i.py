@@ -26,10 +26,8 @@ from tests.models.harness import (
     LAYOUTS,
     NO_CFG_REQUEST,
     check_family_layout,
-    check_reference,
-    diffusers_reference,
+    check_family_reference,
     generate,
-    record,
 )
 
 SD3_HOOKS = dict(sharded=["transformer_blocks.0.hidden_states"], gathered=["proj_out[0]"],
@@ -56,9 +54,7 @@ def family(request, tiny_family):
 @pytest.mark.parametrize("index", [0, 1], ids=["cfg", "no_cfg"])
 def test_one_rank_matches_diffusers(family, index):
     name, checkpoint, batch, _, one_rank = family
-    reference = diffusers_reference(checkpoint, batch[index])
-    err, diff = check_reference(one_rank, index, reference)
-    record(name, "1 rank vs diffusers", err, diff)
+    check_family_reference(name, checkpoint, batch[index], one_rank, index)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -22,14 +22,7 @@ from ithaca.models.z_image.transformer import pad_heads, z_image_sp_plan
 from ithaca.parallel import ParallelState, validate_sp_plan
 from ithaca.types import GenerationParams
 from tests.models.harness import LAYOUTS as FAMILY_LAYOUTS
-from tests.models.harness import (
-    check_layout,
-    check_reference,
-    diffusers_reference,
-    generate,
-    record,
-    world_size,
-)
+from tests.models.harness import check_family_layout, check_family_reference, generate
 
 TURBO = dict(prompt="a red cat", width=28, height=20, num_inference_steps=2, seed=3,
              num_images=2, request_id="turbo")  # fmt: skip
@@ -78,22 +71,17 @@ def test_pad_heads_appends_zero_heads():
 
 @pytest.mark.parametrize("index", [0, 1, 2], ids=["turbo", "cfg", "long_caption"])
 def test_one_rank_matches_diffusers(checkpoint, one_rank, index):
-    reference = diffusers_reference(checkpoint, BATCH[index])
-    err, diff = check_reference(one_rank, index, reference)
-    record("Z-Image", "1 rank vs diffusers", err, diff)
+    check_family_reference("Z-Image", checkpoint, BATCH[index], one_rank, index)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_layout_matches_one_rank(worker_pool, checkpoint, one_rank, name):
-    layout = LAYOUTS[name]
-    results = worker_pool(world_size(layout)).run(generate, layout, checkpoint, BATCH, FUSED)
-    expect = {}
-    if name != "cfg2":  # the plan's hooks acted on every rank
-        expect = dict(sharded=SHARDED, gathered=["noise_refiner.1[0]", "all_final_layer.2-1[0]"])
-        # Only at 3 ranks is anything padded: the refiner's 64 image tokens to 66.
-        expect["valid"] = {66: 64} if name == "ulysses3" else {}
-    err, diff = check_layout(results, one_rank, **expect)
-    record("Z-Image", name, err, diff)
+    # What the plan's hooks did on every rank (sharded layouts); only at 3 ranks is
+    # anything padded: the refiner's 64 image tokens to 66.
+    hooks = dict(sharded=SHARDED, gathered=["noise_refiner.1[0]", "all_final_layer.2-1[0]"],
+                 valid={66: 64} if name == "ulysses3" else {})  # fmt: skip
+    check_family_layout(worker_pool, "Z-Image", name, LAYOUTS[name], checkpoint, BATCH, one_rank,
+                        hooks, FUSED)  # fmt: skip
 
 
 def test_request_validation(checkpoint):
