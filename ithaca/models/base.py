@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,7 @@ from ithaca.models.loading import load_streamed
 from ithaca.models.lora import LoraAdapters, adapter_summary
 from ithaca.models.offload import Placement, parameter_bytes
 from ithaca.models.progress import report_decode, up_block_chunks
-from ithaca.models.spec import plain_cfg
+from ithaca.models.spec import DEFAULTS, plain_cfg
 from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_branches
 from ithaca.parallel.hsdp import HSDPInferenceConfig, HSDPMesh
 from ithaca.parallel.tensor import DegreeError, tp_shard
@@ -150,6 +151,13 @@ class DenoisingPipeline:
         """The LoRA adapter table (:meth:`lora_table`), created on first use."""
         self.offloading = Placement(state.config, self.device)
         """Where the transformer, text encoders and VAE live (:mod:`ithaca.models.offload`)."""
+
+    def take_defaults(self, defaults: Mapping[str, Any]) -> None:
+        """Set the defaults a spec or a checkpoint states, by request field name
+        (:data:`ithaca.models.spec.DEFAULTS`; other keys are not the loop's)."""
+        for key, value in defaults.items():
+            if key in DEFAULTS:
+                setattr(self, DEFAULTS[key], value)
 
     def configure_cache(self, cache: CacheConfig | None) -> None:
         """Set the default step cache (validated: a :class:`CacheConfig`)."""

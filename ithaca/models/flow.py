@@ -72,6 +72,15 @@ def repeat_rows(values: list, requests: list[Request]) -> list:
     return [v for v, r in zip(values, requests, strict=True) for _ in range(r.params.num_images)]
 
 
+def vae_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Wan-style VAE's per-channel latent mean and std, ``(1, z, 1, 1, 1)`` each, in
+    ``like``'s dtype and device (Qwen-Image's VAE and Wan2.2's)."""
+    z = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(like)
+    std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(like)
+    return mean, std
+
+
 def flow_schedule(config: dict, steps: int, seq_len: int, device, sigmas: str = "linspace"):
     """The reference's scheduler for ``steps``: dynamic shift ``mu`` from the image
     sequence length (``calculate_shift``) and the family's sigmas (see
@@ -102,11 +111,9 @@ class FlowMatchPipeline(DenoisingPipeline):
         super().__init__(state, dtype)
         spec = self.spec
         self.model = model
-        self.default_width, self.default_height = spec.defaults.width, spec.defaults.height
-        self.default_steps = spec.defaults.steps
-        self.default_true_cfg_scale = spec.defaults.cfg_scale
         self.guidance_rule = spec.guidance
         self.index = model_index(model)
+        self.take_defaults({**spec.defaults, **(self.index.get("_ithaca_defaults") or {})})
         self.transformer = self.load_transformer(spec.transformer, model)
         self.runtime = parallelize(self.transformer, state, spec.attention)
         self.offloading.place_transformer("transformer", self.transformer, spec.attention.blocks)
@@ -256,6 +263,22 @@ class FlowMatchPipeline(DenoisingPipeline):
     def forward_inputs(self, requests: list[Request], conds: list[dict], latents) -> dict:
         """Family inputs of the forward beyond the text (position ids, ...)."""
         return {}
+
+    def image_tokens(self, requests: list[Request], conds: list[dict], inputs: dict) -> None:
+        """Edit models: each request's packed input-image latents ``(1, S_image, C)``, one
+        row per image of the batch, as ``inputs["image_latents"]`` (see :meth:`with_image`)."""
+        if "image_latents" in conds[0]:
+            rows = [c["image_latents"].expand(r.params.num_images, -1, -1)
+                    for c, r in zip(conds, requests, strict=True)]  # fmt: skip
+            inputs["image_latents"] = torch.cat(rows)
+
+    @staticmethod
+    def with_image(job: Job) -> torch.Tensor:
+        """The transformer's tokens: the noise ``(B, S, C)``, followed for an edit by the
+        input image's ``(B, S + S_image, C)`` (the prediction is the first ``S``)."""
+        if "image_latents" not in job.inputs:
+            return job.latents
+        return torch.cat([job.latents, job.inputs["image_latents"]], dim=1)
 
     def prepare(self, requests: list[Request], conds: list[dict[str, Any]]) -> Job:
         seeds = [c["seed"] for c in conds]

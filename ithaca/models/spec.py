@@ -38,14 +38,18 @@ def rescaled_cfg(positive: torch.Tensor, negative: torch.Tensor | None, scale: f
     return apply_guidance(positive, negative, scale, rescale_to_positive_norm=True)
 
 
-@dataclass(frozen=True)
-class Defaults:
-    """What a request gets for a field it leaves unset."""
-
-    width: int = 1024
-    height: int = 1024
-    steps: int = 50
-    cfg_scale: float = 4.0
+DEFAULTS = {
+    "width": "default_width",
+    "height": "default_height",
+    "num_inference_steps": "default_steps",
+    "true_cfg_scale": "default_true_cfg_scale",
+    "guidance_scale": "default_true_cfg_scale",  # Wan2.2's name for its CFG scale
+    "num_frames": "default_num_frames",
+    "fps": "default_fps",
+}
+"""Request field -> the pipeline attribute holding its default: what a
+:attr:`FamilySpec.defaults` and a checkpoint's ``model_index.json`` ``_ithaca_defaults``
+(what the default models were trained at; diffusers ignores ``_`` keys) may set."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,9 @@ class FamilySpec:
     VAE); their classes come from the checkpoint's own index."""
     cache_adapter: Callable[[str | None], Any] | None = None
     """``cache_adapter(model_dir)`` -> ``BlockCacheAdapter``; None: no step caching."""
-    defaults: Defaults = field(default_factory=Defaults)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    """Defaults by request field (keys of :data:`DEFAULTS`); unset: 1024 x 1024 px, 50
+    steps, CFG scale 4.0. A checkpoint's ``_ithaca_defaults`` take precedence."""
     guidance: GuidanceRule = plain_cfg
     cfg_above: float = 1.0
     """CFG is on when the scale is above this ..."""
@@ -136,3 +142,8 @@ class FamilySpec:
     reference: str | None = None
     """The diffusers pipeline class that is this family's numerical oracle; None: the one
     named like the family's pipeline class (the checkpoint's ``_class_name``)."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.defaults) - set(DEFAULTS))
+        if unknown:
+            raise ValueError(f"{self.name}: defaults {unknown} must be among {sorted(DEFAULTS)}")

@@ -17,7 +17,7 @@ import torch
 from ithaca.models import registry
 from ithaca.models.flow import FlowMatchPipeline
 from ithaca.models.flux.transformer import FLUX_ATTENTION, FluxTransformer2DModel
-from ithaca.models.spec import Defaults, FamilySpec
+from ithaca.models.spec import FamilySpec
 from ithaca.parallel import ParallelState
 from ithaca.testing.tiny_families import build_tiny_flux
 from ithaca.types import GenerationParams
@@ -30,7 +30,7 @@ class ClipFluxPipeline(FlowMatchPipeline):
         name="CLIP-FLUX",
         transformer=FluxTransformer2DModel,
         attention=FLUX_ATTENTION,
-        defaults=Defaults(width=32, height=32, steps=2, cfg_scale=1.0),
+        defaults={"width": 32, "height": 32, "num_inference_steps": 2, "true_cfg_scale": 1.0},
     )
 
     @torch.no_grad()

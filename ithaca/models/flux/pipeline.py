@@ -29,7 +29,7 @@ from ithaca.models.base import Job, Request
 from ithaca.models.flow import FlowMatchPipeline, repeat_rows
 from ithaca.models.flux.cache import cache_adapter
 from ithaca.models.flux.transformer import FLUX_ATTENTION, FluxTransformer2DModel
-from ithaca.models.spec import Defaults, FamilySpec
+from ithaca.models.spec import FamilySpec
 from ithaca.types import GenerationParams
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ SPEC = FamilySpec(
     attention=FLUX_ATTENTION,
     components=("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
     cache_adapter=cache_adapter,
-    defaults=Defaults(steps=28, cfg_scale=1.0),
+    defaults={"num_inference_steps": 28, "true_cfg_scale": 1.0},
     cfg_needs_negative=True,  # true CFG is opt-in, as in diffusers
     cfg_aliases=False,  # guidance_scale is the embedded guidance
     tiny="ithaca.testing.tiny_families:build_tiny_flux",
@@ -115,12 +115,9 @@ class TextIdsPipeline(FlowMatchPipeline):
 
     def forward(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
         latents = job.latents  # (B, S, C)
-        hidden = latents
-        if "image_latents" in job.inputs:  # (B, S + S_image, C)
-            hidden = torch.cat([latents, job.inputs["image_latents"]], dim=1)
         timestep = t.expand(latents.shape[0]).to(latents.dtype)
         out = self.transformer(
-            hidden_states=hidden,
+            hidden_states=self.with_image(job),
             timestep=timestep / 1000,
             encoder_hidden_states=job.inputs["text"][branch],
             txt_ids=job.inputs["txt_ids"],

@@ -39,7 +39,7 @@ from ithaca.models.flow import pack_latents
 from ithaca.models.flux.cache import cache_adapter  # FLUX.1's blocks
 from ithaca.models.flux.pipeline import TextIdsPipeline
 from ithaca.models.flux.transformer import FLUX_ATTENTION, FLUX_SP_PLAN, LONGCAT_TP_PLAN
-from ithaca.models.spec import Defaults, FamilySpec, plain_cfg
+from ithaca.models.spec import FamilySpec, plain_cfg
 from ithaca.types import GenerationParams
 
 PREFIX = (
@@ -73,7 +73,7 @@ SPEC = FamilySpec(
     transformer=LongCatImageTransformer2DModel,
     attention=FLUX_ATTENTION,
     cache_adapter=cache_adapter,
-    defaults=Defaults(steps=50, cfg_scale=4.5),
+    defaults={"num_inference_steps": 50, "true_cfg_scale": 4.5},
     guidance=renormed_cfg,
     noise_dtype=torch.float32,  # diffusers' LongCat t2i draws fp32 noise, then casts
     tiny="ithaca.testing.tiny_families:build_tiny_longcat_image",
@@ -136,13 +136,8 @@ class LongCatImagePipeline(TextIdsPipeline):
                 modality_id=1, type="image", start=(t, t), height=h // 2, width=w // 2
             ).to(self.device),
         }
-        if "image_latents" in conds[0]:  # edit: the input image's tokens follow the noise
-            inputs["image_latents"] = torch.cat(
-                [
-                    c["image_latents"].expand(r.params.num_images, -1, -1)
-                    for c, r in zip(conds, requests, strict=True)
-                ]
-            )
+        self.image_tokens(requests, conds, inputs)
+        if "image_latents" in inputs:  # edit: the input image's tokens follow the noise
             image_ids = prepare_pos_ids(
                 modality_id=2, type="image", start=(t, t), height=h // 2, width=w // 2
             ).to(self.device, torch.float64)  # float64 as in diffusers (the cat promotes)

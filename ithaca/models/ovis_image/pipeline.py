@@ -25,7 +25,7 @@ from diffusers.pipelines.ovis_image.pipeline_ovis_image import OvisImagePipeline
 from ithaca.models.flux.cache import cache_adapter  # FLUX.1's blocks
 from ithaca.models.flux.pipeline import TextIdsPipeline
 from ithaca.models.flux.transformer import FLUX_ATTENTION, FLUX_SP_PLAN, OVIS_TP_PLAN
-from ithaca.models.spec import Defaults, FamilySpec
+from ithaca.models.spec import FamilySpec
 
 SYSTEM_PROMPT = (
     "Describe the image by detailing the color, quantity, text, shape, size, texture, "
@@ -48,7 +48,7 @@ SPEC = FamilySpec(
     transformer=OvisImageTransformer2DModel,
     attention=FLUX_ATTENTION,
     cache_adapter=cache_adapter,
-    defaults=Defaults(steps=50, cfg_scale=5.0),
+    defaults={"num_inference_steps": 50, "true_cfg_scale": 5.0},
     tiny="ithaca.testing.tiny_families:build_tiny_ovis_image",
 )
 

@@ -43,7 +43,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_d
 from PIL import Image
 
 from ithaca.models.base import Job, Request
-from ithaca.models.flow import seeded_noise
+from ithaca.models.flow import seeded_noise, vae_stats
 from ithaca.models.qwen_image import templates
 from ithaca.models.qwen_image.pipeline import QwenImageEditPipeline, QwenImagePipeline, variant
 from ithaca.models.spec import plain_cfg, rescaled_cfg
@@ -182,7 +182,7 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
         layers = self.layers_of(r)
         latents = _Ref._unpack_latents(latents, r.height, r.width, layers, self.vae_scale_factor)
         latents = latents.to(self.vae.dtype)  # (B, C, L + 1, h, w)
-        mean, std = self._vae_stats(latents)
+        mean, std = vae_stats(self.vae, latents)
         latents = (latents / (1.0 / std) + mean)[:, :, frames]
         b, c, f, h, w = latents.shape
         # (B, C, F, h, w) -> (B * F, C, 1, h, w): every frame decoded as one image

@@ -23,9 +23,7 @@ embeddings; every rank holds the transformer. See ``docs/models.md``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 from typing import Any
 
 import torch
@@ -47,6 +45,7 @@ from ithaca.models.flow import (
     repeat_rows,
     split_images,
     unpack_latents,
+    vae_stats,
 )
 from ithaca.models.qwen_image import templates
 from ithaca.models.qwen_image.cache import cache_adapter
@@ -54,7 +53,7 @@ from ithaca.models.qwen_image.transformer import (
     QWEN_IMAGE_ATTENTION,
     QwenImageTransformer2DModel,
 )
-from ithaca.models.spec import Defaults, FamilySpec, rescaled_cfg
+from ithaca.models.spec import FamilySpec, rescaled_cfg
 from ithaca.types import GenerationParams
 
 logger = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ SPEC = FamilySpec(
     transformer=QwenImageTransformer2DModel,
     attention=QWEN_IMAGE_ATTENTION,
     cache_adapter=cache_adapter,
-    defaults=Defaults(steps=50, cfg_scale=4.0),
+    defaults={"num_inference_steps": 50, "true_cfg_scale": 4.0},
     guidance=rescaled_cfg,
     cfg_needs_negative=True,
     cfg_aliases=False,  # guidance_scale is ignored: Qwen-Image is not guidance-distilled
@@ -95,25 +94,12 @@ class QwenImagePipeline(FlowMatchPipeline):
             raise ValueError(
                 f"{model}: guidance-distilled Qwen-Image transformers are not supported"
             )
-        self._apply_checkpoint_defaults(model)
 
     def vae_scale(self, model: str) -> int:
         from diffusers import AutoencoderKLQwenImage
 
         config = AutoencoderKLQwenImage.load_config(model, subfolder="vae")
         return 2 ** len(config["temperal_downsample"])
-
-    def _apply_checkpoint_defaults(self, model: str) -> None:
-        """A checkpoint may state the size and steps it was trained for in
-        ``model_index.json`` ``_ithaca_defaults`` (diffusers ignores ``_`` keys)."""
-        path = os.path.join(model, "model_index.json")
-        if not os.path.isfile(path):
-            return
-        with open(path) as f:
-            defaults = json.load(f).get("_ithaca_defaults", {})
-        self.default_width = int(defaults.get("width", self.default_width))
-        self.default_height = int(defaults.get("height", self.default_height))
-        self.default_steps = int(defaults.get("num_inference_steps", self.default_steps))
 
     def resolve(self, params: GenerationParams) -> Request:
         if params.guidance_scale is not None:
@@ -170,25 +156,16 @@ class QwenImagePipeline(FlowMatchPipeline):
 
     def forward_inputs(self, requests, conds, latents) -> dict:
         inputs: dict[str, Any] = {}
-        if "image_latents" in conds[0]:
-            inputs["image_latents"] = torch.cat(
-                [
-                    c["image_latents"].expand(r.params.num_images, -1, -1)
-                    for c, r in zip(conds, requests, strict=True)
-                ]
-            )
+        self.image_tokens(requests, conds, inputs)
         inputs["img_shapes"] = [self._image_shapes(requests[0])] * latents.shape[0]
         return inputs
 
     def forward(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
         latents = job.latents
-        hidden = latents
-        if "image_latents" in job.inputs:
-            hidden = torch.cat([latents, job.inputs["image_latents"]], dim=1)
         embeds, mask = job.inputs["text"][branch]
         timestep = t.expand(latents.shape[0]).to(latents.dtype)
         out = self.transformer(
-            hidden_states=hidden,
+            hidden_states=self.with_image(job),
             timestep=timestep / 1000,
             encoder_hidden_states=embeds,
             encoder_hidden_states_mask=mask,
@@ -200,18 +177,11 @@ class QwenImagePipeline(FlowMatchPipeline):
         return out[:, : latents.shape[1]]
 
     # -- decoding (returning rank only) ----------------------------------------
-    def _vae_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The VAE's per-channel latent mean and std, ``(1, z, 1, 1, 1)`` each."""
-        z = self.vae.config.z_dim
-        mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1).to(like)
-        std = torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1).to(like)
-        return mean, std
-
     def vae_latents(self, job: Job, latents: torch.Tensor) -> torch.Tensor:
         r = job.requests[0]
         latents = unpack_latents(latents, r.height, r.width, self.vae_scale_factor)
         latents = latents.unsqueeze(2).to(self.vae.dtype)  # (B, C, 1, h, w): one frame
-        mean, std = self._vae_stats(latents)
+        mean, std = vae_stats(self.vae, latents)
         return latents / (1.0 / std) + mean
 
     @torch.no_grad()
@@ -282,7 +252,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
     def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """(1, 3, 1, H, W) in [-1, 1] -> packed normalised latents (1, S, 4C)."""
         latents = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.mode()
-        mean, std = self._vae_stats(latents)
+        mean, std = vae_stats(self.vae, latents)
         latents = (latents - mean) / std
         h, w = latents.shape[3:]
         return pack_latents(latents, 1, self.latent_channels, h, w)

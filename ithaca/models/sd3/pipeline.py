@@ -29,7 +29,7 @@ from ithaca.models.base import Job
 from ithaca.models.flow import FlowMatchPipeline
 from ithaca.models.sd3.cache import cache_adapter
 from ithaca.models.sd3.transformer import SD3_ATTENTION, SD3Transformer2DModel
-from ithaca.models.spec import Defaults, FamilySpec
+from ithaca.models.spec import FamilySpec
 
 SPEC = FamilySpec(
     name="SD3",
@@ -45,7 +45,7 @@ SPEC = FamilySpec(
         "tokenizer_3",
     ),
     cache_adapter=cache_adapter,
-    defaults=Defaults(steps=28, cfg_scale=3.5),
+    defaults={"num_inference_steps": 28, "true_cfg_scale": 3.5},
     packed=False,
     sigmas="scheduler",
     tiny="ithaca.testing.tiny_families:build_tiny_sd3",

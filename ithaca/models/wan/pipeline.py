@@ -30,15 +30,13 @@ same ``_sp_plan``. The idle expert can live in host memory (``expert_offload``, 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers import UniPCMultistepScheduler
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from diffusers.video_processor import VideoProcessor
 from PIL import Image
@@ -46,7 +44,8 @@ from PIL import Image
 from ithaca.cache import CacheGroup, build_cache
 from ithaca.config import CacheConfig
 from ithaca.models.base import DenoisingPipeline, Job, Request
-from ithaca.models.flow import load_part, seeded_noise
+from ithaca.models.flow import load_part, seeded_noise, vae_stats
+from ithaca.models.registry import model_index
 from ithaca.models.spec import parallelize
 from ithaca.models.wan.cache import cache_adapter
 from ithaca.models.wan.experts import ExpertPlacement, module_bytes, should_offload
@@ -59,27 +58,6 @@ logger = logging.getLogger(__name__)
 
 MAX_SEQUENCE_LENGTH = 512
 """Text tokens the transformer sees (the reference pads every prompt to this)."""
-
-
-def _read_json(model: str, *parts: str) -> dict:
-    if os.path.isdir(model):
-        with open(os.path.join(model, *parts)) as f:
-            return json.load(f)
-    from huggingface_hub import hf_hub_download
-
-    with open(hf_hub_download(model, "/".join(parts))) as f:
-        return json.load(f)
-
-
-_DECLARED_DEFAULTS = {
-    "width": "default_width",
-    "height": "default_height",
-    "num_inference_steps": "default_steps",
-    "num_frames": "default_num_frames",
-    "fps": "default_fps",
-    "guidance_scale": "default_true_cfg_scale",
-}
-"""``model_index.json`` ``_ithaca_defaults`` keys (diffusers ignores ``_`` keys) -> attributes."""
 
 
 @dataclass(frozen=True)
@@ -129,7 +107,7 @@ class WanPipeline(DenoisingPipeline):
     ):
         super().__init__(state, dtype)
         self.model = model
-        index = _read_json(model, "model_index.json")
+        self.index = index = model_index(model)
         if index.get("image_encoder", [None])[0] is not None:
             raise ValueError(f"{model}: Wan2.1 I2V (CLIP image encoder) is not supported")
         self.boundary_ratio = index.get("boundary_ratio")
@@ -163,8 +141,8 @@ class WanPipeline(DenoisingPipeline):
             self.offloading.place_transformer(name, expert, layout.blocks)
         config = self.experts[0].config
         self.patch_size = tuple(config.patch_size)
-        self.scheduler_config = _read_json(model, "scheduler", "scheduler_config.json")
-        vae_config = _read_json(model, "vae", "config.json")
+        self.scheduler_config = UniPCMultistepScheduler.load_config(model, subfolder="scheduler")
+        vae_config = AutoencoderKLWan.load_config(model, subfolder="vae")
         self.latent_channels = vae_config["z_dim"]
         self.scale_temporal = vae_config.get("scale_factor_temporal", 4)
         self.scale_spatial = vae_config.get("scale_factor_spatial", 8)
@@ -179,11 +157,7 @@ class WanPipeline(DenoisingPipeline):
             self.takes_image = "always" if self.concat_condition else "never"
         if self.requires_image:
             self.takes_image = "always"
-        # A checkpoint may declare what it was trained at (the default video model does).
-        declared = index.get("_ithaca_defaults") or {}
-        for key, attr in _DECLARED_DEFAULTS.items():
-            if key in declared:
-                setattr(self, attr, declared[key])
+        self.take_defaults(index.get("_ithaca_defaults") or {})  # e.g. the default video model
         self.video_processor = VideoProcessor(vae_scale_factor=self.scale_spatial)
         self.vae = self.text_encoder = self.tokenizer = None
         if self.is_returning_rank:
@@ -219,11 +193,10 @@ class WanPipeline(DenoisingPipeline):
         )
 
     def _load_encoders(self, model: str) -> None:
-        index = _read_json(model, "model_index.json")
         device = self.offloading.component_device
-        self.vae = load_part(model, "vae", index, device("vae"), torch.float32)  # fp32 VAE
+        self.vae = load_part(model, "vae", self.index, device("vae"), torch.float32)  # fp32 VAE
         for name in ("text_encoder", "tokenizer"):
-            setattr(self, name, load_part(model, name, index, device(name), self.dtype))
+            setattr(self, name, load_part(model, name, self.index, device(name), self.dtype))
         self.offloading.place_components({"vae": self.vae, "text_encoder": self.text_encoder})
 
     # -- request validation ----------------------------------------------------
@@ -301,12 +274,6 @@ class WanPipeline(DenoisingPipeline):
         hidden = self.text_encoder(ids, mask).last_hidden_state  # (1, 512, D)
         return hidden[0, : int(mask.gt(0).sum())].to(self.dtype)
 
-    def _normalize(self, latents: torch.Tensor) -> torch.Tensor:
-        z = self.latent_channels
-        mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents)
-        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1).to(latents)
-        return (latents - mean) * inv_std
-
     @torch.no_grad()
     def _encode_image(self, request: Request) -> torch.Tensor:
         """Normalised condition latents (1, z, F_lat or 1, h, w) of the input image, fp32."""
@@ -319,8 +286,9 @@ class WanPipeline(DenoisingPipeline):
             # I2V-A14B: the image, then F-1 black frames, encoded as one video.
             rest = image.new_zeros(1, 3, settings.num_frames - 1, h, w)
             image = torch.cat([image, rest], dim=2)
-        latents = self.vae.encode(image.to(self.vae.dtype)).latent_dist.mode()
-        return self._normalize(latents.float())
+        latents = self.vae.encode(image.to(self.vae.dtype)).latent_dist.mode().float()
+        mean, std = vae_stats(self.vae, latents)
+        return (latents - mean) * (1.0 / std)
 
     def condition(self, request: Request) -> dict[str, Any]:
         p = request.params
@@ -441,10 +409,8 @@ class WanPipeline(DenoisingPipeline):
     def _decode_frames(self, job: Job, latents: torch.Tensor) -> np.ndarray:
         """Latents (B, z, F, h, w) -> uint8 frames (B, F', H, W, 3)."""
         latents = self._with_image(job, latents.float()).to(self.vae.dtype)
-        z = self.latent_channels
-        mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents)
-        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1).to(latents)
-        video = self.vae.decode(latents / inv_std + mean, return_dict=False)[0]
+        mean, std = vae_stats(self.vae, latents)
+        video = self.vae.decode(latents / (1.0 / std) + mean, return_dict=False)[0]
         frames = self.video_processor.postprocess_video(video, output_type="np")  # [0, 1]
         return (frames * 255).round().astype(np.uint8)
 

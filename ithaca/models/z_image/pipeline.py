@@ -27,7 +27,7 @@ import torch
 
 from ithaca.models.base import Job
 from ithaca.models.flow import FlowMatchPipeline, repeat_rows
-from ithaca.models.spec import Defaults, FamilySpec
+from ithaca.models.spec import FamilySpec
 from ithaca.models.z_image.cache import cache_adapter
 from ithaca.models.z_image.transformer import Z_IMAGE_ATTENTION, ZImageTransformer2DModel
 
@@ -46,7 +46,7 @@ SPEC = FamilySpec(
     transformer=ZImageTransformer2DModel,
     attention=Z_IMAGE_ATTENTION,
     cache_adapter=cache_adapter,
-    defaults=Defaults(steps=9, cfg_scale=0.0),
+    defaults={"num_inference_steps": 9, "true_cfg_scale": 0.0},
     guidance=z_image_cfg,
     cfg_above=0.0,
     packed=False,
