@@ -22,9 +22,9 @@ import time
 import numpy as np
 import torch
 
-from ithaca.models.compiled import compile_pipeline, use_cache_dir, warm_up
 from ithaca.models.registry import default_model_path, load_pipeline
 from ithaca.parallel import ParallelState
+from ithaca.runtime.compiled import compile_pipeline, use_cache_dir, warm_up
 from ithaca.types import GenerationParams
 
 

@@ -60,7 +60,7 @@ class GenerationParams:
     """LoRA adapters applied together (stacked), by name; empty: the base model."""
     checkpoint: str | None = None
     """Server-set (video jobs): the loop saves its state to this file every
-    ``checkpoint_every`` steps and resumes from it (:mod:`ithaca.models.checkpoint`)."""
+    ``checkpoint_every`` steps and resumes from it (:mod:`ithaca.runtime.checkpoint`)."""
     checkpoint_every: int = 5
     model_options: dict[str, Any] = field(default_factory=dict)
     """Family-specific sampling settings sent as extension fields (Bagel's

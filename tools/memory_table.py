@@ -9,7 +9,7 @@ Parameter counts are exact: each component of a model is built on the ``meta`` d
 from its checkpoint's own ``config.json`` (excerpts in ``tools/memory_models/*.json``,
 each naming its source; nothing is downloaded) and its parameters counted. Bytes use
 the model's dtype, except where the class keeps modules in fp32 (T5's ``wo``), as
-:mod:`ithaca.models.loading` does.
+:mod:`ithaca.runtime.loading` does.
 
 Per rank, for a group of N ranks (``docs/memory.md`` explains each term):
 

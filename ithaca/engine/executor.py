@@ -84,7 +84,7 @@ def load_pipeline(spec: PipelineSpec, state) -> Pipeline:
     if hasattr(pipeline, "fuse_batches"):
         pipeline.fuse_batches = not spec.batch_invariant
     if spec.compile_cache_dir is not None:
-        from ithaca.models.compiled import compile_pipeline, use_cache_dir, warm_up
+        from ithaca.runtime.compiled import compile_pipeline, use_cache_dir, warm_up
 
         use_cache_dir(spec.compile_cache_dir)
         compile_pipeline(pipeline)

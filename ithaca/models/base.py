@@ -32,16 +32,16 @@ from PIL import Image
 
 from ithaca.cache import BlockCacheAdapter, StepCache, build_cache
 from ithaca.config import CacheConfig
-from ithaca.models.checkpoint import StepCheckpoint
-from ithaca.models.loading import load_streamed
-from ithaca.models.lora import LoraAdapters, adapter_summary
 from ithaca.models.offload import Placement, parameter_bytes
-from ithaca.models.progress import report_decode, up_block_chunks
 from ithaca.models.spec import DEFAULTS, plain_cfg
 from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_branches
 from ithaca.parallel.hsdp import HSDPInferenceConfig, HSDPMesh
 from ithaca.parallel.tensor import DegreeError, tp_shard
 from ithaca.parallel.vae import follow_encodes, lead_encodes, split_vae
+from ithaca.runtime.checkpoint import StepCheckpoint
+from ithaca.runtime.loading import load_streamed
+from ithaca.runtime.lora import LoraAdapters, adapter_summary
+from ithaca.runtime.progress import report_decode, up_block_chunks
 from ithaca.types import (
     DecodeCallback,
     GenerationParams,
@@ -163,7 +163,7 @@ class DenoisingPipeline:
         """Set the default step cache (validated: a :class:`CacheConfig`)."""
         self.cache_default = cache or CacheConfig()
 
-    # -- LoRA adapters (ithaca.models.lora) -------------------------------------
+    # -- LoRA adapters (ithaca.runtime.lora) -------------------------------------
     fuse_loras: bool = False
     """Merge the active adapter set into the weights while consecutive loops use it
     (faster steps); off: adapters run beside the base layers. Either way the base
@@ -273,7 +273,7 @@ class DenoisingPipeline:
     # -- shared loading ----------------------------------------------------------
     def load_transformer(self, cls, model: str, subfolder: str = "transformer", device=None):
         """The checkpoint's transformer on this rank's device, frozen for inference:
-        read tensor by tensor straight to the device (:mod:`ithaca.models.loading`: no
+        read tensor by tensor straight to the device (:mod:`ithaca.runtime.loading`: no
         whole host copy per rank); with ``use_hsdp`` sharded on the meta device first,
         so each rank reads and keeps only its shards (:mod:`ithaca.parallel.hsdp`);
         checkpoints that need diffusers' key conversion go through ``from_pretrained``
@@ -397,7 +397,7 @@ class DenoisingPipeline:
 
     def decode_chunks(self, job: Job, latents: torch.Tensor) -> tuple[list[torch.nn.Module], int]:
         """The modules whose forwards end one chunk of the final decode, and how many
-        chunks there are (:mod:`ithaca.models.progress`): the image VAE's up-blocks."""
+        chunks there are (:mod:`ithaca.runtime.progress`): the image VAE's up-blocks."""
         return up_block_chunks(getattr(self, "vae", None))
 
     def final_decode(
@@ -429,7 +429,7 @@ class DenoisingPipeline:
         Requests with equal size, steps and guidance settings share one loop. A callback
         returning True cancels the whole batch: the unfinished requests come back without
         images and with ``metadata["cancelled"] = True``. ``on_decode`` hears the final
-        decode's progress (:mod:`ithaca.models.progress`).
+        decode's progress (:mod:`ithaca.runtime.progress`).
         """
         requests = [self.resolve(p) for p in batch]  # raises ValueError before any work
         for r in requests:

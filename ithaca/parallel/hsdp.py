@@ -205,7 +205,7 @@ def apply_hsdp_to_model(
     """Shard ``model`` in place: each block of :func:`block_lists`, then the root.
 
     Works on a model built on the ``meta`` device (nothing is allocated: the sharded
-    parameters are meta DTensors, see :func:`ithaca.models.loading.load_streamed`) or
+    parameters are meta DTensors, see :func:`ithaca.runtime.loading.load_streamed`) or
     on a loaded one (each rank keeps its rows, the rest is freed). Without ``mesh``: an
     :class:`HSDPMesh` of ``state``, which ``model`` then follows through group rebuilds
     (with neither, the default group is one replica). Collective over the mesh.

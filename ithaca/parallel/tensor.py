@@ -145,7 +145,7 @@ def _pieces(dim: int, blocks: list[int], rank: int, size: int) -> list[tuple[int
 def split_weights(transformer: nn.Module, state: ParallelState, family: str = "the model"):
     """Keep this rank's shard of every Linear the plan splits; returns ``transformer``.
 
-    This is :func:`ithaca.models.loading.load_streamed`'s ``shard=`` hook: called on the
+    This is :func:`ithaca.runtime.loading.load_streamed`'s ``shard=`` hook: called on the
     ``meta`` module it only shrinks the parameters to their local shapes and records,
     in ``transformer._load_slices``, the pieces of each checkpoint tensor this rank keeps
     (the loader reads just those): no rank ever holds the whole transformer. Called on

@@ -175,7 +175,7 @@ def _submit(
 ) -> EngineRequest:
     last = [-1]
     # Every few steps the loop saves its state here; after a restart the job resumes
-    # from it (ithaca.models.checkpoint). Removed when the job ends.
+    # from it (ithaca.runtime.checkpoint). Removed when the job ends.
     params.checkpoint = state.videos.checkpoint_path(job_id)
     params.checkpoint_every = state.config.checkpoint_every
 

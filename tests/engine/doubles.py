@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ithaca.models.checkpoint import StepCheckpoint
 from ithaca.parallel.comm import all_reduce, broadcast_object
+from ithaca.runtime.checkpoint import StepCheckpoint
 from ithaca.types import DecodeEvent, GenerationParams, GenerationResult, StepEvent
 
 DECODE_CHUNKS = 4
@@ -86,7 +86,7 @@ class FakePipeline:
             h, w = p.height or 64, p.width or 64
             items += [(i, k, self._latents(p, k, h, w)) for k in range(max(1, p.num_images))]
         # A lone request with a checkpoint file resumes from its saved step, as the real
-        # loop does (ithaca.models.checkpoint); its latents are the job's.
+        # loop does (ithaca.runtime.checkpoint); its latents are the job's.
         job = SimpleNamespace(timesteps=range(steps), scheduler=SimpleNamespace(),
                               latents=items[0][2], seeds=[batch[0].seed])  # fmt: skip
         checkpoint = StepCheckpoint.of(self, [SimpleNamespace(params=p) for p in batch])

@@ -13,10 +13,10 @@ import torch
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
 from ithaca.config import CacheConfig, ParallelConfig
-from ithaca.models.compiled import compile_pipeline, repeated_blocks, use_cache_dir
 from ithaca.models.registry import default_model_path, load_pipeline
 from ithaca.models.rotary import apply_rope, real_freqs
 from ithaca.parallel import ParallelState
+from ithaca.runtime.compiled import compile_pipeline, repeated_blocks, use_cache_dir
 from ithaca.testing.distributed import parallel_state
 from ithaca.types import GenerationParams
 

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from torch._dynamo.backends.common import aot_autograd
 
-from ithaca.models.compiled import compile_pipeline
 from ithaca.models.registry import load_pipeline
 from ithaca.models.z_image.pipeline import ZImagePipeline
 from ithaca.parallel import ParallelState
+from ithaca.runtime.compiled import compile_pipeline
 from ithaca.types import GenerationParams
 
 REQUEST = dict(prompt="a red cat", negative_prompt="blurry", true_cfg_scale=3.0, width=32,

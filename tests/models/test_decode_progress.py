@@ -5,7 +5,7 @@ No processes; a tiny randomly initialised diffusers ``AutoencoderKL``."""
 import torch
 from diffusers import AutoencoderKL
 
-from ithaca.models.progress import report_decode, up_block_chunks
+from ithaca.runtime.progress import report_decode, up_block_chunks
 
 
 def test_image_vae_reports_each_up_block_and_changes_nothing():

@@ -1,6 +1,6 @@
 """The package's layers, read from the source with ``ast`` (no imports, no processes).
 
-Dependencies point one way: ``server -> engine -> models -> parallel, cache``, with
+Dependencies point one way: ``server -> engine -> models -> runtime, parallel, cache``, with
 ``ithaca.types`` and ``ithaca.config`` below all of them. Every ``import`` counts,
 including the lazy ones inside functions: a lazy import is still an arrow.
 """
@@ -22,6 +22,7 @@ FORBIDDEN = {
     "parallel": {"server", "engine", "models", "cache", "testing", "api"},
     "cache": {"server", "engine", "models", "testing", "api"},
     "models": {"server", "engine", "testing", "api"},
+    "runtime": {"server", "engine", "models", "testing", "api"},
     "engine": {"server", "testing"},
 }
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ithaca.models.loading import load_streamed
+from ithaca.runtime.loading import load_streamed
 
 CONFIG = dict(num_layers=1, num_single_layers=1, num_attention_heads=8,
               joint_attention_dim=1024, pooled_projection_dim=256)  # fmt: skip
@@ -72,7 +72,7 @@ def test_missing_and_unexpected_keys_raise(checkpoint, tmp_path):
 MEASURE = r"""
 import json, sys, torch
 from diffusers import FluxTransformer2DModel
-from ithaca.models.loading import load_streamed
+from ithaca.runtime.loading import load_streamed
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -113,7 +113,7 @@ import functools, json, os, sys, torch
 import torch.distributed as dist
 from diffusers import FluxTransformer2DModel
 from ithaca.config import ParallelConfig
-from ithaca.models.loading import load_streamed
+from ithaca.runtime.loading import load_streamed
 from ithaca.parallel import ParallelState
 from ithaca.parallel.hsdp import HSDPInferenceConfig, apply_hsdp_to_model, parameter_bytes
 from ithaca.parallel.tensor import split_weights, take

@@ -1,4 +1,4 @@
-"""LoRA adapters (ithaca.models.lora) on FLUX.1, Qwen-Image and Wan2.2.
+"""LoRA adapters (ithaca.runtime.lora) on FLUX.1, Qwen-Image and Wan2.2.
 
 Pyramid: in-process 1-rank runs against diffusers' ``load_lora_weights`` +
 ``set_adapters`` with the same scales (latents within 1e-5, images within 1/255), for

@@ -30,8 +30,8 @@ from ithaca.cache import BlockCacheAdapter, build_cache, checkpoint_coefficients
 from ithaca.config import CacheConfig
 from ithaca.models.bagel import inputs, loader, sampling
 from ithaca.models.base import DenoisingPipeline, Request, _StopFlag, preview_steps
-from ithaca.models.progress import report_decode, up_block_chunks
 from ithaca.parallel import ParallelState
+from ithaca.runtime.progress import report_decode, up_block_chunks
 from ithaca.types import GenerationParams, ParamError, StepEvent
 
 _OPTIONS = {f.name for f in dataclasses.fields(sampling.SamplingParams)}
