@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ithaca.cache import BlockCacheAdapter, StepCache, build_cache
+from ithaca.cache import BlockCacheAdapter, CacheStats, StepCache, build_cache
 from ithaca.config import CacheConfig
 from ithaca.models.checkpoint import StepCheckpoint
 from ithaca.models.loading import load_streamed
@@ -503,10 +503,11 @@ class DenoisingPipeline:
                 self._cache = self.make_cache(config)
         return self._cache
 
-    def _cache_stats(self, cache: StepCache, do_cfg: bool) -> dict:
-        # On the rank's device: NCCL takes no CPU tensors. After the loop, so reading the
-        # sums back is no per-step sync.
-        stats = [cache.stats.computed, cache.stats.cached]
+    def _cache_stats(self, cache: StepCache, do_cfg: bool, of: CacheStats | None = None) -> dict:
+        # ``of``: one request's stats (a step batch), else the cache's whole run. On the
+        # rank's device: NCCL takes no CPU tensors. After the loop: no per-step sync.
+        of = cache.stats if of is None else of
+        stats = [of.computed, of.cached]
         counts = torch.tensor(stats, dtype=torch.int64, device=self.device)
         if do_cfg and self.state.cfg.size > 1:  # each cfg rank saw one branch
             comm.all_reduce(counts, self.state.cfg)
