@@ -45,7 +45,13 @@ import torch
 from ithaca.cache import Rows
 from ithaca.models.base import DenoisingPipeline, Job, Request, preview_steps
 from ithaca.parallel import comm, predict_branches
-from ithaca.types import GenerationParams, GenerationResult, StepCallback, StepEvent
+from ithaca.types import (
+    GenerationParams,
+    GenerationResult,
+    StepCallback,
+    StepEvent,
+    known_join,
+)
 
 Admit = Callable[["Accepts"], list[GenerationParams]]
 """``admit(accepts)`` (returning rank): waiting requests that join at this boundary, taken
@@ -85,9 +91,9 @@ class Accepts:
     key: tuple
 
     def __call__(self, params: GenerationParams, resolved: dict | None = None) -> bool:
-        known = (resolved or {}).get("join_key")
+        known = known_join(self.key, resolved)
         if known is not None:
-            return tuple(known) == self.key
+            return known
         try:
             request = self.pipe.resolve(params)
         except ValueError:
