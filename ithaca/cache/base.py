@@ -167,6 +167,8 @@ class StepCache:
         self.branch = 0
         self.members: list[Member] = []
         """The requests of the current transformer call, in batch order."""
+        self.skips: list[bool] = []
+        """This call's decisions, one per member (True: it reuses its cached work)."""
         self.computing: torch.Tensor | None = None
         """Rows that run the skippable blocks when the members decided differently
         (indices into the batch), else None: every row does the same."""
@@ -232,6 +234,23 @@ class StepCache:
     def record(self, member: Member, cached: bool) -> None:
         member.stats.record(member.step, self.branch, cached)
         self.stats.record(member.step, self.branch, cached)
+
+    def settle(self, skips: list[bool]) -> None:
+        """This call's decisions, one per member: recorded in the stats, kept in
+        :attr:`skips` and routed (:meth:`route`)."""
+        self.skips = skips
+        for m, skip in zip(self.members, skips, strict=True):
+            self.record(m, skip)
+        self.route([not skip for skip in skips])
+
+    def run_skippable(self, call: Callable, bound, hidden, context):
+        """A skippable block: every row passes through (all skip), only the computing
+        rows run (the members disagree), or the block runs whole."""
+        if all(self.skips):
+            return self.pack(hidden, context)
+        if self.computing is not None:
+            return self.call_rows(call, bound, hidden, context)
+        return call(*bound.args, **bound.kwargs)
 
     def route(self, computes: list[bool]) -> None:
         """Which rows run the skippable blocks: all, none, or (the members disagree) the

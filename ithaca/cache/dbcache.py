@@ -174,21 +174,13 @@ class DBCache(StepCache):
             output = call(*bound.args, **bound.kwargs)
             if index == self.fn - 1:
                 out_hidden, _ = self.unpack(output)
-                self.skips = self.decide(out_hidden - self.stack_in)
+                self.settle(self.decide(out_hidden - self.stack_in))
                 self.stack_in = None
-                for m, skip in zip(self.members, self.skips, strict=True):
-                    self.record(m, skip)
-                self.route([not skip for skip in self.skips])
             return output
         # a middle block
         if index == self.fn:
             self.middle_in = (hidden, context)
-        if all(self.skips):
-            output = self.pack(hidden, context)
-        elif self.computing is not None:  # some requests skip: the others' rows compute
-            output = self.call_rows(call, bound, hidden, context)
-        else:
-            output = call(*bound.args, **bound.kwargs)
+        output = self.run_skippable(call, bound, hidden, context)
         if index < self.middle_end - 1:
             return output
         # The last middle block: a request that computed updates its TaylorSeers, one

@@ -87,17 +87,9 @@ class TeaCache(StepCache):
     def run_block(self, index, call, hidden, context, bound):
         if index == 0:
             indicator = self.adapter.modulated_input(self.blocks[0], bound.arguments)
-            self.skips = self.decide(indicator)
-            for m, skip in zip(self.members, self.skips, strict=True):
-                self.record(m, skip)
-            self.route([not skip for skip in self.skips])
+            self.settle(self.decide(indicator))
             self.blocks_in = hidden
-        if all(self.skips):
-            output = self.pack(hidden, context)
-        elif self.computing is not None:  # some requests skip: the others' rows compute
-            output = self.call_rows(call, bound, hidden, context)
-        else:
-            output = call(*bound.args, **bound.kwargs)
+        output = self.run_skippable(call, bound, hidden, context)
         if index < self.num_blocks - 1:
             return output
         # The last block: a skipping request adds its residual, one that computed keeps it.
