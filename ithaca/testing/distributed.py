@@ -63,6 +63,9 @@ def _worker_main(rank: int, world_size: int, port: int, tasks, results, threads:
         except BaseException:  # report everything; the pool is torn down by the caller
             results.put((rank, "error", traceback.format_exc()))
     dist.destroy_process_group()
+    results.close()
+    results.join_thread()  # everything put is flushed; then skip the interpreter's teardown,
+    os._exit(0)  # which costs seconds with torch loaded (x every rank of every pool)
 
 
 class WorkerPool:
@@ -117,10 +120,14 @@ class WorkerPool:
             pending.discard(rank)
         return out
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Ask every rank to leave (without waiting): pools stopped together exit together."""
         for q in self._tasks:
             with contextlib.suppress(Exception):
                 q.put(None)
+
+    def close(self) -> None:
+        self.stop()
         for p in self._procs:
             p.join(timeout=5)
             if p.is_alive():
