@@ -429,8 +429,9 @@ class DenoisingPipeline:
         caches = [self._cache_settings(r) for r in requests]
         groups: dict[tuple, list[int]] = {}
         for i, (r, cache) in enumerate(zip(requests, caches, strict=True)):
-            # Unless fusing is on, every request runs its own loop (exact solo bytes). A
-            # cache decides from the whole forward, so a cached request always runs alone.
+            # Unless fusing is on, every request runs its own loop (exact solo bytes). This
+            # loop gives its cache one state for the whole batch, so a cached request runs
+            # alone here (step batches give each request its own: models/stepping.py).
             alone = cache.backend is not None or not self.fuse_batches or r.params.checkpoint
             key = (*r.batch_key, cache, i if alone else None)
             groups.setdefault(key, []).append(i)
