@@ -173,7 +173,8 @@ class LoraAdapters:
             names = [r.name for r in self.active if r.expert in (None, target)]
             for module in model.modules():
                 if isinstance(module, BaseTunerLayer):
-                    used = [n for n in names if n in module.active_adapters]
+                    held = getattr(module, module.adapter_layer_names[0])  # lora_A, hada_w1_a..
+                    used = [n for n in names if n in module.active_adapters and n in held]
                     if not used:
                         continue
                     base = module.get_base_layer()

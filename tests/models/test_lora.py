@@ -187,16 +187,36 @@ def test_peft_folder_equals_peft_on_diffusers(flux, kind):
     assert max_image_diff(ours[0][0], diffusers_reference(flux["path"], REQUEST)[1]) > 8
 
 
+SPLIT = {"tp2": dict(tensor_parallel_size=2), "tp2 fused": dict(tensor_parallel_size=2),
+         "hsdp2": dict(ulysses_degree=2, use_hsdp=True)}  # fmt: skip
+"""Ride on the ulysses2 task: adapters split like the weights (the packed single-block
+``proj_out``, row-parallel ``to_out.0`` / ``ff.net.2``); HSDP fuses the set."""
+
+
+def generate_each(layouts: dict, path: str, batch: list[dict], loras: tuple) -> dict:
+    """``harness.generate`` under each layout (``fused`` in the name: ``fuse_loras``)."""
+    return {
+        name: generate(layout, path, batch, {"fuse_loras": "fused" in name}, loras)
+        for name, layout in layouts.items()
+    }
+
+
 @pytest.mark.parametrize("name", ["ulysses2", "ring2", "cfg2", "hybrid2x2"])
 def test_flux_layouts_equal_one_rank(worker_pool, flux, name):
     loras = (("a", flux["a"], 0.8), ("b", flux["b"], 1.0))
     batch = [dict(CFG, lora=_refs(("a", None), ("b", 0.5))), dict(REQUEST, request_id="base")]
     one_rank = generate({}, flux["path"], batch, loras=loras)
-    layout = LAYOUTS[name]
-    results = worker_pool(world_size(layout)).run(generate, layout, flux["path"], batch, None,
-                                                  loras)  # fmt: skip
-    check_layout(results, one_rank)
+    layouts = {name: LAYOUTS[name], **(SPLIT if name == "ulysses2" else {})}
+    results = worker_pool(world_size(LAYOUTS[name])).run(generate_each, layouts, flux["path"],
+                                                         batch, loras)  # fmt: skip
+    check_layout([r[name] for r in results], one_rank)
     assert max_image_diff(one_rank[0][0][:1], one_rank[0][1]) > 8  # adapter vs base differ
+    for split in layouts.keys() - {name}:  # the returning rank's latents and images
+        images, latents, _ = results[0][split]
+        err = max((a - b).abs().max().item() for a, b in zip(latents, one_rank[1], strict=True))
+        diff = max(max_image_diff(a, b) for a, b in zip(images, one_rank[0], strict=True))
+        print(f"FLUX.1 {split} with adapters: latents {err:.1e}, images {diff}/255")
+        assert err <= 1e-4 and diff <= 1, (split, err, diff)
 
 
 def test_step_cache_state_is_per_adapter_set(flux):
