@@ -178,9 +178,6 @@ class DenoisingPipeline:
         return True
 
     def lora_table(self) -> LoraAdapters:
-        if self.loras is None and self.state.config.use_hsdp:
-            raise ValueError("LoRA adapters with use_hsdp are not supported yet (peft would "
-                             "wrap layers whose weights are sharded)")  # fmt: skip
         if self.loras is None:
             runtimes = [r for r in (getattr(self, "runtimes", None) or [self.runtime]) if r]
             name = getattr(getattr(self, "spec", None), "name", type(self).__name__)
@@ -196,11 +193,6 @@ class DenoisingPipeline:
 
     def load_lora(self, name: str, path: str, scale: float = 1.0) -> dict:
         """Add a named adapter (every rank of the group runs this, in the same order)."""
-        if self.state.tp.size > 1:  # PEFT would wrap the split Linears with whole adapters
-            raise ValueError(
-                f"LoRA adapters are not supported with tensor_parallel_size "
-                f"({self.state.tp.size}) yet; serve with --tensor-parallel-size 1"
-            )
         return self.lora_table().add(name, path, scale)
 
     def unload_lora(self, name: str) -> None:
