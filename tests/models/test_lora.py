@@ -286,8 +286,8 @@ def test_adapters_split_like_the_weights_they_touch(flux):
 
     from diffusers import FluxTransformer2DModel
 
-    from ithaca.models.lora import check_fits, split_for_layout
     from ithaca.parallel.tensor import split_weights
+    from ithaca.runtime.lora import check_fits, split_for_layout
 
     model = _transformer(flux["path"], FluxTransformer2DModel)
     state = random_lora(model, seed=1)

@@ -9,7 +9,7 @@ follow peft's wrapper). Final latents within 1e-4 of one rank, images and frames
 1/255. Tiny checkpoints, 32x32 px images, 48x48 px x 9 frames videos, 2 steps.
 
 The same 2-rank task runs Qwen-Image under tensor parallel 2 and HSDP 2 (adapters split
-like the weights they touch, :func:`ithaca.models.lora.split_for_layout`), switching on
+like the weights they touch, :func:`ithaca.runtime.lora.split_for_layout`), switching on
 one pipeline: base, the stacked pair unfused, fused, one adapter fused, none. Each step
 equals the same step on one rank (latents 1e-4, images 1/255); the last equals the
 first bit for bit and the base weights are bit-identical after; each rank holds less
