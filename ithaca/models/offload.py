@@ -1,14 +1,15 @@
 """Where a pipeline's large components live: on the device, or on the host until they run.
 
 ``--enable-cpu-offload`` (:class:`Offload`): each offloaded component (text encoders,
-VAE, and the transformer between requests) keeps its parameters and buffers in ONE
-host buffer (page-locked on CUDA at its exact size, the pinned-buffer scheme of
-:mod:`ithaca.models.wan.experts`) and gets device copies only while it runs: the first
-forward of the component (or of any of its submodules: ``vae.decode`` calls its
-``decoder``, not ``forward``) moves it in with one host-to-device copy, and evicts the
-component that was on the device before; the pipeline evicts the last one at the end
-of each phase (:meth:`Offload.evict`). Weights never change during inference, so
-eviction just points the parameters back at their host views (nothing copied back).
+VAE, and the transformer between requests) keeps its parameters and buffers in ONE host
+buffer (page-locked on CUDA at its exact size, :func:`_alloc_host`; Wan2.2's expert
+offload, :mod:`ithaca.models.wan.experts`, uses the same) and gets device copies only
+while it runs: the first forward of the component (or of any of its submodules:
+``vae.decode`` calls its ``decoder``, not ``forward``) moves it in with one
+host-to-device copy, and evicts the component that was on the device before; the
+pipeline evicts the last one at the end of each phase (:meth:`Offload.evict`). Weights
+never change during inference, so eviction just points the parameters back at their host
+views (nothing copied back).
 
 ``--enable-layerwise-offload`` (:class:`LayerwiseOffload`): the transformer's blocks
 live on the host; each block's forward brings it in and starts the copy of the next
@@ -24,12 +25,12 @@ component's use and in the device buffer inside (:meth:`HostCopy.resident`).
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
 
-from ithaca.models.wan.experts import _aligned, _alloc_host, _tensors, _views
 from ithaca.parallel.hsdp import parameter_bytes  # noqa: F401 (the one counter; re-exported)
 
 logger = logging.getLogger(__name__)
@@ -254,3 +255,44 @@ class Placement:
 
 def _kind(component: str) -> str:
     return "vae" if component.startswith("vae") else "text_encoder"
+
+
+_ALIGN = 512
+"""Offsets of the tensors in the flat buffers: what the CUDA caching allocator gives
+each tensor of a resident expert, so kernels see the same pointer alignment."""
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def _alloc_host(nbytes: int, pin: bool) -> torch.Tensor:
+    """One uint8 host buffer of exactly ``nbytes`` (page-locked when ``pin``).
+
+    Not ``pin_memory=True``: the caching host allocator rounds each request up to a
+    power of two (a 28.6 GB expert would take 34.4 GB). Ordinary memory registered
+    with ``cudaHostRegister`` is pinned at its own size.
+    """
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    if pin:
+        _register(buf)
+    return buf
+
+
+def _register(buf: torch.Tensor) -> None:  # pragma: no cover - needs a GPU
+    cudart = torch.cuda.cudart()
+    ptr = buf.data_ptr()
+    torch.cuda.check_error(int(cudart.cudaHostRegister(ptr, buf.numel(), 1)))
+    weakref.finalize(buf, cudart.cudaHostUnregister, ptr)  # 1: cudaHostRegisterPortable
+
+
+def _views(flat: torch.Tensor, layout):
+    """Typed, shaped views into ``flat``, one per ``(name, offset, dtype, shape)``."""
+    for _, offset, dtype, shape in layout:
+        nbytes = shape.numel() * dtype.itemsize
+        yield flat[offset : offset + nbytes].view(dtype).view(shape)
+
+
+def _tensors(module: nn.Module):
+    yield from module.named_parameters()
+    yield from module.named_buffers()

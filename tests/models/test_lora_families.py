@@ -202,15 +202,16 @@ def test_offloaded_expert_swaps_adapter_tensors_with_it(monkeypatch):
     from peft import LoraConfig, inject_adapter_in_model
     from torch import nn
 
-    from ithaca.models.wan import experts as experts_mod
+    from ithaca.models import offload
     from ithaca.models.wan.experts import ExpertPlacement
 
-    monkeypatch.setattr(experts_mod, "_register", lambda buf: None)
+    monkeypatch.setattr(offload, "_register", lambda buf: None)
     torch.manual_seed(0)
     experts = [nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)) for _ in range(2)]
     x = torch.randn(3, 8)
     placement = ExpertPlacement(experts, torch.device("cuda", 0), offload=True)
-    placement.device = torch.device("cpu")  # the copy goes to the CPU here
+    for copy in placement.copies:  # the copy goes to the CPU here
+        copy.device = torch.device("cpu")
     config = LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False)
     for expert in experts:
         inject_adapter_in_model(config, expert, adapter_name="a")

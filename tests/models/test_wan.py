@@ -292,7 +292,7 @@ def test_placement_moves_only_the_active_expert_to_the_gpu():
     placement.activate(1)
     # Deactivated: expert 0 points at its pinned host copy again (nothing copied back).
     assert experts[0].weight.device.type == "cpu" and experts[1].weight.is_cuda
-    assert experts[0].weight.data_ptr() == placement._host[0][0].data_ptr()
+    assert experts[0].weight.data_ptr() == placement.copies[0].host[0].data_ptr()
     assert torch.equal(experts[1].weight.cpu(), host_weights[1])
     assert placement.swaps == [(None, 0), (0, 1)]
 

@@ -9,7 +9,7 @@ bit-identical; test_wan.py checks whole videos that way.
 import torch
 import torch.nn as nn
 
-from ithaca.models.wan import experts as experts_mod
+from ithaca.models import offload
 from ithaca.models.wan.experts import ExpertPlacement, module_bytes
 
 
@@ -23,7 +23,7 @@ def make_expert(seed: int) -> nn.Module:
 
 def test_each_expert_is_pinned_as_one_buffer_of_its_parameter_bytes(monkeypatch):
     pinned = []  # buffers handed to cudaHostRegister (patched: a CPU cannot pin)
-    monkeypatch.setattr(experts_mod, "_register", pinned.append)
+    monkeypatch.setattr(offload, "_register", pinned.append)
     experts = [make_expert(0), make_expert(1)]
     before = [{n: p.detach().clone() for n, p in e.state_dict().items()} for e in experts]
     placement = ExpertPlacement(experts, torch.device("cuda", 0), offload=True)
@@ -39,7 +39,8 @@ def test_each_expert_is_pinned_as_one_buffer_of_its_parameter_bytes(monkeypatch)
             assert lo <= tensor.data_ptr() < hi  # a view into the flat buffer
             assert torch.equal(tensor, want[name])
     # Activation copies the flat buffer once and re-views it (to the CPU here: same buffer).
-    placement.device = torch.device("cpu")
+    for copy in placement.copies:
+        copy.device = torch.device("cpu")
     placement.activate(1)
     for name, tensor in experts[1].state_dict().items():
         assert torch.equal(tensor, before[1][name])

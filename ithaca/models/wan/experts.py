@@ -24,10 +24,11 @@ identical; the price is one copy of an expert per switch (about 28 GB for A14B i
 from __future__ import annotations
 
 import logging
-import weakref
 
 import torch
 import torch.nn as nn
+
+from ithaca.models.offload import HostCopy
 
 logger = logging.getLogger(__name__)
 
@@ -61,114 +62,31 @@ class ExpertPlacement:
         self.active: int | None = None
         self.swaps: list[tuple[int | None, int]] = []
         """(deactivated, activated) per switch; what the tests check."""
-        self._params: list[list[torch.Tensor]] = []
-        """Each expert's parameters and buffers as placed at start, in layout order: kept
-        by identity, not by name (peft renames a layer's weight when it wraps the layer
-        with a LoRA adapter; the tensor stays the same object)."""
-        self._host: list[list[torch.Tensor]] = []
-        """The host copy of each of ``_params``."""
-        self._flat: list[torch.Tensor] = []
-        """One uint8 host buffer per expert; ``_host`` entries are views into it."""
-        self._layout: list[list[tuple[str, int, torch.dtype, torch.Size]]] = []
+        self.copies: list[HostCopy] = []
+        """Each expert's one host buffer (:class:`ithaca.models.offload.HostCopy`); none on
+        a CPU device: nothing to move (a copy would also change the tensors' alignment, and
+        with it CPU matmul rounding)."""
         if not self.offload:
             for expert in experts:
                 expert.to(self.device)
-            return
-        for expert in experts:
-            tensors = list(_tensors(expert))
-            self._params.append([t for _, t in tensors])
-            if self.device.type == "cpu":
-                # Nothing to move: the host copies are the tensors themselves (a copy
-                # would also change their alignment, and with it CPU matmul rounding).
-                self._host.append([t.data for _, t in tensors])
-                continue
-            layout, offset = [], 0
-            for name, tensor in tensors:
-                layout.append((name, offset, tensor.dtype, tensor.shape))
-                offset += _aligned(tensor.numel() * tensor.element_size())
-            flat = _alloc_host(offset, pin=self.device.type == "cuda")
-            host = []
-            for (_, tensor), view in zip(tensors, _views(flat, layout), strict=True):
-                view.copy_(tensor.detach())
-                host.append(view)
-                tensor.data = view  # the original storage is freed here
-            self._flat.append(flat)
-            self._layout.append(layout)
-            self._host.append(host)
+        elif self.device.type != "cpu":
+            self.copies = [HostCopy(e, self.device, f"expert {i}") for i, e in enumerate(experts)]
 
     @property
     def pinned_bytes(self) -> int:
         """Bytes of the host buffers (pinned on CUDA)."""
-        return sum(flat.numel() for flat in self._flat)
+        return sum(copy.nbytes for copy in self.copies)
 
     def activate(self, index: int) -> nn.Module:
         """Expert ``index`` with its weights on the device (the other one's dropped)."""
         if not self.offload or self.active == index:
             return self.experts[index]
         previous = self.active
-        if previous is not None:
-            # Drop the device copies first, so that the two experts never coexist there.
-            for tensor, host in zip(self._params[previous], self._host[previous], strict=True):
-                tensor.data = host
-            self._move_added(previous, torch.device("cpu"))
-        views = self._host[index]
-        if self._flat:
-            # One host-to-device copy of the whole flat buffer; parameters become views.
-            flat = self._flat[index].to(self.device, non_blocking=True)
-            views = list(_views(flat, self._layout[index]))
-        for tensor, view in zip(self._params[index], views, strict=True):
-            tensor.data = view
-        self._move_added(index, self.device)
+        if self.copies:
+            if previous is not None:  # first, so that the two never coexist on the device
+                self.copies[previous].evict()
+            self.copies[index].load()  # one host-to-device copy; parameters become views
         self.active = index
         self.swaps.append((previous, index))
         logger.debug("expert %s -> %s on %s", previous, index, self.device)
         return self.experts[index]
-
-    def _move_added(self, index: int, device: torch.device) -> None:
-        """Tensors added to expert ``index`` after placement (LoRA adapters: small, not in
-        the flat buffer) follow it to ``device``."""
-        placed = {id(t) for t in self._params[index]}
-        for _, tensor in _tensors(self.experts[index]):
-            if id(tensor) not in placed and tensor.device != device:
-                tensor.data = tensor.data.to(device)
-
-
-_ALIGN = 512
-"""Offsets of the tensors in the flat buffers: what the CUDA caching allocator gives
-each tensor of a resident expert, so kernels see the same pointer alignment."""
-
-
-def _aligned(nbytes: int) -> int:
-    return -(-nbytes // _ALIGN) * _ALIGN
-
-
-def _alloc_host(nbytes: int, pin: bool) -> torch.Tensor:
-    """One uint8 host buffer of exactly ``nbytes`` (page-locked when ``pin``).
-
-    Not ``pin_memory=True``: the caching host allocator rounds each request up to a
-    power of two (a 28.6 GB expert would take 34.4 GB). Ordinary memory registered
-    with ``cudaHostRegister`` is pinned at its own size.
-    """
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    if pin:
-        _register(buf)
-    return buf
-
-
-def _register(buf: torch.Tensor) -> None:  # pragma: no cover - needs a GPU
-    cudart = torch.cuda.cudart()
-    ptr = buf.data_ptr()
-    torch.cuda.check_error(int(cudart.cudaHostRegister(ptr, buf.numel(), 1)))
-    weakref.finalize(buf, cudart.cudaHostUnregister, ptr)  # 1: cudaHostRegisterPortable
-
-
-def _views(flat: torch.Tensor, layout):
-    """Typed, shaped views into ``flat``, one per ``(name, offset, dtype, shape)``."""
-    for _, offset, dtype, shape in layout:
-        nbytes = shape.numel() * dtype.itemsize
-        yield flat[offset : offset + nbytes].view(dtype).view(shape)
-
-
-def _tensors(module: nn.Module):
-    yield from module.named_parameters()
-    yield from module.named_buffers()
