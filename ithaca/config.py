@@ -117,7 +117,7 @@ class ParallelConfig:
         help="rank0: the text encoder on the returning rank's device; offload: on its host "
         "until used (default: offload with --enable-cpu-offload, else rank0)",
     )  # fmt: skip
-    """Where the text encoders live (``ithaca.models.offload``): ``rank0`` (on the
+    """Where the text encoders live (``ithaca.runtime.offload``): ``rank0`` (on the
     returning rank's device, the others hold none) or ``offload`` (on its host, on the
     device only while encoding). None: ``offload`` under ``cpu_offload``, else ``rank0``."""
 

@@ -32,7 +32,6 @@ from PIL import Image
 
 from ithaca.cache import BlockCacheAdapter, CacheStats, StepCache, build_cache
 from ithaca.config import CacheConfig
-from ithaca.models.offload import Placement, parameter_bytes
 from ithaca.models.spec import DEFAULTS, plain_cfg
 from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_branches
 from ithaca.parallel.hsdp import HSDPInferenceConfig, HSDPMesh
@@ -41,6 +40,7 @@ from ithaca.parallel.vae import follow_encodes, lead_encodes, split_vae
 from ithaca.runtime.checkpoint import StepCheckpoint
 from ithaca.runtime.loading import load_streamed
 from ithaca.runtime.lora import LoraAdapters, adapter_summary
+from ithaca.runtime.offload import Placement, parameter_bytes
 from ithaca.runtime.progress import report_decode, up_block_chunks
 from ithaca.types import (
     DecodeCallback,
@@ -150,7 +150,7 @@ class DenoisingPipeline:
         self.loras: LoraAdapters | None = None
         """The LoRA adapter table (:meth:`lora_table`), created on first use."""
         self.offloading = Placement(state.config, self.device)
-        """Where the transformer, text encoders and VAE live (:mod:`ithaca.models.offload`)."""
+        """Where the transformer, text encoders and VAE live (:mod:`ithaca.runtime.offload`)."""
 
     def take_defaults(self, defaults: Mapping[str, Any]) -> None:
         """Set the defaults a spec or a checkpoint states, by request field name

@@ -13,8 +13,8 @@ import torch.nn as nn
 
 from ithaca.config import ParallelConfig
 from ithaca.models.flux.pipeline import FluxPipeline
-from ithaca.models.offload import LayerwiseOffload, Offload, parameter_bytes
 from ithaca.models.registry import load_pipeline
+from ithaca.runtime.offload import LayerwiseOffload, Offload, parameter_bytes
 from ithaca.testing.distributed import parallel_state
 from ithaca.types import GenerationParams
 from tools.memory_table import checkpoint_rank_parameter_bytes

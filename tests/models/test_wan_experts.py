@@ -9,8 +9,8 @@ bit-identical; test_wan.py checks whole videos that way.
 import torch
 import torch.nn as nn
 
-from ithaca.models import offload
 from ithaca.models.wan.experts import ExpertPlacement, module_bytes
+from ithaca.runtime import offload
 
 
 def make_expert(seed: int) -> nn.Module:

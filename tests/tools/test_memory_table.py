@@ -7,7 +7,7 @@ which already runs that group.
 
 import torch
 
-from ithaca.models.offload import parameter_bytes
+from ithaca.runtime.offload import parameter_bytes
 from tools import memory_table
 
 

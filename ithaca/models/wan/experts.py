@@ -28,7 +28,7 @@ import logging
 import torch
 import torch.nn as nn
 
-from ithaca.models.offload import HostCopy
+from ithaca.runtime.offload import HostCopy
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class ExpertPlacement:
         self.swaps: list[tuple[int | None, int]] = []
         """(deactivated, activated) per switch; what the tests check."""
         self.copies: list[HostCopy] = []
-        """Each expert's one host buffer (:class:`ithaca.models.offload.HostCopy`); none on
+        """Each expert's one host buffer (:class:`ithaca.runtime.offload.HostCopy`); none on
         a CPU device: nothing to move (a copy would also change the tensors' alignment, and
         with it CPU matmul rounding)."""
         if not self.offload:
