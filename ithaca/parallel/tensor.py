@@ -308,7 +308,7 @@ class SplitRMSNorm(nn.Module):
     and offload keep it by identity) and normalises ``(..., C/P)`` by the RMS of the
     whole ``(..., C)`` vector: the sum of squares, in fp32 on the input's device, is
     all-reduced over the tp group (no host sync). Like ``torch.nn.RMSNorm``: normalised
-    in fp32, cast back, then scaled by the weight.
+    and scaled by the weight in fp32, then cast back.
     """
 
     def __init__(self, norm: nn.Module, state: ParallelState, size: int):
@@ -325,8 +325,10 @@ class SplitRMSNorm(nn.Module):
         squares = wide.square().sum(-1, keepdim=True)
         comm.all_reduce(squares, self.axis)
         eps = torch.finfo(wide.dtype).eps if self.eps is None else self.eps
-        normed = (wide * torch.rsqrt(squares / self.features + eps)).type_as(x)
-        return (normed * self.weight).type_as(x)
+        # Scaled by the weight before the cast back, as torch.nn.RMSNorm does (bf16: the
+        # same bits on one rank, tests/models/test_tensor_parallel.py).
+        scale = torch.rsqrt(squares / self.features + eps)
+        return (wide * scale * self.weight.to(wide.dtype)).type_as(x)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]} of {self.features}, eps={self.eps}"

@@ -312,3 +312,17 @@ def test_wan_image_context_tp2(worker_pool):
         err = (out - reference).abs().max().item()
         assert err <= 1e-5, f"Wan image context TP 2: outputs differ by {err:.2e}"
     print(f"Wan image context TP 2: max abs diff {err:.2e}, |out| {reference.abs().max():.2f}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_rms_norm_on_one_rank_is_torch_rms_norm(dtype):
+    """With nothing to all-reduce, :class:`SplitRMSNorm` is ``torch.nn.RMSNorm`` bit for
+    bit, in bf16 too (the across-ranks bf16 sums are checked on GPU only)."""
+    from ithaca.parallel.tensor import SplitRMSNorm
+
+    norm = torch.nn.RMSNorm(64, eps=1e-6).to(dtype)
+    make = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=make) * 0.5 + 1)
+    x = (torch.randn(2, 9, 64, generator=make) * 3).to(dtype)
+    assert torch.equal(SplitRMSNorm(norm, ParallelState.single(), 1)(x), norm(x))
