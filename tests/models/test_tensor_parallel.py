@@ -326,3 +326,26 @@ def test_split_rms_norm_on_one_rank_is_torch_rms_norm(dtype):
         norm.weight.copy_(torch.randn(64, generator=make) * 0.5 + 1)
     x = (torch.randn(2, 9, 64, generator=make) * 3).to(dtype)
     assert torch.equal(SplitRMSNorm(norm, ParallelState.single(), 1)(x), norm(x))
+
+
+def test_wan_loads_only_its_split(tiny_checkpoint):
+    """``load_streamed`` with the ``split_weights`` hook reads each tp rank's pieces of a
+    Wan expert, the split QK norms' rows included (no whole-tensor fallback): what each
+    rank holds is exactly its part of the checkpoint. No collective: the hook reads only
+    ``tp.rank`` / ``tp.size``."""
+    import functools
+
+    from ithaca.models.loading import load_streamed
+    from ithaca.parallel.tensor import split_weights, take
+
+    path = tiny_checkpoint(build_tiny_wan, "t2v_a14b", heads=4)
+    whole = dict(load_streamed(OurWan, path, "transformer").named_parameters())
+    for rank in range(2):
+        state = SimpleNamespace(tp=SimpleNamespace(size=2, rank=rank))
+        hook = functools.partial(split_weights, state=state)
+        split = load_streamed(OurWan, path, "transformer", shard=hook)
+        assert split.blocks[1].attn2.norm_k.weight.shape == (32,)  # 4 heads x 16 -> 2 x 16
+        for name, param in split.named_parameters():
+            pieces = split._load_slices.get(name)
+            expected = take(whole[name], pieces) if pieces else whole[name]
+            assert torch.equal(param, expected), name
