@@ -30,7 +30,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
+from ithaca.parallel.hsdp import local_rows
+from ithaca.parallel.tensor import adapter_split, take
 from ithaca.types import LoraRef, ParamError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +54,10 @@ class _Adapter:
 
 class LoraAdapters:
     """The adapters of one pipeline (see the module docstring).
+
+    Under HSDP (targets with FSDP2-sharded weights) an active set is always fused:
+    each rank holds only its rows of ``lora_B`` and merges its rows of ``B A`` into its
+    own weight shard (no collective; the kept rows are copied back on a change).
 
     ``targets`` maps a target name to a transformer (``{"transformer": t}``; Wan2.2's
     two experts: ``{"high_noise": t1, "low_noise": t2}``); every adapter is loaded into
@@ -71,6 +79,10 @@ class LoraAdapters:
         self.active: tuple = ()
         self.fused: tuple = ()
         self._saved: dict[nn.Module, torch.Tensor] = {}
+        self.sharded = any(
+            isinstance(p, DTensor) for model in targets.values() for p in model.parameters()
+        )
+        """HSDP: adapters hold row shards and run fused only (:func:`split_for_layout`)."""
 
     # -- management (the same on every rank) -----------------------------------------
     def add(self, name: str, path: str, scale: float = 1.0) -> dict:
@@ -125,6 +137,7 @@ class LoraAdapters:
 
     def apply(self, refs: tuple[LoraRef, ...], fuse: bool = False) -> None:
         """Make ``refs`` (resolved) the active set on every target; ``()``: the base model."""
+        fuse = fuse or self.sharded
         if refs == self.active and bool(self.fused) == (fuse and bool(refs)):
             return
         self._deactivate()
@@ -150,21 +163,29 @@ class LoraAdapters:
         self.active = ()
 
     # -- fusing --------------------------------------------------------------------------
+    @torch.no_grad()
     def _fuse(self) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
 
+        for model in self.targets.values():
+            _reshard(model)
         for target, model in self.targets.items():
             names = [r.name for r in self.active if r.expert in (None, target)]
             for module in model.modules():
                 if isinstance(module, BaseTunerLayer):
-                    used = [n for n in names if n in module.active_adapters]
+                    held = getattr(module, module.adapter_layer_names[0])  # lora_A, hada_w1_a..
+                    used = [n for n in names if n in module.active_adapters and n in held]
                     if not used:
                         continue
                     base = module.get_base_layer()
+                    if isinstance(base.weight, DTensor):  # HSDP: this rank's rows only
+                        _merge_rows(module, used, self._saved)
+                        continue
                     self._saved[base] = base.weight.detach().clone()
-                    module.merge(adapter_names=used)
+                    module.merge(adapter_names=used)  # TP: the local B A slice, shard shape
         self.fused = self.active
 
+    @torch.no_grad()
     def _unfuse(self) -> None:
         """Copy the kept base weights back (bit for bit) and mark nothing merged."""
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -172,10 +193,11 @@ class LoraAdapters:
         if not self.fused:
             return
         for model in self.targets.values():
+            _reshard(model)
             for module in model.modules():
                 if isinstance(module, BaseTunerLayer) and module.merged_adapters:
                     base = module.get_base_layer()
-                    base.weight.data.copy_(self._saved.pop(base))
+                    _local(base.weight).copy_(self._saved.pop(base))
                     module.merged_adapters.clear()
         assert not self._saved, "a fused layer was not restored"
         self.fused = ()
@@ -194,12 +216,20 @@ class LoraAdapters:
         except Exception:
             for model in loaded:  # nothing loaded half
                 model.delete_adapters(adapter.name)
-            self.rebind()
+            self._rebind()
             raise
         adapter.resident = True
-        self.rebind()
+        self._rebind()
         for model in self.targets.values():  # peft activates what it loads: not yet
             model.disable_lora()
+
+    def _rebind(self) -> None:
+        """peft wrapped layers: the sequence-parallel hooks (``rebind``) and the tensor-
+        parallel all-reduces follow the wrappers."""
+        for model in self.targets.values():
+            if getattr(model, "_ithaca_tp", None) is not None:
+                model._ithaca_tp.rebind(model)
+        self.rebind()
 
     def _unload(self, adapter: _Adapter) -> None:
         for model in self.targets.values():
@@ -239,6 +269,7 @@ def load_adapter(loader, model: nn.Module, name: str, path: str, family: str) ->
         from peft import inject_adapter_in_model, set_peft_model_state_dict
 
         check_fits(state, model, family, path, prefix="base_model.model.")
+        state = split_for_layout(state, model, family, path, prefix="base_model.model.")
         inject_adapter_in_model(extra, model, adapter_name=name)
         result = set_peft_model_state_dict(model, state, adapter_name=name)
         if result.unexpected_keys:  # checked above; a mismatch here is ours
@@ -254,6 +285,7 @@ def load_adapter(loader, model: nn.Module, name: str, path: str, family: str) ->
             f"are not supported for {family})"
         )
     check_fits(state, model, family, path, prefix=prefix)
+    state = split_for_layout(state, model, family, path, prefix=prefix)
     if loader is not None and hasattr(loader, "load_lora_into_transformer"):
         accepted = _parameters(loader.load_lora_into_transformer)
         kwargs = {k: v for k, v in extra.items() if k in accepted}
@@ -280,17 +312,78 @@ def check_fits(state: dict, model: nn.Module, family: str, path: str, prefix: st
         base = getattr(module, "base_layer", module)
         if not isinstance(base, nn.Linear | nn.Conv2d | nn.Conv3d):
             raise ValueError(f"LoRA {path}: key {key!r} matches no layer of {family}")
-        shape = tuple(state[key].shape)
-        if _down(name) and shape[1] != base.weight.shape[1] and len(shape) == 2:
+        shape, full = tuple(state[key].shape), list(base.weight.shape)  # HSDP: global
+        if (split := adapter_split(model, layer)) is not None:  # TP: the unsplit size
+            full[split[0]] = split[2]
+        if _down(name) and shape[1] != full[1] and len(shape) == 2:
             raise ValueError(
                 f"LoRA {path}: key {key!r} has shape {shape}, {family}'s {layer} takes "
-                f"{base.weight.shape[1]} inputs"
+                f"{full[1]} inputs"
             )
-        if _up(name) and shape[0] != base.weight.shape[0]:
+        if _up(name) and shape[0] != full[0]:
             raise ValueError(
                 f"LoRA {path}: key {key!r} has shape {shape}, {family}'s {layer} has "
-                f"{base.weight.shape[0]} outputs"
+                f"{full[0]} outputs"
             )
+
+
+def split_for_layout(state: dict, model: nn.Module, family: str, path: str, prefix: str) -> dict:
+    """``state`` (checked by :func:`check_fits`) with every tensor on a split layer cut
+    the way that layer's weight is, so this rank holds only its slice of the adapter:
+
+    - tensor parallel (:func:`adapter_split`, from the model's own TP plan): a
+      column-parallel layer keeps this rank's rows of ``lora_B`` (and of its bias),
+      ``lora_A`` whole; a row-parallel layer keeps this rank's columns of ``lora_A``,
+      ``lora_B`` whole (its partial output joins the layer's all-reduce);
+    - HSDP: an FSDP2-sharded layer keeps the rows of ``lora_B`` its weight shard holds
+      (``local_rows``), ``lora_A`` whole: such adapters are always fused, each rank
+      adding its rows of ``B A`` to its own shard (:func:`_merge_rows`).
+
+    peft makes the adapters of a split layer in its local shapes. Adapters that do not
+    factor that way (a bias on a row-parallel layer would be added by every rank; DoRA,
+    LoHa, LoKr) raise ``ValueError`` naming the key, before anything is loaded."""
+    out = {}
+    for key, tensor in state.items():
+        name = key.removeprefix(prefix)
+        layer = _layer_name(name)
+        split = _split_of(model, layer) if layer is not None else None
+        if split is None:  # a replicated layer (or an alpha): whole on every rank
+            out[key] = tensor
+            continue
+        dim, pieces, how, bias = split
+        weight = name.endswith(".weight")
+        cut = (dim == 1 and _down(name) and weight) or (dim == 0 and _up(name) and (weight or bias))
+        whole = (dim == 0 and _down(name)) or (dim == 1 and _up(name) and weight)
+        if not cut and not whole:
+            raise ValueError(
+                f"LoRA {path}: key {key!r} is on {family}'s layer {layer}, split by {how}, and "
+                f"cannot be split with it (plain LoRA only; a lora_B bias only on a "
+                f"column-parallel layer)"
+            )
+        out[key] = take(tensor, pieces) if cut and pieces else tensor
+    return out
+
+
+def _split_of(model: nn.Module, layer: str) -> tuple[int, list, str, bool] | None:
+    """``(dim, pieces, layout, bias)`` of the adapter tensors on ``layer`` that this rank
+    cuts (dim 0: ``lora_B`` rows, dim 1: ``lora_A`` columns; no pieces: kept whole, only
+    the kinds are checked; ``bias``: a ``lora_B`` bias is cut with the rows, else refused
+    - HSDP fuses, and a fused LoRA bias would change the sharded base bias), or None
+    where the layer is whole on every rank."""
+    if (split := adapter_split(model, layer)) is not None:
+        kind = "column" if split[0] == 0 else "row"
+        return split[0], split[1], f"tensor parallelism ({kind}-parallel)", True
+    base = model.get_submodule(layer)
+    base = getattr(base, "base_layer", base)
+    if not isinstance(getattr(base, "weight", None), DTensor):
+        return None
+    from peft.tuners.tuners_utils import _get_in_out_features
+
+    rows = local_rows(base.weight)
+    # peft sizes an adapter on a DTensor weight of a mesh not named "fsdp" to its local
+    # rows (it takes the mesh for tensor parallelism): B then keeps those rows.
+    local = rows is not None and _get_in_out_features(base)[1] == rows[2] != base.weight.shape[0]
+    return 0, [rows] if local else [], "HSDP (row shards)", False
 
 
 def _layer_name(key: str) -> str | None:
@@ -315,6 +408,38 @@ def _parameters(fn) -> set[str]:
     import inspect
 
     return set(inspect.signature(fn).parameters)
+
+
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds of ``weight`` (a DTensor's local shard, in place)."""
+    return weight.to_local() if isinstance(weight, DTensor) else weight.data
+
+
+def _reshard(model: nn.Module) -> None:
+    """Free every HSDP block's gathered weights (local, no collective), so the next
+    forward all-gathers what a merge or unmerge wrote into the shards (a block kept
+    gathered, ``reshard_after_forward=False``, would run the stale copy)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _merge_rows(module: nn.Module, names: list[str], saved: dict) -> None:
+    """Fuse ``names`` into an HSDP-sharded layer: this rank's rows of each ``B A``
+    (peft's ``get_delta_weight``, the same sum one rank adds) into its own shard, in
+    peft's order; the shard's rows are kept in ``saved`` for a bit-exact unfuse. No
+    collective: every rank already holds the whole (small) adapter."""
+    base = module.get_base_layer()
+    local = base.weight.to_local()
+    saved[base] = local.detach().clone()
+    rows = local_rows(base.weight)
+    for name in names:
+        assert name not in getattr(module, "lora_variant", {}), name  # refused at load
+        delta = module.get_delta_weight(name)  # B holds this rank's rows: (rows, in)
+        if delta.shape != local.shape and rows is not None:  # a whole B: (out, in) -> rows
+            delta = delta.narrow(rows[0], rows[1], rows[2])
+        local += delta.to(local.dtype)
+    module.merged_adapters.extend(names)
 
 
 def adapter_summary(refs: tuple[LoraRef, ...]) -> list[dict]:

@@ -68,12 +68,26 @@ class TensorParallelRuntime:
     specs: dict = field(default_factory=dict)
     """Parameter name -> diffusers ``TPShardSpec`` (dim, block sizes) of the full tensor."""
     hooks: list = field(default_factory=list)
+    state: ParallelState | None = None
+    """The layout whose tp group the hooks all-reduce over (for :meth:`rebind`)."""
 
     def remove(self) -> None:
         """Take the all-reduce hooks out (the weights stay split)."""
         for handle in self.hooks:
             handle.remove()
         self.hooks.clear()
+
+    def rebind(self, transformer: nn.Module) -> None:
+        """Put the all-reduce hooks on the modules now at the rowwise layers' names: a
+        LoRA wrapper (peft) around a rowwise Linear adds its partial ``x_r A_r^T B^T`` to
+        the Linear's partial output, so the one all-reduce must sum the wrapper's output
+        (a hook left on the wrapped Linear would reduce the base part only, and the
+        adapter's part would stay one rank's). The bias is added once, after the sum."""
+        self.remove()
+        for name, spec in sorted(self.specs.items()):
+            if name.endswith(".weight") and spec.dim == 1:
+                module = transformer.get_submodule(name.rpartition(".")[0])
+                self.hooks.append(module.register_forward_hook(_reduce(self.state)))
 
 
 def tp_plan(transformer: nn.Module) -> dict | None:
@@ -247,7 +261,7 @@ def apply_tensor_parallel(
         return None
     split_weights(transformer, state, family)  # a no-op when it was loaded split
     specs = transformer._tp_specs
-    runtime = TensorParallelRuntime(axis.size, specs)
+    runtime = TensorParallelRuntime(axis.size, specs, state=state)
     params = dict(transformer.named_parameters())
     for name in transformer._load_slices:
         params[name]._tp_split = True  # counted by parameter_bytes as this rank's shard
@@ -295,7 +309,7 @@ def _reduce(state: ParallelState):
         # tp rank; every rank of the tp group reaches this all-reduce in the same order
         # (the same layer of the same forward).
         comm.all_reduce(out, state.tp)
-        bias = getattr(module, "tp_bias", None)
+        bias = getattr(getattr(module, "base_layer", module), "tp_bias", None)  # a LoRA wrapper's
         return out if bias is None else out + bias
 
     return hook
@@ -350,3 +364,18 @@ def parameter_bytes(module: nn.Module) -> dict[str, int]:
         if name.endswith("tp_bias"):
             replicated += b.numel() * b.element_size()
     return {"split": split, "replicated": replicated, "total": split + replicated}
+
+
+def adapter_split(transformer: nn.Module, layer: str) -> tuple[int, list, int] | None:
+    """How a LoRA adapter on ``layer`` is split on this rank, derived from the pieces its
+    weight was split into: ``(dim, pieces, full)`` where ``dim`` is 0 for a colwise layer
+    (``lora_B`` ``(out, r)`` and a ``lora_B`` bias keep the weight's rows, ``lora_A`` stays
+    whole) and 1 for a rowwise one (``lora_A`` ``(r, in)`` keeps the weight's columns,
+    ``lora_B`` stays whole, its partial output joins the layer's all-reduce), ``pieces``
+    are :func:`take`'s and ``full`` the unsplit size along ``dim``. None: ``layer`` is
+    not split (replicated, or no tensor parallelism)."""
+    pieces = getattr(transformer, "_load_slices", {}).get(f"{layer}.weight")
+    if pieces is None:
+        return None
+    spec = transformer._tp_specs[f"{layer}.weight"]
+    return spec.dim, pieces, sum(spec.block_sizes)

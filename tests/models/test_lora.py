@@ -187,16 +187,36 @@ def test_peft_folder_equals_peft_on_diffusers(flux, kind):
     assert max_image_diff(ours[0][0], diffusers_reference(flux["path"], REQUEST)[1]) > 8
 
 
+SPLIT = {"tp2": dict(tensor_parallel_size=2), "tp2 fused": dict(tensor_parallel_size=2),
+         "hsdp2": dict(ulysses_degree=2, use_hsdp=True)}  # fmt: skip
+"""Ride on the ulysses2 task: adapters split like the weights (the packed single-block
+``proj_out``, row-parallel ``to_out.0`` / ``ff.net.2``); HSDP fuses the set."""
+
+
+def generate_each(layouts: dict, path: str, batch: list[dict], loras: tuple) -> dict:
+    """``harness.generate`` under each layout (``fused`` in the name: ``fuse_loras``)."""
+    return {
+        name: generate(layout, path, batch, {"fuse_loras": "fused" in name}, loras)
+        for name, layout in layouts.items()
+    }
+
+
 @pytest.mark.parametrize("name", ["ulysses2", "ring2", "cfg2", "hybrid2x2"])
 def test_flux_layouts_equal_one_rank(worker_pool, flux, name):
     loras = (("a", flux["a"], 0.8), ("b", flux["b"], 1.0))
     batch = [dict(CFG, lora=_refs(("a", None), ("b", 0.5))), dict(REQUEST, request_id="base")]
     one_rank = generate({}, flux["path"], batch, loras=loras)
-    layout = LAYOUTS[name]
-    results = worker_pool(world_size(layout)).run(generate, layout, flux["path"], batch, None,
-                                                  loras)  # fmt: skip
-    check_layout(results, one_rank)
+    layouts = {name: LAYOUTS[name], **(SPLIT if name == "ulysses2" else {})}
+    results = worker_pool(world_size(LAYOUTS[name])).run(generate_each, layouts, flux["path"],
+                                                         batch, loras)  # fmt: skip
+    check_layout([r[name] for r in results], one_rank)
     assert max_image_diff(one_rank[0][0][:1], one_rank[0][1]) > 8  # adapter vs base differ
+    for split in layouts.keys() - {name}:  # the returning rank's latents and images
+        images, latents, _ = results[0][split]
+        err = max((a - b).abs().max().item() for a, b in zip(latents, one_rank[1], strict=True))
+        diff = max(max_image_diff(a, b) for a, b in zip(images, one_rank[0], strict=True))
+        print(f"FLUX.1 {split} with adapters: latents {err:.1e}, images {diff}/255")
+        assert err <= 1e-4 and diff <= 1, (split, err, diff)
 
 
 def test_step_cache_state_is_per_adapter_set(flux):
@@ -252,3 +272,64 @@ def test_offloaded_transformer_takes_adapters_and_gives_the_base_back(flux):
     pipe.unload_lora("a")
     assert np.array_equal(image(), base)
     assert torch.equal(copy.flat, host)  # the host copy never saw the adapter
+
+
+def test_adapters_split_like_the_weights_they_touch(flux):
+    """Tensor parallel 2 as rank 1, no processes: FLUX.1's own ``_tp_plan`` splits the
+    model, and :func:`split_for_layout` keeps rank 1's rows of ``lora_B`` on a
+    column-parallel layer (``lora_A`` whole), its columns of ``lora_A`` on a row-parallel
+    one (``lora_B`` whole), block by block on the packed single-block ``proj_out``
+    (``cat([attention, MLP])``), and whole adapters on replicated layers; so the local
+    ``B A`` is exactly this rank's slice of the whole ``B A``. Adapters that cannot be
+    split so are refused naming the key, and a file is checked against the full sizes."""
+    from types import SimpleNamespace
+
+    from diffusers import FluxTransformer2DModel
+
+    from ithaca.models.lora import check_fits, split_for_layout
+    from ithaca.parallel.tensor import split_weights
+
+    model = _transformer(flux["path"], FluxTransformer2DModel)
+    state = random_lora(model, seed=1)
+    split_weights(model, SimpleNamespace(tp=SimpleNamespace(size=2, rank=1)), "FLUX.1")
+    check_fits(state, model, "FLUX.1", "a", prefix="transformer.")  # full shapes still fit
+    local = split_for_layout(state, model, "FLUX.1", "a", prefix="transformer.")
+
+    def pair(layer, tensors):
+        return tensors[f"transformer.{layer}.lora_B.weight"], tensors[
+            f"transformer.{layer}.lora_A.weight"
+        ]
+
+    def second_halves(delta, dim, blocks):  # rank 1's pieces, block by block
+        parts, start = [], 0
+        for block in blocks:
+            parts.append(delta.narrow(dim, start + block // 2, block // 2))
+            start += block
+        return torch.cat(parts, dim)
+
+    layers = {"transformer_blocks.0.attn.to_q": 0, "transformer_blocks.0.attn.to_out.0": 1,
+              "single_transformer_blocks.0.proj_out": 1, "proj_out": None}  # fmt: skip
+    for layer, dim in layers.items():
+        (b, a), (lb, la) = pair(layer, state), pair(layer, local)
+        if dim is None:  # replicated: whole
+            assert lb is b and la is a
+            continue
+        assert (lb is b) == (dim == 1) and (la is a) == (dim == 0), layer  # one factor whole
+        blocks = model._tp_specs[f"{layer}.weight"].block_sizes
+        assert len(blocks) == (2 if layer.startswith("single") else 1)
+        whole = second_halves(b @ a, dim, blocks)
+        assert (lb @ la).shape == model.get_submodule(layer).weight.shape
+        assert torch.allclose(lb @ la, whole, atol=1e-6), layer
+
+    bad = dict(state)
+    bad["transformer.transformer_blocks.0.attn.to_out.0.lora_B.bias"] = torch.zeros(64)
+    with pytest.raises(ValueError, match=r"to_out\.0\.lora_B\.bias.*row-parallel"):
+        split_for_layout(bad, model, "FLUX.1", "bad", prefix="transformer.")
+    dora = {"transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector": torch.ones(64)}
+    with pytest.raises(ValueError, match=r"lora_magnitude_vector.*column-parallel"):
+        split_for_layout(dora, model, "FLUX.1", "dora", prefix="transformer.")
+    short = {"transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4)}
+    with pytest.raises(ValueError, match=r"has shape \(32, 4\), FLUX.1's .*to_q has 64 outputs"):
+        check_fits(
+            short, model, "FLUX.1", "short", prefix="transformer."
+        )  # the local size is not the model's

@@ -7,14 +7,29 @@ true CFG; Wan2.2 T2V-A14B: one adapter on both experts and one on the high-noise
 expert only. Both touch ``proj_out``, the layer the plan gathers at (the hooks must
 follow peft's wrapper). Final latents within 1e-4 of one rank, images and frames within
 1/255. Tiny checkpoints, 32x32 px images, 48x48 px x 9 frames videos, 2 steps.
+
+The same 2-rank task runs Qwen-Image under tensor parallel 2 and HSDP 2 (adapters split
+like the weights they touch, :func:`ithaca.models.lora.split_for_layout`), switching on
+one pipeline: base, the stacked pair unfused, fused, one adapter fused, none. Each step
+equals the same step on one rank (latents 1e-4, images 1/255); the last equals the
+first bit for bit and the base weights are bit-identical after; each rank holds less
+than the whole adapter. HSDP fuses every set (asserted). The split rules themselves
+(rows of ``lora_B`` on a column-parallel layer, columns of ``lora_A`` on a row-parallel
+one, FLUX.1's packed ``proj_out`` block by block, refusals) run without processes.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
+from torch.distributed.tensor import DTensor
 
+from ithaca.config import ParallelConfig
+from ithaca.models.registry import load_pipeline
+from ithaca.testing.distributed import parallel_state
 from ithaca.testing.lora import random_lora, save_safetensors, to_comfy
-from ithaca.types import LoraRef
+from ithaca.types import GenerationParams, LoraRef
 from tests.models.harness import (
     check_layout,
     generate,
@@ -59,16 +74,87 @@ def cases(tiny_checkpoints, tmp_path_factory):
         for name, seed in (("w", 8), ("v", 9))
     )  # fmt: skip
     args = (qwen, qwen_loras, wan, wan_loras)
-    return args, run_layouts({"one": {}}, *args)["one"]
+    return args, run_layouts({"one": {}}, *args)["one"], switching({}, qwen, qwen_loras)
 
 
-def run_layouts(layouts: dict, qwen, qwen_loras, wan, wan_loras) -> dict:
-    """Every layout of ``layouts`` on this rank, for both families (one pool task)."""
-    return {
+def run_layouts(layouts: dict, qwen, qwen_loras, wan, wan_loras, sharded=()) -> dict:
+    """Every layout of ``layouts`` on this rank, for both families, and :func:`switching`
+    on Qwen-Image under each layout named in ``sharded`` (one pool task)."""
+    out = {
         name: (generate(layout, qwen, [QWEN_REQUEST], None, qwen_loras),
                wan_generate(layout, wan, [WAN_REQUEST], wan_loras))
         for name, layout in layouts.items()
     }  # fmt: skip
+    return out | {name: switching(SHARDED[name], qwen, qwen_loras) for name in sharded}
+
+
+SHARDED = {"tp2": dict(tensor_parallel_size=2), "hsdp2": dict(ulysses_degree=2, use_hsdp=True)}
+SWITCHES = (  # (label, adapters, fuse_loras)
+    ("base", (), False),
+    ("stack", QWEN_REQUEST["lora"], False),
+    ("stack fused", QWEN_REQUEST["lora"], True),
+    ("extra fused", (LoraRef("extra", 1.0),), True),
+    ("none", (), True),
+)
+
+
+def switching(layout: dict, path: str, loras: tuple) -> tuple:
+    """The :data:`SWITCHES` in turn on one Qwen-Image pipeline under ``layout``:
+    ``(steps, fused, restored, adapter numel)`` - per step the images and final latents
+    (the returning rank; elsewhere empty) and whether the set ran fused; whether every
+    base weight this rank holds is bit-identical at the end; this rank's adapter size."""
+    with parallel_state(ParallelConfig(**layout)) as state:
+        pipe = load_pipeline(path, state)
+        for name, file, scale in loras:
+            pipe.load_lora(name, file, scale)
+        captured, decode = {}, pipe.decode
+
+        def keep(job, latents):
+            captured["latents"] = latents.float().cpu()
+            return decode(job, latents)
+
+        pipe.decode = keep
+        before = _base_weights(pipe.transformer)
+        steps, fused = [], []
+        for _, refs, fuse in SWITCHES:
+            pipe.fuse_loras = fuse
+            [result] = pipe.generate([GenerationParams(**dict(QWEN_REQUEST, lora=refs))])
+            fused.append(bool(pipe.loras.fused))
+            steps.append(([np.asarray(im) for im in result.images], captured.pop("latents", None)))
+        after = _base_weights(pipe.transformer)
+        restored = before.keys() == after.keys() and all(
+            torch.equal(before[k], after[k]) for k in before
+        )
+        adapter = sum(
+            _local(p).numel() for n, p in pipe.transformer.named_parameters() if ".lora_" in n
+        )
+        pipe.runtime.remove()
+        return steps, fused, restored, adapter
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def _base_weights(model) -> dict:
+    return {n: _local(p).detach().clone() for n, p in model.named_parameters() if ".lora_" not in n}
+
+
+def _check_switching(name: str, per_rank: list, one: tuple) -> None:
+    steps, fused = per_rank[0][:2]
+    expect_fused = [bool(refs) and (fuse or name.startswith("hsdp")) for _, refs, fuse in SWITCHES]
+    assert fused == expect_fused, (name, fused)  # HSDP fuses every set
+    assert all(r[2] for r in per_rank), f"{name}: base weights changed"
+    assert all(0 < r[3] < one[3] for r in per_rank), (name, [r[3] for r in per_rank], one[3])
+    for (label, _, _), (images, latents), (ref_images, ref_latents) in zip(
+        SWITCHES, steps, one[0], strict=True
+    ):
+        err = (latents - ref_latents).abs().max().item()
+        assert err <= 1e-4, f"{name} {label}: latents differ from 1 rank by {err:.2e}"
+        assert max_image_diff(images, ref_images) <= 1, f"{name} {label}"
+        print(f"Qwen-Image {name} {label}: latents {err:.1e}, "
+              f"image {max_image_diff(images, ref_images)}/255")  # fmt: skip
+    assert torch.equal(steps[-1][1], steps[0][1]) and np.array_equal(steps[-1][0], steps[0][0])
 
 
 def _check(per_rank: list, one: tuple, layout: dict) -> None:
@@ -84,15 +170,23 @@ def _check(per_rank: list, one: tuple, layout: dict) -> None:
 
 @pytest.mark.parametrize("layouts", [TWO_RANKS, HYBRID], ids=["two_ranks", "hybrid2x2"])
 def test_layouts_with_adapters_equal_one_rank(worker_pool, cases, layouts):
-    args, one = cases
+    args, one, one_switching = cases
     world = 4 if layouts is HYBRID else 2
-    results = worker_pool(world).run(run_layouts, layouts, *args, timeout=900)
+    sharded = list(SHARDED) if world == 2 else []  # TP 2 and HSDP 2 ride on the 2-rank task
+    results = worker_pool(world).run(run_layouts, layouts, *args, sharded, timeout=1200)
     for name, layout in layouts.items():
         _check([rank[name] for rank in results], one, layout)
+    for name in sharded:
+        _check_switching(name, [rank[name] for rank in results], one_switching)
 
 
 def test_the_adapters_change_the_outputs(cases):
-    (qwen, _, wan, _), one = cases
+    (qwen, _, wan, _), one, switches = cases
+    steps, fused, restored, _ = switches
+    assert fused == [False, False, True, True, False] and restored
+    assert max_image_diff(steps[1][0], steps[0][0]) > 8  # the stacked pair changes the image
+    assert max_image_diff(steps[2][0], steps[1][0]) <= 1  # fused: within 1/255 of unfused
+    assert np.array_equal(steps[4][0], steps[0][0]) and torch.equal(steps[4][1], steps[0][1])
     base_qwen = generate({}, qwen, [dict(QWEN_REQUEST, lora=())])
     assert max_image_diff(one[0][0][0], base_qwen[0][0]) > 8
     base_wan = wan_generate({}, wan, [dict(WAN_REQUEST, lora=())], ())
