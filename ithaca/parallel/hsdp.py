@@ -23,7 +23,9 @@ The sharding unit is a block: every element of each top-level ``nn.ModuleList`` 
 the transformer (the block lists a family's spec names - ``transformer_blocks``,
 ``single_transformer_blocks``, ``blocks``, ``layers`` - plus refiners such as
 Z-Image's) gets its own ``fully_shard``; the root collects the rest (embedders,
-norms, projections). Prefetch: FSDP2's implicit forward prefetching. On a GPU the
+norms, projections). A model whose pipeline never calls its root ``forward`` (Bagel)
+declares its units instead (``_hsdp_units``, :func:`declared_units`), each its own root.
+Prefetch: FSDP2's implicit forward prefetching. On a GPU the
 all-gathers run on their own stream, so block ``i+1``'s all-gather is issued as soon as
 the CPU reaches it - while the GPU still computes block ``i`` - and no explicit
 ``set_modules_to_forward_prefetch`` order is needed. That also keeps it correct when a
