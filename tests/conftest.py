@@ -43,6 +43,8 @@ def worker_pool():
 
     yield get
     for pool in pools.values():
+        pool.stop()  # every rank of every pool exits at once; then wait for each
+    for pool in pools.values():
         pool.close()
 
 
