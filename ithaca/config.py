@@ -341,8 +341,9 @@ class ServerConfig:
     """Step-level batching: compatible requests (same size and model settings) join a
     running batch at the next denoising step and leave at their last, instead of waiting
     for the whole batch. In process and on worker groups (rank 0 decides at each step
-    boundary and broadcasts it); a request with a step cache, LoRA or input images runs
-    in a batch of its own."""
+    boundary and broadcasts it); step caches keep per-request state, so a cached request
+    joins a batch with the same cache settings; one with a LoRA or input images runs in a
+    batch of its own."""
 
     compile: bool = False
     """Compile the transformer's repeated blocks (regional ``torch.compile``), warmed up

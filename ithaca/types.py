@@ -141,3 +141,12 @@ class ParamError(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
+
+
+def known_join(key: tuple, resolved: dict | None) -> bool | None:
+    """The one join rule on a validated request (continuous batching): whether the
+    ``join_key`` its validation carries (``resolved``, from rank 0's resolve) equals a
+    running step batch's ``key``; None when it carries none (not validated, or a request
+    that never joins)."""
+    known = (resolved or {}).get("join_key")
+    return None if known is None else tuple(known) == tuple(key)

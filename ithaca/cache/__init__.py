@@ -9,7 +9,7 @@ TaylorSeer and SCM) on a transformer's blocks. The denoising loop calls
 
 from __future__ import annotations
 
-from ithaca.cache.base import BlockCacheAdapter, CacheGroup, CacheStats, StepCache
+from ithaca.cache.base import BlockCacheAdapter, CacheGroup, CacheStats, Rows, StepCache
 from ithaca.cache.dbcache import DBCache, TaylorSeer, scm_mask
 from ithaca.cache.teacache import (
     FLUX_COEFFICIENTS,
@@ -35,6 +35,7 @@ __all__ = [
     "CacheGroup",
     "CacheStats",
     "DBCache",
+    "Rows",
     "StepCache",
     "TaylorSeer",
     "TeaCache",

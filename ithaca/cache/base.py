@@ -11,13 +11,22 @@ this rank's valid tokens, ``all_reduce``-d), so every rank of a sequence-paralle
 group holds the same numbers and takes the same decision; the decision itself is then
 agreed with one more ``all_reduce`` (any rank that must compute makes every rank
 compute), so a rounding difference can never split the group.
+
+State is kept per request: a forward's batch is a list of :class:`Rows` (one request's
+rows, at its own step of its own schedule; a step batch holds requests that joined at
+different steps), and each request has its own per-branch state, decision and stats.
+Where the requests of one forward decide differently, only the rows that compute run
+the skippable blocks (gathered, then scattered back); the other rows pass through and
+take their own cached residual, so no request's result depends on another's. One
+forward makes the same collectives whatever the number of requests: one ``all_reduce``
+of every request's distance sums and one of every request's decision.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -66,6 +75,15 @@ class CacheStats:
         else:
             self.computed += 1
 
+    @classmethod
+    def merged(cls, stats: list[CacheStats]) -> CacheStats:
+        out = cls()
+        for s in stats:
+            out.computed += s.computed
+            out.cached += s.cached
+            out.pattern += s.pattern
+        return out
+
     @property
     def hit_ratio(self) -> float:
         total = self.computed + self.cached
@@ -77,6 +95,44 @@ class CacheStats:
             "cached_steps": self.cached,
             "hit_ratio": round(self.hit_ratio, 4),
         }
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One request's rows in a transformer call's batch, in batch order."""
+
+    key: Hashable
+    """The request (its state and stats are kept under this key until :meth:`forget`)."""
+    count: int
+    step: int
+    """The request's own step index."""
+    num_steps: int
+    """The request's own step count."""
+
+
+@dataclass
+class Member:
+    """A request during one transformer call: its rows (a slice of the batch), step,
+    step count and this branch's state."""
+
+    rows: slice
+    step: int
+    num_steps: int
+    state: dict
+    stats: CacheStats
+
+
+def take_rows(value, index: torch.Tensor, batch: int):
+    """``value`` (a block argument: a tensor, or a tuple / list / dict of them) with only
+    the rows ``index`` of every tensor whose first dimension is the batch's (``batch``
+    rows, at least 2); per-sequence tensors (RoPE tables) and scalars pass as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, index) if value.dim() and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(take_rows(v, index, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: take_rows(v, index, batch) for k, v in value.items()}
+    return value
 
 
 class StepCache:
@@ -105,10 +161,19 @@ class StepCache:
         """Every block of the stack, in run order; a block's index is its place here."""
         self.num_blocks = len(self.blocks)
         self.stats = CacheStats()
+        """Every request's decisions since :meth:`begin` (one request: its own)."""
         self.num_steps = 0
         self.step_index = 0
         self.branch = 0
-        self._states: dict[int, dict] = {}
+        self.members: list[Member] = []
+        """The requests of the current transformer call, in batch order."""
+        self.skips: list[bool] = []
+        """This call's decisions, one per member (True: it reuses its cached work)."""
+        self.computing: torch.Tensor | None = None
+        """Rows that run the skippable blocks when the members decided differently
+        (indices into the batch), else None: every row does the same."""
+        self._states: dict[tuple, dict] = {}  # (request key, branch) -> state
+        self._stats: dict[Hashable, CacheStats] = {}
         self._active = False
         # What was installed on each instance before (a compiled forward), put back on remove.
         self._previous = [block.__dict__.get("forward") for block in self.blocks]
@@ -121,15 +186,35 @@ class StepCache:
         self.num_steps = num_steps
         self.stats = CacheStats()
         self._states.clear()
+        self._stats.clear()
 
     @contextlib.contextmanager
-    def step(self, index: int, branch: int = 0):
-        """Bracket one transformer call: step ``index`` of the CFG ``branch``."""
+    def step(self, index: int, branch: int = 0, rows: list[Rows] | None = None):
+        """Bracket one transformer call: step ``index`` of the CFG ``branch``. ``rows``:
+        the requests of the batch, each at its own step (a step batch); None: the whole
+        batch is one request at step ``index`` of :meth:`begin`'s ``num_steps``."""
+        rows = rows or [Rows(None, -1, index, self.num_steps)]
+        start, members = 0, []
+        for r in rows:
+            span = slice(None) if r.count < 0 else slice(start, start + r.count)
+            start += r.count
+            state = self._states.get((r.key, branch))
+            if state is None:
+                state = self._states[(r.key, branch)] = self.new_branch_state()
+            stats = self._stats.setdefault(r.key, CacheStats())
+            members.append(Member(span, r.step, r.num_steps, state, stats))
+        self.members, self.computing = members, None
         self.step_index, self.branch, self._active = index, branch, True
         try:
             yield
         finally:
             self._active = False
+
+    def forget(self, key: Hashable) -> CacheStats:
+        """Drop a request's state (it left the batch); returns its stats."""
+        for branch in [b for k, b in self._states if k == key]:
+            del self._states[(key, branch)]
+        return self._stats.pop(key, CacheStats())
 
     def remove(self) -> None:
         """Unwrap the blocks."""
@@ -142,9 +227,56 @@ class StepCache:
     # -- for subclasses ----------------------------------------------------------
     @property
     def branch_state(self) -> dict:
-        if self.branch not in self._states:
-            self._states[self.branch] = self.new_branch_state()
-        return self._states[self.branch]
+        """The state of a call with one request (what a cache without rows uses)."""
+        assert len(self.members) == 1, "a batch of several requests has one state each"
+        return self.members[0].state
+
+    def record(self, member: Member, cached: bool) -> None:
+        member.stats.record(member.step, self.branch, cached)
+        self.stats.record(member.step, self.branch, cached)
+
+    def settle(self, skips: list[bool]) -> None:
+        """This call's decisions, one per member: recorded in the stats, kept in
+        :attr:`skips` and routed (:meth:`route`)."""
+        self.skips = skips
+        for m, skip in zip(self.members, skips, strict=True):
+            self.record(m, skip)
+        self.route([not skip for skip in skips])
+
+    def run_skippable(self, call: Callable, bound, hidden, context):
+        """A skippable block: every row passes through (all skip), only the computing
+        rows run (the members disagree), or the block runs whole."""
+        if all(self.skips):
+            return self.pack(hidden, context)
+        if self.computing is not None:
+            return self.call_rows(call, bound, hidden, context)
+        return call(*bound.args, **bound.kwargs)
+
+    def route(self, computes: list[bool]) -> None:
+        """Which rows run the skippable blocks: all, none, or (the members disagree) the
+        rows of the members that compute, in :attr:`computing`."""
+        self.computing = None
+        if len(set(computes)) > 1:
+            rows = [
+                i
+                for m, c in zip(self.members, computes, strict=True)
+                if c
+                for i in range(m.rows.start, m.rows.stop)
+            ]
+            self.computing = torch.tensor(rows, dtype=torch.long, device=self.state.device)
+
+    def call_rows(self, call: Callable, bound, hidden, context):
+        """Run a skippable block on the :attr:`computing` rows only; the other rows pass
+        through unchanged (what a skipped block returns)."""
+        index, batch = self.computing, hidden.shape[0]
+        arguments = {k: take_rows(v, index, batch) for k, v in bound.arguments.items()}
+        sub = inspect.BoundArguments(bound.signature, arguments)
+        out_hidden, out_context = self.unpack(call(*sub.args, **sub.kwargs))
+        # (rows computing, S, C) scattered into (B, S, C): the rest keep their input
+        hidden = hidden.index_copy(0, index, out_hidden)
+        if out_context is None or context is None:  # the block returns no context
+            return self.pack(hidden, None)
+        return self.pack(hidden, context.index_copy(0, index, out_context))
 
     def new_branch_state(self) -> dict:
         return {}
@@ -172,28 +304,40 @@ class StepCache:
         replicated ``(B, C)`` tensors when ``token_dim`` does not apply). Padding added
         by auto_pad is left out. Collective over the sequence-parallel axis.
         """
+        return self.rel_l1_each([(current, previous)])[0]
+
+    def rel_l1_each(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+        """:meth:`rel_l1` of each ``(current, previous)`` pair (one per request), with
+        one collective and one read-back for all of them."""
+        sums = torch.stack([self._l1_sums(c, p) for c, p in pairs])  # (pairs, 2) float64
+        if pairs[0][0].dim() >= 3:
+            comm.all_reduce(sums, self.state.sp)  # sums over every rank's tokens
+        return (sums[:, 0] / sums[:, 1].clamp_min(1e-30)).tolist()
+
+    def _l1_sums(self, current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         diff = (current.float() - previous.float()).abs()
         base = previous.float().abs()
-        sums = torch.stack([diff.sum(), base.sum()]).double()
-        if current.dim() >= 3:
-            mask = self._valid_tokens(current)
-            if mask is not None:
-                per_token = [
-                    (t * mask[:, :, None]).sum() for t in (diff.flatten(2), base.flatten(2))
-                ]
-                sums = torch.stack(per_token).double()
-            comm.all_reduce(sums, self.state.sp)  # sums over every rank's tokens
-        return (sums[0] / sums[1].clamp_min(1e-30)).item()
+        mask = self._valid_tokens(current) if current.dim() >= 3 else None
+        if mask is None:
+            return torch.stack([diff.sum(), base.sum()]).double()
+        per_token = [(t * mask[:, :, None]).sum() for t in (diff.flatten(2), base.flatten(2))]
+        return torch.stack(per_token).double()
 
     def agree(self, cache_it: bool) -> bool:
         """True only if every rank of the sequence-parallel group would cache."""
+        return self.agree_each([cache_it])[0]
+
+    def agree_each(self, cache_it: list[bool]) -> list[bool]:
+        """:meth:`agree` for each request of the call, with one collective."""
         sp = self.state.sp
-        if sp.size == 1:
-            return cache_it
-        flag = torch.tensor([0 if cache_it else 1], dtype=torch.int32, device=self.state.device)
+        if sp.size == 1 or not cache_it:
+            return list(cache_it)
+        flags = torch.tensor(
+            [0 if c else 1 for c in cache_it], dtype=torch.int32, device=self.state.device
+        )
         # Every rank of the sp group reaches this all_reduce once per forward.
-        comm.all_reduce(flag, sp, op=dist.ReduceOp.MAX)
-        return flag.item() == 0
+        comm.all_reduce(flags, sp, op=dist.ReduceOp.MAX)
+        return [f == 0 for f in flags.tolist()]
 
     # -- internals -----------------------------------------------------------------
     def _valid_tokens(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -236,11 +380,14 @@ class CacheGroup:
             cache.begin(num_steps)
 
     @contextlib.contextmanager
-    def step(self, index: int, branch: int = 0):
+    def step(self, index: int, branch: int = 0, rows: list[Rows] | None = None):
         with contextlib.ExitStack() as stack:
             for cache in self.caches:
-                stack.enter_context(cache.step(index, branch))
+                stack.enter_context(cache.step(index, branch, rows))
             yield
+
+    def forget(self, key: Hashable) -> CacheStats:
+        return CacheStats.merged([cache.forget(key) for cache in self.caches])
 
     def remove(self) -> None:
         for cache in self.caches:
@@ -248,9 +395,4 @@ class CacheGroup:
 
     @property
     def stats(self) -> CacheStats:
-        merged = CacheStats()
-        for cache in self.caches:
-            merged.computed += cache.stats.computed
-            merged.cached += cache.stats.cached
-            merged.pattern += cache.stats.pattern
-        return merged
+        return CacheStats.merged([cache.stats for cache in self.caches])

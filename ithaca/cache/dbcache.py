@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ithaca.cache.base import StepCache
 
 # (computed, cacheable) run lengths for a 28-step schedule; scaled to the real count.
@@ -110,73 +112,98 @@ class DBCache(StepCache):
         self.max_continuous = max_continuous_cached_steps
         self.taylorseer_order = taylorseer_order if enable_taylorseer else 0
         self.scm_policy, self.scm_static = scm_steps_mask_policy, scm_steps_policy == "static"
-        self._mask: list[bool] | None = None
+        self._masks: dict[int, list[bool]] = {}
         # middle blocks: [fn, n - bn); empty middle means nothing to cache
         self.middle_end = n - self.bn
 
     def begin(self, num_steps: int) -> None:
         super().begin(num_steps)
-        self._mask = scm_mask(self.scm_policy, num_steps) if self.scm_policy else None
+        self._masks: dict[int, list[bool]] = {}
+
+    def mask(self, num_steps: int) -> list[bool] | None:
+        """SCM's steps that must compute, for a request of ``num_steps`` steps."""
+        if self.scm_policy is None:
+            return None
+        if num_steps not in self._masks:
+            self._masks[num_steps] = scm_mask(self.scm_policy, num_steps)
+        return self._masks[num_steps]
 
     def new_branch_state(self) -> dict:
         return {
             "fn_residual": None,
-            "skip": False,
             "cached": 0,
             "continuous": 0,
             "seer": [TaylorSeer(self.taylorseer_order) for _ in range(2)],
         }
 
-    def decide(self, fn_residual) -> bool:
-        st = self.branch_state
-        previous, st["fn_residual"] = st["fn_residual"], fn_residual
-        i = self.step_index
-        must_compute = (
-            previous is None
-            or st["seer"][0].step is None
-            or self.fn >= self.middle_end
-            or i < self.warmup
-            or i >= self.num_steps - 1
-            or (self._mask is not None and self._mask[i])
-            or (self.max_cached >= 0 and st["cached"] >= self.max_cached)
-            or (self.max_continuous >= 0 and st["continuous"] >= self.max_continuous)
-        )
-        if must_compute:
-            cache_it = False
-        elif self._mask is not None and self.scm_static:
-            cache_it = True
-        else:
-            cache_it = self.thresh > 0 and self.rel_l1(fn_residual, previous) < self.thresh
-        cache_it = self.agree(cache_it)
-        st["cached"] += cache_it
-        st["continuous"] = st["continuous"] + 1 if cache_it else 0
-        return cache_it
+    def decide(self, fn_residual) -> list[bool]:
+        """Per request of the call: whether its middle blocks are cached (agreed)."""
+        wants: list[bool] = []
+        candidates = []  # (place, member, previous residual): decided by the distance
+        for m in self.members:
+            st = m.state
+            previous, st["fn_residual"] = st["fn_residual"], fn_residual[m.rows]
+            i, mask = m.step, self.mask(m.num_steps)
+            must_compute = (
+                previous is None
+                or st["seer"][0].step is None
+                or self.fn >= self.middle_end
+                or i < self.warmup
+                or i >= m.num_steps - 1
+                or (mask is not None and mask[i])
+                or (self.max_cached >= 0 and st["cached"] >= self.max_cached)
+                or (self.max_continuous >= 0 and st["continuous"] >= self.max_continuous)
+            )
+            if not must_compute and self.thresh > 0 and not (mask is not None and self.scm_static):
+                candidates.append((len(wants), m, previous))
+            wants.append(not must_compute and mask is not None and self.scm_static)
+        if candidates:
+            pairs = [(m.state["fn_residual"], previous) for _, m, previous in candidates]
+            for (place, _, _), change in zip(candidates, self.rel_l1_each(pairs), strict=True):
+                wants[place] = change < self.thresh
+        skips = self.agree_each(wants)
+        for m, cache_it in zip(self.members, skips, strict=True):
+            m.state["cached"] += cache_it
+            m.state["continuous"] = m.state["continuous"] + 1 if cache_it else 0
+        return skips
 
     def run_block(self, index, call, hidden, context, bound):
-        st = self.branch_state
         if index == 0:
-            st["stack_in"] = hidden
+            self.stack_in = hidden
         if index < self.fn or index >= self.middle_end:
             output = call(*bound.args, **bound.kwargs)
             if index == self.fn - 1:
                 out_hidden, _ = self.unpack(output)
-                st["skip"] = self.decide(out_hidden - st.pop("stack_in"))
-                self.stats.record(self.step_index, self.branch, st["skip"])
+                self.settle(self.decide(out_hidden - self.stack_in))
+                self.stack_in = None
             return output
         # a middle block
-        if st["skip"]:
-            if index == self.middle_end - 1:
-                hidden = hidden + st["seer"][0].predict(self.step_index)
-                if context is not None and st["seer"][1].step is not None:
-                    context = context + st["seer"][1].predict(self.step_index)
-            return self.pack(hidden, context)
         if index == self.fn:
-            st["middle_in"] = (hidden, context)
-        output = call(*bound.args, **bound.kwargs)
-        if index == self.middle_end - 1:
-            out_hidden, out_context = self.unpack(output)
-            in_hidden, in_context = st.pop("middle_in")
-            st["seer"][0].update(out_hidden - in_hidden, self.step_index)
-            if out_context is not None:
-                st["seer"][1].update(out_context - in_context, self.step_index)
-        return output
+            self.middle_in = (hidden, context)
+        output = self.run_skippable(call, bound, hidden, context)
+        if index < self.middle_end - 1:
+            return output
+        # The last middle block: a request that computed updates its TaylorSeers, one
+        # that skipped adds their prediction of its middle residual.
+        out_hidden, out_context = self.unpack(output)
+        (in_hidden, in_context), self.middle_in = self.middle_in, None
+        hiddens, contexts = [], []
+        for m, skip in zip(self.members, self.skips, strict=True):
+            seer, seer_context = m.state["seer"]
+            h = out_hidden[m.rows]
+            c = None if out_context is None else out_context[m.rows]
+            if not skip:
+                seer.update(h - in_hidden[m.rows], m.step)
+                if c is not None:
+                    seer_context.update(c - in_context[m.rows], m.step)
+            else:
+                h = h + seer.predict(m.step)
+                if c is not None and seer_context.step is not None:
+                    c = c + seer_context.predict(m.step)
+            hiddens.append(h)
+            contexts.append(c)
+        if not any(self.skips):
+            return output
+        if len(hiddens) == 1:
+            return self.pack(hiddens[0], contexts[0])
+        return self.pack(torch.cat(hiddens), None if c is None else torch.cat(contexts))

@@ -15,6 +15,7 @@ import logging
 import os
 
 import numpy as np
+import torch
 
 from ithaca.cache.base import StepCache
 
@@ -57,39 +58,53 @@ class TeaCache(StepCache):
         self._poly = np.poly1d(self.coefficients)
 
     def new_branch_state(self) -> dict:
-        return {"previous": None, "accumulated": 0.0, "residual": None, "skip": False}
+        return {"previous": None, "accumulated": 0.0, "residual": None}
 
-    def decide(self, indicator) -> bool:
-        """Whether this forward reuses the cached residual (agreed by every rank)."""
-        st = self.branch_state
-        previous, st["previous"] = st["previous"], indicator
-        first_or_last = self.step_index == 0 or self.step_index >= self.num_steps - 1
-        if previous is None or st["residual"] is None or first_or_last or self.thresh == 0:
-            st["accumulated"] = 0.0
-            return False
-        st["accumulated"] += float(self._poly(self.rel_l1(indicator, previous)))
-        skip = self.agree(st["accumulated"] < self.thresh)
-        if not skip:
-            st["accumulated"] = 0.0
-        return skip
+    def decide(self, indicator) -> list[bool]:
+        """Per request of the call: whether it reuses its cached residual (each decision
+        agreed by every rank; a request that must compute takes no part)."""
+        candidates = []
+        for m in self.members:
+            st = m.state
+            previous, st["previous"] = st["previous"], indicator[m.rows]
+            first_or_last = m.step == 0 or m.step >= m.num_steps - 1
+            if previous is None or st["residual"] is None or first_or_last or self.thresh == 0:
+                st["accumulated"] = 0.0
+            else:
+                candidates.append((m, previous))
+        skips = {}
+        if candidates:  # the same requests on every rank: their states are agreed
+            changes = self.rel_l1_each([(m.state["previous"], p) for m, p in candidates])
+            for (m, _), change in zip(candidates, changes, strict=True):
+                m.state["accumulated"] += float(self._poly(change))
+            wants = [m.state["accumulated"] < self.thresh for m, _ in candidates]
+            for (m, _), skip in zip(candidates, self.agree_each(wants), strict=True):
+                skips[id(m)] = skip
+                if not skip:
+                    m.state["accumulated"] = 0.0
+        return [skips.get(id(m), False) for m in self.members]
 
     def run_block(self, index, call, hidden, context, bound):
-        st = self.branch_state
         if index == 0:
             indicator = self.adapter.modulated_input(self.blocks[0], bound.arguments)
-            st["skip"] = self.decide(indicator)
-            self.stats.record(self.step_index, self.branch, st["skip"])
-            st["blocks_in"] = hidden
-        last = index == self.num_blocks - 1
-        if st["skip"]:
-            if last:
-                hidden = hidden + st["residual"]
-            return self.pack(hidden, context)
-        output = call(*bound.args, **bound.kwargs)
-        if last:
-            out_hidden, _ = self.unpack(output)
-            st["residual"] = out_hidden - st.pop("blocks_in")
-        return output
+            self.settle(self.decide(indicator))
+            self.blocks_in = hidden
+        output = self.run_skippable(call, bound, hidden, context)
+        if index < self.num_blocks - 1:
+            return output
+        # The last block: a skipping request adds its residual, one that computed keeps it.
+        out_hidden, out_context = self.unpack(output)
+        pieces = []
+        for m, skip in zip(self.members, self.skips, strict=True):
+            if skip:
+                pieces.append(out_hidden[m.rows] + m.state["residual"])
+            else:
+                m.state["residual"] = out_hidden[m.rows] - self.blocks_in[m.rows]
+                pieces.append(out_hidden[m.rows])
+        self.blocks_in = None
+        if not any(self.skips):
+            return output
+        return self.pack(pieces[0] if len(pieces) == 1 else torch.cat(pieces), out_context)
 
 
 def fit_coefficients(input_changes, output_changes, degree: int = 4) -> list[float]:

@@ -238,6 +238,9 @@ class Engine:
         self.scheduler.add(req)
         self.metrics.requests.inc()
         self.metrics.waiting.set(len(self.scheduler))
+        if self.continuous:  # a running step batch may take it at its next boundary
+            for ex in self.executors:
+                getattr(ex, "nudge", lambda: None)()
         return req
 
     def cancel(self, req: EngineRequest) -> None:

@@ -48,7 +48,7 @@ from ithaca.engine.executor import PipelineSpec, StepHandler
 from ithaca.engine.ipc import Channel, ChannelClosed
 from ithaca.engine.session import RunningBatch, Session, rank_state
 from ithaca.engine.worker import ENV_CONFIG, ENV_SOCKET, ENV_TOKEN, spec_to_json
-from ithaca.types import GenerationParams, GenerationResult
+from ithaca.types import GenerationParams, GenerationResult, known_join
 
 log = logging.getLogger(__name__)
 
@@ -435,6 +435,16 @@ class WorkerGroupExecutor:
         it leaves. Returns the results not given to ``on_done`` (cancelled ones)."""
         return self._roundtrip("stepwise", batch, on_step, admit=admit, on_done=on_done)
 
+    def nudge(self) -> None:
+        """A request was queued: a running step batch asks for joiners at its next
+        boundary (rank 0 asks only when nudged or when a member left, so a boundary with
+        nobody waiting costs no round trip to the front)."""
+        batch, session = self._batch, self._session
+        if batch is None or batch.admit is None or session is None or session.channel is None:
+            return
+        with contextlib.suppress(ChannelClosed):  # a dead group is the monitor's business
+            session.channel.send(("waiting", batch.batch_id))
+
     def _joiners(self, batch: RunningBatch, key) -> list[GenerationParams]:
         """The reader thread, at rank 0's step boundary: the engine's joiners for ``key``."""
         if batch.admit is None or key is None:
@@ -442,8 +452,7 @@ class WorkerGroupExecutor:
         key = tuple(key)
 
         def accepts(params: GenerationParams, resolved: dict | None = None) -> bool:
-            known = (resolved or {}).get("join_key")  # from validate(): rank 0's resolve
-            return known is not None and tuple(known) == key
+            return bool(known_join(key, resolved))  # no model here: unvalidated waits
 
         try:
             return list(batch.admit(accepts))

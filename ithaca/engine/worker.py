@@ -12,12 +12,15 @@ only ever hear from rank 0, by broadcast. The loop, on every rank, in lockstep:
              (failed, not the user's fault) -> every rank rebuilds its model groups
     stepwise -> generate_stepwise(batch, ...)  # continuous batching, then as a batch
 
-Continuous batching (``stepwise``, :mod:`ithaca.models.stepping`): at each step
-boundary rank 0 asks the front ``("admit", id, join_key)`` and waits for its
-``("joiners", id, params)`` (the engine takes the oldest waiting requests whose validated
-``join_key`` equals the batch's); the decision reaches the other ranks as a device-tensor
-broadcast (plus the joiners' parameters when some join). A request that finished is sent
-at once, ``("done", id, result)``; the batch's final ``result`` holds the rest.
+Continuous batching (``stepwise``, :mod:`ithaca.models.stepping`): at a step boundary
+rank 0 asks the front ``("admit", id, join_key)`` and waits for its ``("joiners", id,
+params)`` (the engine takes the oldest waiting requests whose validated ``join_key``
+equals the batch's) - only at the first boundary, after the front said a request is
+waiting (``("waiting", id)``, sent when one is queued) or after a member left (room
+freed); every other boundary costs no round trip. The decision reaches the other ranks
+as a device-tensor broadcast (plus the joiners' parameters when some join). A request
+that finished is sent at once, ``("done", id, result)``; the batch's final ``result``
+holds the rest.
 
 A rank that fails mid-forward (typically out of memory: rank 0 alone also holds the
 text encoder and VAE) closes its model groups at once, so peers blocked in a
@@ -135,6 +138,7 @@ class WorkerLoop:
         self.cpu_group = state.cpu_group  # gloo twin of the world group on NCCL, else None
         self.inbox: queue.Queue = queue.Queue()
         self.joiners: queue.Queue = queue.Queue()  # the front's answers to "admit"
+        self.ask: set[int] = set()  # step batches that ask for joiners at the next boundary
         self.cancelled: set[int] = set()
         self.front_gone = False
         self.peak = peak_memory_bytes()  # loading's peak; each batch opens a new window
@@ -161,6 +165,8 @@ class WorkerLoop:
                 self.cancelled.add(msg[1])
             elif msg[0] == "joiners":
                 self.joiners.put(msg)
+            elif msg[0] == "waiting":
+                self.ask.add(msg[1])
             elif msg[0] == "validate":
                 self._validate(msg[1], msg[2])
             else:
@@ -216,7 +222,11 @@ class WorkerLoop:
 
     def _admit(self, batch_id: int, accepts) -> list:
         """Rank 0 at a step boundary: the joiners the front hands over (none once the
-        front is gone). A round trip on the local socket, not a collective."""
+        front is gone). A round trip on the local socket, not a collective, made only
+        when someone may join (see the module's docstring)."""
+        if batch_id not in self.ask:
+            return []
+        self.ask.discard(batch_id)  # a request queued from here on nudges again
         self._send(("admit", batch_id, accepts.key))
         while not self.front_gone:
             try:
@@ -235,9 +245,11 @@ class WorkerLoop:
         admit = on_done = None
         if self.is_root:
             admit = functools.partial(self._admit, batch_id)
+            self.ask.add(batch_id)  # the first boundary asks: requests may wait already
 
             def on_done(result) -> None:
                 sent.add(result.request_id)
+                self.ask.add(batch_id)  # room freed: the waiting may fit now
                 self._send(("done", batch_id, result))
 
         def generate(batch, callback):
@@ -290,6 +302,7 @@ class WorkerLoop:
             if any(not s[0] and s[1] != "invalid_request" for s in statuses):
                 self.state.rebuild_groups()  # every rank, same order: fresh model groups
         self.cancelled.discard(batch_id)
+        self.ask.discard(batch_id)
         if not self.is_root:
             return
         # The cause first: an out-of-memory rank, then a rank that failed outside a

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ithaca.cache import BlockCacheAdapter, StepCache, build_cache
+from ithaca.cache import BlockCacheAdapter, CacheStats, StepCache, build_cache
 from ithaca.config import CacheConfig
 from ithaca.models.checkpoint import StepCheckpoint
 from ithaca.models.loading import load_streamed
@@ -429,8 +429,9 @@ class DenoisingPipeline:
         caches = [self._cache_settings(r) for r in requests]
         groups: dict[tuple, list[int]] = {}
         for i, (r, cache) in enumerate(zip(requests, caches, strict=True)):
-            # Unless fusing is on, every request runs its own loop (exact solo bytes). A
-            # cache decides from the whole forward, so a cached request always runs alone.
+            # Unless fusing is on, every request runs its own loop (exact solo bytes). This
+            # loop gives its cache one state for the whole batch, so a cached request runs
+            # alone here (step batches give each request its own: models/stepping.py).
             alone = cache.backend is not None or not self.fuse_batches or r.params.checkpoint
             key = (*r.batch_key, cache, i if alone else None)
             groups.setdefault(key, []).append(i)
@@ -503,10 +504,11 @@ class DenoisingPipeline:
                 self._cache = self.make_cache(config)
         return self._cache
 
-    def _cache_stats(self, cache: StepCache, do_cfg: bool) -> dict:
-        # On the rank's device: NCCL takes no CPU tensors. After the loop, so reading the
-        # sums back is no per-step sync.
-        stats = [cache.stats.computed, cache.stats.cached]
+    def _cache_stats(self, cache: StepCache, do_cfg: bool, of: CacheStats | None = None) -> dict:
+        # ``of``: one request's stats (a step batch), else the cache's whole run. On the
+        # rank's device: NCCL takes no CPU tensors. After the loop: no per-step sync.
+        of = cache.stats if of is None else of
+        stats = [of.computed, of.cached]
         counts = torch.tensor(stats, dtype=torch.int64, device=self.device)
         if do_cfg and self.state.cfg.size > 1:  # each cfg rank saw one branch
             comm.all_reduce(counts, self.state.cfg)

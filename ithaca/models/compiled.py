@@ -82,11 +82,20 @@ class _EagerCall:
 
 
 def compile_pipeline(pipeline, **options) -> int:
-    """Compile every transformer of ``pipeline`` (Wan2.2: both experts)."""
-    runtimes = getattr(pipeline, "runtimes", None) or [pipeline.runtime]
+    """Compile every transformer of ``pipeline`` (Wan2.2: both experts). A family whose
+    blocks do not compile to a bounded set of graphs says why in ``compile_refusal``,
+    and ``--compile`` is refused at start-up with that reason (ValueError)."""
+    refusal = getattr(pipeline, "compile_refusal", None)
+    if refusal:
+        raise ValueError(f"compile (--compile) is not supported for {refusal}")
+    runtimes = getattr(pipeline, "runtimes", None) or [getattr(pipeline, "runtime", None)]
     transformers = list(pipeline.lora_targets().values())
     layout = getattr(getattr(pipeline, "spec", None), "attention", None)
-    stacks = tuple(layout.blocks) if layout is not None else ()
+    if layout is not None:
+        stacks = tuple(layout.blocks)
+    else:  # a family without a spec (Bagel): the stacks its step caches wrap
+        blocks = pipeline.cache_adapter().blocks
+        stacks = (blocks,) if isinstance(blocks, str) else tuple(blocks)
     return sum(
         compile_transformer(t, r, pipeline.state, stacks, **options)
         for t, r in zip(transformers, runtimes, strict=True)

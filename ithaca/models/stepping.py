@@ -13,18 +13,19 @@ slot that reaches its last step is decoded and handed to ``on_done`` at once.
 
 At each step boundary the returning rank makes one decision, ``(cancel, joiners)``: the
 engine's ``admit(accepts)`` hands the oldest waiting requests this batch ``accepts``
-(same size and model settings, no step cache, no LoRA, no input images). With several
+(same size, model and step-cache settings, no LoRA, no input images). With several
 ranks the decision is broadcast so every rank joins and leaves at the same step and
 reaches the joiners' conditioning broadcast in the same order: a 2-element device tensor
 ``[cancel, joiners]`` every boundary (read back with one ``tolist()``: the one host sync
 the boundary protocol needs, after the step's last kernel), and the joiners' parameters
 (``broadcast_object``, a pickle) only at a boundary where some join.
 
-Step caches (TeaCache, Cache-DiT, TaylorSeer) decide from the whole batch's forward and
-keep one accumulator per run, not per request, so the rule is: a request with a step
-cache never joins a step batch and a step batch never takes one; it runs in a batch of
-its own with its cache (:meth:`DenoisingPipeline.generate`), exactly as without
-``--continuous-batching``.
+Step caches (TeaCache, Cache-DiT, TaylorSeer) keep their state per request
+(:class:`ithaca.cache.Rows`): each forward tells the cache which rows are which request
+at which of its own steps, each request decides by its own rule, and where they differ
+only the computing rows run the skipped blocks. A request leaves with its own cache
+stats; a cached request joins a batch with the same cache settings and ends with its
+solo cached result.
 
 Compatibility is :func:`join_key`: width, height, CFG on/off, the family's extra key and
 the cache settings; steps and the guidance scale may differ. A family whose loop decides
@@ -41,9 +42,16 @@ from typing import Any
 
 import torch
 
+from ithaca.cache import Rows
 from ithaca.models.base import DenoisingPipeline, Job, Request, preview_steps
 from ithaca.parallel import comm, predict_branches
-from ithaca.types import GenerationParams, GenerationResult, StepCallback, StepEvent
+from ithaca.types import (
+    GenerationParams,
+    GenerationResult,
+    StepCallback,
+    StepEvent,
+    known_join,
+)
 
 Admit = Callable[["Accepts"], list[GenerationParams]]
 """``admit(accepts)`` (returning rank): waiting requests that join at this boundary, taken
@@ -56,14 +64,13 @@ Done = Callable[[GenerationResult], None]
 def join_key(pipe: DenoisingPipeline, request: Request) -> tuple:
     """What two requests must share to run in one step batch (steps and scale may differ)."""
     alone = bool(request.params.images) or bool(request.lora) or not pipe.joins_mid_run
-    cache = pipe._cache_settings(request)
     return (
         request.width,
         request.height,
         request.do_cfg,
         request.extra_key,
-        cache,
-        id(request) if alone or cache.backend is not None else None,
+        pipe._cache_settings(request),
+        id(request) if alone else None,
     )
 
 
@@ -84,9 +91,9 @@ class Accepts:
     key: tuple
 
     def __call__(self, params: GenerationParams, resolved: dict | None = None) -> bool:
-        known = (resolved or {}).get("join_key")
+        known = known_join(self.key, resolved)
         if known is not None:
-            return tuple(known) == self.key
+            return known
         try:
             request = self.pipe.resolve(params)
         except ValueError:
@@ -130,6 +137,7 @@ class StepBatch:
         self.on_done = on_done
         self.slots: list[_Slot] = []
         self.key: tuple | None = None
+        self.cache = None  # the batch's step cache (its settings are part of the key)
         self.fused: Job | None = None  # the members' inputs; None after a membership change
         self.batch_step = 0
         self.results: dict[str, GenerationResult] = {}
@@ -192,9 +200,15 @@ class StepBatch:
         t = torch.cat([s.job.timesteps[s.step].expand(s.rows) for s in self.slots])
         job.step = self.batch_step
         do_cfg = self.slots[0].request.do_cfg
-        positive, negative = predict_branches(
-            pipe.state, lambda branch: pipe.predict(job, branch, t), do_cfg
-        )
+        rows = [Rows(id(s), s.rows, s.step, len(s.job.timesteps)) for s in self.slots]
+
+        def predict(branch: int) -> torch.Tensor:
+            if self.cache is None:
+                return pipe.predict(job, branch, t)
+            with self.cache.step(self.batch_step, branch, rows):  # each request its own
+                return pipe.predict(job, branch, t)
+
+        positive, negative = predict_branches(pipe.state, predict, do_cfg)
         noise = pipe.guide(positive, negative, self._scale(positive))
         asked, start = False, 0
         for s in self.slots:
@@ -240,6 +254,11 @@ class StepBatch:
         self.slots = [s for s in self.slots if not s.done]
         self.fused = None
         results = [self._result(s, started) for s in finished]
+        if self.cache is not None:  # every rank, same slots, same order (a cfg all_reduce)
+            do_cfg = finished[0].request.do_cfg
+            for s, res in zip(finished, results, strict=True):
+                stats = self.cache.forget(id(s))
+                res.metadata["cache"] = self.pipe._cache_stats(self.cache, do_cfg, stats)
         if self.pipe.decodes:  # the returning rank (and its VAE group, which splits it)
             job = self.pipe.prepare([s.request for s in finished], [s.cond for s in finished])
             job.latents = torch.cat([s.job.latents for s in finished])
@@ -277,12 +296,14 @@ class StepBatch:
 
     def run(self, requests: list[Request]) -> None:
         started = time.perf_counter()
-        # The base model, no step cache: what a previous group installed is taken off
-        # (every rank, in the same order, as ``_run_group`` does).
+        # The base model and the batch's step cache: what a previous group installed is
+        # replaced (every rank, in the same order, as ``_run_group`` does).
         if getattr(self.pipe, "loras", None) is not None:
             self.pipe.loras.apply(())
-        self.pipe._install_cache(None)
         self.start(requests)
+        self.cache = self.pipe._install_cache(self.pipe._cache_settings(requests[0]))
+        if self.cache is not None:
+            self.cache.begin(0)  # no state left from an earlier run; each request's own
         while self.slots:
             asked = self.step()
             self.leave(started)
@@ -307,7 +328,7 @@ def generate_stepwise(
     the joiners'), each also given to ``on_done`` when it finished."""
     requests = [pipe.resolve(p) for p in batch]  # raises ValueError before any work
     key = join_key(pipe, requests[0])
-    # The head runs alone with a cache, input images or a family that cannot join.
+    # The head runs alone with input images, a LoRA or a family that cannot join.
     together = [key[-1] is None and join_key(pipe, r) == key for r in requests]
     joining = [r for r, j in zip(requests, together, strict=True) if j]
     rest = [r.params for r, j in zip(requests, together, strict=True) if not j]

@@ -1,8 +1,9 @@
 """Step-level (continuous) batching through the engine, in process, on a tiny
 Qwen-Image checkpoint: a request submitted while another runs joins it at a step
 boundary, leaves as soon as its own steps are done (before the longer request), and its
-image is within 1/255 of the same request run alone; a request with a step cache never
-joins (its validated ``join_key`` is None)."""
+image is within 1/255 of the same request run alone; a request with a step cache joins a
+batch with the same cache settings and ends with its solo cached latents (TeaCache,
+DBCache with TaylorSeer)."""
 
 import numpy as np
 import pytest
@@ -70,15 +71,72 @@ def test_batch_invariant_reaches_every_rank():
         assert spec.batch_invariant is flag
 
 
-def test_a_request_with_a_step_cache_never_joins(engine):
+def test_a_cached_request_joins_a_batch_with_its_cache_settings(engine):
     from ithaca.models.stepping import Accepts, join_key
 
     pipe = engine.executors[0].pipeline
     key = join_key(pipe, pipe.resolve(P(6, seed=1)))
     accepts = Accepts(pipe, key)
     assert accepts(P(2, seed=9)) and not accepts(GenerationParams("x", width=64, height=64))
-    cached = P(2, seed=9, cache_backend="tea_cache")  # its accumulators are per run
+    cached = P(2, seed=9, cache_backend="tea_cache")  # other cache settings: not this batch
     assert not accepts(cached)
     resolved = engine.executors[0].validate(cached)
-    assert resolved["join_key"] is None and not accepts(cached, resolved)
+    assert resolved["join_key"] is not None and not accepts(cached, resolved)
+    cached_key = join_key(pipe, pipe.resolve(P(6, seed=1, cache_backend="tea_cache")))
+    assert Accepts(pipe, cached_key)(cached, resolved)
     assert engine.executors[0].validate(P(2, seed=9))["join_key"] == key
+
+
+CACHES = {
+    "tea_cache": {"rel_l1_thresh": 0.6},
+    "cache_dit": {"residual_diff_threshold": 0.5, "max_warmup_steps": 1, "enable_taylorseer": True},
+}
+
+
+@pytest.mark.parametrize("backend", CACHES)
+def test_a_cached_request_joining_at_step_2_gets_its_solo_cached_result(
+    engine, monkeypatch, backend
+):
+    """Each request keeps its own cache state in the step batch: the joiner's final
+    latents and skip counts are its solo run's, though the two requests are at different
+    steps and (the gathered-rows path ran) decided differently at some step."""
+    from ithaca.cache.base import StepCache
+    from ithaca.models.stepping import generate_stepwise
+
+    pipe = engine.executors[0].pipeline
+    kw = dict(negative_prompt="x", cache_backend=backend, cache_config=CACHES[backend])
+    head, joiner = P(6, seed=1, request_id="head", **kw), P(5, seed=2, request_id="joiner", **kw)
+    latents: dict = {}
+    decode, call_rows, mixed = pipe.final_decode, StepCache.call_rows, []
+
+    def recording(job, x, *args, **kwargs):  # one row per request here
+        for i, r in enumerate(job.requests):
+            latents[(phase[0], r.params.request_id)] = x[i : i + 1].clone()
+        return decode(job, x, *args, **kwargs)
+
+    def counting(self, *args):
+        mixed.append(1)
+        return call_rows(self, *args)
+
+    monkeypatch.setattr(pipe, "final_decode", recording)
+    monkeypatch.setattr(StepCache, "call_rows", counting)
+    boundaries: list = []
+
+    def admit(accepts):
+        boundaries.append(1)
+        return [joiner] if len(boundaries) == 2 and accepts(joiner) else []
+
+    phase = ["batch"]
+    batched = {r.request_id: r for r in generate_stepwise(pipe, [head], admit=admit)}
+    assert batched["joiner"].metadata["batching"]["joined_at_batch_step"] == 2
+    assert mixed, "the two requests never decided differently"
+    phase[0] = "solo"
+    for params in (head, joiner):
+        solo = pipe.generate([params])[0]
+        rid = params.request_id
+        assert batched[rid].metadata["cache"] == solo.metadata["cache"], rid
+        assert batched[rid].metadata["cache"]["cached_steps"] > 0, rid
+        err = (latents[("batch", rid)] - latents[("solo", rid)]).abs().max().item()
+        assert err <= 1e-6, f"{rid}: {err:.2e}"
+        diff = np.abs(np.asarray(batched[rid].images[0], int) - np.asarray(solo.images[0], int))
+        assert diff.max() <= 1, rid

@@ -4,9 +4,12 @@ boundary and broadcasts the decision to rank 1.
 
 - a request that starts the step batch equals its fused result on the same group, bit
   for bit; one joining after step 1 is within 1/255 of its solo run on the group;
-- a request that finished is delivered (``on_done``) while the batch still runs;
+- a request that finished is delivered (``on_done``) while the batch still runs; rank 0
+  asks the front for joiners only at the first boundary, after a member left or after
+  the front said a request waits (``nudge``), not at every boundary;
 - through the engine: a request submitted mid-run joins and is answered first;
-- a request with a step cache is never admitted (its accumulators are per run);
+- a request with a step cache joins a batch with its cache settings (per-request cache
+  state) and ends within 1/255 of its solo cached run, with the same skip counts;
 - cancelled requests stop at the next boundary; a killed rank fails the batch at once.
 """
 
@@ -61,9 +64,9 @@ def test_joins_and_leaves_at_step_boundaries_on_the_group(served):
     assert keys["a"]["join_key"] == keys["c"]["join_key"] is not None  # steps, scale differ
     other = P("o", 2, seed=4, size=64)
     other_key = group.validate(other)
-    cached = P("t", 2, seed=5, cache_backend="tea_cache")  # a step cache never joins
+    cached = P("t", 2, seed=5, cache_backend="tea_cache")  # other cache settings
     cached_key = group.validate(cached)
-    assert cached_key["join_key"] is None
+    assert cached_key["join_key"] not in (None, keys["a"]["join_key"])
     fused = {r.request_id: r for r in group.execute([a, b], never)}
     solo = group.execute([c], never)[0]
 
@@ -88,9 +91,11 @@ def test_joins_and_leaves_at_step_boundaries_on_the_group(served):
     done: dict = {}
     rest = group.execute_stepwise([a, b], on_step, admit, on_done)
     assert rest == []  # every result was delivered as its request left
-    # An unknown join key (not validated) or a step cache: it waits for a batch of its own.
+    # An unknown join key (not validated) or other cache settings: it waits for its own.
     assert asked == [(True, False, False, False)]
-    assert boundaries == [1, 2, 3, 4]  # a, b leave after 2 steps; c after 1 + 3
+    # Rank 0 asks at the first boundary and where members left (a, b after 2 steps; c
+    # after 1 + 3), not at batch step 3: nobody was queued (no nudge) and nobody left.
+    assert boundaries == [1, 2, 3]
     # a and b were delivered before c's last step ran (not at the end of the batch).
     assert events.index(("done", "a")) < events.index(("step", ("c",), 3))
     assert done["c"].metadata["batching"]["joined_at_batch_step"] == 1
@@ -98,6 +103,29 @@ def test_joins_and_leaves_at_step_boundaries_on_the_group(served):
         assert done[rid].metadata["batching"]["joined_at_batch_step"] == 0
         assert np.array_equal(pixels(done[rid]), pixels(fused[rid])), rid
     assert np.abs(pixels(done["c"]) - pixels(solo)).max() <= 1
+
+
+def test_a_cached_request_joins_with_its_own_cache_state_on_the_group(served):
+    _, group = served
+    cache = dict(cache_backend="tea_cache", cache_config={"rel_l1_thresh": 0.6})
+    head, joiner = P("ch", 5, seed=1, **cache), P("cj", 4, seed=2, **cache)
+    key = group.validate(joiner)
+    assert key["join_key"] == group.validate(head)["join_key"] is not None
+    solo = group.execute([joiner], never)[0]
+    boundaries: list = []
+
+    def admit(accepts):
+        boundaries.append(1)
+        if len(boundaries) == 1:  # as the engine does when a request is queued
+            group.nudge()  # reaches rank 0 before this answer: it asks at the next boundary
+        return [joiner] if len(boundaries) == 2 and accepts(joiner, key) else []
+
+    done: dict = {}
+    group.execute_stepwise([head], never, admit, lambda r: done.setdefault(r.request_id, r))
+    assert done["cj"].metadata["batching"]["joined_at_batch_step"] == 2
+    assert done["cj"].metadata["cache"] == solo.metadata["cache"]
+    assert solo.metadata["cache"]["cached_steps"] > 0
+    assert np.abs(pixels(done["cj"]) - pixels(solo)).max() <= 1
 
 
 def test_the_engine_joins_a_request_submitted_mid_run(served):

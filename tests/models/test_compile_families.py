@@ -1,7 +1,9 @@
 """``--compile`` for Z-Image (the family whose RoPE was complex): every repeated block
 (noise refiner, caption refiner, main layers) traces to one graph with no complex
 operator left (the RoPE in the real form, :mod:`ithaca.models.rotary`; inductor generates
-no code for complex ops), and the compiled images stay within 1/255 of eager.
+no code for complex ops), and the compiled images stay within 1/255 of eager. Bagel
+refuses ``--compile`` with its reason (its layers do not compile to a bounded set of
+graphs).
 
 Cheap on purpose: dynamo + AOT autograd trace the blocks at the ATen level inductor sees
 (``fullgraph=True``: a graph break fails), and the traced graphs run on eager kernels, so
@@ -10,6 +12,7 @@ on 2 ranks) and ``benchmarks/compile.py``.
 """
 
 import numpy as np
+import pytest
 import torch
 from torch._dynamo.backends.common import aot_autograd
 
@@ -50,3 +53,14 @@ def test_z_image_blocks_compile_whole_without_complex_ops(tiny_family):
     assert graphs and complex_ops == set()
     diff = np.abs(np.asarray(compiled, int) - np.asarray(eager, int)).max()
     assert diff <= 1
+
+
+def test_bagel_refuses_compile_with_its_reason():
+    """Bagel's layers compile per layer and segment shape (measured: 8 graphs, the
+    recompile limit, for one 2-step request; images equal to eager): refused clearly at
+    start-up, before anything is wrapped, instead of a slow start and eager layers."""
+    from ithaca.models.bagel.pipeline import BagelPipeline
+
+    pipe = BagelPipeline.__new__(BagelPipeline)  # the refusal needs no weights
+    with pytest.raises(ValueError, match=r"not supported for Bagel: .*recompile"):
+        compile_pipeline(pipe)

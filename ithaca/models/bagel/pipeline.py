@@ -69,6 +69,11 @@ class BagelPipeline(DenoisingPipeline):
     default_true_cfg_scale = sampling.SamplingParams.cfg_text_scale
     family_name = "Bagel"
     joins_mid_run = False  # its own loop per request (KV caches), no shared prepare/predict
+    compile_refusal = (  # measured: docs/performance.md, "--compile and Bagel"
+        "Bagel: its decoder layers recompile per layer and per segment shape (prefill, "
+        "KV length), 8 graphs (dynamo's recompile limit) for one 2-step request of the "
+        "3-layer tiny checkpoint, so most layers would run eager; serve it without --compile"
+    )
 
     def __init__(self, model: str, state: ParallelState, dtype: torch.dtype):
         if (state.sp.size > 1 or state.cfg.size > 1) and not state.config.use_hsdp:
