@@ -105,8 +105,8 @@ def load_pipeline(
     cache = CacheConfig.from_dict(cache_backend, cache_config)  # before loading any weights
     cls = pipeline_class(model)
     pipeline = cls(model, state, dtype or default_dtype(state.device))
-    transformer = getattr(pipeline, "transformer", None)
-    if state.tp.size > 1 and getattr(transformer, "_ithaca_tp", None) is None:
+    transformers = getattr(pipeline, "experts", None) or [getattr(pipeline, "transformer", None)]
+    if state.tp.size > 1 and any(getattr(t, "_ithaca_tp", None) is None for t in transformers):
         raise ValueError(
             f"tensor_parallel_size ({state.tp.size}): {cls.__name__} does not split its "
             f"weights; serve it with --tensor-parallel-size 1"

@@ -23,7 +23,9 @@ The sharding unit is a block: every element of each top-level ``nn.ModuleList`` 
 the transformer (the block lists a family's spec names - ``transformer_blocks``,
 ``single_transformer_blocks``, ``blocks``, ``layers`` - plus refiners such as
 Z-Image's) gets its own ``fully_shard``; the root collects the rest (embedders,
-norms, projections). Prefetch: FSDP2's implicit forward prefetching. On a GPU the
+norms, projections). A model whose pipeline never calls its root ``forward`` (Bagel)
+declares its units instead (``_hsdp_units``, :func:`declared_units`), each its own root.
+Prefetch: FSDP2's implicit forward prefetching. On a GPU the
 all-gathers run on their own stream, so block ``i+1``'s all-gather is issued as soon as
 the CPU reaches it - while the GPU still computes block ``i`` - and no explicit
 ``set_modules_to_forward_prefetch`` order is needed. That also keeps it correct when a
@@ -195,6 +197,37 @@ def block_lists(model: nn.Module) -> list[str]:
     return [name for name, child in model.named_children() if isinstance(child, nn.ModuleList)]
 
 
+def declared_units(model: nn.Module) -> list[nn.Module] | None:
+    """The sharding units a model declares in ``_hsdp_units`` (None: it declares none).
+
+    A model whose pipeline never calls its root ``forward`` (Bagel: the decoder layers,
+    the embedders and the ViT are called one by one, around KV caches) cannot use the
+    root as the unit that gathers the leftover parameters. It lists, as dotted paths, the
+    modules its pipeline calls directly (a ``ModuleList`` stands for each element); each
+    becomes its own ``fully_shard`` root, so each must be called through ``__call__`` and
+    no unit may contain another. ValueError if a parameter is left out of every unit
+    (it would stay whole on every rank)."""
+    paths = getattr(model, "_hsdp_units", None)
+    if paths is None:
+        return None
+    units: list[nn.Module] = []
+    for path in paths:
+        module = model.get_submodule(path)
+        units += list(module) if isinstance(module, nn.ModuleList) else [module]
+    owner: dict[int, int] = {}
+    for index, unit in enumerate(units):
+        for param in unit.parameters():
+            assert id(param) not in owner, f"{type(model).__name__}: units overlap at {index}"
+            owner[id(param)] = index
+    left = [name for name, param in model.named_parameters() if id(param) not in owner]
+    if left:
+        raise ValueError(
+            f"{type(model).__name__}._hsdp_units leaves {len(left)} parameter(s) unsharded, "
+            f"e.g. {left[:3]}: add the module that holds them"
+        )
+    return units
+
+
 def apply_hsdp_to_model(
     model: nn.Module,
     config: HSDPInferenceConfig,
@@ -202,7 +235,8 @@ def apply_hsdp_to_model(
     mesh: DeviceMesh | None = None,
     state: ParallelState | None = None,
 ) -> nn.Module:
-    """Shard ``model`` in place: each block of :func:`block_lists`, then the root.
+    """Shard ``model`` in place: each block of :func:`block_lists`, then the root (or,
+    if the model declares them, only its :func:`declared_units`).
 
     Works on a model built on the ``meta`` device (nothing is allocated: the sharded
     parameters are meta DTensors, see :func:`ithaca.runtime.loading.load_streamed`) or
@@ -221,6 +255,11 @@ def apply_hsdp_to_model(
         output_dtype=config.output_dtype,
     )
     kwargs = dict(mesh=mesh, reshard_after_forward=config.reshard_after_forward, mp_policy=policy)
+    units = declared_units(model)
+    if units is not None:  # each its own root; the model's forward is never the entry
+        for unit in units:
+            fully_shard(unit, **kwargs)
+        return model
     for name in block_lists(model):
         for block in getattr(model, name):
             fully_shard(block, **kwargs)
@@ -249,12 +288,19 @@ def reset_after_failure(model: nn.Module) -> None:
     weights stayed gathered would skip the next all-gather its peers make), the
     iteration's trackers cleared. The failed all-gathers' work belongs to closed groups:
     dropped, not waited on. No collective."""
-    if not isinstance(model, FSDPModule):
-        return
     for group in _param_groups(model):
         group._all_gather_result = None
-    model._get_fsdp_state()._comm_ctx.all_gather_state = None
-    model.reset_iter_state()
+    for root in _roots(model):
+        root._get_fsdp_state()._comm_ctx.all_gather_state = None
+        root.reset_iter_state()
+
+
+def _roots(model: nn.Module) -> list[FSDPModule]:
+    """The sharded modules of ``model`` inside no other one: ``model`` itself, or each of
+    its :func:`declared_units`."""
+    if isinstance(model, FSDPModule):
+        return [model]
+    return [m for m in (declared_units(model) or []) if isinstance(m, FSDPModule)]
 
 
 def rebind_mesh(model: nn.Module, mesh: DeviceMesh) -> None:

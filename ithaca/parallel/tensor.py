@@ -18,7 +18,11 @@ this rank's tp index (written once here, for every family):
   once, after the sum;
 - an attention module whose projections are split (it has ``heads``): ``heads`` (and
   ``inner_dim`` / ``inner_kv_dim``) become this rank's, so a processor that reshapes by
-  ``attn.heads`` sees ``H/P`` heads; QK norms over ``head_dim`` stay whole (per head).
+  ``attn.heads`` sees ``H/P`` heads; QK norms over ``head_dim`` stay whole (per head);
+- ``"colwise_rmsnorm"`` (:data:`SPLIT_RMS_NORM`): an RMSNorm over the features a colwise
+  Linear split (Wan's QK norms span all heads, ``inner_dim``): its weight keeps the same
+  rows and it is swapped for :class:`SplitRMSNorm`, which all-reduces the sum of squares
+  over the tp group, so every rank normalises its slice by the whole vector's RMS.
 
 Norms, modulation, embeddings and the output projection stay replicated: every tp rank
 holds the same full hidden states between blocks, and the sequence-parallel plan
@@ -43,8 +47,12 @@ from torch import nn
 from ithaca.parallel import comm
 from ithaca.parallel.state import ParallelState
 
-HEAD_ATTRS = ("heads", "inner_dim", "inner_kv_dim")
+HEAD_ATTRS = ("heads", "inner_dim", "inner_kv_dim", "kv_inner_dim")
 """Attention-module attributes that count this rank's heads (or heads x head_dim)."""
+
+
+SPLIT_RMS_NORM = "colwise_rmsnorm"
+"""Plan style of an RMSNorm over a colwise Linear's split output features."""
 
 
 class DegreeError(ValueError):
@@ -104,9 +112,7 @@ def valid_degrees(transformer: nn.Module, plan: dict) -> tuple[int, list[int]]:
     """``(heads, degrees)``: the fewest heads of a split attention module, and every
     tensor-parallel degree that divides the heads of every such module and every split
     block of the plan."""
-    from diffusers.hooks.tensor_parallel import resolve_tp_shard_specs
-
-    specs = resolve_tp_shard_specs(transformer, plan, 1)
+    specs = shard_specs(transformer, plan, 1)
     linears = {name.rpartition(".")[0] for name in specs}
     heads = [m.heads for m in _attention_modules(transformer, linears).values()]
     sizes = heads + [b for spec in specs.values() for b in spec.block_sizes or []]
@@ -139,6 +145,39 @@ def take(tensor, pieces: list[tuple[int, int, int]]) -> torch.Tensor:
     return parts[0].clone() if isinstance(tensor, torch.Tensor) else parts[0]
 
 
+def expand(transformer: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` of every module ``pattern`` names: a dotted path, or one with a
+    single ``*`` over a ``ModuleList`` (``"blocks.*.attn1.norm_q"``)."""
+    head, star, tail = pattern.partition("*")
+    if not star:
+        return [(pattern, transformer.get_submodule(pattern))]
+    head, tail = head.strip("."), tail.strip(".")
+    found = []
+    for i, block in enumerate(transformer.get_submodule(head)):
+        found.append((f"{head}.{i}.{tail}".rstrip("."), block.get_submodule(tail)))
+    return found
+
+
+def _norms(transformer: nn.Module, plan: dict) -> list[tuple[str, nn.Module]]:
+    """``(path, norm)`` of every :data:`SPLIT_RMS_NORM` entry of ``plan``."""
+    patterns = [pattern for pattern, style in plan.items() if style == SPLIT_RMS_NORM]
+    return [found for pattern in patterns for found in expand(transformer, pattern)]
+
+
+def shard_specs(transformer: nn.Module, plan: dict, size: int) -> dict:
+    """Parameter name -> ``TPShardSpec`` of every tensor ``plan`` splits at degree
+    ``size``: diffusers' resolution of the Linear styles, plus the weights of the split
+    RMSNorms (rows, like the colwise output they normalise)."""
+    from diffusers.hooks.tensor_parallel import TPShardSpec, resolve_tp_shard_specs
+
+    linear_plan = {k: style for k, style in plan.items() if style != SPLIT_RMS_NORM}
+    specs = resolve_tp_shard_specs(transformer, linear_plan, size)
+    for path, norm in _norms(transformer, plan):
+        assert norm.weight is not None, f"{path}: a split RMSNorm needs its affine weight"
+        specs[f"{path}.weight"] = TPShardSpec(0, [norm.weight.shape[0]])
+    return specs
+
+
 def _no_plan(size: int, family: str) -> DegreeError:
     return DegreeError(
         f"tensor_parallel_size ({size}): {family} declares no tensor-parallel plan "
@@ -169,10 +208,8 @@ def split_weights(transformer: nn.Module, state: ParallelState, family: str = "t
     axis = state.tp
     if axis.size == 1 or hasattr(transformer, "_tp_specs"):
         return transformer
-    from diffusers.hooks.tensor_parallel import resolve_tp_shard_specs
-
     plan = check_degree(transformer, axis.size, family)
-    specs = resolve_tp_shard_specs(transformer, plan, axis.size)  # shapes only: meta is fine
+    specs = shard_specs(transformer, plan, axis.size)  # shapes only: meta is fine
     modules = dict(transformer.named_modules())
     slices = {}
     for name, spec in specs.items():
@@ -184,11 +221,14 @@ def split_weights(transformer: nn.Module, state: ParallelState, family: str = "t
         # colwise (out, in) -> (out/P, in), bias (out/P,); rowwise (out, in) -> (out, in/P)
         local = take(getattr(linear, attr).data, slices[name])
         setattr(linear, attr, nn.Parameter(local, requires_grad=False))
+        if not isinstance(linear, nn.Linear):  # a split RMSNorm: swapped in by apply
+            continue
         if attr == "weight" and spec.dim == 0:
             linear.out_features = local.shape[0]
         elif attr == "weight":
             linear.in_features = local.shape[1]
     transformer._tp_specs = specs
+    transformer._tp_norms = [path for path, _ in _norms(transformer, plan)]
     transformer._load_slices = slices
     return transformer
 
@@ -196,7 +236,8 @@ def split_weights(transformer: nn.Module, state: ParallelState, family: str = "t
 def tp_shard(state: ParallelState, cls: type):
     """:func:`split_weights` bound to ``state`` (``load_streamed``'s ``shard=``), or None
     without tensor parallelism. Raises before anything is loaded when the transformer
-    class ``cls`` declares no ``_tp_plan`` (Wan, SD3.5: sequence parallelism only)."""
+    class ``cls`` declares no ``_tp_plan`` (Bagel; diffusers' own classes for families
+    whose plan ithaca's subclass declares)."""
     if state.tp.size == 1:
         return None
     if getattr(cls, "_tp_plan", None) is None:
@@ -241,6 +282,10 @@ def apply_tensor_parallel(
                 setattr(module, attr, value // axis.size)
     for module, attr in _local_sizes(transformer):
         setattr(module, attr, getattr(module, attr) // axis.size)
+    for path in transformer._tp_norms:
+        parent, _, name = path.rpartition(".")
+        owner = transformer.get_submodule(parent)
+        setattr(owner, name, SplitRMSNorm(getattr(owner, name), state, axis.size))
     return runtime
 
 
@@ -251,11 +296,7 @@ def _local_sizes(transformer: nn.Module) -> list[tuple[nn.Module, str]]:
     found = []
     for pattern in getattr(transformer, "_tp_local_sizes", ()):
         prefix, _, rest = pattern.rpartition(".")
-        head, star, tail = prefix.partition("*")
-        modules = [transformer.get_submodule(head.strip("."))] if head.strip(".") else [transformer]
-        if star:
-            modules = [m.get_submodule(tail.strip(".")) if tail.strip(".") else m
-                       for m in modules[0]]  # fmt: skip
+        modules = [m for _, m in expand(transformer, prefix)] if prefix else [transformer]
         found.extend((m, rest) for m in modules if isinstance(getattr(m, rest, None), int))
     if getattr(transformer, "_tp_local_sizes", ()) and not found:
         raise ValueError(f"_tp_local_sizes {transformer._tp_local_sizes} names no int attribute")
@@ -272,6 +313,39 @@ def _reduce(state: ParallelState):
         return out if bias is None else out + bias
 
     return hook
+
+
+class SplitRMSNorm(nn.Module):
+    """An RMSNorm over features split across the tp group (``colwise_rmsnorm``).
+
+    Holds this rank's slice of the weight ``(C/P,)`` (the same Parameter, so placement
+    and offload keep it by identity) and normalises ``(..., C/P)`` by the RMS of the
+    whole ``(..., C)`` vector: the sum of squares, in fp32 on the input's device, is
+    all-reduced over the tp group (no host sync). Like ``torch.nn.RMSNorm``: normalised
+    and scaled by the weight in fp32, then cast back.
+    """
+
+    def __init__(self, norm: nn.Module, state: ParallelState, size: int):
+        super().__init__()
+        self.weight = norm.weight
+        self.eps = norm.eps
+        self.features = self.weight.shape[0] * size  # C: the whole normalised vector
+        self.axis = state.tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (..., C/P) -> (..., 1) this rank's sum of squares -> all-reduced: the whole
+        # vector's; every tp rank reaches it in the same order (the same norm of a layer).
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        squares = wide.square().sum(-1, keepdim=True)
+        comm.all_reduce(squares, self.axis)
+        eps = torch.finfo(wide.dtype).eps if self.eps is None else self.eps
+        # Scaled by the weight before the cast back, as torch.nn.RMSNorm does (bf16: the
+        # same bits on one rank, tests/models/test_tensor_parallel.py).
+        scale = torch.rsqrt(squares / self.features + eps)
+        return (wide * scale * self.weight.to(wide.dtype)).type_as(x)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]} of {self.features}, eps={self.eps}"
 
 
 def parameter_bytes(module: nn.Module) -> dict[str, int]:

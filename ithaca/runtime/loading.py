@@ -117,7 +117,7 @@ def load_streamed(
                 f"load this checkpoint with from_pretrained"
             )
         param = expected[name]
-        tensor = _read(f, name, param, slices.get(name))
+        tensor = read_part(f, name, param, slices.get(name))
         account(tensor.numel() * tensor.element_size())
         if shard is not None:  # allocated by to_empty: cast on the device, into the shard
             with torch.no_grad():
@@ -145,7 +145,7 @@ def load_streamed(
     return module.eval()
 
 
-def _read(f, name: str, param: torch.Tensor, pieces: list | None) -> torch.Tensor:
+def read_part(f, name: str, param: torch.Tensor, pieces: list | None) -> torch.Tensor:
     """This rank's part of checkpoint tensor ``name``: an HSDP shard's rows, the
     ``(dim, start, length)`` pieces a shard hook recorded (tensor parallel), or all of it.
     Only that part is read from the file."""

@@ -101,8 +101,8 @@ def _build_vae(seed: int, wan22: bool):
     return model
 
 
-def _build_transformer(seed: int, in_channels: int, out_channels: int):
-    model = wan_transformer(seed, 2, 16, (in_channels, out_channels), text_dim=TEXT_DIM,
+def _build_transformer(seed: int, in_channels: int, out_channels: int, heads: int = 2):
+    model = wan_transformer(seed, heads, 16, (in_channels, out_channels), text_dim=TEXT_DIM,
                             freq_dim=32, ffn_dim=64, num_layers=2)  # fmt: skip
     # A random init leaves the modulation tables near zero and the output projection
     # tiny; scale them so that the experts and the conditioning visibly matter.
@@ -111,8 +111,11 @@ def _build_transformer(seed: int, in_channels: int, out_channels: int):
     return model
 
 
-def build_tiny_wan(path: str | os.PathLike, kind: str = "t2v_a14b", seed: int = 0) -> Path:
-    """Write a tiny Wan2.2 checkpoint of ``kind`` to ``path``; return the path."""
+def build_tiny_wan(
+    path: str | os.PathLike, kind: str = "t2v_a14b", seed: int = 0, heads: int = 2
+) -> Path:
+    """Write a tiny Wan2.2 checkpoint of ``kind`` to ``path``; return the path. ``heads``
+    of 16 channels each (4: room for tensor parallel 2 x Ulysses 2)."""
     from diffusers import UniPCMultistepScheduler
 
     if kind not in KINDS:
@@ -123,7 +126,7 @@ def build_tiny_wan(path: str | os.PathLike, kind: str = "t2v_a14b", seed: int = 
     z = vae.config.z_dim
     channels = (2 * z + 4 if kind == "i2v_a14b" else z, z)
     parts = {
-        "transformer": _build_transformer(seed + 1, *channels),
+        "transformer": _build_transformer(seed + 1, *channels, heads),
         "vae": vae,
         "text_encoder": umt5_encoder(len(tok), seed, TEXT_DIM, d_kv=8, buckets=8, distance=32),
         "tokenizer": tok,
@@ -131,7 +134,7 @@ def build_tiny_wan(path: str | os.PathLike, kind: str = "t2v_a14b", seed: int = 
     }
     classes = {"transformer_2": (None, None)}
     if two_experts:
-        parts["transformer_2"] = _build_transformer(seed + 2, *channels)
+        parts["transformer_2"] = _build_transformer(seed + 2, *channels, heads)
         del classes["transformer_2"]
     if class_name == "WanImageToVideoPipeline":
         classes.update(image_encoder=(None, None), image_processor=(None, None))

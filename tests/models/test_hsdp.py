@@ -1,12 +1,14 @@
 """HSDP (FSDP2 weight sharding) equals the unsharded run, in every family, at 1/N the bytes.
 
-Pyramid: config and CLI validation (no processes); then per family one 2-rank gloo
-run with ``use_hsdp`` (sharded loading on the meta device, one ``fully_shard`` per
-block) against the family's unsharded 1-rank run: final latents within
-:data:`LAYOUT_LATENT_TOL` (fp32), images within 1/255, and each rank's parameter bytes
-<= 1/N of the unsharded transformer + 2%; then 4 ranks and HSDP with Ulysses, Ring,
-CFG-parallel, a replicate dimension and a step cache on FLUX.1 and Qwen-Image.
-The requests are the family tests' 28x20 px, 2-step ones.
+Pyramid: config and CLI validation (no processes); then HSDP runs (sharded loading on
+the meta device, one ``fully_shard`` per block) against the family's unsharded 1-rank
+run: final latents within :data:`LAYOUT_LATENT_TOL` (fp32), images within 1/255, and
+each rank's parameter bytes <= 1/N of the unsharded transformer + 2%. Every family at 4
+ranks (SD3.5, Z-Image, LongCat-Image, Ovis-Image, the shapes model and Wan2.2 in ONE pool
+call; FLUX.1 and Qwen-Image with step caches in :data:`COMPOSED`; Bagel in
+``test_bagel_hsdp.py``), with Ulysses, Ring, CFG-parallel and a replicate dimension;
+shard groups of 2 inside the 4-rank cells or in a 2-rank cell (FLUX.1, SD3.5, Z-Image,
+shapes). The requests are the family tests' 28x20 px, 2-step ones.
 """
 
 import pytest
@@ -111,8 +113,19 @@ def check_hsdp(pool, name: str, label: str, layout: dict, path: str, batch, refe
                run="generate"):  # fmt: skip
     """``layout`` with HSDP on a pool equals ``reference`` (the unsharded 1-rank run of
     ``measured``); every rank holds <= 1/shard of each transformer + 2%."""
-    (ref_out, ref_shards) = reference
     results = pool(ParallelConfig(**layout).world_size).run(measured, run, layout, path, batch)
+    return check_results(results, name, label, layout, reference, run)
+
+
+def measured_cells(cells: list[tuple]) -> list:
+    """:func:`measured` of every ``(run, layout, path, batch)`` cell in turn: several
+    families' layouts in one pool call."""
+    return [measured(*cell) for cell in cells]
+
+
+def check_results(results: list, name: str, label: str, layout: dict, reference, run: str):
+    """Every rank's :func:`measured` ``results`` of ``layout`` against ``reference``."""
+    (ref_out, ref_shards) = reference
     (images, latents, _), _ = results[0]
     ref_images, ref_latents = ref_out[0], ref_out[1]
     if run == "generate_video":  # frames of one request; latents of the last loop
@@ -167,7 +180,13 @@ def unsharded(tiny_family):
     return get
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+TWO_RANKS = ["FLUX.1", "SD3.5", "Z-Image"]
+"""The families whose 4-rank cells shard over 4: their 2-rank cell is the shard-2 one.
+LongCat-Image, Ovis-Image, Qwen-Image and Wan2.2 shard over 2 inside their 4-rank cells
+(two copies of the weights), which subsume a 2-rank cell (measured: ~95 s saved)."""
+
+
+@pytest.mark.parametrize("name", TWO_RANKS)
 def test_two_ranks_hsdp_equals_unsharded(worker_pool, unsharded, name):
     path, reference = unsharded(name)
     assert reference[1][0][1:] == (1, 0)  # the reference is not sharded
@@ -203,20 +222,70 @@ def test_hsdp_composes(worker_pool, unsharded, key):
                reference)  # fmt: skip
 
 
-def test_default_shapes_model_hsdp_equals_unsharded(worker_pool):
-    path = shipped_checkpoint_path()
-    batch = [dict(CFG_REQUEST, width=64, height=64, negative_prompt=" ")]
-    reference = measured("generate", {}, path, batch)
-    check_hsdp(worker_pool, "shapes (default model)", "ring2", dict(ring_degree=2, use_hsdp=True),
-               path, batch, reference)  # fmt: skip
-
-
-def test_wan_both_experts_sharded(worker_pool, tiny_wan):
-    path = tiny_wan["t2v_a14b"]
-    batch = [dict(prompt="a red cat", negative_prompt="blurry", num_frames=5, width=32,
+SHAPES_BATCH = [dict(CFG_REQUEST, width=64, height=64, negative_prompt=" ")]
+WAN_BATCH = [dict(prompt="a red cat", negative_prompt="blurry", num_frames=5, width=32,
                   height=32, num_inference_steps=4, guidance_scale=4.0, guidance_scale_2=2.0,
                   seed=21)]  # fmt: skip
-    reference = measured("generate_video", {}, path, batch)
+
+
+@pytest.fixture(scope="module")
+def shapes_reference():
+    path = shipped_checkpoint_path()
+    return path, measured("generate", {}, path, SHAPES_BATCH)
+
+
+@pytest.fixture(scope="module")
+def wan_reference(tiny_wan):
+    path = tiny_wan["t2v_a14b"]
+    reference = measured("generate_video", {}, path, WAN_BATCH)
     assert len(reference[1]) == 2  # two experts, both measured
-    check_hsdp(worker_pool, "Wan2.2-T2V-A14B", "cfg2", dict(cfg_parallel_size=2, use_hsdp=True),
-               path, batch, reference, run="generate_video")  # fmt: skip
+    return path, reference
+
+
+def test_default_shapes_model_hsdp_equals_unsharded(worker_pool, shapes_reference):
+    path, reference = shapes_reference
+    check_hsdp(worker_pool, "shapes (default model)", "ring2", dict(ring_degree=2, use_hsdp=True),
+               path, SHAPES_BATCH, reference)  # fmt: skip
+
+
+FOUR_RANKS = {
+    # family: its 4-rank layout; one shard group of 4, or (replicate 2) two copies over 2
+    "SD3.5": dict(ulysses_degree=2, cfg_parallel_size=2),
+    "Z-Image": dict(ulysses_degree=2, ring_degree=2),
+    "LongCat-Image": dict(ring_degree=2, cfg_parallel_size=2, hsdp_replicate_size=2),
+    "Ovis-Image": dict(ulysses_degree=2, cfg_parallel_size=2, hsdp_replicate_size=2),
+    "shapes (default model)": dict(ring_degree=2, cfg_parallel_size=2),
+    # shard 4 holds 39,088 B of the tiny Wan's 150,976 (+3.6% over 1/4: FSDP gives each
+    # rank ceil(rows / 4) rows of every parameter, and the tiny one's rows are few)
+    "Wan2.2-T2V-A14B": dict(ulysses_degree=2, cfg_parallel_size=2, hsdp_replicate_size=2),
+}
+"""FLUX.1 and Qwen-Image have their 4-rank cells in :data:`COMPOSED`, Bagel in
+``test_bagel_hsdp.py``."""
+
+
+def test_four_ranks_every_family_in_one_pool_call(
+    worker_pool, unsharded, shapes_reference, wan_reference
+):
+    """Each family's 4-rank layout with HSDP equals its unsharded run, at <= 1/shard the
+    bytes: one pool call runs every family's cell in turn (one pool round trip)."""
+    cells, refs = [], []
+    for name, layout in FOUR_RANKS.items():
+        run, batch = "generate", None
+        if name.startswith("shapes"):
+            path, reference = shapes_reference
+            batch = SHAPES_BATCH
+        elif name.startswith("Wan"):
+            (path, reference), run, batch = wan_reference, "generate_video", WAN_BATCH
+        else:
+            path, reference = unsharded(name)
+            batch = batch_for(name)
+        layout = dict(layout, use_hsdp=True)
+        assert ParallelConfig(**layout).world_size == 4
+        cells.append((run, layout, path, batch))
+        refs.append(reference)
+    results = worker_pool(4).run(measured_cells, cells)
+    for index, (name, (run, layout, _, _), reference) in enumerate(
+        zip(FOUR_RANKS, cells, refs, strict=True)
+    ):
+        label = "+".join(f"{k}{v}" for k, v in layout.items() if k != "use_hsdp")
+        check_results([r[index] for r in results], name, label, layout, reference, run)

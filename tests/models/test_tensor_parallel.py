@@ -9,12 +9,21 @@ sums, so latents are compared within fp32 tolerance and images within 1/255. Par
 bytes: on a TP rank ``split * TP + replicated`` equals the one-rank total exactly, and
 the split part is most of the transformer (the replicated rest: norms, modulation,
 embeddings, the rowwise biases and the final projection).
+
+Wan2.2 (T2V and I2V, two experts each, 4 heads of 16 so that TP 2 x Ulysses 2 fits):
+5 frames at 48x48 px, 2 steps on different experts (asserted), every rank's experts
+logged; T2V at TP 2 with expert offload (the placement swaps the split experts) and
+with TeaCache. Besides: the plans on released configs (``meta``: valid degrees, what
+splits), Wan2.1-style image context (``add_k_proj``) at the transformer level, the
+split RMSNorm against ``torch.nn.RMSNorm``, and a Wan rank's streamed load.
 """
 
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from ithaca.config import ParallelConfig
 from ithaca.models.flux.pipeline import FluxPipeline
@@ -22,10 +31,22 @@ from ithaca.models.longcat_image.pipeline import LongCatImagePipeline
 from ithaca.models.ovis_image.pipeline import OvisImagePipeline
 from ithaca.models.registry import load_pipeline
 from ithaca.models.sd3.pipeline import StableDiffusion3Pipeline
+from ithaca.models.sd3.transformer import SD3Transformer2DModel as OurSD3
+from ithaca.models.wan.experts import ExpertPlacement
+from ithaca.models.wan.transformer import WanTransformer3DModel as OurWan
 from ithaca.models.z_image.pipeline import ZImagePipeline
 from ithaca.parallel import ParallelState
-from ithaca.parallel.tensor import DegreeError, check_degree, parameter_bytes, tp_shard
+from ithaca.parallel.tensor import (
+    DegreeError,
+    check_degree,
+    parameter_bytes,
+    shard_specs,
+    tp_plan,
+    tp_shard,
+    valid_degrees,
+)
 from ithaca.testing.distributed import parallel_state
+from ithaca.testing.tiny_wan import build_tiny_wan
 from ithaca.types import GenerationParams
 from tests.models.harness import LAYOUT_LATENT_TOL, max_image_diff, record, world_size
 
@@ -39,10 +60,24 @@ LAYOUTS = {
     "tp2 x dp2": dict(tensor_parallel_size=2, data_parallel_size=2),
     "tp2 + tea_cache": dict(tensor_parallel_size=2),
     "tp2 + cache_dit": dict(tensor_parallel_size=2),
+    "tp2 + expert_offload": dict(tensor_parallel_size=2),
 }
 CACHES = {"tea_cache": dict(rel_l1_thresh=0.6), "cache_dit": dict(Fn_compute_blocks=1,
           Bn_compute_blocks=0, max_warmup_steps=0, residual_diff_threshold=10.0)}  # fmt: skip
 """Thresholds that skip steps of the 4-step cached request (asserted on one rank)."""
+
+
+WAN = dict(prompt="a red cat walks", negative_prompt="blurry", num_frames=5, width=48, height=48,
+           num_inference_steps=2, guidance_scale=4.0, guidance_scale_2=2.0, seed=5)  # fmt: skip
+"""A Wan2.2 request: 2 latent frames x 3 x 3 patches, both experts (999 | 500)."""
+WAN_KINDS = {"Wan2.2 T2V": "t2v_a14b", "Wan2.2 I2V": "i2v_a14b"}
+
+
+def wan_request(name: str) -> dict:
+    if name != "Wan2.2 I2V":
+        return WAN
+    pixels = np.random.default_rng(4).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    return dict(WAN, images=[Image.fromarray(pixels)])
 
 
 def cache_of(layout: str) -> str | None:
@@ -54,16 +89,19 @@ FAMILIES = {
     "LongCat-Image": LongCatImagePipeline,
     "Ovis-Image": OvisImagePipeline,
     "Z-Image": ZImagePipeline,
+    "SD3.5": StableDiffusion3Pipeline,
 }
 
 
-def run(layout: dict, path: str, cache: str | None = None) -> tuple:
-    """``(images uint8, final latents fp32 or None, this rank's transformer bytes,
-    cache metadata or None)``; with ``cache``, 4 steps with that step cache."""
-    request = dict(REQUEST, num_inference_steps=4) if cache else REQUEST
+def run(layout: dict, path: str, cache: str | None = None, request: dict = REQUEST,
+        expert_offload: bool = False) -> tuple:  # fmt: skip
+    """``(pixels uint8 or None, final latents fp32 or None, this rank's transformer bytes,
+    cache metadata or None, experts per forward)``; with ``cache``, 4 steps with that step
+    cache. Pixels: images, or a video's frames; every expert's bytes are summed."""
+    request = dict(request, num_inference_steps=4) if cache else request
     with parallel_state(ParallelConfig(**layout)) as state:
         pipe = load_pipeline(path, state, cache_backend=cache, cache_config=CACHES.get(cache))
-        captured = {}
+        captured, experts = {}, []
         decode = pipe.decode
 
         def keep(job, latents):
@@ -71,18 +109,36 @@ def run(layout: dict, path: str, cache: str | None = None) -> tuple:
             return decode(job, latents)
 
         pipe.decode = keep
+        transformers = getattr(pipe, "experts", None) or [pipe.transformer]
+        if len(transformers) > 1:  # Wan2.2: which expert each forward ran
+            if expert_offload:  # as WanPipeline(expert_offload=True) places the split experts
+                pipe.placement = ExpertPlacement(transformers, pipe.placement.device, True)
+            activate = pipe.placement.activate
+            pipe.placement.activate = lambda i: (experts.append(i), activate(i))[1]
         [result] = pipe.generate([GenerationParams(**request)])
-        images = [np.asarray(im) for im in result.images]
-        pipe.runtime.remove()
+        pixels = result.frames if result.frames is not None else None
+        if result.images:
+            pixels = np.stack([np.asarray(im) for im in result.images])
+        for runtime in getattr(pipe, "runtimes", [pipe.runtime]):
+            runtime.remove()
+        counts = [parameter_bytes(t) for t in transformers]
+        nbytes = {key: sum(c[key] for c in counts) for key in counts[0]}
+        swaps = len(pipe.placement.swaps) if expert_offload else None
         cached = (result.metadata or {}).get("cache")
-        return images, captured.get("latents"), parameter_bytes(pipe.transformer), cached
+        return pixels, captured.get("latents"), nbytes, cached, (experts, swaps)
 
 
 CELLS = [
-    *(("Qwen-Image", layout) for layout in LAYOUTS),
+    *(("Qwen-Image", layout) for layout in LAYOUTS if not layout.endswith("expert_offload")),
     *((name, "tp2") for name in FAMILIES),
     ("Z-Image", "tp2 x ulysses2"),
     ("LongCat-Image", "tp2 x ulysses2"),
+    ("SD3.5", "tp2 x ulysses2"),
+    ("Wan2.2 T2V", "tp2 + expert_offload"),
+    ("Wan2.2 T2V", "tp2 x ulysses2"),
+    ("Wan2.2 T2V", "tp2 + tea_cache"),
+    ("Wan2.2 I2V", "tp2"),
+    ("Wan2.2 I2V", "tp2 x ulysses2"),
 ]
 """Qwen-Image (joint text) under every layout: Ring and CFG-parallel sit outside the tp
 axis, so one family shows they compose. Every family at TP 2. TP 2 x Ulysses 2 also for
@@ -90,19 +146,30 @@ Z-Image (30 heads: padded for Ulysses after the TP split) and LongCat-Image (FLU
 processor, shared by FLUX.1 and Ovis-Image, whose plans differ only in entries TP 2
 covers; both passed TP 2 x Ulysses 2 too, Ovis 1.7e-6 and 0/255, but cost 2 min each).
 Qwen-Image also with each step cache (the cache sees the replicated hidden states, so
-every tp rank decides alike) and beside data parallelism (every replica's picture)."""
+every tp rank decides alike) and beside data parallelism (every replica's picture).
+SD3.5 (joint attention, a context-pre-only last block, dual attention in block 0) at
+TP 2 x Ulysses 2 too. Wan2.2 T2V and I2V (split QK RMSNorms across heads, both experts)
+at TP 2 and TP 2 x Ulysses 2; T2V's TP 2 run places its experts with offload, and T2V
+at TP 2 with TeaCache (one cache per expert)."""
 
 
 @pytest.fixture(scope="module")
-def one_rank(tiny_checkpoints, tiny_family):
-    """``one_rank(family, cache)`` -> ``(checkpoint, run({}, checkpoint, cache))``, once
-    per family and cache."""
+def one_rank(tiny_checkpoints, tiny_family, tiny_checkpoint):
+    """``one_rank(family, cache)`` -> ``(checkpoint, request, run({}, ...))``, once per
+    family and cache."""
     runs: dict[tuple, tuple] = {}
 
     def get(name: str, cache: str | None = None) -> tuple:
         if (name, cache) not in runs:
-            path = tiny_checkpoints["t2i"] if name == "Qwen-Image" else tiny_family(FAMILIES[name])
-            runs[name, cache] = path, run({}, path, cache)
+            request = REQUEST
+            if name == "Qwen-Image":
+                path = tiny_checkpoints["t2i"]
+            elif name in WAN_KINDS:
+                path = tiny_checkpoint(build_tiny_wan, WAN_KINDS[name], heads=4)
+                request = wan_request(name)
+            else:
+                path = tiny_family(FAMILIES[name])
+            runs[name, cache] = path, request, run({}, path, cache, request)
         return runs[name, cache]
 
     return get
@@ -111,22 +178,32 @@ def one_rank(tiny_checkpoints, tiny_family):
 @pytest.mark.parametrize("name,layout", CELLS, ids=[f"{n}-{lay}" for n, lay in CELLS])
 def test_tensor_parallel_matches_one_rank(worker_pool, one_rank, name, layout):
     cache = cache_of(layout)
-    path, (ref_images, ref_latents, one_bytes, ref_cache) = one_rank(name, cache)
+    path, request, (ref_pixels, ref_latents, one_bytes, ref_cache, ref_experts) = one_rank(
+        name, cache
+    )
     if cache:  # the cache really skips steps on one rank
         assert ref_cache["cached_steps"] > 0, ref_cache
+    if name in WAN_KINDS:  # both experts denoise
+        assert set(ref_experts[0]) == {0, 1}, ref_experts
     tp = LAYOUTS[layout]["tensor_parallel_size"]
-    results = worker_pool(world_size(LAYOUTS[layout])).run(run, LAYOUTS[layout], path, cache)
-    returned = [r for r in results if r[0]]  # each data-parallel replica's returning rank
+    offload = layout.endswith("expert_offload")
+    results = worker_pool(world_size(LAYOUTS[layout])).run(
+        run, LAYOUTS[layout], path, cache, request, offload
+    )
+    returned = [r for r in results if r[0] is not None]  # each replica's returning rank
     assert len(returned) == LAYOUTS[layout].get("data_parallel_size", 1)
-    for images, latents, _, cached in returned:
+    for pixels, latents, _, cached, _ in returned:
         err = (latents - ref_latents).abs().max().item()
-        diff = max_image_diff(images, ref_images)
+        diff = max_image_diff(list(pixels), list(ref_pixels))
         assert err <= LAYOUT_LATENT_TOL, f"{name} {layout}: latents differ by {err:.2e}"
         assert diff <= 1, f"{name} {layout}: images differ by {diff}/255"
         assert cached == ref_cache  # the same steps skipped (None without a cache)
+    for *_, (experts, swaps) in results:  # every rank ran the experts in the same order
+        assert experts == ref_experts[0]
+        assert swaps == (2 if offload else None)  # offload: on (0), then 0 -> 1
     record(name, layout, err, diff, cache or "none")
     assert one_bytes["split"] == 0
-    for _, _, nbytes, _ in results:  # every rank: 1/TP of the split weights, the rest whole
+    for _, _, nbytes, _, _ in results:  # every rank: 1/TP of the split weights, the rest whole
         assert nbytes["split"] * tp + nbytes["replicated"] == one_bytes["total"]
         assert nbytes["split"] * tp > 0.5 * one_bytes["total"], nbytes
     ratio = results[0][2]["total"] / one_bytes["total"]
@@ -139,15 +216,144 @@ def test_bad_degree_names_the_valid_ones(tiny_checkpoints, tiny_family):
     bad = next(d for d in range(2, heads + 2) if heads % d)
     with pytest.raises(DegreeError, match=rf"tensor_parallel_size \({bad}\) must divide .*valid"):
         check_degree(pipe.transformer, bad, "Qwen-Image")  # no fallback load catches it
-    with pytest.raises(ValueError, match="declares no tensor-parallel plan"):
-        sd3 = load_pipeline(tiny_family(StableDiffusion3Pipeline), ParallelState.single())
-        check_degree(sd3.transformer, 2, "SD3.5")
+    sd3 = load_pipeline(tiny_family(StableDiffusion3Pipeline), ParallelState.single())
+    valid = r"\(3\) must divide num_attention_heads \(4\).*valid degrees: \[1, 2, 4\]"
+    with pytest.raises(DegreeError, match=valid):
+        check_degree(sd3.transformer, 3, "SD3.5")
     from diffusers import WanTransformer3DModel
 
     two = SimpleNamespace(tp=SimpleNamespace(size=2))  # what tp_shard reads of the state
     with pytest.raises(DegreeError, match=r"\(2\): WanTransformer3DModel declares no tensor"):
-        tp_shard(two, WanTransformer3DModel)  # before a single weight is read
+        tp_shard(two, WanTransformer3DModel)  # diffusers' class, without ithaca's plan
     assert tp_shard(ParallelState.single(), WanTransformer3DModel) is None
     with pytest.raises(ValueError, match=r"tensor_parallel_size \(0\) must be a positive"):
         ParallelConfig(tensor_parallel_size=0)
     assert ParallelConfig(tensor_parallel_size=2, ulysses_degree=2).world_size == 4
+
+
+SD35 = dict(num_layers=3, attention_head_dim=64, joint_attention_dim=4096, out_channels=16,
+            pooled_projection_dim=2048, qk_norm="rms_norm", sample_size=128)  # fmt: skip
+RELEASED = {
+    "Wan2.2 A14B expert": (OurWan, dict(num_layers=2)),  # 40 heads of 128, ffn 13,824
+    "Wan2.1 I2V (image context)": (
+        OurWan,
+        dict(num_layers=2, image_dim=1280, added_kv_proj_dim=5120),
+    ),
+    "SD3.5-large": (
+        OurSD3,
+        dict(SD35, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192),
+    ),
+    "SD3.5-medium": (
+        OurSD3,
+        dict(SD35, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=384)
+        | {"dual_attention_layers": (0, 1)},
+    ),
+}
+"""Released configs (fewer layers) built on ``meta``: what the plans split and the valid
+degrees (docs/parallel.md's table)."""
+VALID = {"Wan2.2 A14B expert": [1, 2, 4, 8],
+         "Wan2.1 I2V (image context)": [1, 2, 4, 8],
+         "SD3.5-large": [1, 2, 19, 38], "SD3.5-medium": [1, 2, 3, 4, 6, 8, 12, 24]}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", RELEASED)
+def test_released_configs_plan(name):
+    cls, config = RELEASED[name]
+    with torch.device("meta"):
+        transformer = cls(**config)
+    plan = tp_plan(transformer)
+    assert valid_degrees(transformer, plan)[1] == VALID[name]
+    specs = shard_specs(transformer, plan, 2)
+    blocks = transformer.blocks if cls is OurWan else transformer.transformer_blocks
+    last = f"{'blocks' if cls is OurWan else 'transformer_blocks'}.{len(blocks) - 1}"
+    if cls is OurWan:  # the QK norms span the heads: split with them
+        assert specs[f"{last}.attn1.norm_q.weight"].block_sizes == [5120]
+        image_context = f"{last}.attn2.add_k_proj.weight" in specs
+        assert image_context == (config.get("added_kv_proj_dim") is not None)
+    else:  # context-pre-only last block: its text stream ends at the attention
+        assert f"{last}.attn.to_add_out.weight" not in specs
+        assert f"{last}.ff_context.net.2.weight" not in specs
+        assert "transformer_blocks.0.ff_context.net.2.weight" in specs
+        dual = "transformer_blocks.0.attn2.to_q.weight" in specs
+        assert dual == bool(config.get("dual_attention_layers"))
+    params = dict(transformer.named_parameters())
+    split = sum(params[n].numel() for n, spec in specs.items() if spec.dim is not None)
+    total = sum(p.numel() for p in params.values())
+    print(f"{name}: {split / total:.1%} of the parameters split")
+
+
+def image_context_forward(layout: dict) -> torch.Tensor:
+    """A Wan2.1-I2V-shaped transformer (image context: ``add_k_proj`` / ``add_v_proj``,
+    ``norm_added_k`` across heads) under ``layout``, diffusers' own attention processor
+    (no sequence parallelism): the output ``(1, C, F, H, W)`` fp32."""
+    from ithaca.parallel.tensor import apply_tensor_parallel
+    from ithaca.testing.parts import seeded
+
+    sizes = dict(num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4,
+                 text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, image_dim=12)  # fmt: skip
+    transformer = seeded(0, OurWan, patch_size=(1, 2, 2), added_kv_proj_dim=32,
+                         cross_attn_norm=True, rope_max_seq_len=32, **sizes)  # fmt: skip
+    make = torch.Generator().manual_seed(1)
+    inputs = dict(
+        hidden_states=torch.randn(1, 4, 2, 4, 4, generator=make),
+        timestep=torch.tensor([700.0]),
+        encoder_hidden_states=torch.randn(1, 512, 16, generator=make),  # diffusers: 512 text
+        encoder_hidden_states_image=torch.randn(1, 5, 12, generator=make),
+    )
+    with parallel_state(ParallelConfig(**layout)) as state, torch.no_grad():
+        apply_tensor_parallel(transformer, state, "Wan2.1 I2V")
+        return transformer(**inputs, return_dict=False)[0]
+
+
+def test_wan_image_context_tp2(worker_pool):
+    """The image-context keys / values and their across-heads RMSNorm split by the plan
+    (no Wan2.2 checkpoint has them; ithaca's Wan pipelines refuse Wan2.1 I2V's CLIP
+    encoder, so this is the transformer alone)."""
+    reference = image_context_forward({})
+    for out in worker_pool(2).run(image_context_forward, dict(tensor_parallel_size=2)):
+        err = (out - reference).abs().max().item()
+        assert err <= 1e-5, f"Wan image context TP 2: outputs differ by {err:.2e}"
+    print(f"Wan image context TP 2: max abs diff {err:.2e}, |out| {reference.abs().max():.2f}")
+
+
+NORM_CASES = [(torch.float32, "cpu"), (torch.bfloat16, "cpu"),
+              pytest.param(torch.bfloat16, "cuda", marks=pytest.mark.gpu)]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype,device", NORM_CASES)
+def test_split_rms_norm_on_one_rank_is_torch_rms_norm(dtype, device):
+    """With nothing to all-reduce, :class:`SplitRMSNorm` is ``torch.nn.RMSNorm`` bit for
+    bit, in bf16 too (CUDA: against its fused kernel; the bf16 sums across ranks on NCCL
+    are not checked anywhere yet)."""
+    from ithaca.parallel.tensor import SplitRMSNorm
+
+    norm = torch.nn.RMSNorm(64, eps=1e-6).to(dtype)
+    make = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=make) * 0.5 + 1)
+    x = (torch.randn(2, 9, 64, generator=make) * 3).to(dtype)
+    norm, x = norm.to(device), x.to(device)
+    assert torch.equal(SplitRMSNorm(norm, ParallelState.single(), 1)(x), norm(x))
+
+
+def test_wan_loads_only_its_split(tiny_checkpoint):
+    """``load_streamed`` with the ``split_weights`` hook reads each tp rank's pieces of a
+    Wan expert, the split QK norms' rows included (no whole-tensor fallback): what each
+    rank holds is exactly its part of the checkpoint. No collective: the hook reads only
+    ``tp.rank`` / ``tp.size``."""
+    import functools
+
+    from ithaca.models.loading import load_streamed
+    from ithaca.parallel.tensor import split_weights, take
+
+    path = tiny_checkpoint(build_tiny_wan, "t2v_a14b", heads=4)
+    whole = dict(load_streamed(OurWan, path, "transformer").named_parameters())
+    for rank in range(2):
+        state = SimpleNamespace(tp=SimpleNamespace(size=2, rank=rank))
+        hook = functools.partial(split_weights, state=state)
+        split = load_streamed(OurWan, path, "transformer", shard=hook)
+        assert split.blocks[1].attn2.norm_k.weight.shape == (32,)  # 4 heads x 16 -> 2 x 16
+        for name, param in split.named_parameters():
+            pieces = split._load_slices.get(name)
+            expected = take(whole[name], pieces) if pieces else whole[name]
+            assert torch.equal(param, expected), name

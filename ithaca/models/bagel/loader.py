@@ -100,8 +100,12 @@ def build(path: str) -> Bagel:
         return Bagel(llm, vit, BagelConfig())
 
 
-def load_weights(model: Bagel, path: str, dtype: torch.dtype, device) -> Bagel:
-    """Assign every tensor of ``ema.safetensors``; missing / unknown keys raise."""
+def load_weights(model: Bagel, path: str, dtype: torch.dtype, device, shard=None) -> Bagel:
+    """Assign every tensor of ``ema.safetensors``; missing / unknown keys raise.
+
+    ``shard`` (HSDP's ``apply_hsdp_to_model`` bound to its mesh) splits ``model`` while it
+    is still on ``meta``; each rank then allocates and reads only the rows it keeps
+    (:func:`ithaca.models.loading.read_part`): its peak is its shard plus one tensor."""
     wanted = {checkpoint_key(n): n for n in model.state_dict()}
     with safe_open(os.path.join(path, "ema.safetensors"), "pt", device="cpu") as f:
         keys = set(f.keys())
@@ -112,8 +116,26 @@ def load_weights(model: Bagel, path: str, dtype: torch.dtype, device) -> Bagel:
                 f"{path}/ema.safetensors does not match Bagel: missing keys {missing}, "
                 f"unknown keys {unknown}"
             )
+        if shard is not None:
+            return _load_sharded(model, f, wanted, dtype, device, shard)
         state = {ours: f.get_tensor(key).to(device, dtype) for key, ours in wanted.items()}
     model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def _load_sharded(model: Bagel, f, wanted: dict[str, str], dtype, device, shard) -> Bagel:
+    from torch.distributed.tensor import DTensor
+
+    from ithaca.models.loading import read_part
+
+    model = shard(model.to(dtype))  # on meta: nothing allocated yet
+    model.to_empty(device=device)  # this rank's shards (and the small buffers)
+    targets = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        for key, ours in wanted.items():
+            target = targets[ours]
+            local = target.to_local() if isinstance(target, DTensor) else target
+            local.copy_(read_part(f, key, target, None))
     return model.eval().requires_grad_(False)
 
 

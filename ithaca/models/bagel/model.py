@@ -181,6 +181,24 @@ class BagelConfig:
 class Bagel(nn.Module):
     """The whole network; the VAE and tokenizer live beside it (``loader``)."""
 
+    _hsdp_units = (
+        "language_model.model.layers",  # each layer: both experts' weights
+        "language_model.model.embed_tokens",
+        "language_model.model.norm",
+        "language_model.model.norm_moe_gen",
+        "time_embedder",
+        "vae2llm",
+        "llm2vae",
+        "vit_model.vision_model.embeddings.patch_embedding",
+        "vit_model.vision_model.embeddings.position_embedding",
+        "vit_model.vision_model.encoder.layers",
+        "vit_model.vision_model.post_layernorm",
+        "connector",
+    )
+    """HSDP's sharding units (:func:`ithaca.parallel.hsdp.declared_units`): what the
+    sampling code calls directly. There is no root forward: prefill, query block,
+    embedders and ViT are called one by one, so each is a unit of its own."""
+
     def __init__(self, llm: Qwen2Config, vit: SiglipVisionConfig, cfg: BagelConfig):
         super().__init__()
         self.cfg = cfg

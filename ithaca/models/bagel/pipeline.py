@@ -11,7 +11,15 @@ the noise as the official inferencer does for that seed; image k of ``n`` uses s
 Streaming previews (``partial_images``) decode the x0 estimate ``x_t - t * v``.
 Not supported: negative prompts (Bagel's guidance contexts come from the prompt and the
 input image), more than one input image, sequence or CFG parallelism (every branch
-attends to its own KV cache: a layout that asks for either is refused at load).
+attends to its own KV cache: a layout that asks for either is refused at load, unless
+with ``use_hsdp``).
+
+HSDP (``use_hsdp``): the weights are split over the replica's ranks (the units of
+``Bagel._hsdp_units``: each decoder layer with both experts, each ViT layer, the
+embedders), and every rank of the replica runs the whole request - prefill, every branch,
+every step - so each all-gathers the same units in the same order and computes what one
+rank computes; the returning rank decodes. The replica is formed by any of
+``ulysses_degree`` / ``ring_degree`` / ``cfg_parallel_size``, none of which splits work here.
 Step caches wrap the decoder layers during generation only (not the prefill), with one
 state per CFG branch; the TeaCache indicator is the first layer's gen-expert input norm.
 """
@@ -68,16 +76,17 @@ class BagelPipeline(DenoisingPipeline):
     )
 
     def __init__(self, model: str, state: ParallelState, dtype: torch.dtype):
-        if state.sp.size > 1 or state.cfg.size > 1:
+        if (state.sp.size > 1 or state.cfg.size > 1) and not state.config.use_hsdp:
             raise ValueError(
                 f"Bagel supports no sequence or CFG parallelism (sequence-parallel size "
-                f"{state.sp.size}, cfg_parallel_size {state.cfg.size}); use data parallelism"
+                f"{state.sp.size}, cfg_parallel_size {state.cfg.size}): the ranks of a replica "
+                "would each run the whole request, which only --use-hsdp (the weights split "
+                "over them) makes worthwhile; use data parallelism"
             )
-        if state.config.tensor_parallel_size > 1 or state.config.use_hsdp:
+        if state.config.tensor_parallel_size > 1:
             raise ValueError(
-                f"Bagel supports no tensor parallelism or HSDP (tensor_parallel_size "
-                f"{state.config.tensor_parallel_size}, use_hsdp {state.config.use_hsdp}); "
-                "use data parallelism"
+                f"Bagel supports no tensor parallelism (tensor_parallel_size "
+                f"{state.config.tensor_parallel_size}); use data parallelism or --use-hsdp"
             )
         super().__init__(state, dtype)
         if not os.path.isdir(model):
@@ -86,7 +95,8 @@ class BagelPipeline(DenoisingPipeline):
             model = snapshot_download(model, allow_patterns=_FILES)
         self.model_dir = model
         over = loader.overrides(model)
-        self.net = loader.load_weights(loader.build(model), model, dtype, self.device)
+        net = loader.build(model)  # on meta; with use_hsdp each rank reads only its rows
+        self.net = loader.load_weights(net, model, dtype, self.device, shard=self.hsdp_shard())
         self.transformer = self.net.llm  # what the step caches wrap (its ``layers``)
         self.vae, self.vae_scale = loader.load_vae(model, over, self.device)  # fp32
         self.limits = loader.image_limits(over)
@@ -136,9 +146,12 @@ class BagelPipeline(DenoisingPipeline):
         scale = spec.cfg_text_scale
         return Request(params, w, h, spec.num_timesteps - 1, scale, scale > 1, params.seed, (spec,))
 
-    # -- conditioning: the three KV caches ---------------------------------------
+    # -- conditioning: token ids and the input image, then the three KV caches -------
     @torch.no_grad()
     def condition(self, request: Request) -> dict[str, Any]:
+        """On the replica's rank 0 (then broadcast): the prompt block's ids and the input
+        image through the VAE and the ViT's patching (plain tensors); the decoder is not
+        run here (see :meth:`contexts`)."""
         p = request.params
         ids = [self.bos, *self.tokenizer.encode(p.prompt), self.eos]
         block = torch.tensor(ids, device=self.device)
@@ -147,7 +160,15 @@ class BagelPipeline(DenoisingPipeline):
             image, _ = inputs.encode_image(
                 self.net, self.vae, self.vae_scale, p.images[0], *self.limits, self.device
             )
-        return {"contexts": sampling.build_contexts(self.net, block, self.markers, image)}
+            image = dict(vars(image))  # tensors and grids: what the broadcast carries
+        return {"prompt_block": block, "image": image}
+
+    @torch.no_grad()
+    def contexts(self, cond: dict[str, Any]) -> dict[str, sampling.Context]:
+        """The KV caches (prefill), on every rank of the replica: under HSDP the prefill
+        runs the sharded decoder, whose all-gathers every rank of the shard group makes."""
+        image = cond["image"] and sampling.ImageInputs(**cond["image"])
+        return sampling.build_contexts(self.net, cond["prompt_block"], self.markers, image)
 
     # -- step caches --------------------------------------------------------------
     def cache_adapter(self) -> BlockCacheAdapter:
@@ -167,7 +188,7 @@ class BagelPipeline(DenoisingPipeline):
     def _run_group(self, requests: list[Request], callback, on_decode=None):
         started = time.perf_counter()
         cache = self._install_cache(self._cache_settings(requests[0]))
-        conds = self._conditions(requests)
+        conds = [dict(c, contexts=self.contexts(c)) for c in self._conditions(requests)]
         t_cond = time.perf_counter() - started
         outputs, per_request = [], []
         for r, c in zip(requests, conds, strict=True):

@@ -34,10 +34,35 @@ SD3_SP_PLAN = {
 }
 
 
+def sd3_tp_plan(config) -> dict:
+    """Tensor-parallel plan (``ithaca.parallel.tensor``), block by block: the joint
+    attention's image and text projections and both streams' GELU MLPs, SD3.5's second
+    (image-only) attention where ``dual_attention_layers`` has it; the last block is
+    context-pre-only (no ``to_add_out``, no text MLP). QK norms are per head: whole."""
+    image = {"attn.to_q": "colwise", "attn.to_k": "colwise", "attn.to_v": "colwise",
+             "attn.to_out.0": "rowwise", "ff.net.0.proj": "colwise", "ff.net.2": "rowwise",
+             "attn.add_q_proj": "colwise", "attn.add_k_proj": "colwise",
+             "attn.add_v_proj": "colwise"}  # fmt: skip
+    context = {"attn.to_add_out": "rowwise", "ff_context.net.0.proj": "colwise",
+               "ff_context.net.2": "rowwise"}  # fmt: skip
+    dual = {"attn2.to_q": "colwise", "attn2.to_k": "colwise", "attn2.to_v": "colwise",
+            "attn2.to_out.0": "rowwise"}  # fmt: skip
+    plan = {}
+    for i in range(config.num_layers):
+        block = dict(image)
+        if i < config.num_layers - 1:  # diffusers: context_pre_only=i == num_layers - 1
+            block |= context
+        if i in (config.dual_attention_layers or ()):
+            block |= dual
+        plan |= {f"transformer_blocks.{i}.{path}": style for path, style in block.items()}
+    return plan
+
+
 class SD3Transformer2DModel(_DiffusersSD3Transformer):
-    """diffusers' SD3 transformer with its sequence-parallel plan declared."""
+    """diffusers' SD3 transformer with its sequence- and tensor-parallel plans declared."""
 
     _sp_plan = SD3_SP_PLAN
+    _tp_plan = staticmethod(sd3_tp_plan)
 
 
 class SD3ParallelAttnProcessor(ParallelProcessor):

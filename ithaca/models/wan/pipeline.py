@@ -129,14 +129,15 @@ class WanPipeline(DenoisingPipeline):
             expert_offload = not sharded and should_offload(
                 module_bytes(self.experts[0]), self.device
             )
+        # Both experts are sharded by the same plans; each has its own runtime (hooks).
+        # Before placement: it keeps each expert's tensors as tensor parallel leaves them.
+        layout = wan_attention(self.expand_timesteps)
+        self.runtimes = [parallelize(e, state, layout) for e in self.experts]
+        self.runtime = self.runtimes[0]
         on_host = self.offloading.transformer_on_host  # --enable-*-offload decide instead
         self.placement = ExpertPlacement(
             self.experts, self.offloading.load_device("transformer"), expert_offload and not on_host
         )
-        # Both experts are sharded by the same plan; each has its own runtime (hooks).
-        layout = wan_attention(self.expand_timesteps)
-        self.runtimes = [parallelize(e, state, layout) for e in self.experts]
-        self.runtime = self.runtimes[0]
         for name, expert in zip(names, self.experts, strict=True):
             self.offloading.place_transformer(name, expert, layout.blocks)
         config = self.experts[0].config

@@ -32,6 +32,7 @@ from diffusers import WanTransformer3DModel as _DiffusersWanTransformer
 from ithaca.models.attention import ParallelProcessor, project_out
 from ithaca.models.spec import AttentionLayout
 from ithaca.parallel import SequenceParallelInput, SequenceParallelOutput
+from ithaca.parallel.tensor import SPLIT_RMS_NORM
 
 WAN_SP_PLAN = {
     "rope": {
@@ -50,10 +51,28 @@ WAN_SP_PLAN_PER_TOKEN_TIMESTEPS = {
 }
 
 
+def wan_tp_plan(config) -> dict:
+    """Tensor-parallel plan (``ithaca.parallel.tensor``): heads of self- and
+    cross-attention, the image context's keys / values where the checkpoint has them
+    (``added_kv_proj_dim``), and the GELU MLP split. Wan's QK RMSNorms span all heads
+    (``inner_dim``), so they are split with them and all-reduce their sums of squares."""
+    attention = {"to_q": "colwise", "to_k": "colwise", "to_v": "colwise", "to_out.0": "rowwise",
+                 "norm_q": SPLIT_RMS_NORM, "norm_k": SPLIT_RMS_NORM}  # fmt: skip
+    if config.added_kv_proj_dim is not None:  # image context of cross-attention only
+        attention_2 = {**attention, "add_k_proj": "colwise", "add_v_proj": "colwise",
+                       "norm_added_k": SPLIT_RMS_NORM}  # fmt: skip
+    else:
+        attention_2 = attention
+    plan = {f"blocks.*.attn1.{path}": style for path, style in attention.items()}
+    plan |= {f"blocks.*.attn2.{path}": style for path, style in attention_2.items()}
+    return plan | {"blocks.*.ffn.net.0.proj": "colwise", "blocks.*.ffn.net.2": "rowwise"}
+
+
 class WanTransformer3DModel(_DiffusersWanTransformer):
-    """diffusers' Wan transformer with its sequence-parallel plan declared."""
+    """diffusers' Wan transformer with its sequence- and tensor-parallel plans declared."""
 
     _sp_plan = WAN_SP_PLAN
+    _tp_plan = staticmethod(wan_tp_plan)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
