@@ -343,8 +343,8 @@ def test_wan_loads_only_its_split(tiny_checkpoint):
     ``tp.rank`` / ``tp.size``."""
     import functools
 
-    from ithaca.models.loading import load_streamed
     from ithaca.parallel.tensor import split_weights, take
+    from ithaca.runtime.loading import load_streamed
 
     path = tiny_checkpoint(build_tiny_wan, "t2v_a14b", heads=4)
     whole = dict(load_streamed(OurWan, path, "transformer").named_parameters())

@@ -105,7 +105,7 @@ def load_weights(model: Bagel, path: str, dtype: torch.dtype, device, shard=None
 
     ``shard`` (HSDP's ``apply_hsdp_to_model`` bound to its mesh) splits ``model`` while it
     is still on ``meta``; each rank then allocates and reads only the rows it keeps
-    (:func:`ithaca.models.loading.read_part`): its peak is its shard plus one tensor."""
+    (:func:`ithaca.runtime.loading.read_part`): its peak is its shard plus one tensor."""
     wanted = {checkpoint_key(n): n for n in model.state_dict()}
     with safe_open(os.path.join(path, "ema.safetensors"), "pt", device="cpu") as f:
         keys = set(f.keys())
@@ -126,7 +126,7 @@ def load_weights(model: Bagel, path: str, dtype: torch.dtype, device, shard=None
 def _load_sharded(model: Bagel, f, wanted: dict[str, str], dtype, device, shard) -> Bagel:
     from torch.distributed.tensor import DTensor
 
-    from ithaca.models.loading import read_part
+    from ithaca.runtime.loading import read_part
 
     model = shard(model.to(dtype))  # on meta: nothing allocated yet
     model.to_empty(device=device)  # this rank's shards (and the small buffers)
