@@ -8,12 +8,16 @@ expert only. Both touch ``proj_out``, the layer the plan gathers at (the hooks m
 follow peft's wrapper). Final latents within 1e-4 of one rank, images and frames within
 1/255. Tiny checkpoints, 32x32 px images, 48x48 px x 9 frames videos, 2 steps.
 
-The same 2-rank task runs Qwen-Image under tensor parallel 2 and HSDP 2 (adapters split
-like the weights they touch, :func:`ithaca.runtime.lora.split_for_layout`), switching on
-one pipeline: base, the stacked pair unfused, fused, one adapter fused, none. Each step
-equals the same step on one rank (latents 1e-4, images 1/255); the last equals the
-first bit for bit and the base weights are bit-identical after; each rank holds less
-than the whole adapter. HSDP fuses every set (asserted). The split rules themselves
+The same 2-rank task runs both families under tensor parallel 2 and HSDP 2 (adapters
+split like the weights they touch, :func:`ithaca.runtime.lora.split_for_layout`),
+switching on one pipeline: base, the stacked pair unfused, fused, one adapter fused
+(Wan2.2: on the low-noise expert only), none. Each step equals the same step on one
+rank (latents 1e-4, images and frames 1/255); the last equals the first bit for bit
+and the base weights (both experts) are bit-identical after; each rank holds less than
+the whole adapter. HSDP fuses every set (asserted); every Wan2.2 loop runs both experts
+(asserted), so split adapters follow the expert switch, and the targets include the
+column-parallel ``attn1.to_q`` ahead of the split QK RMSNorm and the row-parallel
+``ffn.net.2``. The split rules themselves
 (rows of ``lora_B`` on a column-parallel layer, columns of ``lora_A`` on a row-parallel
 one, FLUX.1's packed ``proj_out`` block by block, refusals) run without processes.
 """
@@ -74,86 +78,115 @@ def cases(tiny_checkpoints, tmp_path_factory):
         for name, seed in (("w", 8), ("v", 9))
     )  # fmt: skip
     args = (qwen, qwen_loras, wan, wan_loras)
-    return args, run_layouts({"one": {}}, *args)["one"], switching({}, qwen, qwen_loras)
+    return args, run_layouts({"one": {}}, *args)["one"], both_switching({}, *args)
 
 
 def run_layouts(layouts: dict, qwen, qwen_loras, wan, wan_loras, sharded=()) -> dict:
     """Every layout of ``layouts`` on this rank, for both families, and :func:`switching`
-    on Qwen-Image under each layout named in ``sharded`` (one pool task)."""
+    on both families under each layout named in ``sharded`` (one pool task)."""
     out = {
         name: (generate(layout, qwen, [QWEN_REQUEST], None, qwen_loras),
                wan_generate(layout, wan, [WAN_REQUEST], wan_loras))
         for name, layout in layouts.items()
     }  # fmt: skip
-    return out | {name: switching(SHARDED[name], qwen, qwen_loras) for name in sharded}
+    args = (qwen, qwen_loras, wan, wan_loras)
+    return out | {name: both_switching(SHARDED[name], *args) for name in sharded}
 
 
 SHARDED = {"tp2": dict(tensor_parallel_size=2), "hsdp2": dict(ulysses_degree=2, use_hsdp=True)}
-SWITCHES = (  # (label, adapters, fuse_loras)
-    ("base", (), False),
-    ("stack", QWEN_REQUEST["lora"], False),
-    ("stack fused", QWEN_REQUEST["lora"], True),
-    ("extra fused", (LoraRef("extra", 1.0),), True),
-    ("none", (), True),
-)
+SWITCHES = {  # family: (request, ((label, adapters, fuse_loras), ...))
+    "Qwen-Image": (QWEN_REQUEST, (
+        ("base", (), False),
+        ("stack", QWEN_REQUEST["lora"], False),
+        ("stack fused", QWEN_REQUEST["lora"], True),
+        ("extra fused", (LoraRef("extra", 1.0),), True),
+        ("none", (), True),
+    )),
+    "Wan2.2": (WAN_REQUEST, (  # both experts run every loop (2 steps: 999 | 500)
+        ("base", (), False),
+        ("both + high", WAN_REQUEST["lora"], False),
+        ("both + high fused", WAN_REQUEST["lora"], True),
+        ("low fused", (LoraRef("v", 0.8, "low_noise"),), True),
+        ("none", (), True),
+    )),
+}  # fmt: skip
 
 
-def switching(layout: dict, path: str, loras: tuple) -> tuple:
-    """The :data:`SWITCHES` in turn on one Qwen-Image pipeline under ``layout``:
-    ``(steps, fused, restored, adapter numel)`` - per step the images and final latents
-    (the returning rank; elsewhere empty) and whether the set ran fused; whether every
-    base weight this rank holds is bit-identical at the end; this rank's adapter size."""
+def both_switching(layout: dict, qwen, qwen_loras, wan, wan_loras) -> dict:
+    return {"Qwen-Image": switching(layout, qwen, qwen_loras, *SWITCHES["Qwen-Image"]),
+            "Wan2.2": switching(layout, wan, wan_loras, *SWITCHES["Wan2.2"])}  # fmt: skip
+
+
+def switching(layout: dict, path: str, loras: tuple, request: dict, switches: tuple) -> tuple:
+    """The ``switches`` in turn on one pipeline under ``layout``: ``(steps, fused,
+    restored, adapter numel, experts)`` - per step the pixels (images or frames) and
+    final latents (the returning rank; elsewhere empty) and whether the set ran fused;
+    whether every base weight this rank holds (every expert) is bit-identical at the end;
+    this rank's adapter size; per step the experts the forwards ran (Wan2.2)."""
     with parallel_state(ParallelConfig(**layout)) as state:
         pipe = load_pipeline(path, state)
         for name, file, scale in loras:
             pipe.load_lora(name, file, scale)
-        captured, decode = {}, pipe.decode
+        captured, decode, ran = {}, pipe.decode, []
 
         def keep(job, latents):
             captured["latents"] = latents.float().cpu()
             return decode(job, latents)
 
         pipe.decode = keep
-        before = _base_weights(pipe.transformer)
-        steps, fused = [], []
-        for _, refs, fuse in SWITCHES:
+        if hasattr(pipe, "placement"):  # Wan2.2: which expert each forward ran
+            activate = pipe.placement.activate
+            pipe.placement.activate = lambda i: (ran.append(i), activate(i))[1]
+        models = list(pipe.lora_targets().values())
+        before = _base_weights(models)
+        steps, fused, experts = [], [], []
+        for _, refs, fuse in switches:
             pipe.fuse_loras = fuse
-            [result] = pipe.generate([GenerationParams(**dict(QWEN_REQUEST, lora=refs))])
+            [result] = pipe.generate([GenerationParams(**dict(request, lora=refs))])
             fused.append(bool(pipe.loras.fused))
-            steps.append(([np.asarray(im) for im in result.images], captured.pop("latents", None)))
-        after = _base_weights(pipe.transformer)
+            experts.append(sorted(set(ran)))
+            ran.clear()
+            pixels = result.frames
+            if result.images:
+                pixels = np.stack([np.asarray(im) for im in result.images])
+            steps.append((pixels, captured.pop("latents", None)))
+        after = _base_weights(models)
         restored = before.keys() == after.keys() and all(
             torch.equal(before[k], after[k]) for k in before
         )
         adapter = sum(
-            _local(p).numel() for n, p in pipe.transformer.named_parameters() if ".lora_" in n
+            _local(p).numel() for m in models for n, p in m.named_parameters() if ".lora_" in n
         )
-        pipe.runtime.remove()
-        return steps, fused, restored, adapter
+        for runtime in getattr(pipe, "runtimes", None) or [pipe.runtime]:
+            runtime.remove()
+        return steps, fused, restored, adapter, experts
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if isinstance(p, DTensor) else p
 
 
-def _base_weights(model) -> dict:
-    return {n: _local(p).detach().clone() for n, p in model.named_parameters() if ".lora_" not in n}
+def _base_weights(models: list) -> dict:
+    return {(i, n): _local(p).detach().clone() for i, m in enumerate(models)
+            for n, p in m.named_parameters() if ".lora_" not in n}  # fmt: skip
 
 
-def _check_switching(name: str, per_rank: list, one: tuple) -> None:
+def _check_switching(name: str, family: str, per_rank: list, one: tuple) -> None:
     steps, fused = per_rank[0][:2]
-    expect_fused = [bool(refs) and (fuse or name.startswith("hsdp")) for _, refs, fuse in SWITCHES]
-    assert fused == expect_fused, (name, fused)  # HSDP fuses every set
-    assert all(r[2] for r in per_rank), f"{name}: base weights changed"
-    assert all(0 < r[3] < one[3] for r in per_rank), (name, [r[3] for r in per_rank], one[3])
-    for (label, _, _), (images, latents), (ref_images, ref_latents) in zip(
-        SWITCHES, steps, one[0], strict=True
+    switches = SWITCHES[family][1]
+    expect_fused = [bool(refs) and (fuse or name.startswith("hsdp")) for _, refs, fuse in switches]
+    assert fused == expect_fused, (name, family, fused)  # HSDP fuses every set
+    assert all(r[2] for r in per_rank), f"{name} {family}: base weights changed"
+    assert all(0 < r[3] < one[3] for r in per_rank), (name, family, [r[3] for r in per_rank])
+    assert all(r[4] == one[4] for r in per_rank), (name, family, [r[4] for r in per_rank])
+    for (label, _, _), (pixels, latents), (ref_pixels, ref_latents) in zip(
+        switches, steps, one[0], strict=True
     ):
         err = (latents - ref_latents).abs().max().item()
-        assert err <= 1e-4, f"{name} {label}: latents differ from 1 rank by {err:.2e}"
-        assert max_image_diff(images, ref_images) <= 1, f"{name} {label}"
-        print(f"Qwen-Image {name} {label}: latents {err:.1e}, "
-              f"image {max_image_diff(images, ref_images)}/255")  # fmt: skip
+        assert err <= 1e-4, f"{name} {family} {label}: latents differ from 1 rank by {err:.2e}"
+        diff = max_frame_diff(pixels, ref_pixels)
+        assert diff <= 1, f"{name} {family} {label}: {diff}/255"
+        print(f"{family} {name} {label}: latents {err:.1e}, pixels {diff}/255")
     assert torch.equal(steps[-1][1], steps[0][1]) and np.array_equal(steps[-1][0], steps[0][0])
 
 
@@ -177,16 +210,20 @@ def test_layouts_with_adapters_equal_one_rank(worker_pool, cases, layouts):
     for name, layout in layouts.items():
         _check([rank[name] for rank in results], one, layout)
     for name in sharded:
-        _check_switching(name, [rank[name] for rank in results], one_switching)
+        for family, one_family in one_switching.items():
+            per_rank = [rank[name][family] for rank in results]
+            _check_switching(name, family, per_rank, one_family)
 
 
 def test_the_adapters_change_the_outputs(cases):
     (qwen, _, wan, _), one, switches = cases
-    steps, fused, restored, _ = switches
-    assert fused == [False, False, True, True, False] and restored
-    assert max_image_diff(steps[1][0], steps[0][0]) > 8  # the stacked pair changes the image
-    assert max_image_diff(steps[2][0], steps[1][0]) <= 1  # fused: within 1/255 of unfused
-    assert np.array_equal(steps[4][0], steps[0][0]) and torch.equal(steps[4][1], steps[0][1])
+    for family, (steps, fused, restored, _, experts) in switches.items():
+        assert fused == [False, False, True, True, False] and restored, family
+        assert max_frame_diff(steps[1][0], steps[0][0]) > 8, family  # the set changes pixels
+        assert max_frame_diff(steps[3][0], steps[2][0]) > 8, family
+        assert max_frame_diff(steps[2][0], steps[1][0]) <= 1, family  # fused ~ unfused
+        assert np.array_equal(steps[4][0], steps[0][0]) and torch.equal(steps[4][1], steps[0][1])
+        assert experts == ([[0, 1]] * 5 if family == "Wan2.2" else [[]] * 5), (family, experts)
     base_qwen = generate({}, qwen, [dict(QWEN_REQUEST, lora=())])
     assert max_image_diff(one[0][0][0], base_qwen[0][0]) > 8
     base_wan = wan_generate({}, wan, [dict(WAN_REQUEST, lora=())], ())
