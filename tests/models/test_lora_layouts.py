@@ -17,7 +17,8 @@ and the base weights (both experts) are bit-identical after; each rank holds les
 the whole adapter. HSDP fuses every set (asserted); every Wan2.2 loop runs both experts
 (asserted), so split adapters follow the expert switch, and the targets include the
 column-parallel ``attn1.to_q`` ahead of the split QK RMSNorm and the row-parallel
-``ffn.net.2``. The split rules themselves
+``ffn.net.2``. Wan2.2 under TP 2 with the idle expert on the host (``expert_offload``)
+equals one rank resident too. The split rules themselves
 (rows of ``lora_B`` on a column-parallel layer, columns of ``lora_A`` on a row-parallel
 one, FLUX.1's packed ``proj_out`` block by block, refusals) run without processes.
 """
@@ -39,6 +40,7 @@ from tests.models.harness import (
     generate,
     max_frame_diff,
     max_image_diff,
+    run_pipeline,
     tiny_wan_paths,
 )
 from tests.models.test_lora_families import wan_generate
@@ -90,7 +92,27 @@ def run_layouts(layouts: dict, qwen, qwen_loras, wan, wan_loras, sharded=()) -> 
         for name, layout in layouts.items()
     }  # fmt: skip
     args = (qwen, qwen_loras, wan, wan_loras)
-    return out | {name: both_switching(SHARDED[name], *args) for name in sharded}
+    out |= {name: both_switching(SHARDED[name], *args) for name in sharded}
+    if "tp2" in sharded:  # the split adapters follow the experts on and off the device
+        out["tp2 expert_offload"] = wan_offloaded(SHARDED["tp2"], wan, wan_loras)
+    return out
+
+
+def wan_offloaded(layout: dict, path: str, loras: tuple) -> tuple:
+    """:data:`WAN_REQUEST` under ``layout`` with the idle expert on the host
+    (``expert_offload``; adapters unfused there): ``(frames, latents, swaps)``."""
+    from ithaca.models.wan.pipeline import WanPipeline
+
+    with parallel_state(ParallelConfig(**layout)) as state:
+        pipe = WanPipeline(path, state, torch.float32, expert_offload=True)
+        for name, file, scale in loras:
+            pipe.load_lora(name, file, scale)
+        pipe.fuse_loras = True  # refused with expert offload (asserted: ran unfused)
+        frames, latents, _, _ = run_pipeline(pipe, [WAN_REQUEST])
+        assert not pipe.loras.fused
+        for runtime in pipe.runtimes:
+            runtime.remove()
+        return frames, latents, len(pipe.placement.swaps)
 
 
 SHARDED = {"tp2": dict(tensor_parallel_size=2), "hsdp2": dict(ulysses_degree=2, use_hsdp=True)}
@@ -209,6 +231,14 @@ def test_layouts_with_adapters_equal_one_rank(worker_pool, cases, layouts):
     results = worker_pool(world).run(run_layouts, layouts, *args, sharded, timeout=1200)
     for name, layout in layouts.items():
         _check([rank[name] for rank in results], one, layout)
+    if sharded:
+        frames, latents, _ = results[0]["tp2 expert_offload"]
+        err = (latents - one[1][1]).abs().max().item()
+        assert err <= 1e-4, f"Wan tp2 expert_offload: latents differ from 1 rank by {err:.2e}"
+        assert max_frame_diff(frames[0], one[1][0][0]) <= 1
+        assert all(r["tp2 expert_offload"][2] > 0 for r in results)  # the experts moved
+        print(f"Wan2.2 tp2 expert_offload: latents {err:.1e}, "
+              f"frames {max_frame_diff(frames[0], one[1][0][0])}/255")  # fmt: skip
     for name in sharded:
         for family, one_family in one_switching.items():
             per_rank = [rank[name][family] for rank in results]
