@@ -175,9 +175,9 @@ def test_sharded_loading_peaks_below_the_whole_transformer(checkpoint, how):
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     # HSDP keeps half of everything; TP keeps norms, embeddings and the final projection
-    # whole (the AdaLN modulation is split by rows and gathered): 0.51 of this small-C
+    # whole (the AdaLN modulation is split by rows and gathered): 0.53 of this small-C
     # checkpoint (0.68 while the modulation was replicated).
-    kept_share, peak_share = (0.51, 0.8) if how == "hsdp" else (0.53, 0.8)
+    kept_share, peak_share = (0.51, 0.8) if how == "hsdp" else (0.55, 0.8)
     for out in outs:
         got = json.loads(out.strip().splitlines()[-1])
         print(how, f"kept {got['kept'] / file_bytes:.3f}, peak {got['peak'] / file_bytes:.3f}")

@@ -7,8 +7,9 @@ on meta: tests/models/test_loading.py measures the peak).
 64x64 px, 2 steps, a CFG request, fp32 on gloo. The all-reduce changes the order of the
 sums, so latents are compared within fp32 tolerance and images within 1/255. Parameter
 bytes: on a TP rank ``split * TP + replicated`` equals the one-rank total exactly, and
-the split part is most of the transformer (the replicated rest: norms, modulation,
-embeddings, the rowwise biases and the final projection).
+the split part is over 0.8 of the transformer: the AdaLN modulation is split too
+(gathered colwise; Qwen-Image's tiny one was 0.58 split with the modulation whole). The
+replicated rest: norms, embeddings, the rowwise biases and the final projection.
 
 Wan2.2 (T2V and I2V, two experts each, 4 heads of 16 so that TP 2 x Ulysses 2 fits):
 5 frames at 48x48 px, 2 steps on different experts (asserted), every rank's experts
@@ -209,7 +210,7 @@ def test_tensor_parallel_matches_one_rank(worker_pool, one_rank, name, layout):
     assert one_bytes["split"] == 0
     for _, _, nbytes, _, _ in results:  # every rank: 1/TP of the split weights, the rest whole
         assert nbytes["split"] * tp + nbytes["replicated"] == one_bytes["total"]
-        assert nbytes["split"] * tp > 0.5 * one_bytes["total"], nbytes
+        assert nbytes["split"] * tp > 0.8 * one_bytes["total"], nbytes
     ratio = results[0][2]["total"] / one_bytes["total"]
     print(f"{name} {layout}: transformer bytes per rank {ratio:.3f} of one rank")
 
