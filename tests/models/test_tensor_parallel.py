@@ -238,7 +238,7 @@ def test_bad_degree_names_the_valid_ones(tiny_checkpoints, tiny_family):
 
 SD35 = dict(attention_head_dim=64, joint_attention_dim=4096, out_channels=16,
             pooled_projection_dim=2048, qk_norm="rms_norm", sample_size=128)  # fmt: skip
-WAN = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40,
+WAN_A14B = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40,
            in_channels=16, out_channels=16, text_dim=4096, freq_dim=256)  # fmt: skip
 RELEASED = {
     "Qwen-Image": (OurQwen, {}),  # diffusers' defaults are the released config
@@ -250,10 +250,10 @@ RELEASED = {
     "SD3.5-medium": (OurSD3, dict(SD35, num_layers=24, num_attention_heads=24,
                      caption_projection_dim=1536, pos_embed_max_size=384,
                      dual_attention_layers=tuple(range(13)))),
-    "Wan2.2 A14B expert": (OurWan, WAN),  # 40 heads of 128, ffn 13,824
-    "Wan2.2 TI2V-5B": (OurWan, dict(WAN, num_attention_heads=24, ffn_dim=14336,
+    "Wan2.2 A14B expert": (OurWan, WAN_A14B),  # 40 heads of 128, ffn 13,824
+    "Wan2.2 TI2V-5B": (OurWan, dict(WAN_A14B, num_attention_heads=24, ffn_dim=14336,
                        num_layers=30, in_channels=48, out_channels=48)),
-    "Wan2.1 I2V (image context)": (OurWan, dict(WAN, image_dim=1280, added_kv_proj_dim=5120)),
+    "Wan2.1 I2V (image context)": (OurWan, dict(WAN_A14B, image_dim=1280, added_kv_proj_dim=5120)),
 }  # fmt: skip
 """Released configs built on ``meta``: what the plans split, the valid degrees and the
 parameters per rank (docs/parallel.md's table)."""
