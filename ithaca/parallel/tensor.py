@@ -85,7 +85,7 @@ class TensorParallelRuntime:
     """Paths of the :data:`GATHERED_COLWISE` Linears (their outputs are all-gathered)."""
 
     def remove(self) -> None:
-        """Take the all-reduce hooks out (the weights stay split)."""
+        """Take the all-reduce and all-gather hooks out (the weights stay split)."""
         for handle in self.hooks:
             handle.remove()
         self.hooks.clear()
