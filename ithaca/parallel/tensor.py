@@ -19,14 +19,21 @@ this rank's tp index (written once here, for every family):
 - an attention module whose projections are split (it has ``heads``): ``heads`` (and
   ``inner_dim`` / ``inner_kv_dim``) become this rank's, so a processor that reshapes by
   ``attn.heads`` sees ``H/P`` heads; QK norms over ``head_dim`` stay whole (per head);
+- ``"colwise_gather"`` (:data:`GATHERED_COLWISE`): a colwise Linear whose output every
+  rank needs whole (the AdaLN modulation ``C -> 6C`` of a block, which indexes the full
+  hidden size): it keeps its rows like a colwise one and a forward hook all-gathers the
+  slices over the tp group along the last dim ``(..., out/P) -> (..., out)`` (torch's
+  ``ColwiseParallel(output_layouts=Replicate())``): only a concatenation, so the result
+  is one rank's, bit for bit up to the smaller matmul;
 - ``"colwise_rmsnorm"`` (:data:`SPLIT_RMS_NORM`): an RMSNorm over the features a colwise
   Linear split (Wan's QK norms span all heads, ``inner_dim``): its weight keeps the same
   rows and it is swapped for :class:`SplitRMSNorm`, which all-reduces the sum of squares
   over the tp group, so every rank normalises its slice by the whole vector's RMS.
 
-Norms, modulation, embeddings and the output projection stay replicated: every tp rank
-holds the same full hidden states between blocks, and the sequence-parallel plan
-(Ulysses / Ring over the ranks of one tp index) runs on the local heads unchanged.
+Norms, embeddings and the output projection stay replicated (the gathered modulation is
+whole again after its hook): every tp rank holds the same full hidden states between
+blocks, and the sequence-parallel plan (Ulysses / Ring over the ranks of one tp index)
+runs on the local heads unchanged.
 The all-reduce changes the order of the sums, so results equal one rank within fp32
 rounding, not bit for bit; every tp rank gets the same reduced bits.
 
@@ -55,6 +62,10 @@ SPLIT_RMS_NORM = "colwise_rmsnorm"
 """Plan style of an RMSNorm over a colwise Linear's split output features."""
 
 
+GATHERED_COLWISE = "colwise_gather"
+"""Plan style of a column-parallel Linear whose output is all-gathered (replicated)."""
+
+
 class DegreeError(ValueError):
     """A tensor-parallel degree the model cannot take (a user's configuration error: the
     loader must not fall back to another way of loading on it)."""
@@ -70,24 +81,31 @@ class TensorParallelRuntime:
     hooks: list = field(default_factory=list)
     state: ParallelState | None = None
     """The layout whose tp group the hooks all-reduce over (for :meth:`rebind`)."""
+    gathered: list = field(default_factory=list)
+    """Paths of the :data:`GATHERED_COLWISE` Linears (their outputs are all-gathered)."""
 
     def remove(self) -> None:
-        """Take the all-reduce hooks out (the weights stay split)."""
+        """Take the all-reduce and all-gather hooks out (the weights stay split)."""
         for handle in self.hooks:
             handle.remove()
         self.hooks.clear()
 
     def rebind(self, transformer: nn.Module) -> None:
-        """Put the all-reduce hooks on the modules now at the rowwise layers' names: a
-        LoRA wrapper (peft) around a rowwise Linear adds its partial ``x_r A_r^T B^T`` to
-        the Linear's partial output, so the one all-reduce must sum the wrapper's output
-        (a hook left on the wrapped Linear would reduce the base part only, and the
-        adapter's part would stay one rank's). The bias is added once, after the sum."""
+        """Put the all-reduce and all-gather hooks on the modules now at the rowwise and
+        gathered layers' names: a LoRA wrapper (peft) around a rowwise Linear adds its
+        partial ``x_r A_r^T B^T`` to the Linear's partial output, so the one all-reduce
+        must sum the wrapper's output (a hook left on the wrapped Linear would reduce the
+        base part only, and the adapter's part would stay one rank's). The bias is added
+        once, after the sum. Around a gathered Linear the wrapper's output is this rank's
+        rows of base plus adapter (``lora_B`` split by rows): the gather must follow it."""
         self.remove()
         for name, spec in sorted(self.specs.items()):
             if name.endswith(".weight") and spec.dim == 1:
                 module = transformer.get_submodule(name.rpartition(".")[0])
                 self.hooks.append(module.register_forward_hook(_reduce(self.state)))
+        for path in self.gathered:
+            module = transformer.get_submodule(path)
+            self.hooks.append(module.register_forward_hook(_gather(self.state)))
 
 
 def tp_plan(transformer: nn.Module) -> dict | None:
@@ -158,10 +176,19 @@ def expand(transformer: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
     return found
 
 
+_LINEAR_STYLES = {GATHERED_COLWISE: "colwise"}
+"""ithaca's Linear styles as diffusers resolves their shards (the hooks differ)."""
+
+
+def _styled(transformer: nn.Module, plan: dict, style: str) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` of every entry of ``plan`` with ``style``."""
+    patterns = [pattern for pattern, s in plan.items() if s == style]
+    return [found for pattern in patterns for found in expand(transformer, pattern)]
+
+
 def _norms(transformer: nn.Module, plan: dict) -> list[tuple[str, nn.Module]]:
     """``(path, norm)`` of every :data:`SPLIT_RMS_NORM` entry of ``plan``."""
-    patterns = [pattern for pattern, style in plan.items() if style == SPLIT_RMS_NORM]
-    return [found for pattern in patterns for found in expand(transformer, pattern)]
+    return _styled(transformer, plan, SPLIT_RMS_NORM)
 
 
 def shard_specs(transformer: nn.Module, plan: dict, size: int) -> dict:
@@ -170,7 +197,7 @@ def shard_specs(transformer: nn.Module, plan: dict, size: int) -> dict:
     RMSNorms (rows, like the colwise output they normalise)."""
     from diffusers.hooks.tensor_parallel import TPShardSpec, resolve_tp_shard_specs
 
-    linear_plan = {k: style for k, style in plan.items() if style != SPLIT_RMS_NORM}
+    linear_plan = {k: _LINEAR_STYLES.get(s, s) for k, s in plan.items() if s != SPLIT_RMS_NORM}
     specs = resolve_tp_shard_specs(transformer, linear_plan, size)
     for path, norm in _norms(transformer, plan):
         assert norm.weight is not None, f"{path}: a split RMSNorm needs its affine weight"
@@ -229,6 +256,7 @@ def split_weights(transformer: nn.Module, state: ParallelState, family: str = "t
             linear.in_features = local.shape[1]
     transformer._tp_specs = specs
     transformer._tp_norms = [path for path, _ in _norms(transformer, plan)]
+    transformer._tp_gathered = [path for path, _ in _styled(transformer, plan, GATHERED_COLWISE)]
     transformer._load_slices = slices
     return transformer
 
@@ -261,12 +289,13 @@ def apply_tensor_parallel(
         return None
     split_weights(transformer, state, family)  # a no-op when it was loaded split
     specs = transformer._tp_specs
-    runtime = TensorParallelRuntime(axis.size, specs, state=state)
+    gathered = transformer._tp_gathered
+    runtime = TensorParallelRuntime(axis.size, specs, state=state, gathered=gathered)
     params = dict(transformer.named_parameters())
     for name in transformer._load_slices:
         params[name]._tp_split = True  # counted by parameter_bytes as this rank's shard
     modules = dict(transformer.named_modules())
-    linears = {name.rpartition(".")[0] for name in specs}
+    linears = {name.rpartition(".")[0] for name in specs} - set(gathered)  # by heads / units
     for path in sorted(linears):
         linear = modules[path]
         if specs[f"{path}.weight"].dim == 1:  # rowwise: the bias is added once, after the sum
@@ -275,6 +304,8 @@ def apply_tensor_parallel(
             if bias is not None:
                 linear.register_buffer("tp_bias", bias.data, persistent=False)
             runtime.hooks.append(linear.register_forward_hook(_reduce(state)))
+    for path in gathered:  # its rows out of P: gathered whole, on every tp rank
+        runtime.hooks.append(modules[path].register_forward_hook(_gather(state)))
     for module in _attention_modules(transformer, linears).values():
         for attr in HEAD_ATTRS:  # this rank's heads: H/P (and H/P * D)
             value = getattr(module, attr, None)
@@ -315,6 +346,15 @@ def _reduce(state: ParallelState):
     return hook
 
 
+def _gather(state: ParallelState):
+    def hook(module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
+        # (..., out/P) this rank's rows -> (..., out) in tp-rank order: a concatenation on
+        # the output's device; every tp rank reaches it in the same order.
+        return comm.all_gather(out, state.tp, dim=-1)
+
+    return hook
+
+
 class SplitRMSNorm(nn.Module):
     """An RMSNorm over features split across the tp group (``colwise_rmsnorm``).
 
@@ -350,8 +390,8 @@ class SplitRMSNorm(nn.Module):
 
 def parameter_bytes(module: nn.Module) -> dict[str, int]:
     """This rank's parameter bytes of ``module``: ``split`` (tensor-parallel shards,
-    1/P of the full tensors), ``replicated`` (everything else: norms, modulation,
-    embeddings, rowwise biases, which every tp rank holds whole) and ``total``.
+    1/P of the full tensors, the gathered modulation's too), ``replicated`` (everything
+    else: norms, embeddings, rowwise biases, which every tp rank holds whole) and ``total``.
     Without tensor parallelism everything is ``replicated``."""
     split = replicated = 0
     for p in module.parameters():
@@ -370,10 +410,11 @@ def adapter_split(transformer: nn.Module, layer: str) -> tuple[int, list, int] |
     """How a LoRA adapter on ``layer`` is split on this rank, derived from the pieces its
     weight was split into: ``(dim, pieces, full)`` where ``dim`` is 0 for a colwise layer
     (``lora_B`` ``(out, r)`` and a ``lora_B`` bias keep the weight's rows, ``lora_A`` stays
-    whole) and 1 for a rowwise one (``lora_A`` ``(r, in)`` keeps the weight's columns,
-    ``lora_B`` stays whole, its partial output joins the layer's all-reduce), ``pieces``
-    are :func:`take`'s and ``full`` the unsplit size along ``dim``. None: ``layer`` is
-    not split (replicated, or no tensor parallelism)."""
+    whole; a gathered colwise layer alike, its hook gathers base and adapter together) and
+    1 for a rowwise one (``lora_A`` ``(r, in)`` keeps the weight's columns, ``lora_B``
+    stays whole, its partial output joins the layer's all-reduce), ``pieces`` are
+    :func:`take`'s and ``full`` the unsplit size along ``dim``. None: ``layer`` is not
+    split (replicated, or no tensor parallelism)."""
     pieces = getattr(transformer, "_load_slices", {}).get(f"{layer}.weight")
     if pieces is None:
         return None

@@ -111,8 +111,8 @@ def test_peak_host_memory_is_the_kept_weights_plus_one_window(checkpoint):
 MEASURE_SHARDED = r"""
 import functools, json, os, sys, torch
 import torch.distributed as dist
-from diffusers import FluxTransformer2DModel
 from ithaca.config import ParallelConfig
+from ithaca.models.flux.transformer import FluxTransformer2DModel  # ithaca's plan
 from ithaca.runtime.loading import load_streamed
 from ithaca.parallel import ParallelState
 from ithaca.parallel.hsdp import HSDPInferenceConfig, apply_hsdp_to_model, parameter_bytes
@@ -174,9 +174,10 @@ def test_sharded_loading_peaks_below_the_whole_transformer(checkpoint, how):
     ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    # HSDP keeps half of everything; TP keeps the AdaLN modulation (C x 6C per block),
-    # norms and embeddings whole: 0.68 of this small-C checkpoint.
-    kept_share, peak_share = (0.51, 0.8) if how == "hsdp" else (0.7, 0.95)
+    # HSDP keeps half of everything; TP keeps norms, embeddings and the final projection
+    # whole (the AdaLN modulation is split by rows and gathered): 0.53 of this small-C
+    # checkpoint (0.68 while the modulation was replicated).
+    kept_share, peak_share = (0.51, 0.8) if how == "hsdp" else (0.55, 0.8)
     for out in outs:
         got = json.loads(out.strip().splitlines()[-1])
         print(how, f"kept {got['kept'] / file_bytes:.3f}, peak {got['peak'] / file_bytes:.3f}")

@@ -279,18 +279,19 @@ def test_adapters_split_like_the_weights_they_touch(flux):
     model, and :func:`split_for_layout` keeps rank 1's rows of ``lora_B`` on a
     column-parallel layer (``lora_A`` whole), its columns of ``lora_A`` on a row-parallel
     one (``lora_B`` whole), block by block on the packed single-block ``proj_out``
-    (``cat([attention, MLP])``), and whole adapters on replicated layers; so the local
+    (``cat([attention, MLP])``), rows of ``lora_B`` on the gathered AdaLN modulation
+    (``norm1.linear``), and whole adapters on replicated layers; so the local
     ``B A`` is exactly this rank's slice of the whole ``B A``. Adapters that cannot be
     split so are refused naming the key, and a file is checked against the full sizes."""
     from types import SimpleNamespace
 
-    from diffusers import FluxTransformer2DModel
-
+    from ithaca.models.flux.transformer import FluxTransformer2DModel
     from ithaca.parallel.tensor import split_weights
     from ithaca.runtime.lora import check_fits, split_for_layout
+    from ithaca.testing.lora import TARGETS
 
     model = _transformer(flux["path"], FluxTransformer2DModel)
-    state = random_lora(model, seed=1)
+    state = random_lora(model, seed=1, targets=(*TARGETS, "norm1.linear"))
     split_weights(model, SimpleNamespace(tp=SimpleNamespace(size=2, rank=1)), "FLUX.1")
     check_fits(state, model, "FLUX.1", "a", prefix="transformer.")  # full shapes still fit
     local = split_for_layout(state, model, "FLUX.1", "a", prefix="transformer.")
@@ -308,7 +309,8 @@ def test_adapters_split_like_the_weights_they_touch(flux):
         return torch.cat(parts, dim)
 
     layers = {"transformer_blocks.0.attn.to_q": 0, "transformer_blocks.0.attn.to_out.0": 1,
-              "single_transformer_blocks.0.proj_out": 1, "proj_out": None}  # fmt: skip
+              "single_transformer_blocks.0.proj_out": 1, "proj_out": None,
+              "transformer_blocks.0.norm1.linear": 0}  # fmt: skip
     for layer, dim in layers.items():
         (b, a), (lb, la) = pair(layer, state), pair(layer, local)
         if dim is None:  # replicated: whole

@@ -5,8 +5,10 @@ Ulysses 2, Ring 2 and CFG-parallel 2 run in one 2-rank gloo task, hybrid 2x2 in 
 size). Qwen-Image: a kohya/ComfyUI adapter and a diffusers-format one stacked, with
 true CFG; Wan2.2 T2V-A14B: one adapter on both experts and one on the high-noise
 expert only. Both touch ``proj_out``, the layer the plan gathers at (the hooks must
-follow peft's wrapper). Final latents within 1e-4 of one rank, images and frames within
-1/255. Tiny checkpoints, 32x32 px images, 48x48 px x 9 frames videos, 2 steps.
+follow peft's wrapper); Qwen-Image's diffusers-format one also the AdaLN modulation
+``img_mod.1``, which tensor parallel splits by rows and all-gathers (that hook too).
+Final latents within 1e-4 of one rank, images and frames within 1/255. Tiny checkpoints,
+32x32 px images, 48x48 px x 9 frames videos, 2 steps.
 
 The same 2-rank task runs both families under tensor parallel 2 and HSDP 2 (adapters
 split like the weights they touch, :func:`ithaca.runtime.lora.split_for_layout`),
@@ -69,7 +71,7 @@ def cases(tiny_checkpoints, tmp_path_factory):
     qwen_loras = (
         ("style", save_safetensors(to_comfy(random_lora(model, seed=6)), root / "s.safetensors"),
          1.0),
-        ("extra", save_safetensors(random_lora(model, seed=7, targets=("proj_out", "to_k")),
+        ("extra", save_safetensors(random_lora(model, seed=7, targets=EXTRA_TARGETS),
                                    root / "e.safetensors"), 1.0),
     )  # fmt: skip
     wan = tiny_wan_paths(root / "wan")["t2v_a14b"]
@@ -115,6 +117,9 @@ def wan_offloaded(layout: dict, path: str, loras: tuple) -> tuple:
         return frames, latents, len(pipe.placement.swaps)
 
 
+EXTRA_TARGETS = ("proj_out", "to_k", "img_mod.1")
+"""The diffusers-format Qwen-Image adapter's layers: at TP 2 ``img_mod.1`` is split by rows
+and gathered, ``to_k`` split by heads, ``proj_out`` replicated."""
 SHARDED = {"tp2": dict(tensor_parallel_size=2), "hsdp2": dict(ulysses_degree=2, use_hsdp=True)}
 SWITCHES = {  # family: (request, ((label, adapters, fuse_loras), ...))
     "Qwen-Image": (QWEN_REQUEST, (

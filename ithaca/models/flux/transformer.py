@@ -39,6 +39,7 @@ from ithaca.parallel import (
     SequenceParallelOutput,
     SequenceParallelRuntime,
 )
+from ithaca.parallel.tensor import GATHERED_COLWISE
 
 FLUX_SP_PLAN = {
     "": {
@@ -49,8 +50,19 @@ FLUX_SP_PLAN = {
 }
 
 
-LONGCAT_TP_PLAN = {
+FLUX_TP_PLAN = {
     **_DiffusersFluxTransformer._tp_plan,
+    # AdaLN modulation (C -> 6C per stream, 3C per single block, 2C at the end): split by
+    # rows, gathered whole
+    "transformer_blocks.*.norm1.linear": GATHERED_COLWISE,
+    "transformer_blocks.*.norm1_context.linear": GATHERED_COLWISE,
+    "single_transformer_blocks.*.norm.linear": GATHERED_COLWISE,
+    "norm_out.linear": GATHERED_COLWISE,
+}
+"""diffusers' FLUX.1 tensor-parallel plan plus the AdaLN modulation (gathered colwise)."""
+
+LONGCAT_TP_PLAN = {
+    **FLUX_TP_PLAN,
     # input = cat([attention (C), MLP (4C)]): LongCat sets no packed blocks on the Linear
     "single_transformer_blocks.*.proj_out": PackedRowwiseParallel([1, 4]),
 }
@@ -66,9 +78,10 @@ OVIS_TP_PLAN = {
 
 
 class FluxTransformer2DModel(_DiffusersFluxTransformer):
-    """diffusers' FLUX.1 transformer with its sequence-parallel plan declared."""
+    """diffusers' FLUX.1 transformer with its sequence- and tensor-parallel plans declared."""
 
     _sp_plan = FLUX_SP_PLAN
+    _tp_plan = FLUX_TP_PLAN
 
 
 class FluxParallelAttnProcessor(ParallelProcessor):

@@ -32,6 +32,7 @@ from ithaca.models.attention import TEXT, ParallelProcessor, project, project_ou
 from ithaca.models.rotary import apply_rope, use_real_freqs
 from ithaca.models.spec import AttentionLayout
 from ithaca.parallel import SequenceParallelInput, SequenceParallelOutput
+from ithaca.parallel.tensor import GATHERED_COLWISE
 
 QWEN_IMAGE_SP_PLAN = {
     "pos_embed": {
@@ -46,12 +47,22 @@ QWEN_IMAGE_SP_PLAN = {
     "proj_out": SequenceParallelOutput(gather_dim=1, expected_dims=3),
 }
 
+QWEN_IMAGE_TP_PLAN = {
+    **_DiffusersQwenImageTransformer._tp_plan,
+    # AdaLN modulation, C -> 6C per stream per block, 2C at the end: rows split, gathered
+    "transformer_blocks.*.img_mod.1": GATHERED_COLWISE,
+    "transformer_blocks.*.txt_mod.1": GATHERED_COLWISE,
+    "norm_out.linear": GATHERED_COLWISE,
+}
+"""diffusers' Qwen-Image tensor-parallel plan plus the AdaLN modulation (gathered colwise)."""
+
 
 class QwenImageTransformer2DModel(_DiffusersQwenImageTransformer):
-    """diffusers' Qwen-Image transformer with its sequence-parallel plan declared, its
-    RoPE frequencies in the real form (compilable; the same numbers)."""
+    """diffusers' Qwen-Image transformer with its sequence- and tensor-parallel plans
+    declared, its RoPE frequencies in the real form (compilable; the same numbers)."""
 
     _sp_plan = QWEN_IMAGE_SP_PLAN
+    _tp_plan = QWEN_IMAGE_TP_PLAN
 
     @functools.wraps(_DiffusersQwenImageTransformer.__init__)  # its signature: the config
     def __init__(self, *args, **kwargs):

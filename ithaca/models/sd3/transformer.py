@@ -25,6 +25,7 @@ from diffusers import SD3Transformer2DModel as _DiffusersSD3Transformer
 from ithaca.models.attention import TEXT, ParallelProcessor, project, project_out
 from ithaca.models.spec import AttentionLayout
 from ithaca.parallel import SequenceParallelInput, SequenceParallelOutput
+from ithaca.parallel.tensor import GATHERED_COLWISE
 
 SD3_SP_PLAN = {
     "transformer_blocks.0": {
@@ -38,16 +39,19 @@ def sd3_tp_plan(config) -> dict:
     """Tensor-parallel plan (``ithaca.parallel.tensor``), block by block: the joint
     attention's image and text projections and both streams' GELU MLPs, SD3.5's second
     (image-only) attention where ``dual_attention_layers`` has it; the last block is
-    context-pre-only (no ``to_add_out``, no text MLP). QK norms are per head: whole."""
+    context-pre-only (no ``to_add_out``, no text MLP). QK norms are per head: whole. The
+    AdaLN modulation (``C -> 6C`` / ``9C`` per stream, ``2C`` for the last block's text and
+    the output norm) is split by rows and gathered whole."""
     image = {"attn.to_q": "colwise", "attn.to_k": "colwise", "attn.to_v": "colwise",
              "attn.to_out.0": "rowwise", "ff.net.0.proj": "colwise", "ff.net.2": "rowwise",
              "attn.add_q_proj": "colwise", "attn.add_k_proj": "colwise",
              "attn.add_v_proj": "colwise"}  # fmt: skip
+    image |= {"norm1.linear": GATHERED_COLWISE, "norm1_context.linear": GATHERED_COLWISE}
     context = {"attn.to_add_out": "rowwise", "ff_context.net.0.proj": "colwise",
                "ff_context.net.2": "rowwise"}  # fmt: skip
     dual = {"attn2.to_q": "colwise", "attn2.to_k": "colwise", "attn2.to_v": "colwise",
             "attn2.to_out.0": "rowwise"}  # fmt: skip
-    plan = {}
+    plan = {"norm_out.linear": GATHERED_COLWISE}  # AdaLN modulation: rows split, gathered
     for i in range(config.num_layers):
         block = dict(image)
         if i < config.num_layers - 1:  # diffusers: context_pre_only=i == num_layers - 1

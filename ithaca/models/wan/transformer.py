@@ -32,7 +32,7 @@ from diffusers import WanTransformer3DModel as _DiffusersWanTransformer
 from ithaca.models.attention import ParallelProcessor, project_out
 from ithaca.models.spec import AttentionLayout
 from ithaca.parallel import SequenceParallelInput, SequenceParallelOutput
-from ithaca.parallel.tensor import SPLIT_RMS_NORM
+from ithaca.parallel.tensor import GATHERED_COLWISE, SPLIT_RMS_NORM
 
 WAN_SP_PLAN = {
     "rope": {
@@ -55,7 +55,8 @@ def wan_tp_plan(config) -> dict:
     """Tensor-parallel plan (``ithaca.parallel.tensor``): heads of self- and
     cross-attention, the image context's keys / values where the checkpoint has them
     (``added_kv_proj_dim``), and the GELU MLP split. Wan's QK RMSNorms span all heads
-    (``inner_dim``), so they are split with them and all-reduce their sums of squares."""
+    (``inner_dim``), so they are split with them and all-reduce their sums of squares.
+    The timestep's ``C -> 6C`` modulation projection is split by rows and gathered."""
     attention = {"to_q": "colwise", "to_k": "colwise", "to_v": "colwise", "to_out.0": "rowwise",
                  "norm_q": SPLIT_RMS_NORM, "norm_k": SPLIT_RMS_NORM}  # fmt: skip
     if config.added_kv_proj_dim is not None:  # image context of cross-attention only
@@ -65,7 +66,8 @@ def wan_tp_plan(config) -> dict:
         attention_2 = attention
     plan = {f"blocks.*.attn1.{path}": style for path, style in attention.items()}
     plan |= {f"blocks.*.attn2.{path}": style for path, style in attention_2.items()}
-    return plan | {"blocks.*.ffn.net.0.proj": "colwise", "blocks.*.ffn.net.2": "rowwise"}
+    plan |= {"blocks.*.ffn.net.0.proj": "colwise", "blocks.*.ffn.net.2": "rowwise"}
+    return plan | {"condition_embedder.time_proj": GATHERED_COLWISE}  # C -> 6C modulation
 
 
 class WanTransformer3DModel(_DiffusersWanTransformer):

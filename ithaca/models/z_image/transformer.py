@@ -41,6 +41,7 @@ from ithaca.parallel import (
     SequenceParallelRuntime,
 )
 from ithaca.parallel.kernels import local_attention
+from ithaca.parallel.tensor import GATHERED_COLWISE
 
 
 def _shard(dims: int) -> SequenceParallelInput:
@@ -76,9 +77,10 @@ Z_IMAGE_TP_PLAN = {
         "feed_forward.w3": "colwise",
         "feed_forward.w2": "rowwise",
     }.items()
-}
+} | {f"{blocks}.*.adaLN_modulation.0": GATHERED_COLWISE for blocks in ("noise_refiner", "layers")}
 """Tensor-parallel plan (``ithaca.parallel.tensor``): heads and SwiGLU units split in
-every block list; QK norms are per head, so they stay whole."""
+every block list; QK norms are per head, so they stay whole. The AdaLN modulation
+(``256 -> 4C``; the context refiner has none) is split by rows and gathered whole."""
 
 
 class ZImageTransformer2DModel(_DiffusersZImageTransformer):
