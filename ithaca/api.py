@@ -16,11 +16,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from PIL import Image
-
 from ithaca.config import CacheConfig, ParallelConfig, ServerConfig
 from ithaca.engine.engine import Engine, build_engine
-from ithaca.types import GenerationParams, GenerationResult
+from ithaca.types import GenerationParams, GenerationResult, open_image
 
 _FIELDS = {f.name for f in dataclasses.fields(GenerationParams)}
 
@@ -35,7 +33,7 @@ def make_params(prompt: str | dict | GenerationParams, **sampling: Any) -> Gener
     if unknown:
         raise ValueError(f"unknown generation parameter(s) {unknown}; known: {sorted(_FIELDS)}")
     images = fields.get("images") or []
-    fields["images"] = [Image.open(i) if isinstance(i, str) else i for i in images]
+    fields["images"] = [open_image(i) if isinstance(i, str) else i for i in images]
     return GenerationParams(**fields)
 
 

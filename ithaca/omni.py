@@ -36,7 +36,7 @@ from PIL import Image
 
 from ithaca.api import Ithaca
 from ithaca.config import CacheConfig, ParallelConfig
-from ithaca.types import GenerationParams, GenerationResult
+from ithaca.types import GenerationParams, GenerationResult, open_image
 
 
 @dataclass
@@ -130,7 +130,7 @@ def _images(value: Any) -> list[Image.Image]:
     out = []
     for item in items:
         if isinstance(item, str | os.PathLike):
-            item = Image.open(item)
+            item = open_image(item)
         if not isinstance(item, Image.Image):
             raise ValueError(
                 f"multi_modal_data['image'] must be PIL images or paths, not {type(item).__name__}"

@@ -15,6 +15,15 @@ import numpy as np
 from PIL import Image
 
 
+def open_image(path) -> Image.Image:
+    """An image file decoded now and closed. A lazily opened file decodes itself when first
+    pickled, and two threads pickling it at once (one queue feeder per rank) race inside
+    PIL's decoder, so requests built from paths carry decoded images."""
+    with Image.open(path) as image:
+        image.load()
+    return image
+
+
 @dataclass(frozen=True)
 class LoraRef:
     """One LoRA adapter a request applies (the ``lora`` request field)."""

@@ -30,10 +30,25 @@ requires_golden = pytest.mark.skipif(
 def load_case(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
-    folder = GOLDEN / "cases" / name
-    with open(folder / "case.json") as f:
+    with open(folder(name) / "case.json") as f:
         case = json.load(f)
-    return case, load_file(str(folder / "tensors.safetensors"))
+    return case, load_file(str(folder(name) / "tensors.safetensors"))
+
+
+def golden_request(name: str, **extra):
+    """The serving request of a golden case: its prompt, size, seed, settings and (edits)
+    input image, decoded now (:func:`ithaca.types.open_image`) so it pickles to every rank."""
+    from ithaca.types import GenerationParams, open_image
+
+    case, _ = load_case(name)
+    h, w = case["image_hw"]
+    images = [open_image(folder(name) / "input.png")] if case["task"] == "edit" else []
+    return GenerationParams(prompt=case["prompt"], width=w, height=h, seed=case["seed"],
+                            images=images, model_options=case["params"], **extra)  # fmt: skip
+
+
+def folder(name: str) -> Path:
+    return GOLDEN / "cases" / name
 
 
 def assert_close(ours: torch.Tensor, ref: torch.Tensor, name: str) -> float:

@@ -8,14 +8,11 @@ in docs/models.md). One process, CPU, the tiny random-weight checkpoint.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from tests.models._bagel_golden import CHECKPOINT, FP32_CASES, GOLDEN, psnr, requires_golden
+from tests.models._bagel_golden import CHECKPOINT, FP32_CASES, golden_request, psnr, requires_golden
 
 pytestmark = requires_golden
 ON = {
@@ -43,16 +40,7 @@ def pipe():
 
 
 def _run(pipe, name: str, backend=None, options=None):
-    from ithaca.types import GenerationParams
-
-    with open(GOLDEN / "cases" / name / "case.json") as f:
-        case = json.load(f)
-    h, w = case["image_hw"]
-    images = [Image.open(GOLDEN / "cases" / name / "input.png")] if case["task"] == "edit" else []
-    params = GenerationParams(
-        prompt=case["prompt"], width=w, height=h, seed=case["seed"], images=images,
-        model_options=case["params"], cache_backend=backend, cache_config=options,
-    )  # fmt: skip
+    params = golden_request(name, cache_backend=backend, cache_config=options)
     result = pipe.generate([params])[0]
     return np.array(result.images[0]), result.metadata
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ithaca.config import ParallelConfig
 from ithaca.models.registry import load_pipeline
@@ -25,8 +24,8 @@ from ithaca.parallel.hsdp import parameter_bytes
 from ithaca.testing.distributed import parallel_state
 from tests.models._bagel_golden import (
     CHECKPOINT,
-    GOLDEN,
     assert_close,
+    golden_request,
     image_levels,
     load_case,
     requires_golden,
@@ -35,17 +34,6 @@ from tests.models.harness import LAYOUT_LATENT_TOL, record
 
 pytestmark = requires_golden
 CASES = ("a_t2i_64x64", "c_edit_112x224")
-
-
-def bagel_params(name: str, **extra):
-    """The serving request of a golden case (its prompt, size, seed and settings)."""
-    from ithaca.types import GenerationParams
-
-    case, _ = load_case(name)
-    h, w = case["image_hw"]
-    images = [Image.open(GOLDEN / "cases" / name / "input.png")] if case["task"] == "edit" else []
-    return GenerationParams(prompt=case["prompt"], width=w, height=h, seed=case["seed"],
-                            images=images, model_options=case["params"], **extra)  # fmt: skip
 
 
 def run_bagel(layout: dict, requests: list) -> dict:
@@ -105,12 +93,12 @@ def check_bagel(results: list[dict], reference: dict, names, label: str, golden=
 
 @pytest.fixture(scope="module")
 def one_rank():
-    return run_bagel({}, [bagel_params(n) for n in CASES])
+    return run_bagel({}, [golden_request(n) for n in CASES])
 
 
 def test_two_ranks_hsdp_equals_one_rank_and_the_official_runs(worker_pool, one_rank):
     layout = dict(ulysses_degree=2, use_hsdp=True)
-    results = worker_pool(2).run(run_bagel, layout, [bagel_params(n) for n in CASES])
+    results = worker_pool(2).run(run_bagel, layout, [golden_request(n) for n in CASES])
     check_bagel(results, one_rank, CASES, "ulysses2 (redundant)")
 
 
@@ -119,7 +107,7 @@ def test_four_ranks_ring_x_cfg_with_teacache_equals_one_rank(worker_pool):
     every rank skips the same steps (the indicator's sums, all-reduced over the ring
     ranks, are the same full sums on each), latents equal the cached 1-rank run."""
     name = "a_t2i_64x64"
-    request = bagel_params(name, cache_backend="tea_cache", cache_config={"rel_l1_thresh": 0.3})
+    request = golden_request(name, cache_backend="tea_cache", cache_config={"rel_l1_thresh": 0.3})
     reference = run_bagel({}, [request])
     assert reference["metadata"][0]["cache"]["cached_steps"] >= 1
     layout = dict(ring_degree=2, cfg_parallel_size=2, use_hsdp=True)

@@ -58,15 +58,20 @@ def accuracy(verdicts: list[dict[str, bool]]) -> dict[str, float]:
     return out
 
 
-def generate(model: str, cases: list[Case], steps: int | None = None) -> list[np.ndarray]:
-    """Clips from ithaca's pipeline at the checkpoint's declared defaults."""
+def generate(
+    model: str, cases: list[Case], steps: int | None = None, guidance: float | None = None
+) -> list[np.ndarray]:
+    """Clips from ithaca's pipeline at the checkpoint's declared defaults (or these)."""
     from ithaca.models.registry import load_pipeline
     from ithaca.parallel.state import ParallelState
     from ithaca.types import GenerationParams
 
     pipe = load_pipeline(model, ParallelState.single())
     params = [
-        GenerationParams(prompt=c.prompt, seed=c.seed, num_inference_steps=steps) for c in cases
+        GenerationParams(
+            prompt=c.prompt, seed=c.seed, num_inference_steps=steps, guidance_scale=guidance
+        )
+        for c in cases
     ]
     return [r.frames for r in pipe.generate(params)]
 
@@ -91,6 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="checkpoint (default: the shipped video model)")
     p.add_argument("--n", type=int, default=50)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: declared)")
     p.add_argument("--vae-roundtrip", action="store_true")
     p.add_argument("--json", help="write the report here")
     args = p.parse_args(argv)
@@ -100,7 +106,9 @@ def main(argv=None) -> int:
     else:
         from ithaca.models.shapes import shipped_video_checkpoint_path
 
-        videos = generate(args.model or shipped_video_checkpoint_path(), cases, args.steps)
+        videos = generate(
+            args.model or shipped_video_checkpoint_path(), cases, args.steps, args.guidance
+        )
     acc = accuracy([check(v, c.scene) for v, c in zip(videos, cases, strict=True)])
     for k, v in acc.items():
         target = TARGETS.get(k)
