@@ -323,12 +323,9 @@ class StepCache:
         per_token = [(t * mask[:, :, None]).sum() for t in (diff.flatten(2), base.flatten(2))]
         return torch.stack(per_token).double()
 
-    def agree(self, cache_it: bool) -> bool:
-        """True only if every rank of the sequence-parallel group would cache."""
-        return self.agree_each([cache_it])[0]
-
     def agree_each(self, cache_it: list[bool]) -> list[bool]:
-        """:meth:`agree` for each request of the call, with one collective."""
+        """Per request of the call: True only if every rank of the sequence-parallel
+        group would cache it, with one collective."""
         sp = self.state.sp
         if sp.size == 1 or not cache_it:
             return list(cache_it)
