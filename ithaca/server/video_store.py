@@ -41,8 +41,6 @@ CREATE TABLE IF NOT EXISTS videos (
 )
 """
 
-TERMINAL = ("completed", "failed")
-
 
 @dataclass
 class VideoJob:
