@@ -302,17 +302,19 @@ class StepCache:
 
         ``current``/``previous`` are this rank's ``(B, S_local, ...)`` shards (or
         replicated ``(B, C)`` tensors when ``token_dim`` does not apply). Padding added
-        by auto_pad is left out. Collective over the sequence-parallel axis.
+        by auto_pad is left out. Collective over the sequence-parallel axis. Reads the
+        result back (calibration); the step loop uses :meth:`rel_l1_each`.
         """
-        return self.rel_l1_each([(current, previous)])[0]
+        return self.rel_l1_each([(current, previous)]).item()
 
-    def rel_l1_each(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    def rel_l1_each(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """:meth:`rel_l1` of each ``(current, previous)`` pair (one per request), with
-        one collective and one read-back for all of them."""
+        one collective for all of them: ``(pairs,)`` float64 on the rank's device, not
+        read back (:meth:`agree_each` reads the decisions made from it)."""
         sums = torch.stack([self._l1_sums(c, p) for c, p in pairs])  # (pairs, 2) float64
         if pairs[0][0].dim() >= 3:
             comm.all_reduce(sums, self.state.sp)  # sums over every rank's tokens
-        return (sums[:, 0] / sums[:, 1].clamp_min(1e-30)).tolist()
+        return sums[:, 0] / sums[:, 1].clamp_min(1e-30)
 
     def _l1_sums(self, current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         diff = (current.float() - previous.float()).abs()
@@ -323,18 +325,31 @@ class StepCache:
         per_token = [(t * mask[:, :, None]).sum() for t in (diff.flatten(2), base.flatten(2))]
         return torch.stack(per_token).double()
 
-    def agree_each(self, cache_it: list[bool]) -> list[bool]:
+    def agree_each(self, cache_it: list[bool | torch.Tensor]) -> list[bool]:
         """Per request of the call: True only if every rank of the sequence-parallel
-        group would cache it, with one collective."""
+        group would cache it. ``cache_it``: host decisions or 0-dim bool tensors on the
+        rank's device (made from :meth:`rel_l1_each`); one collective and the forward's
+        one read-back, none when every decision is on the host and the group is one rank.
+        """
         sp = self.state.sp
-        if sp.size == 1 or not cache_it:
-            return list(cache_it)
-        flags = torch.tensor(
-            [0 if c else 1 for c in cache_it], dtype=torch.int32, device=self.state.device
+        if not any(isinstance(c, torch.Tensor) for c in cache_it) and (
+            sp.size == 1 or not cache_it
+        ):
+            return [bool(c) for c in cache_it]
+        device = self.state.device
+        # (requests,) int32 on the rank's device, 1: must compute. Host decisions become
+        # fills (no host-to-device copy), device ones stay where they are.
+        flags = torch.stack(
+            [
+                (~c).to(torch.int32)
+                if isinstance(c, torch.Tensor)
+                else torch.full((), 0 if c else 1, dtype=torch.int32, device=device)
+                for c in cache_it
+            ]
         )
-        # Every rank of the sp group reaches this all_reduce once per forward.
-        comm.all_reduce(flags, sp, op=dist.ReduceOp.MAX)
-        return [f == 0 for f in flags.tolist()]
+        if sp.size > 1:  # every rank of the sp group reaches this all_reduce once per forward
+            comm.all_reduce(flags, sp, op=dist.ReduceOp.MAX)
+        return [f == 0 for f in flags.tolist()]  # the forward's one host sync
 
     # -- internals -----------------------------------------------------------------
     def _valid_tokens(self, x: torch.Tensor) -> torch.Tensor | None:

@@ -138,7 +138,7 @@ class DBCache(StepCache):
 
     def decide(self, fn_residual) -> list[bool]:
         """Per request of the call: whether its middle blocks are cached (agreed)."""
-        wants: list[bool] = []
+        wants: list[bool | torch.Tensor] = []  # device tensors: decided by a distance
         candidates = []  # (place, member, previous residual): decided by the distance
         for m in self.members:
             st = m.state
@@ -159,7 +159,8 @@ class DBCache(StepCache):
             wants.append(not must_compute and mask is not None and self.scm_static)
         if candidates:
             pairs = [(m.state["fn_residual"], previous) for _, m, previous in candidates]
-            for (place, _, _), change in zip(candidates, self.rel_l1_each(pairs), strict=True):
+            changes = self.rel_l1_each(pairs).unbind()
+            for (place, _, _), change in zip(candidates, changes, strict=True):
                 wants[place] = change < self.thresh
         skips = self.agree_each(wants)
         for m, cache_it in zip(self.members, skips, strict=True):

@@ -55,10 +55,19 @@ class TeaCache(StepCache):
             coefficients = (1.0, 0.0)
         self.thresh = float(rel_l1_thresh)
         self.coefficients = tuple(float(c) for c in coefficients)
-        self._poly = np.poly1d(self.coefficients)
 
     def new_branch_state(self) -> dict:
+        # accumulated: a float64 0-dim tensor on the rank's device once a distance was
+        # added (read back only as the agreed decision), 0.0 after a computed step
         return {"previous": None, "accumulated": 0.0, "residual": None}
+
+    def rescale(self, change: torch.Tensor) -> torch.Tensor:
+        """The coefficients' polynomial at ``change``, on its device (Horner, highest
+        power first: the same float64 operations as ``numpy.polyval``)."""
+        out = torch.zeros_like(change)
+        for c in self.coefficients:
+            out = out * change + c
+        return out
 
     def decide(self, indicator) -> list[bool]:
         """Per request of the call: whether it reuses its cached residual (each decision
@@ -75,8 +84,8 @@ class TeaCache(StepCache):
         skips = {}
         if candidates:  # the same requests on every rank: their states are agreed
             changes = self.rel_l1_each([(m.state["previous"], p) for m, p in candidates])
-            for (m, _), change in zip(candidates, changes, strict=True):
-                m.state["accumulated"] += float(self._poly(change))
+            for (m, _), change in zip(candidates, changes.unbind(), strict=True):
+                m.state["accumulated"] = m.state["accumulated"] + self.rescale(change)
             wants = [m.state["accumulated"] < self.thresh for m, _ in candidates]
             for (m, _), skip in zip(candidates, self.agree_each(wants), strict=True):
                 skips[id(m)] = skip
