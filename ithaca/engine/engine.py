@@ -473,7 +473,7 @@ class Engine:
         except GenerationFailedError as exc:
             if exc.kind != "invalid_request":
                 log.error("[%s] the pipeline failed on %s: %s", labels, ex.name, exc)
-            return GenerationFailedError(str(exc), exc.kind)
+            return GenerationFailedError(str(exc), exc.kind, exc.param)
         except Exception:  # an executor bug: fail the batch, keep serving
             log.exception("[%s] %s raised outside the pipeline", labels, ex.name)
             return GenerationFailedError("executor error", "internal")

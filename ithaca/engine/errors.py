@@ -61,11 +61,14 @@ class GenerationFailedError(EngineError):
 
     The message of an ``invalid_request`` failure is the ValueError's text (for the
     client); an internal failure's message is only for the log (see :func:`client_message`).
+    ``param``: the request field a :class:`ithaca.types.ParamError` named (the error body's
+    ``param``), else None.
     """
 
-    def __init__(self, message: str, kind: str = "internal"):
+    def __init__(self, message: str, kind: str = "internal", param: str | None = None):
         super().__init__(message)
         self.kind = kind
+        self.param = param
         if kind == "invalid_request":
             self.status = 400
             self.reason = "invalid_request"

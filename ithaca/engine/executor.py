@@ -18,7 +18,7 @@ from typing import Protocol
 
 from ithaca.config import CacheConfig, ParallelConfig
 from ithaca.engine.errors import GenerationFailedError, WorkerGroupDiedError
-from ithaca.types import GenerationParams, GenerationResult, Pipeline, StepEvent
+from ithaca.types import GenerationParams, GenerationResult, ParamError, Pipeline, StepEvent
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,12 @@ def classify_failure(exc: BaseException) -> str:
     return "invalid_request" if isinstance(exc, ValueError) else "internal"
 
 
+def failure_param(exc: BaseException) -> str | None:
+    """The request field a :class:`~ithaca.types.ParamError` names, else None: it travels
+    with the failure to the error body's ``param``."""
+    return exc.param if isinstance(exc, ParamError) else None
+
+
 def describe_failure(exc: BaseException) -> str:
     """The message of a failed batch: a ValueError's or an out-of-memory's text reaches
     the client; anything else keeps its type and is only logged (``client_message``)."""
@@ -134,12 +140,6 @@ def resolve_request(pipeline, params: GenerationParams) -> dict:
     """One request checked alone by the pipeline's ``resolve`` (raises ValueError for the
     client's mistake), as plain data for admission: width, height, steps, frames, do_cfg,
     and ``join_key`` (what a step batch compares, None when the request never joins one)."""
-    if params.layers is not None and not getattr(pipeline, "takes_layers", True):
-        # Checked in generate() by the model layer today; resolve() takes it over.
-        raise ValueError(
-            f"layers is only for layered models (Qwen-Image-Layered); "
-            f"{type(pipeline).__name__} returns flat images"
-        )
     resolve = getattr(pipeline, "resolve", None)
     if resolve is None:
         return {}
@@ -282,7 +282,7 @@ class InProcessExecutor:
         try:
             return resolve_request(self.pipeline, params)
         except ValueError as exc:
-            raise GenerationFailedError(str(exc), "invalid_request") from exc
+            raise GenerationFailedError(str(exc), "invalid_request", failure_param(exc)) from exc
 
     def execute(
         self, batch: list[GenerationParams], on_step: StepHandler, deadlines=None
@@ -310,7 +310,9 @@ class InProcessExecutor:
             except Exception as exc:
                 if not isinstance(exc, ValueError):
                     log.exception("%s: pipeline failed", self.name)
-                error = GenerationFailedError(describe_failure(exc), classify_failure(exc))
+                error = GenerationFailedError(
+                    describe_failure(exc), classify_failure(exc), failure_param(exc)
+                )
                 error.__cause__ = exc
             # Outside the except block, whose traceback holds the request's tensors.
             error.__cause__.__traceback__ = None
@@ -329,7 +331,7 @@ class InProcessExecutor:
                 return self.pipeline.manage_lora(command)
             except Exception as exc:
                 raise GenerationFailedError(
-                    f"{type(exc).__name__}: {exc}", classify_failure(exc)
+                    f"{type(exc).__name__}: {exc}", classify_failure(exc), failure_param(exc)
                 ) from exc
 
     def is_alive(self) -> bool:

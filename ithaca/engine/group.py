@@ -344,7 +344,7 @@ class WorkerGroupExecutor:
                     rank["memory"] = memory  # every rank's, sent with the result
                 batch.done.set()
             elif kind == "error":
-                batch.error = GenerationFailedError(msg[3], msg[2])
+                batch.error = GenerationFailedError(msg[3], msg[2], msg[4])
                 batch.done.set()
 
     def _stopped_rank(self, session: Session) -> str | None:
@@ -413,11 +413,11 @@ class WorkerGroupExecutor:
                 raise WorkerGroupDiedError(f"{self.name}: rank 0 did not answer a validation")
         finally:
             self._validations.pop(vid, None)
-        ok, kind, payload = box[0]
+        ok, kind, payload, param = box[0]
         if ok:
             return payload
         if kind == "invalid_request":
-            raise GenerationFailedError(payload, kind)
+            raise GenerationFailedError(payload, kind, param)
         raise WorkerGroupDiedError(f"{self.name}: validation failed: {payload}")
 
     def execute(

@@ -56,6 +56,7 @@ from ithaca.engine.executor import (
     PipelineSpec,
     classify_failure,
     describe_failure,
+    failure_param,
     load_pipeline,
     peak_memory_bytes,
     rank_memory,
@@ -176,11 +177,12 @@ class WorkerLoop:
         """Rank 0, on the reader thread: one request's ``resolve`` (pure, no collective),
         so a bad request is refused before it joins a batch and blocks no rank."""
         try:
-            reply = ("validated", vid, True, "", resolve_request(self.pipeline, params))
+            reply = ("validated", vid, True, "", resolve_request(self.pipeline, params), None)
         except Exception as exc:
             if not isinstance(exc, ValueError):
                 log.error("validation of a request failed:\n%s", traceback.format_exc())
-            reply = ("validated", vid, False, classify_failure(exc), describe_failure(exc))
+            kind, message = classify_failure(exc), describe_failure(exc)
+            reply = ("validated", vid, False, kind, message, failure_param(exc))
         self._send(reply)
 
     def _send(self, message: tuple) -> None:
@@ -272,7 +274,8 @@ class WorkerLoop:
         if stepwise:
             generate = self._stepwise(batch_id, sent)
 
-        results, stats, status = None, {}, (True, "", "", False)
+        # (ok, failure kind, message, raised in a collective, the request field it names)
+        results, stats, status = None, {}, (True, "", "", False, None)
         try:
             if lora:
                 results = self.pipeline.manage_lora(batch)
@@ -283,7 +286,8 @@ class WorkerLoop:
             log.error(
                 "rank %d: batch %d failed:\n%s", self.state.rank, batch_id, traceback.format_exc()
             )
-            status = (False, classify_failure(exc), describe_failure(exc), _in_collective(exc))
+            kind, message = classify_failure(exc), describe_failure(exc)
+            status = (False, kind, message, _in_collective(exc), failure_param(exc))
         # Here, not in the except block: its traceback still holds the request's tensors
         # and the groups its frames used.
         if not status[0]:
@@ -312,12 +316,12 @@ class WorkerLoop:
             key=lambda item: (item[1][1] != "out_of_memory", item[1][3]),
         )
         if failed:
-            rank, (_, failure_kind, message, _, _) = failed[0]
+            rank, (_, failure_kind, message, _, param, _) = failed[0]
             if failure_kind != "invalid_request":  # the user's mistake needs no rank number
                 message = f"rank {rank}: {message}"
-            self._send(("error", batch_id, failure_kind, message))
+            self._send(("error", batch_id, failure_kind, message, param))
         else:
-            self._send(("result", batch_id, results, {**stats, "ranks": [s[4] for s in statuses]}))
+            self._send(("result", batch_id, results, {**stats, "ranks": [s[5] for s in statuses]}))
 
 
 def _in_collective(exc: BaseException) -> bool:

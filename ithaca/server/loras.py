@@ -75,9 +75,8 @@ async def _run(engine: Engine, command: LoraCommand) -> list[dict]:
     try:
         return await asyncio.to_thread(engine.manage_lora, command)
     except GenerationFailedError as exc:
-        if exc.reason == "invalid_request":
-            param = "name" if "name" in str(exc).split(":")[-1][:40] else "path"
-            raise invalid(str(exc), param) from exc
+        if exc.reason == "invalid_request":  # a file that does not fit: the path's fault
+            raise invalid(str(exc), exc.param or "path") from exc
         raise
 
 
