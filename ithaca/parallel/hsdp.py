@@ -110,22 +110,16 @@ class HSDPInferenceConfig:
         return hsdp_sizes(self.hsdp_replicate_size, self.hsdp_shard_size, replica_size)
 
 
-def hsdp_mesh(config: HSDPInferenceConfig, state: ParallelState | None = None) -> DeviceMesh:
-    """The ``(replicate, shard)`` mesh over the world in the layout's rank order.
-
-    ``state=None``: the whole default group is one replica (``init_device_mesh``). With
-    a state, the mesh's groups are the state's own (:meth:`ParallelState.add_groups`):
-    closed by ``abort_groups`` and made again by ``rebuild_groups``; use
-    :class:`HSDPMesh` to have the sharded models follow. Collective: every rank of the
-    world calls it (it creates the mesh's process groups).
+def hsdp_mesh(config: HSDPInferenceConfig) -> DeviceMesh:
+    """The ``(replicate, shard)`` mesh over the default group, one replica
+    (``init_device_mesh``). A layout's mesh, built from groups its state owns and rebuilt
+    with them, is :class:`HSDPMesh`'s. Collective: every rank of the world calls it (it
+    creates the mesh's process groups).
     """
-    if state is None:
-        world = dist.get_world_size()
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        _, shard = config.sizes(world)
-        return init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=MESH_DIMS)
-    holder = HSDPMesh(config, state)
-    return holder.mesh
+    world = dist.get_world_size()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, shard = config.sizes(world)
+    return init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=MESH_DIMS)
 
 
 class HSDPMesh:
@@ -233,21 +227,19 @@ def apply_hsdp_to_model(
     config: HSDPInferenceConfig,
     *,
     mesh: DeviceMesh | None = None,
-    state: ParallelState | None = None,
 ) -> nn.Module:
     """Shard ``model`` in place: each block of :func:`block_lists`, then the root (or,
     if the model declares them, only its :func:`declared_units`).
 
     Works on a model built on the ``meta`` device (nothing is allocated: the sharded
     parameters are meta DTensors, see :func:`ithaca.runtime.loading.load_streamed`) or
-    on a loaded one (each rank keeps its rows, the rest is freed). Without ``mesh``: an
-    :class:`HSDPMesh` of ``state``, which ``model`` then follows through group rebuilds
-    (with neither, the default group is one replica). Collective over the mesh.
+    on a loaded one (each rank keeps its rows, the rest is freed). Without ``mesh`` the
+    default group is one replica; a layout's model goes through :meth:`HSDPMesh.shard`,
+    which passes its mesh and makes the model follow group rebuilds. Collective over the
+    mesh.
     """
     if not config.enabled:
         return model
-    if mesh is None and state is not None:
-        return HSDPMesh(config, state).shard(model)
     mesh = mesh if mesh is not None else hsdp_mesh(config)
     policy = MixedPrecisionPolicy(
         param_dtype=config.param_dtype,
