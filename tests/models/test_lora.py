@@ -154,7 +154,7 @@ def test_mismatched_file_names_its_key_and_loads_nothing(flux, tmp_path):
 def test_request_field_of_a_lora_error_reaches_the_error_body(flux):
     """A :class:`ParamError` raised on the model (an expert FLUX.1 does not have, a taken
     name, ``layers`` on a flat model) keeps its ``param`` through the engine's failure to
-    the OpenAI error body."""
+    the OpenAI error body; the expert is refused by validation, before it is queued."""
     from ithaca.engine.errors import GenerationFailedError
     from ithaca.engine.executor import InProcessExecutor, PipelineSpec
     from ithaca.server.errors import from_engine
@@ -164,10 +164,11 @@ def test_request_field_of_a_lora_error_reaches_the_error_body(flux):
     executor = InProcessExecutor(PipelineSpec(model=flux["path"]), pipeline=pipe)
     executor.manage_lora(LoraCommand("load", "a", flux["a"], 1.0))
     bad = GenerationParams(**REQUEST, lora=(LoraRef("a", 1.0, "high_noise"),))
-    with pytest.raises(GenerationFailedError, match="expert 'high_noise'") as info:
-        executor.execute([bad], None)  # the batch's resolve: before any work
-    error = from_engine(info.value).body()["error"]
-    assert (info.value.status, error["param"], error["code"]) == (400, "lora", "invalid_value")
+    for run in (executor.validate, lambda p: executor.execute([p], None)):  # queued / its batch
+        with pytest.raises(GenerationFailedError, match="expert 'high_noise'") as info:
+            run(bad)
+        error = from_engine(info.value).body()["error"]
+        assert (info.value.status, error["param"], error["code"]) == (400, "lora", "invalid_value")
     with pytest.raises(GenerationFailedError, match="already loaded") as info:
         executor.manage_lora(LoraCommand("load", "a", flux["b"], 1.0))
     assert from_engine(info.value).body()["error"]["param"] == "name"
