@@ -12,8 +12,9 @@ pipeline: t2i case a and the edit case c (its ViT and clean-latent prefill) agai
 1-rank run (latents within :data:`LAYOUT_LATENT_TOL`, images within 1/255) and the
 official run (README tolerance, 1 level); HSDP: per rank <= 1/2 of the unsharded
 parameter bytes + 2%; TP: the decoder's split part is 1/2 per rank, over 0.8 of it.
-Pool calls: 2 ranks (HSDP over Ulysses 2, then TP 2), 4 ranks (HSDP over Ring 2 x CFG 2
-with TeaCache, then TP 2 x Ulysses 2). 4 ranks with a step cache: also ``test_hsdp.py``.
+Pool calls: 2 ranks (HSDP over Ulysses 2, then TP 2 with the VAE split over the same
+two ranks), 4 ranks (HSDP over Ring 2 x CFG 2 with TeaCache, then TP 2 x Ulysses 2).
+4 ranks with a step cache: also ``test_hsdp.py``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ CASES = ("a_t2i_64x64", "c_edit_112x224")
 def run_bagel(layout: dict, requests: list) -> dict:
     """On this rank: each request's final latent tokens and image (returning rank only),
     metadata, ``(parameter bytes, shard world size, shard rank)`` of the network and the
-    decoder's tensor-parallel bytes (``split`` / ``replicated`` / ``total``)."""
+    decoder's tensor-parallel bytes (``split`` / ``replicated`` / ``total``) and the
+    latent rows of each VAE decode on this rank."""
     with parallel_state(ParallelConfig(**layout)) as state:
         pipe = load_pipeline(CHECKPOINT, state)
         latents = []
@@ -58,6 +60,8 @@ def run_bagel(layout: dict, requests: list) -> dict:
             return x, cancelled
 
         pipe._denoise = recorded
+        rows = []  # latent rows each decode gives this rank's VAE decoder
+        pipe.vae.decoder.register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[-2]))
         results = [pipe.generate([r])[0] for r in requests]
         net = pipe.net
         return {
@@ -66,6 +70,7 @@ def run_bagel(layout: dict, requests: list) -> dict:
             "metadata": [r.metadata for r in results],
             "shard": (parameter_bytes(net), shard_size(net), shard_rank(net)),
             "tp": tp_bytes(pipe.transformer),
+            "decoded_rows": rows,
         }
 
 
@@ -130,6 +135,11 @@ def check_bagel(results: list[dict], reference: dict, names, label: str, golden=
     record("Bagel", label, err, worst)
 
 
+TP2_SPLIT_VAE = dict(tensor_parallel_size=2, vae_patch_parallel_size=2)
+"""TP 2 with the VAE split by rows over the same two ranks (the edit's encode and every
+decode: ``ithaca.parallel.vae``, exact), as ``serve -tp 2 --vae-patch-parallel-size 2``."""
+
+
 @pytest.fixture(scope="module")
 def one_rank():
     return run_bagel({}, [golden_request(n) for n in CASES])
@@ -138,11 +148,13 @@ def one_rank():
 def test_two_ranks_hsdp_and_tp2_equal_one_rank_and_the_official_runs(worker_pool, one_rank):
     requests = [golden_request(n) for n in CASES]
     hsdp, tp = cells(worker_pool, 2, [(dict(ulysses_degree=2, use_hsdp=True), requests),
-                                      (dict(tensor_parallel_size=2), requests)])  # fmt: skip
+                                      (TP2_SPLIT_VAE, requests)])  # fmt: skip
     check_hsdp_bytes(hsdp, one_rank, "hsdp ulysses2")
     check_bagel(hsdp, one_rank, CASES, "ulysses2 (redundant) (hsdp)")
     check_tp_bytes(tp, one_rank, 2, "tp2")
-    check_bagel(tp, one_rank, CASES, "tp2")
+    check_bagel(tp, one_rank, CASES, "tp2 + vae patch 2")
+    halves = [n // 2 for n in one_rank["decoded_rows"]]  # 8 and 14 latent rows on one rank
+    assert [r["decoded_rows"] for r in tp] == [halves, halves]  # each rank decodes its half
 
 
 def test_four_ranks_hsdp_ring_x_cfg_teacache_and_tp2_x_ulysses2(worker_pool, one_rank):
@@ -164,6 +176,33 @@ def test_four_ranks_hsdp_ring_x_cfg_teacache_and_tp2_x_ulysses2(worker_pool, one
     check_bagel(hsdp, reference, [name], "ring2xcfg2+tea_cache (hsdp)", golden=False)
     check_tp_bytes(tp, one_rank, 2, "tp2 x ulysses2")
     check_bagel(tp, one_rank, CASES, "tp2 x ulysses2 (redundant)")
+
+
+def test_tp_ranks_load_only_their_pieces():
+    """``loader.load_weights`` with tensor parallel's ``split_weights`` hook (applied on
+    ``meta``): each tp rank holds exactly its pieces of ``ema.safetensors``, read through
+    ``read_part``'s sliced reads (both experts, the KV heads, the ViT). No collective: the
+    hook reads only ``tp.rank`` / ``tp.size``."""
+    import functools
+    from types import SimpleNamespace
+
+    from ithaca.models.bagel import loader
+    from ithaca.parallel.tensor import split_weights, take
+
+    def load(shard=None):
+        return loader.load_weights(loader.build(CHECKPOINT), CHECKPOINT, torch.float32, "cpu",
+                                   shard=shard)  # fmt: skip
+
+    whole = dict(load().named_parameters())
+    for rank in range(2):
+        state = SimpleNamespace(tp=SimpleNamespace(size=2, rank=rank))
+        split = load(functools.partial(split_weights, state=state, family="Bagel"))
+        assert split.layers[2].self_attn.k_proj_moe_gen.weight.shape == (16, 64)  # 1 KV head
+        assert split.vit_model.vision_model.encoder.layers[1].mlp.fc2.weight.shape == (32, 32)
+        for name, param in split.named_parameters():
+            pieces = split._load_slices.get(name)
+            expected = take(whole[name], pieces) if pieces else whole[name]
+            assert torch.equal(param, expected), name
 
 
 def test_units_must_cover_every_parameter():

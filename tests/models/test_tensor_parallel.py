@@ -14,9 +14,11 @@ replicated rest: norms, embeddings, the rowwise biases and the final projection.
 Wan2.2 (T2V and I2V, two experts each, 4 heads of 16 so that TP 2 x Ulysses 2 fits):
 5 frames at 48x48 px, 2 steps on different experts (asserted), every rank's experts
 logged; T2V at TP 2 with expert offload (the placement swaps the split experts) and
-with TeaCache. Besides: the plans on released configs (``meta``: valid degrees, what
-splits), Wan2.1-style image context (``add_k_proj``) at the transformer level, the
-split RMSNorm against ``torch.nn.RMSNorm``, and a Wan rank's streamed load.
+with TeaCache; TI2V-5B (per-token timesteps, an input image) at TP 2 in the I2V cell's
+pool call. Besides: the plans on released configs (``meta``: valid degrees, what
+splits; Bagel's on BAGEL-7B-MoT's sizes), Wan2.1-style image context (``add_k_proj``)
+at the transformer level, the split RMSNorm against ``torch.nn.RMSNorm``, and a Wan
+rank's streamed load. Bagel's TP cells: ``test_bagel_hsdp.py`` (its pool calls).
 """
 
 from types import SimpleNamespace

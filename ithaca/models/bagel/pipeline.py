@@ -50,6 +50,7 @@ from ithaca.models.bagel import inputs, loader, sampling
 from ithaca.models.base import DenoisingPipeline, Request, _StopFlag, preview_steps
 from ithaca.parallel import ParallelState
 from ithaca.parallel.tensor import apply_tensor_parallel, tp_shard
+from ithaca.parallel.vae import split_vae
 from ithaca.runtime.progress import report_decode, up_block_chunks
 from ithaca.types import GenerationParams, ParamError, StepEvent
 
@@ -221,11 +222,16 @@ class BagelPipeline(DenoisingPipeline):
                     return None, {"cancelled": True, "per_request": done}
                 if cache is not None:
                     stats.append(self._cache_stats(cache, False))
-                if self.is_returning_rank:
+                if self.decodes:  # the returning rank's VAE group: the decode split by rows
                     chunks, ids = up_block_chunks(self.vae), [r.params.request_id]
-                    with report_decode(chunks, ids, on_decode, self.device):
+                    report = on_decode if self.is_returning_rank else None
+                    with (
+                        split_vae(self.vae, self.state.vae),
+                        report_decode(chunks, ids, report, self.device),
+                    ):
                         _, _, u8 = inputs.decode_tokens(self.vae, self.vae_scale, x, grid)
-                    images.append(Image.fromarray(u8.cpu().numpy()))
+                    if self.is_returning_rank:
+                        images.append(Image.fromarray(u8.cpu().numpy()))
             outputs.append(images)
             meta = {"seed": c["seed"], "width": r.width, "height": r.height}
             meta.update(num_inference_steps=r.steps, bagel=dataclasses.asdict(spec))
