@@ -195,7 +195,8 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
         flat = self._decode_frames(job, latents, slice(1, None))
         layers = self.layers_of(job.requests[0])
         per_image = [flat[i : i + layers] for i in range(0, len(flat), layers)]
-        return [sum(images, []) for images in split_images(per_image, job.requests)]
+        per_request = split_images(per_image, job.requests)
+        return [[layer for image in images for layer in image] for images in per_request]
 
     def preview(self, job: Job, x0: torch.Tensor) -> list[Image.Image]:
         """The composite frame's x0 estimate of each request's first image."""
