@@ -401,9 +401,9 @@ class DenoisingPipeline:
         requests = [self.resolve(p) for p in batch]  # raises ValueError before any work
         for r in requests:
             r.lora = self._resolve_lora(r.params)
-        caches = [self._cache_settings(r) for r in requests]
         groups: dict[tuple, list[int]] = {}
-        for i, (r, cache) in enumerate(zip(requests, caches, strict=True)):
+        for i, r in enumerate(requests):
+            cache = self._cache_settings(r)
             # Unless fusing is on, every request runs its own loop (exact solo bytes). This
             # loop gives its cache one state for the whole batch, so a cached request runs
             # alone here (step batches give each request its own: runtime/stepping.py).
@@ -508,9 +508,7 @@ class DenoisingPipeline:
             stats = self._cache_stats(cache, requests[0].do_cfg)
             for m in per_request:
                 m["cache"] = stats
-        idle = idle_branch_warning(
-            self.state, requests[0].do_cfg
-        )  # once per request: log, metadata
+        idle = idle_branch_warning(self.state, requests[0].do_cfg)  # per request: log, metadata
         for r, m in zip(requests, per_request, strict=True) if idle else ():
             m["warnings"] = [idle]
             if self.is_returning_rank:
