@@ -82,22 +82,14 @@ def vae_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
-def flow_schedule(
-    config: dict,
-    steps: int,
-    seq_len: int,
-    device,
-    sigmas: str = "linspace",
-    cls: type | None = None,
-    **overrides,
-):
+def flow_schedule(config, steps: int, seq_len: int, device, sigmas="linspace", cls=None, **kw):
     """The reference's scheduler for ``steps``: ``cls`` (default
-    ``FlowMatchEulerDiscreteScheduler``) from ``config`` with ``overrides`` (Wan2.2's
+    ``FlowMatchEulerDiscreteScheduler``) from ``config`` with overrides ``kw`` (Wan2.2's
     ``flow_shift``), dynamic shift ``mu`` from the image sequence length
     (``calculate_shift``) where the config asks for it, and the family's sigmas (see
     :attr:`FamilySpec.sigmas`). Returns the scheduler, timesteps set on ``device``."""
     cls = cls or FlowMatchEulerDiscreteScheduler
-    scheduler = cls.from_config(config, **overrides)
+    scheduler = cls.from_config(config, **kw)
     c = scheduler.config
     kwargs: dict[str, Any] = {}
     if c.use_dynamic_shifting:
@@ -159,9 +151,7 @@ class FlowMatchPipeline(DenoisingPipeline):
 
     def part_dtype(self, name: str) -> torch.dtype:
         """The dtype component ``name`` is loaded in (the spec's ``vae_dtype`` for the VAE)."""
-        if name == "vae" and self.spec.vae_dtype is not None:
-            return self.spec.vae_dtype
-        return self.dtype
+        return (name == "vae" and self.spec.vae_dtype) or self.dtype
 
     def vae_scale(self, model: str) -> int:
         """Pixels per latent (an ``AutoencoderKL``: 2 ** (stages - 1))."""

@@ -27,11 +27,9 @@ same ``_sp_plan``. The idle expert can live in host memory (``expert_offload``, 
 :mod:`ithaca.models.wan.experts` and ``docs/video.md``). Outputs are uint8 frames
 ``(F, H, W, 3)``; MP4 encoding is the server's, once, after ``generate`` returns.
 
-:class:`ithaca.models.flow.FlowMatchPipeline` does the loading of the components, the
-request rules every family shares, the seeded noise (with a frame axis: ``latent_shape``),
-conditioning, ``prepare`` and the scheduler (:data:`SPEC` names UniPC and the fp32 VAE);
-this module writes what is Wan's own: the experts, the video settings, the prompt
-padding, the image condition, the forward and the video decode.
+The shared flow-matching pipeline (:mod:`ithaca.models.flow`) does the rest from
+:data:`SPEC`; this module writes the experts, the video settings, the prompt padding, the
+image condition, the forward and the video decode.
 """
 
 from __future__ import annotations
