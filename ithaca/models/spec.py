@@ -92,6 +92,12 @@ class FamilySpec:
     reference: str | None = None
     """The diffusers pipeline class that is this family's numerical oracle; None: the one
     named like the family's pipeline class (the checkpoint's ``_class_name``)."""
+    scheduler: type | None = None
+    """The scheduler class built from the checkpoint's ``scheduler`` config (None:
+    ``FlowMatchEulerDiscreteScheduler``; Wan2.2: ``UniPCMultistepScheduler``)."""
+    vae_dtype: torch.dtype | None = None
+    """dtype the VAE is loaded in (None: the model dtype; Wan2.2: fp32, as diffusers'
+    Wan examples load it)."""
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.defaults) - set(DEFAULTS))
