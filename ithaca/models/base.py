@@ -1,7 +1,8 @@
 """The denoising loop every model family reuses, and the batch bookkeeping around it.
 
-Image families stand on :class:`ithaca.models.flow.FlowMatchPipeline`, which builds
-these hooks from a :class:`ithaca.models.spec.FamilySpec`; Wan2.2 fills them itself:
+The diffusers families (the image families and Wan2.2) stand on
+:class:`ithaca.models.flow.FlowMatchPipeline`, which builds these hooks from a
+:class:`ithaca.models.spec.FamilySpec`; Bagel, which diffusers lacks, fills them itself:
 
 - ``resolve(params) -> Request``: validated settings, the same on every rank;
 - ``condition(request) -> dict``: text embeddings, encoded input images (runs only on
@@ -55,7 +56,6 @@ from ithaca.types import (
 )
 
 logger = logging.getLogger(__name__)
-_StopFlag = StopFlag  # the name bagel/pipeline.py imports (tpbagel's) until it imports agree
 
 
 @dataclass

@@ -29,9 +29,10 @@ from PIL import Image
 
 from ithaca.models.base import DenoisingPipeline, Job, Request
 from ithaca.models.registry import model_index
-from ithaca.models.spec import FamilySpec, parallelize
+from ithaca.models.spec import FamilySpec
 from ithaca.parallel import ParallelState
 from ithaca.parallel.cfg import NEGATIVE, POSITIVE
+from ithaca.runtime.parallelize import parallelize
 from ithaca.types import GenerationParams, ParamError
 
 pack_latents = _Packing._pack_latents

@@ -19,7 +19,6 @@ import torch
 
 from ithaca.parallel import apply_guidance
 from ithaca.runtime.parallelize import AttentionLayout
-from ithaca.runtime.parallelize import parallelize as parallelize  # flow.py's, wan/'s import
 
 GuidanceRule = Callable[[torch.Tensor, torch.Tensor | None, float], torch.Tensor]
 
