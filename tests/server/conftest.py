@@ -7,8 +7,10 @@ streaming, the schema fuzzer) on ``app`` - the real app on the in-process execut
 the pipeline double, through ``httpx.ASGITransport`` (no subprocess, no port); the
 routes of real tiny checkpoints the same way on ``model_server`` (test_layered.py); a few
 smoke tests of a real ``ithaca serve`` (torchrun --usp 2, uvicorn, signals, restarts) on
-``fake_server``; the tiny Qwen-Image and Wan checkpoints driven by the official openai
-SDK (test_openai_sdk.py, test_edits.py, test_layered.py, test_video_wan.py).
+``fake_server``, forked from a preloaded interpreter (tests/server/preload.py; the exec'd
+command line itself in test_multinode.py and the ``--on-worker-failure exit`` test);
+the tiny checkpoints driven by the official openai SDK (test_openai_sdk.py on a real
+server; test_edits.py, test_layered.py, test_video_wan.py in process).
 """
 
 import pytest

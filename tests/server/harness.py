@@ -19,14 +19,24 @@ import time
 import httpx
 
 from ithaca.testing.distributed import free_port
+from tests.server.preload import Zygote
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAKE = "tests.engine.doubles:make_pipeline"
 
 
 class ServerProcess:
+    """``fork=False``: exec ``python -m ithaca.cli serve`` itself (kept by a few tests: the
+    plain command line); by default the server is forked from the preloaded interpreter
+    of :mod:`tests.server.preload` (the same ``main(argv)``, without the import cost)."""
+
     def __init__(
-        self, *args: str, state_dir: str, env: dict | None = None, port: int | None = None
+        self,
+        *args: str,
+        state_dir: str,
+        env: dict | None = None,
+        port: int | None = None,
+        fork: bool = True,
     ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -36,11 +46,17 @@ class ServerProcess:
             sys.executable, "-m", "ithaca.cli", "serve", *args,
             "--host", "127.0.0.1", "--port", str(self.port), "--state-dir", state_dir,
         ]  # fmt: skip
-        full_env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", **(env or {})}
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(
-            cmd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        base_env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+        full_env = {**base_env, **(env or {})}
+        self._log = None
+        if fork:
+            self.proc = Zygote.get(base_env).spawn(cmd[3:], full_env, self.log_path)
+        else:
+            self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
+            self.proc = subprocess.Popen(
+                cmd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
         self.client = httpx.Client(base_url=self.url, timeout=60)
 
     def log(self) -> str:
@@ -76,7 +92,8 @@ class ServerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         self.client.close()
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
         return self.proc.returncode
 
 

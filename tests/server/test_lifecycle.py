@@ -32,8 +32,9 @@ def test_cli_accepts_the_reference_command_line_and_rejects_bad_configs(capsys):
 
 
 def test_on_worker_failure_exit_ends_the_server_non_zero(tmp_path):
+    # The plain command line (exec, not forked from the preloaded interpreter): its exit code.
     server = ServerProcess(FAKE, "--usp", "2", "--on-worker-failure", "exit",
-                           state_dir=str(tmp_path))  # fmt: skip
+                           state_dir=str(tmp_path), fork=False)  # fmt: skip
     try:
         server.wait_healthy(120)
         os.kill(server.worker_pids()[1], signal.SIGKILL)
