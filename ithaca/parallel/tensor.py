@@ -133,7 +133,8 @@ def valid_degrees(transformer: nn.Module, plan: dict) -> tuple[int, list[int]]:
     specs = shard_specs(transformer, plan, 1)
     linears = {name.rpartition(".")[0] for name in specs}
     heads = [m.heads for m in _attention_modules(transformer, linears).values()]
-    sizes = heads + [b for spec in specs.values() for b in spec.block_sizes or []]
+    local = [getattr(m, attr) for m, attr in _local_sizes(transformer)]  # e.g. GQA's KV heads
+    sizes = heads + local + [b for spec in specs.values() for b in spec.block_sizes or []]
     g = math.gcd(*sizes)
     return min(heads, default=0), [d for d in range(1, g + 1) if g % d == 0]
 
@@ -146,9 +147,13 @@ def check_degree(transformer: nn.Module, size: int, family: str) -> dict:
         raise _no_plan(size, family)
     heads, valid = valid_degrees(transformer, plan)
     if size not in valid:
+        also = "".join(  # Bagel: its GQA's KV heads, the ViT's heads
+            f", {pattern} ({min(getattr(m, a) for m, a in _local_sizes(transformer, pattern))})"
+            for pattern in getattr(transformer, "_tp_local_sizes", ())
+        )
         raise DegreeError(
-            f"tensor_parallel_size ({size}) must divide num_attention_heads ({heads}) and "
-            f"every split MLP / projection block of {family}; valid degrees: {valid}"
+            f"tensor_parallel_size ({size}) must divide num_attention_heads ({heads}){also} "
+            f"and every split MLP / projection block of {family}; valid degrees: {valid}"
         )
     return plan
 
@@ -208,7 +213,8 @@ def shard_specs(transformer: nn.Module, plan: dict, size: int) -> dict:
 def _no_plan(size: int, family: str) -> DegreeError:
     return DegreeError(
         f"tensor_parallel_size ({size}): {family} declares no tensor-parallel plan "
-        f"(_tp_plan); serve it with --tensor-parallel-size 1 and sequence parallelism"
+        f"(_tp_plan); serve it with --tensor-parallel-size 1 (every ithaca family declares "
+        f"one: this is a diffusers class without ithaca's subclass, or a new family)"
     )
 
 
@@ -264,8 +270,9 @@ def split_weights(transformer: nn.Module, state: ParallelState, family: str = "t
 def tp_shard(state: ParallelState, cls: type):
     """:func:`split_weights` bound to ``state`` (``load_streamed``'s ``shard=``), or None
     without tensor parallelism. Raises before anything is loaded when the transformer
-    class ``cls`` declares no ``_tp_plan`` (Bagel; diffusers' own classes for families
-    whose plan ithaca's subclass declares)."""
+    class ``cls`` declares no ``_tp_plan`` (diffusers' own classes for families whose
+    plan ithaca's subclass declares). Bagel's loader takes it too (its ``Bagel`` module
+    declares the plan)."""
     if state.tp.size == 1:
         return None
     if getattr(cls, "_tp_plan", None) is None:
@@ -320,12 +327,13 @@ def apply_tensor_parallel(
     return runtime
 
 
-def _local_sizes(transformer: nn.Module) -> list[tuple[nn.Module, str]]:
+def _local_sizes(transformer: nn.Module, *only: str) -> list[tuple[nn.Module, str]]:
     """``(module, attribute)`` of every ``_tp_local_sizes`` entry: integer sizes a block's
-    forward splits a column-parallel output by (``"blocks.*.mlp_hidden_dim"``), which
-    become this rank's (``size / P``)."""
+    forward splits a column-parallel output by (``"blocks.*.mlp_hidden_dim"``; Bagel's
+    GQA ``kv_heads``), which become this rank's (``size / P``) and which every valid
+    degree divides. ``only``: just these patterns."""
     found = []
-    for pattern in getattr(transformer, "_tp_local_sizes", ()):
+    for pattern in only or getattr(transformer, "_tp_local_sizes", ()):
         prefix, _, rest = pattern.rpartition(".")
         modules = [m for _, m in expand(transformer, prefix)] if prefix else [transformer]
         found.extend((m, rest) for m in modules if isinstance(getattr(m, rest, None), int))

@@ -80,6 +80,7 @@ def test_sequence_or_cfg_parallel_layout_is_refused(sp, cfg):
     from ithaca.models.bagel.pipeline import BagelPipeline
 
     state = SimpleNamespace(sp=SimpleNamespace(size=sp), cfg=SimpleNamespace(size=cfg))
+    state.tp = SimpleNamespace(size=1)  # TP 2: allowed, redundant (test_bagel_hsdp.py)
     state.config = SimpleNamespace(use_hsdp=False, tensor_parallel_size=1)  # HSDP: allowed
     state.device = torch.device("cpu")
     with pytest.raises(ValueError, match="no sequence or CFG parallelism"):

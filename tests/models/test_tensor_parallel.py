@@ -14,9 +14,11 @@ replicated rest: norms, embeddings, the rowwise biases and the final projection.
 Wan2.2 (T2V and I2V, two experts each, 4 heads of 16 so that TP 2 x Ulysses 2 fits):
 5 frames at 48x48 px, 2 steps on different experts (asserted), every rank's experts
 logged; T2V at TP 2 with expert offload (the placement swaps the split experts) and
-with TeaCache. Besides: the plans on released configs (``meta``: valid degrees, what
-splits), Wan2.1-style image context (``add_k_proj``) at the transformer level, the
-split RMSNorm against ``torch.nn.RMSNorm``, and a Wan rank's streamed load.
+with TeaCache; TI2V-5B (per-token timesteps, an input image) at TP 2 in the I2V cell's
+pool call. Besides: the plans on released configs (``meta``: valid degrees, what
+splits; Bagel's on BAGEL-7B-MoT's sizes), Wan2.1-style image context (``add_k_proj``)
+at the transformer level, the split RMSNorm against ``torch.nn.RMSNorm``, and a Wan
+rank's streamed load. Bagel's TP cells: ``test_bagel_hsdp.py`` (its pool calls).
 """
 
 from types import SimpleNamespace
@@ -79,9 +81,12 @@ WAN_KINDS = {"Wan2.2 T2V": "t2v_a14b", "Wan2.2 I2V": "i2v_a14b"}
 
 
 def wan_request(name: str) -> dict:
-    if name != "Wan2.2 I2V":
+    if name == "Wan2.2 T2V":
         return WAN
     pixels = np.random.default_rng(4).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    if name == "Wan2.2 TI2V-5B":  # its 16x VAE: 64 px = 2 x 2 patches; one expert
+        return dict(WAN, width=64, height=64, guidance_scale_2=None,
+                    images=[Image.fromarray(pixels)])  # fmt: skip
     return dict(WAN, images=[Image.fromarray(pixels)])
 
 
@@ -158,6 +163,18 @@ at TP 2 and TP 2 x Ulysses 2; T2V's TP 2 run places its experts with offload, an
 at TP 2 with TeaCache (one cache per expert)."""
 
 
+TI2V = "Wan2.2 TI2V-5B"
+ALSO = {("Wan2.2 I2V", "tp2"): (TI2V,)}
+"""Families run in another cell's pool call (same layout, no pool start of their own):
+Wan2.2 TI2V-5B (``expand_timesteps``: per-token timesteps, 0 on the input image's latent
+frame; one expert; the tiny one of ``test_wan_parallel.py``, 2 heads: one per tp rank)."""
+
+
+def run_jobs(layout: dict, jobs: list[tuple]) -> list[tuple]:
+    """:func:`run` of each ``(path, cache, request, expert_offload)`` under ``layout``."""
+    return [run(layout, *job) for job in jobs]
+
+
 @pytest.fixture(scope="module")
 def one_rank(tiny_checkpoints, tiny_family, tiny_checkpoint):
     """``one_rank(family, cache)`` -> ``(checkpoint, request, run({}, ...))``, once per
@@ -172,6 +189,8 @@ def one_rank(tiny_checkpoints, tiny_family, tiny_checkpoint):
             elif name in WAN_KINDS:
                 path = tiny_checkpoint(build_tiny_wan, WAN_KINDS[name], heads=4)
                 request = wan_request(name)
+            elif name == TI2V:
+                path, request = tiny_checkpoint(build_tiny_wan, "ti2v_5b"), wan_request(name)
             else:
                 path = tiny_family(FAMILIES[name])
             runs[name, cache] = path, request, run({}, path, cache, request)
@@ -183,18 +202,25 @@ def one_rank(tiny_checkpoints, tiny_family, tiny_checkpoint):
 @pytest.mark.parametrize("name,layout", CELLS, ids=[f"{n}-{lay}" for n, lay in CELLS])
 def test_tensor_parallel_matches_one_rank(worker_pool, one_rank, name, layout):
     cache = cache_of(layout)
-    path, request, (ref_pixels, ref_latents, one_bytes, ref_cache, ref_experts) = one_rank(
-        name, cache
-    )
+    offload = layout.endswith("expert_offload")
+    names = [name, *ALSO.get((name, layout), ())]
+    references = [one_rank(n, cache) for n in names]
+    jobs = [(path, cache, request, offload) for path, request, _ in references]
+    per_rank = worker_pool(world_size(LAYOUTS[layout])).run(run_jobs, LAYOUTS[layout], jobs)
+    for i, (family, (_, _, reference)) in enumerate(zip(names, references, strict=True)):
+        check_cell(family, layout, [jobs[i] for jobs in per_rank], reference)
+
+
+def check_cell(name: str, layout: str, results: list[tuple], reference: tuple) -> None:
+    """Every rank's :func:`run` of ``name`` under ``layout`` against the one-rank run."""
+    cache = cache_of(layout)
+    ref_pixels, ref_latents, one_bytes, ref_cache, ref_experts = reference
     if cache:  # the cache really skips steps on one rank
         assert ref_cache["cached_steps"] > 0, ref_cache
     if name in WAN_KINDS:  # both experts denoise
         assert set(ref_experts[0]) == {0, 1}, ref_experts
     tp = LAYOUTS[layout]["tensor_parallel_size"]
     offload = layout.endswith("expert_offload")
-    results = worker_pool(world_size(LAYOUTS[layout])).run(
-        run, LAYOUTS[layout], path, cache, request, offload
-    )
     returned = [r for r in results if r[0] is not None]  # each replica's returning rank
     assert len(returned) == LAYOUTS[layout].get("data_parallel_size", 1)
     for pixels, latents, _, cached, _ in returned:
@@ -313,6 +339,46 @@ def test_released_configs_plan(name):
     for share, expected in zip(shares, SHARES[name], strict=True):
         assert (share is None) == (expected is None)
         assert share is None or abs(share - expected) < 1e-3, (share, expected)
+
+
+BAGEL_7B = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                num_key_value_heads=4, num_hidden_layers=28, vocab_size=152064)  # fmt: skip
+"""BAGEL-7B-MoT's ``llm_config.json`` (Qwen2-7B sizes); its ViT is SigLIP so400m/14."""
+SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16,
+                     num_hidden_layers=26, patch_size=14, image_size=980)  # fmt: skip
+
+
+def test_bagel_released_config_plan():
+    """Bagel's plan on BAGEL-7B-MoT's sizes (``meta``): the GQA's 4 KV heads bound the
+    degrees (28 query heads would allow 7), a 3-degree error names them, and a rank's
+    share of the decoder (both experts, 13.6 B) and of the whole network (14.0 B with
+    the ViT) at TP 2 and 4."""
+    from transformers import Qwen2Config, SiglipVisionConfig
+
+    from ithaca.models.bagel.model import Bagel, BagelConfig
+
+    vit = SiglipVisionConfig(**SIGLIP_SO400M)
+    with torch.device("meta"):
+        net = Bagel(Qwen2Config(**BAGEL_7B), vit, BagelConfig())
+    plan = tp_plan(net)
+    assert valid_degrees(net, plan) == (28, [1, 2, 4])
+    kv = r"\(3\) must divide num_attention_heads \(28\), .*self_attn.kv_heads \(4\), .*num_heads"
+    with pytest.raises(DegreeError, match=kv + r" \(16\).*valid degrees: \[1, 2, 4\]"):
+        check_degree(net, 3, "Bagel")
+    specs = shard_specs(net, plan, 2)
+    assert "language_model.model.layers.27.mlp_moe_gen.down_proj.weight" in specs
+    assert specs["vit_model.vision_model.encoder.layers.25.mlp.fc1.weight"].dim == 0
+    shares = {}
+    for part, module in (("decoder", net.llm), ("network", net)):
+        params = dict(module.named_parameters())
+        prefix = "language_model.model." if part == "decoder" else ""
+        split = sum(params[n.removeprefix(prefix)].numel() for n, spec in specs.items()
+                    if spec.dim is not None and n.removeprefix(prefix) in params)  # fmt: skip
+        total = sum(p.numel() for p in params.values())
+        shares[part] = [round((split / tp + total - split) / total, 3) for tp in (2, 4)]
+        print(f"Bagel {part}: {total / 1e9:.2f} B, {split / total:.1%} split; "
+              f"per rank at TP 2, 4: {shares[part]}")  # fmt: skip
+    assert shares == {"decoder": [0.52, 0.28], "network": [0.521, 0.281]}
 
 
 def image_context_forward(layout: dict) -> torch.Tensor:

@@ -103,8 +103,10 @@ def build(path: str) -> Bagel:
 def load_weights(model: Bagel, path: str, dtype: torch.dtype, device, shard=None) -> Bagel:
     """Assign every tensor of ``ema.safetensors``; missing / unknown keys raise.
 
-    ``shard`` (HSDP's ``apply_hsdp_to_model`` bound to its mesh) splits ``model`` while it
-    is still on ``meta``; each rank then allocates and reads only the rows it keeps
+    ``shard`` (HSDP's ``apply_hsdp_to_model`` bound to its mesh, or tensor parallel's
+    :func:`ithaca.parallel.tensor.split_weights`) splits ``model`` while it is still on
+    ``meta``; each rank then allocates and reads only the rows (HSDP) or pieces (the
+    ``_load_slices`` tensor parallel records) it keeps
     (:func:`ithaca.runtime.loading.read_part`): its peak is its shard plus one tensor."""
     wanted = {checkpoint_key(n): n for n in model.state_dict()}
     with safe_open(os.path.join(path, "ema.safetensors"), "pt", device="cpu") as f:
@@ -131,11 +133,12 @@ def _load_sharded(model: Bagel, f, wanted: dict[str, str], dtype, device, shard)
     model = shard(model.to(dtype))  # on meta: nothing allocated yet
     model.to_empty(device=device)  # this rank's shards (and the small buffers)
     targets = dict(model.named_parameters()) | dict(model.named_buffers())
+    pieces = getattr(model, "_load_slices", {})  # tensor parallel: name -> (dim, start, n)
     with torch.no_grad():
         for key, ours in wanted.items():
             target = targets[ours]
             local = target.to_local() if isinstance(target, DTensor) else target
-            local.copy_(read_part(f, key, target, None))
+            local.copy_(read_part(f, key, target, pieces.get(ours)))
     return model.eval().requires_grad_(False)
 
 

@@ -178,6 +178,39 @@ class BagelConfig:
     """FLUX autoencoder latent channels."""
 
 
+BAGEL_TP_PLAN = {
+    **{
+        f"language_model.model.layers.*.{module}": style
+        for expert in ("", "_moe_gen")  # both experts of every layer, split alike
+        for module, style in (
+            (f"self_attn.q_proj{expert}", "colwise"),  # heads [r*H/P, (r+1)*H/P)
+            (f"self_attn.k_proj{expert}", "colwise"),  # KV heads [r*KV/P, ...): GQA local
+            (f"self_attn.v_proj{expert}", "colwise"),
+            (f"self_attn.o_proj{expert}", "rowwise"),
+            (f"mlp{expert}.gate_proj", "colwise"),
+            (f"mlp{expert}.up_proj", "colwise"),
+            (f"mlp{expert}.down_proj", "rowwise"),
+        )
+    },
+    **{
+        f"vit_model.vision_model.encoder.layers.*.{module}": style
+        for module, style in (
+            ("self_attn.q_proj", "colwise"),
+            ("self_attn.k_proj", "colwise"),
+            ("self_attn.v_proj", "colwise"),
+            ("self_attn.out_proj", "rowwise"),
+            ("mlp.fc1", "colwise"),
+            ("mlp.fc2", "rowwise"),
+        )
+    },
+}
+"""Tensor parallel (:mod:`ithaca.parallel.tensor`, diffusers' ``_tp_plan`` format):
+the decoder's attention (q/k/v by heads, the GQA's KV heads included; o_proj rowwise)
+and SwiGLU MLP of both experts, and the SigLIP layers. The per-head q/k RMSNorms stay
+whole; the norms over the hidden size, the embedders, the connector and ``llm2vae``
+are replicated: every tp rank holds the same full hidden states between layers."""
+
+
 class Bagel(nn.Module):
     """The whole network; the VAE and tokenizer live beside it (``loader``)."""
 
@@ -198,6 +231,12 @@ class Bagel(nn.Module):
     """HSDP's sharding units (:func:`ithaca.parallel.hsdp.declared_units`): what the
     sampling code calls directly. There is no root forward: prefill, query block,
     embedders and ViT are called one by one, so each is a unit of its own."""
+
+    _tp_plan = BAGEL_TP_PLAN
+    _tp_local_sizes = (
+        "language_model.model.layers.*.self_attn.kv_heads",  # ``heads`` is divided already
+        "vit_model.vision_model.encoder.layers.*.self_attn.num_heads",  # for the degrees
+    )
 
     def __init__(self, llm: Qwen2Config, vit: SiglipVisionConfig, cfg: BagelConfig):
         super().__init__()

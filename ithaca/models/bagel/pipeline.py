@@ -12,7 +12,16 @@ Streaming previews (``partial_images``) decode the x0 estimate ``x_t - t * v``.
 Not supported: negative prompts (Bagel's guidance contexts come from the prompt and the
 input image), more than one input image, sequence or CFG parallelism (every branch
 attends to its own KV cache: a layout that asks for either is refused at load, unless
-with ``use_hsdp``).
+with ``use_hsdp`` or tensor parallelism).
+
+Tensor parallel (``tensor_parallel_size`` P, ``Bagel._tp_plan``): each rank reads and
+keeps 1/P of every decoder layer (both experts: q/k/v by heads, GQA's KV heads too, the
+SwiGLU MLP) and of every SigLIP layer; the split layers' outputs are all-reduced over the
+tp group, so every rank of it runs the whole request on the same hidden states (prefill,
+every branch, every step) and the KV caches hold each rank's KV heads. Beside P, the
+sequence / CFG axes of the replica compute redundantly (each tp group the whole request,
+logged as a warning): what "TP 2 x Ulysses 2" is for Bagel. TP with ``use_hsdp`` is
+refused by ``ParallelConfig`` (both split the weights).
 
 HSDP (``use_hsdp``): the weights are split over the replica's ranks (the units of
 ``Bagel._hsdp_units``: each decoder layer with both experts, each ViT layer, the
@@ -27,6 +36,7 @@ state per CFG branch; the TeaCache indicator is the first layer's gen-expert inp
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from typing import Any
@@ -39,9 +49,12 @@ from ithaca.config import CacheConfig
 from ithaca.models.bagel import inputs, loader, sampling
 from ithaca.models.base import DenoisingPipeline, Request, _StopFlag, preview_steps
 from ithaca.parallel import ParallelState
+from ithaca.parallel.tensor import apply_tensor_parallel, tp_shard
+from ithaca.parallel.vae import split_vae
 from ithaca.runtime.progress import report_decode, up_block_chunks
 from ithaca.types import GenerationParams, ParamError, StepEvent
 
+logger = logging.getLogger(__name__)
 _OPTIONS = {f.name for f in dataclasses.fields(sampling.SamplingParams)}
 _FILES = ["*.json", "*.safetensors", "vocab.json", "merges.txt"]
 TINY_FIXTURE_COEFFICIENTS = (
@@ -76,28 +89,36 @@ class BagelPipeline(DenoisingPipeline):
     )
 
     def __init__(self, model: str, state: ParallelState, dtype: torch.dtype):
-        if (state.sp.size > 1 or state.cfg.size > 1) and not state.config.use_hsdp:
+        redundant = state.sp.size > 1 or state.cfg.size > 1
+        if redundant and not (state.config.use_hsdp or state.tp.size > 1):
             raise ValueError(
                 f"Bagel supports no sequence or CFG parallelism (sequence-parallel size "
                 f"{state.sp.size}, cfg_parallel_size {state.cfg.size}): the ranks of a replica "
-                "would each run the whole request, which only --use-hsdp (the weights split "
-                "over them) makes worthwhile; use data parallelism"
-            )
-        if state.config.tensor_parallel_size > 1:
-            raise ValueError(
-                f"Bagel supports no tensor parallelism (tensor_parallel_size "
-                f"{state.config.tensor_parallel_size}); use data parallelism or --use-hsdp"
+                "would each run the whole request: only --use-hsdp (the weights split over "
+                "them) makes that worthwhile, and beside --tensor-parallel-size each tp group "
+                "runs it (no faster, a warning); use data parallelism"
             )
         super().__init__(state, dtype)
+        if redundant and state.tp.size > 1 and state.replica.rank == 0:
+            logger.warning(
+                "Bagel at tensor_parallel_size %d with sequence-parallel size %d, "
+                "cfg_parallel_size %d: every tp group runs the whole request (Bagel has no "
+                "sequence or CFG parallelism), so those axes add no speed; data parallelism "
+                "would serve more requests with the same ranks",
+                state.tp.size, state.sp.size, state.cfg.size,
+            )  # fmt: skip
         if not os.path.isdir(model):
             from huggingface_hub import snapshot_download
 
             model = snapshot_download(model, allow_patterns=_FILES)
         self.model_dir = model
         over = loader.overrides(model)
-        net = loader.build(model)  # on meta; with use_hsdp each rank reads only its rows
-        self.net = loader.load_weights(net, model, dtype, self.device, shard=self.hsdp_shard())
+        net = loader.build(model)  # on meta; HSDP / TP: each rank reads only its part
+        shard = self.hsdp_shard() or tp_shard(state, type(net))
+        self.net = loader.load_weights(net, model, dtype, self.device, shard=shard)
         self.transformer = self.net.llm  # what the step caches wrap (its ``layers``)
+        # TP: the split layers' hooks, local head counts (marks the pipeline as split)
+        self.transformer._ithaca_tp = apply_tensor_parallel(self.net, state, "Bagel")
         self.vae, self.vae_scale = loader.load_vae(model, over, self.device)  # fp32
         self.limits = loader.image_limits(over)
         self.tokenizer = loader.load_tokenizer(model)
@@ -201,11 +222,16 @@ class BagelPipeline(DenoisingPipeline):
                     return None, {"cancelled": True, "per_request": done}
                 if cache is not None:
                     stats.append(self._cache_stats(cache, False))
-                if self.is_returning_rank:
+                if self.decodes:  # the returning rank's VAE group: the decode split by rows
                     chunks, ids = up_block_chunks(self.vae), [r.params.request_id]
-                    with report_decode(chunks, ids, on_decode, self.device):
+                    report = on_decode if self.is_returning_rank else None
+                    with (
+                        split_vae(self.vae, self.state.vae),
+                        report_decode(chunks, ids, report, self.device),
+                    ):
                         _, _, u8 = inputs.decode_tokens(self.vae, self.vae_scale, x, grid)
-                    images.append(Image.fromarray(u8.cpu().numpy()))
+                    if self.is_returning_rank:
+                        images.append(Image.fromarray(u8.cpu().numpy()))
             outputs.append(images)
             meta = {"seed": c["seed"], "width": r.width, "height": r.height}
             meta.update(num_inference_steps=r.steps, bagel=dataclasses.asdict(spec))
