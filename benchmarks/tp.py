@@ -54,8 +54,8 @@ def step_time(layout: dict, args: dict, threads: int = 1):
     """``(median seconds per forward, output)`` of one layout (run on every rank)."""
     from ithaca.config import ParallelConfig
     from ithaca.models.qwen_image.transformer import QWEN_IMAGE_ATTENTION
-    from ithaca.models.spec import parallelize
     from ithaca.parallel import ParallelState
+    from ithaca.runtime.parallelize import parallelize
     from ithaca.testing.distributed import parallel_state
 
     torch.set_num_threads(threads)

@@ -7,7 +7,8 @@
   checkpoints, they never write into them); ``tiny_family``, ``tiny_checkpoints`` and
   ``tiny_wan`` are views of it; ``with_defaults(path, **defaults)`` is a checkpoint with
   other ``_ithaca_defaults`` (e.g. a small edit area), its weights linked, not copied.
-- ``serve(*cli_args)``: the one real ``ithaca serve`` fixture (tests/server/harness.py).
+- ``serve(*cli_args)``: the one real ``ithaca serve`` fixture (tests/server/harness.py;
+  each server forked from one preloaded interpreter, tests/server/preload.py).
 
 The test process and every process it starts compute with one intra-op thread: the
 models are tiny, and on 2 cores shared with pool ranks, servers and other jobs a second

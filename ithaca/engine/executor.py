@@ -164,7 +164,7 @@ def resolve_request(pipeline, params: GenerationParams) -> dict:
 def _join_key(pipeline, request) -> tuple | None:
     if not hasattr(pipeline, "joins_mid_run"):  # not a DenoisingPipeline: no step batches
         return None
-    from ithaca.models.stepping import shared_join_key  # lazy: models is optional
+    from ithaca.runtime.stepping import shared_join_key  # lazy: models is optional
 
     return shared_join_key(pipeline, request)
 
@@ -240,7 +240,7 @@ class Executor(Protocol):
         """The running step is later than expected (``/health`` turns 503)."""
 
     # Executors that run step-level batches also have ``execute_stepwise(batch, on_step,
-    # admit, on_done)`` (:func:`ithaca.models.stepping.generate_stepwise` on the pipeline).
+    # admit, on_done)`` (:func:`ithaca.runtime.stepping.generate_stepwise` on the pipeline).
 
     def is_alive(self) -> bool: ...
 
@@ -295,7 +295,7 @@ class InProcessExecutor:
     def execute_stepwise(self, batch, on_step: StepHandler, admit, on_done):
         """``execute`` with step-level batching: ``admit(accepts)`` hands over joiners at
         step boundaries, ``on_done(result)`` gets each request as soon as it finished."""
-        from ithaca.models.stepping import generate_stepwise  # lazy: models is optional
+        from ithaca.runtime.stepping import generate_stepwise  # lazy: models is optional
 
         def stepwise(*args):
             return generate_stepwise(self.pipeline, *args)

@@ -12,7 +12,7 @@ only ever hear from rank 0, by broadcast. The loop, on every rank, in lockstep:
              (failed, not the user's fault) -> every rank rebuilds its model groups
     stepwise -> generate_stepwise(batch, ...)  # continuous batching, then as a batch
 
-Continuous batching (``stepwise``, :mod:`ithaca.models.stepping`): at a step boundary
+Continuous batching (``stepwise``, :mod:`ithaca.runtime.stepping`): at a step boundary
 rank 0 asks the front ``("admit", id, join_key)`` and waits for its ``("joiners", id,
 params)`` (the engine takes the oldest waiting requests whose validated ``join_key``
 equals the batch's) - only at the first boundary, after the front said a request is
@@ -242,7 +242,7 @@ class WorkerLoop:
     def _stepwise(self, batch_id: int, sent: set[str]):
         """``generate(batch, callback)`` running :func:`generate_stepwise`; ``sent`` gets
         the ids of the results already sent to the front as their requests left."""
-        from ithaca.models.stepping import generate_stepwise
+        from ithaca.runtime.stepping import generate_stepwise
 
         admit = on_done = None
         if self.is_root:

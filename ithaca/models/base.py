@@ -1,7 +1,8 @@
 """The denoising loop every model family reuses, and the batch bookkeeping around it.
 
-Image families stand on :class:`ithaca.models.flow.FlowMatchPipeline`, which builds
-these hooks from a :class:`ithaca.models.spec.FamilySpec`; Wan2.2 fills them itself:
+The diffusers families (the image families and Wan2.2) stand on
+:class:`ithaca.models.flow.FlowMatchPipeline`, which builds these hooks from a
+:class:`ithaca.models.spec.FamilySpec`; Bagel, which diffusers lacks, fills them itself:
 
 - ``resolve(params) -> Request``: validated settings, the same on every rank;
 - ``condition(request) -> dict``: text embeddings, encoded input images (runs only on
@@ -13,9 +14,10 @@ these hooks from a :class:`ithaca.models.spec.FamilySpec`; Wan2.2 fills them its
 - ``decode(job, latents) -> list[list[Image]]`` (rank 0 only).
 
 The loop owns CFG-parallel (``predict_branches``), batching of compatible requests,
-per-step progress, cancellation between steps (the returning rank's decision is
-broadcast so that every rank stops at the same step), partial-image previews and
-resuming from a step (:class:`ResumeState`), without a host sync inside the loop.
+per-step progress and partial-image previews, cancellation between steps (agreed by the
+replica: :mod:`ithaca.runtime.agree`) and resuming from a step
+(:mod:`ithaca.runtime.checkpoint`), without a host sync inside the loop. Step-level
+batching across requests is :mod:`ithaca.runtime.stepping`.
 """
 
 from __future__ import annotations
@@ -35,13 +37,14 @@ from ithaca.config import CacheConfig
 from ithaca.models.spec import DEFAULTS, plain_cfg
 from ithaca.parallel import ParallelState, comm, idle_branch_warning, predict_branches
 from ithaca.parallel.hsdp import HSDPInferenceConfig, HSDPMesh
-from ithaca.parallel.tensor import DegreeError, tp_shard
+from ithaca.parallel.tensor import tp_shard
 from ithaca.parallel.vae import follow_encodes, lead_encodes, split_vae
-from ithaca.runtime.checkpoint import StepCheckpoint
-from ithaca.runtime.loading import load_streamed
+from ithaca.runtime.agree import StopFlag, from_returning_rank
+from ithaca.runtime.checkpoint import ResumeState, StepCheckpoint
+from ithaca.runtime.loading import load_frozen
 from ithaca.runtime.lora import LoraAdapters, adapter_summary
 from ithaca.runtime.offload import Placement, parameter_bytes
-from ithaca.runtime.progress import report_decode, up_block_chunks
+from ithaca.runtime.progress import preview_steps, report_decode, up_block_chunks
 from ithaca.types import (
     DecodeCallback,
     GenerationParams,
@@ -70,6 +73,13 @@ class Request:
     """Family-specific settings two requests must share to run in one batch."""
     lora: tuple = ()
     """The LoRA adapters (resolved :class:`ithaca.types.LoraRef` s) the request applies."""
+
+    def metadata(self, seed: int) -> dict[str, Any]:
+        """The settings the request ran with, as its result reports them."""
+        lora = {"lora": adapter_summary(self.lora)} if self.lora else {}
+        cfg = self.true_cfg_scale if self.do_cfg else None
+        return dict(seed=seed, width=self.width, height=self.height,
+                    num_inference_steps=self.steps, true_cfg_scale=cfg, **lora)  # fmt: skip
 
     @property
     def batch_key(self) -> tuple:
@@ -100,26 +110,6 @@ class Job:
     switches per step, e.g. Wan2.2's experts, without a host read of ``t``)."""
 
 
-@dataclass
-class ResumeState:
-    """Where an interrupted loop stands: ``latents`` after ``step`` steps.
-
-    ``denoise(job, resume=ResumeState(k, latents_k))`` runs steps ``k..N-1`` and ends
-    with the same latents as an uninterrupted run (the scheduler starts at index ``k``).
-    """
-
-    step: int
-    latents: torch.Tensor
-
-
-def preview_steps(total: int, count: int) -> set[int]:
-    """0-based steps after which to report ``count`` evenly spaced previews (not the last)."""
-    if count <= 0 or total <= 1:
-        return set()
-    steps = {round((j + 1) * total / (count + 1)) - 1 for j in range(count)}
-    return {s for s in steps if 0 <= s < total - 1}
-
-
 class DenoisingPipeline:
     """Generic ``generate``: group, condition, broadcast, denoise, decode."""
 
@@ -135,7 +125,7 @@ class DenoisingPipeline:
     gets exactly its solo bytes."""
     joins_mid_run: bool = True
     """Whether requests may join a running batch at a step boundary (step-level
-    batching, :mod:`ithaca.models.stepping`); False where the loop decides per step
+    batching, :mod:`ithaca.runtime.stepping`); False where the loop decides per step
     from the batch's own schedule (Wan2.2's experts)."""
 
     def __init__(self, state: ParallelState, dtype: torch.dtype):
@@ -264,28 +254,13 @@ class DenoisingPipeline:
 
     # -- shared loading ----------------------------------------------------------
     def load_transformer(self, cls, model: str, subfolder: str = "transformer", device=None):
-        """The checkpoint's transformer on this rank's device, frozen for inference:
-        read tensor by tensor straight to the device (:mod:`ithaca.runtime.loading`: no
-        whole host copy per rank); with ``use_hsdp`` sharded on the meta device first,
-        so each rank reads and keeps only its shards (:mod:`ithaca.parallel.hsdp`);
-        checkpoints that need diffusers' key conversion go through ``from_pretrained``
-        (then sharded after loading). ``device``: where to load (default: the rank's;
-        the host when offloaded)."""
+        """The checkpoint's transformer on ``device`` (default: the rank's; the host when
+        offloaded), frozen (:func:`ithaca.runtime.loading.load_frozen`); with ``use_hsdp``
+        or tensor parallelism split on the meta device first, so each rank reads and keeps
+        only its shards (:mod:`ithaca.parallel.hsdp`, :mod:`ithaca.parallel.tensor`)."""
         device = self.offloading.load_device("transformer") if device is None else device
-        shard = self.hsdp_shard() or tp_shard(self.state, cls)  # split on meta
-        try:
-            transformer = load_streamed(
-                cls, model, subfolder, device=device, dtype=self.dtype, shard=shard
-            )
-        except DegreeError:
-            raise  # -tp does not fit this model: no whole-model fallback load
-        except (ValueError, FileNotFoundError) as exc:
-            logger.info("%s: loading through from_pretrained (%s)", model, exc)
-            transformer = cls.from_pretrained(model, subfolder=subfolder, torch_dtype=self.dtype)
-            transformer = transformer.to(device)
-            if shard is not None:
-                transformer = shard(transformer)
-        return transformer.eval().requires_grad_(False)
+        shard = self.hsdp_shard() or tp_shard(self.state, cls)
+        return load_frozen(cls, model, subfolder, device, self.dtype, shard)
 
     def hsdp_shard(self):
         """``apply_hsdp_to_model`` bound to this pipeline's mesh (built once, shared by
@@ -426,12 +401,12 @@ class DenoisingPipeline:
         requests = [self.resolve(p) for p in batch]  # raises ValueError before any work
         for r in requests:
             r.lora = self._resolve_lora(r.params)
-        caches = [self._cache_settings(r) for r in requests]
         groups: dict[tuple, list[int]] = {}
-        for i, (r, cache) in enumerate(zip(requests, caches, strict=True)):
+        for i, r in enumerate(requests):
+            cache = self._cache_settings(r)
             # Unless fusing is on, every request runs its own loop (exact solo bytes). This
             # loop gives its cache one state for the whole batch, so a cached request runs
-            # alone here (step batches give each request its own: models/stepping.py).
+            # alone here (step batches give each request its own: runtime/stepping.py).
             alone = cache.backend is not None or not self.fuse_batches or r.params.checkpoint
             key = (*r.batch_key, cache, i if alone else None)
             groups.setdefault(key, []).append(i)
@@ -452,36 +427,21 @@ class DenoisingPipeline:
         return results
 
     def _conditions(self, requests: list[Request]) -> list[dict[str, Any]]:
-        """Condition every request on the replica's rank 0 and broadcast the results."""
-        replica = self.state.replica
-        conds: list[dict[str, Any]] | tuple[str, str] = []
-        failure = None
+        """Condition every request on the replica's rank 0, the results on every rank."""
         vae = getattr(self, "vae", None)
-        if replica.rank == 0:
-            try:
-                with lead_encodes(vae, self.state.vae):  # input images split with the VAE group
-                    for r in requests:
-                        cond = self.condition(r)
-                        cond["seed"] = r.seed if r.seed is not None else random.randrange(2**31)
-                        conds.append(cond)
-            except Exception as exc:
-                if replica.size == 1:
-                    raise
-                # The other ranks wait in the broadcast below: send them the failure.
-                logger.exception("conditioning failed on the returning rank")
-                failure = exc
-                conds = (type(exc).__name__, f"conditioning failed on rank 0: {exc}")
-        elif self.decodes:  # the rest of the returning rank's VAE group
-            follow_encodes(vae, self.state.vae, self.device)
-        if replica.size > 1:
-            # Every rank of the replica reaches this broadcast once per group, in group order.
-            # The embeddings stay on the device: one packed broadcast (comm.broadcast_nested).
-            conds = comm.broadcast_nested(conds, replica)
-            if failure is not None:
-                raise failure
-            if isinstance(conds, tuple):  # rank 0 failed: a user error stays a ValueError
-                kind, message = conds
-                raise (ValueError if kind == "ValueError" else RuntimeError)(message)
+
+        def condition() -> list[dict[str, Any]]:
+            with lead_encodes(vae, self.state.vae):  # input images split with the VAE group
+                conds = [self.condition(r) for r in requests]
+            for r, cond in zip(requests, conds, strict=True):
+                cond["seed"] = r.seed if r.seed is not None else random.randrange(2**31)
+            return conds
+
+        def follow() -> None:  # the rest of the returning rank's VAE group
+            if self.decodes:
+                follow_encodes(vae, self.state.vae, self.device)
+
+        conds = from_returning_rank(self.state, condition, follow)
         self.offloading.evict()  # the encoders back to the host (when offloaded)
         return conds
 
@@ -543,24 +503,12 @@ class DenoisingPipeline:
             conds[0]["seed"] = job.seeds[0] = saved[2]  # the seed the first run drew
         cancelled_at = self.denoise(job, callback, cache, resume, checkpoint)
         t_loop = time.perf_counter() - started - t_cond
-        per_request = [
-            {
-                "seed": c["seed"],
-                "width": r.width,
-                "height": r.height,
-                "num_inference_steps": r.steps,
-                "true_cfg_scale": r.true_cfg_scale if r.do_cfg else None,
-                **({"lora": adapter_summary(r.lora)} if r.lora else {}),
-            }
-            for r, c in zip(requests, conds, strict=True)
-        ]
+        per_request = [r.metadata(c["seed"]) for r, c in zip(requests, conds, strict=True)]
         if cache is not None:
             stats = self._cache_stats(cache, requests[0].do_cfg)
             for m in per_request:
                 m["cache"] = stats
-        idle = idle_branch_warning(
-            self.state, requests[0].do_cfg
-        )  # once per request: log, metadata
+        idle = idle_branch_warning(self.state, requests[0].do_cfg)  # per request: log, metadata
         for r, m in zip(requests, per_request, strict=True) if idle else ():
             m["warnings"] = [idle]
             if self.is_returning_rank:
@@ -606,9 +554,8 @@ class DenoisingPipeline:
         for r in job.requests:
             previews_at |= preview_steps(total, r.params.partial_images)
         do_cfg = job.requests[0].do_cfg
-        ids = [r.params.request_id for r in job.requests]
         scales = self.step_guidance_scales(job)  # host floats, decided once
-        stop = _StopFlag(self.state, self.device)
+        stop = StopFlag(self.state, self.device)
 
         def predict(branch: int) -> torch.Tensor:
             t = job.timesteps[job.step]
@@ -624,15 +571,7 @@ class DenoisingPipeline:
             positive, negative = predict_branches(self.state, predict, do_cfg)
             noise = self.guide(positive, negative, scales[i])
             latents = job.scheduler.step(noise, t, job.latents, return_dict=False)[0]
-            asked = False
-            if self.is_returning_rank and callback is not None:
-                previews = None
-                if i in previews_at:
-                    # The x0 estimate of flow matching: x_t - sigma * v (step i: sigma i).
-                    sigma = job.scheduler.sigmas[i]
-                    x0 = (job.latents.float() - sigma * noise.float()).to(job.latents.dtype)
-                    previews = self.preview(job, x0)
-                asked = bool(callback(StepEvent(ids, i + 1, total, previews)))
+            asked = self.report_step(callback, job, i, noise, previews_at)
             job.latents = latents
             if checkpoint is not None:  # every few steps, on the returning rank
                 checkpoint.after_step(i + 1, job)
@@ -640,47 +579,16 @@ class DenoisingPipeline:
                 return i + 1
         return None
 
-
-class _StopFlag:
-    """The returning rank's cancel decision, the same on every rank of the replica.
-
-    On one rank the decision is the callback's, at once. On several, the flag of step
-    ``i`` is broadcast (a device tensor: NCCL takes no CPU tensors), copied to the host
-    behind it and read only after step ``i + 1`` has been queued: the host then waits
-    for that copy, never for the step's kernels. So the replica stops one step after the
-    callback asked (at the last step: at once).
-    """
-
-    def __init__(self, state: ParallelState, device: torch.device):
-        self.replica = state.replica
-        self.device = device
-        self.pending: _HostCopy | None = None
-
-    def agreed(self, asked: bool, last: bool) -> bool:
-        if self.replica.size == 1:
-            return asked
-        flag = torch.tensor([1 if asked else 0], dtype=torch.int32, device=self.device)
-        # Every rank reaches this broadcast once per step, so all agree on the same step.
-        comm.broadcast(flag, self.replica)
-        previous, self.pending = self.pending, _HostCopy(flag)
-        if last:  # nothing left to overlap with: this step's flag decides
-            return self.pending.read()
-        return previous is not None and previous.read()
-
-
-class _HostCopy:
-    """A small device tensor copied to pinned host memory without blocking the host."""
-
-    def __init__(self, tensor: torch.Tensor):
-        self.event = None
-        self.value = tensor
-        if tensor.device.type == "cuda":
-            self.value = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            self.value.copy_(tensor, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-
-    def read(self) -> bool:
-        if self.event is not None:
-            self.event.synchronize()  # waits for the copy, queued before the next step
-        return bool(self.value[0])
+    def report_step(self, callback, job: Job, i: int, noise, previews_at: set[int]) -> bool:
+        """Tell ``callback`` (returning rank) that step ``i`` of ``job`` is done, with a
+        preview of the x0 estimate if ``i`` is in ``previews_at`` (``job.latents``: still
+        the step's input); returns whether it asked to cancel."""
+        if not self.is_returning_rank or callback is None:
+            return False
+        previews = None
+        if i in previews_at:  # flow matching's x0 estimate: x_t - sigma_i * v
+            sigma = job.scheduler.sigmas[i]
+            x0 = (job.latents.float() - sigma * noise.float()).to(job.latents.dtype)
+            previews = self.preview(job, x0)
+        ids = [r.params.request_id for r in job.requests]
+        return bool(callback(StepEvent(ids, i + 1, len(job.timesteps), previews)))

@@ -9,8 +9,9 @@ embeddings, schedules (``calculate_shift`` + sigmas) and decodes. A family write
 - ``forward(job, branch, t) -> prediction``: the transformer call with its arguments;
 
 and, only where its reference differs, ``forward_inputs`` (position ids ...),
-``request_size`` (edit models size the output from the input image) or the spec's
-guidance rule. The shared helpers below are also what Qwen-Image and Wan2.2 use.
+``request_size`` (edit models size the output from the input image), the spec's
+guidance rule, ``checkpoint_spec`` (what a checkpoint changes in the spec),
+``load_transformers`` (Wan2.2's two experts) or ``latent_shape`` (a frame axis).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from PIL import Image
 
 from ithaca.models.base import DenoisingPipeline, Job, Request
 from ithaca.models.registry import model_index
-from ithaca.models.spec import FamilySpec, parallelize
+from ithaca.models.spec import FamilySpec
 from ithaca.parallel import ParallelState
 from ithaca.parallel.cfg import NEGATIVE, POSITIVE
+from ithaca.runtime.parallelize import parallelize
 from ithaca.types import GenerationParams, ParamError
 
 pack_latents = _Packing._pack_latents
@@ -81,11 +83,14 @@ def vae_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
-def flow_schedule(config: dict, steps: int, seq_len: int, device, sigmas: str = "linspace"):
-    """The reference's scheduler for ``steps``: dynamic shift ``mu`` from the image
-    sequence length (``calculate_shift``) and the family's sigmas (see
+def flow_schedule(config, steps: int, seq_len: int, device, sigmas="linspace", cls=None, **kw):
+    """The reference's scheduler for ``steps``: ``cls`` (default
+    ``FlowMatchEulerDiscreteScheduler``) from ``config`` with overrides ``kw`` (Wan2.2's
+    ``flow_shift``), dynamic shift ``mu`` from the image sequence length
+    (``calculate_shift``) where the config asks for it, and the family's sigmas (see
     :attr:`FamilySpec.sigmas`). Returns the scheduler, timesteps set on ``device``."""
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    cls = cls or FlowMatchEulerDiscreteScheduler
+    scheduler = cls.from_config(config, **kw)
     c = scheduler.config
     kwargs: dict[str, Any] = {}
     if c.use_dynamic_shifting:
@@ -106,20 +111,19 @@ class FlowMatchPipeline(DenoisingPipeline):
     """The shared pipeline of a :class:`FamilySpec` (see the module docstring)."""
 
     spec: FamilySpec
+    output_kind: str = "image"
+    """What the family makes ("video": Wan2.2), as error messages name it."""
 
     def __init__(self, model: str, state: ParallelState, dtype: torch.dtype):
         super().__init__(state, dtype)
-        spec = self.spec
         self.model = model
-        self.guidance_rule = spec.guidance
         self.index = model_index(model)
+        self.spec = spec = self.checkpoint_spec(model)
+        self.guidance_rule = spec.guidance
         self.take_defaults({**spec.defaults, **(self.index.get("_ithaca_defaults") or {})})
-        self.transformer = self.load_transformer(spec.transformer, model)
-        self.runtime = parallelize(self.transformer, state, spec.attention)
-        self.offloading.place_transformer("transformer", self.transformer, spec.attention.blocks)
-        self.scheduler_config = dict(
-            FlowMatchEulerDiscreteScheduler.load_config(model, subfolder="scheduler")
-        )
+        self.load_transformers(model)
+        scheduler = spec.scheduler or FlowMatchEulerDiscreteScheduler
+        self.scheduler_config = dict(scheduler.load_config(model, subfolder="scheduler"))
         self.vae_scale_factor = self.vae_scale(model)
         channels = self.transformer.config.in_channels
         self.latent_channels = channels // 4 if spec.packed else channels
@@ -131,7 +135,24 @@ class FlowMatchPipeline(DenoisingPipeline):
             self.load_components(model)
             self.offloading.place_components({n: getattr(self, n) for n in spec.components})
         elif self.decodes:  # vae_patch_parallel_size > 1: its VAE group splits the decode
-            self.vae = load_part(model, "vae", self.index, self.device, self.dtype)
+            self.vae = load_part(model, "vae", self.index, self.device, self.part_dtype("vae"))
+
+    def checkpoint_spec(self, model: str) -> FamilySpec:
+        """The spec for this checkpoint (``self.index`` is read): the class's, unless a
+        family's checkpoints differ in what it declares (Wan2.2: TI2V-5B's defaults and
+        per-token timesteps, which input images a checkpoint takes)."""
+        return self.spec
+
+    def load_transformers(self, model: str) -> None:
+        """The transformer: loaded, parallelized by the spec, placed (Wan2.2: its experts)."""
+        spec = self.spec
+        self.transformer = self.load_transformer(spec.transformer, model)
+        self.runtime = parallelize(self.transformer, self.state, spec.attention)
+        self.offloading.place_transformer("transformer", self.transformer, spec.attention.blocks)
+
+    def part_dtype(self, name: str) -> torch.dtype:
+        """The dtype component ``name`` is loaded in (the spec's ``vae_dtype`` for the VAE)."""
+        return (name == "vae" and self.spec.vae_dtype) or self.dtype
 
     def vae_scale(self, model: str) -> int:
         """Pixels per latent (an ``AutoencoderKL``: 2 ** (stages - 1))."""
@@ -142,7 +163,7 @@ class FlowMatchPipeline(DenoisingPipeline):
     def load_components(self, model: str) -> None:
         for name in self.spec.components:
             device = self.offloading.component_device(name)
-            setattr(self, name, load_part(model, name, self.index, device, self.dtype))
+            setattr(self, name, load_part(model, name, self.index, device, self.part_dtype(name)))
 
     def lora_loader(self):
         """The reference pipeline class (its ``lora_state_dict`` converters), if it has
@@ -183,9 +204,8 @@ class FlowMatchPipeline(DenoisingPipeline):
         fewest, most = self.spec.images
         count = len(params.images)
         if not fewest <= count <= most:
-            raise ParamError(
-                "image", f"{self.spec.name} {_images_wanted(fewest, most)}, got {count}"
-            )
+            wanted = _images_wanted(fewest, most, self.output_kind)
+            raise ParamError("image", f"{self.spec.name} {wanted}, got {count}")
         if steps < 2 and self.scheduler_config.get("shift_terminal"):
             # diffusers' terminal stretch divides by (1 - last sigma) = 0 for one step: NaN.
             raise ParamError(
@@ -233,17 +253,20 @@ class FlowMatchPipeline(DenoisingPipeline):
         """Latent height and width (before packing)."""
         return 2 * (request.height // self.multiple), 2 * (request.width // self.multiple)
 
+    def latent_shape(self, request: Request) -> tuple[int, ...]:
+        """One image's noise shape before packing: ``(C, h, w)`` (video: ``(C, F, h, w)``)."""
+        return (self.latent_channels, *self.latent_hw(request))
+
     def initial_latents(self, requests: list[Request], seeds: list[int]) -> torch.Tensor:
         """Each request's seeded noise, packed if the spec says so, concatenated."""
-        h, w = self.latent_hw(requests[0])
-        c = self.latent_channels
+        shape = self.latent_shape(requests[0])
         dtype = self.spec.noise_dtype or self.dtype
         noise = []
         for r, seed in zip(requests, seeds, strict=True):
             n = r.params.num_images
-            x = seeded_noise((n, c, h, w), seed, dtype, self.device)
+            x = seeded_noise((n, *shape), seed, dtype, self.device)
             x = x.to(self.spec.latents_dtype or self.dtype)
-            noise.append(pack_latents(x, n, c, h, w) if self.spec.packed else x)
+            noise.append(pack_latents(x, n, *shape) if self.spec.packed else x)
         return torch.cat(noise)
 
     def batch_text(self, embeds: list, requests: list[Request]):
@@ -292,8 +315,10 @@ class FlowMatchPipeline(DenoisingPipeline):
 
     def schedule(self, steps: int, latents: torch.Tensor, inputs: dict):
         """The batch's scheduler, timesteps set (see :func:`flow_schedule`)."""
+        spec = self.spec
+        seq_len = self.seq_len(latents)
         return flow_schedule(
-            self.scheduler_config, steps, self.seq_len(latents), self.device, self.spec.sigmas
+            self.scheduler_config, steps, seq_len, self.device, spec.sigmas, spec.scheduler
         )
 
     def forward(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
@@ -319,9 +344,11 @@ class FlowMatchPipeline(DenoisingPipeline):
         return split_images(flat, job.requests)
 
 
-def _images_wanted(fewest: int, most: int) -> str:
+def _images_wanted(fewest: int, most: int, kind: str) -> str:
     if most == 0:
-        return "is text-to-image and takes no input images"
+        return f"is text-to-{kind} and takes no input images"
+    if fewest == 0:
+        return f"takes at most {'one' if most == 1 else most} input image{'s' * (most > 1)}"
     if fewest == most:
         return f"needs exactly {'one' if most == 1 else most} input image{'s' * (most > 1)}"
     return f"takes {fewest} to {most} input images"

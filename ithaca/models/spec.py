@@ -17,13 +17,8 @@ from typing import Any
 
 import torch
 
-from ithaca.parallel import (
-    ParallelState,
-    SequenceParallelRuntime,
-    apply_guidance,
-    apply_sequence_parallel,
-)
-from ithaca.parallel.tensor import apply_tensor_parallel
+from ithaca.parallel import apply_guidance
+from ithaca.runtime.parallelize import AttentionLayout
 
 GuidanceRule = Callable[[torch.Tensor, torch.Tensor | None, float], torch.Tensor]
 
@@ -50,52 +45,6 @@ DEFAULTS = {
 """Request field -> the pipeline attribute holding its default: what a
 :attr:`FamilySpec.defaults` and a checkpoint's ``model_index.json`` ``_ithaca_defaults``
 (what the default models were trained at; diffusers ignores ``_`` keys) may set."""
-
-
-@dataclass(frozen=True)
-class AttentionLayout:
-    """How a transformer runs under sequence parallelism.
-
-    ``processor(runtime)`` is installed on the attention modules named in ``blocks``
-    (``{"transformer_blocks": ("attn",)}``: every block of that list, those attributes;
-    a None attribute is skipped). A processor may define ``attach(block, name, blocks)``
-    to do more than ``set_processor`` (FLUX's single-stream blocks record their text
-    length).
-    ``plan`` is the ``_sp_plan``, or a function of the transformer's config.
-    """
-
-    processor: Callable[[SequenceParallelRuntime, ParallelState], Any]
-    blocks: Mapping[str, tuple[str, ...]]
-    plan: Mapping | Callable[[Any], Mapping] | None = None
-    check_heads: bool = True
-    """Whether the Ulysses degree must divide the head count (False: the processor pads
-    heads)."""
-
-
-def parallelize(
-    transformer: torch.nn.Module, state: ParallelState, layout: AttentionLayout
-) -> SequenceParallelRuntime:
-    """Split the weights by the transformer's ``_tp_plan`` over ``state.tp`` (if its size is
-    above 1), apply ``layout``'s sequence-parallel plan for ``state`` and route the
-    declared blocks through it."""
-    transformer._ithaca_tp = apply_tensor_parallel(transformer, state, type(transformer).__name__)
-    if layout.check_heads:  # Ulysses splits the heads one tensor-parallel rank holds
-        state.config.validate_heads(transformer.config.num_attention_heads // state.tp.size)
-    plan = layout.plan if layout.plan is not None else transformer._sp_plan
-    if callable(plan):
-        plan = plan(transformer.config)
-    runtime = apply_sequence_parallel(transformer, plan, state)
-    processor = layout.processor(runtime, state)
-    for blocks, names in layout.blocks.items():
-        for block in getattr(transformer, blocks):
-            for name in names:
-                if getattr(block, name, None) is None:
-                    continue
-                if hasattr(processor, "attach"):
-                    processor.attach(block, name, blocks)
-                else:
-                    getattr(block, name).set_processor(processor)
-    return runtime
 
 
 @dataclass(frozen=True)
@@ -142,6 +91,12 @@ class FamilySpec:
     reference: str | None = None
     """The diffusers pipeline class that is this family's numerical oracle; None: the one
     named like the family's pipeline class (the checkpoint's ``_class_name``)."""
+    scheduler: type | None = None
+    """The scheduler class built from the checkpoint's ``scheduler`` config (None:
+    ``FlowMatchEulerDiscreteScheduler``; Wan2.2: ``UniPCMultistepScheduler``)."""
+    vae_dtype: torch.dtype | None = None
+    """dtype the VAE is loaded in (None: the model dtype; Wan2.2: fp32, as diffusers'
+    Wan examples load it)."""
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.defaults) - set(DEFAULTS))

@@ -13,13 +13,6 @@
 from ithaca.parallel.attention import ParallelAttention
 from ithaca.parallel.cfg import apply_guidance, idle_branch_warning, predict_branches
 from ithaca.parallel.hooks import SequenceParallelRuntime, apply_sequence_parallel
-from ithaca.parallel.hsdp import (
-    HSDPInferenceConfig,
-    apply_hsdp_to_model,
-    get_fully_shard_rank,
-    get_fully_shard_world_size,
-    parameter_bytes,
-)
 from ithaca.parallel.sharding import (
     ShardingValidator,
     sp_gather,
@@ -36,6 +29,26 @@ from ithaca.parallel.sp_plan import (
     validate_sp_plan,
 )
 from ithaca.parallel.state import ParallelState
+
+# :mod:`hsdp` imports FSDP2 and DTensor (about 4 s of CPU per process, ~40% of a worker's
+# import time): loaded on first use, so processes that never shard weights (front ends,
+# the test suite's pipeline double) do not pay for it.
+_HSDP = (
+    "HSDPInferenceConfig",
+    "apply_hsdp_to_model",
+    "get_fully_shard_rank",
+    "get_fully_shard_world_size",
+    "parameter_bytes",
+)
+
+
+def __getattr__(name: str):
+    if name in _HSDP:
+        from ithaca.parallel import hsdp
+
+        return getattr(hsdp, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "HSDPInferenceConfig",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -50,6 +51,18 @@ def _to(value, device):
     if isinstance(value, list | tuple):
         return type(value)(_to(v, device) for v in value)
     return value
+
+
+@dataclass
+class ResumeState:
+    """Where an interrupted loop stands: ``latents`` after ``step`` steps.
+
+    ``denoise(job, resume=ResumeState(k, latents_k))`` runs steps ``k..N-1`` and ends
+    with the same latents as an uninterrupted run (the scheduler starts at index ``k``).
+    """
+
+    step: int
+    latents: torch.Tensor
 
 
 class StepCheckpoint:

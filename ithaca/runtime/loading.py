@@ -19,7 +19,7 @@ With HSDP or tensor parallelism (``shard=``) the module is sharded while still o
 ``meta`` and each rank allocates and reads only the rows or columns it keeps: its peak
 is its shard plus one tensor.
 Checkpoints whose keys need a diffusers conversion (single-file, legacy names) are
-not handled here: the loader raises on unexpected keys and the caller falls back to
+not streamed: the loader raises on unexpected keys and :func:`load_frozen` falls back to
 ``from_pretrained``.
 """
 
@@ -35,7 +35,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from ithaca.parallel.hsdp import local_rows
-from ithaca.parallel.tensor import take
+from ithaca.parallel.tensor import DegreeError, take
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,23 @@ def weight_files(directory: str) -> list[str]:
     if os.path.exists(single):
         return [single]
     raise FileNotFoundError(f"no {WEIGHTS} or {WEIGHTS_INDEX} in {directory}")
+
+
+def load_frozen(cls, model: str, subfolder: str, device, dtype: torch.dtype, shard=None):
+    """``cls`` from ``model/subfolder`` on ``device``, frozen for inference: streamed
+    (:func:`load_streamed`), else through diffusers' ``from_pretrained`` (key conversion),
+    then split by ``shard``. A tensor-parallel degree that does not fit the model
+    (``DegreeError``) is raised as it is: no whole-model fallback load."""
+    try:
+        module = load_streamed(cls, model, subfolder, device=device, dtype=dtype, shard=shard)
+    except DegreeError:
+        raise
+    except (ValueError, FileNotFoundError) as exc:
+        log.info("%s: loading through from_pretrained (%s)", model, exc)
+        module = cls.from_pretrained(model, subfolder=subfolder, torch_dtype=dtype).to(device)
+        if shard is not None:
+            module = shard(module)
+    return module.eval().requires_grad_(False)
 
 
 def load_streamed(

@@ -1,4 +1,5 @@
-"""Progress through the final decode, so a long but alive decode is never taken for a hang.
+"""Progress through the final decode, so a long but alive decode is never taken for a hang;
+and the steps after which the loop reports a preview (:func:`preview_steps`).
 
 A decode is cut into *chunks* the VAE already runs one by one: diffusers' video VAEs
 (``AutoencoderKLWan`` / ``AutoencoderKLQwenImage``) call their ``decoder`` once per latent
@@ -21,6 +22,14 @@ import torch
 from torch import nn
 
 from ithaca.types import DecodeCallback, DecodeEvent
+
+
+def preview_steps(total: int, count: int) -> set[int]:
+    """0-based steps after which to report ``count`` evenly spaced previews (not the last)."""
+    if count <= 0 or total <= 1:
+        return set()
+    steps = {round((j + 1) * total / (count + 1)) - 1 for j in range(count)}
+    return {s for s in steps if 0 <= s < total - 1}
 
 
 def up_block_chunks(vae: nn.Module | None) -> tuple[list[nn.Module], int]:

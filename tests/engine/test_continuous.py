@@ -72,7 +72,7 @@ def test_batch_invariant_reaches_every_rank():
 
 
 def test_a_cached_request_joins_a_batch_with_its_cache_settings(engine):
-    from ithaca.models.stepping import Accepts, join_key
+    from ithaca.runtime.stepping import Accepts, join_key
 
     pipe = engine.executors[0].pipeline
     key = join_key(pipe, pipe.resolve(P(6, seed=1)))
@@ -101,7 +101,7 @@ def test_a_cached_request_joining_at_step_2_gets_its_solo_cached_result(
     latents and skip counts are its solo run's, though the two requests are at different
     steps and (the gathered-rows path ran) decided differently at some step."""
     from ithaca.cache.base import StepCache
-    from ithaca.models.stepping import generate_stepwise
+    from ithaca.runtime.stepping import generate_stepwise
 
     pipe = engine.executors[0].pipeline
     kw = dict(negative_prompt="x", cache_backend=backend, cache_config=CACHES[backend])

@@ -21,7 +21,7 @@ import torch
 
 from ithaca.config import ParallelConfig
 from ithaca.models.registry import load_pipeline
-from ithaca.models.stepping import generate_stepwise
+from ithaca.runtime.stepping import generate_stepwise
 from ithaca.testing.distributed import parallel_state
 from ithaca.testing.tiny_wan import build_tiny_wan
 from ithaca.types import GenerationParams

@@ -26,9 +26,9 @@ from ithaca.models.longcat_image.pipeline import LongCatImagePipeline
 from ithaca.models.ovis_image.pipeline import OvisImagePipeline
 from ithaca.models.registry import load_pipeline
 from ithaca.models.sd3.pipeline import StableDiffusion3Pipeline
-from ithaca.models.stepping import generate_stepwise
 from ithaca.models.z_image.pipeline import ZImagePipeline
 from ithaca.parallel import ParallelState
+from ithaca.runtime.stepping import generate_stepwise
 from ithaca.types import GenerationParams
 
 SMALL = dict(width=28, height=20)

@@ -95,7 +95,7 @@ def test_runtime_remove_leaves_no_hooks(checkpoints):
     """``parallelize`` hooks the model and its single-stream blocks; ``remove()`` takes
     every one of those hooks off again (the blocks' text-length pre-hooks included)."""
     from ithaca.models.flux.transformer import FLUX_ATTENTION, FluxTransformer2DModel
-    from ithaca.models.spec import parallelize
+    from ithaca.runtime.parallelize import parallelize
 
     model = FluxTransformer2DModel.from_pretrained(checkpoints["dev"], subfolder="transformer")
 

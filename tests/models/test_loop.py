@@ -12,9 +12,9 @@ import contextlib
 import pytest
 import torch
 
-from ithaca.models.base import ResumeState
 from ithaca.models.registry import load_pipeline
 from ithaca.parallel import ParallelState
+from ithaca.runtime.checkpoint import ResumeState
 from ithaca.types import GenerationParams, ParamError
 
 SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
@@ -125,7 +125,7 @@ def test_bad_settings_name_their_param(pipe, params, param):
 def test_a_step_batch_reads_nothing_back_per_step(pipe):
     # Step-level batching: two requests with their own steps and scales in one batch.
     # After the first step (which builds the members' inputs), steps read nothing back.
-    from ithaca.models.stepping import StepBatch
+    from ithaca.runtime.stepping import StepBatch
 
     batch = [
         GenerationParams("a red cat", negative_prompt="x", width=64, height=64, seed=s,

@@ -19,14 +19,24 @@ import time
 import httpx
 
 from ithaca.testing.distributed import free_port
+from tests.server.preload import Zygote
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAKE = "tests.engine.doubles:make_pipeline"
 
 
 class ServerProcess:
+    """``fork=False``: exec ``python -m ithaca.cli serve`` itself (kept by a few tests: the
+    plain command line); by default the server is forked from the preloaded interpreter
+    of :mod:`tests.server.preload` (the same ``main(argv)``, without the import cost)."""
+
     def __init__(
-        self, *args: str, state_dir: str, env: dict | None = None, port: int | None = None
+        self,
+        *args: str,
+        state_dir: str,
+        env: dict | None = None,
+        port: int | None = None,
+        fork: bool = True,
     ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -36,11 +46,17 @@ class ServerProcess:
             sys.executable, "-m", "ithaca.cli", "serve", *args,
             "--host", "127.0.0.1", "--port", str(self.port), "--state-dir", state_dir,
         ]  # fmt: skip
-        full_env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", **(env or {})}
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(
-            cmd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        base_env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+        full_env = {**base_env, **(env or {})}
+        self._log = None
+        if fork:
+            self.proc = Zygote.get(base_env).spawn(cmd[3:], full_env, self.log_path)
+        else:
+            self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
+            self.proc = subprocess.Popen(
+                cmd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
         self.client = httpx.Client(base_url=self.url, timeout=60)
 
     def log(self) -> str:
@@ -76,7 +92,8 @@ class ServerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         self.client.close()
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
         return self.proc.returncode
 
 
@@ -153,6 +170,13 @@ class AppClient:
     def delete(self, url: str, **kw) -> httpx.Response:
         return self.request("DELETE", url, **kw)
 
+    def openai(self, **kw):
+        """The official openai SDK's sync client, its requests sent into this app."""
+        import openai
+
+        http = httpx.Client(transport=_SyncBridge(self), base_url="http://ithaca.test")
+        return openai.OpenAI(base_url="http://ithaca.test/v1", http_client=http, **kw)
+
     @contextlib.contextmanager
     def stream(self, method: str, url: str, **kw):
         """The whole response, read (ASGITransport buffers streamed bodies anyway)."""
@@ -166,6 +190,44 @@ class AppClient:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
             self.loop.close()
+
+
+class _SyncBridge(httpx.BaseTransport):
+    """A sync httpx transport into an :class:`AppClient`'s app (for sync clients such as the
+    openai SDK): each request runs through ``httpx.ASGITransport`` on the app's loop."""
+
+    def __init__(self, app: AppClient):
+        self.app = app
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        body = request.read()
+
+        async def call():
+            inner = httpx.Request(request.method, request.url, headers=request.headers,
+                                  content=body)  # fmt: skip
+            response = await httpx.ASGITransport(app=self.app.app).handle_async_request(inner)
+            raw = b"".join([chunk async for chunk in response.stream])  # still encoded
+            return response.status_code, response.headers, raw
+
+        status, headers, raw = self.app._run(call())
+        return httpx.Response(status, headers=headers, content=raw, request=request)
+
+
+def model_app(state_dir: str, model: str, name: str | None = None, **config) -> AppClient:
+    """``ithaca serve MODEL --executor inprocess`` without the process: the models built as
+    ``serve`` builds them (:func:`ithaca.server.serve.build_models`), the pipeline loaded in
+    this process, the app driven through ``httpx.ASGITransport``."""
+    from ithaca.config import ParallelConfig, ServerConfig
+    from ithaca.server.app import create_app
+    from ithaca.server.serve import ModelEntry, build_models
+
+    server = ServerConfig(model=model, served_model_name=name, executor="inprocess",
+                          state_dir=state_dir, **config)  # fmt: skip
+    served = build_models(server, None, [ModelEntry(model, name, ParallelConfig())])
+    for entry in served:
+        entry.engine.start(wait=True, timeout=300)
+    app = create_app(served[0].engine, server, models=served, start_engine=False)
+    return AppClient(app)
 
 
 def fake_app(state_dir: str, step_s: float = 0.02, **config) -> AppClient:

@@ -1,4 +1,5 @@
-"""``/v1/images/edits`` on the tiny Qwen-Image-Layered checkpoint (in-process executor):
+"""``/v1/images/edits`` on the tiny Qwen-Image-Layered checkpoint (in-process executor,
+served in this process through an ASGI transport: the routes are the point here):
 every RGBA layer of every image comes back as its own ``data[]`` entry, byte for byte
 what the pipeline returns in-process; ``layers`` is validated at the edge."""
 
@@ -6,7 +7,6 @@ import base64
 import io
 
 import numpy as np
-import openai
 import pytest
 from PIL import Image
 
@@ -25,8 +25,8 @@ def model(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def server(serve, model):
-    return serve(model, "--executor", "inprocess", "--served-model-name", "tiny-layered")
+def server(model_server, model):
+    return model_server(model, "tiny-layered")
 
 
 def _input() -> Image.Image:
@@ -48,7 +48,7 @@ def _decode(b64_json: str) -> Image.Image:
 
 
 def test_sdk_edit_returns_every_layer_as_an_rgba_png(server, model):
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    client = server.openai(api_key="x", max_retries=0, timeout=120)
     res = client.images.edit(
         model="tiny-layered", image=("in.png", _png(_input()), "image/png"), prompt="a red cat",
         size="64x64", n=2, extra_body={**STEPS, "layers": 3},
@@ -57,7 +57,7 @@ def test_sdk_edit_returns_every_layer_as_an_rgba_png(server, model):
     layers = [_decode(d.b64_json) for d in res.data]
     assert all(im.format == "PNG" and im.mode == "RGBA" and im.size == (64, 64) for im in layers)
     # The pipeline's layers, image-major, from the RGBA input (alpha kept): within 1/255
-    # (the server runs one thread, this process more: matmuls sum in another order).
+    # (the project's image tolerance: the engine's batch is computed apart from this call).
     pipe = load_pipeline(model, ParallelState.single())
     params = GenerationParams(prompt="a red cat", width=64, height=64, num_images=2, layers=3,
                               images=[_input()], **STEPS)  # fmt: skip
@@ -75,7 +75,7 @@ def _max_diff(a: list, b: list) -> int:
 def test_json_edit_uses_the_default_layer_count(server):
     url = "data:image/png;base64," + b64(_png(_input()))
     body = {"prompt": "a red cat", "images": [{"image_url": url}], "size": "64x64", **STEPS}
-    r = server.client.post("/v1/images/edits", json=body)
+    r = server.post("/v1/images/edits", json=body)
     assert r.status_code == 200, r.text
     assert len(r.json()["data"]) == 4  # Qwen-Image-Layered's default: 4 layers
 
@@ -84,13 +84,13 @@ def test_json_edit_uses_the_default_layer_count(server):
 def test_invalid_layers_is_a_400_naming_the_param(server, value):
     form = {"prompt": "a red cat", "size": "64x64", "layers": value, "num_inference_steps": "2"}
     files = {"image": ("in.png", _png(_input()), "image/png")}
-    r = server.client.post("/v1/images/edits", data=form, files=files)
+    r = server.post("/v1/images/edits", data=form, files=files)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == "layers" and error["type"] == "invalid_request_error"
 
 
 def test_a_layered_model_needs_an_input_image(server):
-    r = server.client.post("/v1/images/generations", json={"prompt": "a red cat", **STEPS})
+    r = server.post("/v1/images/generations", json={"prompt": "a red cat", **STEPS})
     assert r.status_code == 400, r.text
     assert "needs exactly one input image" in r.json()["error"]["message"]

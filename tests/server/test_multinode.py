@@ -35,7 +35,7 @@ def test_two_nodes_serve_one_group(tmp_path):
          "--master-port", port],
         env=env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
-    server = ServerProcess(*LAYOUT, "--master-port", port, state_dir=str(tmp_path))
+    server = ServerProcess(*LAYOUT, "--master-port", port, state_dir=str(tmp_path), fork=False)
     try:
         health = server.wait_healthy(240)
         ranks = [r for g in health["groups"] for r in g["ranks"]]

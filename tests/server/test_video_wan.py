@@ -1,24 +1,26 @@
-"""The official SDK's video flow on a real (tiny, random-weight) Wan2.2 T2V checkpoint
-served at --usp 2: create, poll with real progress, download an MP4 whose frame count
-and size are the requested ones."""
+"""The official SDK's video flow on a real (tiny, random-weight) Wan2.2 T2V checkpoint,
+served in this process through an ASGI transport: create, poll with real progress,
+download an MP4 whose frame count and size are the requested ones. (Video jobs through a
+real ``ithaca serve`` and its torchrun group: tests/server/test_videos.py on the pipeline
+double at --usp 2, tests/server/test_loras_models.py on tiny Wan; Wan's 2-rank layouts
+against one rank: tests/models/test_wan*.py.)"""
 
 import io
 import time
 
 import av
-import openai
 import pytest
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
-def server(serve, tiny_wan):
-    return serve(tiny_wan["t2v_a14b"], "--usp", "2", "--served-model-name", "tiny-wan")
+def server(model_server, tiny_wan):
+    return model_server(tiny_wan["t2v_a14b"], "tiny-wan")
 
 
 def test_sdk_video_on_wan(server):
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    client = server.openai(api_key="x", max_retries=0, timeout=120)
     video = client.videos.create(
         model="tiny-wan", prompt="a cat walks on the beach", size="64x48", seconds="1",
         extra_body={"num_frames": 5, "fps": 8, "num_inference_steps": 3, "seed": 0},

@@ -47,11 +47,12 @@ from PIL import Image
 from ithaca.cache import BlockCacheAdapter, build_cache, checkpoint_coefficients
 from ithaca.config import CacheConfig
 from ithaca.models.bagel import inputs, loader, sampling
-from ithaca.models.base import DenoisingPipeline, Request, _StopFlag, preview_steps
+from ithaca.models.base import DenoisingPipeline, Request
 from ithaca.parallel import ParallelState
 from ithaca.parallel.tensor import apply_tensor_parallel, tp_shard
 from ithaca.parallel.vae import split_vae
-from ithaca.runtime.progress import report_decode, up_block_chunks
+from ithaca.runtime.agree import StopFlag
+from ithaca.runtime.progress import preview_steps, report_decode, up_block_chunks
 from ithaca.types import GenerationParams, ParamError, StepEvent
 
 logger = logging.getLogger(__name__)
@@ -248,7 +249,7 @@ class BagelPipeline(DenoisingPipeline):
         total, done = spec.num_timesteps - 1, [0]
         if cache is not None:
             cache.begin(total)
-        flag = _StopFlag(self.state, self.device)  # agreed across the replica
+        flag = StopFlag(self.state, self.device)  # agreed across the replica
 
         def call(branch: int, i: int, fn):
             if cache is None:

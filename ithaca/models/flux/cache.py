@@ -1,5 +1,5 @@
-"""How FLUX.1's blocks look to the step caches (``ithaca.cache``); LongCat-Image(-Edit)
-and Ovis-Image have the same blocks and use this adapter too.
+"""How FLUX.1's blocks look to the step caches (``ithaca.cache``); LongCat-Image(-Edit),
+Ovis-Image and SD3 / SD3.5 have the same kind of blocks and use this adapter too.
 
 The stack is the double-stream ``transformer_blocks`` followed by the single-stream
 ``single_transformer_blocks``, one stack to a cache. In diffusers 0.42 both kinds take
@@ -16,9 +16,15 @@ text) separately and return ``(text, image)``; a single-stream block concatenate
   kinds, its last ``Bn`` blocks are single-stream blocks that read the text, so the text
   residual of the middle is remembered too.
 
+SD3 / SD3.5 (``blocks="transformer_blocks"``) is one stack of MMDiT blocks of the same
+form; its last block is ``context_pre_only`` and returns ``(None, image)``, which a skipped
+step does not need either. TeaCache probes block 0's ``norm1`` as here (SD3.5-medium's
+``AdaLayerNormZeroX`` returns the modulated input first too).
+
 TeaCache coefficients: TeaCache's published FLUX.1-dev fit, also for FLUX.1-schnell,
-LongCat-Image and Ovis-Image (same blocks, no fit of their own published), unless the
-checkpoint's ``ithaca.json`` carries its own (``ithaca calibrate-teacache``).
+LongCat-Image, Ovis-Image and SD3 / SD3.5 (the same double-stream block and probe; no fit
+of their own published), unless the checkpoint's ``ithaca.json`` carries its own
+(``ithaca calibrate-teacache``).
 """
 
 from __future__ import annotations

@@ -33,13 +33,13 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
 from ithaca.models.attention import ParallelProcessor, project_out
-from ithaca.models.spec import AttentionLayout
 from ithaca.parallel import (
     SequenceParallelInput,
     SequenceParallelOutput,
     SequenceParallelRuntime,
 )
 from ithaca.parallel.tensor import GATHERED_COLWISE
+from ithaca.runtime.parallelize import AttentionLayout
 
 FLUX_SP_PLAN = {
     "": {

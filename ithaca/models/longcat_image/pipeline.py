@@ -95,20 +95,12 @@ class LongCatImagePipeline(TextIdsPipeline):
                 ids.extend(self.tokenizer(piece, add_special_tokens=False)["input_ids"])
         return ids[: self.max_sequence_length]
 
-    def _padded(self, text: str):
-        """The prompt's ids padded to 512, with the attention mask: ``(1, 512)`` each."""
-        return self.tokenizer.pad(
-            {"input_ids": [self._token_ids(text)]},
-            max_length=self.max_sequence_length,
-            padding="max_length",
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-
     def _wrapped(self, prefix: str, text: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Ids and mask ``(1, P + 512 + S)`` of ``prefix`` + the padded prompt + the suffix,
-        on the device, and the suffix length ``S``."""
-        padded = self._padded(text)
+        """Ids and mask ``(1, P + 512 + S)`` of ``prefix`` + the prompt padded to 512 + the
+        suffix, on the device, and the suffix length ``S``."""
+        padded = self.tokenizer.pad({"input_ids": [self._token_ids(text)]},
+                                    max_length=self.max_sequence_length, padding="max_length",
+                                    return_attention_mask=True, return_tensors="pt")  # fmt: skip
         ids, mask = padded.input_ids, padded.attention_mask
         prefix_ids, suffix_ids = (
             self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in (prefix, SUFFIX)

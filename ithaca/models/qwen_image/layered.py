@@ -43,7 +43,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_d
 from PIL import Image
 
 from ithaca.models.base import Job, Request
-from ithaca.models.flow import seeded_noise, vae_stats
+from ithaca.models.flow import seeded_noise, split_images, vae_stats
 from ithaca.models.qwen_image import templates
 from ithaca.models.qwen_image.pipeline import QwenImageEditPipeline, QwenImagePipeline, variant
 from ithaca.models.spec import plain_cfg, rescaled_cfg
@@ -191,20 +191,14 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
         return self.image_processor.postprocess(images, output_type="pil")
 
     def decode(self, job: Job, latents: torch.Tensor) -> list[list[Image.Image]]:
-        # Frame 0 is the composite image: the layers are frames 1..L.
+        # Frame 0 is the composite image: the layers are frames 1..L (one batch: one L).
         flat = self._decode_frames(job, latents, slice(1, None))
-        out, start = [], 0
-        for req in job.requests:
-            count = req.params.num_images * self.layers_of(req)
-            out.append(flat[start : start + count])
-            start += count
-        return out
+        layers = self.layers_of(job.requests[0])
+        per_image = [flat[i : i + layers] for i in range(0, len(flat), layers)]
+        per_request = split_images(per_image, job.requests)
+        return [[layer for image in images for layer in image] for images in per_request]
 
     def preview(self, job: Job, x0: torch.Tensor) -> list[Image.Image]:
         """The composite frame's x0 estimate of each request's first image."""
         flat = self._decode_frames(job, x0, slice(0, 1))
-        out, start = [], 0
-        for req in job.requests:
-            out.append(flat[start])
-            start += req.params.num_images
-        return out
+        return [images[0] for images in split_images(flat, job.requests)]

@@ -228,7 +228,7 @@ class QwenImageEditPipeline(QwenImagePipeline):
     def request_size(self, params: GenerationParams) -> tuple[int, int]:
         """The output takes the input image's aspect ratio (the last image's, with several)
         at the model's area (1024x1024 px), unless the request gives a size."""
-        w, h = self._dims(params.images[-1], self._edit_area())
+        w, h = self._vae_size(params.images[-1])
         w = params.width if params.width is not None else w
         h = params.height if params.height is not None else h
         return self.rounded_size(w, h)
@@ -237,12 +237,9 @@ class QwenImageEditPipeline(QwenImagePipeline):
         return tuple(self._vae_size(im) for im in params.images)
 
     def _vae_size(self, image: Image.Image) -> tuple[int, int]:
-        return self._dims(image, self._edit_area())
-
-    def _edit_area(self) -> int:
-        # diffusers' 1024 * 1024 (Edit-Plus: VAE_IMAGE_SIZE, the same area), or the trained
-        # size a checkpoint states (_ithaca_defaults): the input images' VAE area
-        return self.default_width * self.default_height
+        # The area: diffusers' 1024 * 1024 (Edit-Plus: VAE_IMAGE_SIZE, the same), or the
+        # trained size a checkpoint states (_ithaca_defaults)
+        return self._dims(image, self.default_width * self.default_height)
 
     def _image_shapes(self, request: Request) -> list[tuple[int, int, int]]:
         shapes = super()._image_shapes(request)

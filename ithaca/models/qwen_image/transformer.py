@@ -30,9 +30,9 @@ from diffusers import QwenImageTransformer2DModel as _DiffusersQwenImageTransfor
 
 from ithaca.models.attention import TEXT, ParallelProcessor, project, project_out
 from ithaca.models.rotary import apply_rope, use_real_freqs
-from ithaca.models.spec import AttentionLayout
 from ithaca.parallel import SequenceParallelInput, SequenceParallelOutput
 from ithaca.parallel.tensor import GATHERED_COLWISE
+from ithaca.runtime.parallelize import AttentionLayout
 
 QWEN_IMAGE_SP_PLAN = {
     "pos_embed": {

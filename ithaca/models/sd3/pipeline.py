@@ -22,12 +22,14 @@ replica's rank 0.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from ithaca.models.base import Job
 from ithaca.models.flow import FlowMatchPipeline
-from ithaca.models.sd3.cache import cache_adapter
+from ithaca.models.flux import cache as flux_cache
 from ithaca.models.sd3.transformer import SD3_ATTENTION, SD3Transformer2DModel
 from ithaca.models.spec import FamilySpec
 
@@ -44,7 +46,7 @@ SPEC = FamilySpec(
         "tokenizer_2",
         "tokenizer_3",
     ),
-    cache_adapter=cache_adapter,
+    cache_adapter=functools.partial(flux_cache.cache_adapter, blocks="transformer_blocks"),
     defaults={"num_inference_steps": 28, "true_cfg_scale": 3.5},
     packed=False,
     sigmas="scheduler",

@@ -23,9 +23,9 @@ from __future__ import annotations
 from diffusers import SD3Transformer2DModel as _DiffusersSD3Transformer
 
 from ithaca.models.attention import TEXT, ParallelProcessor, project, project_out
-from ithaca.models.spec import AttentionLayout
 from ithaca.parallel import SequenceParallelInput, SequenceParallelOutput
 from ithaca.parallel.tensor import GATHERED_COLWISE
+from ithaca.runtime.parallelize import AttentionLayout
 
 SD3_SP_PLAN = {
     "transformer_blocks.0": {

@@ -1,4 +1,4 @@
-"""Wan2.2 text/image-to-video pipelines over the shared denoising loop.
+"""Wan2.2 text/image-to-video pipelines on the shared flow-matching pipeline.
 
 Numerics follow diffusers' ``WanPipeline`` (T2V-A14B with ``transformer_2`` and
 ``boundary_ratio``; TI2V-5B with ``expand_timesteps``) and ``WanImageToVideoPipeline``
@@ -26,10 +26,15 @@ live on the replica's rank 0 only; every rank holds the experts, each sharded by
 same ``_sp_plan``. The idle expert can live in host memory (``expert_offload``, see
 :mod:`ithaca.models.wan.experts` and ``docs/video.md``). Outputs are uint8 frames
 ``(F, H, W, 3)``; MP4 encoding is the server's, once, after ``generate`` returns.
+
+The shared flow-matching pipeline (:mod:`ithaca.models.flow`) does the rest from
+:data:`SPEC`; this module writes the experts, the video settings, the prompt padding, the
+image condition, the forward and the video decode.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -43,21 +48,48 @@ from PIL import Image
 
 from ithaca.cache import CacheGroup, build_cache
 from ithaca.config import CacheConfig
-from ithaca.models.base import DenoisingPipeline, Job, Request
-from ithaca.models.flow import load_part, seeded_noise, vae_stats
-from ithaca.models.registry import model_index
-from ithaca.models.spec import parallelize
+from ithaca.models.base import Job, Request
+from ithaca.models.flow import FlowMatchPipeline, flow_schedule, repeat_rows, vae_stats
+from ithaca.models.spec import FamilySpec
 from ithaca.models.wan.cache import cache_adapter
 from ithaca.models.wan.experts import ExpertPlacement, module_bytes, should_offload
 from ithaca.models.wan.transformer import WanTransformer3DModel, wan_attention
 from ithaca.parallel import ParallelState
-from ithaca.parallel.cfg import POSITIVE
+from ithaca.runtime.parallelize import parallelize
 from ithaca.types import GenerationParams, GenerationResult, ParamError
 
 logger = logging.getLogger(__name__)
 
 MAX_SEQUENCE_LENGTH = 512
 """Text tokens the transformer sees (the reference pads every prompt to this)."""
+
+T2V_DEFAULTS = {"width": 1280, "height": 720, "num_inference_steps": 40,
+                "guidance_scale": 4.0, "num_frames": 81, "fps": 16}  # fmt: skip
+"""T2V-A14B's published defaults."""
+I2V_DEFAULTS = {**T2V_DEFAULTS, "width": 832, "height": 480, "guidance_scale": 3.5}
+"""I2V-A14B's."""
+
+SPEC = FamilySpec(
+    name="Wan2.2",
+    transformer=WanTransformer3DModel,
+    attention=wan_attention(per_token_timesteps=False),
+    cache_adapter=cache_adapter,
+    defaults=T2V_DEFAULTS,
+    cfg_aliases=False,  # the scale is guidance_scale (WanPipeline.cfg_scale)
+    packed=False,
+    noise_dtype=torch.float32,
+    latents_dtype=torch.float32,
+    sigmas="scheduler",
+    reference="WanPipeline",  # its LoRA converters read both classes' files
+    scheduler=UniPCMultistepScheduler,
+    vae_dtype=torch.float32,
+)
+"""Wan2.2 T2V-A14B (two experts); :func:`WanPipeline.checkpoint_spec` adapts it to the
+checkpoint (TI2V-5B, I2V-A14B)."""
+
+TI2V_DEFAULTS = {"width": 1280, "height": 704, "num_inference_steps": 50,
+                 "guidance_scale": 5.0, "num_frames": 121, "fps": 24}  # fmt: skip
+"""TI2V-5B's published defaults."""
 
 
 @dataclass(frozen=True)
@@ -85,18 +117,21 @@ def tokenize(tokenizer, prompts: list[str], padding: str = "max_length"):
     )
 
 
-class WanPipeline(DenoisingPipeline):
+def _number(name: str, value, kind=float, allow_zero: bool = False):
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok or (kind is int and not isinstance(value, int)):
+        sign = "non-negative" if allow_zero else "positive"
+        raise ParamError(name, f"{name} ({value!r}) must be a {sign} {kind.__name__}")
+    return kind(value)
+
+
+class WanPipeline(FlowMatchPipeline):
     """Text-to-video (T2V-A14B, two experts) and text(+image)-to-video (TI2V-5B)."""
 
-    default_width = 1280
-    default_height = 720
-    default_steps = 40
-    default_true_cfg_scale = 4.0
-    default_num_frames = 81
-    default_fps = 16
+    spec = SPEC
+    output_kind = "video"
     joins_mid_run = False  # the experts and scales are decided per step of one schedule
-    takes_image: str = "optional"  # with expand_timesteps; else "never" (see __init__)
-    requires_image = False  # True: "always", whatever the checkpoint
 
     def __init__(
         self,
@@ -105,66 +140,67 @@ class WanPipeline(DenoisingPipeline):
         dtype: torch.dtype,
         expert_offload: bool | None = None,
     ):
-        super().__init__(state, dtype)
-        self.model = model
-        self.index = index = model_index(model)
+        self.expert_offload = expert_offload  # read by load_transformers
+        super().__init__(model, state, dtype)
+        config = self.experts[0].config
+        self.patch_size = tuple(config.patch_size)
+        assert self.patch_size[1] == self.patch_size[2], self.patch_size
+        self.latent_channels = self.vae_config["z_dim"]
+        self.scale_temporal = self.vae_config.get("scale_factor_temporal", 4)
+        self.multiple = self.vae_scale_factor * self.patch_size[1]
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    def checkpoint_spec(self, model: str) -> FamilySpec:
+        """TI2V-5B (``expand_timesteps``): its defaults, per-token timesteps sharded with
+        the tokens, an optional input image; I2V-A14B (the transformer takes condition
+        channels) and :class:`WanImageToVideoPipeline`: exactly one input image."""
+        index = self.index
         if index.get("image_encoder", [None])[0] is not None:
             raise ValueError(f"{model}: Wan2.1 I2V (CLIP image encoder) is not supported")
         self.boundary_ratio = index.get("boundary_ratio")
         self.expand_timesteps = bool(index.get("expand_timesteps", False))
+        self.vae_config = AutoencoderKLWan.load_config(model, subfolder="vae")
+        spec = self.spec
+        if self.expand_timesteps:
+            attention = wan_attention(per_token_timesteps=True)
+            images = (spec.images[0], 1)
+            return dataclasses.replace(spec, attention=attention, defaults=TI2V_DEFAULTS,
+                                       images=images)  # fmt: skip
+        config = WanTransformer3DModel.load_config(model, subfolder="transformer")
+        if config["in_channels"] != self.vae_config["z_dim"]:  # I2V-A14B: condition channels
+            return dataclasses.replace(spec, images=(1, 1))
+        return spec
+
+    def load_transformers(self, model: str) -> None:
+        """Both experts where the checkpoint has them, each sharded by the same plans
+        with its own runtime (hooks), placed by :class:`ExpertPlacement`."""
         names = ["transformer"]
-        if index.get("transformer_2", [None])[0] is not None:
+        if self.index.get("transformer_2", [None])[0] is not None:
             names.append("transformer_2")
         if len(names) == 2 and self.boundary_ratio is None:
             raise ValueError(f"{model}: two transformers but no boundary_ratio in model_index")
-        sharded = state.config.use_hsdp  # both experts, each rank 1/shard of each
+        sharded = self.state.config.use_hsdp  # both experts, each rank 1/shard of each
         # Unsharded experts load to the host: ExpertPlacement moves (or offloads) them.
         where = self.device if sharded else "cpu"
-        self.experts = [
-            self.load_transformer(WanTransformer3DModel, model, n, where) for n in names
-        ]
-        if expert_offload and sharded:
+        cls = self.spec.transformer
+        self.experts = [self.load_transformer(cls, model, n, where) for n in names]
+        offload = self.expert_offload
+        if offload and sharded:
             raise ValueError("expert_offload and use_hsdp exclude each other: pick one")
-        if expert_offload is None:
-            expert_offload = not sharded and should_offload(
-                module_bytes(self.experts[0]), self.device
-            )
-        # Both experts are sharded by the same plans; each has its own runtime (hooks).
+        if offload is None:
+            offload = not sharded and should_offload(module_bytes(self.experts[0]), self.device)
         # Before placement: it keeps each expert's tensors as tensor parallel leaves them.
-        layout = wan_attention(self.expand_timesteps)
-        self.runtimes = [parallelize(e, state, layout) for e in self.experts]
-        self.runtime = self.runtimes[0]
+        layout = self.spec.attention
+        self.runtimes = [parallelize(e, self.state, layout) for e in self.experts]
+        self.transformer, self.runtime = self.experts[0], self.runtimes[0]
         on_host = self.offloading.transformer_on_host  # --enable-*-offload decide instead
-        self.placement = ExpertPlacement(
-            self.experts, self.offloading.load_device("transformer"), expert_offload and not on_host
-        )
+        device = self.offloading.load_device("transformer")
+        self.placement = ExpertPlacement(self.experts, device, offload and not on_host)
         for name, expert in zip(names, self.experts, strict=True):
             self.offloading.place_transformer(name, expert, layout.blocks)
-        config = self.experts[0].config
-        self.patch_size = tuple(config.patch_size)
-        self.scheduler_config = UniPCMultistepScheduler.load_config(model, subfolder="scheduler")
-        vae_config = AutoencoderKLWan.load_config(model, subfolder="vae")
-        self.latent_channels = vae_config["z_dim"]
-        self.scale_temporal = vae_config.get("scale_factor_temporal", 4)
-        self.scale_spatial = vae_config.get("scale_factor_spatial", 8)
-        self.multiple = self.scale_spatial * self.patch_size[1]
-        assert self.patch_size[1] == self.patch_size[2], self.patch_size
-        self.concat_condition = config.in_channels != self.latent_channels
-        if self.expand_timesteps:  # TI2V-5B's published defaults
-            self.default_width, self.default_height = 1280, 704
-            self.default_num_frames, self.default_fps = 121, 24
-            self.default_steps, self.default_true_cfg_scale = 50, 5.0
-        else:
-            self.takes_image = "always" if self.concat_condition else "never"
-        if self.requires_image:
-            self.takes_image = "always"
-        self.take_defaults(index.get("_ithaca_defaults") or {})  # e.g. the default video model
-        self.video_processor = VideoProcessor(vae_scale_factor=self.scale_spatial)
-        self.vae = self.text_encoder = self.tokenizer = None
-        if self.is_returning_rank:
-            self._load_encoders(model)
-        elif self.decodes:  # vae_patch_parallel_size > 1: its VAE group splits the decode
-            self.vae = load_part(model, "vae", index, self.device, torch.float32)
+
+    def vae_scale(self, model: str) -> int:
+        return self.vae_config.get("scale_factor_spatial", 8)
 
     def lora_targets(self) -> dict[str, torch.nn.Module]:
         """Both experts by name (a request's LoRA ``expert``); one: ``transformer``.
@@ -178,14 +214,9 @@ class WanPipeline(DenoisingPipeline):
         """Not with expert offload: activating an expert copies its unmerged host weights."""
         return not self.placement.offload
 
-    def lora_loader(self):
-        import diffusers
-
-        return diffusers.WanPipeline
-
     def make_cache(self, config: CacheConfig) -> CacheGroup:
         """One cache per expert, each over its own blocks and its own plan's padding."""
-        adapter = cache_adapter(self.model)
+        adapter = self.cache_adapter()
         return CacheGroup(
             [
                 build_cache(config, expert, adapter, self.state, runtime)
@@ -193,23 +224,7 @@ class WanPipeline(DenoisingPipeline):
             ]
         )
 
-    def _load_encoders(self, model: str) -> None:
-        device = self.offloading.component_device
-        self.vae = load_part(model, "vae", self.index, device("vae"), torch.float32)  # fp32 VAE
-        for name in ("text_encoder", "tokenizer"):
-            setattr(self, name, load_part(model, name, self.index, device(name), self.dtype))
-        self.offloading.place_components({"vae": self.vae, "text_encoder": self.text_encoder})
-
     # -- request validation ----------------------------------------------------
-    @staticmethod
-    def _number(name: str, value, kind=float, allow_zero: bool = False):
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        ok = ok and (value >= 0 if allow_zero else value > 0)
-        if not ok or (kind is int and not isinstance(value, int)):
-            sign = "non-negative" if allow_zero else "positive"
-            raise ParamError(name, f"{name} ({value!r}) must be a {sign} {kind.__name__}")
-        return kind(value)
-
     def _num_frames(self, value: int | None) -> int:
         n = self.default_num_frames if value is None else value
         k = self.scale_temporal
@@ -224,51 +239,47 @@ class WanPipeline(DenoisingPipeline):
         return n
 
     def resolve(self, params: GenerationParams) -> Request:
-        steps = self.checked_steps(params)
         if params.num_images != 1:
             raise ParamError(
                 "n",
                 f"n ({params.num_images}) must be 1 for video: one request makes "
                 f"one video (send several requests; compatible ones are batched)",
             )
+        return super().resolve(params)
+
+    def cfg_scale(self, params: GenerationParams) -> float:
+        """``guidance_scale`` (non-negative; CFG above 1); ``true_cfg_scale`` is an error."""
         if params.true_cfg_scale is not None:
             raise ParamError(
                 "true_cfg_scale",
                 "true_cfg_scale is a Qwen-Image parameter; Wan uses guidance_scale",
             )
-        n_images = len(params.images or [])
-        if self.takes_image == "never" and n_images:
-            raise ParamError("image", f"{type(self).__name__} ({self.model}) takes no input image")
-        if self.takes_image == "always" and n_images != 1:
-            raise ParamError(
-                "image", f"image-to-video needs exactly one input image, got {n_images}"
-            )
-        if n_images > 1:
-            raise ParamError("image", f"at most one input image (the first frame), got {n_images}")
         scale = params.guidance_scale
         scale = self.default_true_cfg_scale if scale is None else scale
-        scale = self._number("guidance_scale", scale, allow_zero=True)
+        return _number("guidance_scale", scale, allow_zero=True)
+
+    def extra_key(self, params: GenerationParams) -> tuple:
+        """The request's :class:`VideoSettings` (two requests must share them)."""
         scale_2 = params.guidance_scale_2
         if scale_2 is not None and len(self.experts) == 1:
             raise ParamError(
                 "guidance_scale_2", "guidance_scale_2 needs a two-expert (A14B) checkpoint"
             )
         if len(self.experts) == 2:
-            scale_2 = scale if scale_2 is None else scale_2
-            scale_2 = self._number("guidance_scale_2", scale_2, allow_zero=True)
+            scale_2 = self.cfg_scale(params) if scale_2 is None else scale_2
+            scale_2 = _number("guidance_scale_2", scale_2, allow_zero=True)
         shift = params.flow_shift
         shift = self.scheduler_config.get("flow_shift", 1.0) if shift is None else shift
-        shift = self._number("flow_shift", shift)
+        shift = _number("flow_shift", shift)
         if params.fps is not None:
-            self._number("fps", params.fps, int)
-        w, h = self.rounded_size(params.width, params.height)
+            _number("fps", params.fps, int)
         frames = self._num_frames(params.num_frames)
-        settings = VideoSettings(frames, scale_2, shift, (w, h) if n_images else None)
-        return Request(params, w, h, steps, scale, scale > 1, params.seed, (settings,))
+        size = self.request_size(params) if params.images else None
+        return (VideoSettings(frames, scale_2, shift, size),)
 
     # -- conditioning (returning rank only) ------------------------------------
     @torch.no_grad()
-    def _encode_text(self, text: str) -> torch.Tensor:
+    def encode_prompt(self, text: str) -> torch.Tensor:
         """UMT5 last hidden state of the real tokens: (T, D), T <= 512."""
         tokens = tokenize(self.tokenizer, [text])
         ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
@@ -292,39 +303,28 @@ class WanPipeline(DenoisingPipeline):
         return (latents - mean) * (1.0 / std)
 
     def condition(self, request: Request) -> dict[str, Any]:
-        p = request.params
-        cond = {"embeds": self._encode_text(p.prompt)}
-        if request.do_cfg:
-            cond["negative"] = self._encode_text(p.negative_prompt or "")
-        if p.images:
+        cond = super().condition(request)
+        if request.params.images:
             cond["image_latents"] = self._encode_image(request)
         return cond
 
     # -- the batch -------------------------------------------------------------
-    def _latent_shape(self, request: Request) -> tuple[int, int, int, int]:
+    def latent_shape(self, request: Request) -> tuple[int, int, int, int]:
+        """``(z, F_lat, h, w)``: diffusers' ``prepare_latents`` for one CPU generator."""
         frames = request.extra_key[0].num_frames
         f = (frames - 1) // self.scale_temporal + 1
-        h, w = request.height // self.scale_spatial, request.width // self.scale_spatial
+        h, w = request.height // self.vae_scale_factor, request.width // self.vae_scale_factor
         return self.latent_channels, f, h, w
 
-    def _noise(self, request: Request, seed: int) -> torch.Tensor:
-        """diffusers' ``prepare_latents`` for one CPU generator: (1, z, F, h, w) fp32."""
-        shape = (1, *self._latent_shape(request))
-        return seeded_noise(shape, seed, torch.float32, self.device)
-
-    @staticmethod
-    def _pad_text(embeds: list[torch.Tensor]) -> torch.Tensor:
+    def batch_text(self, embeds: list[torch.Tensor], requests: list[Request]) -> torch.Tensor:
         """Per-request (T_i, D) -> (B, 512, D), zero-padded as the reference does."""
-        return torch.stack(
-            [
-                torch.cat([e, e.new_zeros(MAX_SEQUENCE_LENGTH - e.shape[0], e.shape[1])])
-                for e in embeds
-            ]
-        )
+        rows = repeat_rows(embeds, requests)
+        pad = [e.new_zeros(MAX_SEQUENCE_LENGTH - e.shape[0], e.shape[1]) for e in rows]
+        return torch.stack([torch.cat([e, z]) for e, z in zip(rows, pad, strict=True)])
 
     def _first_frame_mask(self, request: Request) -> torch.Tensor:
         """I2V-A14B's 4-channel mask (1, 4, F, h, w): 1 on the first video frame, else 0."""
-        _, f, h, w = self._latent_shape(request)
+        _, f, h, w = self.latent_shape(request)
         k = self.scale_temporal
         frames = torch.zeros(1, 1, request.extra_key[0].num_frames, h, w, device=self.device)
         frames[:, :, 0] = 1
@@ -332,13 +332,11 @@ class WanPipeline(DenoisingPipeline):
         frames = torch.cat([frames[:, :, :1].repeat_interleave(k, dim=2), frames[:, :, 1:]], dim=2)
         return frames.view(1, f, k, h, w).transpose(1, 2)
 
-    def prepare(self, requests: list[Request], conds: list[dict[str, Any]]) -> Job:
-        seeds = [c["seed"] for c in conds]
-        latents = torch.cat([self._noise(r, s) for r, s in zip(requests, seeds, strict=True)])
-        inputs: dict[str, Any] = {"text": {POSITIVE: self._pad_text([c["embeds"] for c in conds])}}
-        if requests[0].do_cfg:
-            inputs["text"][1] = self._pad_text([c["negative"] for c in conds])
+    def forward_inputs(self, requests: list[Request], conds: list[dict], latents) -> dict:
+        """The video settings (for :meth:`schedule`), the image condition and TI2V's
+        per-token timestep mask."""
         settings: VideoSettings = requests[0].extra_key[0]
+        inputs: dict[str, Any] = {"video": settings}
         _, f, h, w = latents.shape[1:]
         if settings.image_size is not None:
             image = torch.cat([c["image_latents"] for c in conds])
@@ -354,12 +352,18 @@ class WanPipeline(DenoisingPipeline):
             if settings.image_size is not None:
                 token_mask[0] = 0
             inputs["token_mask"] = token_mask.flatten()
-        scheduler = UniPCMultistepScheduler.from_config(
-            self.scheduler_config, flow_shift=settings.flow_shift
-        )
-        scheduler.set_timesteps(requests[0].steps, device=self.device)
-        inputs["experts"] = self._expert_indices(scheduler.timesteps)
-        return Job(requests, seeds, latents, scheduler.timesteps, scheduler, inputs)
+        return inputs
+
+    def schedule(self, steps: int, latents: torch.Tensor, inputs: dict):
+        """The checkpoint's UniPC scheduler with the batch's ``flow_shift``."""
+        shift = inputs["video"].flow_shift
+        return flow_schedule(self.scheduler_config, steps, 0, self.device, self.spec.sigmas,
+                             self.spec.scheduler, flow_shift=shift)  # fmt: skip
+
+    def prepare(self, requests: list[Request], conds: list[dict[str, Any]]) -> Job:
+        job = super().prepare(requests, conds)
+        job.inputs["experts"] = self._expert_indices(job.timesteps)
+        return job
 
     # -- one step ----------------------------------------------------------------
     def _expert_indices(self, timesteps: torch.Tensor) -> list[int]:
@@ -382,8 +386,7 @@ class WanPipeline(DenoisingPipeline):
             return latents
         return torch.cat([image.to(latents.dtype), latents[:, :, 1:]], dim=2)
 
-    @torch.no_grad()
-    def predict(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
         index = job.inputs["experts"][job.step]
         expert = self.placement.activate(index)
         self.runtime = self.runtimes[index]
@@ -453,7 +456,4 @@ class WanImageToVideoPipeline(WanPipeline):
     ``WanImageToVideoPipeline`` does; there the image is required as well.
     """
 
-    default_width = 832
-    default_height = 480
-    default_true_cfg_scale = 3.5
-    requires_image = True
+    spec = dataclasses.replace(SPEC, images=(1, 1), defaults=I2V_DEFAULTS)

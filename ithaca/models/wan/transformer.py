@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from diffusers import WanTransformer3DModel as _DiffusersWanTransformer
 
 from ithaca.models.attention import ParallelProcessor, project_out
-from ithaca.models.spec import AttentionLayout
 from ithaca.parallel import SequenceParallelInput, SequenceParallelOutput
 from ithaca.parallel.tensor import GATHERED_COLWISE, SPLIT_RMS_NORM
+from ithaca.runtime.parallelize import AttentionLayout
 
 WAN_SP_PLAN = {
     "rope": {

@@ -34,7 +34,6 @@ from diffusers import ZImageTransformer2DModel as _DiffusersZImageTransformer
 
 from ithaca.models.attention import ParallelProcessor, project, project_out
 from ithaca.models.rotary import apply_rope
-from ithaca.models.spec import AttentionLayout
 from ithaca.parallel import (
     SequenceParallelInput,
     SequenceParallelOutput,
@@ -42,6 +41,7 @@ from ithaca.parallel import (
 )
 from ithaca.parallel.kernels import local_attention
 from ithaca.parallel.tensor import GATHERED_COLWISE
+from ithaca.runtime.parallelize import AttentionLayout
 
 
 def _shard(dims: int) -> SequenceParallelInput:

@@ -1,6 +1,8 @@
 """Step-level (continuous) batching: requests join a running batch at a step boundary.
 
-Written once for every family on top of the hooks of :mod:`ithaca.models.base`. A
+Written once for every family on top of the hooks of
+:class:`ithaca.models.base.DenoisingPipeline` (it knows no family and imports no model
+code: ``pipe`` is any such pipeline, ``Request`` and ``Job`` are its types). A
 running batch is a list of slots, one per request, each with its own job from
 ``prepare([request])``: its seeded noise, scheduler, timesteps, step count and guidance
 scale. Every step runs ONE fused forward over all slots: the family's ``prepare`` builds
@@ -14,11 +16,9 @@ slot that reaches its last step is decoded and handed to ``on_done`` at once.
 At each step boundary the returning rank makes one decision, ``(cancel, joiners)``: the
 engine's ``admit(accepts)`` hands the oldest waiting requests this batch ``accepts``
 (same size, model and step-cache settings, no LoRA, no input images). With several
-ranks the decision is broadcast so every rank joins and leaves at the same step and
-reaches the joiners' conditioning broadcast in the same order: a 2-element device tensor
-``[cancel, joiners]`` every boundary (read back with one ``tolist()``: the one host sync
-the boundary protocol needs, after the step's last kernel), and the joiners' parameters
-(``broadcast_object``, a pickle) only at a boundary where some join.
+ranks the decision is broadcast (:func:`ithaca.runtime.agree.agree_boundary`) so every
+rank joins and leaves at the same step and reaches the joiners' conditioning broadcast
+in the same order.
 
 Step caches (TeaCache, Cache-DiT, TaylorSeer) keep their state per request
 (:class:`ithaca.cache.Rows`): each forward tells the cache which rows are which request
@@ -43,15 +43,17 @@ from typing import Any
 import torch
 
 from ithaca.cache import Rows
-from ithaca.models.base import DenoisingPipeline, Job, Request, preview_steps
-from ithaca.parallel import comm, predict_branches
+from ithaca.parallel import predict_branches
+from ithaca.runtime.agree import agree_boundary
+from ithaca.runtime.progress import preview_steps
 from ithaca.types import (
     GenerationParams,
     GenerationResult,
     StepCallback,
-    StepEvent,
     known_join,
 )
+
+DenoisingPipeline = Job = Request = Any  # ithaca.models.base's (runtime imports no model)
 
 Admit = Callable[["Accepts"], list[GenerationParams]]
 """``admit(accepts)`` (returning rank): waiting requests that join at this boundary, taken
@@ -216,15 +218,7 @@ class StepBatch:
             start += s.rows
             i = s.step
             latents = s.job.scheduler.step(rows, s.job.timesteps[i], s.job.latents)[0]
-            if pipe.is_returning_rank and self.callback is not None:
-                previews = None
-                if i in s.previews_at:  # flow matching's x0 estimate: x_t - sigma * v
-                    sigma = s.job.scheduler.sigmas[i]
-                    x0 = (s.job.latents.float() - sigma * rows.float()).to(s.job.latents.dtype)
-                    previews = pipe.preview(s.job, x0)
-                ids = [s.request.params.request_id]
-                total = len(s.job.timesteps)
-                asked |= bool(self.callback(StepEvent(ids, i + 1, total, previews)))
+            asked |= pipe.report_step(self.callback, s.job, i, rows, s.previews_at)
             s.job.latents = latents
             s.step += 1
         self.batch_step += 1
@@ -235,11 +229,7 @@ class StepBatch:
         r = slot.request
         result = GenerationResult(request_id=r.params.request_id)
         result.metadata.update(
-            seed=slot.cond["seed"],
-            width=r.width,
-            height=r.height,
-            num_inference_steps=r.steps,
-            true_cfg_scale=r.true_cfg_scale if r.do_cfg else None,
+            r.metadata(slot.cond["seed"]),
             cancelled=False,
             batching={"mode": "continuous", "joined_at_batch_step": slot.joined_at},
         )
@@ -276,16 +266,7 @@ class StepBatch:
         if self.pipe.is_returning_rank and not asked and self.admit is not None:
             assert self.key is not None
             joiners = list(self.admit(Accepts(self.pipe, self.key)))
-        replica = self.pipe.state.replica
-        if replica.size == 1:
-            return asked, joiners
-        # Every rank of the replica reaches both broadcasts once per step boundary, in
-        # this order. (2,) on the rank's device: [cancel, number of joiners] from rank 0.
-        flags = torch.tensor([int(asked), len(joiners)], device=self.pipe.state.device)
-        cancel, count = comm.broadcast(flags, replica).tolist()  # the boundary's host sync
-        if count:  # the joiners' parameters (prompts: host data) only when some join
-            joiners = comm.broadcast_object(joiners, replica)
-        return bool(cancel), joiners
+        return agree_boundary(self.pipe.state, asked, joiners)
 
     def cancel_rest(self) -> None:
         for s in self.slots:
