@@ -286,15 +286,44 @@ def load_adapter(loader, model: nn.Module, name: str, path: str, family: str) ->
         )
     check_fits(state, model, family, path, prefix=prefix)
     state = split_for_layout(state, model, family, path, prefix=prefix)
-    if loader is not None and hasattr(loader, "load_lora_into_transformer"):
-        accepted = _parameters(loader.load_lora_into_transformer)
-        kwargs = {k: v for k, v in extra.items() if k in accepted}
-        loader.load_lora_into_transformer(state, transformer=model, adapter_name=name, **kwargs)
-    else:
-        model.load_lora_adapter(state, prefix="transformer", adapter_name=name)
+    peft_log = logging.getLogger("diffusers.utils.peft_utils")
+    own = _OwnMissingKeys(name)
+    peft_log.addFilter(own)
+    try:
+        if loader is not None and hasattr(loader, "load_lora_into_transformer"):
+            accepted = _parameters(loader.load_lora_into_transformer)
+            kwargs = {k: v for k, v in extra.items() if k in accepted}
+            loader.load_lora_into_transformer(state, transformer=model, adapter_name=name, **kwargs)
+        else:
+            model.load_lora_adapter(state, prefix="transformer", adapter_name=name)
+    finally:
+        peft_log.removeFilter(own)
     # Every loaded key must have been placed.
     if name not in getattr(model, "peft_config", {}):
         raise ValueError(f"LoRA {path}: nothing in it fits {family}")
+
+
+class _OwnMissingKeys(logging.Filter):
+    """diffusers reports as missing every adapter key that merely *contains* the new
+    adapter's name (adapter ``b`` lists adapter ``a``'s ``transformer_blocks...lora_A.a``
+    keys): keep only keys whose adapter segment is this name, and drop the warning if none."""
+
+    HEAD = "Loading adapter weights from state_dict led to missing keys in the model: "
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.segment = re.compile(
+            rf"\.(lora_[AB]|lora_magnitude_vector|lokr_\w+)\.{re.escape(name)}(\.|$)"
+        )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        before, head, keys = record.getMessage().partition(self.HEAD)
+        if not head:
+            return True
+        own = [k for k in keys.rstrip(".").split(", ") if self.segment.search(k)]
+        text = before + (head + ", ".join(own) + "." if own else "")
+        record.msg, record.args = text, ()
+        return bool(text.strip())
 
 
 def check_fits(state: dict, model: nn.Module, family: str, path: str, prefix: str) -> None:

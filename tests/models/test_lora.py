@@ -14,6 +14,7 @@ Tiny random checkpoints and adapters, 28x20 px, 2 steps.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from unittest import mock
 
@@ -175,6 +176,30 @@ def test_request_field_of_a_lora_error_reaches_the_error_body(flux):
     with pytest.raises(GenerationFailedError, match="only for layered models") as info:
         executor.validate(GenerationParams(**REQUEST, layers=2))
     assert from_engine(info.value).body()["error"]["param"] == "layers"
+
+
+def test_no_false_missing_keys_warning(flux):
+    """diffusers' missing-keys warning matches adapter names as substrings: loading ``b``
+    after ``a`` listed ``a``'s keys (``b`` is in ``transformer_blocks``). Ours says nothing;
+    a key of ``b`` itself would still be reported (the filter keeps its own keys)."""
+    from ithaca.runtime.lora import _OwnMissingKeys
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    peft_log = logging.getLogger("diffusers.utils.peft_utils")
+    peft_log.addHandler(handler)
+    try:
+        pipe = load_pipeline(flux["path"], ParallelState.single())
+        pipe.load_lora("a", flux["a"])
+        pipe.load_lora("b", flux["b"])
+    finally:
+        peft_log.removeHandler(handler)
+    assert not [m for m in seen if "missing keys" in m], seen
+    head = _OwnMissingKeys.HEAD
+    record = logging.LogRecord("x", logging.WARNING, "", 0, head + "x.lora_A.a.weight, "
+                               "x.lora_B.b.weight.", None, None)  # fmt: skip
+    assert _OwnMissingKeys("b").filter(record) and record.msg == head + "x.lora_B.b.weight."
 
 
 def test_lru_residency_reloads_on_demand(flux):
