@@ -216,7 +216,7 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        groups = [g for e in engines for g in e.describe()]
+        groups = [{"model": m.name, **g} for m in state.models for g in m.engine.describe()]
         if all(e.alive and not e.overdue for e in engines):
             return {"status": "ok", "groups": groups}
         if all(e.alive for e in engines):

@@ -177,7 +177,7 @@ def test_internal_failures_leak_nothing(app, caplog):
     assert "/srv" not in r.text and "Traceback" not in r.text and "RuntimeError" not in r.text
     assert "/srv/secret" in caplog.text and "rid-crash-1" in caplog.text  # the log has it
     health = app.get("/health").json()
-    assert set(health["groups"][0]) == {"name", "alive", "status", "ranks"}
+    assert set(health["groups"][0]) == {"model", "name", "alive", "status", "ranks"}
     assert err["type"] == "server_error"
 
 

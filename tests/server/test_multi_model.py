@@ -37,6 +37,8 @@ def test_models_are_listed_with_their_tasks(server, client):
     assert {"red", "circle", "triangle", "left", "background"} <= set(card["vocabulary"])
     assert card["defaults"] == {"width": 128, "height": 128, "num_inference_steps": 20}
     assert "vocabulary" not in server.client.get("/v1/models/tiny-wan").json()
+    groups = server.client.get("/health").json()["groups"]  # each group names its model
+    assert [g["model"] for g in groups] == ["shapes", "tiny-wan"], groups
 
 
 def test_images_route_to_the_image_model_and_warn_on_unknown_words(server, client):
