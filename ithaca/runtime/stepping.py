@@ -141,6 +141,7 @@ class StepBatch:
         self.key: tuple | None = None
         self.cache = None  # the batch's step cache (its settings are part of the key)
         self.fused: Job | None = None  # the members' inputs; None after a membership change
+        self.scale: torch.Tensor | None = None  # per-row guidance scales of these members
         self.batch_step = 0
         self.results: dict[str, GenerationResult] = {}
         self.refused: list[GenerationParams] = []
@@ -182,17 +183,21 @@ class StepBatch:
             self.fused = self.pipe.prepare(
                 [s.request for s in self.slots], [s.cond for s in self.slots]
             )
+            self.scale = None  # the members changed: the per-row scales too
         self.fused.latents = torch.cat([s.job.latents for s in self.slots])
         return self.fused
 
     def _scale(self, like: torch.Tensor) -> float | torch.Tensor:
-        """The guidance scale: a float when all slots share it, else one per row."""
+        """The guidance scale: a float when all slots share it, else one per row, copied
+        to the device once per membership (a host-to-device copy blocks on CUDA)."""
         scales = [s.request.true_cfg_scale for s in self.slots]
         if len(set(scales)) == 1:
             return scales[0]
-        rows = [v for v, s in zip(scales, self.slots, strict=True) for _ in range(s.rows)]
-        shape = (len(rows),) + (1,) * (like.ndim - 1)
-        return torch.tensor(rows, dtype=like.dtype, device=like.device).view(shape)
+        if self.scale is None:
+            rows = [v for v, s in zip(scales, self.slots, strict=True) for _ in range(s.rows)]
+            shape = (len(rows),) + (1,) * (like.ndim - 1)
+            self.scale = torch.tensor(rows, dtype=like.dtype, device=like.device).view(shape)
+        return self.scale
 
     def step(self) -> bool:
         """One fused forward, each slot's scheduler step; returns whether to cancel."""

@@ -135,9 +135,11 @@ def test_a_step_batch_reads_nothing_back_per_step(pipe):
     stepper = StepBatch(pipe, callback=lambda event: False, admit=None, on_done=None)
     stepper.start([pipe.resolve(p) for p in batch])
     stepper.step()
+    scales = stepper.scale  # per-row scales: copied to the device once per membership
     counts: list[str] = []
     with count_host_reads(counts):
         for _ in range(2):
             stepper.step()
     assert counts == []
+    assert scales is not None and stepper.scale is scales
     assert [s.step for s in stepper.slots] == [3, 3]
