@@ -143,10 +143,7 @@ def resolve_request(pipeline, params: GenerationParams) -> dict:
     resolve = getattr(pipeline, "resolve", None)
     if resolve is None:
         return {}
-    request = resolve(params)
-    table = getattr(pipeline, "loras", None)  # the model resolves them per batch, in generate
-    if params.lora and table is not None:  # ParamError 'lora' now, not when its batch runs
-        table.resolve(params.lora)
+    request = resolve(params)  # LoRA references too: ParamError 'lora' before any batch
     extra = getattr(request, "extra_key", ()) or ()
     frames = getattr(request, "num_frames", None) or next(
         (getattr(e, "num_frames", None) for e in extra if hasattr(e, "num_frames")), None

@@ -211,6 +211,8 @@ class DenoisingPipeline:
         return self.list_loras()
 
     def _resolve_lora(self, params: GenerationParams) -> tuple:
+        """``params.lora`` checked against the loaded adapters (``Request.lora``; a family's
+        ``resolve`` calls it, so a LoRA request is known before it can join a batch)."""
         if not params.lora:
             return ()
         if self.loras is None:
@@ -399,8 +401,6 @@ class DenoisingPipeline:
         decode's progress (:mod:`ithaca.runtime.progress`).
         """
         requests = [self.resolve(p) for p in batch]  # raises ValueError before any work
-        for r in requests:
-            r.lora = self._resolve_lora(r.params)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             cache = self._cache_settings(r)

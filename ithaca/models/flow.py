@@ -218,7 +218,8 @@ class FlowMatchPipeline(DenoisingPipeline):
         if self.spec.cfg_needs_negative:
             do_cfg = do_cfg and params.negative_prompt is not None
         w, h = self.request_size(params)
-        return Request(params, w, h, steps, scale, do_cfg, params.seed, self.extra_key(params))
+        extra, lora = self.extra_key(params), self._resolve_lora(params)
+        return Request(params, w, h, steps, scale, do_cfg, params.seed, extra, lora)
 
     # -- conditioning (returning rank only) ----------------------------------------
     def encode_prompt(self, text: str):

@@ -202,6 +202,30 @@ def test_no_false_missing_keys_warning(flux):
     assert _OwnMissingKeys("b").filter(record) and record.msg == head + "x.lora_B.b.weight."
 
 
+def _arrays(result) -> list[np.ndarray]:
+    return [np.asarray(image) for image in result.images]
+
+
+def test_a_lora_request_never_joins_a_step_batch(flux):
+    """Continuous batching: a request with an adapter runs its own loop with the adapter
+    (``Request.lora`` is resolved with the request, so its join key is its own); it once
+    joined the step batch and ran on the base weights. Same loop: equal bytes."""
+    from ithaca.runtime.stepping import generate_stepwise, join_key
+
+    pipe = load_pipeline(flux["path"], ParallelState.single())
+    pipe.load_lora("a", flux["a"])
+    with_a = GenerationParams(**dict(REQUEST, lora=_refs(("a", None)), request_id="a"))
+    plain = GenerationParams(**dict(REQUEST, seed=4, request_id="plain"))
+    assert join_key(pipe, pipe.resolve(with_a))[-1] is not None  # alone
+    stepped = generate_stepwise(pipe, [plain, with_a])
+    assert [r.request_id for r in stepped] == ["plain", "a"]
+    assert stepped[1].metadata["lora"] == [{"name": "a", "scale": 1.0}]
+    alone = pipe.generate([with_a])[0]
+    assert max_image_diff(_arrays(stepped[1]), _arrays(alone)) == 0
+    base = pipe.generate([GenerationParams(**dict(REQUEST, request_id="b"))])[0]
+    assert max_image_diff(_arrays(alone), _arrays(base)) > 8  # the adapter is on
+
+
 def test_lru_residency_reloads_on_demand(flux):
     pipe = load_pipeline(flux["path"], ParallelState.single())
     pipe.max_loras = 1

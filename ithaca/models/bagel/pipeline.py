@@ -166,7 +166,9 @@ class BagelPipeline(DenoisingPipeline):
         if max(w, h) > self.max_side:
             raise ParamError("size", f"size ({w}x{h}) must have both sides <= {self.max_side}")
         scale = spec.cfg_text_scale
-        return Request(params, w, h, spec.num_timesteps - 1, scale, scale > 1, params.seed, (spec,))
+        lora = self._resolve_lora(params)
+        return Request(params, w, h, spec.num_timesteps - 1, scale, scale > 1, params.seed, (spec,),
+                       lora)  # fmt: skip
 
     # -- conditioning: token ids and the input image, then the three KV caches -------
     @torch.no_grad()
