@@ -74,7 +74,8 @@ class StopFlag:
     def agreed(self, asked: bool, last: bool) -> bool:
         if self.replica.size == 1:
             return asked
-        flag = torch.tensor([1 if asked else 0], dtype=torch.int32, device=self.device)
+        # a fill on the device, not a host-to-device copy (which would wait for the stream)
+        flag = torch.full((1,), int(asked), dtype=torch.int32, device=self.device)
         # Every rank reaches this broadcast once per step, so all agree on the same step.
         comm.broadcast(flag, self.replica)
         previous, self.pending = self.pending, _HostCopy(flag)
