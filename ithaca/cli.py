@@ -509,8 +509,8 @@ def cmd_calibrate_teacache(args) -> int:
     import torch
     from PIL import Image
 
+    from ithaca.calibrate import DEFAULT_PROMPTS, calibrate_teacache
     from ithaca.engine.executor import default_model_path
-    from ithaca.models.calibrate import DEFAULT_PROMPTS, calibrate_teacache
 
     model = args.model or default_model_path()
     coefficients, samples = calibrate_teacache(

@@ -1,4 +1,4 @@
-"""The probe behind ``ithaca calibrate-teacache`` (run by :mod:`ithaca.models.calibrate`).
+"""The probe behind ``ithaca calibrate-teacache`` (run by :mod:`ithaca.calibrate`).
 
 :class:`TeaCacheCalibrator` is a step cache that never skips: at every step it records
 ``x`` = the relative L1 change of the first block's modulated input and ``y`` = the

@@ -27,11 +27,12 @@ from diffusers.pipelines.flux.pipeline_flux import FluxPipeline as _Packing
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 
-from ithaca.models.base import DenoisingPipeline, Job, Request
+from ithaca.models.base import DenoisingPipeline
 from ithaca.models.registry import model_index
 from ithaca.models.spec import FamilySpec
 from ithaca.parallel import ParallelState
 from ithaca.parallel.cfg import NEGATIVE, POSITIVE
+from ithaca.runtime.loop import Job, Request
 from ithaca.runtime.parallelize import parallelize
 from ithaca.types import GenerationParams, ParamError
 
@@ -218,7 +219,7 @@ class FlowMatchPipeline(DenoisingPipeline):
         if self.spec.cfg_needs_negative:
             do_cfg = do_cfg and params.negative_prompt is not None
         w, h = self.request_size(params)
-        extra, lora = self.extra_key(params), self._resolve_lora(params)
+        extra, lora = self.extra_key(params), self.resolve_lora(params)
         return Request(params, w, h, steps, scale, do_cfg, params.seed, extra, lora)
 
     # -- conditioning (returning rank only) ----------------------------------------

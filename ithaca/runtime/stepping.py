@@ -1,8 +1,8 @@
 """Step-level (continuous) batching: requests join a running batch at a step boundary.
 
 Written once for every family on top of the hooks of
-:class:`ithaca.models.base.DenoisingPipeline` (it knows no family and imports no model
-code: ``pipe`` is any such pipeline, ``Request`` and ``Job`` are its types). A
+:class:`ithaca.runtime.loop.DenoisingLoop` (it knows no family and imports no model
+code: ``pipe`` is any family's pipeline). A
 running batch is a list of slots, one per request, each with its own job from
 ``prepare([request])``: its seeded noise, scheduler, timesteps, step count and guidance
 scale. Every step runs ONE fused forward over all slots: the family's ``prepare`` builds
@@ -45,6 +45,7 @@ import torch
 from ithaca.cache import Rows
 from ithaca.parallel import predict_branches
 from ithaca.runtime.agree import agree_boundary
+from ithaca.runtime.loop import DenoisingLoop, Job, Request
 from ithaca.runtime.progress import preview_steps
 from ithaca.types import (
     GenerationParams,
@@ -52,8 +53,6 @@ from ithaca.types import (
     StepCallback,
     known_join,
 )
-
-DenoisingPipeline = Job = Request = Any  # ithaca.models.base's (runtime imports no model)
 
 Admit = Callable[["Accepts"], list[GenerationParams]]
 """``admit(accepts)`` (returning rank): waiting requests that join at this boundary, taken
@@ -63,7 +62,7 @@ Done = Callable[[GenerationResult], None]
 """``on_done(result)`` (returning rank): a request finished at this step boundary."""
 
 
-def join_key(pipe: DenoisingPipeline, request: Request) -> tuple:
+def join_key(pipe: DenoisingLoop, request: Request) -> tuple:
     """What two requests must share to run in one step batch (steps and scale may differ)."""
     alone = bool(request.params.images) or bool(request.lora) or not pipe.joins_mid_run
     return (
@@ -71,12 +70,12 @@ def join_key(pipe: DenoisingPipeline, request: Request) -> tuple:
         request.height,
         request.do_cfg,
         request.extra_key,
-        pipe._cache_settings(request),
+        pipe.cache_settings(request),
         id(request) if alone else None,
     )
 
 
-def shared_join_key(pipe: DenoisingPipeline, request: Request) -> tuple | None:
+def shared_join_key(pipe: DenoisingLoop, request: Request) -> tuple | None:
     """:func:`join_key` as plain data for another process (the front of a worker group
     compares it without the model), or None when the request never joins."""
     key = join_key(pipe, request)
@@ -89,7 +88,7 @@ class Accepts:
     (the engine's validation of the request) may carry its ``join_key``, else the
     request is resolved here. ``key`` is what a worker group's front compares."""
 
-    pipe: DenoisingPipeline
+    pipe: DenoisingLoop
     key: tuple
 
     def __call__(self, params: GenerationParams, resolved: dict | None = None) -> bool:
@@ -128,7 +127,7 @@ class StepBatch:
 
     def __init__(
         self,
-        pipe: DenoisingPipeline,
+        pipe: DenoisingLoop,
         callback: StepCallback | None,
         admit: Admit | None,
         on_done: Done | None,
@@ -168,7 +167,7 @@ class StepBatch:
     def _join(self, requests: list[Request]) -> None:
         if not requests:
             return
-        conds = self.pipe._conditions(requests)  # a broadcast: every rank, same order
+        conds = self.pipe.conditions(requests)  # a broadcast: every rank, same order
         for r, c in zip(requests, conds, strict=True):
             job = self.pipe.prepare([r], [c])
             job.scheduler.set_begin_index(0)
@@ -253,11 +252,11 @@ class StepBatch:
             do_cfg = finished[0].request.do_cfg
             for s, res in zip(finished, results, strict=True):
                 stats = self.cache.forget(id(s))
-                res.metadata["cache"] = self.pipe._cache_stats(self.cache, do_cfg, stats)
+                res.metadata["cache"] = self.pipe.cache_stats(self.cache, do_cfg, stats)
         if self.pipe.decodes:  # the returning rank (and its VAE group, which splits it)
             job = self.pipe.prepare([s.request for s in finished], [s.cond for s in finished])
             job.latents = torch.cat([s.job.latents for s in finished])
-            outputs = self.pipe.final_decode(job, job.latents)
+            outputs = self.pipe.final_decode(job)
             for s, res, out in zip(finished, results, outputs, strict=True) if outputs else ():
                 self.pipe.fill_result(res, s.request, out)
         for res in results:
@@ -283,11 +282,10 @@ class StepBatch:
     def run(self, requests: list[Request]) -> None:
         started = time.perf_counter()
         # The base model and the batch's step cache: what a previous group installed is
-        # replaced (every rank, in the same order, as ``_run_group`` does).
-        if getattr(self.pipe, "loras", None) is not None:
-            self.pipe.loras.apply(())
+        # replaced (every rank, in the same order, as ``run_group`` does).
+        self.pipe.apply_loras(())
         self.start(requests)
-        self.cache = self.pipe._install_cache(self.pipe._cache_settings(requests[0]))
+        self.cache = self.pipe.install_cache(self.pipe.cache_settings(requests[0]))
         if self.cache is not None:
             self.cache.begin(0)  # no state left from an earlier run; each request's own
         while self.slots:
@@ -302,7 +300,7 @@ class StepBatch:
 
 
 def generate_stepwise(
-    pipe: DenoisingPipeline,
+    pipe: DenoisingLoop,
     batch: list[GenerationParams],
     callback: StepCallback | None = None,
     admit: Admit | None = None,
@@ -310,7 +308,7 @@ def generate_stepwise(
 ) -> list[GenerationResult]:
     """Run ``batch`` with step-level batching: requests compatible with the first one
     (and later ones ``admit`` hands over) share a step batch; the rest run as
-    :meth:`DenoisingPipeline.generate` runs them. Returns every result (the batch's and
+    :meth:`DenoisingLoop.generate` runs them. Returns every result (the batch's and
     the joiners'), each also given to ``on_done`` when it finished."""
     requests = [pipe.resolve(p) for p in batch]  # raises ValueError before any work
     key = join_key(pipe, requests[0])

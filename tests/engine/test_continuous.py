@@ -109,10 +109,10 @@ def test_a_cached_request_joining_at_step_2_gets_its_solo_cached_result(
     latents: dict = {}
     decode, call_rows, mixed = pipe.final_decode, StepCache.call_rows, []
 
-    def recording(job, x, *args, **kwargs):  # one row per request here
+    def recording(job, *args, **kwargs):  # one row per request here
         for i, r in enumerate(job.requests):
-            latents[(phase[0], r.params.request_id)] = x[i : i + 1].clone()
-        return decode(job, x, *args, **kwargs)
+            latents[(phase[0], r.params.request_id)] = job.latents[i : i + 1].clone()
+        return decode(job, *args, **kwargs)
 
     def counting(self, *args):
         mixed.append(1)

@@ -72,8 +72,8 @@ def generate(layout: dict, path: str, batch: list[dict], attrs: dict | None = No
             return decode(job, latents)
 
         pipe.decode = record
-        stats = pipe._cache_stats  # every rank: a cached request's (step, branch, cached) list
-        pipe._cache_stats = lambda c, cfg: dict(stats(c, cfg), pattern=list(c.stats.pattern))
+        stats = pipe.cache_stats  # every rank: a cached request's (step, branch, cached) list
+        pipe.cache_stats = lambda c, cfg: dict(stats(c, cfg), pattern=list(c.stats.pattern))
         results, images, info = _run_batch(pipe, batch)
         info |= {
             "metadata": [r.metadata for r in results],

@@ -89,7 +89,7 @@ def test_its_latents_equal_diffusers(checkpoint):
     pipe = registry.load_pipeline(checkpoint, ParallelState.single())
     params = GenerationParams(prompt="a red cat", seed=7, width=48, height=32)
     requests = [pipe.resolve(params)]
-    conds = pipe._conditions(requests)
+    conds = pipe.conditions(requests)
     job = pipe.prepare(requests, conds)
     pipe.denoise(job)
     pipe.runtime.remove()

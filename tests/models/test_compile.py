@@ -61,9 +61,9 @@ def test_compiled_default_model_matches_eager(tmp_path):
     assert any((tmp_path / "inductor").iterdir())  # artefacts kept for a restart
     # A step cache wraps the compiled forward and puts it back when removed.
     compiled_forwards = [b.forward for b in repeated_blocks(pipe.transformer)]
-    pipe._install_cache(CacheConfig.from_dict("tea_cache", {}))
+    pipe.install_cache(CacheConfig.from_dict("tea_cache", {}))
     assert [b.forward for b in pipe.transformer.transformer_blocks] != compiled_forwards
-    pipe._install_cache(None)
+    pipe.install_cache(None)
     assert [b.forward for b in pipe.transformer.transformer_blocks] == compiled_forwards
 
 

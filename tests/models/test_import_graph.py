@@ -71,7 +71,7 @@ def _layer(module: str) -> str:
 
 def test_the_graph_is_read():
     graph = _graph()
-    assert {"ithaca.types", "ithaca.parallel"} <= graph["ithaca.models.base"]
+    assert {"ithaca.types", "ithaca.parallel"} <= graph["ithaca.runtime.loop"]
     assert "ithaca.parallel.comm" in graph["ithaca.cache.base"]  # from pkg import submodule
 
 

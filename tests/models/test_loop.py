@@ -58,7 +58,7 @@ def _job(pipe, steps: int, **extra):
         **extra,
     )
     requests = [pipe.resolve(params)]
-    return pipe.prepare(requests, pipe._conditions(requests))
+    return pipe.prepare(requests, pipe.conditions(requests))
 
 
 def test_the_loop_reads_nothing_back_per_step(pipe):

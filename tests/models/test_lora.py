@@ -182,7 +182,7 @@ def test_no_false_missing_keys_warning(flux):
     """diffusers' missing-keys warning matches adapter names as substrings: loading ``b``
     after ``a`` listed ``a``'s keys (``b`` is in ``transformer_blocks``). Ours says nothing;
     a key of ``b`` itself would still be reported (the filter keeps its own keys)."""
-    from ithaca.runtime.lora import _OwnMissingKeys
+    from ithaca.runtime.lora_files import _OwnMissingKeys
 
     seen = []
     handler = logging.Handler()
@@ -305,7 +305,7 @@ def test_step_cache_state_is_per_adapter_set(flux):
 
     def run(*pairs):
         result = pipe.generate([GenerationParams(**request, lora=_refs(*pairs))])[0]
-        assert pipe._cache_key[1] == tuple(LoraRef(n, s) for n, s in pairs)
+        assert pipe.step_cache_key[1] == tuple(LoraRef(n, s) for n, s in pairs)
         return np.asarray(result.images[0]), result.metadata["cache"]
 
     first = run(("a", 1.0))
@@ -362,7 +362,7 @@ def test_adapters_split_like_the_weights_they_touch(flux):
 
     from ithaca.models.flux.transformer import FluxTransformer2DModel
     from ithaca.parallel.tensor import split_weights
-    from ithaca.runtime.lora import check_fits, split_for_layout
+    from ithaca.runtime.lora_files import check_fits, split_for_layout
     from ithaca.testing.lora import TARGETS
 
     model = _transformer(flux["path"], FluxTransformer2DModel)

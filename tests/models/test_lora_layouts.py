@@ -11,7 +11,7 @@ Final latents within 1e-4 of one rank, images and frames within 1/255. Tiny chec
 32x32 px images, 48x48 px x 9 frames videos, 2 steps.
 
 The same 2-rank task runs both families under tensor parallel 2 and HSDP 2 (adapters
-split like the weights they touch, :func:`ithaca.runtime.lora.split_for_layout`),
+split like the weights they touch, :func:`ithaca.runtime.lora_files.split_for_layout`),
 switching on one pipeline: base, the stacked pair unfused, fused, one adapter fused
 (Wan2.2: on the low-noise expert only), none. Each step equals the same step on one
 rank (latents 1e-4, images and frames 1/255); the last equals the first bit for bit

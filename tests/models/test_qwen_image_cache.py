@@ -100,7 +100,7 @@ def test_calibration_fits_coefficients_that_teacache_then_uses(tiny_checkpoints,
     import json
     import shutil
 
-    from ithaca.models.calibrate import calibrate_teacache
+    from ithaca.calibrate import calibrate_teacache
 
     coefficients, samples = calibrate_teacache(
         tiny_checkpoints["t2i"], prompts=["a red cat", "a blue bird"], steps=4, width=64, height=64
@@ -114,7 +114,7 @@ def test_calibration_fits_coefficients_that_teacache_then_uses(tiny_checkpoints,
     with parallel_state(ParallelConfig()) as state:
         pipe = load_pipeline(str(path), state, cache_backend="tea_cache")
         pipe.generate([GenerationParams(**dict(REQUEST, num_inference_steps=2))])
-        assert pipe._cache.coefficients == tuple(coefficients)
+        assert pipe.step_cache.coefficients == tuple(coefficients)
 
 
 def test_calibrate_teacache_command_writes_ithaca_json(tiny_checkpoints, tmp_path, capsys):

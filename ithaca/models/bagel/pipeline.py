@@ -47,11 +47,12 @@ from PIL import Image
 from ithaca.cache import BlockCacheAdapter, build_cache, checkpoint_coefficients
 from ithaca.config import CacheConfig
 from ithaca.models.bagel import inputs, loader, sampling
-from ithaca.models.base import DenoisingPipeline, Request
+from ithaca.models.base import DenoisingPipeline
 from ithaca.parallel import ParallelState
-from ithaca.parallel.tensor import apply_tensor_parallel, tp_shard
+from ithaca.parallel.tensor import apply_tensor_parallel
 from ithaca.parallel.vae import split_vae
 from ithaca.runtime.agree import StopFlag
+from ithaca.runtime.loop import Request
 from ithaca.runtime.progress import preview_steps, report_decode, up_block_chunks
 from ithaca.types import GenerationParams, ParamError, StepEvent
 
@@ -115,7 +116,7 @@ class BagelPipeline(DenoisingPipeline):
         self.model_dir = model
         over = loader.overrides(model)
         net = loader.build(model)  # on meta; HSDP / TP: each rank reads only its part
-        shard = self.hsdp_shard() or tp_shard(state, type(net))
+        shard = self.weight_shard(type(net))
         self.net = loader.load_weights(net, model, dtype, self.device, shard=shard)
         self.transformer = self.net.llm  # what the step caches wrap (its ``layers``)
         # TP: the split layers' hooks, local head counts (marks the pipeline as split)
@@ -166,7 +167,7 @@ class BagelPipeline(DenoisingPipeline):
         if max(w, h) > self.max_side:
             raise ParamError("size", f"size ({w}x{h}) must have both sides <= {self.max_side}")
         scale = spec.cfg_text_scale
-        lora = self._resolve_lora(params)
+        lora = self.resolve_lora(params)
         return Request(params, w, h, spec.num_timesteps - 1, scale, scale > 1, params.seed, (spec,),
                        lora)  # fmt: skip
 
@@ -209,10 +210,10 @@ class BagelPipeline(DenoisingPipeline):
         return build_cache(config, self.transformer, self.cache_adapter(), self.state)
 
     # -- the loop -------------------------------------------------------------------
-    def _run_group(self, requests: list[Request], callback, on_decode=None):
+    def run_group(self, requests: list[Request], callback, on_decode=None):
         started = time.perf_counter()
-        cache = self._install_cache(self._cache_settings(requests[0]))
-        conds = [dict(c, contexts=self.contexts(c)) for c in self._conditions(requests)]
+        cache = self.install_cache(self.cache_settings(requests[0]))
+        conds = [dict(c, contexts=self.contexts(c)) for c in self.conditions(requests)]
         t_cond = time.perf_counter() - started
         outputs, per_request = [], []
         for r, c in zip(requests, conds, strict=True):
@@ -224,7 +225,7 @@ class BagelPipeline(DenoisingPipeline):
                     done = [{"steps_done": cancelled}] * len(requests)
                     return None, {"cancelled": True, "per_request": done}
                 if cache is not None:
-                    stats.append(self._cache_stats(cache, False))
+                    stats.append(self.cache_stats(cache, False))
                 if self.decodes:  # the returning rank's VAE group: the decode split by rows
                     chunks, ids = up_block_chunks(self.vae), [r.params.request_id]
                     report = on_decode if self.is_returning_rank else None

@@ -25,11 +25,11 @@ import logging
 import torch
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline as _Ref
 
-from ithaca.models.base import Job, Request
 from ithaca.models.flow import FlowMatchPipeline, repeat_rows
 from ithaca.models.flux.cache import cache_adapter
 from ithaca.models.flux.transformer import FLUX_ATTENTION, FluxTransformer2DModel
 from ithaca.models.spec import FamilySpec
+from ithaca.runtime.loop import Job, Request
 from ithaca.types import GenerationParams
 
 logger = logging.getLogger(__name__)

@@ -34,12 +34,12 @@ from diffusers.pipelines.longcat_image.pipeline_longcat_image import (
 from diffusers.pipelines.longcat_image.pipeline_longcat_image_edit import calculate_dimensions
 from PIL import Image
 
-from ithaca.models.base import Request
 from ithaca.models.flow import pack_latents
 from ithaca.models.flux.cache import cache_adapter  # FLUX.1's blocks
 from ithaca.models.flux.pipeline import TextIdsPipeline
 from ithaca.models.flux.transformer import FLUX_ATTENTION, FLUX_SP_PLAN, LONGCAT_TP_PLAN
 from ithaca.models.spec import FamilySpec, plain_cfg
+from ithaca.runtime.loop import Request
 from ithaca.types import GenerationParams
 
 PREFIX = (

@@ -42,11 +42,11 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import (
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
 from PIL import Image
 
-from ithaca.models.base import Job, Request
 from ithaca.models.flow import seeded_noise, split_images, vae_stats
 from ithaca.models.qwen_image import templates
 from ithaca.models.qwen_image.pipeline import QwenImageEditPipeline, QwenImagePipeline, variant
 from ithaca.models.spec import plain_cfg, rescaled_cfg
+from ithaca.runtime.loop import Job, Request
 from ithaca.types import GenerationParams, ParamError
 
 logger = logging.getLogger(__name__)

@@ -38,7 +38,6 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
 )
 from PIL import Image
 
-from ithaca.models.base import Job, Request
 from ithaca.models.flow import (
     FlowMatchPipeline,
     pack_latents,
@@ -54,6 +53,7 @@ from ithaca.models.qwen_image.transformer import (
     QwenImageTransformer2DModel,
 )
 from ithaca.models.spec import FamilySpec, rescaled_cfg
+from ithaca.runtime.loop import Job, Request
 from ithaca.types import GenerationParams
 
 logger = logging.getLogger(__name__)

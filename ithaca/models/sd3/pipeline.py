@@ -27,11 +27,11 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ithaca.models.base import Job
 from ithaca.models.flow import FlowMatchPipeline
 from ithaca.models.flux import cache as flux_cache
 from ithaca.models.sd3.transformer import SD3_ATTENTION, SD3Transformer2DModel
 from ithaca.models.spec import FamilySpec
+from ithaca.runtime.loop import Job
 
 SPEC = FamilySpec(
     name="SD3",

@@ -48,13 +48,13 @@ from PIL import Image
 
 from ithaca.cache import CacheGroup, build_cache
 from ithaca.config import CacheConfig
-from ithaca.models.base import Job, Request
 from ithaca.models.flow import FlowMatchPipeline, flow_schedule, repeat_rows, vae_stats
 from ithaca.models.spec import FamilySpec
 from ithaca.models.wan.cache import cache_adapter
 from ithaca.models.wan.experts import ExpertPlacement, module_bytes, should_offload
 from ithaca.models.wan.transformer import WanTransformer3DModel, wan_attention
 from ithaca.parallel import ParallelState
+from ithaca.runtime.loop import Job, Request
 from ithaca.runtime.parallelize import parallelize
 from ithaca.types import GenerationParams, GenerationResult, ParamError
 

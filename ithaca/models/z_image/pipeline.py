@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import torch
 
-from ithaca.models.base import Job
 from ithaca.models.flow import FlowMatchPipeline, repeat_rows
 from ithaca.models.spec import FamilySpec
 from ithaca.models.z_image.cache import cache_adapter
 from ithaca.models.z_image.transformer import Z_IMAGE_ATTENTION, ZImageTransformer2DModel
+from ithaca.runtime.loop import Job
 
 
 def z_image_cfg(positive: torch.Tensor, negative: torch.Tensor | None, scale: float):

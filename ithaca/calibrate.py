@@ -2,11 +2,14 @@
 
 Runs the model uncached with :class:`ithaca.cache.calibrate.TeaCacheCalibrator`
 installed (a step cache that never skips and records (input change, output change)
-pairs), then fits the polynomial TeaCache accumulates. It drives a whole pipeline, so
-it lives with the models, above ``ithaca.cache``.
+pairs), then fits the polynomial TeaCache accumulates. A tool the CLI runs (it writes a
+checkpoint's ``ithaca.json``, the server never runs it): it loads and drives a whole
+pipeline, so it sits beside the CLI, above ``ithaca.models`` and ``ithaca.cache``.
 """
 
 from __future__ import annotations
+
+import torch
 
 from ithaca.cache.calibrate import TeaCacheCalibrator
 from ithaca.cache.teacache import fit_coefficients
@@ -31,7 +34,6 @@ def calibrate_teacache(
     width: int | None = None,
     height: int | None = None,
     degree: int = 4,
-    seed: int = 0,
     dtype=None,
     images=(),
 ):
@@ -40,26 +42,20 @@ def calibrate_teacache(
     ``images`` (PIL) go with every prompt: the input images of an edit model.
     Returns ``(coefficients, samples)``; one process (the fit does not need more).
     """
-    state = ParallelState.single(device=_device())
+    state = ParallelState.single(device="cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(model, state, dtype=dtype)
     # The probe is no user cache: installed directly, kept while no request asks for one.
     calibrator = TeaCacheCalibrator(pipe.transformer, pipe.cache_adapter(), state, pipe.runtime)
-    pipe._cache, pipe._cache_key = calibrator, (pipe.cache_default, ())  # (config, adapters)
+    pipe.install_cache(pipe.cache_default, cache=calibrator)
     for i, prompt in enumerate(prompts):
         params = GenerationParams(
             prompt=prompt,
             num_inference_steps=steps,
             width=width,
             height=height,
-            seed=seed + i,
+            seed=i,
             images=list(images),
         )
         pipe.generate([params])
     x, y = zip(*calibrator.samples, strict=True)
     return fit_coefficients(x, y, degree), calibrator.samples
-
-
-def _device():
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
