@@ -75,8 +75,7 @@ def test_cli_flags_on_every_command(command):
 
 
 def test_worker_groups_receive_the_hsdp_fields():
-    from ithaca.engine.executor import PipelineSpec
-    from ithaca.engine.worker import spec_from_json, spec_to_json
+    from ithaca.engine.executor import PipelineSpec, spec_from_json, spec_to_json
 
     parallel = ParallelConfig(ulysses_degree=4, use_hsdp=True, hsdp_replicate_size=2)
     spec, _ = spec_from_json(spec_to_json(PipelineSpec(model="m", parallel=parallel), 1.0))
