@@ -29,6 +29,7 @@ from ithaca.parallel.hsdp import (
     get_fully_shard_world_size,
     parameter_bytes,
 )
+from ithaca.testing.distributed import assert_sharded
 from tests.models import harness
 from tests.models.harness import (
     CFG_REQUEST,
@@ -137,13 +138,7 @@ def check_results(results: list, name: str, label: str, layout: dict, reference,
     _, shard = ParallelConfig(**layout).hsdp_sizes()
     for index, (full, _, _) in enumerate(ref_shards):
         held = [r[1][index] for r in results]
-        groups = len(held) // shard
-        assert sorted(rank for _, _, rank in held) == sorted(list(range(shard)) * groups)
-        assert all(size == shard for _, size, _ in held)
-        for nbytes, _, _ in held:
-            assert nbytes <= full / shard * 1.02, (name, label, nbytes, full, shard)
-        # The shards of one group add up to the whole transformer, nothing more.
-        assert sum(b for b, _, _ in held) == full * len(held) // shard
+        assert_sharded(held, full, shard, f"{name} {label}")
     record(name, f"{label} (hsdp)", err, diff)
     return held
 
