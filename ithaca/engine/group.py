@@ -292,10 +292,7 @@ class WorkerGroupExecutor:
             batch.error = WorkerGroupDiedError(f"worker group {self.name} was shut down")
             batch.done.set()
         self._fail_validations()
-        if session.proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                session.proc.wait(timeout=timeout)
-        session.teardown()
+        session.stop(timeout)
 
     # -- background threads ----------------------------------------------------------
 
