@@ -92,9 +92,9 @@ def _auto_parallel(args, dp: int) -> ParallelConfig:
         )
     world = args.world_size
     if world is None:
-        import torch
+        from ithaca.engine.engine import local_gpus
 
-        world = torch.cuda.device_count()
+        world = len(local_gpus())
         if world == 0:
             raise ValueError("--usp auto on a machine without GPUs needs --world-size N")
     cfg = args.expect_cfg or bool(
@@ -538,9 +538,8 @@ def cmd_calibrate_teacache(args) -> int:
 
 
 def cmd_worker_node(args) -> int:
-    from ithaca.engine.executor import PipelineSpec
+    from ithaca.engine.executor import ENV_CONFIG, PipelineSpec, spec_to_json
     from ithaca.engine.group import torchrun_command
-    from ithaca.engine.worker import ENV_CONFIG, spec_to_json
 
     parallel = _parallel(args)
     if parallel.world_size % args.nnodes:

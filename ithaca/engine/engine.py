@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import threading
 import time
 import uuid
@@ -578,16 +579,29 @@ _GROUP_SETTINGS = (
 """ServerConfig fields every worker group takes as they are, by the same name."""
 
 
+def local_gpus(driver_dir: str = "/proc/driver/nvidia/gpus") -> list[str]:
+    """This node's GPUs as ``CUDA_VISIBLE_DEVICES`` entries, found without CUDA (the front
+    process imports no torch): one entry per directory the NVIDIA driver lists in
+    ``driver_dir`` (a container sees its own GPUs only), or, when ``CUDA_VISIBLE_DEVICES``
+    is set, its entries up to the first one CUDA would stop at (``-1``). [] without a
+    driver: the worker groups run on the CPU."""
+    try:
+        count = len(os.listdir(driver_dir))
+    except OSError:
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not count or visible is None:
+        return [str(d) for d in range(count)]
+    entries = [d.strip() for d in visible.split(",")]
+    stop = next((i for i, d in enumerate(entries) if not d or d.startswith("-")), len(entries))
+    return entries[:stop]
+
+
 def _visible_devices(group_index: int, per_node: int, offset: int = 0) -> str | None:
     """Data-parallel group ``i`` owns local GPUs ``offset + [i*per_node, (i+1)*per_node)``."""
-    import os
-
-    import torch
-
-    if not torch.cuda.is_available():
+    devices = local_gpus()
+    if not devices:
         return None
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = visible.split(",") if visible else [str(d) for d in range(torch.cuda.device_count())]
     first = offset + group_index * per_node
     mine = devices[first : first + per_node]
     if len(mine) < per_node:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import threading
@@ -49,6 +50,64 @@ class PipelineSpec:
     """``--compile``: compile the repeated blocks, inductor's cache in this directory,
     warmed up for ``compile_sizes`` (empty: the model's default size); None: eager."""
     compile_sizes: tuple[tuple[int, int], ...] = ()
+
+
+PLACEMENT_FIELDS = ("text_encoder_placement", "vae_placement", "cpu_offload", "layerwise_offload")
+
+ENV_CONFIG = "ITHACA_WORKER_CONFIG"
+"""The environment the front gives a worker group: the spec as JSON (``spec_to_json``),
+rank 0's socket to the front and its token (:mod:`ithaca.engine.ipc`); torch-free, so the
+front process never imports the worker module."""
+ENV_SOCKET = "ITHACA_FRONT_SOCKET"
+ENV_TOKEN = "ITHACA_FRONT_TOKEN"
+
+
+def spec_to_json(spec: PipelineSpec, heartbeat_interval_s: float) -> str:
+    return json.dumps(
+        {
+            "model": spec.model,
+            "dtype": spec.dtype,
+            "cache_backend": spec.cache.backend,
+            "cache_config": spec.cache.as_dict(),
+            "parallel": {
+                "ulysses_degree": spec.parallel.ulysses_degree,
+                "ring_degree": spec.parallel.ring_degree,
+                "cfg_parallel_size": spec.parallel.cfg_parallel_size,
+                "tensor_parallel_size": spec.parallel.tensor_parallel_size,
+                "vae_patch_parallel_size": spec.parallel.vae_patch_parallel_size,
+                "attention_backend": spec.parallel.attention_backend,
+                "collective_timeout_s": spec.parallel.collective_timeout_s,
+                "use_hsdp": spec.parallel.use_hsdp,
+                "hsdp_shard_size": spec.parallel.hsdp_shard_size,
+                "hsdp_replicate_size": spec.parallel.hsdp_replicate_size,
+                **{k: getattr(spec.parallel, k) for k in PLACEMENT_FIELDS},
+            },
+            "heartbeat_interval_s": heartbeat_interval_s,
+            "loras": [list(x) for x in spec.loras],
+            "max_loras": spec.max_loras,
+            "batch_invariant": spec.batch_invariant,
+            "fuse_loras": spec.fuse_loras,
+            "compile_cache_dir": spec.compile_cache_dir,
+            "compile_sizes": [list(size) for size in spec.compile_sizes],
+        }
+    )
+
+
+def spec_from_json(text: str) -> tuple[PipelineSpec, float]:
+    raw = json.loads(text)
+    spec = PipelineSpec(
+        model=raw["model"],
+        dtype=raw["dtype"],
+        cache=CacheConfig.from_dict(raw["cache_backend"], raw["cache_config"]),
+        parallel=ParallelConfig(**raw["parallel"]),
+        loras=tuple(tuple(x) for x in raw.get("loras", ())),
+        max_loras=raw.get("max_loras"),
+        batch_invariant=bool(raw.get("batch_invariant", False)),
+        fuse_loras=bool(raw.get("fuse_loras", False)),
+        compile_cache_dir=raw.get("compile_cache_dir"),
+        compile_sizes=tuple(tuple(size) for size in raw.get("compile_sizes", ())),
+    )
+    return spec, float(raw["heartbeat_interval_s"])
 
 
 def default_model_path() -> str:

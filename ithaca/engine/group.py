@@ -44,10 +44,16 @@ import time
 
 from ithaca.engine.admission import Deadlines
 from ithaca.engine.errors import GenerationFailedError, WorkerGroupDiedError
-from ithaca.engine.executor import PipelineSpec, StepHandler
+from ithaca.engine.executor import (
+    ENV_CONFIG,
+    ENV_SOCKET,
+    ENV_TOKEN,
+    PipelineSpec,
+    StepHandler,
+    spec_to_json,
+)
 from ithaca.engine.ipc import Channel, ChannelClosed
 from ithaca.engine.session import RunningBatch, Session, rank_state
-from ithaca.engine.worker import ENV_CONFIG, ENV_SOCKET, ENV_TOKEN, spec_to_json
 from ithaca.types import GenerationParams, GenerationResult, known_join
 
 log = logging.getLogger(__name__)
@@ -286,10 +292,7 @@ class WorkerGroupExecutor:
             batch.error = WorkerGroupDiedError(f"worker group {self.name} was shut down")
             batch.done.set()
         self._fail_validations()
-        if session.proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                session.proc.wait(timeout=timeout)
-        session.teardown()
+        session.stop(timeout)
 
     # -- background threads ----------------------------------------------------------
 

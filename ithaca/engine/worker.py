@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import queue
@@ -51,9 +50,10 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from ithaca.config import CacheConfig, ParallelConfig
 from ithaca.engine.executor import (
-    PipelineSpec,
+    ENV_CONFIG,
+    ENV_SOCKET,
+    ENV_TOKEN,
     classify_failure,
     describe_failure,
     failure_param,
@@ -63,6 +63,7 @@ from ithaca.engine.executor import (
     release_memory,
     resolve_request,
     run_measured,
+    spec_from_json,
 )
 from ithaca.engine.ipc import Channel, ChannelClosed
 from ithaca.parallel.comm import broadcast_object
@@ -70,60 +71,6 @@ from ithaca.parallel.state import ParallelState
 from ithaca.types import DecodeEvent
 
 log = logging.getLogger("ithaca.worker")
-
-PLACEMENT_FIELDS = ("text_encoder_placement", "vae_placement", "cpu_offload", "layerwise_offload")
-
-ENV_CONFIG = "ITHACA_WORKER_CONFIG"
-ENV_SOCKET = "ITHACA_FRONT_SOCKET"
-ENV_TOKEN = "ITHACA_FRONT_TOKEN"
-
-
-def spec_to_json(spec: PipelineSpec, heartbeat_interval_s: float) -> str:
-    return json.dumps(
-        {
-            "model": spec.model,
-            "dtype": spec.dtype,
-            "cache_backend": spec.cache.backend,
-            "cache_config": spec.cache.as_dict(),
-            "parallel": {
-                "ulysses_degree": spec.parallel.ulysses_degree,
-                "ring_degree": spec.parallel.ring_degree,
-                "cfg_parallel_size": spec.parallel.cfg_parallel_size,
-                "tensor_parallel_size": spec.parallel.tensor_parallel_size,
-                "vae_patch_parallel_size": spec.parallel.vae_patch_parallel_size,
-                "attention_backend": spec.parallel.attention_backend,
-                "collective_timeout_s": spec.parallel.collective_timeout_s,
-                "use_hsdp": spec.parallel.use_hsdp,
-                "hsdp_shard_size": spec.parallel.hsdp_shard_size,
-                "hsdp_replicate_size": spec.parallel.hsdp_replicate_size,
-                **{k: getattr(spec.parallel, k) for k in PLACEMENT_FIELDS},
-            },
-            "heartbeat_interval_s": heartbeat_interval_s,
-            "loras": [list(x) for x in spec.loras],
-            "max_loras": spec.max_loras,
-            "batch_invariant": spec.batch_invariant,
-            "fuse_loras": spec.fuse_loras,
-            "compile_cache_dir": spec.compile_cache_dir,
-            "compile_sizes": [list(size) for size in spec.compile_sizes],
-        }
-    )
-
-
-def spec_from_json(text: str) -> tuple[PipelineSpec, float]:
-    raw = json.loads(text)
-    spec = PipelineSpec(
-        model=raw["model"],
-        dtype=raw["dtype"],
-        cache=CacheConfig.from_dict(raw["cache_backend"], raw["cache_config"]),
-        parallel=ParallelConfig(**raw["parallel"]),
-        loras=tuple(tuple(x) for x in raw.get("loras", ())),
-        max_loras=raw.get("max_loras"),
-        batch_invariant=bool(raw.get("batch_invariant", False)),
-        fuse_loras=bool(raw.get("fuse_loras", False)),
-        compile_cache_dir=raw.get("compile_cache_dir"),
-        compile_sizes=tuple(tuple(size) for size in raw.get("compile_sizes", ())),
-    )
-    return spec, float(raw["heartbeat_interval_s"])
 
 
 class WorkerLoop:
@@ -379,6 +326,9 @@ def main() -> int:
         _exit(1)
     if state.world_size > 1:
         dist.destroy_process_group()
+    # Nothing is left to flush or release: skip the interpreter's teardown of torch and
+    # the model (seconds of CPU per rank on a busy host, and the front waits for it).
+    _exit(0)
     return 0
 
 

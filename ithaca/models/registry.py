@@ -2,18 +2,22 @@
 
 ``load_pipeline`` takes a hub name (``Qwen/Qwen-Image``) or a local diffusers directory;
 with ``HF_HUB_OFFLINE=1`` a local directory loads without any network access.
+Importing it loads no torch: the server's front process reads checkpoints' indexes here.
 """
 
 from __future__ import annotations
 
 import json
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from ithaca.config import CacheConfig
-from ithaca.parallel import ParallelState
 from ithaca.types import Pipeline
+
+if TYPE_CHECKING:
+    import torch
+
+    from ithaca.parallel import ParallelState
 
 _BUILTIN = {
     "ithaca.models.qwen_image.pipeline": (
@@ -83,6 +87,8 @@ def pipeline_class(model: str) -> type:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
+    import torch
+
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 

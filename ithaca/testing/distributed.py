@@ -154,3 +154,17 @@ def parallel_state(config: ParallelConfig):
         yield state
     finally:
         state.destroy()
+
+
+def assert_sharded(held: list[tuple[int, int, int]], full: int, shard: int, label: str) -> None:
+    """``held``: every rank's ``(parameter bytes, shard world size, shard rank)`` of one model
+    sharded over groups of ``shard`` ranks (``ithaca.parallel.hsdp``'s ``parameter_bytes``,
+    ``get_fully_shard_world_size``, ``get_fully_shard_rank``), against the unsharded model's
+    ``full`` bytes: each shard rank held once per group, every rank at most 1/shard of the
+    model + 2% (a unit's rows split unevenly), and a group's shards adding up to the whole."""
+    groups = len(held) // shard
+    assert sorted(rank for _, _, rank in held) == sorted(list(range(shard)) * groups), (label, held)
+    assert all(size == shard for _, size, _ in held), (label, held, shard)
+    for nbytes, _, _ in held:
+        assert nbytes <= full / shard * 1.02, (label, nbytes, full, shard)
+    assert sum(nbytes for nbytes, _, _ in held) == full * groups, (label, held, full)

@@ -64,7 +64,7 @@ def test_continuous_batching_settings_are_checked():
 
 
 def test_batch_invariant_reaches_every_rank():
-    from ithaca.engine.worker import spec_from_json, spec_to_json
+    from ithaca.engine.executor import spec_from_json, spec_to_json
 
     for flag in (False, True):
         spec, _ = spec_from_json(spec_to_json(PipelineSpec(batch_invariant=flag), 1.0))

@@ -92,8 +92,7 @@ def test_lora_flags_reach_every_rank_and_the_right_model():
     from ithaca.cli import _assign_loras, build_parser, parse_model
     from ithaca.config import ParallelConfig, ServerConfig
     from ithaca.engine.engine import build_engine
-    from ithaca.engine.executor import PipelineSpec
-    from ithaca.engine.worker import spec_from_json, spec_to_json
+    from ithaca.engine.executor import PipelineSpec, spec_from_json, spec_to_json
 
     args = build_parser().parse_args(["serve", "a", "--lora-fuse", "auto"])
     assert args.lora_fuse == "auto"

@@ -94,6 +94,7 @@ def test_group_serves_detects_a_hang_and_restarts():
     finally:
         pids = group.pids()
         engine.shutdown()
+    assert group._session.proc.poll() is not None  # torchrun reaped: nothing outlives it
     wait_for(lambda: not any(alive(p) for p in pids), 10)
 
 

@@ -29,7 +29,7 @@ from ithaca.parallel.hsdp import get_fully_shard_rank as shard_rank
 from ithaca.parallel.hsdp import get_fully_shard_world_size as shard_size
 from ithaca.parallel.hsdp import parameter_bytes
 from ithaca.parallel.tensor import parameter_bytes as tp_bytes
-from ithaca.testing.distributed import parallel_state
+from ithaca.testing.distributed import assert_sharded, parallel_state
 from tests.models._bagel_golden import (
     CHECKPOINT,
     assert_close,
@@ -86,14 +86,11 @@ def cells(worker_pool, size: int, runs: list[tuple[dict, list]]) -> list[list[di
 
 
 def check_hsdp_bytes(results: list[dict], reference: dict, label: str) -> None:
-    """Every rank's bytes <= 1/shard of the unsharded + 2%; the shard ranks all held."""
+    """Every rank's bytes <= 1/shard of the unsharded + 2%, the shard ranks all held, a
+    group's shards the whole network (``assert_sharded``)."""
     full, size, _ = reference["shard"]
     assert size == 1
-    shard = results[0]["shard"][1]
-    held = sorted(r["shard"][2] for r in results)
-    assert held == sorted(list(range(shard)) * (len(results) // shard)), held
-    for r in results:
-        assert r["shard"][0] <= full / shard * 1.02, (label, r["shard"], full)
+    assert_sharded([r["shard"] for r in results], full, results[0]["shard"][1], label)
 
 
 def check_tp_bytes(results: list[dict], reference: dict, tp: int, label: str) -> None:

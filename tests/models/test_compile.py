@@ -97,8 +97,7 @@ def test_compiled_multi_rank_matches_eager(worker_pool, tiny_checkpoints, tmp_pa
 def test_flags_reach_every_rank_and_bad_values_name_the_field():
     from ithaca.cli import _sizes
     from ithaca.config import ServerConfig
-    from ithaca.engine.executor import PipelineSpec
-    from ithaca.engine.worker import spec_from_json, spec_to_json
+    from ithaca.engine.executor import PipelineSpec, spec_from_json, spec_to_json
 
     assert _sizes("128x128, 256x192") == ((128, 128), (256, 192)) and _sizes("") == ()
     with pytest.raises(ValueError, match="--compile-sizes"):

@@ -29,6 +29,7 @@ from ithaca.parallel.hsdp import (
     get_fully_shard_world_size,
     parameter_bytes,
 )
+from ithaca.testing.distributed import assert_sharded
 from tests.models import harness
 from tests.models.harness import (
     CFG_REQUEST,
@@ -75,8 +76,7 @@ def test_cli_flags_on_every_command(command):
 
 
 def test_worker_groups_receive_the_hsdp_fields():
-    from ithaca.engine.executor import PipelineSpec
-    from ithaca.engine.worker import spec_from_json, spec_to_json
+    from ithaca.engine.executor import PipelineSpec, spec_from_json, spec_to_json
 
     parallel = ParallelConfig(ulysses_degree=4, use_hsdp=True, hsdp_replicate_size=2)
     spec, _ = spec_from_json(spec_to_json(PipelineSpec(model="m", parallel=parallel), 1.0))
@@ -138,13 +138,7 @@ def check_results(results: list, name: str, label: str, layout: dict, reference,
     _, shard = ParallelConfig(**layout).hsdp_sizes()
     for index, (full, _, _) in enumerate(ref_shards):
         held = [r[1][index] for r in results]
-        groups = len(held) // shard
-        assert sorted(rank for _, _, rank in held) == sorted(list(range(shard)) * groups)
-        assert all(size == shard for _, size, _ in held)
-        for nbytes, _, _ in held:
-            assert nbytes <= full / shard * 1.02, (name, label, nbytes, full, shard)
-        # The shards of one group add up to the whole transformer, nothing more.
-        assert sum(b for b, _, _ in held) == full * len(held) // shard
+        assert_sharded(held, full, shard, f"{name} {label}")
     record(name, f"{label} (hsdp)", err, diff)
     return held
 

@@ -342,8 +342,7 @@ def test_a_collective_whose_peer_never_comes_raises_after_the_timeout(worker_poo
 @pytest.mark.parametrize("command", ["serve", "worker-node", "generate"])
 def test_cli_flags_reach_the_workers(command):
     from ithaca.cli import _parallel, build_parser
-    from ithaca.engine.executor import PipelineSpec
-    from ithaca.engine.worker import spec_from_json, spec_to_json
+    from ithaca.engine.executor import PipelineSpec, spec_from_json, spec_to_json
 
     extra = {
         "serve": [],

@@ -48,6 +48,8 @@ def test_two_nodes_serve_one_group(tmp_path):
         assert res.status_code == 200, res.text
         served = Image.open(io.BytesIO(base64.b64decode(res.json()["data"][0]["b64_json"])))
         served = np.asarray(served.convert("RGB"), dtype=int)
+        with open(f"/proc/{server.proc.pid}/maps") as f:  # the front served it without torch
+            assert "libtorch" not in f.read()
     finally:
         server.stop()
         worker.wait(timeout=60) if worker.poll() is None else None
