@@ -268,6 +268,19 @@ class FlowMatchPipeline(DenoisingPipeline):
             hidden = hidden[mask[0].bool()]
         return hidden[keep].to(self.dtype)
 
+    def expand_vision(self, text: str, images: list[Image.Image]) -> tuple[str, dict]:
+        """What ``Qwen2VLProcessor`` does for a Qwen2-VL text encoder (Qwen-Image edits,
+        LongCat-Image-Edit): ``text`` with each ``<|image_pad|>`` repeated once per merged
+        patch of its image, and the encoder's ``pixel_values`` and ``image_grid_thw``."""
+        vision = self.vision_processor(images=images, return_tensors="pt")
+        grids, merge = vision["image_grid_thw"], self.vision_processor.merge_size**2
+        pad = "<|image_pad|>"
+        parts = text.split(pad)
+        assert len(parts) == len(images) + 1, (len(parts), len(images))
+        counts = [int(g.prod()) // merge for g in grids]
+        text = parts[0] + "".join(pad * n + part for n, part in zip(counts, parts[1:], strict=True))
+        return text, {"pixel_values": vision["pixel_values"], "image_grid_thw": grids}
+
     def condition(self, request: Request) -> dict[str, Any]:
         p = request.params
         cond = {"positive": self.encode_prompt(p.prompt)}

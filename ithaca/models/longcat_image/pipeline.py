@@ -176,13 +176,9 @@ class LongCatImageEditPipeline(LongCatImagePipeline):
 
     def _encode_with_image(self, text: str, image: Image.Image) -> torch.Tensor:
         """Last hidden state from ``<|vision_start|>`` to the suffix: ``(V + 512, D)``."""
-        vision = self.vision_processor(images=image, return_tensors="pt")
-        grid = vision["image_grid_thw"]
-        image_tokens = int(grid.prod()) // self.vision_processor.merge_size**2
-        prefix = EDIT_PREFIX.replace("<|image_pad|>", "<|image_pad|>" * image_tokens)
+        prefix, vision = self.expand_vision(EDIT_PREFIX, [image])
         tokens, prompt = self._wrapped(prefix, text)
         start = tokens["input_ids"][0].tolist().index(self.tokenizer.convert_tokens_to_ids(VISION))
-        vision = {"pixel_values": vision["pixel_values"], "image_grid_thw": grid}
         return self.text_hidden(tokens, keep=slice(start, prompt.stop), **vision)
 
     @torch.no_grad()

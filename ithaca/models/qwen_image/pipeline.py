@@ -110,15 +110,14 @@ class QwenImagePipeline(FlowMatchPipeline):
         """Encoder last hidden state of one templated prompt, system turn dropped: (T, D)."""
         vision: dict[str, torch.Tensor] = {}
         if images:
-            text, vision = self._expand_vision(text, images)
+            text, vision = self.expand_vision(text, images)
         drop, most = self.template.drop, self.tokenizer_max_length
         limit = {} if most is None else {"max_length": most + drop, "truncation": True}
         tokens = self.tokenizer(text, return_tensors="pt", **limit).to(self.device)
         keep = self.max_sequence_length and drop + self.max_sequence_length
         return self.text_hidden(tokens, keep=slice(drop, keep), **vision)
 
-    def _expand_vision(self, text, images):
-        raise NotImplementedError
+    _expand_vision = FlowMatchPipeline.expand_vision  # the name Layered's caption calls
 
     def encode_prompt(self, text: str) -> torch.Tensor:
         return self._encode(self.template.format(text))
@@ -173,20 +172,6 @@ class QwenImageEditPipeline(QwenImagePipeline):
         # video processor, which needs torchvision.
         self.vision_processor = Qwen2VLImageProcessor.from_pretrained(model, subfolder="processor")
         self.tokenizer = AutoTokenizer.from_pretrained(model, subfolder="processor")
-
-    def _expand_vision(self, text: str, images: list[Image.Image]):
-        """What Qwen2VLProcessor does: pixel values, and one pad token per merged patch."""
-        vision = self.vision_processor(images=images, return_tensors="pt")
-        merge = self.vision_processor.merge_size**2
-        pad = "<|image_pad|>"
-        parts = text.split(pad)
-        assert len(parts) == len(images) + 1, (len(parts), len(images))
-        counts = [int(g.prod()) // merge for g in vision["image_grid_thw"]]
-        text = parts[0] + "".join(pad * n + part for n, part in zip(counts, parts[1:], strict=True))
-        return text, {
-            "pixel_values": vision["pixel_values"],
-            "image_grid_thw": vision["image_grid_thw"],
-        }
 
     def _dims(self, image: Image.Image, area: int) -> tuple[int, int]:
         return _edit_dimensions(area, image.size[0] / image.size[1])[:2]
