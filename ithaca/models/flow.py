@@ -3,12 +3,15 @@
 :class:`FlowMatchPipeline` loads the transformer and parallelizes it as the spec says,
 loads the returning rank's components from the checkpoint's own ``model_index.json``,
 resolves requests by one rule per field, draws the seeded noise, batches the prompt
-embeddings, schedules (``calculate_shift`` + sigmas) and decodes. A family writes:
+embeddings, schedules (``calculate_shift`` + sigmas), calls the transformer and
+decodes. A family writes:
 
-- ``encode_prompt(text) -> tensor | dict of tensors`` (returning rank only);
-- ``forward(job, branch, t) -> prediction``: the transformer call with its arguments;
+- ``encode_prompt(text) -> tensor | dict of tensors`` (returning rank only): the
+  ``encoder_hidden_states``, or the transformer's text arguments by name
+  (:meth:`~FlowMatchPipeline.text_hidden` is the chat-template families' encoder call);
+- ``forward_inputs(requests, conds, latents)``: its other arguments (position ids ...);
 
-and, only where its reference differs, ``forward_inputs`` (position ids ...),
+and, only where its reference differs, ``forward`` (Z-Image, Wan2.2), ``timestep``,
 ``request_size`` (edit models size the output from the input image), the spec's
 guidance rule, ``checkpoint_spec`` (what a checkpoint changes in the spec),
 ``load_transformers`` (Wan2.2's two experts) or ``latent_shape`` (a frame axis).
@@ -16,6 +19,7 @@ guidance rule, ``checkpoint_spec`` (what a checkpoint changes in the spec),
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Any
 
@@ -27,6 +31,7 @@ from diffusers.pipelines.flux.pipeline_flux import FluxPipeline as _Packing
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 
+from ithaca.cache import checkpoint_coefficients
 from ithaca.models.base import DenoisingPipeline
 from ithaca.models.registry import model_index
 from ithaca.models.spec import FamilySpec
@@ -41,12 +46,11 @@ pack_latents = _Packing._pack_latents
 unpack_latents = _Packing._unpack_latents
 
 
-def load_part(model: str, name: str, index: dict, device, dtype, cls=None):
+def load_part(model: str, name: str, index: dict, device, dtype):
     """One checkpoint component by the class its ``model_index.json`` names: modules
     frozen on ``device`` in ``dtype``; tokenizers and processors as they are."""
-    if cls is None:
-        library, class_name = index[name]
-        cls = getattr(importlib.import_module(library), class_name)
+    library, class_name = index[name]
+    cls = getattr(importlib.import_module(library), class_name)
     if not issubclass(cls, torch.nn.Module):
         return cls.from_pretrained(model, subfolder=name)
     kwarg = "torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"
@@ -174,9 +178,13 @@ class FlowMatchPipeline(DenoisingPipeline):
         return getattr(diffusers, self.spec.reference or type(self).__name__, None)
 
     def cache_adapter(self):
-        if self.spec.cache_adapter is None:
+        adapter = self.spec.cache_adapter
+        if adapter is None:
             return super().cache_adapter()
-        return self.spec.cache_adapter(self.model)
+        if callable(adapter):
+            return adapter(self.model)
+        fitted = checkpoint_coefficients(self.model, adapter.teacache_coefficients)
+        return dataclasses.replace(adapter, teacache_coefficients=fitted)
 
     # -- requests ------------------------------------------------------------------
     def cfg_scale(self, params: GenerationParams) -> float:
@@ -243,6 +251,37 @@ class FlowMatchPipeline(DenoisingPipeline):
             turn, tokenize=False, add_generation_prompt=True, **kwargs
         )
 
+    @torch.no_grad()
+    def text_hidden(self, tokens, keep=slice(None), layer=-1, pads="keep", **vision):
+        """The text encoder's hidden state ``layer`` of one tokenized prompt
+        (``input_ids``, ``attention_mask`` ``(1, L)``; ``vision``: the encoder's image
+        inputs) -> ``(T, D)`` in the model dtype: padding tokens kept, zeroed (``"zero"``)
+        or removed (``"drop"``), then the tokens ``keep`` (the prompt without its template:
+        the template tokens of the chat-template families are dropped here)."""
+        mask = tokens["attention_mask"]
+        vision = {k: v.to(self.device) for k, v in vision.items()}
+        out = self.text_encoder(input_ids=tokens["input_ids"], attention_mask=mask,
+                                output_hidden_states=True, **vision)  # fmt: skip
+        hidden = out.hidden_states[layer][0]  # (L, D)
+        if pads == "zero":
+            hidden = hidden * mask[0, :, None]
+        elif pads == "drop":
+            hidden = hidden[mask[0].bool()]
+        return hidden[keep].to(self.dtype)
+
+    def expand_vision(self, text: str, images: list[Image.Image]) -> tuple[str, dict]:
+        """What ``Qwen2VLProcessor`` does for a Qwen2-VL text encoder (Qwen-Image edits,
+        LongCat-Image-Edit): ``text`` with each ``<|image_pad|>`` repeated once per merged
+        patch of its image, and the encoder's ``pixel_values`` and ``image_grid_thw``."""
+        vision = self.vision_processor(images=images, return_tensors="pt")
+        grids, merge = vision["image_grid_thw"], self.vision_processor.merge_size**2
+        pad = "<|image_pad|>"
+        parts = text.split(pad)
+        assert len(parts) == len(images) + 1, (len(parts), len(images))
+        counts = [int(g.prod()) // merge for g in grids]
+        text = parts[0] + "".join(pad * n + part for n, part in zip(counts, parts[1:], strict=True))
+        return text, {"pixel_values": vision["pixel_values"], "image_grid_thw": grids}
+
     def condition(self, request: Request) -> dict[str, Any]:
         p = request.params
         cond = {"positive": self.encode_prompt(p.prompt)}
@@ -286,7 +325,8 @@ class FlowMatchPipeline(DenoisingPipeline):
         return latents.shape[-2] * latents.shape[-1] // 4  # 2x2 patches
 
     def forward_inputs(self, requests: list[Request], conds: list[dict], latents) -> dict:
-        """Family inputs of the forward beyond the text (position ids, ...)."""
+        """The transformer's keyword arguments beyond the latents, timestep and text
+        (position ids, ...); ``image_latents`` (:meth:`image_tokens`) follow the noise."""
         return {}
 
     def image_tokens(self, requests: list[Request], conds: list[dict], inputs: dict) -> None:
@@ -323,8 +363,22 @@ class FlowMatchPipeline(DenoisingPipeline):
             self.scheduler_config, steps, seq_len, self.device, spec.sigmas, spec.scheduler
         )
 
+    def timestep(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The transformer's timestep for scheduler time ``t``: ``(B,)`` in the latents'
+        dtype, over 1000."""
+        return t.expand(latents.shape[0]).to(latents.dtype) / 1000
+
     def forward(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The noise tokens' prediction: the transformer on :meth:`with_image`'s tokens, the
+        :meth:`timestep`, the branch's text (a tensor: ``encoder_hidden_states``; a dict:
+        keyword arguments) and every other input of :meth:`forward_inputs` by name."""
+        text = job.inputs["text"][branch]
+        text = text if isinstance(text, dict) else {"encoder_hidden_states": text}
+        rest = {k: v for k, v in job.inputs.items() if k not in ("text", "image_latents")}
+        out = self.transformer(hidden_states=self.with_image(job),
+                               timestep=self.timestep(t, job.latents), **text, **rest,
+                               return_dict=False)[0]  # fmt: skip
+        return out[:, : job.latents.shape[1]]
 
     @torch.no_grad()
     def predict(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
@@ -342,6 +396,8 @@ class FlowMatchPipeline(DenoisingPipeline):
     @torch.no_grad()
     def decode(self, job: Job, latents: torch.Tensor) -> list[list[Image.Image]]:
         images = self.vae.decode(self.vae_latents(job, latents), return_dict=False)[0]
+        if images.dim() == 5:  # (B, C, 1, H, W): a video VAE's one frame (Qwen-Image)
+            images = images[:, :, 0]
         flat = self.image_processor.postprocess(images, output_type="pil")
         return split_images(flat, job.requests)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ithaca.cache import BlockCacheAdapter
 from ithaca.parallel import apply_guidance
 from ithaca.runtime.parallelize import AttentionLayout
 
@@ -59,8 +60,10 @@ class FamilySpec:
     components: tuple[str, ...] = ("vae", "text_encoder", "tokenizer")
     """``model_index.json`` components the returning rank loads (encoders, tokenizers,
     VAE); their classes come from the checkpoint's own index."""
-    cache_adapter: Callable[[str | None], Any] | None = None
-    """``cache_adapter(model_dir)`` -> ``BlockCacheAdapter``; None: no step caching."""
+    cache_adapter: BlockCacheAdapter | Callable[[str | None], BlockCacheAdapter] | None = None
+    """How the blocks look to the step caches; a checkpoint's fitted coefficients
+    (``ithaca.json``) replace its ``teacache_coefficients``. Or a function of the
+    checkpoint directory returning the adapter (Wan2.2's); None: no step caching."""
     defaults: Mapping[str, Any] = field(default_factory=dict)
     """Defaults by request field (keys of :data:`DEFAULTS`); unset: 1024 x 1024 px, 50
     steps, CFG scale 4.0. A checkpoint's ``_ithaca_defaults`` take precedence."""

@@ -523,7 +523,7 @@ def generate_cached(layout: dict, path: str, request: dict, backend=None, option
         decode = pipe.decode
         pipe.decode = lambda job, x: (latents.append(x.float().cpu()), decode(job, x))[1]
         result = pipe.generate([GenerationParams(**request)])[0]
-        pattern = pipe._cache.stats.pattern if pipe._cache is not None else []
+        pattern = pipe.step_cache.stats.pattern if pipe.step_cache is not None else []
         for runtime in getattr(pipe, "runtimes", [pipe.runtime]):  # Wan: one per expert
             runtime.remove()
     return result, pattern, latents[0] if latents else None

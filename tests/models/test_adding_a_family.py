@@ -38,8 +38,9 @@ class ClipFluxPipeline(FlowMatchPipeline):
         ids = self.tokenizer(
             text, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
         ).input_ids
-        out = self.text_encoder(ids.to(self.device))
-        return {"embeds": out.last_hidden_state[0], "pooled": out.pooler_output[0]}
+        out = self.text_encoder(ids.to(self.device))  # the transformer's arguments, by name
+        return {"encoder_hidden_states": out.last_hidden_state[0],
+                "pooled_projections": out.pooler_output[0]}  # fmt: skip
 
     def forward_inputs(self, requests, conds, latents) -> dict:
         from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
@@ -47,18 +48,6 @@ class ClipFluxPipeline(FlowMatchPipeline):
         h, w = self.latent_hw(requests[0])
         ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, self.device, self.dtype)
         return {"img_ids": ids, "txt_ids": torch.zeros(77, 3, device=self.device)}
-
-    def forward(self, job, branch, t):
-        text = job.inputs["text"][branch]
-        return self.transformer(
-            hidden_states=job.latents,
-            timestep=t.expand(job.latents.shape[0]) / 1000,
-            pooled_projections=text["pooled"],
-            encoder_hidden_states=text["embeds"],
-            txt_ids=job.inputs["txt_ids"],
-            img_ids=job.inputs["img_ids"],
-            return_dict=False,
-        )[0]
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +98,8 @@ def test_its_latents_equal_diffusers(checkpoint):
     reference.set_progress_bar_config(disable=True)
     embeds = conds[0]["positive"]
     latents = reference(
-        prompt_embeds=embeds["embeds"][None],
-        pooled_prompt_embeds=embeds["pooled"][None],
+        prompt_embeds=embeds["encoder_hidden_states"][None],
+        pooled_prompt_embeds=embeds["pooled_projections"][None],
         width=48,
         height=32,
         num_inference_steps=2,

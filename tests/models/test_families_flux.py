@@ -107,3 +107,23 @@ def test_runtime_remove_leaves_no_hooks(checkpoints):
     assert hooks() > before + len(model.single_transformer_blocks) - 1
     runtime.remove()
     assert hooks() == before
+
+
+def test_flux_rope_split_rotates_as_diffusers_to_the_bit():
+    """The joint processor rotates FLUX's ``(cos, sin)`` RoPE in the real pair form of
+    ``rotary.apply_rope``, text and image apart: bit for bit diffusers' rotation of the
+    joint ``[text, image]`` sequence."""
+    import torch
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    from ithaca.models.attention import flux_rope
+    from ithaca.models.rotary import apply_rope
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.zeros(5, 3), torch.randint(0, 9, (12, 3), generator=g).float()])
+    cos, sin = FluxPosEmbed(theta=10000, axes_dim=[4, 6, 6])(ids)  # (17, 16) each
+    x = torch.randn(2, 17, 3, 16, generator=g)  # (B, T + S, H, D), T = 5
+    text, image = flux_rope((cos, sin), 5)
+    ours = torch.cat([apply_rope(x[:, :5], text), apply_rope(x[:, 5:], image)], dim=1)
+    assert torch.equal(ours, apply_rotary_emb(x, (cos, sin), sequence_dim=1))

@@ -26,10 +26,9 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline as _Ref
 
 from ithaca.models.flow import FlowMatchPipeline, repeat_rows
-from ithaca.models.flux.cache import cache_adapter
-from ithaca.models.flux.transformer import FLUX_ATTENTION, FluxTransformer2DModel
+from ithaca.models.flux.transformer import FLUX_ATTENTION, FLUX_CACHE, FluxTransformer2DModel
 from ithaca.models.spec import FamilySpec
-from ithaca.runtime.loop import Job, Request
+from ithaca.runtime.loop import Request
 from ithaca.types import GenerationParams
 
 logger = logging.getLogger(__name__)
@@ -39,7 +38,7 @@ SPEC = FamilySpec(
     transformer=FluxTransformer2DModel,
     attention=FLUX_ATTENTION,
     components=("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
-    cache_adapter=cache_adapter,
+    cache_adapter=FLUX_CACHE,
     defaults={"num_inference_steps": 28, "true_cfg_scale": 1.0},
     cfg_needs_negative=True,  # true CFG is opt-in, as in diffusers
     cfg_aliases=False,  # guidance_scale is the embedded guidance
@@ -72,56 +71,20 @@ class FluxPipeline(FlowMatchPipeline):
         pooled = self.text_encoder(self.tokens(text).input_ids).pooler_output[0]
         t5 = self.tokens(text, self.max_sequence_length, self.tokenizer_2)
         embeds = self.text_encoder_2(t5.input_ids)[0][0]
-        return {"embeds": embeds.to(self.dtype), "pooled": pooled.to(self.dtype)}
+        return {"encoder_hidden_states": embeds.to(self.dtype),
+                "pooled_projections": pooled.to(self.dtype)}  # fmt: skip
 
     def forward_inputs(self, requests, conds, latents) -> dict:
         h, w = self.latent_hw(requests[0])
-        inputs = {
-            "img_ids": _Ref._prepare_latent_image_ids(1, h // 2, w // 2, self.device, self.dtype),
-            "txt_ids": torch.zeros(
-                self.max_sequence_length, 3, device=self.device, dtype=self.dtype
-            ),
-            "guidance": None,
-        }
-        if self.guidance_embeds:
-            scales = [
-                self.default_guidance_scale if g is None else float(g)
-                for g in (r.params.guidance_scale for r in requests)
-            ]
+        guidance = None
+        if self.guidance_embeds:  # one scale per image row
+            scales = [self.default_guidance_scale if g is None else float(g)
+                      for g in (r.params.guidance_scale for r in requests)]  # fmt: skip
             rows = repeat_rows(scales, requests)
-            inputs["guidance"] = torch.tensor(rows, device=self.device, dtype=torch.float32)
-        return inputs
-
-    def forward(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
-        latents = job.latents
-        text = job.inputs["text"][branch]
-        timestep = t.expand(latents.shape[0]).to(latents.dtype)
-        return self.transformer(
-            hidden_states=latents,
-            timestep=timestep / 1000,
-            guidance=job.inputs["guidance"],
-            pooled_projections=text["pooled"],
-            encoder_hidden_states=text["embeds"],
-            txt_ids=job.inputs["txt_ids"][: text["embeds"].shape[1]],
-            img_ids=job.inputs["img_ids"],
-            return_dict=False,
-        )[0]
-
-
-class TextIdsPipeline(FlowMatchPipeline):
-    """FLUX.1's transformer layout on one text tensor with its own position ids
-    (LongCat-Image, Ovis-Image): ``forward_inputs`` gives ``txt_ids`` and ``img_ids``, and
-    for an edit the input image's packed ``image_latents``, which follow the noise tokens."""
-
-    def forward(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
-        latents = job.latents  # (B, S, C)
-        timestep = t.expand(latents.shape[0]).to(latents.dtype)
-        out = self.transformer(
-            hidden_states=self.with_image(job),
-            timestep=timestep / 1000,
-            encoder_hidden_states=job.inputs["text"][branch],
-            txt_ids=job.inputs["txt_ids"],
-            img_ids=job.inputs["img_ids"],
-            return_dict=False,
-        )[0]
-        return out[:, : latents.shape[1]]  # the noise tokens' prediction
+            guidance = torch.tensor(rows, device=self.device, dtype=torch.float32)
+        t = self.max_sequence_length
+        return {
+            "img_ids": _Ref._prepare_latent_image_ids(1, h // 2, w // 2, self.device, self.dtype),
+            "txt_ids": torch.zeros(t, 3, device=self.device, dtype=self.dtype),
+            "guidance": guidance,
+        }

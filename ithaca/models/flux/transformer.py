@@ -1,8 +1,8 @@
 """FLUX.1's transformer under sequence parallelism: the ``_sp_plan`` and the processor.
 
 The math is diffusers' ``FluxTransformer2DModel``; this module declares where its
-sequence is split and installs one attention processor, for both kinds of block, that
-sends the joint text+image attention through :class:`ithaca.parallel.ParallelAttention`.
+sequence is split and installs the joint attention processor
+(:class:`ithaca.models.attention.JointAttnProcessor`) on both kinds of block.
 
 Plan (``auto_pad`` wherever the image length may not divide by the sequence-parallel
 size):
@@ -20,24 +20,43 @@ inside their forward; their processor splits that sequence again at the text len
 which a forward pre-hook on each single block reads from the block's
 ``encoder_hidden_states`` input just before the block runs, so no diffusers forward
 is copied. LongCat-Image and Ovis-Image share this layout and reuse plan and processor.
+
+Step caches (:data:`FLUX_CACHE`; LongCat-Image, Ovis-Image and SD3 / SD3.5 have the
+same kind of blocks and use it too): the double-stream ``transformer_blocks`` then the
+single-stream ``single_transformer_blocks`` are one stack. In diffusers 0.42 both kinds
+take ``hidden_states`` (this rank's image tokens) and ``encoder_hidden_states`` (the
+whole text) apart and return ``(text, image)``; a single-stream block concatenates
+``[text, image]`` only inside its forward. So:
+
+- TeaCache's indicator is the first double-stream block's ``norm1`` output, the
+  timestep-modulated image input ``LayerNorm(x) * (1 + scale) + shift``, as TeaCache's
+  FLUX.1 implementation probes it; a skipped step adds the image residual
+  ``stack output - stack input`` over all blocks (the text the stack would have produced
+  is not needed: ``norm_out`` and ``proj_out`` read the image tokens only);
+- DBCache's first ``Fn`` blocks are double-stream blocks, its middle runs across both
+  kinds, its last ``Bn`` blocks are single-stream blocks that read the text, so the text
+  residual of the middle is remembered too.
+
+SD3 / SD3.5 (``blocks="transformer_blocks"``) is one stack of MMDiT blocks of the same
+form; its last block is ``context_pre_only`` and returns ``(None, image)``, which a skipped
+step does not need either. TeaCache probes block 0's ``norm1`` as here (SD3.5-medium's
+``AdaLayerNormZeroX`` returns the modulated input first too).
+
+TeaCache coefficients: TeaCache's published FLUX.1-dev fit, also for FLUX.1-schnell,
+LongCat-Image, Ovis-Image and SD3 / SD3.5 (the same double-stream block and probe; no fit
+of their own published), unless the checkpoint's ``ithaca.json`` carries its own
+(``ithaca calibrate-teacache``).
 """
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from diffusers import FluxTransformer2DModel as _DiffusersFluxTransformer
 from diffusers.hooks.tensor_parallel import PackedColwiseParallel, PackedRowwiseParallel
-from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
-from ithaca.models.attention import ParallelProcessor, project_out
-from ithaca.parallel import (
-    SequenceParallelInput,
-    SequenceParallelOutput,
-    SequenceParallelRuntime,
-)
+from ithaca.cache import FLUX_COEFFICIENTS, BlockCacheAdapter
+from ithaca.models.attention import JointAttnProcessor, flux_rope
+from ithaca.parallel import SequenceParallelInput, SequenceParallelOutput
 from ithaca.parallel.tensor import GATHERED_COLWISE
 from ithaca.runtime.parallelize import AttentionLayout
 
@@ -84,84 +103,24 @@ class FluxTransformer2DModel(_DiffusersFluxTransformer):
     _tp_plan = FLUX_TP_PLAN
 
 
-class FluxParallelAttnProcessor(ParallelProcessor):
-    """FLUX joint attention (double- and single-stream) routed through ``ParallelAttention``.
-
-    Same projections, QK norms and RoPE as diffusers' ``FluxAttnProcessor``; the
-    attention runs over this rank's image shard and the whole text, text first.
-    """
-
-    def __init__(self, runtime: SequenceParallelRuntime):
-        super().__init__(runtime)
-        self._text_len: int | None = None
-
-    def attach(self, block: torch.nn.Module, name: str, blocks: str) -> None:
-        """Route ``block``'s attention through this processor.
-
-        A single-stream block (of ``single_transformer_blocks``: its forward takes
-        ``encoder_hidden_states``, its attention does not get it) also gets a pre-hook
-        that records its text length before it concatenates ``[text, image]``; the
-        processor splits at it. Blocks run one at a time, so the recorded length is
-        always the running block's.
-        """
-        getattr(block, name).set_processor(self)
-        if blocks != "single_transformer_blocks":  # double-stream: text comes separately
-            return
-        signature = inspect.signature(block.forward)
-
-        def record(module, args, kwargs):
-            text = signature.bind_partial(*args, **kwargs).arguments["encoder_hidden_states"]
-            self._text_len = text.shape[1]  # (B, T, C)
-
-        self.runtime.track(block.register_forward_pre_hook(record, with_kwargs=True))
-
-    family = "FLUX"
-
-    def attend(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb, mask):
-        single = encoder_hidden_states is None
-        if single and self._text_len is None:
-            raise ValueError(
-                "single-stream blocks must be registered with attach() so that "
-                "the processor knows where [text, image] splits"
-            )
-        q, k, v, txt_q, txt_k, txt_v = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-        # (B, L, H*D) -> (B, L, H, D)
-        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        if single:
-            # (B, T + S/P, H, D) -> text (B, T, H, D) and image (B, S/P, H, D)
-            t = self._text_len
-            (txt_q, q), (txt_k, k), (txt_v, v) = (
-                x.split([t, x.shape[1] - t], 1) for x in (q, k, v)
-            )
-        else:
-            t = encoder_hidden_states.shape[1]
-            txt_q, txt_k, txt_v = (
-                x.unflatten(-1, (-1, attn.head_dim)) for x in (txt_q, txt_k, txt_v)
-            )
-            txt_q, txt_k = attn.norm_added_q(txt_q), attn.norm_added_k(txt_k)
-        if image_rotary_emb is not None:
-            # (T + S/P, D) cos and sin: the text rows first, then this rank's image rows
-            cos, sin = image_rotary_emb
-            txt_rope, img_rope = (cos[:t], sin[:t]), (cos[t:], sin[t:])
-            q, k = (apply_rotary_emb(x, img_rope, sequence_dim=1) for x in (q, k))
-            txt_q, txt_k = (apply_rotary_emb(x, txt_rope, sequence_dim=1) for x in (txt_q, txt_k))
-
-        img_out, txt_out = self.runtime.attention(
-            q, k, v, joint_q=txt_q, joint_k=txt_k, joint_v=txt_v, joint_strategy="front"
-        )
-        # (B, T, H, D) -> (B, T, H*D)
-        txt_out = txt_out.flatten(2, 3).to(q.dtype)
-        if single:  # (B, T + S/P, H*D), no out projection
-            return torch.cat([txt_out, img_out.flatten(2, 3).to(q.dtype)], dim=1)
-        return project_out(attn, img_out, q.dtype), attn.to_add_out(txt_out.contiguous())
-
-
 FLUX_ATTENTION = AttentionLayout(
-    processor=lambda runtime, state: FluxParallelAttnProcessor(runtime),
+    processor=lambda runtime, state: JointAttnProcessor(
+        runtime, "FLUX", rope=flux_rope, concat_blocks="single_transformer_blocks"
+    ),
     blocks={"transformer_blocks": ("attn",), "single_transformer_blocks": ("attn",)},
-    plan=FLUX_SP_PLAN,
 )
 """Every block's attention through one processor; LongCat-Image and Ovis-Image too."""
+
+
+def norm1_modulated_input(block, args: dict) -> torch.Tensor:
+    """``norm1(hidden_states, temb)``'s modulated image tokens: an ``AdaLayerNormZero``
+    (FLUX, LongCat, Ovis, SD3) or SD3.5's ``AdaLayerNormZeroX``, both return it first."""
+    return block.norm1(args["hidden_states"], emb=args["temb"])[0]
+
+
+FLUX_CACHE = BlockCacheAdapter(
+    blocks=("transformer_blocks", "single_transformer_blocks"),
+    modulated_input=norm1_modulated_input,
+    teacache_coefficients=FLUX_COEFFICIENTS,
+)
+"""How the blocks look to the step caches (see the module docstring)."""

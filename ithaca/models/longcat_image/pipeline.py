@@ -34,10 +34,8 @@ from diffusers.pipelines.longcat_image.pipeline_longcat_image import (
 from diffusers.pipelines.longcat_image.pipeline_longcat_image_edit import calculate_dimensions
 from PIL import Image
 
-from ithaca.models.flow import pack_latents
-from ithaca.models.flux.cache import cache_adapter  # FLUX.1's blocks
-from ithaca.models.flux.pipeline import TextIdsPipeline
-from ithaca.models.flux.transformer import FLUX_ATTENTION, FLUX_SP_PLAN, LONGCAT_TP_PLAN
+from ithaca.models.flow import FlowMatchPipeline, pack_latents
+from ithaca.models.flux.transformer import FLUX_ATTENTION, FLUX_CACHE, FLUX_SP_PLAN, LONGCAT_TP_PLAN
 from ithaca.models.spec import FamilySpec, plain_cfg
 from ithaca.runtime.loop import Request
 from ithaca.types import GenerationParams
@@ -72,7 +70,7 @@ SPEC = FamilySpec(
     name="LongCat-Image",
     transformer=LongCatImageTransformer2DModel,
     attention=FLUX_ATTENTION,
-    cache_adapter=cache_adapter,
+    cache_adapter=FLUX_CACHE,  # FLUX.1's blocks
     defaults={"num_inference_steps": 50, "true_cfg_scale": 4.5},
     guidance=renormed_cfg,
     noise_dtype=torch.float32,  # diffusers' LongCat t2i draws fp32 noise, then casts
@@ -80,7 +78,7 @@ SPEC = FamilySpec(
 )
 
 
-class LongCatImagePipeline(TextIdsPipeline):
+class LongCatImagePipeline(FlowMatchPipeline):
     """LongCat-Image text-to-image with true CFG and LongCat's CFG renorm."""
 
     spec = SPEC
@@ -95,29 +93,24 @@ class LongCatImagePipeline(TextIdsPipeline):
                 ids.extend(self.tokenizer(piece, add_special_tokens=False)["input_ids"])
         return ids[: self.max_sequence_length]
 
-    def _wrapped(self, prefix: str, text: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Ids and mask ``(1, P + 512 + S)`` of ``prefix`` + the prompt padded to 512 + the
-        suffix, on the device, and the suffix length ``S``."""
+    def _wrapped(self, prefix: str, text: str) -> tuple[dict, slice]:
+        """``input_ids`` and ``attention_mask`` ``(1, P + 512 + S)`` of ``prefix``, the
+        prompt padded to 512 and the suffix, on the device; and the prompt's ``(P, -S)``."""
         padded = self.tokenizer.pad({"input_ids": [self._token_ids(text)]},
                                     max_length=self.max_sequence_length, padding="max_length",
-                                    return_attention_mask=True, return_tensors="pt")  # fmt: skip
-        ids, mask = padded.input_ids, padded.attention_mask
+                                    return_attention_mask=True)  # fmt: skip
         prefix_ids, suffix_ids = (
             self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in (prefix, SUFFIX)
         )
-        ids = torch.cat([torch.tensor([prefix_ids], dtype=ids.dtype), ids,
-                         torch.tensor([suffix_ids], dtype=ids.dtype)], dim=-1)  # fmt: skip
-        mask = torch.cat([torch.ones(1, len(prefix_ids), dtype=mask.dtype), mask,
-                          torch.ones(1, len(suffix_ids), dtype=mask.dtype)], dim=-1)  # fmt: skip
-        return ids.to(self.device), mask.to(self.device), len(suffix_ids)
+        ids = prefix_ids + padded["input_ids"][0] + suffix_ids
+        mask = [1] * len(prefix_ids) + padded["attention_mask"][0] + [1] * len(suffix_ids)
+        tokens = {"input_ids": ids, "attention_mask": mask}
+        tokens = {k: torch.tensor([v], device=self.device) for k, v in tokens.items()}
+        return tokens, slice(len(prefix_ids), -len(suffix_ids))
 
-    @torch.no_grad()
     def encode_prompt(self, text: str) -> torch.Tensor:
         """Last hidden state of the templated, padded prompt without the template: (512, D)."""
-        ids, mask, suffix = self._wrapped(PREFIX, text)
-        out = self.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        start = ids.shape[1] - suffix - self.max_sequence_length
-        return out.hidden_states[-1][0, start:-suffix].to(self.dtype)
+        return self.text_hidden(*self._wrapped(PREFIX, text))
 
     def forward_inputs(self, requests, conds, latents) -> dict:
         h, w = self.latent_hw(requests[0])
@@ -137,6 +130,7 @@ class LongCatImagePipeline(TextIdsPipeline):
         return inputs
 
 
+VISION = "<|vision_start|>"
 EDIT_PREFIX = (
     "<|im_start|>system\nAs an image editing expert, first analyze the content and attributes "
     "of the input image(s). Then, based on the user's editing instructions, clearly and "
@@ -180,23 +174,12 @@ class LongCatImageEditPipeline(LongCatImagePipeline):
             *calculate_dimensions(self.target_area, image.size[0] / image.size[1])
         )
 
-    @torch.no_grad()
     def _encode_with_image(self, text: str, image: Image.Image) -> torch.Tensor:
         """Last hidden state from ``<|vision_start|>`` to the suffix: ``(V + 512, D)``."""
-        vision = self.vision_processor(images=image, return_tensors="pt")
-        grid = vision["image_grid_thw"]
-        image_tokens = int(grid.prod()) // self.vision_processor.merge_size**2
-        prefix = EDIT_PREFIX.replace("<|image_pad|>", "<|image_pad|>" * image_tokens)
-        ids, mask, suffix = self._wrapped(prefix, text)
-        start = ids[0].tolist().index(self.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
-        out = self.text_encoder(
-            input_ids=ids,
-            attention_mask=mask,
-            pixel_values=vision["pixel_values"].to(self.device),
-            image_grid_thw=grid.to(self.device),
-            output_hidden_states=True,
-        )
-        return out.hidden_states[-1][0, start:-suffix].to(self.dtype)
+        prefix, vision = self.expand_vision(EDIT_PREFIX, [image])
+        tokens, prompt = self._wrapped(prefix, text)
+        start = tokens["input_ids"][0].tolist().index(self.tokenizer.convert_tokens_to_ids(VISION))
+        return self.text_hidden(tokens, keep=slice(start, prompt.stop), **vision)
 
     @torch.no_grad()
     def condition(self, request: Request) -> dict[str, Any]:

@@ -22,9 +22,8 @@ import torch
 from diffusers import OvisImageTransformer2DModel as _DiffusersOvisTransformer
 from diffusers.pipelines.ovis_image.pipeline_ovis_image import OvisImagePipeline as _Ref
 
-from ithaca.models.flux.cache import cache_adapter  # FLUX.1's blocks
-from ithaca.models.flux.pipeline import TextIdsPipeline
-from ithaca.models.flux.transformer import FLUX_ATTENTION, FLUX_SP_PLAN, OVIS_TP_PLAN
+from ithaca.models.flow import FlowMatchPipeline
+from ithaca.models.flux.transformer import FLUX_ATTENTION, FLUX_CACHE, FLUX_SP_PLAN, OVIS_TP_PLAN
 from ithaca.models.spec import FamilySpec
 
 SYSTEM_PROMPT = (
@@ -47,28 +46,24 @@ SPEC = FamilySpec(
     name="Ovis-Image",
     transformer=OvisImageTransformer2DModel,
     attention=FLUX_ATTENTION,
-    cache_adapter=cache_adapter,
+    cache_adapter=FLUX_CACHE,  # FLUX.1's blocks
     defaults={"num_inference_steps": 50, "true_cfg_scale": 5.0},
     tiny="ithaca.testing.tiny_families:build_tiny_ovis_image",
 )
 
 
-class OvisImagePipeline(TextIdsPipeline):
+class OvisImagePipeline(FlowMatchPipeline):
     """Ovis-Image text-to-image with true CFG."""
 
     spec = SPEC
     max_sequence_length = 256
 
-    @torch.no_grad()
     def encode_prompt(self, text: str) -> torch.Tensor:
         """Qwen3's last hidden state after the template, padding zeroed: ``(256, D)``."""
         templated = self.chat(SYSTEM_PROMPT + text, enable_thinking=False)
         length = self.max_sequence_length + TEMPLATE_TOKENS
         tokens = self.tokens(templated, length, add_special_tokens=False)
-        mask = tokens.attention_mask
-        hidden = self.text_encoder(input_ids=tokens.input_ids, attention_mask=mask)
-        hidden = hidden.last_hidden_state * mask[..., None]
-        return hidden[0, TEMPLATE_TOKENS:].to(self.dtype)
+        return self.text_hidden(tokens, keep=slice(TEMPLATE_TOKENS, None), pads="zero")
 
     def forward_inputs(self, requests, conds, latents) -> dict:
         h, w = self.latent_hw(requests[0])

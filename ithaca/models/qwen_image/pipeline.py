@@ -42,14 +42,13 @@ from ithaca.models.flow import (
     FlowMatchPipeline,
     pack_latents,
     repeat_rows,
-    split_images,
     unpack_latents,
     vae_stats,
 )
 from ithaca.models.qwen_image import templates
-from ithaca.models.qwen_image.cache import cache_adapter
 from ithaca.models.qwen_image.transformer import (
     QWEN_IMAGE_ATTENTION,
+    QWEN_IMAGE_CACHE,
     QwenImageTransformer2DModel,
 )
 from ithaca.models.spec import FamilySpec, rescaled_cfg
@@ -62,7 +61,7 @@ SPEC = FamilySpec(
     name="Qwen-Image",
     transformer=QwenImageTransformer2DModel,
     attention=QWEN_IMAGE_ATTENTION,
-    cache_adapter=cache_adapter,
+    cache_adapter=QWEN_IMAGE_CACHE,
     defaults={"num_inference_steps": 50, "true_cfg_scale": 4.0},
     guidance=rescaled_cfg,
     cfg_needs_negative=True,
@@ -107,38 +106,24 @@ class QwenImagePipeline(FlowMatchPipeline):
         return super().resolve(params)
 
     # -- conditioning (returning rank only) ------------------------------------
-    @torch.no_grad()
     def _encode(self, text: str, images: list[Image.Image] | None = None) -> torch.Tensor:
         """Encoder last hidden state of one templated prompt, system turn dropped: (T, D)."""
         vision: dict[str, torch.Tensor] = {}
         if images:
-            text, vision = self._expand_vision(text, images)
-        limit = {}
-        if self.tokenizer_max_length is not None:
-            limit = {
-                "max_length": self.tokenizer_max_length + self.template.drop,
-                "truncation": True,
-            }
+            text, vision = self.expand_vision(text, images)
+        drop, most = self.template.drop, self.tokenizer_max_length
+        limit = {} if most is None else {"max_length": most + drop, "truncation": True}
         tokens = self.tokenizer(text, return_tensors="pt", **limit).to(self.device)
-        out = self.text_encoder(
-            input_ids=tokens.input_ids,
-            attention_mask=tokens.attention_mask,
-            output_hidden_states=True,
-            **{k: v.to(self.device) for k, v in vision.items()},
-        )
-        hidden = out.hidden_states[-1][0, self.template.drop :]  # (T, D)
-        if self.max_sequence_length is not None:
-            hidden = hidden[: self.max_sequence_length]
-        return hidden.to(self.dtype)
+        keep = self.max_sequence_length and drop + self.max_sequence_length
+        return self.text_hidden(tokens, keep=slice(drop, keep), **vision)
 
-    def _expand_vision(self, text, images):
-        raise NotImplementedError
+    _expand_vision = FlowMatchPipeline.expand_vision  # the name Layered's caption calls
 
     def encode_prompt(self, text: str) -> torch.Tensor:
         return self._encode(self.template.format(text))
 
     # -- the batch -------------------------------------------------------------
-    def batch_text(self, embeds: list[torch.Tensor], requests: list[Request]):
+    def batch_text(self, embeds: list[torch.Tensor], requests: list[Request]) -> dict:
         """Per-request (T_i, D) -> (B, T_max, D) and a (B, T_max) mask, None if unpadded
         (decided before the loop, so the check reads the device once per batch)."""
         rows = repeat_rows(embeds, requests)
@@ -146,10 +131,12 @@ class QwenImagePipeline(FlowMatchPipeline):
         batch = torch.stack(
             [torch.cat([e, e.new_zeros(t_max - e.shape[0], e.shape[1])]) for e in rows]
         )
-        if all(e.shape[0] == t_max for e in rows):
-            return batch, None
-        mask = torch.stack([torch.arange(t_max, device=batch.device) < e.shape[0] for e in rows])
-        return batch, mask
+        mask = None
+        if any(e.shape[0] != t_max for e in rows):
+            mask = torch.stack(
+                [torch.arange(t_max, device=batch.device) < e.shape[0] for e in rows]
+            )
+        return {"encoder_hidden_states": batch, "encoder_hidden_states_mask": mask}
 
     def _image_shapes(self, request: Request) -> list[tuple[int, int, int]]:
         return [(1, request.height // self.multiple, request.width // self.multiple)]
@@ -160,22 +147,6 @@ class QwenImagePipeline(FlowMatchPipeline):
         inputs["img_shapes"] = [self._image_shapes(requests[0])] * latents.shape[0]
         return inputs
 
-    def forward(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
-        latents = job.latents
-        embeds, mask = job.inputs["text"][branch]
-        timestep = t.expand(latents.shape[0]).to(latents.dtype)
-        out = self.transformer(
-            hidden_states=self.with_image(job),
-            timestep=timestep / 1000,
-            encoder_hidden_states=embeds,
-            encoder_hidden_states_mask=mask,
-            img_shapes=job.inputs["img_shapes"],
-            additional_t_cond=job.inputs.get("additional_t_cond"),  # Layered: RGB vs RGBA
-            attention_kwargs={},
-            return_dict=False,
-        )[0]
-        return out[:, : latents.shape[1]]
-
     # -- decoding (returning rank only) ----------------------------------------
     def vae_latents(self, job: Job, latents: torch.Tensor) -> torch.Tensor:
         r = job.requests[0]
@@ -183,12 +154,6 @@ class QwenImagePipeline(FlowMatchPipeline):
         latents = latents.unsqueeze(2).to(self.vae.dtype)  # (B, C, 1, h, w): one frame
         mean, std = vae_stats(self.vae, latents)
         return latents / (1.0 / std) + mean
-
-    @torch.no_grad()
-    def decode(self, job: Job, latents: torch.Tensor) -> list[list[Image.Image]]:
-        images = self.vae.decode(self.vae_latents(job, latents), return_dict=False)[0][:, :, 0]
-        flat = self.image_processor.postprocess(images, output_type="pil")
-        return split_images(flat, job.requests)
 
 
 class QwenImageEditPipeline(QwenImagePipeline):
@@ -207,20 +172,6 @@ class QwenImageEditPipeline(QwenImagePipeline):
         # video processor, which needs torchvision.
         self.vision_processor = Qwen2VLImageProcessor.from_pretrained(model, subfolder="processor")
         self.tokenizer = AutoTokenizer.from_pretrained(model, subfolder="processor")
-
-    def _expand_vision(self, text: str, images: list[Image.Image]):
-        """What Qwen2VLProcessor does: pixel values, and one pad token per merged patch."""
-        vision = self.vision_processor(images=images, return_tensors="pt")
-        merge = self.vision_processor.merge_size**2
-        pad = "<|image_pad|>"
-        parts = text.split(pad)
-        assert len(parts) == len(images) + 1, (len(parts), len(images))
-        counts = [int(g.prod()) // merge for g in vision["image_grid_thw"]]
-        text = parts[0] + "".join(pad * n + part for n, part in zip(counts, parts[1:], strict=True))
-        return text, {
-            "pixel_values": vision["pixel_values"],
-            "image_grid_thw": vision["image_grid_thw"],
-        }
 
     def _dims(self, image: Image.Image, area: int) -> tuple[int, int]:
         return _edit_dimensions(area, image.size[0] / image.size[1])[:2]

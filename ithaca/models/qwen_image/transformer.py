@@ -1,8 +1,8 @@
 """Qwen-Image's transformer under sequence parallelism: the ``_sp_plan`` and the processor.
 
 The math is diffusers' ``QwenImageTransformer2DModel``; this module only declares where
-its sequence is split and installs an attention processor that sends the joint
-text+image attention through :class:`ithaca.parallel.ParallelAttention`.
+its sequence is split and installs the joint attention processor
+(:class:`ithaca.models.attention.JointAttnProcessor`, text first, with its key mask).
 
 Plan (``auto_pad`` everywhere a length may not divide by the sequence-parallel size):
 
@@ -19,6 +19,12 @@ Plan (``auto_pad`` everywhere a length may not divide by the sequence-parallel s
 Text tokens (``encoder_hidden_states``, its mask, the timestep embedding) are
 replicated. No diffusers code is subclassed beyond declaring the plan: every tensor the
 plan needs crosses a module boundary in diffusers' forward.
+
+Step caches (:data:`QWEN_IMAGE_CACHE`): TeaCache's indicator is the first block's
+timestep-modulated image input, computed exactly as the block computes it. Its
+coefficients: no calibration of Qwen-Image itself has been published that we could
+verify; peer systems reuse the FLUX.1 coefficients from the TeaCache paper, and so do
+we unless the checkpoint's ``ithaca.json`` carries its own (``ithaca calibrate-teacache``).
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ import functools
 import torch
 from diffusers import QwenImageTransformer2DModel as _DiffusersQwenImageTransformer
 
-from ithaca.models.attention import TEXT, ParallelProcessor, project, project_out
-from ithaca.models.rotary import apply_rope, use_real_freqs
+from ithaca.cache import FLUX_COEFFICIENTS, BlockCacheAdapter
+from ithaca.models.attention import JointAttnProcessor, qwen_rope
+from ithaca.models.rotary import use_real_freqs
 from ithaca.parallel import SequenceParallelInput, SequenceParallelOutput
 from ithaca.parallel.tensor import GATHERED_COLWISE
 from ithaca.runtime.parallelize import AttentionLayout
@@ -70,43 +77,24 @@ class QwenImageTransformer2DModel(_DiffusersQwenImageTransformer):
         use_real_freqs(self.pos_embed)  # before the plan's hooks: they shard the real form
 
 
-class ParallelJointAttnProcessor(ParallelProcessor):
-    """Qwen-Image's double-stream joint attention, routed through ``ParallelAttention``.
-
-    Same projections, QK norms and RoPE as diffusers' ``QwenDoubleStreamAttnProcessor2_0``;
-    the attention itself runs on this rank's image shard and the whole text.
-    """
-
-    family = "Qwen-Image"
-    mask_arg = "encoder_hidden_states_mask"
-
-    def attend(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb, mask):
-        if encoder_hidden_states is None:
-            raise ValueError("Qwen-Image joint attention needs encoder_hidden_states")
-        encoder_hidden_states_mask = mask
-        # (B, S/P, C) -> (B, S/P, H, D) image; (B, T, C) -> (B, T, H, D) text
-        img_q, img_k, img_v = project(attn, hidden_states)
-        txt_q, txt_k, txt_v = project(attn, encoder_hidden_states, TEXT)
-        if image_rotary_emb is not None:
-            img_freqs, txt_freqs = image_rotary_emb  # (S/P, D/2, 2) sharded, (T, D/2, 2) whole
-            img_q, img_k = apply_rope(img_q, img_freqs), apply_rope(img_k, img_freqs)
-            txt_q, txt_k = apply_rope(txt_q, txt_freqs), apply_rope(txt_k, txt_freqs)
-        text_mask = None
-        if encoder_hidden_states_mask is not None:
-            text_mask = encoder_hidden_states_mask.to(torch.bool)  # (B, T), True = attend
-        # Joint sequence [text, image], as in diffusers: joint_strategy="front".
-        img_out, txt_out = self.runtime.attention(
-            img_q, img_k, img_v,
-            joint_q=txt_q, joint_k=txt_k, joint_v=txt_v,
-            joint_mask=text_mask, joint_strategy="front",
-        )  # fmt: skip
-        # (B, T, H, D) -> (B, T, H*D)
-        txt_out = attn.to_add_out(txt_out.flatten(2, 3).to(txt_q.dtype).contiguous())
-        return project_out(attn, img_out, img_q.dtype), txt_out
-
-
 QWEN_IMAGE_ATTENTION = AttentionLayout(
-    processor=lambda runtime, state: ParallelJointAttnProcessor(runtime),
+    processor=lambda runtime, state: JointAttnProcessor(
+        runtime, "Qwen-Image", rope=qwen_rope, mask_arg="encoder_hidden_states_mask"
+    ),
     blocks={"transformer_blocks": ("attn",)},
-    plan=QWEN_IMAGE_SP_PLAN,
+)
+
+
+def modulated_input(block, args: dict) -> torch.Tensor:
+    """``img_norm1(hidden_states) * (1 + scale) + shift`` of the block's first half
+    (``modulate_index`` honoured for ``zero_cond_t`` checkpoints)."""
+    img_mod1 = block.img_mod(args["temb"]).chunk(2, dim=-1)[0]  # (B, 3*dim)
+    normed = block.img_norm1(args["hidden_states"])
+    return block._modulate(normed, img_mod1, args.get("modulate_index"))[0]
+
+
+QWEN_IMAGE_CACHE = BlockCacheAdapter(
+    blocks="transformer_blocks",
+    modulated_input=modulated_input,
+    teacache_coefficients=FLUX_COEFFICIENTS,
 )

@@ -22,16 +22,15 @@ replica's rank 0.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 
 from ithaca.models.flow import FlowMatchPipeline
-from ithaca.models.flux import cache as flux_cache
+from ithaca.models.flux.transformer import FLUX_CACHE
 from ithaca.models.sd3.transformer import SD3_ATTENTION, SD3Transformer2DModel
 from ithaca.models.spec import FamilySpec
-from ithaca.runtime.loop import Job
 
 SPEC = FamilySpec(
     name="SD3",
@@ -46,7 +45,7 @@ SPEC = FamilySpec(
         "tokenizer_2",
         "tokenizer_3",
     ),
-    cache_adapter=functools.partial(flux_cache.cache_adapter, blocks="transformer_blocks"),
+    cache_adapter=dataclasses.replace(FLUX_CACHE, blocks="transformer_blocks"),  # one stack
     defaults={"num_inference_steps": 28, "true_cfg_scale": 3.5},
     packed=False,
     sigmas="scheduler",
@@ -84,19 +83,12 @@ class StableDiffusion3Pipeline(FlowMatchPipeline):
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # (77, D_t5)
         embeds = torch.cat([clip, t5], dim=-2)
         pooled = torch.cat([pooled_1, pooled_2], dim=-1)
-        return {"embeds": embeds.to(self.dtype), "pooled": pooled.to(self.dtype)}
+        return {"encoder_hidden_states": embeds.to(self.dtype),
+                "pooled_projections": pooled.to(self.dtype)}  # fmt: skip
 
     def seq_len(self, latents: torch.Tensor) -> int:
         patch = self.transformer.config.patch_size
         return (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
 
-    def forward(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
-        latents = job.latents
-        text = job.inputs["text"][branch]
-        return self.transformer(
-            hidden_states=latents,
-            timestep=t.expand(latents.shape[0]),
-            encoder_hidden_states=text["embeds"],
-            pooled_projections=text["pooled"],
-            return_dict=False,
-        )[0]
+    def timestep(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        return t.expand(latents.shape[0])  # the raw timestep, in the scheduler's dtype

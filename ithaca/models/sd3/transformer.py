@@ -1,9 +1,9 @@
 """SD3 / SD3.5's transformer under sequence parallelism: the ``_sp_plan`` and the processor.
 
 The math is diffusers' ``SD3Transformer2DModel`` (MMDiT ``JointTransformerBlock`` s);
-this module declares where its sequence is split and installs one attention processor
-that sends the joint image+text attention (and SD3.5's image-only second attention)
-through :class:`ithaca.parallel.ParallelAttention`.
+this module declares where its sequence is split and installs the joint attention
+processor (:class:`ithaca.models.attention.JointAttnProcessor`, text last) on the joint
+attention and SD3.5's image-only second attention.
 
 Plan (``auto_pad`` where the image length may not divide by the sequence-parallel size):
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from diffusers import SD3Transformer2DModel as _DiffusersSD3Transformer
 
-from ithaca.models.attention import TEXT, ParallelProcessor, project, project_out
+from ithaca.models.attention import JointAttnProcessor
 from ithaca.parallel import SequenceParallelInput, SequenceParallelOutput
 from ithaca.parallel.tensor import GATHERED_COLWISE
 from ithaca.runtime.parallelize import AttentionLayout
@@ -69,32 +69,7 @@ class SD3Transformer2DModel(_DiffusersSD3Transformer):
     _tp_plan = staticmethod(sd3_tp_plan)
 
 
-class SD3ParallelAttnProcessor(ParallelProcessor):
-    """SD3 joint attention (``attn``) and SD3.5 image self-attention (``attn2``).
-
-    Same projections and QK norms as diffusers' ``JointAttnProcessor2_0``.
-    """
-
-    family = "SD3"
-
-    def attend(self, attn, hidden_states, encoder_hidden_states, rope, mask):
-        q, k, v = project(attn, hidden_states)  # (B, S/P, H*D) -> (B, S/P, H, D)
-        if encoder_hidden_states is None:  # SD3.5's image-only attention
-            out, _ = self.runtime.attention(q, k, v)
-            return project_out(attn, out, q.dtype)
-        txt_q, txt_k, txt_v = project(attn, encoder_hidden_states, TEXT)  # (B, T, H, D)
-        out, txt_out = self.runtime.attention(
-            q, k, v, joint_q=txt_q, joint_k=txt_k, joint_v=txt_v, joint_strategy="rear"
-        )
-        # (B, S/P, H, D) -> (B, S/P, H*D); (B, T, H, D) -> (B, T, H*D)
-        txt_out = txt_out.flatten(2, 3).to(q.dtype)
-        if not attn.context_pre_only:
-            txt_out = attn.to_add_out(txt_out)
-        return project_out(attn, out, q.dtype), txt_out
-
-
 SD3_ATTENTION = AttentionLayout(
-    processor=lambda runtime, state: SD3ParallelAttnProcessor(runtime),
+    processor=lambda runtime, state: JointAttnProcessor(runtime, "SD3", text_first=False),
     blocks={"transformer_blocks": ("attn", "attn2")},  # attn2: SD3.5's dual attention
-    plan=SD3_SP_PLAN,
 )

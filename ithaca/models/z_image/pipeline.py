@@ -27,8 +27,11 @@ import torch
 
 from ithaca.models.flow import FlowMatchPipeline, repeat_rows
 from ithaca.models.spec import FamilySpec
-from ithaca.models.z_image.cache import cache_adapter
-from ithaca.models.z_image.transformer import Z_IMAGE_ATTENTION, ZImageTransformer2DModel
+from ithaca.models.z_image.transformer import (
+    Z_IMAGE_ATTENTION,
+    Z_IMAGE_CACHE,
+    ZImageTransformer2DModel,
+)
 from ithaca.runtime.loop import Job
 
 
@@ -45,7 +48,7 @@ SPEC = FamilySpec(
     name="Z-Image",
     transformer=ZImageTransformer2DModel,
     attention=Z_IMAGE_ATTENTION,
-    cache_adapter=cache_adapter,
+    cache_adapter=Z_IMAGE_CACHE,
     defaults={"num_inference_steps": 9, "true_cfg_scale": 0.0},
     guidance=z_image_cfg,
     cfg_above=0.0,
@@ -63,17 +66,10 @@ class ZImagePipeline(FlowMatchPipeline):
     spec = SPEC
     max_sequence_length = 512
 
-    @torch.no_grad()
     def encode_prompt(self, text: str) -> torch.Tensor:
         """Second-to-last encoder hidden state of the templated prompt, unpadded: (T, D)."""
         tokens = self.tokens(self.chat(text, enable_thinking=True), self.max_sequence_length)
-        mask = tokens.attention_mask.bool()
-        hidden = self.text_encoder(
-            input_ids=tokens.input_ids,
-            attention_mask=mask,
-            output_hidden_states=True,
-        ).hidden_states[-2]
-        return hidden[0][mask[0]].to(self.dtype)
+        return self.text_hidden(tokens, layer=-2, pads="drop")
 
     def batch_text(self, embeds, requests):
         return repeat_rows(embeds, requests)  # lengths differ: the transformer pads them

@@ -25,6 +25,21 @@ Heads: Z-Image has 30 heads. When the Ulysses degree does not divide them, the
 processor appends all-zero heads up to the next multiple (zero queries and keys give
 uniform weights over zero values: the extra heads output zeros) and drops them after
 the attention; 30 heads at Ulysses 4 run as 32 (7% more attention work).
+
+Step caches (:data:`Z_IMAGE_CACHE`) cover ``layers``, the bulk of the work, whose blocks
+take ``x`` (this rank's shard of the unified sequence) and return it; the two-block
+refiners run on every step (their output is the stack's input, which a skipped step
+adds the remembered residual to). TeaCache's indicator is the first layer's modulated
+input ``attention_norm1(x) * (1 + scale_msa)`` (Z-Image's modulation has a scale and a
+gate, no shift); a skipped step adds the residual of ``layers`` to every token, image
+and caption alike; DBCache's ``Fn`` / middle / ``Bn`` split is over ``layers``, one
+tensor. TeaCache coefficients: none are published for Z-Image. The architecturally
+closest published fit, TeaCache's Lumina-Image-2.0 one (the same modulated-input form),
+turns negative above a relative change of about 0.28 (a negative estimate would make
+TeaCache skip more the more the input moves; few-step runs go there: the tiny checkpoint
+changes by 0.42-0.48 per step at 5 steps), so the default is FLUX.1's fit (above 0.18
+everywhere, increasing beyond a change of 0.05); fit Z-Image's own with ``ithaca
+calibrate-teacache`` and ship it in the checkpoint's ``ithaca.json``.
 """
 
 from __future__ import annotations
@@ -32,6 +47,7 @@ from __future__ import annotations
 import torch
 from diffusers import ZImageTransformer2DModel as _DiffusersZImageTransformer
 
+from ithaca.cache import FLUX_COEFFICIENTS, BlockCacheAdapter
 from ithaca.models.attention import ParallelProcessor, project, project_out
 from ithaca.models.rotary import apply_rope
 from ithaca.parallel import (
@@ -170,4 +186,22 @@ Z_IMAGE_ATTENTION = AttentionLayout(
     },
     plan=_plan,
     check_heads=False,  # the processor pads heads to a multiple of the Ulysses degree
+)
+
+
+def modulated_input(block: torch.nn.Module, args: dict) -> torch.Tensor:
+    """``attention_norm1(x) * (1 + scale_msa)`` of a main layer (per-sample modulation)."""
+    if args.get("noise_mask") is not None:
+        raise ValueError("Z-Image's per-token (omni) modulation has no TeaCache indicator")
+    # (B, 4*C) -> (B, 1, C): scale_msa, the first of scale/gate for attention and MLP
+    scale_msa = block.adaLN_modulation(args["adaln_input"]).unsqueeze(1).chunk(4, dim=2)[0]
+    return block.attention_norm1(args["x"]) * (1.0 + scale_msa)  # (B, S/P, C)
+
+
+Z_IMAGE_CACHE = BlockCacheAdapter(
+    blocks="layers",
+    hidden_arg="x",
+    returns="hidden",
+    modulated_input=modulated_input,
+    teacache_coefficients=FLUX_COEFFICIENTS,
 )
