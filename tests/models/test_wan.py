@@ -232,10 +232,10 @@ def test_preview_is_the_first_frame_of_the_full_decode(tiny_wan, state):
     pipe = load_pipeline(tiny_wan["t2v_a14b"], state)
     _, latents, _, _ = run_pipeline(pipe, [dict(T2V, seed=4)])
     job = types.SimpleNamespace(inputs={})
-    full = pipe._decode_frames(job, latents)
-    first = pipe._decode_frames(job, latents[:, :, :1])
-    assert first.shape[1] == 1
-    assert max_frame_diff(first[0, 0], full[0, 0]) == 0
+    [full] = pipe.decode(job, latents)
+    [first] = pipe.decode(job, latents[:, :, :1])
+    assert first.shape[0] == 1
+    assert max_frame_diff(first[0], full[0]) == 0
     previews = []
 
     def callback(event):
