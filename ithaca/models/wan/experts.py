@@ -28,18 +28,12 @@ import logging
 import torch
 import torch.nn as nn
 
-from ithaca.runtime.offload import HostCopy
+from ithaca.runtime.offload import HostCopy, parameter_bytes
 
 logger = logging.getLogger(__name__)
 
 
-def module_bytes(module: nn.Module) -> int:
-    """Bytes of a module's parameters and buffers."""
-    tensors = list(module.parameters()) + list(module.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def should_offload(expert_bytes: int, device: torch.device, budget: float = 0.6) -> bool:
+def should_offload(expert: nn.Module, device: torch.device, budget: float = 0.6) -> bool:
     """Auto policy: offload when both experts would take more than ``budget`` of the GPU.
 
     Only the weights are counted; the rest of the budget is left to activations, the
@@ -49,7 +43,7 @@ def should_offload(expert_bytes: int, device: torch.device, budget: float = 0.6)
     if device.type != "cuda":
         return False
     total = torch.cuda.get_device_properties(device).total_memory
-    return 2 * expert_bytes > budget * total
+    return 2 * parameter_bytes(expert) > budget * total
 
 
 class ExpertPlacement:
@@ -71,11 +65,6 @@ class ExpertPlacement:
                 expert.to(self.device)
         elif self.device.type != "cpu":
             self.copies = [HostCopy(e, self.device, f"expert {i}") for i, e in enumerate(experts)]
-
-    @property
-    def pinned_bytes(self) -> int:
-        """Bytes of the host buffers (pinned on CUDA)."""
-        return sum(copy.nbytes for copy in self.copies)
 
     def activate(self, index: int) -> nn.Module:
         """Expert ``index`` with its weights on the device (the other one's dropped)."""

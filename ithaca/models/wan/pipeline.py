@@ -52,7 +52,7 @@ from ithaca.models.base import Job, Request
 from ithaca.models.flow import FlowMatchPipeline, decode_3d, flow_schedule, vae_stats
 from ithaca.models.spec import FamilySpec
 from ithaca.models.wan.cache import cache_adapter
-from ithaca.models.wan.experts import ExpertPlacement, module_bytes, should_offload
+from ithaca.models.wan.experts import ExpertPlacement, should_offload
 from ithaca.models.wan.transformer import WanTransformer3DModel, wan_attention
 from ithaca.parallel import ParallelState
 from ithaca.runtime.parallelize import parallelize
@@ -185,7 +185,7 @@ class WanPipeline(FlowMatchPipeline):
         if offload and sharded:
             raise ValueError("expert_offload and use_hsdp exclude each other: pick one")
         if offload is None:
-            offload = not sharded and should_offload(module_bytes(self.experts[0]), self.device)
+            offload = not sharded and should_offload(self.experts[0], self.device)
         # Before placement: it keeps each expert's tensors as tensor parallel leaves them.
         layout = self.spec.attention
         self.runtimes = [parallelize(e, self.state, layout) for e in self.experts]
