@@ -9,9 +9,8 @@ bit-identical; test_wan.py checks whole videos that way.
 import torch
 import torch.nn as nn
 
-from ithaca.models.wan.experts import ExpertPlacement
 from ithaca.runtime import offload
-from ithaca.runtime.offload import parameter_bytes
+from ithaca.runtime.offload import ExpertPlacement, parameter_bytes
 
 
 def make_expert(seed: int) -> nn.Module:

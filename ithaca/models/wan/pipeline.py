@@ -24,7 +24,7 @@ Numerics follow diffusers' ``WanPipeline`` (T2V-A14B with ``transformer_2`` and
 Placement: tokenizer, text encoder and VAE (fp32, as diffusers' Wan examples load it)
 live on the replica's rank 0 only; every rank holds the experts, each sharded by the
 same ``_sp_plan``. The idle expert can live in host memory (``expert_offload``, see
-:mod:`ithaca.models.wan.experts` and ``docs/video.md``). Outputs are uint8 frames
+:class:`ithaca.runtime.offload.ExpertPlacement` and ``docs/video.md``). Outputs are uint8 frames
 ``(F, H, W, 3)``; MP4 encoding is the server's, once, after ``generate`` returns.
 
 The shared flow-matching pipeline (:mod:`ithaca.models.flow`) does the rest from
@@ -52,9 +52,9 @@ from ithaca.models.base import Job, Request
 from ithaca.models.flow import FlowMatchPipeline, decode_3d, flow_schedule, vae_stats
 from ithaca.models.spec import FamilySpec
 from ithaca.models.wan.cache import cache_adapter
-from ithaca.models.wan.experts import ExpertPlacement, should_offload
 from ithaca.models.wan.transformer import WanTransformer3DModel, wan_attention
 from ithaca.parallel import ParallelState
+from ithaca.runtime.offload import ExpertPlacement, parameter_bytes
 from ithaca.runtime.parallelize import parallelize
 from ithaca.types import GenerationParams, GenerationResult, ParamError
 
@@ -124,6 +124,19 @@ def _number(name: str, value, kind=float, allow_zero: bool = False):
         sign = "non-negative" if allow_zero else "positive"
         raise ParamError(name, f"{name} ({value!r}) must be a {sign} {kind.__name__}")
     return kind(value)
+
+
+def should_offload(expert: torch.nn.Module, device: torch.device, budget: float = 0.6) -> bool:
+    """Auto policy: offload when both experts would take more than ``budget`` of the GPU.
+
+    Only the weights are counted; the rest of the budget is left to activations, the
+    text encoder and the VAE (on the returning rank). Never on CPU: there is no other
+    memory to move to.
+    """
+    if device.type != "cuda":
+        return False
+    total = torch.cuda.get_device_properties(device).total_memory
+    return 2 * parameter_bytes(expert) > budget * total
 
 
 class WanPipeline(FlowMatchPipeline):
@@ -343,22 +356,17 @@ class WanPipeline(FlowMatchPipeline):
 
     def schedule(self, steps: int, latents: torch.Tensor, inputs: dict):
         """The checkpoint's UniPC scheduler with the batch's ``flow_shift``, and the expert
-        of every step (``inputs["experts"]``)."""
+        of every step (``inputs["experts"]``: 0 while ``t >= boundary``), read from the
+        timesteps once here, so the loop never compares a device tensor on the host."""
         shift = inputs["video"].flow_shift
         scheduler = flow_schedule(self.scheduler_config, steps, 0, self.device, self.spec.sigmas,
                                   self.spec.scheduler, flow_shift=shift)  # fmt: skip
-        inputs["experts"] = self._expert_indices(scheduler.timesteps)
+        ratio = self.boundary_ratio if len(self.experts) == 2 else 0.0
+        boundary = ratio * self.scheduler_config.get("num_train_timesteps", 1000)
+        inputs["experts"] = [int(t < boundary) for t in scheduler.timesteps.tolist()]
         return scheduler
 
     # -- one step ----------------------------------------------------------------
-    def _expert_indices(self, timesteps: torch.Tensor) -> list[int]:
-        """The expert of every step (0 while ``t >= boundary``), read from the timesteps
-        once before the loop, so the loop never compares a device tensor on the host."""
-        if len(self.experts) == 1:
-            return [0] * len(timesteps)
-        boundary = self.boundary_ratio * self.scheduler_config.get("num_train_timesteps", 1000)
-        return [0 if t >= boundary else 1 for t in timesteps.tolist()]
-
     def step_guidance_scales(self, job: Job) -> list[float]:
         request = job.requests[0]
         scales = (request.true_cfg_scale, request.extra_key[0].guidance_scale_2)
@@ -372,9 +380,8 @@ class WanPipeline(FlowMatchPipeline):
         return torch.cat([image.to(latents.dtype), latents[:, :, 1:]], dim=2)
 
     def forward(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
-        index = job.inputs["experts"][job.step]
-        expert = self.placement.activate(index)
-        self.runtime = self.runtimes[index]
+        # Its own runtime's hooks run with each expert: self.runtime stays the first's.
+        expert = self.placement.activate(job.inputs["experts"][job.step])
         latents = job.latents
         b = latents.shape[0]
         if self.expand_timesteps:
