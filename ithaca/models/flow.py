@@ -88,6 +88,15 @@ def vae_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
+def decode_3d(vae, latents: torch.Tensor) -> torch.Tensor:
+    """A Wan-style causal 3D VAE's decode (Wan2.2's, Qwen-Image's): normalised latents
+    ``(B, z, F, h, w)`` -> pixels ``(B, C, F', H, W)`` in [-1, 1], the per-channel
+    normalisation undone in the VAE's dtype as the references do (``x / (1 / std) + mean``)."""
+    latents = latents.to(vae.dtype)
+    mean, std = vae_stats(vae, latents)
+    return vae.decode(latents / (1.0 / std) + mean, return_dict=False)[0]
+
+
 def flow_schedule(config, steps: int, seq_len: int, device, sigmas="linspace", cls=None, **kw):
     """The reference's scheduler for ``steps``: ``cls`` (default
     ``FlowMatchEulerDiscreteScheduler``) from ``config`` with overrides ``kw`` (Wan2.2's

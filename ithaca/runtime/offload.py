@@ -3,7 +3,7 @@
 ``--enable-cpu-offload`` (:class:`Offload`): each offloaded component (text encoders,
 VAE, and the transformer between requests) keeps its parameters and buffers in ONE host
 buffer (page-locked on CUDA at its exact size, :func:`_alloc_host`; Wan2.2's expert
-offload, :mod:`ithaca.models.wan.experts`, uses the same) and gets device copies only
+offload, :class:`ExpertPlacement`, uses the same) and gets device copies only
 while it runs: the first forward of the component (or of any of its submodules:
 ``vae.decode`` calls its ``decoder``, not ``forward``) moves it in with one
 host-to-device copy, and evicts the component that was on the device before; the
@@ -184,6 +184,50 @@ class LayerwiseOffload:
     @property
     def host_bytes(self) -> int:
         return sum(c.nbytes for c in self.copies)
+
+
+class ExpertPlacement:
+    """Modules of which one runs at a time (Wan2.2's two denoising experts): all on
+    ``device``, or with ``offload`` only the one in use.
+
+    Offloaded, each keeps its tensors in ONE :class:`HostCopy` buffer (pinning an A14B
+    expert's ~1,000 tensors one by one took 43.7 GB instead of 28.6 GB); :meth:`activate`
+    drops the active one's device copy (weights never change: nothing is copied back)
+    and brings the other in with one host-to-device copy. The weights and the device the
+    math runs on are the resident run's, so outputs are identical; the price is one
+    module's copy per switch (Wan2.2 A14B, bf16: ~28 GB, ~1-2 s over PCIe 4; one switch
+    per request, one more when the next starts on the first expert again; docs/video.md).
+    """
+
+    def __init__(self, experts: list[nn.Module], device: torch.device | str, offload: bool):
+        self.experts = experts
+        self.device = torch.device(device)
+        self.offload = offload and len(experts) > 1
+        self.active: int | None = None
+        self.swaps: list[tuple[int | None, int]] = []
+        """(deactivated, activated) per switch; what the tests check."""
+        self.copies: list[HostCopy] = []
+        """Each module's host buffer; none on a CPU device: nothing to move (a copy would
+        also change the tensors' alignment, and with it CPU matmul rounding)."""
+        if not self.offload:
+            for expert in experts:
+                expert.to(self.device)
+        elif self.device.type != "cpu":
+            self.copies = [HostCopy(e, self.device, f"expert {i}") for i, e in enumerate(experts)]
+
+    def activate(self, index: int) -> nn.Module:
+        """Module ``index`` with its weights on the device (the other one's dropped)."""
+        if not self.offload or self.active == index:
+            return self.experts[index]
+        previous = self.active
+        if self.copies:
+            if previous is not None:  # first, so that the two never coexist on the device
+                self.copies[previous].evict()
+            self.copies[index].load()  # one host-to-device copy; parameters become views
+        self.active = index
+        self.swaps.append((previous, index))
+        logger.debug("expert %s -> %s on %s", previous, index, self.device)
+        return self.experts[index]
 
 
 def transformer_blocks(transformer: nn.Module, names: Iterable[str]) -> list[nn.Module]:

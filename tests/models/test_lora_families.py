@@ -202,8 +202,8 @@ def test_offloaded_expert_swaps_adapter_tensors_with_it(monkeypatch):
     from peft import LoraConfig, inject_adapter_in_model
     from torch import nn
 
-    from ithaca.models.wan.experts import ExpertPlacement
     from ithaca.runtime import offload
+    from ithaca.runtime.offload import ExpertPlacement
 
     monkeypatch.setattr(offload, "_register", lambda buf: None)
     torch.manual_seed(0)

@@ -38,7 +38,6 @@ from ithaca.models.qwen_image.transformer import QwenImageTransformer2DModel as 
 from ithaca.models.registry import load_pipeline
 from ithaca.models.sd3.pipeline import StableDiffusion3Pipeline
 from ithaca.models.sd3.transformer import SD3Transformer2DModel as OurSD3
-from ithaca.models.wan.experts import ExpertPlacement
 from ithaca.models.wan.transformer import WanTransformer3DModel as OurWan
 from ithaca.models.z_image.pipeline import ZImagePipeline
 from ithaca.models.z_image.transformer import ZImageTransformer2DModel as OurZImage
@@ -52,6 +51,7 @@ from ithaca.parallel.tensor import (
     tp_shard,
     valid_degrees,
 )
+from ithaca.runtime.offload import ExpertPlacement
 from ithaca.testing.distributed import parallel_state
 from ithaca.testing.tiny_wan import build_tiny_wan
 from ithaca.types import GenerationParams

@@ -20,7 +20,6 @@ from PIL import Image
 
 from ithaca.config import ParallelConfig
 from ithaca.models.registry import load_pipeline, pipeline_class
-from ithaca.models.wan.experts import ExpertPlacement
 from ithaca.models.wan.pipeline import WanImageToVideoPipeline as OurI2V
 from ithaca.models.wan.pipeline import WanPipeline
 from ithaca.models.wan.transformer import (
@@ -29,6 +28,7 @@ from ithaca.models.wan.transformer import (
     WanTransformer3DModel,
 )
 from ithaca.parallel import ParallelState, validate_sp_plan
+from ithaca.runtime.offload import ExpertPlacement
 from ithaca.server.media import encode_mp4
 from ithaca.types import GenerationParams
 from tests.models.harness import FAMILIES, max_frame_diff, record, run_pipeline
@@ -157,11 +157,11 @@ def test_t2v_a14b_two_experts_match_diffusers(tiny_wan, state):
     # Timesteps 999, 900 >= 875 run the high-noise expert, 750, 500 the low-noise one;
     # CFG calls each twice (positive, negative).
     assert experts == [0, 0, 0, 0, 1, 1, 1, 1]
-    timesteps = torch.tensor([999.0, 900.0, 750.0, 500.0])
-    job = types.SimpleNamespace(
-        requests=[pipe.resolve(GenerationParams(**request))],
-        inputs={"experts": pipe._expert_indices(timesteps)},
-    )
+    resolved = pipe.resolve(GenerationParams(**request))
+    inputs = {"video": resolved.extra_key[0]}
+    timesteps = pipe.schedule(4, None, inputs).timesteps
+    assert timesteps.tolist() == [999, 900, 750, 500] and inputs["experts"] == [0, 0, 1, 1]
+    job = types.SimpleNamespace(requests=[resolved], inputs=inputs)
     assert pipe.step_guidance_scales(job) == [4.0, 4.0, 2.0, 2.0]  # decided before the loop
 
 
@@ -232,10 +232,10 @@ def test_preview_is_the_first_frame_of_the_full_decode(tiny_wan, state):
     pipe = load_pipeline(tiny_wan["t2v_a14b"], state)
     _, latents, _, _ = run_pipeline(pipe, [dict(T2V, seed=4)])
     job = types.SimpleNamespace(inputs={})
-    full = pipe._decode_frames(job, latents)
-    first = pipe._decode_frames(job, latents[:, :, :1])
-    assert first.shape[1] == 1
-    assert max_frame_diff(first[0, 0], full[0, 0]) == 0
+    [full] = pipe.decode(job, latents)
+    [first] = pipe.decode(job, latents[:, :, :1])
+    assert first.shape[0] == 1
+    assert max_frame_diff(first[0], full[0]) == 0
     previews = []
 
     def callback(event):

@@ -17,8 +17,9 @@ processor, the scheduler). What differs from Qwen-Image-Edit:
   empty prompt (``""`` or ``" "``) is replaced by a caption of the input image that the
   text encoder writes (greedy ``generate``, at most 512 new tokens), as the reference does;
 - sigmas ``linspace(1, 0, steps + 1)[:-1]`` and ``mu = sqrt(condition tokens / 256)``;
-- true CFG as in Qwen-Image, with the norm rescale only when ``cfg_normalize`` (on by
-  default: the model card's setting; diffusers' call defaults it off).
+- true CFG as in Qwen-Image, with the norm rescale (``cfg_normalize``: the model card's
+  setting; diffusers' call defaults it off); an empty prompt is captioned in English
+  (``use_en_prompt``, the model card's setting too).
 
 Output size: the reference's bucket (``resolution`` 640: a 640x640 area with the input's
 aspect ratio, multiples of 32), or ``width`` / ``height`` when a request gives them; the
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
 
 import numpy as np
 import torch
@@ -42,10 +42,9 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import (
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
 from PIL import Image
 
-from ithaca.models.flow import seeded_noise, split_images, vae_stats
+from ithaca.models.flow import decode_3d, seeded_noise, split_images
 from ithaca.models.qwen_image import templates
 from ithaca.models.qwen_image.pipeline import QwenImageEditPipeline, QwenImagePipeline, variant
-from ithaca.models.spec import plain_cfg, rescaled_cfg
 from ithaca.runtime.loop import Job, Request
 from ithaca.types import GenerationParams, ParamError
 
@@ -57,28 +56,26 @@ BASE_SEQ_LEN = 256 * 256 / 16 / 16
 
 
 @functools.cache
-def caption_prompts() -> tuple[str, str]:
-    """The reference's (English, Chinese) captioning prompts, read from diffusers."""
+def caption_prompt() -> str:
+    """The reference's English captioning prompt, read from diffusers."""
     ref = _Ref(scheduler=None, vae=None, text_encoder=None, tokenizer=None, processor=None,
                transformer=None)  # fmt: skip
-    return ref.image_caption_prompt_en, ref.image_caption_prompt_cn
+    return ref.image_caption_prompt_en
 
 
 class QwenImageLayeredPipeline(QwenImageEditPipeline):
     """Image to RGBA layers (``Qwen/Qwen-Image-Layered``)."""
 
-    spec = variant("Qwen-Image-Layered", "layered", images=(1, 1))
+    # The output bucket: a 640x640 area (the reference allows 640 and 1024; 640 is
+    # recommended) with the input's aspect ratio, unless a request gives the size.
+    spec = variant("Qwen-Image-Layered", "layered", images=(1, 1), defaults={
+        **QwenImagePipeline.spec.defaults, "width": 640, "height": 640})  # fmt: skip
     template = templates.T2I
     max_sequence_length = 512
     tokenizer_max_length = None
     captions_empty_prompt = True
     takes_layers = True
     default_layers = 4
-    resolution = 640
-    """Output area bucket (the reference allows 640 and 1024; 640 is recommended)."""
-    cfg_normalize = True
-    use_en_prompt = True
-    """Caption language for an empty prompt (the model card's setting)."""
 
     def load_components(self, model: str) -> None:
         QwenImagePipeline.load_components(self, model)  # the prompt tokenizer: tokenizer/
@@ -89,12 +86,8 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
         self.caption_tokenizer = AutoTokenizer.from_pretrained(model, subfolder="processor")
 
     # -- request validation ----------------------------------------------------
-    def request_size(self, params: GenerationParams) -> tuple[int, int]:
-        image = params.images[0]
-        w, h = calculate_dimensions(self.resolution**2, image.size[0] / image.size[1])
-        w = params.width if params.width is not None else w
-        h = params.height if params.height is not None else h
-        return self.rounded_size(w, h)
+    def _dims(self, image: Image.Image, area: int) -> tuple[int, int]:
+        return calculate_dimensions(area, image.size[0] / image.size[1])
 
     def extra_key(self, params: GenerationParams) -> tuple:
         layers = self.default_layers if params.layers is None else params.layers
@@ -115,8 +108,7 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
     @torch.no_grad()
     def caption(self, image: Image.Image) -> str:
         """The reference's ``get_image_caption``: the text encoder describes ``image``."""
-        english, chinese = caption_prompts()
-        text, vision = self._expand_vision(english if self.use_en_prompt else chinese, [image])
+        text, vision = self.expand_vision(caption_prompt(), [image])
         tokens = self.caption_tokenizer(text, return_tensors="pt").to(self.device)
         generated = self.text_encoder.generate(
             input_ids=tokens.input_ids,
@@ -129,7 +121,7 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
             new, skip_special_tokens=True, clean_up_tokenization_spaces=False
         ).strip()
 
-    def condition(self, request: Request) -> dict[str, Any]:
+    def condition(self, request: Request) -> dict:
         p = request.params
         w, h = request.width, request.height
         image = self.image_processor.resize(p.images[0].convert("RGBA"), h, w)
@@ -156,7 +148,7 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
             noise.append(_Ref._pack_latents(x, n, c, h, w, frames))
         return torch.cat(noise)
 
-    def prepare(self, requests: list[Request], conds: list[dict[str, Any]]) -> Job:
+    def prepare(self, requests: list[Request], conds: list[dict]) -> Job:
         job = super().prepare(requests, conds)
         rows = job.latents.shape[0]
         job.inputs["additional_t_cond"] = torch.zeros(rows, dtype=torch.long, device=self.device)
@@ -170,35 +162,26 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
         scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=mu)
         return scheduler
 
-    def guide(self, positive, negative, scale):
-        rule = rescaled_cfg if self.cfg_normalize else plain_cfg
-        return rule(positive, negative, scale)
-
     # -- decoding (returning rank only) ------------------------------------------
     @torch.no_grad()
     def _decode_frames(self, job: Job, latents: torch.Tensor, frames: slice) -> list:
-        """Decode ``frames`` of every row: a flat list, row-major, as PIL RGBA images."""
+        """``frames`` of every row, each decoded as one PIL RGBA image: per request, its
+        rows' lists of frames."""
         r = job.requests[0]
         layers = self.layers_of(r)
         latents = _Ref._unpack_latents(latents, r.height, r.width, layers, self.vae_scale_factor)
-        latents = latents.to(self.vae.dtype)  # (B, C, L + 1, h, w)
-        mean, std = vae_stats(self.vae, latents)
-        latents = (latents / (1.0 / std) + mean)[:, :, frames]
-        b, c, f, h, w = latents.shape
+        latents = latents[:, :, frames]  # (B, C, F, h, w) of the L + 1 frames
+        f = latents.shape[2]
         # (B, C, F, h, w) -> (B * F, C, 1, h, w): every frame decoded as one image
-        latents = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, 1, h, w)
-        images = self.vae.decode(latents, return_dict=False)[0][:, :, 0]  # (B * F, 4, H, W)
-        return self.image_processor.postprocess(images, output_type="pil")
+        images = decode_3d(self.vae, latents.transpose(1, 2).flatten(0, 1).unsqueeze(2))
+        flat = self.image_processor.postprocess(images[:, :, 0], output_type="pil")
+        return split_images([flat[i : i + f] for i in range(0, len(flat), f)], job.requests)
 
     def decode(self, job: Job, latents: torch.Tensor) -> list[list[Image.Image]]:
-        # Frame 0 is the composite image: the layers are frames 1..L (one batch: one L).
-        flat = self._decode_frames(job, latents, slice(1, None))
-        layers = self.layers_of(job.requests[0])
-        per_image = [flat[i : i + layers] for i in range(0, len(flat), layers)]
-        per_request = split_images(per_image, job.requests)
-        return [[layer for image in images for layer in image] for images in per_request]
+        # Frame 0 is the composite image: the layers are frames 1..L, image-major.
+        rows = self._decode_frames(job, latents, slice(1, None))
+        return [[layer for row in request for layer in row] for request in rows]
 
     def preview(self, job: Job, x0: torch.Tensor) -> list[Image.Image]:
         """The composite frame's x0 estimate of each request's first image."""
-        flat = self._decode_frames(job, x0, slice(0, 1))
-        return [images[0] for images in split_images(flat, job.requests)]
+        return [rows[0][0] for rows in self._decode_frames(job, x0, slice(0, 1))]

@@ -5,7 +5,7 @@ Numerics follow diffusers' ``WanPipeline`` (T2V-A14B with ``transformer_2`` and
 (I2V-A14B; TI2V-5B with an input image):
 
 - prompt: cleaned as diffusers does (``prompt_clean``), UMT5 last hidden state of the
-  real tokens, zero-padded to 512 tokens without a mask (the model was trained so);
+  512 tokens, zero past the real ones, without a mask (the model was trained so);
 - noise: ``torch.randn((1, z, (F-1)/4+1, H/s, W/s), generator=cpu Generator(seed))`` in
   fp32, what diffusers draws for a CPU generator; latents stay fp32, the transformer
   input is cast to the model dtype;
@@ -24,7 +24,7 @@ Numerics follow diffusers' ``WanPipeline`` (T2V-A14B with ``transformer_2`` and
 Placement: tokenizer, text encoder and VAE (fp32, as diffusers' Wan examples load it)
 live on the replica's rank 0 only; every rank holds the experts, each sharded by the
 same ``_sp_plan``. The idle expert can live in host memory (``expert_offload``, see
-:mod:`ithaca.models.wan.experts` and ``docs/video.md``). Outputs are uint8 frames
+:class:`ithaca.runtime.offload.ExpertPlacement` and ``docs/video.md``). Outputs are uint8 frames
 ``(F, H, W, 3)``; MP4 encoding is the server's, once, after ``generate`` returns.
 
 The shared flow-matching pipeline (:mod:`ithaca.models.flow`) does the rest from
@@ -48,13 +48,13 @@ from PIL import Image
 
 from ithaca.cache import CacheGroup, build_cache
 from ithaca.config import CacheConfig
-from ithaca.models.flow import FlowMatchPipeline, flow_schedule, repeat_rows, vae_stats
+from ithaca.models.flow import FlowMatchPipeline, decode_3d, flow_schedule, vae_stats
 from ithaca.models.spec import FamilySpec
 from ithaca.models.wan.cache import cache_adapter
-from ithaca.models.wan.experts import ExpertPlacement, module_bytes, should_offload
 from ithaca.models.wan.transformer import WanTransformer3DModel, wan_attention
 from ithaca.parallel import ParallelState
 from ithaca.runtime.loop import Job, Request
+from ithaca.runtime.offload import ExpertPlacement, parameter_bytes
 from ithaca.runtime.parallelize import parallelize
 from ithaca.types import GenerationParams, GenerationResult, ParamError
 
@@ -126,6 +126,19 @@ def _number(name: str, value, kind=float, allow_zero: bool = False):
     return kind(value)
 
 
+def should_offload(expert: torch.nn.Module, device: torch.device, budget: float = 0.6) -> bool:
+    """Auto policy: offload when both experts would take more than ``budget`` of the GPU.
+
+    Only the weights are counted; the rest of the budget is left to activations, the
+    text encoder and the VAE (on the returning rank). Never on CPU: there is no other
+    memory to move to.
+    """
+    if device.type != "cuda":
+        return False
+    total = torch.cuda.get_device_properties(device).total_memory
+    return 2 * parameter_bytes(expert) > budget * total
+
+
 class WanPipeline(FlowMatchPipeline):
     """Text-to-video (T2V-A14B, two experts) and text(+image)-to-video (TI2V-5B)."""
 
@@ -142,12 +155,11 @@ class WanPipeline(FlowMatchPipeline):
     ):
         self.expert_offload = expert_offload  # read by load_transformers
         super().__init__(model, state, dtype)
-        config = self.experts[0].config
-        self.patch_size = tuple(config.patch_size)
-        assert self.patch_size[1] == self.patch_size[2], self.patch_size
+        _, self.patch, patch_w = self.experts[0].config.patch_size  # (t, h, w)
+        assert self.patch == patch_w, self.experts[0].config.patch_size
         self.latent_channels = self.vae_config["z_dim"]
         self.scale_temporal = self.vae_config.get("scale_factor_temporal", 4)
-        self.multiple = self.vae_scale_factor * self.patch_size[1]
+        self.multiple = self.vae_scale_factor * self.patch
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor)
 
     def checkpoint_spec(self, model: str) -> FamilySpec:
@@ -174,9 +186,7 @@ class WanPipeline(FlowMatchPipeline):
     def load_transformers(self, model: str) -> None:
         """Both experts where the checkpoint has them, each sharded by the same plans
         with its own runtime (hooks), placed by :class:`ExpertPlacement`."""
-        names = ["transformer"]
-        if self.index.get("transformer_2", [None])[0] is not None:
-            names.append("transformer_2")
+        names = [n for n in ("transformer", "transformer_2") if self.index.get(n, [None])[0]]
         if len(names) == 2 and self.boundary_ratio is None:
             raise ValueError(f"{model}: two transformers but no boundary_ratio in model_index")
         sharded = self.state.config.use_hsdp  # both experts, each rank 1/shard of each
@@ -188,7 +198,7 @@ class WanPipeline(FlowMatchPipeline):
         if offload and sharded:
             raise ValueError("expert_offload and use_hsdp exclude each other: pick one")
         if offload is None:
-            offload = not sharded and should_offload(module_bytes(self.experts[0]), self.device)
+            offload = not sharded and should_offload(self.experts[0], self.device)
         # Before placement: it keeps each expert's tensors as tensor parallel leaves them.
         layout = self.spec.attention
         self.runtimes = [parallelize(e, self.state, layout) for e in self.experts]
@@ -280,15 +290,17 @@ class WanPipeline(FlowMatchPipeline):
     # -- conditioning (returning rank only) ------------------------------------
     @torch.no_grad()
     def encode_prompt(self, text: str) -> torch.Tensor:
-        """UMT5 last hidden state of the real tokens: (T, D), T <= 512."""
-        tokens = tokenize(self.tokenizer, [text])
-        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
-        hidden = self.text_encoder(ids, mask).last_hidden_state  # (1, 512, D)
-        return hidden[0, : int(mask.gt(0).sum())].to(self.dtype)
+        """UMT5 last hidden state, zero past the real tokens: (512, D), as the reference
+        pads each prompt's own states."""
+        tokens = tokenize(self.tokenizer, [text]).to(self.device)
+        hidden = self.text_encoder(tokens.input_ids, tokens.attention_mask).last_hidden_state
+        return hidden[0].masked_fill(tokens.attention_mask[0, :, None] == 0, 0).to(self.dtype)
 
     @torch.no_grad()
     def _encode_image(self, request: Request) -> torch.Tensor:
-        """Normalised condition latents (1, z, F_lat or 1, h, w) of the input image, fp32."""
+        """The input image's condition, fp32: TI2V its normalised latents (1, z, 1, h, w);
+        I2V-A14B the first-frame mask and the latents of the image followed by F-1 black
+        frames (1, 4 + z, F_lat, h, w)."""
         settings: VideoSettings = request.extra_key[0]
         w, h = settings.image_size
         image = request.params.images[0].convert("RGB")  # RGBA / L uploads
@@ -300,12 +312,19 @@ class WanPipeline(FlowMatchPipeline):
             image = torch.cat([image, rest], dim=2)
         latents = self.vae.encode(image.to(self.vae.dtype)).latent_dist.mode().float()
         mean, std = vae_stats(self.vae, latents)
-        return (latents - mean) * (1.0 / std)
+        latents = (latents - mean) * (1.0 / std)
+        if self.expand_timesteps:
+            return latents
+        # The first frame stands for k (the temporal compression): 1 on all k mask
+        # channels of latent frame 0, 0 elsewhere.
+        mask = latents.new_zeros(1, self.scale_temporal, *latents.shape[2:])
+        mask[:, :, 0] = 1
+        return torch.cat([mask, latents], dim=1)
 
     def condition(self, request: Request) -> dict[str, Any]:
         cond = super().condition(request)
         if request.params.images:
-            cond["image_latents"] = self._encode_image(request)
+            cond["image"] = self._encode_image(request)
         return cond
 
     # -- the batch -------------------------------------------------------------
@@ -316,64 +335,38 @@ class WanPipeline(FlowMatchPipeline):
         h, w = request.height // self.vae_scale_factor, request.width // self.vae_scale_factor
         return self.latent_channels, f, h, w
 
-    def batch_text(self, embeds: list[torch.Tensor], requests: list[Request]) -> torch.Tensor:
-        """Per-request (T_i, D) -> (B, 512, D), zero-padded as the reference does."""
-        rows = repeat_rows(embeds, requests)
-        pad = [e.new_zeros(MAX_SEQUENCE_LENGTH - e.shape[0], e.shape[1]) for e in rows]
-        return torch.stack([torch.cat([e, z]) for e, z in zip(rows, pad, strict=True)])
-
-    def _first_frame_mask(self, request: Request) -> torch.Tensor:
-        """I2V-A14B's 4-channel mask (1, 4, F, h, w): 1 on the first video frame, else 0."""
-        _, f, h, w = self.latent_shape(request)
-        k = self.scale_temporal
-        frames = torch.zeros(1, 1, request.extra_key[0].num_frames, h, w, device=self.device)
-        frames[:, :, 0] = 1
-        # The first frame stands for k frames: (1, 1, F + k - 1, h, w) -> (1, k, F_lat, h, w)
-        frames = torch.cat([frames[:, :, :1].repeat_interleave(k, dim=2), frames[:, :, 1:]], dim=2)
-        return frames.view(1, f, k, h, w).transpose(1, 2)
-
     def forward_inputs(self, requests: list[Request], conds: list[dict], latents) -> dict:
         """The video settings (for :meth:`schedule`), the image condition and TI2V's
         per-token timestep mask."""
         settings: VideoSettings = requests[0].extra_key[0]
         inputs: dict[str, Any] = {"video": settings}
-        _, f, h, w = latents.shape[1:]
         if settings.image_size is not None:
-            image = torch.cat([c["image_latents"] for c in conds])
-            if self.expand_timesteps:
-                inputs["image_latents"] = image  # (B, z, 1, h, w): replaces latent frame 0
-            else:
-                mask = self._first_frame_mask(requests[0]).expand(len(requests), -1, -1, -1, -1)
-                inputs["condition"] = torch.cat([mask, image], dim=1)  # (B, 4 + z, F, h, w)
+            # TI2V: (B, z, 1, h, w) replaces latent frame 0; I2V-A14B: (B, 4 + z, F, h, w)
+            # joins the noise's channels.
+            key = "image_latents" if self.expand_timesteps else "condition"
+            inputs[key] = torch.cat([c["image"] for c in conds])
         if self.expand_timesteps:
             # One timestep per token, 0 where the image's latents stand: (F * h/p * w/p,)
-            p = self.patch_size[1]
-            token_mask = torch.ones(f, h // p, w // p, device=self.device)
+            _, f, h, w = latents.shape[1:]
+            token_mask = torch.ones(f, h // self.patch, w // self.patch, device=self.device)
             if settings.image_size is not None:
                 token_mask[0] = 0
             inputs["token_mask"] = token_mask.flatten()
         return inputs
 
     def schedule(self, steps: int, latents: torch.Tensor, inputs: dict):
-        """The checkpoint's UniPC scheduler with the batch's ``flow_shift``."""
+        """The checkpoint's UniPC scheduler with the batch's ``flow_shift``, and the expert
+        of every step (``inputs["experts"]``: 0 while ``t >= boundary``), read from the
+        timesteps once here, so the loop never compares a device tensor on the host."""
         shift = inputs["video"].flow_shift
-        return flow_schedule(self.scheduler_config, steps, 0, self.device, self.spec.sigmas,
-                             self.spec.scheduler, flow_shift=shift)  # fmt: skip
-
-    def prepare(self, requests: list[Request], conds: list[dict[str, Any]]) -> Job:
-        job = super().prepare(requests, conds)
-        job.inputs["experts"] = self._expert_indices(job.timesteps)
-        return job
+        scheduler = flow_schedule(self.scheduler_config, steps, 0, self.device, self.spec.sigmas,
+                                  self.spec.scheduler, flow_shift=shift)  # fmt: skip
+        ratio = self.boundary_ratio if len(self.experts) == 2 else 0.0
+        boundary = ratio * self.scheduler_config.get("num_train_timesteps", 1000)
+        inputs["experts"] = [int(t < boundary) for t in scheduler.timesteps.tolist()]
+        return scheduler
 
     # -- one step ----------------------------------------------------------------
-    def _expert_indices(self, timesteps: torch.Tensor) -> list[int]:
-        """The expert of every step (0 while ``t >= boundary``), read from the timesteps
-        once before the loop, so the loop never compares a device tensor on the host."""
-        if len(self.experts) == 1:
-            return [0] * len(timesteps)
-        boundary = self.boundary_ratio * self.scheduler_config.get("num_train_timesteps", 1000)
-        return [0 if t >= boundary else 1 for t in timesteps.tolist()]
-
     def step_guidance_scales(self, job: Job) -> list[float]:
         request = job.requests[0]
         scales = (request.true_cfg_scale, request.extra_key[0].guidance_scale_2)
@@ -387,9 +380,8 @@ class WanPipeline(FlowMatchPipeline):
         return torch.cat([image.to(latents.dtype), latents[:, :, 1:]], dim=2)
 
     def forward(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
-        index = job.inputs["experts"][job.step]
-        expert = self.placement.activate(index)
-        self.runtime = self.runtimes[index]
+        # Its own runtime's hooks run with each expert: self.runtime stays the first's.
+        expert = self.placement.activate(job.inputs["experts"][job.step])
         latents = job.latents
         b = latents.shape[0]
         if self.expand_timesteps:
@@ -409,23 +401,17 @@ class WanPipeline(FlowMatchPipeline):
         )[0]
 
     # -- decoding (returning rank only) ------------------------------------------
-    @torch.no_grad()
-    def _decode_frames(self, job: Job, latents: torch.Tensor) -> np.ndarray:
-        """Latents (B, z, F, h, w) -> uint8 frames (B, F', H, W, 3)."""
-        latents = self._with_image(job, latents.float()).to(self.vae.dtype)
-        mean, std = vae_stats(self.vae, latents)
-        video = self.vae.decode(latents / (1.0 / std) + mean, return_dict=False)[0]
-        frames = self.video_processor.postprocess_video(video, output_type="np")  # [0, 1]
-        return (frames * 255).round().astype(np.uint8)
-
     def decode_chunks(self, job: Job, latents: torch.Tensor) -> tuple[list[torch.nn.Module], int]:
         """The VAE's ``_decode`` calls its ``decoder`` once per latent frame (F of them):
         a hook on ``vae.decoder`` fires once per frame."""
         return [self.vae.decoder], latents.shape[2]
 
+    @torch.no_grad()
     def decode(self, job: Job, latents: torch.Tensor) -> list[np.ndarray]:
         """One ``(F, H, W, 3)`` uint8 video per request."""
-        return list(self._decode_frames(job, latents))
+        video = decode_3d(self.vae, self._with_image(job, latents.float()))
+        frames = self.video_processor.postprocess_video(video, output_type="np")  # [0, 1]
+        return list((frames * 255).round().astype(np.uint8))
 
     def preview(self, job: Job, x0: torch.Tensor) -> list[Image.Image]:
         """The first frame of each request's x0 estimate.
@@ -433,8 +419,7 @@ class WanPipeline(FlowMatchPipeline):
         The Wan VAE is causal in time, so latent frame 0 alone decodes to exactly the
         first video frame: a preview costs one frame's decode, not the whole video's.
         """
-        frames = self._decode_frames(job, x0[:, :, :1])  # (B, 1, H, W, 3)
-        return [Image.fromarray(f[0]) for f in frames]
+        return [Image.fromarray(video[0]) for video in self.decode(job, x0[:, :, :1])]
 
     def fill_result(self, result: GenerationResult, request: Request, output) -> None:
         settings: VideoSettings = request.extra_key[0]

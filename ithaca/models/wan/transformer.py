@@ -94,7 +94,8 @@ class ParallelWanAttnProcessor(ParallelProcessor):
     Self-attention sees this rank's token shard ``(B, S/P, C)``; padding added by
     ``auto_pad`` is masked by the runtime. Cross-attention attends from the shard to the
     full text with a local kernel. Wan2.1's image-embedding cross-attention
-    (``add_k_proj``) is not supported: no Wan2.2 checkpoint has it.
+    (``add_k_proj``) is not supported: no Wan2.2 checkpoint has it. Fused projections
+    (``fuse_projections``) keep ``to_q`` / ``to_k`` / ``to_v``, which this processor reads.
     """
 
     family = "Wan"
@@ -102,8 +103,6 @@ class ParallelWanAttnProcessor(ParallelProcessor):
     def attend(self, attn, hidden_states, encoder_hidden_states, rotary_emb, mask):
         if attn.add_k_proj is not None:
             raise ValueError("Wan2.1 image cross-attention (added_kv_proj_dim) is not supported")
-        if getattr(attn, "fused_projections", False):
-            raise ValueError("fused Wan projections are not supported; unfuse them first")
         cross = encoder_hidden_states is not None
         context = encoder_hidden_states if cross else hidden_states
         # (B, S/P, C) -> (B, S/P, H, D) queries; keys/values from the tokens or the text
@@ -116,9 +115,8 @@ class ParallelWanAttnProcessor(ParallelProcessor):
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             ).transpose(1, 2)
         else:
-            if rotary_emb is not None:
-                cos, sin = rotary_emb  # (1, S/P, 1, D): sharded with the tokens
-                q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            cos, sin = rotary_emb  # (1, S/P, 1, D): sharded with the tokens
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             out, _ = self.runtime.attention(q, k, v)  # (B, S/P, H, D)
         return project_out(attn, out, q.dtype)  # (B, S/P, H, D) -> (B, S/P, H*D)
 
