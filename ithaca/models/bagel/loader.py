@@ -101,13 +101,18 @@ def build(path: str) -> Bagel:
 
 
 def load_weights(model: Bagel, path: str, dtype: torch.dtype, device, shard=None) -> Bagel:
-    """Assign every tensor of ``ema.safetensors``; missing / unknown keys raise.
+    """Every tensor of ``ema.safetensors`` into ``model`` (on ``meta``); missing / unknown
+    keys raise.
 
     ``shard`` (HSDP's ``apply_hsdp_to_model`` bound to its mesh, or tensor parallel's
     :func:`ithaca.parallel.tensor.split_weights`) splits ``model`` while it is still on
     ``meta``; each rank then allocates and reads only the rows (HSDP) or pieces (the
     ``_load_slices`` tensor parallel records) it keeps
     (:func:`ithaca.runtime.loading.read_part`): its peak is its shard plus one tensor."""
+    from torch.distributed.tensor import DTensor
+
+    from ithaca.runtime.loading import read_part
+
     wanted = {checkpoint_key(n): n for n in model.state_dict()}
     with safe_open(os.path.join(path, "ema.safetensors"), "pt", device="cpu") as f:
         keys = set(f.keys())
@@ -118,27 +123,16 @@ def load_weights(model: Bagel, path: str, dtype: torch.dtype, device, shard=None
                 f"{path}/ema.safetensors does not match Bagel: missing keys {missing}, "
                 f"unknown keys {unknown}"
             )
-        if shard is not None:
-            return _load_sharded(model, f, wanted, dtype, device, shard)
-        state = {ours: f.get_tensor(key).to(device, dtype) for key, ours in wanted.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
-
-
-def _load_sharded(model: Bagel, f, wanted: dict[str, str], dtype, device, shard) -> Bagel:
-    from torch.distributed.tensor import DTensor
-
-    from ithaca.runtime.loading import read_part
-
-    model = shard(model.to(dtype))  # on meta: nothing allocated yet
-    model.to_empty(device=device)  # this rank's shards (and the small buffers)
-    targets = dict(model.named_parameters()) | dict(model.named_buffers())
-    pieces = getattr(model, "_load_slices", {})  # tensor parallel: name -> (dim, start, n)
-    with torch.no_grad():
-        for key, ours in wanted.items():
-            target = targets[ours]
-            local = target.to_local() if isinstance(target, DTensor) else target
-            local.copy_(read_part(f, key, target, pieces.get(ours)))
+        model = model.to(dtype)  # on meta: nothing allocated yet
+        model = shard(model) if shard is not None else model
+        model.to_empty(device=device)  # this rank's part (every tensor is in the file)
+        targets = dict(model.named_parameters()) | dict(model.named_buffers())
+        pieces = getattr(model, "_load_slices", {})  # tensor parallel: name -> (dim, start, n)
+        with torch.no_grad():
+            for key, ours in wanted.items():
+                target = targets[ours]
+                local = target.to_local() if isinstance(target, DTensor) else target
+                local.copy_(read_part(f, key, target, pieces.get(ours)))
     return model.eval().requires_grad_(False)
 
 
@@ -171,9 +165,7 @@ def load_vae(path: str, over: dict, device):
 def image_limits(over: dict) -> tuple[ImageLimits, ImageLimits]:
     """(VAE, ViT) input transforms: the override file's or the real model's."""
     t = over.get("image_transforms", {})
-    pick = ("max_size", "min_size", "stride", "max_pixels")
-    vae = ImageLimits(**{k: t["vae"][k] for k in pick if k in t["vae"]}) if "vae" in t else None
-    vit = ImageLimits(**{k: t["vit"][k] for k in pick if k in t["vit"]}) if "vit" in t else None
+    vae, vit = (ImageLimits(**t[k]) if k in t else None for k in ("vae", "vit"))
     return vae or REAL_VAE_LIMITS, vit or REAL_VIT_LIMITS
 
 

@@ -13,6 +13,7 @@ markers) takes the understanding weights. Both kinds share one attention.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -45,18 +46,15 @@ class Segment:
     past: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     """Per layer ``(k, v)`` of the context, (1, KV, L, head_dim), keys rotated."""
     store: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    """If a list: each layer appends this segment's own ``(k, v)`` (prefill)."""
+    """If a list (prefill): each layer appends ``past`` with this segment's ``(k, v)``."""
 
 
 class MoTAttention(nn.Module):
     def __init__(self, config: Qwen2Config):
         super().__init__()
-        d, hd = config.hidden_size, config.hidden_size // config.num_attention_heads
-        self.heads, self.kv_heads, self.head_dim = (
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            hd,
-        )
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        d = config.hidden_size
+        self.head_dim = hd = d // self.heads
         for suffix in ("", "_moe_gen"):
             setattr(self, f"q_proj{suffix}", nn.Linear(d, self.heads * hd))
             setattr(self, f"k_proj{suffix}", nn.Linear(d, self.kv_heads * hd))
@@ -79,11 +77,11 @@ class MoTAttention(nn.Module):
         k = self._heads(x, "k_proj", "k_norm", seg, self.kv_heads)
         v = self._heads(x, "v_proj", None, seg, self.kv_heads)
         q, k = apply_rotary_pos_emb(q, k, seg.cos, seg.sin)  # RoPE after q/k norm
-        if seg.store is not None:
-            seg.store.append((k, v))
         if seg.past is not None:  # (1, KV, L, hd) ++ (1, KV, S, hd)
             k = torch.cat([seg.past[layer][0], k], dim=2)
             v = torch.cat([seg.past[layer][1], v], dim=2)
+        if seg.store is not None:
+            seg.store.append((k, v))
         mask = None
         if seg.causal:  # query i sees keys j <= L + i
             total = k.shape[2]
@@ -151,15 +149,6 @@ def _tree(**children: nn.Module) -> nn.Module:
     for name, child in children.items():
         module.add_module(name, child)
     return module
-
-
-class Connector(nn.Module):
-    def __init__(self, d_in: int, d_out: int):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d_in, d_out), nn.Linear(d_out, d_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 @dataclass(frozen=True)
@@ -257,16 +246,14 @@ class Bagel(nn.Module):
         post = nn.LayerNorm(vit.hidden_size, eps=vit.layer_norm_eps)
         vision = _tree(embeddings=embeddings, encoder=SiglipEncoder(vit), post_layernorm=post)
         self.vit_model = _tree(vision_model=vision)
-        self.connector = Connector(vit.hidden_size, d)
+        self.connector = nn.Sequential(  # fc1 -> gelu(tanh) -> fc2
+            OrderedDict(fc1=nn.Linear(vit.hidden_size, d), act=nn.GELU("tanh"), fc2=nn.Linear(d, d))
+        )
         self.register_buffer("vit_pos_embed", torch.zeros(vit_positions, d))
 
     @property
     def llm(self) -> MoTModel:
         return self.language_model.model
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.language_model.model.layers
 
     def t_emb(self, t: torch.Tensor) -> torch.Tensor:
         """Raw t in [0, 1] -> (1, D): DiT sinusoid, cos first, then Linear-SiLU-Linear."""
@@ -280,9 +267,6 @@ class Bagel(nn.Module):
         """Latent tokens (N, p*p*C) at time t -> decoder rows (N, D)."""
         x = x.to(self.vae2llm.weight.dtype)
         return self.vae2llm(x) + self.t_emb(t) + self.latent_pos_embed[pos]
-
-    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.llm.embed_tokens(ids)
 
     def vit_hidden(self, patches: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """SigLIP over one image's patch rows (n, p*p*3) -> post-layernorm output (n, Dv)."""
