@@ -1,4 +1,4 @@
-"""Bagel on the serving pipeline: resolve / condition / denoise / decode (the only glue).
+"""Bagel on the shared loop (``base.py``): resolve / condition / prepare / predict / decode.
 
 Requests: text-to-image, or an edit with one input image. Bagel's sampling settings
 arrive as extension fields (``GenerationParams.model_options``; official defaults in
@@ -30,7 +30,8 @@ every step - so each all-gathers the same units in the same order and computes w
 rank computes; the returning rank decodes. The replica is formed by any of
 ``ulysses_degree`` / ``ring_degree`` / ``cfg_parallel_size``, none of which splits work here.
 Step caches wrap the decoder layers during generation only (not the prefill), with one
-state per CFG branch; the TeaCache indicator is the first layer's gen-expert input norm.
+state per image and CFG branch; the TeaCache indicator is the first layer's gen-expert
+input norm.
 """
 
 from __future__ import annotations
