@@ -132,6 +132,14 @@ def test_resolve_rejects_what_bagel_cannot_do_and_n_images_use_consecutive_seeds
         [GenerationParams(prompt="a cat", width=32, height=32, seed=8, model_options=quick)]
     )[0]
     assert len(two.images) == 2 and two.metadata["seed"] == 7
+    pair = pipe.generate(
+        [
+            GenerationParams(prompt=p, width=32, height=32, seed=s, model_options=quick)
+            for p, s in (("a cat", 8), ("a dog", 7))
+        ]
+    )  # one group, two contexts
+    assert np.array_equal(np.array(pair[0].images[0]), np.array(second.images[0]))
+    assert pair[1].metadata["seed"] == 7 and len(pair[1].images) == 1
     events, decodes = [], []
     pipe.generate(
         [GenerationParams(prompt="a cat", width=48, height=32, seed=7, partial_images=2,

@@ -167,9 +167,3 @@ def image_limits(over: dict) -> tuple[ImageLimits, ImageLimits]:
     t = over.get("image_transforms", {})
     vae, vit = (ImageLimits(**t[k]) if k in t else None for k in ("vae", "vit"))
     return vae or REAL_VAE_LIMITS, vit or REAL_VIT_LIMITS
-
-
-def load_tokenizer(path: str):
-    from transformers import Qwen2Tokenizer
-
-    return Qwen2Tokenizer.from_pretrained(path)

@@ -43,11 +43,12 @@ from typing import Any
 
 import torch
 from PIL import Image
+from transformers import Qwen2Tokenizer
 
 from ithaca.cache import BlockCacheAdapter, Rows, checkpoint_coefficients
 from ithaca.models.bagel import inputs, loader, sampling
 from ithaca.models.base import DenoisingPipeline, Job, Request
-from ithaca.models.flow import seeded_noise
+from ithaca.models.flow import seeded_noise, split_images
 from ithaca.parallel import ParallelState
 from ithaca.parallel.tensor import apply_tensor_parallel, tp_shard
 from ithaca.runtime.progress import up_block_chunks
@@ -80,7 +81,6 @@ class BagelPipeline(DenoisingPipeline):
     default_steps = sampling.SamplingParams.num_timesteps - 1
     default_true_cfg_scale = sampling.SamplingParams.cfg_text_scale
     family_name = "Bagel"
-    fuse_batches = False  # each request its own loop: its own KV caches (contexts)
     joins_mid_run = False
     compile_refusal = (  # measured: docs/performance.md, "--compile and Bagel"
         "Bagel: its decoder layers recompile per layer and per segment shape (prefill, "
@@ -122,7 +122,7 @@ class BagelPipeline(DenoisingPipeline):
         self.transformer._ithaca_tp = apply_tensor_parallel(self.net, state, "Bagel")
         self.vae, self.vae_scale = loader.load_vae(model, over, self.device)  # fp32
         self.limits = loader.image_limits(over)
-        self.tokenizer = loader.load_tokenizer(model)
+        self.tokenizer = Qwen2Tokenizer.from_pretrained(model)  # the slow one, as official
         ids = self.tokenizer.convert_tokens_to_ids
         self.bos, self.eos = ids("<|im_start|>"), ids("<|im_end|>")
         self.markers = (ids("<|vision_start|>"), ids("<|vision_end|>"))
@@ -190,31 +190,34 @@ class BagelPipeline(DenoisingPipeline):
 
     @torch.no_grad()
     def prepare(self, requests: list[Request], conds: list[dict[str, Any]]) -> Job:
-        """One request (``fuse_batches`` is off): its KV caches, prefilled on every rank of
-        the replica (under HSDP the sharded decoder's all-gathers need every rank), a noise
-        row per image (image k: seed + k), the scheduler and, decided before the loop (no
-        host read in it), which steps run the guidance branches."""
-        (r,), (c,) = requests, conds
-        spec, grid = r.extra_key[0], (r.height // self.multiple, r.width // self.multiple)
-        image = c["image"] and sampling.ImageInputs(**c["image"])
-        contexts = sampling.build_contexts(self.net, c["prompt_block"], self.markers, image)
-        shape = (grid[0] * grid[1], self.net.llm2vae.out_features)
-        noise = [seeded_noise(shape, c["seed"] + k, torch.float32, self.device)
-                 for k in range(r.params.num_images)]  # fmt: skip
+        """Each request's KV caches, prefilled on every rank of the replica (under HSDP the
+        sharded decoder's all-gathers need every rank), a noise row per image (image k:
+        seed + k), the group's scheduler and, decided before the loop (no host read in
+        it), which steps run the guidance branches (size and settings are the group's)."""
+        spec, first = requests[0].extra_key[0], requests[0]
+        grid = (first.height // self.multiple, first.width // self.multiple)
         schedule = sampling.scheduler(spec, self.device)
         guided = [sampling.guided(t, spec) for t in schedule.timesteps.tolist()]
         pos = sampling.latent_positions(*grid, self.net.cfg.max_latent_size, self.device)
-        query = sampling.Query(contexts, pos, spec, guided, self.markers)
-        inputs = {"query": query, "grid": grid}
-        return Job(requests, [c["seed"]], torch.stack(noise), schedule.timesteps, schedule, inputs)
+        shape = (grid[0] * grid[1], self.net.llm2vae.out_features)
+        queries, noise = [], []  # per image row
+        for r, c in zip(requests, conds, strict=True):
+            image = c["image"] and sampling.ImageInputs(**c["image"])
+            contexts = sampling.build_contexts(self.net, c["prompt_block"], self.markers, image)
+            n = r.params.num_images
+            queries += [sampling.Query(contexts, pos, spec, guided, self.markers)] * n
+            seeds = range(c["seed"], c["seed"] + n)
+            noise += [seeded_noise(shape, seed, torch.float32, self.device) for seed in seeds]
+        seeds, inputs = [c["seed"] for c in conds], {"queries": queries, "grid": grid}
+        return Job(requests, seeds, torch.stack(noise), schedule.timesteps, schedule, inputs)
 
     @torch.no_grad()
     def predict(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
         """Every image's guided velocity at step ``job.step``: Bagel's up to three branches
-        run here (the loop's two-branch CFG is off, ``do_cfg`` False), each image and branch
-        under its own step-cache state."""
-        query, i, cache, out = job.inputs["query"], job.step, self._cache, []
-        for k, x in enumerate(job.latents):
+        run here (the loop's two-branch CFG is off, ``do_cfg`` False), one image at a time,
+        each image and branch under its own step-cache state."""
+        i, cache, out = job.step, self._cache, []
+        for k, (query, x) in enumerate(zip(job.inputs["queries"], job.latents, strict=True)):
             rows = [Rows(k, -1, i, len(job.timesteps))]  # image k: its own state per branch
 
             def call(branch: int, fn, rows=rows):
@@ -231,7 +234,7 @@ class BagelPipeline(DenoisingPipeline):
         """Each image on its own (bit for bit what it decodes alone)."""
         grid = job.inputs["grid"]
         u8 = [inputs.decode_tokens(self.vae, self.vae_scale, x, grid)[2] for x in latents]
-        return [[Image.fromarray(u.cpu().numpy()) for u in u8]]
+        return split_images([Image.fromarray(u.cpu().numpy()) for u in u8], job.requests)
 
     def decode_chunks(self, job: Job, latents: torch.Tensor):
         blocks, n = up_block_chunks(self.vae)
