@@ -3,9 +3,9 @@
 Read: ``llm_config.json`` (Qwen2), ``vit_config.json`` (SigLIP), ``ema.safetensors``
 (official key names), ``ae.safetensors`` (FLUX autoencoder key names), the slow Qwen2
 tokenizer files. Like the official loader: q/k-norm on, untied embeddings, the ViT uses
-``num_hidden_layers - 1`` layers. Every key of ``ema.safetensors`` is mapped (renames
-below; ``language_model.lm_head.weight`` is known and skipped: generation never reads
-logits); a missing or unknown key raises ``ValueError`` naming it.
+``num_hidden_layers - 1`` layers. Every key of ``ema.safetensors`` is a parameter or
+buffer of the same name (``language_model.lm_head.weight`` is known and skipped:
+generation never reads logits); a missing or unknown key raises ``ValueError`` naming it.
 
 The real checkpoint carries no autoencoder config (FLUX: ch 128, ch_mult 1,2,4,4) and no
 image-transform limits. An override file ``tiny_model.json`` (the golden fixture's
@@ -27,12 +27,6 @@ from ithaca.models.bagel.model import Bagel, BagelConfig
 CHECKPOINT_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors")
 OVERRIDES_FILE = "tiny_model.json"
 SKIPPED_KEYS = frozenset({"language_model.lm_head.weight"})
-RENAMES = {
-    "time_embedder.mlp.0.": "time_embedder.linear_1.",
-    "time_embedder.mlp.2.": "time_embedder.linear_2.",
-    "latent_pos_embed.pos_embed": "latent_pos_embed",
-    "vit_pos_embed.pos_embed": "vit_pos_embed",
-}
 FLUX_VAE = {"ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "z_channels": 16}
 FLUX_SCALE, FLUX_SHIFT = 0.3611, 0.1159
 
@@ -77,14 +71,6 @@ def overrides(path: str) -> dict:
     return {}
 
 
-def checkpoint_key(name: str) -> str:
-    """Our parameter name -> the official checkpoint key."""
-    for official, ours in RENAMES.items():
-        if name.startswith(ours):
-            return official + name[len(ours) :]
-    return name
-
-
 def build(path: str) -> Bagel:
     """The network with the checkpoint's sizes, on the meta device (no memory)."""
     from transformers import Qwen2Config, SiglipVisionConfig
@@ -113,11 +99,10 @@ def load_weights(model: Bagel, path: str, dtype: torch.dtype, device, shard=None
 
     from ithaca.runtime.loading import read_part
 
-    wanted = {checkpoint_key(n): n for n in model.state_dict()}
+    wanted = set(model.state_dict())
     with safe_open(os.path.join(path, "ema.safetensors"), "pt", device="cpu") as f:
         keys = set(f.keys())
-        missing = sorted(set(wanted) - keys)
-        unknown = sorted(keys - set(wanted) - SKIPPED_KEYS)
+        missing, unknown = sorted(wanted - keys), sorted(keys - wanted - SKIPPED_KEYS)
         if missing or unknown:
             raise ValueError(
                 f"{path}/ema.safetensors does not match Bagel: missing keys {missing}, "
@@ -129,10 +114,10 @@ def load_weights(model: Bagel, path: str, dtype: torch.dtype, device, shard=None
         targets = dict(model.named_parameters()) | dict(model.named_buffers())
         pieces = getattr(model, "_load_slices", {})  # tensor parallel: name -> (dim, start, n)
         with torch.no_grad():
-            for key, ours in wanted.items():
-                target = targets[ours]
+            for key in wanted:
+                target = targets[key]
                 local = target.to_local() if isinstance(target, DTensor) else target
-                local.copy_(read_part(f, key, target, pieces.get(ours)))
+                local.copy_(read_part(f, key, target, pieces.get(key)))
     return model.eval().requires_grad_(False)
 
 
