@@ -81,7 +81,7 @@ class BagelPipeline(DenoisingPipeline):
     default_steps = sampling.SamplingParams.num_timesteps - 1
     default_true_cfg_scale = sampling.SamplingParams.cfg_text_scale
     family_name = "Bagel"
-    joins_mid_run = False
+    joins_mid_run = False  # no step batches: each request attends to its own KV caches
     compile_refusal = (  # measured: docs/performance.md, "--compile and Bagel"
         "Bagel: its decoder layers recompile per layer and per segment shape (prefill, "
         "KV length), 8 graphs (dynamo's recompile limit) for one 2-step request of the "
@@ -206,8 +206,8 @@ class BagelPipeline(DenoisingPipeline):
             contexts = sampling.build_contexts(self.net, c["prompt_block"], self.markers, image)
             n = r.params.num_images
             queries += [sampling.Query(contexts, pos, spec, guided, self.markers)] * n
-            seeds = range(c["seed"], c["seed"] + n)
-            noise += [seeded_noise(shape, seed, torch.float32, self.device) for seed in seeds]
+            image_seeds = range(c["seed"], c["seed"] + n)
+            noise += [seeded_noise(shape, s, torch.float32, self.device) for s in image_seeds]
         seeds, inputs = [c["seed"] for c in conds], {"queries": queries, "grid": grid}
         return Job(requests, seeds, torch.stack(noise), schedule.timesteps, schedule, inputs)
 
