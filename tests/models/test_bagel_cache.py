@@ -60,6 +60,6 @@ def test_cache_hits_within_psnr(pipe, backend, name):
     plain = _plain(pipe, name)
     cached, meta = _run(pipe, name, backend, ON[backend])
     assert meta["cache"]["cached_steps"] >= 1
-    branches = {branch for _, branch, _ in pipe._cache.stats.pattern}
+    branches = {branch for _, branch, _ in pipe.step_cache.stats.pattern}
     assert branches == ({0, 1, 2} if name.startswith("c_") else {0, 1})  # state per branch
     assert psnr(torch.from_numpy(cached), torch.from_numpy(plain)) >= 28.0

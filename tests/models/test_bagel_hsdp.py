@@ -52,14 +52,14 @@ def run_bagel(layout: dict, requests: list) -> dict:
     with parallel_state(ParallelConfig(**layout)) as state:
         pipe = load_pipeline(CHECKPOINT, state)
         latents = []
-        denoise = pipe._denoise
+        denoise = pipe.denoise
 
-        def recorded(*args, **kwargs):
-            x, cancelled = denoise(*args, **kwargs)
-            latents.append(x.float().cpu())
-            return x, cancelled
+        def recorded(job, *args, **kwargs):
+            cancelled = denoise(job, *args, **kwargs)
+            latents.append(job.latents[0].float().cpu())
+            return cancelled
 
-        pipe._denoise = recorded
+        pipe.denoise = recorded
         rows = []  # latent rows each decode gives this rank's VAE decoder
         pipe.vae.decoder.register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[-2]))
         results = [pipe.generate([r])[0] for r in requests]
@@ -194,7 +194,7 @@ def test_tp_ranks_load_only_their_pieces():
     for rank in range(2):
         state = SimpleNamespace(tp=SimpleNamespace(size=2, rank=rank))
         split = load(functools.partial(split_weights, state=state, family="Bagel"))
-        assert split.layers[2].self_attn.k_proj_moe_gen.weight.shape == (16, 64)  # 1 KV head
+        assert split.llm.layers[2].self_attn.k_proj_moe_gen.weight.shape == (16, 64)  # 1 KV head
         assert split.vit_model.vision_model.encoder.layers[1].mlp.fc2.weight.shape == (32, 32)
         for name, param in split.named_parameters():
             pieces = split._load_slices.get(name)

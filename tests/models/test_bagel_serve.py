@@ -102,7 +102,7 @@ def test_python_api_reproduces_case_d():
     assert result.metadata["num_inference_steps"] == 7  # 8 timesteps, 7 model calls
 
 
-def test_resolve_rejects_what_bagel_cannot_do_and_n_images_use_consecutive_seeds():
+def test_resolve_rejects_what_bagel_cannot_do_and_n_images_use_consecutive_seeds(tmp_path):
     from ithaca.models.registry import load_pipeline
     from ithaca.parallel import ParallelState
     from ithaca.types import GenerationParams
@@ -132,6 +132,14 @@ def test_resolve_rejects_what_bagel_cannot_do_and_n_images_use_consecutive_seeds
         [GenerationParams(prompt="a cat", width=32, height=32, seed=8, model_options=quick)]
     )[0]
     assert len(two.images) == 2 and two.metadata["seed"] == 7
+    pair = pipe.generate(
+        [
+            GenerationParams(prompt=p, width=32, height=32, seed=s, model_options=quick)
+            for p, s in (("a cat", 8), ("a dog", 7))
+        ]
+    )  # one group, two contexts
+    assert np.array_equal(np.array(pair[0].images[0]), np.array(second.images[0]))
+    assert pair[1].metadata["seed"] == 7 and len(pair[1].images) == 1
     events, decodes = [], []
     pipe.generate(
         [GenerationParams(prompt="a cat", width=48, height=32, seed=7, partial_images=2,
@@ -144,3 +152,12 @@ def test_resolve_rejects_what_bagel_cannot_do_and_n_images_use_consecutive_seeds
     assert [(e.chunk, e.chunks) for e in decodes] == [(k, n) for k in range(n + 1)]
     assert np.array_equal(np.array(two.images[1]), np.array(second.images[0]))
     assert not np.array_equal(np.array(two.images[0]), np.array(two.images[1]))
+    # a step checkpoint (the shared loop's): cancelled after step 1, resumed to the same image
+    path = str(tmp_path / "bagel.pt")
+    resumable = GenerationParams(prompt="a cat", width=32, height=32, seed=7, model_options=quick,
+                                 checkpoint=path, checkpoint_every=1)  # fmt: skip
+    cut = pipe.generate([resumable], callback=lambda event: event.step >= 1)[0]
+    assert cut.metadata["cancelled"] and cut.metadata["steps_done"] == 1 and not cut.images
+    assert (tmp_path / "bagel.pt").exists()  # what the next run resumes from
+    resumed = pipe.generate([resumable])[0]
+    assert np.array_equal(np.array(resumed.images[0]), np.array(two.images[0]))

@@ -48,8 +48,8 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
 @torch.no_grad()
 def encode_image(
     model, vae, scale: tuple[float, float], image: Image.Image, vae_lim, vit_lim, device
-) -> tuple[ImageInputs, Image.Image]:
-    """An edit's input through the VAE and the ViT; also returns the resized image."""
+) -> ImageInputs:
+    """An edit's input through the VAE and the ViT."""
     image = resized(image, vae_lim)
     pixels = to_pixels(image).to(device)
     mean = vae.encode(pixels[None].to(vae.dtype)).latent_dist.mean.float()
@@ -60,8 +60,7 @@ def encode_image(
     patch = model.vit_patch_size
     vit_pixels = to_pixels(vit_image).to(device)
     vit_grid = (vit_pixels.shape[1] // patch, vit_pixels.shape[2] // patch)
-    inputs = ImageInputs(patchify(z, p), vae_grid, patchify(vit_pixels[None], patch), vit_grid)
-    return inputs, image
+    return ImageInputs(patchify(z, p), vae_grid, patchify(vit_pixels[None], patch), vit_grid)
 
 
 @torch.no_grad()

@@ -3,9 +3,9 @@
 Read: ``llm_config.json`` (Qwen2), ``vit_config.json`` (SigLIP), ``ema.safetensors``
 (official key names), ``ae.safetensors`` (FLUX autoencoder key names), the slow Qwen2
 tokenizer files. Like the official loader: q/k-norm on, untied embeddings, the ViT uses
-``num_hidden_layers - 1`` layers. Every key of ``ema.safetensors`` is mapped (renames
-below; ``language_model.lm_head.weight`` is known and skipped: generation never reads
-logits); a missing or unknown key raises ``ValueError`` naming it.
+``num_hidden_layers - 1`` layers. Every key of ``ema.safetensors`` is a parameter or
+buffer of the same name (``language_model.lm_head.weight`` is known and skipped:
+generation never reads logits); a missing or unknown key raises ``ValueError`` naming it.
 
 The real checkpoint carries no autoencoder config (FLUX: ch 128, ch_mult 1,2,4,4) and no
 image-transform limits. An override file ``tiny_model.json`` (the golden fixture's
@@ -27,12 +27,6 @@ from ithaca.models.bagel.model import Bagel, BagelConfig
 CHECKPOINT_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors")
 OVERRIDES_FILE = "tiny_model.json"
 SKIPPED_KEYS = frozenset({"language_model.lm_head.weight"})
-RENAMES = {
-    "time_embedder.mlp.0.": "time_embedder.linear_1.",
-    "time_embedder.mlp.2.": "time_embedder.linear_2.",
-    "latent_pos_embed.pos_embed": "latent_pos_embed",
-    "vit_pos_embed.pos_embed": "vit_pos_embed",
-}
 FLUX_VAE = {"ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "z_channels": 16}
 FLUX_SCALE, FLUX_SHIFT = 0.3611, 0.1159
 
@@ -77,14 +71,6 @@ def overrides(path: str) -> dict:
     return {}
 
 
-def checkpoint_key(name: str) -> str:
-    """Our parameter name -> the official checkpoint key."""
-    for official, ours in RENAMES.items():
-        if name.startswith(ours):
-            return official + name[len(ours) :]
-    return name
-
-
 def build(path: str) -> Bagel:
     """The network with the checkpoint's sizes, on the meta device (no memory)."""
     from transformers import Qwen2Config, SiglipVisionConfig
@@ -101,44 +87,37 @@ def build(path: str) -> Bagel:
 
 
 def load_weights(model: Bagel, path: str, dtype: torch.dtype, device, shard=None) -> Bagel:
-    """Assign every tensor of ``ema.safetensors``; missing / unknown keys raise.
+    """Every tensor of ``ema.safetensors`` into ``model`` (on ``meta``); missing / unknown
+    keys raise.
 
     ``shard`` (HSDP's ``apply_hsdp_to_model`` bound to its mesh, or tensor parallel's
     :func:`ithaca.parallel.tensor.split_weights`) splits ``model`` while it is still on
     ``meta``; each rank then allocates and reads only the rows (HSDP) or pieces (the
     ``_load_slices`` tensor parallel records) it keeps
     (:func:`ithaca.runtime.loading.read_part`): its peak is its shard plus one tensor."""
-    wanted = {checkpoint_key(n): n for n in model.state_dict()}
+    from torch.distributed.tensor import DTensor
+
+    from ithaca.runtime.loading import read_part
+
+    wanted = set(model.state_dict())
     with safe_open(os.path.join(path, "ema.safetensors"), "pt", device="cpu") as f:
         keys = set(f.keys())
-        missing = sorted(set(wanted) - keys)
-        unknown = sorted(keys - set(wanted) - SKIPPED_KEYS)
+        missing, unknown = sorted(wanted - keys), sorted(keys - wanted - SKIPPED_KEYS)
         if missing or unknown:
             raise ValueError(
                 f"{path}/ema.safetensors does not match Bagel: missing keys {missing}, "
                 f"unknown keys {unknown}"
             )
-        if shard is not None:
-            return _load_sharded(model, f, wanted, dtype, device, shard)
-        state = {ours: f.get_tensor(key).to(device, dtype) for key, ours in wanted.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
-
-
-def _load_sharded(model: Bagel, f, wanted: dict[str, str], dtype, device, shard) -> Bagel:
-    from torch.distributed.tensor import DTensor
-
-    from ithaca.runtime.loading import read_part
-
-    model = shard(model.to(dtype))  # on meta: nothing allocated yet
-    model.to_empty(device=device)  # this rank's shards (and the small buffers)
-    targets = dict(model.named_parameters()) | dict(model.named_buffers())
-    pieces = getattr(model, "_load_slices", {})  # tensor parallel: name -> (dim, start, n)
-    with torch.no_grad():
-        for key, ours in wanted.items():
-            target = targets[ours]
-            local = target.to_local() if isinstance(target, DTensor) else target
-            local.copy_(read_part(f, key, target, pieces.get(ours)))
+        model = model.to(dtype)  # on meta: nothing allocated yet
+        model = shard(model) if shard is not None else model
+        model.to_empty(device=device)  # this rank's part (every tensor is in the file)
+        targets = dict(model.named_parameters()) | dict(model.named_buffers())
+        pieces = getattr(model, "_load_slices", {})  # tensor parallel: name -> (dim, start, n)
+        with torch.no_grad():
+            for key in wanted:
+                target = targets[key]
+                local = target.to_local() if isinstance(target, DTensor) else target
+                local.copy_(read_part(f, key, target, pieces.get(key)))
     return model.eval().requires_grad_(False)
 
 
@@ -171,13 +150,5 @@ def load_vae(path: str, over: dict, device):
 def image_limits(over: dict) -> tuple[ImageLimits, ImageLimits]:
     """(VAE, ViT) input transforms: the override file's or the real model's."""
     t = over.get("image_transforms", {})
-    pick = ("max_size", "min_size", "stride", "max_pixels")
-    vae = ImageLimits(**{k: t["vae"][k] for k in pick if k in t["vae"]}) if "vae" in t else None
-    vit = ImageLimits(**{k: t["vit"][k] for k in pick if k in t["vit"]}) if "vit" in t else None
+    vae, vit = (ImageLimits(**t[k]) if k in t else None for k in ("vae", "vit"))
     return vae or REAL_VAE_LIMITS, vit or REAL_VIT_LIMITS
-
-
-def load_tokenizer(path: str):
-    from transformers import Qwen2Tokenizer
-
-    return Qwen2Tokenizer.from_pretrained(path)

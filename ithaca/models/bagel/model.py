@@ -1,9 +1,9 @@
 """Bagel's network: the two-expert Qwen2 decoder (MoT), SigLIP + connector, embeddings.
 
 Written from the published architecture (ByteDance-Seed/BAGEL-7B-MoT) on transformers'
-Qwen2 / SigLIP building blocks and diffusers' timestep embedding. Module names follow the
-official checkpoint's key names, so :mod:`ithaca.models.bagel.loader` maps keys 1:1
-except for the few renames it lists.
+Qwen2 / SigLIP building blocks and diffusers' timestep sinusoid. Parameter and buffer
+names are the official checkpoint's key names: :mod:`ithaca.models.bagel.loader` reads
+every key into the tensor of the same name.
 
 Shapes: one sequence at a time, ``(1, S, D)`` hidden states (batch 1, as the official
 inferencer). A segment's rows are routed per expert: ``gen`` is the slice of VAE-latent
@@ -13,11 +13,12 @@ markers) takes the understanding weights. Both kinds share one attention.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
+from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 from transformers import Qwen2Config, SiglipVisionConfig
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, apply_rotary_pos_emb
@@ -45,18 +46,15 @@ class Segment:
     past: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     """Per layer ``(k, v)`` of the context, (1, KV, L, head_dim), keys rotated."""
     store: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    """If a list: each layer appends this segment's own ``(k, v)`` (prefill)."""
+    """If a list (prefill): each layer appends ``past`` with this segment's ``(k, v)``."""
 
 
 class MoTAttention(nn.Module):
     def __init__(self, config: Qwen2Config):
         super().__init__()
-        d, hd = config.hidden_size, config.hidden_size // config.num_attention_heads
-        self.heads, self.kv_heads, self.head_dim = (
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            hd,
-        )
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        d = config.hidden_size
+        self.head_dim = hd = d // self.heads
         for suffix in ("", "_moe_gen"):
             setattr(self, f"q_proj{suffix}", nn.Linear(d, self.heads * hd))
             setattr(self, f"k_proj{suffix}", nn.Linear(d, self.kv_heads * hd))
@@ -79,11 +77,11 @@ class MoTAttention(nn.Module):
         k = self._heads(x, "k_proj", "k_norm", seg, self.kv_heads)
         v = self._heads(x, "v_proj", None, seg, self.kv_heads)
         q, k = apply_rotary_pos_emb(q, k, seg.cos, seg.sin)  # RoPE after q/k norm
-        if seg.store is not None:
-            seg.store.append((k, v))
         if seg.past is not None:  # (1, KV, L, hd) ++ (1, KV, S, hd)
             k = torch.cat([seg.past[layer][0], k], dim=2)
             v = torch.cat([seg.past[layer][1], v], dim=2)
+        if seg.store is not None:
+            seg.store.append((k, v))
         mask = None
         if seg.causal:  # query i sees keys j <= L + i
             total = k.shape[2]
@@ -153,13 +151,11 @@ def _tree(**children: nn.Module) -> nn.Module:
     return module
 
 
-class Connector(nn.Module):
-    def __init__(self, d_in: int, d_out: int):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d_in, d_out), nn.Linear(d_out, d_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+def _table(rows: int, dim: int) -> nn.Module:
+    """A ``pos_embed`` buffer (rows, dim) in a container (the checkpoint's key name)."""
+    module = nn.Module()
+    module.register_buffer("pos_embed", torch.zeros(rows, dim))
+    return module
 
 
 @dataclass(frozen=True)
@@ -219,7 +215,7 @@ class Bagel(nn.Module):
         "language_model.model.embed_tokens",
         "language_model.model.norm",
         "language_model.model.norm_moe_gen",
-        "time_embedder",
+        "time_embedder.mlp",
         "vae2llm",
         "llm2vae",
         "vit_model.vision_model.embeddings.patch_embedding",
@@ -244,10 +240,12 @@ class Bagel(nn.Module):
         self.vit_patch_size = vit.patch_size
         d = llm.hidden_size
         self.language_model = _tree(model=MoTModel(llm))
-        self.time_embedder = TimestepEmbedding(cfg.timestep_embed_frequency_dim, d)
+        t_dim = cfg.timestep_embed_frequency_dim  # Linear-SiLU-Linear over the sinusoid
+        mlp = nn.Sequential(nn.Linear(t_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_embedder = _tree(mlp=mlp)
         patch = cfg.latent_patch_size**2 * cfg.latent_channels
         self.vae2llm, self.llm2vae = nn.Linear(patch, d), nn.Linear(d, patch)
-        self.register_buffer("latent_pos_embed", torch.zeros(cfg.max_latent_size**2, d))
+        self.latent_pos_embed = _table(cfg.max_latent_size**2, d)
         vit_positions = cfg.vit_max_num_patch_per_side**2
         p = vit.patch_size
         embeddings = _tree(  # the checkpoint stores the patch conv as a Linear (row, col, RGB)
@@ -257,16 +255,14 @@ class Bagel(nn.Module):
         post = nn.LayerNorm(vit.hidden_size, eps=vit.layer_norm_eps)
         vision = _tree(embeddings=embeddings, encoder=SiglipEncoder(vit), post_layernorm=post)
         self.vit_model = _tree(vision_model=vision)
-        self.connector = Connector(vit.hidden_size, d)
-        self.register_buffer("vit_pos_embed", torch.zeros(vit_positions, d))
+        self.connector = nn.Sequential(  # fc1 -> gelu(tanh) -> fc2
+            OrderedDict(fc1=nn.Linear(vit.hidden_size, d), act=nn.GELU("tanh"), fc2=nn.Linear(d, d))
+        )
+        self.vit_pos_embed = _table(vit_positions, d)
 
     @property
     def llm(self) -> MoTModel:
         return self.language_model.model
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.language_model.model.layers
 
     def t_emb(self, t: torch.Tensor) -> torch.Tensor:
         """Raw t in [0, 1] -> (1, D): DiT sinusoid, cos first, then Linear-SiLU-Linear."""
@@ -274,15 +270,12 @@ class Bagel(nn.Module):
         freq = get_timestep_embedding(
             t.reshape(1), dim, flip_sin_to_cos=True, downscale_freq_shift=0
         )
-        return self.time_embedder(freq.to(self.vae2llm.weight.dtype))
+        return self.time_embedder.mlp(freq.to(self.vae2llm.weight.dtype))
 
     def embed_latents(self, x: torch.Tensor, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Latent tokens (N, p*p*C) at time t -> decoder rows (N, D)."""
         x = x.to(self.vae2llm.weight.dtype)
-        return self.vae2llm(x) + self.t_emb(t) + self.latent_pos_embed[pos]
-
-    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.llm.embed_tokens(ids)
+        return self.vae2llm(x) + self.t_emb(t) + self.latent_pos_embed.pos_embed[pos]
 
     def vit_hidden(self, patches: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """SigLIP over one image's patch rows (n, p*p*3) -> post-layernorm output (n, Dv)."""
@@ -292,7 +285,7 @@ class Bagel(nn.Module):
         return vm.post_layernorm(vm.encoder(inputs_embeds=x).last_hidden_state)[0]
 
     def embed_vit(self, patches: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.connector(self.vit_hidden(patches, pos)) + self.vit_pos_embed[pos]
+        return self.connector(self.vit_hidden(patches, pos)) + self.vit_pos_embed.pos_embed[pos]
 
     def run(
         self,

@@ -1,4 +1,4 @@
-"""Bagel on the serving pipeline: resolve / condition / denoise / decode (the only glue).
+"""Bagel on the shared loop (``base.py``): resolve / condition / prepare / predict / decode.
 
 Requests: text-to-image, or an edit with one input image. Bagel's sampling settings
 arrive as extension fields (``GenerationParams.model_options``; official defaults in
@@ -30,7 +30,8 @@ every step - so each all-gathers the same units in the same order and computes w
 rank computes; the returning rank decodes. The replica is formed by any of
 ``ulysses_degree`` / ``ring_degree`` / ``cfg_parallel_size``, none of which splits work here.
 Step caches wrap the decoder layers during generation only (not the prefill), with one
-state per CFG branch; the TeaCache indicator is the first layer's gen-expert input norm.
+state per image and CFG branch; the TeaCache indicator is the first layer's gen-expert
+input norm.
 """
 
 from __future__ import annotations
@@ -38,23 +39,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 from typing import Any
 
 import torch
 from PIL import Image
+from transformers import Qwen2Tokenizer
 
-from ithaca.cache import BlockCacheAdapter, build_cache, checkpoint_coefficients
-from ithaca.config import CacheConfig
+from ithaca.cache import BlockCacheAdapter, Rows, checkpoint_coefficients
 from ithaca.models.bagel import inputs, loader, sampling
 from ithaca.models.base import DenoisingPipeline
+from ithaca.models.flow import seeded_noise, split_images
 from ithaca.parallel import ParallelState
 from ithaca.parallel.tensor import apply_tensor_parallel
-from ithaca.parallel.vae import split_vae
-from ithaca.runtime.agree import StopFlag
-from ithaca.runtime.loop import Request
-from ithaca.runtime.progress import preview_steps, report_decode, up_block_chunks
-from ithaca.types import GenerationParams, ParamError, StepEvent
+from ithaca.runtime.loop import Job, Request
+from ithaca.runtime.progress import up_block_chunks
+from ithaca.types import GenerationParams, ParamError
 
 logger = logging.getLogger(__name__)
 _OPTIONS = {f.name for f in dataclasses.fields(sampling.SamplingParams)}
@@ -83,7 +82,7 @@ class BagelPipeline(DenoisingPipeline):
     default_steps = sampling.SamplingParams.num_timesteps - 1
     default_true_cfg_scale = sampling.SamplingParams.cfg_text_scale
     family_name = "Bagel"
-    joins_mid_run = False  # its own loop per request (KV caches), no shared prepare/predict
+    joins_mid_run = False  # no step batches: each request attends to its own KV caches
     compile_refusal = (  # measured: docs/performance.md, "--compile and Bagel"
         "Bagel: its decoder layers recompile per layer and per segment shape (prefill, "
         "KV length), 8 graphs (dynamo's recompile limit) for one 2-step request of the "
@@ -119,11 +118,12 @@ class BagelPipeline(DenoisingPipeline):
         shard = self.weight_shard(type(net))
         self.net = loader.load_weights(net, model, dtype, self.device, shard=shard)
         self.transformer = self.net.llm  # what the step caches wrap (its ``layers``)
+        self.runtime = None  # no sequence-parallel runtime (the step caches' padding)
         # TP: the split layers' hooks, local head counts (marks the pipeline as split)
         self.transformer._ithaca_tp = apply_tensor_parallel(self.net, state, "Bagel")
         self.vae, self.vae_scale = loader.load_vae(model, over, self.device)  # fp32
         self.limits = loader.image_limits(over)
-        self.tokenizer = loader.load_tokenizer(model)
+        self.tokenizer = Qwen2Tokenizer.from_pretrained(model)  # the slow one, as official
         ids = self.tokenizer.convert_tokens_to_ids
         self.bos, self.eos = ids("<|im_start|>"), ids("<|im_end|>")
         self.markers = (ids("<|vision_start|>"), ids("<|vision_end|>"))
@@ -168,7 +168,8 @@ class BagelPipeline(DenoisingPipeline):
             raise ParamError("size", f"size ({w}x{h}) must have both sides <= {self.max_side}")
         scale = spec.cfg_text_scale
         lora = self.resolve_lora(params)
-        return Request(params, w, h, spec.num_timesteps - 1, scale, scale > 1, params.seed, (spec,),
+        # do_cfg False: the loop's two-branch CFG is off, ``predict`` runs Bagel's branches
+        return Request(params, w, h, spec.num_timesteps - 1, scale, False, params.seed, (spec,),
                        lora)  # fmt: skip
 
     # -- conditioning: token ids and the input image, then the three KV caches -------
@@ -176,24 +177,73 @@ class BagelPipeline(DenoisingPipeline):
     def condition(self, request: Request) -> dict[str, Any]:
         """On the replica's rank 0 (then broadcast): the prompt block's ids and the input
         image through the VAE and the ViT's patching (plain tensors); the decoder is not
-        run here (see :meth:`contexts`)."""
+        run here (see :meth:`prepare`)."""
         p = request.params
         ids = [self.bos, *self.tokenizer.encode(p.prompt), self.eos]
         block = torch.tensor(ids, device=self.device)
         image = None
         if p.images:
-            image, _ = inputs.encode_image(
+            image = inputs.encode_image(
                 self.net, self.vae, self.vae_scale, p.images[0], *self.limits, self.device
             )
             image = dict(vars(image))  # tensors and grids: what the broadcast carries
         return {"prompt_block": block, "image": image}
 
     @torch.no_grad()
-    def contexts(self, cond: dict[str, Any]) -> dict[str, sampling.Context]:
-        """The KV caches (prefill), on every rank of the replica: under HSDP the prefill
-        runs the sharded decoder, whose all-gathers every rank of the shard group makes."""
-        image = cond["image"] and sampling.ImageInputs(**cond["image"])
-        return sampling.build_contexts(self.net, cond["prompt_block"], self.markers, image)
+    def prepare(self, requests: list[Request], conds: list[dict[str, Any]]) -> Job:
+        """Each request's KV caches, prefilled on every rank of the replica (under HSDP the
+        sharded decoder's all-gathers need every rank), a noise row per image (image k:
+        seed + k), the group's scheduler and, decided before the loop (no host read in
+        it), which steps run the guidance branches (size and settings are the group's)."""
+        spec, first = requests[0].extra_key[0], requests[0]
+        grid = (first.height // self.multiple, first.width // self.multiple)
+        schedule = sampling.scheduler(spec, self.device)
+        guided = [sampling.guided(t, spec) for t in schedule.timesteps.tolist()]
+        pos = sampling.latent_positions(*grid, self.net.cfg.max_latent_size, self.device)
+        shape = (grid[0] * grid[1], self.net.llm2vae.out_features)
+        queries, noise = [], []  # per image row
+        for r, c in zip(requests, conds, strict=True):
+            image = c["image"] and sampling.ImageInputs(**c["image"])
+            contexts = sampling.build_contexts(self.net, c["prompt_block"], self.markers, image)
+            n = r.params.num_images
+            queries += [sampling.Query(contexts, pos, spec, guided, self.markers)] * n
+            image_seeds = range(c["seed"], c["seed"] + n)
+            noise += [seeded_noise(shape, s, torch.float32, self.device) for s in image_seeds]
+        seeds, inputs = [c["seed"] for c in conds], {"queries": queries, "grid": grid}
+        return Job(requests, seeds, torch.stack(noise), schedule.timesteps, schedule, inputs)
+
+    @torch.no_grad()
+    def predict(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
+        """Every image's guided velocity at step ``job.step``: Bagel's up to three branches
+        run here (the loop's two-branch CFG is off, ``do_cfg`` False), one image at a time,
+        each image and branch under its own step-cache state."""
+        i, cache, out = job.step, self.step_cache, []
+        for k, (query, x) in enumerate(zip(job.inputs["queries"], job.latents, strict=True)):
+            rows = [Rows(k, -1, i, len(job.timesteps))]  # image k: its own state per branch
+
+            def call(branch: int, fn, rows=rows):
+                if cache is None:
+                    return fn()
+                with cache.step(i, branch, rows):
+                    return fn()
+
+            out.append(query.velocity(self.net, x, t, i, call)[0])
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def decode(self, job: Job, latents: torch.Tensor) -> list[list[Image.Image]]:
+        """Each image on its own (bit for bit what it decodes alone)."""
+        grid = job.inputs["grid"]
+        u8 = [inputs.decode_tokens(self.vae, self.vae_scale, x, grid)[2] for x in latents]
+        return split_images([Image.fromarray(u.cpu().numpy()) for u in u8], job.requests)
+
+    def decode_chunks(self, job: Job, latents: torch.Tensor):
+        blocks, n = up_block_chunks(self.vae)
+        return blocks, n * len(latents)  # one VAE call per image
+
+    def fill_result(self, result, request: Request, output) -> None:
+        result.images = output
+        result.metadata["bagel"] = dataclasses.asdict(request.extra_key[0])
 
     # -- step caches --------------------------------------------------------------
     def cache_adapter(self) -> BlockCacheAdapter:
@@ -205,88 +255,3 @@ class BagelPipeline(DenoisingPipeline):
                 self.model_dir, TINY_FIXTURE_COEFFICIENTS
             ),
         )
-
-    def make_cache(self, config: CacheConfig):
-        return build_cache(config, self.transformer, self.cache_adapter(), self.state)
-
-    # -- the loop -------------------------------------------------------------------
-    def run_group(self, requests: list[Request], callback, on_decode=None):
-        started = time.perf_counter()
-        cache = self.install_cache(self.cache_settings(requests[0]))
-        conds = [dict(c, contexts=self.contexts(c)) for c in self.conditions(requests)]
-        t_cond = time.perf_counter() - started
-        outputs, per_request = [], []
-        for r, c in zip(requests, conds, strict=True):
-            spec, grid = r.extra_key[0], (r.height // self.multiple, r.width // self.multiple)
-            images, stats = [], []
-            for k in range(r.params.num_images):
-                x, cancelled = self._denoise(r, c, spec, grid, c["seed"] + k, cache, callback)
-                if cancelled:
-                    done = [{"steps_done": cancelled}] * len(requests)
-                    return None, {"cancelled": True, "per_request": done}
-                if cache is not None:
-                    stats.append(self.cache_stats(cache, False))
-                if self.decodes:  # the returning rank's VAE group: the decode split by rows
-                    chunks, ids = up_block_chunks(self.vae), [r.params.request_id]
-                    report = on_decode if self.is_returning_rank else None
-                    with (
-                        split_vae(self.vae, self.state.vae),
-                        report_decode(chunks, ids, report, self.device),
-                    ):
-                        _, _, u8 = inputs.decode_tokens(self.vae, self.vae_scale, x, grid)
-                    if self.is_returning_rank:
-                        images.append(Image.fromarray(u8.cpu().numpy()))
-            outputs.append(images)
-            meta = {"seed": c["seed"], "width": r.width, "height": r.height}
-            meta.update(num_inference_steps=r.steps, bagel=dataclasses.asdict(spec))
-            if stats:
-                meta["cache"] = _merge_stats(stats)
-            meta["timings"] = {"condition_s": t_cond, "total_s": time.perf_counter() - started}
-            per_request.append(meta)
-        return outputs, {"per_request": per_request}
-
-    @torch.no_grad()
-    def _denoise(self, r, cond, spec, grid, seed, cache, callback):
-        """One image: returns (x at t = 0, 0) or (None, steps done) when cancelled."""
-        x = sampling.initial_noise(seed, grid[0] * grid[1], self.net.llm2vae.out_features)
-        total, done = spec.num_timesteps - 1, [0]
-        if cache is not None:
-            cache.begin(total)
-        flag = StopFlag(self.state, self.device)  # agreed across the replica
-
-        def call(branch: int, i: int, fn):
-            if cache is None:
-                return fn()
-            with cache.step(i, branch):
-                return fn()
-
-        previews_at = preview_steps(total, r.params.partial_images)
-
-        def after_step(i: int, n: int, x0) -> bool:
-            stop = False
-            if self.is_returning_rank and callback is not None:
-                previews = None
-                if i in previews_at:
-                    u8 = inputs.decode_tokens(self.vae, self.vae_scale, x0(), grid)[2]
-                    previews = [Image.fromarray(u8.cpu().numpy())]
-                stop = bool(callback(StepEvent([r.params.request_id], i + 1, n, previews)))
-            done[0] = i + 1
-            return flag.agreed(stop, last=i + 1 == n) and i + 1 < n
-
-        x = sampling.denoise(
-            self.net, cond["contexts"], x.to(self.device), grid, spec, self.markers,
-            call=call, after_step=after_step,
-        )  # fmt: skip
-        return (None, done[0]) if done[0] < total else (x, 0)
-
-
-def _merge_stats(stats: list[dict]) -> dict:
-    computed = sum(s["computed_steps"] for s in stats)
-    cached = sum(s["cached_steps"] for s in stats)
-    total = computed + cached
-    return {
-        "backend": stats[0]["backend"],
-        "computed_steps": computed,
-        "cached_steps": cached,
-        "hit_ratio": round(cached / total, 4) if total else 0.0,
-    }

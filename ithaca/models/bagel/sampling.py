@@ -7,7 +7,8 @@ Conventions (those of the official inferencer; ``../shared/bagel-golden/README.m
   consecutive positions, a whole image block (markers included) shares one position;
 - the query block ``[<|vision_start|>, N latents, <|vision_end|>]`` sits at the context's
   next position, sees the whole context and itself, and is never cached;
-- t = 1 is noise, the Euler step is ``x <- x - v * dt``; N timesteps give N-1 calls.
+- t = 1 is noise, the Euler step is ``x <- x - v * dt``; N timesteps give N-1 calls
+  (diffusers' ``FlowMatchEulerDiscreteScheduler``, :func:`scheduler`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ithaca.models.bagel.model import Bagel
 
@@ -27,9 +29,6 @@ class Context:
 
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     next_pos: int = 0
-    segments: list[tuple[torch.Tensor, ...]] | None = None
-    """If a list (checks only): ``(rows, positions, final-norm output)`` of each prefill
-    segment, in order; generation reads only the cache."""
 
     def prefill(
         self, model: Bagel, rows: torch.Tensor, gen: slice | None, causal: bool, span: int
@@ -41,23 +40,15 @@ class Context:
             positions = torch.arange(self.next_pos, self.next_pos + s, device=rows.device)
         else:
             positions = torch.full((s,), self.next_pos, device=rows.device)
-        store: list = []
-        out = model.run(rows, positions, gen, causal, past=self.kv, store=store)
-        if self.kv is None:
-            kv = store
-        else:
-            kv = [
-                (torch.cat([k0, k], 2), torch.cat([v0, v], 2))
-                for (k0, v0), (k, v) in zip(self.kv, store, strict=True)
-            ]
-        trace = None if self.segments is None else [*self.segments, (rows, positions, out)]
-        return Context(kv, self.next_pos + span, trace)
+        store: list = []  # per layer: the context's (k, v) with this segment's appended
+        model.run(rows, positions, gen, causal, past=self.kv, store=store)
+        return Context(store, self.next_pos + span)
 
 
 def marker_block(model: Bagel, inner: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """``[emb(start), inner rows, emb(end)]`` (n + 2, D)."""
     ids = torch.tensor([start, end], device=inner.device)
-    marks = model.embed_text(ids).to(inner.dtype)
+    marks = model.llm.embed_tokens(ids).to(inner.dtype)
     return torch.cat([marks[:1], inner, marks[1:]])
 
 
@@ -93,15 +84,21 @@ def velocity(
     return model.llm2vae(hidden[1 : n + 1])
 
 
-def schedule(num_timesteps: int, shift: float) -> torch.Tensor:
-    """Shifted timesteps from 1 to 0 (fp32): ``t = s*u / (1 + (s-1)*u)``."""
-    u = torch.linspace(1, 0, num_timesteps)
-    return shift * u / (1 + (shift - 1) * u)
+def scheduler(params: SamplingParams, device=None) -> FlowMatchEulerDiscreteScheduler:
+    """diffusers' flow-matching Euler scheduler on Bagel's schedule: ``t = s*u / (1 +
+    (s-1)*u)`` over ``u = linspace(1, 0, num_timesteps)`` (the final 0 is the scheduler's
+    end), ``timesteps`` the raw t (``num_train_timesteps`` 1). Bit for bit the official
+    fp32 schedule and Euler step ``x - v * dt``."""
+    schedule = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=params.timestep_shift)
+    u = torch.linspace(1, 0, params.num_timesteps)[:-1]
+    schedule.set_timesteps(sigmas=u.numpy(), device=device)
+    return schedule
 
 
-def guided(t: float, cfg_text_scale: float, interval: tuple[float, float]) -> bool:
+def guided(t: float, params: SamplingParams) -> bool:
     """Whether step ``t`` runs the guidance branches: ``lo < t <= hi`` and text scale > 1."""
-    return cfg_text_scale > 1.0 and interval[0] < t <= interval[1]
+    lo, hi = params.cfg_interval
+    return params.cfg_text_scale > 1.0 and lo < t <= hi
 
 
 def _renorm(v_c: torch.Tensor, a: torch.Tensor, per_token: bool, floor: float) -> torch.Tensor:
@@ -113,23 +110,17 @@ def _renorm(v_c: torch.Tensor, a: torch.Tensor, per_token: bool, floor: float) -
     return a * ratio.clamp(min=floor, max=1.0)
 
 
-def combine(
-    v_cond: torch.Tensor,
-    v_text: torch.Tensor,
-    v_img: torch.Tensor | None,
-    text_scale: float,
-    img_scale: float,
-    renorm_type: str,
-    renorm_min: float,
-) -> torch.Tensor:
-    """Bagel's CFG: text guidance, then image guidance (if ``img_scale`` > 1), renormed."""
-    a = v_text + text_scale * (v_cond - v_text)
-    if renorm_type == "text_channel":
-        a = _renorm(v_cond, a, True, renorm_min)
-        return v_img + img_scale * (a - v_img) if img_scale > 1.0 else a
-    if img_scale > 1.0:
-        a = v_img + img_scale * (a - v_img)
-    return _renorm(v_cond, a, renorm_type == "channel", renorm_min)
+def combine(v: dict[str, torch.Tensor], p: SamplingParams) -> torch.Tensor:
+    """Bagel's CFG of the branch velocities ``v``: text guidance, then image guidance (if
+    ``cfg_img_scale`` > 1), renormed to the cond velocity's norm."""
+    v_cond, v_text, v_img = v["cond"], v["cfg_text"], v.get("cfg_img")
+    a = v_text + p.cfg_text_scale * (v_cond - v_text)
+    if p.cfg_renorm_type == "text_channel":
+        a = _renorm(v_cond, a, True, p.cfg_renorm_min)
+        return v_img + p.cfg_img_scale * (a - v_img) if p.cfg_img_scale > 1.0 else a
+    if p.cfg_img_scale > 1.0:
+        a = v_img + p.cfg_img_scale * (a - v_img)
+    return _renorm(v_cond, a, p.cfg_renorm_type == "channel", p.cfg_renorm_min)
 
 
 @dataclass(frozen=True)
@@ -183,15 +174,12 @@ class ImageInputs:
     vit_grid: tuple[int, int]
 
 
-def build_contexts(
-    model: Bagel, prompt_block: torch.Tensor, markers, image=None, trace=False
-) -> dict[str, Context]:
+def build_contexts(model: Bagel, prompt_block: torch.Tensor, markers, image=None) -> dict:
     """The three contexts: cond = [image] + text, cfg_text = [image], cfg_img = text.
 
     In text-to-image the cfg_img context is the cond context itself (identical prefill).
-    ``trace`` keeps every segment's rows and outputs (``Context.segments``).
     """
-    ctx = Context(segments=[] if trace else None)
+    ctx = Context()
     if image is not None:
         cfg = model.cfg
         device = prompt_block.device
@@ -202,83 +190,46 @@ def build_contexts(
         pos = latent_positions(*image.vit_grid, cfg.vit_max_num_patch_per_side, device)
         vit = marker_block(model, model.embed_vit(image.vit_patches, pos), *markers)
         ctx = ctx.prefill(model, vit, None, causal=False, span=1)
-    rows = model.embed_text(prompt_block)
+    rows = model.llm.embed_tokens(prompt_block)
     n = prompt_block.shape[0]
     cond = ctx.prefill(model, rows, None, causal=True, span=n)
     if image is None:
         return {"cond": cond, "cfg_text": Context(), "cfg_img": cond}
-    text_only = Context(segments=[] if trace else None)
-    text_only = text_only.prefill(model, rows, None, causal=True, span=n)
+    text_only = Context().prefill(model, rows, None, causal=True, span=n)
     return {"cond": cond, "cfg_text": ctx, "cfg_img": text_only}
 
 
-def denoise(
-    model: Bagel,
-    contexts: dict[str, Context],
-    x: torch.Tensor,
-    grid: tuple[int, int],
-    params: SamplingParams,
-    markers,
-    call=None,
-    record=None,
-    after_step=None,
-) -> torch.Tensor:
-    """The rectified-flow loop over latent tokens ``x`` (N, p*p*C) at t = 1; returns x at 0.
+@dataclass
+class Query:
+    """What every step of one image's loop reads (besides x and t)."""
 
-    ``call(branch, i, fn)`` wraps each branch forward (step caches); ``record(name,
-    tensor)`` sees every intermediate; ``after_step(i, total, x0)`` (``x0()`` the step's
-    clean-latent estimate) returning True stops early
-    (the returned x is then not at t = 0). The ODE state stays fp32.
-    """
-    host = schedule(params.num_timesteps, params.timestep_shift)  # decisions: no device sync
-    ts = host.to(x.device)
-    pos = latent_positions(*grid, model.cfg.max_latent_size, x.device)
-    shared_img = contexts["cfg_img"] is contexts["cond"]
-    x = x.float()
-    total = len(ts) - 1
-    for i in range(total):
-        t = ts[i]
-        on = guided(float(host[i]), params.cfg_text_scale, params.cfg_interval)
-        names = ["cond"]
-        if on:
-            names.append("cfg_text")
-            if params.cfg_img_scale > 1.0 and not shared_img:
-                names.append("cfg_img")
+    contexts: dict[str, Context]
+    pos: torch.Tensor
+    """``latent_positions`` of the latent token grid."""
+    params: SamplingParams
+    guided: list[bool]
+    """Per step: whether it runs the guidance branches (:func:`guided`), decided before
+    the loop from the host schedule."""
+    markers: tuple[int, int]
+    """The ``<|vision_start|>`` and ``<|vision_end|>`` ids."""
+
+    def velocity(self, model: Bagel, x, t, i: int, call=None) -> tuple[torch.Tensor, dict]:
+        """The velocity the Euler step of step ``i`` (time ``t``) takes, fp32, and every
+        branch's: cond and, if guided, the guidance branches, combined (:func:`combine`).
+        ``call(branch index, fn)`` wraps each branch's forward (step caches). In
+        text-to-image the cfg_img context is the cond one: its velocity is not rerun."""
+        on, p, contexts = self.guided[i], self.params, self.contexts
+        shared_img = contexts["cfg_img"] is contexts["cond"]
+        names = ["cond", "cfg_text"] if on else ["cond"]
+        if on and p.cfg_img_scale > 1.0 and not shared_img:
+            names.append("cfg_img")
         v = {}
         for name in names:
 
-            def fn(name=name, x=x, t=t):
-                return velocity(model, contexts[name], x, t, pos, markers).float()
+            def fn(name=name):
+                return velocity(model, contexts[name], x, t, self.pos, self.markers).float()
 
-            v[name] = call(BRANCHES.index(name), i, fn) if call else fn()
-        if on and params.cfg_img_scale > 1.0 and shared_img:
+            v[name] = call(BRANCHES.index(name), fn) if call else fn()
+        if on and p.cfg_img_scale > 1.0 and shared_img:
             v["cfg_img"] = v["cond"]  # identical context: identical velocity
-        if on:
-            out = combine(
-                v["cond"],
-                v["cfg_text"],
-                v.get("cfg_img"),
-                params.cfg_text_scale,
-                params.cfg_img_scale,
-                params.cfg_renorm_type,
-                params.cfg_renorm_min,
-            )
-        else:
-            out = v["cond"]
-        if record is not None:
-            record(f"step.{i}.x_t", x)
-            for name, value in v.items():
-                record(f"step.{i}.v_{name}", value)
-            record(f"step.{i}.v", out)
-        x0 = (x, out, float(host[i]))  # x0 estimate x_t - t * v, computed only if asked
-        x = x - out * float(host[i] - host[i + 1])  # the fp32 dt, exactly
-        if after_step is not None and after_step(i, total, lambda e=x0: e[0] - e[1] * e[2]):
-            break
-    return x
-
-
-def initial_noise(seed: int, num_tokens: int, dim: int) -> torch.Tensor:
-    """x at t = 1, (N, dim) fp32: what ``torch.manual_seed(seed); torch.randn(N, dim)``
-    gives in the official inferencer, from a private CPU generator."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(num_tokens, dim, generator=generator)
+        return (combine(v, p) if on else v["cond"]), v

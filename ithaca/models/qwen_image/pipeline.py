@@ -117,7 +117,6 @@ class QwenImagePipeline(FlowMatchPipeline):
         keep = self.max_sequence_length and drop + self.max_sequence_length
         return self.text_hidden(tokens, keep=slice(drop, keep), **vision)
 
-
     def encode_prompt(self, text: str) -> torch.Tensor:
         return self._encode(self.template.format(text))
 
