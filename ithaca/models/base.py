@@ -16,7 +16,7 @@ import torch
 from ithaca.cache import BlockCacheAdapter, StepCache, build_cache
 from ithaca.config import CacheConfig
 from ithaca.models.spec import DEFAULTS, plain_cfg
-from ithaca.runtime.loop import DenoisingLoop
+from ithaca.runtime.loop import DenoisingLoop, Request
 from ithaca.types import GenerationParams, ParamError
 
 
@@ -124,3 +124,19 @@ class DenoisingPipeline(DenoisingLoop):
                     f"(sizes are rounded down to a multiple of {self.multiple})",
                 )
         return w // self.multiple * self.multiple, h // self.multiple * self.multiple
+
+
+def seeded_noise(shape, seed: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """What diffusers draws for ``torch.Generator("cpu").manual_seed(seed)``: the same
+    numbers on any device and layout."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
+
+
+def split_images(flat: list, requests: list[Request]) -> list[list]:
+    """A batch's decoded images, one list per request (``num_images`` each, in order)."""
+    out, start = [], 0
+    for r in requests:
+        out.append(flat[start : start + r.params.num_images])
+        start += r.params.num_images
+    return out

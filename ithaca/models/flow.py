@@ -32,7 +32,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 
 from ithaca.cache import checkpoint_coefficients
-from ithaca.models.base import DenoisingPipeline
+from ithaca.models.base import DenoisingPipeline, seeded_noise, split_images
 from ithaca.models.registry import model_index
 from ithaca.models.spec import FamilySpec
 from ithaca.parallel import ParallelState
@@ -56,22 +56,6 @@ def load_part(model: str, name: str, index: dict, device, dtype):
     kwarg = "torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"
     module = cls.from_pretrained(model, subfolder=name, **{kwarg: dtype})
     return module.to(device).eval().requires_grad_(False)
-
-
-def seeded_noise(shape, seed: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """What diffusers draws for ``torch.Generator("cpu").manual_seed(seed)``: the same
-    numbers on any device and layout."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(shape, generator=generator, dtype=dtype).to(device)
-
-
-def split_images(flat: list, requests: list[Request]) -> list[list]:
-    """A batch's decoded images, one list per request (``num_images`` each, in order)."""
-    out, start = [], 0
-    for r in requests:
-        out.append(flat[start : start + r.params.num_images])
-        start += r.params.num_images
-    return out
 
 
 def repeat_rows(values: list, requests: list[Request]) -> list:

@@ -43,7 +43,7 @@ def parts():
 def run_case(parts, name: str, model=None):
     """Our run of a case: (case, reference tensors, our tensors by the fixture's names)."""
     from ithaca.models.bagel import inputs, sampling
-    from ithaca.models.flow import seeded_noise
+    from ithaca.models.base import seeded_noise
 
     base, vae, scale, (vae_lim, vit_lim) = parts
     model = model or base

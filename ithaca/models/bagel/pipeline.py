@@ -47,8 +47,7 @@ from transformers import Qwen2Tokenizer
 
 from ithaca.cache import BlockCacheAdapter, Rows, checkpoint_coefficients
 from ithaca.models.bagel import inputs, loader, sampling
-from ithaca.models.base import DenoisingPipeline
-from ithaca.models.flow import seeded_noise, split_images
+from ithaca.models.base import DenoisingPipeline, seeded_noise, split_images
 from ithaca.parallel import ParallelState
 from ithaca.parallel.tensor import apply_tensor_parallel
 from ithaca.runtime.loop import Job, Request
