@@ -99,9 +99,7 @@ def test_prompt_adherence_meets_targets(clips_and_cases):
 
 
 # -- ``ithaca serve`` with no model: both defaults, the README's video example ---------------
-README_VIDEO_PROMPT = (
-    "a small yellow square moving from the top left to the bottom right on a black background"
-)
+README_VIDEO_PROMPT = "a large red circle moving from the left to the right on a blue background"
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +124,6 @@ def test_serve_without_a_model_serves_both_defaults(default_server):
     with av.open(io.BytesIO(client.videos.download_content(video.id).read())) as c:
         frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
     assert frames.shape == (17, 64, 64, 3)
-    clip = clips.Clip("black", "square", "yellow", "yellow", "small", "small", "top left",
-                      "bottom right")  # fmt: skip
-    assert evaluate.check(frames, clip)["background"]
+    clip = clips.Clip("blue", "circle", "red", "red", "large", "large", "left", "right")
+    verdict = evaluate.check(frames, clip)  # through the MP4's lossy encoding
+    assert all(verdict[k] for k in SMALL_SET_TARGETS), verdict
