@@ -73,7 +73,9 @@ def generate(layout: dict, path: str, batch: list[dict], attrs: dict | None = No
 
         pipe.decode = record
         stats = pipe.cache_stats  # every rank: a cached request's (step, branch, cached) list
-        pipe.cache_stats = lambda c, cfg: dict(stats(c, cfg), pattern=list(c.stats.pattern))
+        pipe.cache_stats = lambda c, cfg, of=None: dict(
+            stats(c, cfg, of), pattern=list((c.stats if of is None else of).pattern)
+        )
         results, images, info = _run_batch(pipe, batch)
         info |= {
             "metadata": [r.metadata for r in results],
