@@ -212,7 +212,11 @@ def resolve_request(pipeline, params: GenerationParams) -> dict:
         "height": getattr(request, "height", None),
         "steps": getattr(request, "steps", None),
         "frames": frames or params.num_frames,
-        "do_cfg": bool(getattr(request, "do_cfg", False)),
+        "do_cfg": bool(
+            pipeline.guides(request)
+            if hasattr(pipeline, "guides")
+            else getattr(request, "do_cfg", False)
+        ),
         "join_key": _join_key(pipeline, request),
     }
 

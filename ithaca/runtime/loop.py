@@ -153,6 +153,12 @@ class DenoisingLoop(LoraHost):
     def decode(self, job: Job, latents: torch.Tensor) -> list[list[Image.Image]]:
         raise NotImplementedError
 
+    def guides(self, request: Request) -> bool:
+        """Whether ``request`` runs guidance branches besides its conditional one (what
+        admission costs and what the CFG-parallel idle warning asks). Default: true CFG;
+        Bagel runs its branches inside ``predict``."""
+        return request.do_cfg
+
     def step_guidance_scales(self, job: Job) -> list[float]:
         """The guidance scale of every step, decided before the loop (no host read of a
         device tensor inside it). Default: the request's scale at every step; Wan2.2's
@@ -342,7 +348,7 @@ class DenoisingLoop(LoraHost):
             stats = self.cache_stats(cache, requests[0].do_cfg)
             for m in per_request:
                 m["cache"] = stats
-        idle = idle_branch_warning(self.state, requests[0].do_cfg)  # per request: log, metadata
+        idle = idle_branch_warning(self.state, self.guides(requests[0]))  # per request: log, meta
         for r, m in zip(requests, per_request, strict=True) if idle else ():
             m["warnings"] = [idle]
             if self.is_returning_rank:

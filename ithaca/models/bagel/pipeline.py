@@ -171,6 +171,10 @@ class BagelPipeline(DenoisingPipeline):
         return Request(params, w, h, spec.num_timesteps - 1, scale, False, params.seed, (spec,),
                        lora)  # fmt: skip
 
+    def guides(self, request: Request) -> bool:
+        """Bagel's own branches (``do_cfg`` stays False: the loop's two-branch CFG is off)."""
+        return request.extra_key[0].cfg_text_scale > 1.0
+
     # -- conditioning: token ids and the input image, then the three KV caches -------
     @torch.no_grad()
     def condition(self, request: Request) -> dict[str, Any]:
