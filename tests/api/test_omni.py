@@ -94,7 +94,7 @@ def run_cfg_parallel(path: str, negative_prompt: str | None):
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger("ithaca.models").addHandler(handler)
+    logging.getLogger("ithaca.runtime.loop").addHandler(handler)
     with parallel_state(ParallelConfig(cfg_parallel_size=2)) as state:
         pipe = load_pipeline(path, state)
         params = GenerationParams(
@@ -103,7 +103,7 @@ def run_cfg_parallel(path: str, negative_prompt: str | None):
         )  # fmt: skip
         results = pipe.generate([params])
         pipe.runtime.remove()
-    logging.getLogger("ithaca.models").removeHandler(handler)
+    logging.getLogger("ithaca.runtime.loop").removeHandler(handler)
     logged = [r.getMessage() for r in records if "cfg_parallel_size" in r.getMessage()]
     return (results[0].metadata if pipe.is_returning_rank else None), logged
 
