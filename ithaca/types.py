@@ -76,6 +76,34 @@ class GenerationParams:
     ``cfg_text_scale``, ``cfg_interval``, ...); the family validates them."""
     request_id: str = ""
 
+    def check(self) -> None:
+        """The one rule of each numeric setting, the same for every family (None: the
+        model's default): :class:`ParamError` naming the request field. What a family adds
+        (Wan2.2's ``4k+1`` frames, sizes a multiple of its patch) it checks itself."""
+        for name, param, kind, least in NUMBER_RULES:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            ok = ok and (kind == "number" or isinstance(value, int))
+            if not ok or not (value > 0 if least == "positive" else value >= 0):
+                raise ParamError(param, f"{param} ({value!r}) must be a {least} {kind}")
+
+
+NUMBER_RULES = (
+    # (field, request parameter, "integer" | "number", "positive" | "non-negative")
+    ("num_inference_steps", "num_inference_steps", "integer", "positive"),
+    ("num_images", "n", "integer", "positive"),
+    ("layers", "layers", "integer", "positive"),
+    ("num_frames", "num_frames", "integer", "positive"),
+    ("fps", "fps", "integer", "positive"),
+    ("guidance_scale", "guidance_scale", "number", "non-negative"),
+    ("true_cfg_scale", "true_cfg_scale", "number", "non-negative"),
+    ("guidance_scale_2", "guidance_scale_2", "number", "non-negative"),
+    ("flow_shift", "flow_shift", "number", "positive"),
+)
+"""What :meth:`GenerationParams.check` asks of each numeric field."""
+
 
 @dataclass
 class GenerationResult:

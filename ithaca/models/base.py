@@ -80,25 +80,15 @@ class DenoisingPipeline(DenoisingLoop):
 
     def checked_steps(self, params: GenerationParams) -> int:
         """The rules every family shares, one per field (``ParamError`` naming it):
-        prompt, ``num_inference_steps`` (None: the default; anything else must be a
-        positive integer, so 0 is an error in every family), ``n``, the step cache
-        (:class:`CacheConfig`) and ``layers``.
+        prompt, the numbers (:meth:`GenerationParams.check`: ``num_inference_steps`` None
+        is the default, anything else a positive integer, so 0 is an error in every
+        family), the step cache (:class:`CacheConfig`) and ``layers``.
         Returns the step count."""
         if not isinstance(params.prompt, str) or (
             not params.prompt and not self.captions_empty_prompt
         ):
             raise ParamError("prompt", "prompt must be a non-empty string")
-        steps = (
-            self.default_steps if params.num_inference_steps is None else params.num_inference_steps
-        )
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ParamError(
-                "num_inference_steps",
-                f"num_inference_steps ({steps!r}) must be a positive integer",
-            )
-        n = params.num_images
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ParamError("n", f"n ({n!r}) must be a positive integer")
+        params.check()
         try:
             CacheConfig.from_dict(params.cache_backend, params.cache_config)
         except ValueError as exc:
@@ -110,7 +100,8 @@ class DenoisingPipeline(DenoisingLoop):
                 f"layers is only for layered models (Qwen-Image-Layered); "
                 f"{type(self).__name__} returns flat images",
             )
-        return steps
+        steps = params.num_inference_steps
+        return self.default_steps if steps is None else steps
 
     def rounded_size(self, width: int | None, height: int | None) -> tuple[int, int]:
         """Defaults filled in, then rounded down to ``multiple`` as diffusers does."""

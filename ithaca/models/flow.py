@@ -174,8 +174,6 @@ class FlowMatchPipeline(DenoisingPipeline):
         adapter = self.spec.cache_adapter
         if adapter is None:
             return super().cache_adapter()
-        if callable(adapter):
-            return adapter(self.model)
         fitted = checkpoint_coefficients(self.model, adapter.teacache_coefficients)
         return dataclasses.replace(adapter, teacache_coefficients=fitted)
 
@@ -203,6 +201,12 @@ class FlowMatchPipeline(DenoisingPipeline):
 
     def resolve(self, params: GenerationParams) -> Request:
         steps = self.checked_steps(params)
+        if self.output_kind == "video" and params.num_images != 1:
+            raise ParamError(
+                "n",
+                f"n ({params.num_images}) must be 1 for video: one request "
+                "makes one video (send several; compatible ones are batched)",
+            )
         fewest, most = self.spec.images
         count = len(params.images)
         if not fewest <= count <= most:

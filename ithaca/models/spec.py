@@ -60,10 +60,9 @@ class FamilySpec:
     components: tuple[str, ...] = ("vae", "text_encoder", "tokenizer")
     """``model_index.json`` components the returning rank loads (encoders, tokenizers,
     VAE); their classes come from the checkpoint's own index."""
-    cache_adapter: BlockCacheAdapter | Callable[[str | None], BlockCacheAdapter] | None = None
+    cache_adapter: BlockCacheAdapter | None = None
     """How the blocks look to the step caches; a checkpoint's fitted coefficients
-    (``ithaca.json``) replace its ``teacache_coefficients``. Or a function of the
-    checkpoint directory returning the adapter (Wan2.2's); None: no step caching."""
+    (``ithaca.json``) replace its ``teacache_coefficients``. None: no step caching."""
     defaults: Mapping[str, Any] = field(default_factory=dict)
     """Defaults by request field (keys of :data:`DEFAULTS`); unset: 1024 x 1024 px, 50
     steps, CFG scale 4.0. A checkpoint's ``_ithaca_defaults`` take precedence."""

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from ithaca.parallel.hsdp import parameter_bytes  # noqa: F401 (the one counter; re-exported)
+from ithaca.parallel.hsdp import parameter_bytes  # the one counter (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +230,20 @@ class ExpertPlacement:
         return self.experts[index]
 
 
+def should_offload(expert: nn.Module, device: torch.device, budget: float = 0.6) -> bool:
+    """Auto policy of :class:`ExpertPlacement`: offload when two experts like ``expert``
+    would take more than ``budget`` of the GPU.
+
+    Only the weights are counted; the rest of the budget is left to activations, the
+    text encoder and the VAE (on the returning rank). Never on CPU: there is no other
+    memory to move to.
+    """
+    if device.type != "cuda":
+        return False
+    total = torch.cuda.get_device_properties(device).total_memory
+    return 2 * parameter_bytes(expert) > budget * total
+
+
 def transformer_blocks(transformer: nn.Module, names: Iterable[str]) -> list[nn.Module]:
     """The blocks of the named block lists, in forward order."""
     return [b for name in names for b in getattr(transformer, name, None) or ()]
@@ -281,6 +295,26 @@ class Placement:
             self.layerwise.append(LayerwiseOffload(blocks, self.device))
         elif self.config.cpu_offload:
             self.offload.add(name, transformer)
+
+    def place_experts(self, experts: dict[str, nn.Module], block_lists, offload: bool | None):
+        """An :class:`ExpertPlacement` of ``experts`` (by checkpoint component name, loaded
+        on the host unless sharded by ``use_hsdp``), then each placed as a transformer.
+
+        ``offload`` True keeps the idle expert on the host; None decides by
+        :func:`should_offload` (never with ``use_hsdp``: each rank then holds a shard of
+        each expert). ``--enable-cpu-offload`` / ``--enable-layerwise-offload`` place the
+        experts instead (their placement keeps them on the host already)."""
+        sharded = self.config.use_hsdp
+        if offload and sharded:
+            raise ValueError("expert_offload and use_hsdp exclude each other: pick one")
+        modules = list(experts.values())
+        if offload is None:
+            offload = not sharded and should_offload(modules[0], self.device)
+        device = self.load_device("transformer")
+        placement = ExpertPlacement(modules, device, offload and not self.transformer_on_host)
+        for name, expert in experts.items():
+            self.place_transformer(name, expert, block_lists)
+        return placement
 
     def place_components(self, components: dict[str, object]) -> None:
         """Offload the modules among ``components`` whose placement says so."""

@@ -109,6 +109,9 @@ def test_resume_step_out_of_range(pipe):
         (dict(num_inference_steps=-1), "num_inference_steps"),
         (dict(prompt=""), "prompt"),
         (dict(num_images=0), "n"),
+        (dict(true_cfg_scale=-1.0), "true_cfg_scale"),  # the numbers' rules: every family's
+        (dict(flow_shift=0.0), "flow_shift"),
+        (dict(fps=2.5), "fps"),
         (dict(layers=2), "layers"),
         (dict(width=8), "size"),
         (dict(cache_backend="fast_cache"), "cache_backend"),

@@ -109,11 +109,11 @@ def test_registry_picks_the_wan_classes(tiny_wan):
     "kind, change, message",
     [
         ("t2v_a14b", dict(num_frames=8), r"num_frames \(8\) must be 4k\+1.*nearest valid: 5 or 9"),
-        ("t2v_a14b", dict(num_frames=0), r"num_frames \(0\) must be 4k\+1"),
+        ("t2v_a14b", dict(num_frames=0), r"num_frames \(0\) must be a positive integer"),
         ("t2v_a14b", dict(images=[_image()]), "takes no input image"),
         ("t2v_a14b", dict(width=8), r"width \(8\) must be an integer of at least 16"),
         ("t2v_a14b", dict(num_images=2), r"n \(2\) must be 1"),
-        ("t2v_a14b", dict(flow_shift=0), r"flow_shift \(0\) must be a positive float"),
+        ("t2v_a14b", dict(flow_shift=0), r"flow_shift \(0\) must be a positive number"),
         ("t2v_a14b", dict(guidance_scale=-1.0), r"guidance_scale \(-1.0\) must be a non-neg"),
         ("t2v_a14b", dict(true_cfg_scale=4.0), "Wan uses guidance_scale"),
         ("t2v_a14b", dict(fps=0), r"fps \(0\) must be a positive int"),

@@ -82,9 +82,16 @@ def build_bank(vae, n: int, rng: random.Random, split: str = "train"):
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     """``WanPipeline``'s prompt states for a batch: (B, 512, D), zero past each prompt's
     real tokens (the encoder runs on the longest prompt only; the mask makes it equal)."""
-    from ithaca.models.wan.pipeline import tokenize
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-    tokens = tokenize(tokenizer, prompts, padding="longest")
+    texts = [prompt_clean(p) for p in prompts]  # as WanPipeline cleans them
+    tokens = tokenizer(
+        texts,
+        padding="longest",
+        max_length=MAX_SEQUENCE_LENGTH,
+        truncation=True,
+        return_tensors="pt",
+    )
     hidden = text_encoder(tokens.input_ids, tokens.attention_mask).last_hidden_state
     hidden = hidden * tokens.attention_mask.unsqueeze(-1).to(hidden.dtype)
     return F.pad(hidden, (0, 0, 0, MAX_SEQUENCE_LENGTH - hidden.shape[1]))

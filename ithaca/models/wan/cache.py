@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ithaca.cache import BlockCacheAdapter, checkpoint_coefficients
+from ithaca.cache import BlockCacheAdapter
 
 
 def modulated_input(block: torch.nn.Module, args: dict) -> torch.Tensor:
@@ -28,10 +28,4 @@ def modulated_input(block: torch.nn.Module, args: dict) -> torch.Tensor:
     return block.norm1(hidden.float()) * (1 + scale) + shift
 
 
-def cache_adapter(model_dir: str | None = None) -> BlockCacheAdapter:
-    return BlockCacheAdapter(
-        blocks="blocks",
-        returns="hidden",
-        modulated_input=modulated_input,
-        teacache_coefficients=checkpoint_coefficients(model_dir),
-    )
+WAN_CACHE = BlockCacheAdapter(blocks="blocks", returns="hidden", modulated_input=modulated_input)

@@ -50,11 +50,10 @@ from ithaca.cache import CacheGroup, build_cache
 from ithaca.config import CacheConfig
 from ithaca.models.flow import FlowMatchPipeline, decode_3d, flow_schedule, vae_stats
 from ithaca.models.spec import FamilySpec
-from ithaca.models.wan.cache import cache_adapter
+from ithaca.models.wan.cache import WAN_CACHE
 from ithaca.models.wan.transformer import WanTransformer3DModel, wan_attention
 from ithaca.parallel import ParallelState
 from ithaca.runtime.loop import Job, Request
-from ithaca.runtime.offload import ExpertPlacement, parameter_bytes
 from ithaca.runtime.parallelize import parallelize
 from ithaca.types import GenerationParams, GenerationResult, ParamError
 
@@ -73,7 +72,7 @@ SPEC = FamilySpec(
     name="Wan2.2",
     transformer=WanTransformer3DModel,
     attention=wan_attention(per_token_timesteps=False),
-    cache_adapter=cache_adapter,
+    cache_adapter=WAN_CACHE,
     defaults=T2V_DEFAULTS,
     cfg_aliases=False,  # the scale is guidance_scale (WanPipeline.cfg_scale)
     packed=False,
@@ -101,42 +100,6 @@ class VideoSettings:
     flow_shift: float
     image_size: tuple[int, int] | None
     """(width, height) of the input image's condition, None without an image."""
-
-
-def tokenize(tokenizer, prompts: list[str], padding: str = "max_length"):
-    """``WanPipeline``'s UMT5 ids and attention mask of the cleaned ``prompts``, ``(B, L)``
-    each: ``L`` = 512 (``padding="max_length"``) or the longest (``"longest"``), at most 512."""
-    return tokenizer(
-        [prompt_clean(p) for p in prompts],
-        padding=padding,
-        max_length=MAX_SEQUENCE_LENGTH,
-        truncation=True,
-        add_special_tokens=True,
-        return_attention_mask=True,
-        return_tensors="pt",
-    )
-
-
-def _number(name: str, value, kind=float, allow_zero: bool = False):
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    if not ok or (kind is int and not isinstance(value, int)):
-        sign = "non-negative" if allow_zero else "positive"
-        raise ParamError(name, f"{name} ({value!r}) must be a {sign} {kind.__name__}")
-    return kind(value)
-
-
-def should_offload(expert: torch.nn.Module, device: torch.device, budget: float = 0.6) -> bool:
-    """Auto policy: offload when both experts would take more than ``budget`` of the GPU.
-
-    Only the weights are counted; the rest of the budget is left to activations, the
-    text encoder and the VAE (on the returning rank). Never on CPU: there is no other
-    memory to move to.
-    """
-    if device.type != "cuda":
-        return False
-    total = torch.cuda.get_device_properties(device).total_memory
-    return 2 * parameter_bytes(expert) > budget * total
 
 
 class WanPipeline(FlowMatchPipeline):
@@ -185,29 +148,21 @@ class WanPipeline(FlowMatchPipeline):
 
     def load_transformers(self, model: str) -> None:
         """Both experts where the checkpoint has them, each sharded by the same plans
-        with its own runtime (hooks), placed by :class:`ExpertPlacement`."""
+        with its own runtime (hooks), placed by ``Placement.place_experts``."""
         names = [n for n in ("transformer", "transformer_2") if self.index.get(n, [None])[0]]
         if len(names) == 2 and self.boundary_ratio is None:
             raise ValueError(f"{model}: two transformers but no boundary_ratio in model_index")
-        sharded = self.state.config.use_hsdp  # both experts, each rank 1/shard of each
-        # Unsharded experts load to the host: ExpertPlacement moves (or offloads) them.
-        where = self.device if sharded else "cpu"
+        # Unsharded experts load to the host: ExpertPlacement moves (or offloads) them;
+        # with use_hsdp each rank holds 1/shard of each, on the device.
+        where = self.device if self.state.config.use_hsdp else "cpu"
         cls = self.spec.transformer
         self.experts = [self.load_transformer(cls, model, n, where) for n in names]
-        offload = self.expert_offload
-        if offload and sharded:
-            raise ValueError("expert_offload and use_hsdp exclude each other: pick one")
-        if offload is None:
-            offload = not sharded and should_offload(self.experts[0], self.device)
         # Before placement: it keeps each expert's tensors as tensor parallel leaves them.
         layout = self.spec.attention
         self.runtimes = [parallelize(e, self.state, layout) for e in self.experts]
         self.transformer, self.runtime = self.experts[0], self.runtimes[0]
-        on_host = self.offloading.transformer_on_host  # --enable-*-offload decide instead
-        device = self.offloading.load_device("transformer")
-        self.placement = ExpertPlacement(self.experts, device, offload and not on_host)
-        for name, expert in zip(names, self.experts, strict=True):
-            self.offloading.place_transformer(name, expert, layout.blocks)
+        experts = dict(zip(names, self.experts, strict=True))
+        self.placement = self.offloading.place_experts(experts, layout.blocks, self.expert_offload)
 
     def vae_scale(self, model: str) -> int:
         return self.vae_config.get("scale_factor_spatial", 8)
@@ -234,12 +189,12 @@ class WanPipeline(FlowMatchPipeline):
             ]
         )
 
-    # -- request validation ----------------------------------------------------
+    # -- request validation (after GenerationParams.check) ------------------------
     def _num_frames(self, value: int | None) -> int:
         n = self.default_num_frames if value is None else value
         k = self.scale_temporal
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1 or (n - 1) % k:
-            below = max(1, (n - 1) // k * k + 1) if isinstance(n, int) else 1
+        if (n - 1) % k:
+            below = (n - 1) // k * k + 1
             raise ParamError(
                 "num_frames",
                 f"num_frames ({n!r}) must be {k}k+1 (1, {k + 1}, {2 * k + 1}, ..., 81): the "
@@ -248,25 +203,15 @@ class WanPipeline(FlowMatchPipeline):
             )
         return n
 
-    def resolve(self, params: GenerationParams) -> Request:
-        if params.num_images != 1:
-            raise ParamError(
-                "n",
-                f"n ({params.num_images}) must be 1 for video: one request makes "
-                f"one video (send several requests; compatible ones are batched)",
-            )
-        return super().resolve(params)
-
     def cfg_scale(self, params: GenerationParams) -> float:
-        """``guidance_scale`` (non-negative; CFG above 1); ``true_cfg_scale`` is an error."""
+        """``guidance_scale`` (CFG above 1); ``true_cfg_scale`` is an error."""
         if params.true_cfg_scale is not None:
             raise ParamError(
                 "true_cfg_scale",
                 "true_cfg_scale is a Qwen-Image parameter; Wan uses guidance_scale",
             )
         scale = params.guidance_scale
-        scale = self.default_true_cfg_scale if scale is None else scale
-        return _number("guidance_scale", scale, allow_zero=True)
+        return float(self.default_true_cfg_scale if scale is None else scale)
 
     def extra_key(self, params: GenerationParams) -> tuple:
         """The request's :class:`VideoSettings` (two requests must share them)."""
@@ -276,25 +221,18 @@ class WanPipeline(FlowMatchPipeline):
                 "guidance_scale_2", "guidance_scale_2 needs a two-expert (A14B) checkpoint"
             )
         if len(self.experts) == 2:
-            scale_2 = self.cfg_scale(params) if scale_2 is None else scale_2
-            scale_2 = _number("guidance_scale_2", scale_2, allow_zero=True)
+            scale_2 = float(self.cfg_scale(params) if scale_2 is None else scale_2)
         shift = params.flow_shift
         shift = self.scheduler_config.get("flow_shift", 1.0) if shift is None else shift
-        shift = _number("flow_shift", shift)
-        if params.fps is not None:
-            _number("fps", params.fps, int)
         frames = self._num_frames(params.num_frames)
         size = self.request_size(params) if params.images else None
-        return (VideoSettings(frames, scale_2, shift, size),)
+        return (VideoSettings(frames, scale_2, float(shift), size),)
 
     # -- conditioning (returning rank only) ------------------------------------
-    @torch.no_grad()
     def encode_prompt(self, text: str) -> torch.Tensor:
         """UMT5 last hidden state, zero past the real tokens: (512, D), as the reference
         pads each prompt's own states."""
-        tokens = tokenize(self.tokenizer, [text]).to(self.device)
-        hidden = self.text_encoder(tokens.input_ids, tokens.attention_mask).last_hidden_state
-        return hidden[0].masked_fill(tokens.attention_mask[0, :, None] == 0, 0).to(self.dtype)
+        return self.text_hidden(self.tokens(prompt_clean(text), MAX_SEQUENCE_LENGTH), pads="zero")
 
     @torch.no_grad()
     def _encode_image(self, request: Request) -> torch.Tensor:
