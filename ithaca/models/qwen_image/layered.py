@@ -46,7 +46,7 @@ from ithaca.models.flow import decode_3d, seeded_noise, split_images
 from ithaca.models.qwen_image import templates
 from ithaca.models.qwen_image.pipeline import QwenImageEditPipeline, QwenImagePipeline, variant
 from ithaca.runtime.loop import Job, Request
-from ithaca.types import GenerationParams, ParamError
+from ithaca.types import GenerationParams
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +90,8 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
         return calculate_dimensions(area, image.size[0] / image.size[1])
 
     def extra_key(self, params: GenerationParams) -> tuple:
-        layers = self.default_layers if params.layers is None else params.layers
-        if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
-            raise ParamError("layers", f"layers ({layers!r}) must be a positive integer")
-        return (layers,)
+        """The layer count (a positive integer: :meth:`GenerationParams.check`)."""
+        return (self.default_layers if params.layers is None else params.layers,)
 
     @staticmethod
     def layers_of(request: Request) -> int:
@@ -148,11 +146,10 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
             noise.append(_Ref._pack_latents(x, n, c, h, w, frames))
         return torch.cat(noise)
 
-    def prepare(self, requests: list[Request], conds: list[dict]) -> Job:
-        job = super().prepare(requests, conds)
-        rows = job.latents.shape[0]
-        job.inputs["additional_t_cond"] = torch.zeros(rows, dtype=torch.long, device=self.device)
-        return job
+    def forward_inputs(self, requests: list[Request], conds: list[dict], latents) -> dict:
+        """Qwen-Image-Edit's, and ``additional_t_cond`` 0 per row (the reference's ``is_rgb``)."""
+        is_rgb = torch.zeros(latents.shape[0], dtype=torch.long, device=self.device)
+        return {**super().forward_inputs(requests, conds, latents), "additional_t_cond": is_rgb}
 
     def schedule(self, steps: int, latents: torch.Tensor, inputs: dict):
         """Sigmas ``linspace(1, 0, steps + 1)[:-1]``, ``mu = sqrt(condition tokens / 256)``."""

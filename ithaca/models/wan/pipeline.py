@@ -171,9 +171,8 @@ class WanPipeline(FlowMatchPipeline):
         """Both experts by name (a request's LoRA ``expert``); one: ``transformer``.
         With expert offload the adapters' small tensors follow their expert on and off
         the device (:class:`ExpertPlacement` keeps the weights by identity)."""
-        if len(self.experts) == 1:
-            return {"transformer": self.experts[0]}
-        return dict(zip(("high_noise", "low_noise"), self.experts, strict=True))
+        names = ("high_noise", "low_noise") if len(self.experts) == 2 else ("transformer",)
+        return dict(zip(names, self.experts, strict=True))
 
     def lora_fusable(self) -> bool:
         """Not with expert offload: activating an expert copies its unmerged host weights."""
@@ -181,13 +180,8 @@ class WanPipeline(FlowMatchPipeline):
 
     def make_cache(self, config: CacheConfig) -> CacheGroup:
         """One cache per expert, each over its own blocks and its own plan's padding."""
-        adapter = self.cache_adapter()
-        return CacheGroup(
-            [
-                build_cache(config, expert, adapter, self.state, runtime)
-                for expert, runtime in zip(self.experts, self.runtimes, strict=True)
-            ]
-        )
+        adapter, experts = self.cache_adapter(), zip(self.experts, self.runtimes, strict=True)
+        return CacheGroup([build_cache(config, e, adapter, self.state, r) for e, r in experts])
 
     # -- request validation (after GenerationParams.check) ------------------------
     def _num_frames(self, value: int | None) -> int:
@@ -235,10 +229,13 @@ class WanPipeline(FlowMatchPipeline):
         return self.text_hidden(self.tokens(prompt_clean(text), MAX_SEQUENCE_LENGTH), pads="zero")
 
     @torch.no_grad()
-    def _encode_image(self, request: Request) -> torch.Tensor:
-        """The input image's condition, fp32: TI2V its normalised latents (1, z, 1, h, w);
-        I2V-A14B the first-frame mask and the latents of the image followed by F-1 black
-        frames (1, 4 + z, F_lat, h, w)."""
+    def condition(self, request: Request) -> dict[str, Any]:
+        """The prompts' states and the input image's condition (``"image"``, fp32): TI2V
+        its normalised latents (1, z, 1, h, w); I2V-A14B the first-frame mask and the
+        latents of the image followed by F-1 black frames (1, 4 + z, F_lat, h, w)."""
+        cond = super().condition(request)
+        if not request.params.images:
+            return cond
         settings: VideoSettings = request.extra_key[0]
         w, h = settings.image_size
         image = request.params.images[0].convert("RGB")  # RGBA / L uploads
@@ -251,18 +248,13 @@ class WanPipeline(FlowMatchPipeline):
         latents = self.vae.encode(image.to(self.vae.dtype)).latent_dist.mode().float()
         mean, std = vae_stats(self.vae, latents)
         latents = (latents - mean) * (1.0 / std)
-        if self.expand_timesteps:
-            return latents
-        # The first frame stands for k (the temporal compression): 1 on all k mask
-        # channels of latent frame 0, 0 elsewhere.
-        mask = latents.new_zeros(1, self.scale_temporal, *latents.shape[2:])
-        mask[:, :, 0] = 1
-        return torch.cat([mask, latents], dim=1)
-
-    def condition(self, request: Request) -> dict[str, Any]:
-        cond = super().condition(request)
-        if request.params.images:
-            cond["image"] = self._encode_image(request)
+        if not self.expand_timesteps:
+            # The first frame stands for k (the temporal compression): 1 on all k mask
+            # channels of latent frame 0, 0 elsewhere.
+            mask = latents.new_zeros(1, self.scale_temporal, *latents.shape[2:])
+            mask[:, :, 0] = 1
+            latents = torch.cat([mask, latents], dim=1)
+        cond["image"] = latents
         return cond
 
     # -- the batch -------------------------------------------------------------
