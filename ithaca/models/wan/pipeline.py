@@ -35,7 +35,6 @@ image condition, the forward and the video decode.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,8 +55,6 @@ from ithaca.parallel import ParallelState
 from ithaca.runtime.loop import Job, Request
 from ithaca.runtime.parallelize import parallelize
 from ithaca.types import GenerationParams, GenerationResult, ParamError
-
-logger = logging.getLogger(__name__)
 
 MAX_SEQUENCE_LENGTH = 512
 """Text tokens the transformer sees (the reference pads every prompt to this)."""
@@ -184,19 +181,6 @@ class WanPipeline(FlowMatchPipeline):
         return CacheGroup([build_cache(config, e, adapter, self.state, r) for e, r in experts])
 
     # -- request validation (after GenerationParams.check) ------------------------
-    def _num_frames(self, value: int | None) -> int:
-        n = self.default_num_frames if value is None else value
-        k = self.scale_temporal
-        if (n - 1) % k:
-            below = (n - 1) // k * k + 1
-            raise ParamError(
-                "num_frames",
-                f"num_frames ({n!r}) must be {k}k+1 (1, {k + 1}, {2 * k + 1}, ..., 81): the "
-                f"Wan VAE compresses time {k}x after the first frame; nearest valid: "
-                f"{below} or {below + k}",
-            )
-        return n
-
     def cfg_scale(self, params: GenerationParams) -> float:
         """``guidance_scale`` (CFG above 1); ``true_cfg_scale`` is an error."""
         if params.true_cfg_scale is not None:
@@ -208,7 +192,8 @@ class WanPipeline(FlowMatchPipeline):
         return float(self.default_true_cfg_scale if scale is None else scale)
 
     def extra_key(self, params: GenerationParams) -> tuple:
-        """The request's :class:`VideoSettings` (two requests must share them)."""
+        """The request's :class:`VideoSettings` (two requests must share them);
+        ``num_frames`` must be ``4k+1`` (``k``: the VAE's temporal compression)."""
         scale_2 = params.guidance_scale_2
         if scale_2 is not None and len(self.experts) == 1:
             raise ParamError(
@@ -218,9 +203,18 @@ class WanPipeline(FlowMatchPipeline):
             scale_2 = float(self.cfg_scale(params) if scale_2 is None else scale_2)
         shift = params.flow_shift
         shift = self.scheduler_config.get("flow_shift", 1.0) if shift is None else shift
-        frames = self._num_frames(params.num_frames)
+        n = self.default_num_frames if params.num_frames is None else params.num_frames
+        k = self.scale_temporal
+        if (n - 1) % k:
+            below = (n - 1) // k * k + 1
+            raise ParamError(
+                "num_frames",
+                f"num_frames ({n}) must be {k}k+1 (1, {k + 1}, {2 * k + 1}, ..., 81): the "
+                f"Wan VAE compresses time {k}x after the first frame; nearest valid: "
+                f"{below} or {below + k}",
+            )
         size = self.request_size(params) if params.images else None
-        return (VideoSettings(frames, scale_2, float(shift), size),)
+        return (VideoSettings(n, scale_2, float(shift), size),)
 
     # -- conditioning (returning rank only) ------------------------------------
     def encode_prompt(self, text: str) -> torch.Tensor:
@@ -312,16 +306,11 @@ class WanPipeline(FlowMatchPipeline):
     def forward(self, job: Job, branch: int, t: torch.Tensor) -> torch.Tensor:
         # Its own runtime's hooks run with each expert: self.runtime stays the first's.
         expert = self.placement.activate(job.inputs["experts"][job.step])
-        latents = job.latents
-        b = latents.shape[0]
-        if self.expand_timesteps:
-            hidden = self._with_image(job, latents)
-            timestep = (job.inputs["token_mask"] * t).unsqueeze(0).expand(b, -1)  # (B, S)
-        else:
-            hidden = latents
-            if "condition" in job.inputs:
-                hidden = torch.cat([latents, job.inputs["condition"]], dim=1)
-            timestep = t.expand(b)  # (B,)
+        hidden, b = self._with_image(job, job.latents), job.latents.shape[0]
+        if "condition" in job.inputs:  # I2V-A14B: the condition's channels after the noise's
+            hidden = torch.cat([hidden, job.inputs["condition"]], dim=1)
+        mask = job.inputs.get("token_mask")  # TI2V: one timestep per token (B, S); else (B,)
+        timestep = t.expand(b) if mask is None else (mask * t).expand(b, -1)
         dtype = expert.dtype
         return expert(
             hidden_states=hidden.to(dtype),

@@ -59,11 +59,10 @@ def wan_tp_plan(config) -> dict:
     The timestep's ``C -> 6C`` modulation projection is split by rows and gathered."""
     attention = {"to_q": "colwise", "to_k": "colwise", "to_v": "colwise", "to_out.0": "rowwise",
                  "norm_q": SPLIT_RMS_NORM, "norm_k": SPLIT_RMS_NORM}  # fmt: skip
+    attention_2 = attention
     if config.added_kv_proj_dim is not None:  # image context of cross-attention only
         attention_2 = {**attention, "add_k_proj": "colwise", "add_v_proj": "colwise",
                        "norm_added_k": SPLIT_RMS_NORM}  # fmt: skip
-    else:
-        attention_2 = attention
     plan = {f"blocks.*.attn1.{path}": style for path, style in attention.items()}
     plan |= {f"blocks.*.attn2.{path}": style for path, style in attention_2.items()}
     plan |= {"blocks.*.ffn.net.0.proj": "colwise", "blocks.*.ffn.net.2": "rowwise"}
