@@ -8,13 +8,14 @@ lists) are compared with the resident run: final latents within 1e-5, images wit
 """
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 
 from ithaca.config import ParallelConfig
 from ithaca.models.flux.pipeline import FluxPipeline
 from ithaca.models.registry import load_pipeline
-from ithaca.runtime.offload import LayerwiseOffload, Offload, parameter_bytes
+from ithaca.runtime.offload import LayerwiseOffload, Offload, Placement, parameter_bytes
 from ithaca.testing.distributed import parallel_state
 from ithaca.types import GenerationParams
 from tools.memory_table import checkpoint_rank_parameter_bytes
@@ -115,3 +116,17 @@ def test_cpu_and_layerwise_offload_give_the_resident_images(tiny_family):
             assert len(pipe.offloading.layerwise[0].copies) == len(
                 pipe.transformer.transformer_blocks
             ) + len(pipe.transformer.single_transformer_blocks)
+
+
+def test_expert_placement_policy():
+    """Wan2.2's idle expert on the host: asked for, never by default on CPU, never with
+    HSDP (an error when asked), and left to --enable-cpu-offload when that is on."""
+    experts = {"transformer": nn.Linear(4, 4), "transformer_2": nn.Linear(4, 4)}
+
+    def place(offload, **config):
+        return Placement(ParallelConfig(**config), "cpu").place_experts(experts, (), offload)
+
+    assert [place(None).offload, place(True).offload, place(False).offload] == [0, 1, 0]
+    assert not place(True, cpu_offload=True).offload  # the whole transformer is offloaded
+    with pytest.raises(ValueError, match="expert_offload and use_hsdp exclude each other"):
+        place(True, use_hsdp=True, ulysses_degree=2)
