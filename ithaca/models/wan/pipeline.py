@@ -95,8 +95,8 @@ class VideoSettings:
     num_frames: int
     guidance_scale_2: float | None
     flow_shift: float
-    image_size: tuple[int, int] | None
-    """(width, height) of the input image's condition, None without an image."""
+    image: bool
+    """Whether the request gives an input image (its condition is the output's size)."""
 
 
 class WanPipeline(FlowMatchPipeline):
@@ -213,8 +213,7 @@ class WanPipeline(FlowMatchPipeline):
                 f"Wan VAE compresses time {k}x after the first frame; nearest valid: "
                 f"{below} or {below + k}",
             )
-        size = self.request_size(params) if params.images else None
-        return (VideoSettings(n, scale_2, float(shift), size),)
+        return (VideoSettings(n, scale_2, float(shift), bool(params.images)),)
 
     # -- conditioning (returning rank only) ------------------------------------
     def encode_prompt(self, text: str) -> torch.Tensor:
@@ -231,7 +230,7 @@ class WanPipeline(FlowMatchPipeline):
         if not request.params.images:
             return cond
         settings: VideoSettings = request.extra_key[0]
-        w, h = settings.image_size
+        w, h = request.width, request.height
         image = request.params.images[0].convert("RGB")  # RGBA / L uploads
         image = self.video_processor.preprocess(image, height=h, width=w)
         image = image.to(self.device, torch.float32).unsqueeze(2)  # (1, 3, 1, H, W)
@@ -264,7 +263,7 @@ class WanPipeline(FlowMatchPipeline):
         per-token timestep mask."""
         settings: VideoSettings = requests[0].extra_key[0]
         inputs: dict[str, Any] = {"video": settings}
-        if settings.image_size is not None:
+        if settings.image:
             # TI2V: (B, z, 1, h, w) replaces latent frame 0; I2V-A14B: (B, 4 + z, F, h, w)
             # joins the noise's channels.
             key = "image_latents" if self.expand_timesteps else "condition"
@@ -273,7 +272,7 @@ class WanPipeline(FlowMatchPipeline):
             # One timestep per token, 0 where the image's latents stand: (F * h/p * w/p,)
             _, f, h, w = latents.shape[1:]
             token_mask = torch.ones(f, h // self.patch, w // self.patch, device=self.device)
-            if settings.image_size is not None:
+            if settings.image:
                 token_mask[0] = 0
             inputs["token_mask"] = token_mask.flatten()
         return inputs
