@@ -36,16 +36,11 @@ class DenoisingPipeline(DenoisingLoop):
             if key in DEFAULTS:
                 setattr(self, DEFAULTS[key], value)
 
-    def guide(
-        self, positive: torch.Tensor, negative: torch.Tensor | None, scale: float
-    ) -> torch.Tensor:
-        """Combine the branch predictions (``negative`` is None without CFG): the
-        family's guidance rule, plain CFG unless it declares another."""
-        return self.guidance_rule(positive, negative, scale)
+    guide = staticmethod(plain_cfg)
+    """``guide(positive, negative, scale)`` combines the branch predictions (``negative``
+    is None without CFG): the family's guidance rule, plain CFG unless it declares another."""
 
-    guidance_rule = staticmethod(plain_cfg)
-
-    # -- step caches and LoRA: what the family's transformers are -----------------------
+    # -- step caches: what the family's blocks are (LoRA's defaults: runtime.lora.LoraHost)
     def make_cache(self, config: CacheConfig) -> StepCache:
         """Install a step cache on the transformer (families with other layouts override)."""
         adapter = self.cache_adapter()
@@ -54,20 +49,6 @@ class DenoisingPipeline(DenoisingLoop):
     def cache_adapter(self) -> BlockCacheAdapter:
         """How this family's blocks look to a step cache."""
         raise ValueError(f"{type(self).__name__} does not support step caching")
-
-    def lora_targets(self) -> dict[str, torch.nn.Module]:
-        """The transformers an adapter is loaded into, by the name a request's
-        ``expert`` uses (Wan2.2: ``high_noise`` / ``low_noise``)."""
-        return {"transformer": self.transformer}
-
-    def lora_loader(self):
-        """The diffusers pipeline class whose LoRA converters read this family's files."""
-        return None
-
-    def lora_fusable(self) -> bool:
-        """Whether ``fuse_loras`` may merge adapters into the weights (not where weights
-        are swapped in from host copies, which would drop the merge)."""
-        return True
 
     # -- shared request validation (families call these from ``resolve``) ------
     multiple: int = 16

@@ -5,9 +5,9 @@ Pyramid: an in-process 1-rank run against the diffusers reference (fp32 latents 
 1e-5, images within 1/255); then 2- and 4-rank gloo runs against our 1-rank run
 (latents within 1e-4, images within 1/255). Same plan and processor as FLUX.1.
 
-Both pipelines size the output from the input's aspect ratio at a target area (1024^2
-px in the real pipeline; 3200 px here, on both sides): a 64x40 input gives an 80x48
-output, 5x3 = 15 noise tokens followed by the input image's 15 tokens. 30 does not
+Both pipelines size the output from the input's aspect ratio at an area (1024^2 px in
+the real pipeline; 3200 px here, on both sides: our default size's area): a 64x40 input
+gives an 80x48 output, 5x3 = 15 noise tokens followed by the input image's 15 tokens. 30 does not
 divide by 4 (hybrid pads to 32); at 2 ranks no edit sequence can be odd (noise and
 image tokens come in equal numbers).
 """
@@ -27,7 +27,7 @@ from tests.models.harness import (
 )
 
 AREA = 3200
-ATTRS = {"target_area": AREA}
+ATTRS = {"default_width": 80, "default_height": 40}  # the default size's area: AREA px
 
 
 def _batch():
