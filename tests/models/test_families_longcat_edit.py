@@ -17,6 +17,9 @@ import pytest
 from PIL import Image
 
 from ithaca.models.longcat_image.pipeline import LongCatImageEditPipeline
+from ithaca.models.registry import load_pipeline
+from ithaca.parallel import ParallelState
+from ithaca.types import GenerationParams
 from tests.models.harness import (
     FLUX_STYLE_HOOKS,
     LAYOUTS,
@@ -61,3 +64,16 @@ def test_layout_matches_one_rank(worker_pool, checkpoint, one_rank, name):
     hooks = dict(FLUX_STYLE_HOOKS, valid={32: 30} if world_size(layout) == 4 else {})
     check_family_layout(worker_pool, "LongCat-Image-Edit", name, layout, checkpoint, _batch(),
                         one_rank, hooks, ATTRS)  # fmt: skip
+
+
+def test_a_requested_size_wins_over_the_input_aspect(checkpoint):
+    # The one size rule of every family: the request's size, else (an edit) the input's
+    # aspect ratio at the default area; diffusers' LongCat-Edit takes no size at all.
+    pipe = load_pipeline(checkpoint, ParallelState.single())
+    for name, value in ATTRS.items():
+        setattr(pipe, name, value)
+    image = _batch()[0]["images"][0]  # 64x40 px
+    sized = pipe.resolve(GenerationParams(prompt="x", images=[image]))
+    assert (sized.width, sized.height) == (80, 48)
+    asked = pipe.resolve(GenerationParams(prompt="x", images=[image], width=70, height=40))
+    assert (asked.width, asked.height) == (64, 32)  # rounded down to multiples of 16
