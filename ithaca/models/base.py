@@ -8,14 +8,11 @@ The diffusers families (the image families and Wan2.2) stand on
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 
 from ithaca.cache import BlockCacheAdapter, StepCache, build_cache
 from ithaca.config import CacheConfig
-from ithaca.models.spec import DEFAULTS, plain_cfg
+from ithaca.models.spec import plain_cfg
 from ithaca.runtime.loop import DenoisingLoop, Request
 from ithaca.types import GenerationParams, ParamError
 
@@ -28,13 +25,6 @@ class DenoisingPipeline(DenoisingLoop):
     default_height: int = 1024
     default_steps: int = 50
     default_true_cfg_scale: float = 4.0
-
-    def take_defaults(self, defaults: Mapping[str, Any]) -> None:
-        """Set the defaults a spec or a checkpoint states, by request field name
-        (:data:`ithaca.models.spec.DEFAULTS`; other keys are not the loop's)."""
-        for key, value in defaults.items():
-            if key in DEFAULTS:
-                setattr(self, DEFAULTS[key], value)
 
     guide = staticmethod(plain_cfg)
     """``guide(positive, negative, scale)`` combines the branch predictions (``negative``

@@ -37,7 +37,7 @@ from PIL import Image
 from ithaca.cache import checkpoint_coefficients
 from ithaca.models.base import DenoisingPipeline, seeded_noise, split_images
 from ithaca.models.registry import model_index
-from ithaca.models.spec import FamilySpec
+from ithaca.models.spec import DEFAULTS, FamilySpec
 from ithaca.parallel import ParallelState
 from ithaca.parallel.cfg import NEGATIVE, POSITIVE
 from ithaca.runtime.loop import Job, Request
@@ -132,7 +132,10 @@ class FlowMatchPipeline(DenoisingPipeline):
         self.index = model_index(model)
         self.spec = spec = self.checkpoint_spec(model)
         self.guide = spec.guidance
-        self.take_defaults({**spec.defaults, **(self.index.get("_ithaca_defaults") or {})})
+        # The spec's defaults, then the checkpoint's, by request field (other keys are not ours)
+        for key, value in {**spec.defaults, **(self.index.get("_ithaca_defaults") or {})}.items():
+            if key in DEFAULTS:
+                setattr(self, DEFAULTS[key], value)
         self.load_transformers(model)
         scheduler = spec.scheduler or FlowMatchEulerDiscreteScheduler
         self.scheduler_config = dict(scheduler.load_config(model, subfolder="scheduler"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import OvisImageTransformer2DModel as _DiffusersOvisTransformer
+from diffusers.pipelines.longcat_image.pipeline_longcat_image import prepare_pos_ids
 from diffusers.pipelines.ovis_image.pipeline_ovis_image import OvisImagePipeline as _Ref
 
 from ithaca.models.flow import FlowMatchPipeline, reference_pipeline
@@ -61,10 +62,8 @@ class OvisImagePipeline(FlowMatchPipeline):
 
     def forward_inputs(self, requests, conds, latents) -> dict:
         h, w = self.latent_hw(requests[0])
-        t = self.max_sequence_length
-        txt_ids = torch.zeros(t, 3)
-        txt_ids[:, 1] = torch.arange(t)
-        txt_ids[:, 2] = torch.arange(t)
+        # (0, i, i) per text token: diffusers' Ovis builds it inline, LongCat's helper the same
+        txt_ids = prepare_pos_ids(type="text", num_token=self.max_sequence_length)
         return {
             "txt_ids": txt_ids.to(self.device, self.dtype),
             "img_ids": _Ref._prepare_latent_image_ids(1, h // 2, w // 2, self.device, self.dtype),
