@@ -10,8 +10,7 @@ decodes. A family writes:
   ``encoder_hidden_states``, or the transformer's text arguments by name
   (:meth:`~FlowMatchPipeline.text_hidden` is the chat-template families' encoder call);
 - ``forward_inputs(requests, conds, latents)``: its other arguments (position ids ...);
-- an edit model: ``encode_images(request)``, what :meth:`~FlowMatchPipeline.condition`
-  makes of the input images;
+- an edit model: ``encode_images(request)``, what it makes of the input images;
 
 and, only where its reference differs, ``forward`` (Z-Image, Wan2.2), ``timestep``, the
 spec's guidance rule, ``checkpoint_spec`` (what a checkpoint changes in the spec),
@@ -311,20 +310,22 @@ class FlowMatchPipeline(DenoisingPipeline):
         text = parts[0] + "".join(pad * n + part for n, part in zip(counts, parts[1:], strict=True))
         return text, {"pixel_values": vision["pixel_values"], "image_grid_thw": grids}
 
+    def encode_images(self, request: Request) -> tuple[list[Image.Image] | None, dict]:
+        """What the model makes of a request's input images: the images as its text
+        encoder sees them (None: it sees none), passed on as ``encode_prompt(text, shown)``,
+        and condition entries (an edit's ``image_latents``: :meth:`image_tokens`)."""
+        return None, {}
+
     @torch.no_grad()
     def condition(self, request: Request) -> dict[str, Any]:
-        """The prompt's encoding (with CFG the negative prompt's too); for an edit model
-        first ``encode_images(request)``: the images as its text encoder sees them, passed
-        on as ``encode_prompt(text, shown)``, and ``image_latents`` (:meth:`image_tokens`)."""
+        """The prompt's encoding (with CFG the negative prompt's too), after what
+        :meth:`encode_images` makes of the input images."""
         p = request.params
-        cond: dict[str, Any] = {}
-        shown: tuple = ()
-        if p.images:
-            images, cond["image_latents"] = self.encode_images(request)
-            shown = (images,)
-        cond["positive"] = self.encode_prompt(p.prompt, *shown)
+        shown, cond = self.encode_images(request) if p.images else (None, {})
+        vision = () if shown is None else (shown,)
+        cond["positive"] = self.encode_prompt(p.prompt, *vision)
         if request.do_cfg:
-            cond["negative"] = self.encode_prompt(p.negative_prompt or "", *shown)
+            cond["negative"] = self.encode_prompt(p.negative_prompt or "", *vision)
         return cond
 
     # -- the batch -----------------------------------------------------------------

@@ -175,7 +175,7 @@ class LongCatImageEditPipeline(LongCatImagePipeline):
         start = tokens["input_ids"][0].tolist().index(self.tokenizer.convert_tokens_to_ids(VISION))
         return self.text_hidden(tokens, keep=slice(start, prompt.stop), **vision)
 
-    def encode_images(self, request: Request) -> tuple[list[Image.Image], torch.Tensor]:
+    def encode_images(self, request: Request) -> tuple[list[Image.Image], dict]:
         """The input image at the output size: its packed latents; shown to the text
         encoder at half that size."""
         w, h = request.width, request.height
@@ -186,4 +186,4 @@ class LongCatImageEditPipeline(LongCatImagePipeline):
         latents = (latents - config.shift_factor) * config.scaling_factor
         lh, lw = latents.shape[2:]
         shown = self.image_processor.resize(image, h // 2, w // 2)
-        return [shown], pack_latents(latents, 1, self.latent_channels, lh, lw)
+        return [shown], {"image_latents": pack_latents(latents, 1, self.latent_channels, lh, lw)}

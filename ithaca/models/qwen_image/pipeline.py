@@ -160,12 +160,12 @@ class QwenImageEditPipeline(QwenImagePipeline):
         h, w = latents.shape[3:]
         return pack_latents(latents, 1, self.latent_channels, h, w)
 
-    def encode_images(self, request: Request) -> tuple[list[Image.Image], torch.Tensor]:
+    def encode_images(self, request: Request) -> tuple[list[Image.Image], dict]:
         """The input image at its VAE size: shown to the text encoder, and its latents."""
         w, h = request.extra_key[0]
         shown = self.image_processor.resize(request.params.images[0], h, w)
         pixels = self.image_processor.preprocess(shown, h, w).unsqueeze(2)  # (1, 3, 1, H, W)
-        return [shown], self._encode_image(pixels)
+        return [shown], {"image_latents": self._encode_image(pixels)}
 
 
 class QwenImageEditPlusPipeline(QwenImageEditPipeline):
@@ -174,7 +174,7 @@ class QwenImageEditPlusPipeline(QwenImageEditPipeline):
     spec = variant("Qwen-Image-Edit-2509", "edit_plus", images=(1, 16))
     template = templates.EDIT_PLUS
 
-    def encode_images(self, request: Request) -> tuple[list[Image.Image], torch.Tensor]:
+    def encode_images(self, request: Request) -> tuple[list[Image.Image], dict]:
         """Each image shown to the text encoder at ``CONDITION_IMAGE_SIZE`` px; their
         latents, each at its VAE size, one after the other."""
         shown, latents = [], []
@@ -183,4 +183,4 @@ class QwenImageEditPlusPipeline(QwenImageEditPipeline):
             shown.append(self.image_processor.resize(image, ch, cw))
             pixels = self.image_processor.preprocess(image, h, w).unsqueeze(2)
             latents.append(self._encode_image(pixels))
-        return shown, torch.cat(latents, dim=1)
+        return shown, {"image_latents": torch.cat(latents, dim=1)}
