@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ithaca.models.registry import default_model_path, load_pipeline
+from ithaca.engine.executor import default_model_path
+from ithaca.models.registry import load_pipeline
 from ithaca.parallel import ParallelState
 from ithaca.testing.distributed import free_port
 from ithaca.types import GenerationParams
