@@ -20,9 +20,9 @@ import os
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
 
 from ithaca.models.bagel.model import Bagel, BagelConfig
+from ithaca.runtime.loading import stream_weights
 
 CHECKPOINT_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors")
 OVERRIDES_FILE = "tiny_model.json"
@@ -87,38 +87,15 @@ def build(path: str) -> Bagel:
 
 
 def load_weights(model: Bagel, path: str, dtype: torch.dtype, device, shard=None) -> Bagel:
-    """Every tensor of ``ema.safetensors`` into ``model`` (on ``meta``); missing / unknown
-    keys raise.
-
-    ``shard`` (HSDP's ``apply_hsdp_to_model`` bound to its mesh, or tensor parallel's
-    :func:`ithaca.parallel.tensor.split_weights`) splits ``model`` while it is still on
-    ``meta``; each rank then allocates and reads only the rows (HSDP) or pieces (the
-    ``_load_slices`` tensor parallel records) it keeps
-    (:func:`ithaca.runtime.loading.read_part`): its peak is its shard plus one tensor."""
-    from torch.distributed.tensor import DTensor
-
-    from ithaca.runtime.loading import read_part
-
-    wanted = set(model.state_dict())
-    with safe_open(os.path.join(path, "ema.safetensors"), "pt", device="cpu") as f:
-        keys = set(f.keys())
-        missing, unknown = sorted(wanted - keys), sorted(keys - wanted - SKIPPED_KEYS)
-        if missing or unknown:
-            raise ValueError(
-                f"{path}/ema.safetensors does not match Bagel: missing keys {missing}, "
-                f"unknown keys {unknown}"
-            )
-        model = model.to(dtype)  # on meta: nothing allocated yet
-        model = shard(model) if shard is not None else model
-        model.to_empty(device=device)  # this rank's part (every tensor is in the file)
-        targets = dict(model.named_parameters()) | dict(model.named_buffers())
-        pieces = getattr(model, "_load_slices", {})  # tensor parallel: name -> (dim, start, n)
-        with torch.no_grad():
-            for key in wanted:
-                target = targets[key]
-                local = target.to_local() if isinstance(target, DTensor) else target
-                local.copy_(read_part(f, key, target, pieces.get(key)))
-    return model.eval().requires_grad_(False)
+    """Every tensor of ``ema.safetensors`` into ``model`` (on ``meta``), streamed as the
+    diffusers families' transformers are (:func:`ithaca.runtime.loading.stream_weights`:
+    a missing or unknown key raises; ``shard``, HSDP's or tensor parallel's hook, splits
+    the model on ``meta`` so each rank reads only the part it keeps)."""
+    files = [os.path.join(path, "ema.safetensors")]
+    model = stream_weights(
+        model.to(dtype), files, device=device, dtype=dtype, shard=shard, skip=SKIPPED_KEYS
+    )
+    return model.requires_grad_(False)
 
 
 def load_vae(path: str, over: dict, device):
