@@ -54,20 +54,19 @@ def run_case(parts, name: str, model=None):
     if case["task"] == "edit":
         source = Image.open(GOLDEN / "cases" / name / "input.png")
         image = inputs.encode_image(model, vae, scale, source, vae_lim, vit_lim, "cpu")
-        vit_pos = sampling.latent_positions(*image.vit_grid, 70)
+        vit_pos = sampling.latent_positions(*image["vit_grid"], 70)
         assert torch.equal(vit_pos, ref["input.vit_position_ids"])
         assert torch.equal(
-            sampling.latent_positions(*image.vae_grid, 64), ref["input.vae_position_ids"]
+            sampling.latent_positions(*image["vae_grid"], 64), ref["input.vae_position_ids"]
         )
         with torch.no_grad():
-            vit_hidden = model.vit_hidden(image.vit_patches, vit_pos)
+            vit_hidden = model.vit_hidden(image["vit_patches"], vit_pos)
             ours["input.connector_out"] = model.connector(vit_hidden)
         ours["input.vit_hidden"] = vit_hidden
-        ours["input.vit_patches"] = image.vit_patches
-        ours["input.vae_pixels"] = inputs.to_pixels(inputs.resized(source, vae_lim))[None]
-        ours["input.vae_latent"] = sampling.unpatchify(image.vae_tokens, *image.vae_grid)
-    params = dict(case["params"], cfg_interval=tuple(case["params"]["cfg_interval"]))
-    params = sampling.SamplingParams(**params)
+        ours["input.vit_patches"] = image["vit_patches"]
+        ours["input.vae_pixels"] = inputs.to_pixels(inputs.resized(source, vae_lim))
+        ours["input.vae_latent"] = sampling.unpatchify(image["vae_tokens"], *image["vae_grid"])
+    params = sampling.SamplingParams(**case["params"])  # cfg_interval: a JSON list
     block = torch.tensor([321, *case["token_ids"]["prompt"], 322], device=device)
     with torch.no_grad():
         run, segments = model.run, []  # each prefill segment: rows, positions, output

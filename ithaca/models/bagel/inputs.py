@@ -10,12 +10,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from ithaca.models.bagel.loader import ImageLimits
-from ithaca.models.bagel.sampling import ImageInputs, patchify, unpatchify
+from ithaca.models.bagel.sampling import patchify, unpatchify
 
 
 def fitted_size(width: int, height: int, limits: ImageLimits) -> tuple[int, int]:
@@ -39,28 +39,30 @@ def resized(image: Image.Image, limits: ImageLimits) -> Image.Image:
     return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
 
 
-def to_pixels(image: Image.Image) -> torch.Tensor:
-    """RGB image -> (3, H, W) in [-1, 1]."""
-    u8 = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))
-    return (u8.permute(2, 0, 1).float() / 255 - 0.5) / 0.5
+to_pixels = VaeImageProcessor(do_resize=False, do_convert_rgb=True).preprocess
+"""RGB image -> (1, 3, H, W) in [-1, 1]: diffusers' ``2 * u8 / 255 - 1`` is bit for bit
+the official ``(u8 / 255 - 0.5) / 0.5`` (a power-of-two scale commutes with rounding)."""
 
 
 @torch.no_grad()
 def encode_image(
     model, vae, scale: tuple[float, float], image: Image.Image, vae_lim, vit_lim, device
-) -> ImageInputs:
-    """An edit's input through the VAE and the ViT."""
+) -> dict:
+    """An edit's input through the VAE and the ViT's patching, as plain tensors and grids
+    (what the conditioning broadcast carries): ``vae_tokens`` (n, p*p*C), clean latent
+    tokens in the scaled latent space, on ``vae_grid``; ``vit_patches`` (m, 14*14*3),
+    SigLIP patch rows, on ``vit_grid``."""
     image = resized(image, vae_lim)
-    pixels = to_pixels(image).to(device)
-    mean = vae.encode(pixels[None].to(vae.dtype)).latent_dist.mean.float()
+    mean = vae.encode(to_pixels(image).to(device, vae.dtype)).latent_dist.mean.float()
     z = scale[0] * (mean - scale[1])  # (1, C, H/8, W/8)
-    p = model.cfg.latent_patch_size
-    vae_grid = (z.shape[2] // p, z.shape[3] // p)
-    vit_image = resized(image, vit_lim)
-    patch = model.vit_patch_size
-    vit_pixels = to_pixels(vit_image).to(device)
-    vit_grid = (vit_pixels.shape[1] // patch, vit_pixels.shape[2] // patch)
-    return ImageInputs(patchify(z, p), vae_grid, patchify(vit_pixels[None], patch), vit_grid)
+    vit = to_pixels(resized(image, vit_lim)).to(device)  # (1, 3, H', W')
+    p, q = model.cfg.latent_patch_size, model.vit_patch_size
+    return {
+        "vae_tokens": patchify(z, p),
+        "vae_grid": (z.shape[2] // p, z.shape[3] // p),
+        "vit_patches": patchify(vit, q),
+        "vit_grid": (vit.shape[2] // q, vit.shape[3] // q),
+    }
 
 
 @torch.no_grad()
