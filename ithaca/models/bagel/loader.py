@@ -2,8 +2,8 @@
 
 Read: ``llm_config.json`` (Qwen2), ``vit_config.json`` (SigLIP), ``ema.safetensors``
 (official key names), ``ae.safetensors`` (FLUX autoencoder key names), the slow Qwen2
-tokenizer files. Like the official loader: q/k-norm on, untied embeddings, the ViT uses
-``num_hidden_layers - 1`` layers. Every key of ``ema.safetensors`` is a parameter or
+tokenizer files. Like the official loader: q/k-norm on, the ViT uses
+``num_hidden_layers - 1`` layers (no head). Every key of ``ema.safetensors`` is a parameter or
 buffer of the same name (``language_model.lm_head.weight`` is known and skipped:
 generation never reads logits); a missing or unknown key raises ``ValueError`` naming it.
 
@@ -75,12 +75,9 @@ def build(path: str) -> Bagel:
     """The network with the checkpoint's sizes, on the meta device (no memory)."""
     from transformers import Qwen2Config, SiglipVisionConfig
 
-    with open(os.path.join(path, "llm_config.json")) as f:
-        llm = Qwen2Config(**{**json.load(f), "tie_word_embeddings": False})
-    with open(os.path.join(path, "vit_config.json")) as f:
-        vit_json = json.load(f)
-    vit_json["num_hidden_layers"] -= 1  # the official loader drops the last layer
-    vit = SiglipVisionConfig(**vit_json, vision_use_head=False)
+    llm = Qwen2Config.from_json_file(os.path.join(path, "llm_config.json"))
+    vit = SiglipVisionConfig.from_json_file(os.path.join(path, "vit_config.json"))
+    vit.num_hidden_layers -= 1  # the official loader drops the last layer
     vit._attn_implementation = "sdpa"
     with torch.device("meta"):
         return Bagel(llm, vit, BagelConfig())
@@ -107,8 +104,6 @@ def load_vae(path: str, over: dict, device):
     p = {**FLUX_VAE, **over.get("vae_params", {})}
     n = len(p["ch_mult"])
     vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=tuple(p["ch"] * m for m in p["ch_mult"]),

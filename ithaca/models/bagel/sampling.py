@@ -20,6 +20,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ithaca.models.bagel.model import Bagel
+from ithaca.models.spec import plain_cfg
 
 RENORM_TYPES = ("global", "channel", "text_channel")
 
@@ -100,16 +101,17 @@ def _renorm(v_c: torch.Tensor, a: torch.Tensor, per_token: bool, floor: float) -
 
 
 def combine(v: dict[str, torch.Tensor], p: SamplingParams) -> torch.Tensor:
-    """Bagel's CFG of the branch velocities ``v``: text guidance, then image guidance (if
-    ``cfg_img_scale`` > 1), renormed to the cond velocity's norm."""
-    v_cond, v_text, v_img = v["cond"], v["cfg_text"], v.get("cfg_img")
-    a = v_text + p.cfg_text_scale * (v_cond - v_text)
-    if p.cfg_renorm_type == "text_channel":
-        a = _renorm(v_cond, a, True, p.cfg_renorm_min)
-        return v_img + p.cfg_img_scale * (a - v_img) if p.cfg_img_scale > 1.0 else a
-    if p.cfg_img_scale > 1.0:
-        a = v_img + p.cfg_img_scale * (a - v_img)
-    return _renorm(v_cond, a, p.cfg_renorm_type == "channel", p.cfg_renorm_min)
+    """Bagel's CFG of the branch velocities ``v`` (:func:`plain_cfg` twice): text guidance,
+    then image guidance (if a ``cfg_img`` velocity ran), renormed to the cond velocity's
+    norm (``text_channel``: per token, in between)."""
+    text_channel = p.cfg_renorm_type == "text_channel"
+    a = plain_cfg(v["cond"], v["cfg_text"], p.cfg_text_scale)
+    if text_channel:
+        a = _renorm(v["cond"], a, True, p.cfg_renorm_min)
+    a = plain_cfg(a, v.get("cfg_img"), p.cfg_img_scale)  # without cfg_img: a itself
+    if not text_channel:
+        a = _renorm(v["cond"], a, p.cfg_renorm_type == "channel", p.cfg_renorm_min)
+    return a
 
 
 @dataclass(frozen=True)
