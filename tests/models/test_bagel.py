@@ -36,8 +36,7 @@ def parts():
 
     over = loader.overrides(CHECKPOINT)
     model = loader.load_weights(loader.build(CHECKPOINT), CHECKPOINT, torch.float32, "cpu")
-    vae, scale = loader.load_vae(CHECKPOINT, over, "cpu")
-    return model, vae, scale, loader.image_limits(over)
+    return model, loader.load_vae(CHECKPOINT, over, "cpu"), loader.image_limits(over)
 
 
 def run_case(parts, name: str, model=None):
@@ -45,7 +44,7 @@ def run_case(parts, name: str, model=None):
     from ithaca.models.bagel import inputs, sampling
     from ithaca.models.base import seeded_noise
 
-    base, vae, scale, (vae_lim, vit_lim) = parts
+    base, vae, (vae_lim, vit_lim) = parts
     model = model or base
     device = model.vae2llm.weight.device
     case, ref = load_case(name)
@@ -53,7 +52,7 @@ def run_case(parts, name: str, model=None):
     image = None
     if case["task"] == "edit":
         source = Image.open(GOLDEN / "cases" / name / "input.png")
-        image = inputs.encode_image(model, vae, scale, source, vae_lim, vit_lim, "cpu")
+        image = inputs.encode_image(model, vae, source, vae_lim, vit_lim, "cpu")
         vit_pos = sampling.latent_positions(*image["vit_grid"], 70)
         assert torch.equal(vit_pos, ref["input.vit_position_ids"])
         assert torch.equal(
@@ -96,7 +95,7 @@ def run_case(parts, name: str, model=None):
             x = schedule.step(v, t, x, return_dict=False)[0]
         x = x.cpu()
         ours["final.latent_tokens"] = x
-        latent, decoded, u8 = inputs.decode_tokens(vae, scale, x, (h, w))
+        latent, decoded, u8 = inputs.decode_tokens(vae, x, (h, w))
     ours.update({"final.latent": latent, "final.vae_decoded": decoded})
     return case, ref, ours, contexts, segments, u8
 

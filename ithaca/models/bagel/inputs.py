@@ -4,7 +4,8 @@
   (bicubic), both sides snapped to the stride (16 for the VAE, 14 for the ViT), then
   ``(u8 / 255 - 0.5) / 0.5``. An edit's output has the VAE-transformed input's size.
 - VAE: FLUX autoencoder; encode keeps the posterior **mean** (the official code samples
-  it), ``z = scale * (mean - shift)``; decode reads ``z / scale + shift``.
+  it), ``z = scale * (mean - shift)``; decode reads ``z / scale + shift`` (scale and shift:
+  the VAE config's ``scaling_factor`` and ``shift_factor``).
 - Output: ``uint8(clamp(x * 0.5 + 0.5, 0, 1) * 255)``, truncating like the official code.
 """
 
@@ -45,16 +46,14 @@ the official ``(u8 / 255 - 0.5) / 0.5`` (a power-of-two scale commutes with roun
 
 
 @torch.no_grad()
-def encode_image(
-    model, vae, scale: tuple[float, float], image: Image.Image, vae_lim, vit_lim, device
-) -> dict:
+def encode_image(model, vae, image: Image.Image, vae_lim, vit_lim, device) -> dict:
     """An edit's input through the VAE and the ViT's patching, as plain tensors and grids
     (what the conditioning broadcast carries): ``vae_tokens`` (n, p*p*C), clean latent
     tokens in the scaled latent space, on ``vae_grid``; ``vit_patches`` (m, 14*14*3),
     SigLIP patch rows, on ``vit_grid``."""
     image = resized(image, vae_lim)
     mean = vae.encode(to_pixels(image).to(device, vae.dtype)).latent_dist.mean.float()
-    z = scale[0] * (mean - scale[1])  # (1, C, H/8, W/8)
+    z = vae.config.scaling_factor * (mean - vae.config.shift_factor)  # (1, C, H/8, W/8)
     vit = to_pixels(resized(image, vit_lim)).to(device)  # (1, 3, H', W')
     p, q = model.cfg.latent_patch_size, model.vit_patch_size
     return {
@@ -66,10 +65,10 @@ def encode_image(
 
 
 @torch.no_grad()
-def decode_tokens(vae, scale: tuple[float, float], tokens: torch.Tensor, grid, p: int = 2):
+def decode_tokens(vae, tokens: torch.Tensor, grid):
     """Latent tokens -> (latent (1, C, h, w), decoded (1, 3, H, W), uint8 (H, W, 3))."""
-    c = tokens.shape[1] // (p * p)
-    latent = unpatchify(tokens.float(), *grid, c=c, p=p)
-    decoded = vae.decode((latent / scale[0] + scale[1]).to(vae.dtype)).sample.float()
+    latent = unpatchify(tokens.float(), *grid)
+    z = latent / vae.config.scaling_factor + vae.config.shift_factor
+    decoded = vae.decode(z.to(vae.dtype)).sample.float()
     u8 = ((decoded * 0.5 + 0.5).clamp(0, 1)[0].permute(1, 2, 0) * 255).to(torch.uint8)
     return latent, decoded, u8

@@ -28,7 +28,7 @@ CHECKPOINT_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae
 OVERRIDES_FILE = "tiny_model.json"
 SKIPPED_KEYS = frozenset({"language_model.lm_head.weight"})
 FLUX_VAE = {"ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "z_channels": 16}
-FLUX_SCALE, FLUX_SHIFT = 0.3611, 0.1159
+FLUX_LATENTS = {"scale_factor": 0.3611, "shift_factor": 0.1159}
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,10 @@ def is_bagel_checkpoint(path: str) -> bool:
     try:
         from huggingface_hub import file_exists, try_to_load_from_cache
 
-        def present(name: str) -> bool:  # the local hub cache first (HF_HUB_OFFLINE=1)
-            return isinstance(try_to_load_from_cache(path, name), str) or file_exists(path, name)
-
-        return all(present(f) for f in CHECKPOINT_FILES)
+        return all(  # the local hub cache first (HF_HUB_OFFLINE=1)
+            isinstance(try_to_load_from_cache(path, f), str) or file_exists(path, f)
+            for f in CHECKPOINT_FILES
+        )
     except Exception:  # offline and not cached, or not a repository name
         return False
 
@@ -96,12 +96,13 @@ def load_weights(model: Bagel, path: str, dtype: torch.dtype, device, shard=None
 
 
 def load_vae(path: str, over: dict, device):
-    """diffusers' ``AutoencoderKL`` from ``ae.safetensors`` (fp32, FLUX key names)."""
+    """diffusers' ``AutoencoderKL`` from ``ae.safetensors`` (fp32, FLUX key names), its
+    config holding the latent scale and shift."""
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     from safetensors.torch import load_file
 
-    p = {**FLUX_VAE, **over.get("vae_params", {})}
+    p = {**FLUX_VAE, **FLUX_LATENTS, **over.get("vae_params", {})}
     n = len(p["ch_mult"])
     vae = AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * n,
@@ -112,11 +113,12 @@ def load_vae(path: str, over: dict, device):
         norm_num_groups=over.get("vae_group_norm_groups", 32),
         use_quant_conv=False,
         use_post_quant_conv=False,
+        scaling_factor=p["scale_factor"],
+        shift_factor=p["shift_factor"],
     )
     state = convert_ldm_vae_checkpoint(load_file(os.path.join(path, "ae.safetensors")), vae.config)
     vae.load_state_dict(state, strict=True)
-    scale = p.get("scale_factor", FLUX_SCALE), p.get("shift_factor", FLUX_SHIFT)
-    return vae.to(device).eval().requires_grad_(False), scale
+    return vae.to(device).eval().requires_grad_(False)
 
 
 def image_limits(over: dict) -> tuple[ImageLimits, ImageLimits]:

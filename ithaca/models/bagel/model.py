@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import get_timestep_embedding
+from diffusers.models.embeddings import Timesteps
 from torch import nn
 from transformers import Qwen2Config, SiglipVisionConfig
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, apply_rotary_pos_emb
@@ -231,6 +231,7 @@ class Bagel(nn.Module):
         d = llm.hidden_size
         self.language_model = nn.ModuleDict(dict(model=MoTModel(llm)))  # the checkpoint's key names
         t_dim = cfg.timestep_embed_frequency_dim  # Linear-SiLU-Linear over the sinusoid
+        self.sinusoid = Timesteps(t_dim, flip_sin_to_cos=True, downscale_freq_shift=0)  # DiT's
         mlp = nn.Sequential(nn.Linear(t_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.time_embedder = nn.ModuleDict(dict(mlp=mlp))
         patch = cfg.latent_patch_size**2 * cfg.latent_channels
@@ -258,11 +259,8 @@ class Bagel(nn.Module):
 
     def t_emb(self, t: torch.Tensor) -> torch.Tensor:
         """Raw t in [0, 1] -> (1, D): DiT sinusoid, cos first, then Linear-SiLU-Linear."""
-        dim = self.cfg.timestep_embed_frequency_dim
-        freq = get_timestep_embedding(
-            t.reshape(1), dim, flip_sin_to_cos=True, downscale_freq_shift=0
-        )
-        return self.time_embedder.mlp(freq.to(self.vae2llm.weight.dtype))
+        freq = self.sinusoid(t.reshape(1)).to(self.vae2llm.weight.dtype)
+        return self.time_embedder.mlp(freq)
 
     def embed_latents(self, x: torch.Tensor, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Latent tokens (N, p*p*C) at time t -> decoder rows (N, D)."""

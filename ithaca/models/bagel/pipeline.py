@@ -106,7 +106,7 @@ class BagelPipeline(DenoisingPipeline):
         self.runtime = None  # no sequence-parallel runtime (the step caches' padding)
         # TP: the split layers' hooks, local head counts (marks the pipeline as split)
         self.transformer._ithaca_tp = apply_tensor_parallel(self.net, state, "Bagel")
-        self.vae, self.vae_scale = loader.load_vae(model, over, self.device)  # fp32
+        self.vae = loader.load_vae(model, over, self.device)  # fp32
         self.limits = loader.image_limits(over)
         self.tokenizer = Qwen2Tokenizer.from_pretrained(model)  # the slow one, as official
         ids = self.tokenizer.convert_tokens_to_ids
@@ -162,9 +162,7 @@ class BagelPipeline(DenoisingPipeline):
         block = torch.tensor(ids, device=self.device)
         image = None
         if p.images:
-            image = inputs.encode_image(
-                self.net, self.vae, self.vae_scale, p.images[0], *self.limits, self.device
-            )
+            image = inputs.encode_image(self.net, self.vae, p.images[0], *self.limits, self.device)
         return {"prompt_block": block, "image": image}
 
     @torch.no_grad()
@@ -207,7 +205,7 @@ class BagelPipeline(DenoisingPipeline):
     def decode(self, job: Job, latents: torch.Tensor) -> list[list[Image.Image]]:
         """Each image on its own (bit for bit what it decodes alone)."""
         grid = job.inputs["grid"]
-        u8 = [inputs.decode_tokens(self.vae, self.vae_scale, x, grid)[2] for x in latents]
+        u8 = [inputs.decode_tokens(self.vae, x, grid)[2] for x in latents]
         return split_images([Image.fromarray(u.cpu().numpy()) for u in u8], job.requests)
 
     def decode_chunks(self, job: Job, latents: torch.Tensor):
@@ -220,11 +218,7 @@ class BagelPipeline(DenoisingPipeline):
 
     # -- step caches --------------------------------------------------------------
     def cache_adapter(self) -> BlockCacheAdapter:
+        fitted = checkpoint_coefficients(self.model_dir, TINY_FIXTURE_COEFFICIENTS)
         return BlockCacheAdapter(
-            blocks="layers",
-            returns="hidden",
-            modulated_input=gen_input_norm,
-            teacache_coefficients=checkpoint_coefficients(
-                self.model_dir, TINY_FIXTURE_COEFFICIENTS
-            ),
+            "layers", returns="hidden", modulated_input=gen_input_norm, teacache_coefficients=fitted
         )

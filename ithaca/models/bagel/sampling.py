@@ -93,11 +93,8 @@ def guided(t: float, params: SamplingParams) -> bool:
 
 def _renorm(v_c: torch.Tensor, a: torch.Tensor, per_token: bool, floor: float) -> torch.Tensor:
     """``a * clamp(|v_c| / (|a| + 1e-8), floor, 1)``, norms over all or per token."""
-    if per_token:
-        ratio = v_c.norm(dim=-1, keepdim=True) / (a.norm(dim=-1, keepdim=True) + 1e-8)
-    else:
-        ratio = v_c.norm() / (a.norm() + 1e-8)
-    return a * ratio.clamp(min=floor, max=1.0)
+    over = {"dim": -1, "keepdim": True} if per_token else {}
+    return a * (v_c.norm(**over) / (a.norm(**over) + 1e-8)).clamp(min=floor, max=1.0)
 
 
 def combine(v: dict[str, torch.Tensor], p: SamplingParams) -> torch.Tensor:
