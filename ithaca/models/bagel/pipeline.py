@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 from typing import Any
 
 import torch
@@ -39,13 +38,13 @@ from ithaca.models.bagel import inputs, loader, sampling
 from ithaca.models.base import DenoisingPipeline, seeded_noise, split_images
 from ithaca.parallel import ParallelState
 from ithaca.parallel.tensor import apply_tensor_parallel
+from ithaca.runtime.loading import component_dir
 from ithaca.runtime.loop import Job, Request
 from ithaca.runtime.progress import up_block_chunks
 from ithaca.types import GenerationParams, ParamError
 
 logger = logging.getLogger(__name__)
 _OPTIONS = {f.name for f in dataclasses.fields(sampling.SamplingParams)}
-_FILES = ["*.json", "*.safetensors", "vocab.json", "merges.txt"]
 TINY_FIXTURE_COEFFICIENTS = (
     -3251.234782124325,
     684.2727096654733,
@@ -93,11 +92,7 @@ class BagelPipeline(DenoisingPipeline):
                 "would serve more requests with the same ranks",
                 state.tp.size, state.sp.size, state.cfg.size,
             )  # fmt: skip
-        if not os.path.isdir(model):
-            from huggingface_hub import snapshot_download
-
-            model = snapshot_download(model, allow_patterns=_FILES)
-        self.model_dir = model
+        self.model_dir = model = component_dir(model, None)  # a hub id: fetched, as any family
         over = loader.overrides(model)
         net = loader.build(model)  # on meta; HSDP / TP: each rank reads only its part
         shard = self.weight_shard(type(net))
