@@ -134,19 +134,15 @@ class SamplingParams:
         try:  # a JSON list (a request) as well as a tuple
             interval = tuple(float(v) for v in self.cfg_interval)
         except (TypeError, ValueError):
-            interval = (self.cfg_interval,)
-        object.__setattr__(self, "cfg_interval", interval)
+            interval = ()
         if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
-            raise ValueError(
-                f"cfg_interval ({list(interval)}) must be [lo, hi], 0 <= lo <= hi <= 1"
-            )
-        if self.cfg_renorm_type not in RENORM_TYPES:
-            raise ValueError(
-                f"cfg_renorm_type ({self.cfg_renorm_type!r}) must be one of {RENORM_TYPES}"
-            )
-        for name in ("cfg_text_scale", "cfg_img_scale", "cfg_renorm_min"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} ({getattr(self, name)!r}) must be >= 0")
+            message = f"cfg_interval ({self.cfg_interval!r}) must be [lo, hi], 0 <= lo <= hi <= 1"
+            raise ValueError(message)
+        object.__setattr__(self, "cfg_interval", interval)
+        for name in ("cfg_text_scale", "cfg_img_scale", "cfg_renorm_min", "timestep_shift"):
+            value = getattr(self, name)  # from a request: any JSON value
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise ValueError(f"{name} ({value!r}) must be a number >= 0")
         if not self.timestep_shift > 0:
             raise ValueError(f"timestep_shift ({self.timestep_shift!r}) must be > 0")
         if not isinstance(self.num_timesteps, int) or self.num_timesteps < 2:
