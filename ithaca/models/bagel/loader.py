@@ -3,9 +3,10 @@
 Read: ``llm_config.json`` (Qwen2), ``vit_config.json`` (SigLIP), ``ema.safetensors``
 (official key names), ``ae.safetensors`` (FLUX autoencoder key names), the slow Qwen2
 tokenizer files. Like the official loader: q/k-norm on, the ViT uses
-``num_hidden_layers - 1`` layers (no head). Every key of ``ema.safetensors`` is a parameter or
-buffer of the same name (``language_model.lm_head.weight`` is known and skipped:
-generation never reads logits); a missing or unknown key raises ``ValueError`` naming it.
+``num_hidden_layers - 1`` layers (no head). Every key of ``ema.safetensors`` is a
+parameter or buffer of the same name (``language_model.lm_head.weight`` is known and
+skipped: generation never reads logits); a missing or unknown key raises ``ValueError``
+naming it.
 
 The real checkpoint carries no autoencoder config (FLUX: ch 128, ch_mult 1,2,4,4) and no
 image-transform limits. An override file ``tiny_model.json`` (the golden fixture's
