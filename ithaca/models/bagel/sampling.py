@@ -139,6 +139,10 @@ class SamplingParams:
             message = f"cfg_interval ({self.cfg_interval!r}) must be [lo, hi], 0 <= lo <= hi <= 1"
             raise ValueError(message)
         object.__setattr__(self, "cfg_interval", interval)
+        if self.cfg_renorm_type not in RENORM_TYPES:
+            raise ValueError(
+                f"cfg_renorm_type ({self.cfg_renorm_type!r}) must be one of {RENORM_TYPES}"
+            )
         for name in ("cfg_text_scale", "cfg_img_scale", "cfg_renorm_min", "timestep_shift"):
             value = getattr(self, name)  # from a request: any JSON value
             if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
