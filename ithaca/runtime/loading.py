@@ -111,13 +111,11 @@ def load_streamed(
     directory = component_dir(model, subfolder)
     with init_empty_weights(include_buffers=False):
         module = cls.from_config(cls.load_config(directory))
-    keep_fp32 = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
     return stream_weights(
         module,
         weight_files(directory),
         device=device,
         dtype=dtype,
-        keep_fp32=keep_fp32,
         window_bytes=window_bytes,
         shard=shard,
     )
@@ -129,7 +127,6 @@ def stream_weights(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-    keep_fp32: tuple[str, ...] = (),
     window_bytes: int = 256 << 20,
     shard: Callable[[nn.Module], nn.Module] | None = None,
     skip: frozenset[str] = frozenset(),
@@ -143,6 +140,7 @@ def stream_weights(
     from accelerate.utils import set_module_tensor_to_device
 
     device, kind = torch.device(device), type(module).__name__  # (before a shard renames it)
+    keep_fp32 = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
 
     def target(name: str, stored: torch.dtype) -> torch.dtype:
         return _target_dtype(name, stored, dtype, keep_fp32)
