@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import pyplot, save
 from quality import psnr, ssim
 
-from ithaca.models.registry import default_model_path, load_pipeline
+from ithaca.models.registry import load_pipeline
+from ithaca.models.shapes import shipped_checkpoint_path
 from ithaca.parallel import ParallelState
 from ithaca.types import GenerationParams
 
@@ -111,7 +112,7 @@ def main() -> None:
     parser.add_argument("--plot", help="write a PNG of speed-up vs PSNR")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = tiny_checkpoint(args.tiny) if args.tiny else args.model or default_model_path()
+    model = tiny_checkpoint(args.tiny) if args.tiny else args.model or shipped_checkpoint_path()
     pipe = load_pipeline(model, ParallelState.single())
     args.size = args.size or pipe.default_width
     prompts = (PROMPTS * (args.n // len(PROMPTS) + 1))[: args.n]

@@ -22,7 +22,8 @@ import time
 import numpy as np
 import torch
 
-from ithaca.models.registry import default_model_path, load_pipeline
+from ithaca.models.registry import load_pipeline
+from ithaca.models.shapes import shipped_checkpoint_path
 from ithaca.parallel import ParallelState
 from ithaca.runtime.compiled import compile_pipeline, use_cache_dir, warm_up
 from ithaca.types import GenerationParams
@@ -57,7 +58,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     width, height = (int(v) for v in args.size.split("x"))
     use_cache_dir(args.cache_dir or tempfile.mkdtemp(prefix="ithaca-compile-"))
-    pipeline = load_pipeline(args.model or default_model_path(), ParallelState.single())
+    pipeline = load_pipeline(args.model or shipped_checkpoint_path(), ParallelState.single())
     params = GenerationParams(
         prompt="a red circle in the centre", width=width, height=height,
         num_inference_steps=args.steps, seed=1,

@@ -3,24 +3,29 @@
 - ``worker_pool(n)``: multi-rank tests borrow a pool of spawned gloo ranks per world
   size, started once per session (see ithaca.testing.distributed).
 - ``tiny_checkpoint(recipe, *args, **kwargs)``: every tiny checkpoint is built once per
-  run, keyed by its recipe and arguments, and shared by every test module (tests read
-  checkpoints, they never write into them); ``tiny_family``, ``tiny_checkpoints`` and
-  ``tiny_wan`` are views of it; ``with_defaults(path, **defaults)`` is a checkpoint with
-  other ``_ithaca_defaults`` (e.g. a small edit area), its weights linked, not copied.
+  run, keyed by its recipe and arguments, and shared by every test module and every
+  xdist worker (tests read checkpoints, they never write into them); ``tiny_family``,
+  ``tiny_checkpoints`` and ``tiny_wan`` are views of it; ``with_defaults(path,
+  **defaults)`` is a checkpoint with other ``_ithaca_defaults`` (e.g. a small edit area),
+  its weights linked, not copied.
 - ``serve(*cli_args)``: the one real ``ithaca serve`` fixture (tests/server/harness.py;
   each server forked from one preloaded interpreter, tests/server/preload.py).
 
 The test process and every process it starts compute with one intra-op thread: the
 models are tiny, and on 2 cores shared with pool ranks, servers and other jobs a second
 OpenMP thread only spin-waits (a tiny diffusers run took 36 s with 2 threads against 2.3 s
-with 1 on a loaded machine).
+with 1 on a loaded machine). scripts/test runs the suite on 2 xdist workers and then the
+tests marked ``serial`` alone (docs/testing.md).
 """
 
 import contextlib
+import hashlib
 import importlib
 import inspect
 import json
 import os
+import pathlib
+import shutil
 
 import pytest
 import torch
@@ -49,11 +54,27 @@ def worker_pool():
         pool.close()
 
 
+def shared_directory(config: pytest.Config, tmp_path_factory) -> pathlib.Path:
+    """The directory every process of this test run shares: ``$ITHACA_TEST_SHARED``
+    (scripts/test: one for its parallel and its serial pytest run), else the run's basetemp
+    (that of the xdist controller, the parent of each worker's, when run with ``-n``)."""
+    if os.environ.get("ITHACA_TEST_SHARED"):
+        return pathlib.Path(os.environ["ITHACA_TEST_SHARED"])
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if hasattr(config, "workerinput") else base
+
+
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
+def tiny_checkpoint(request, tmp_path_factory):
     """``tiny_checkpoint(recipe, *args, **kwargs)`` -> the path (str) of the checkpoint
-    ``recipe(directory, *args, **kwargs)`` builds, built once per session for each recipe
-    and set of arguments (defaults filled in, so ``seed=0`` and no seed are one build)."""
+    ``recipe(directory, *args, **kwargs)`` builds, built once per test run for each recipe
+    and set of arguments (defaults filled in, so ``seed=0`` and no seed are one build):
+    the first process to need it builds it under a file lock in the shared directory,
+    the other xdist workers (and scripts/test's serial run) wait and read it."""
+    from filelock import FileLock
+
+    shared = shared_directory(request.config, tmp_path_factory) / "checkpoints"
+    shared.mkdir(parents=True, exist_ok=True)
     built: dict[tuple, str] = {}
 
     def build(recipe, *args, **kwargs) -> str:
@@ -61,8 +82,15 @@ def tiny_checkpoint(tmp_path_factory):
         bound.apply_defaults()
         key = (recipe.__module__, recipe.__qualname__, repr(bound.arguments))
         if key not in built:
-            root = tmp_path_factory.mktemp(recipe.__name__.removeprefix("build_tiny_"))
-            built[key] = str(recipe(root / "ckpt", *args, **kwargs))
+            digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+            root = shared / f"{recipe.__name__.removeprefix('build_tiny_')}-{digest}"
+            done = root / "built"  # the recipe's returned path, written last
+            with FileLock(f"{root}.lock"):
+                if not done.exists():
+                    shutil.rmtree(root, ignore_errors=True)  # a build that died half-way
+                    root.mkdir()
+                    done.write_text(str(recipe(root / "ckpt", *args, **kwargs)))
+            built[key] = done.read_text()
         return built[key]
 
     return build
@@ -148,10 +176,29 @@ def serve(tmp_path_factory):
         yield start
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects the serial tests
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    serial = os.environ.get("ITHACA_TEST_SERIAL")
+    if serial and getattr(config, "workerinput", {}).get("workerid", "gw0") == "gw0":
+        # scripts/test's serial run collects the files named here, not the whole suite
+        # again (every xdist worker collects the same items: the first one writes them).
+        files = dict.fromkeys(
+            i.nodeid.split("::")[0] for i in items if i.get_closest_marker("serial")
+        )
+        pathlib.Path(serial).write_text("".join(f"{file}\n" for file in files))
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """scripts/test runs the suite as two pytest runs and states one result: each run (the
+    xdist controller, not its workers) appends its counts to ``$ITHACA_TEST_COUNTS``."""
+    path = os.environ.get("ITHACA_TEST_COUNTS")
+    if path and not hasattr(config, "workerinput"):
+        kinds = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
+        counts = {kind: len(terminalreporter.stats.get(kind, ())) for kind in kinds}
+        with open(path, "a") as f:
+            f.write(json.dumps(counts) + "\n")

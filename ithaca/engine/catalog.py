@@ -86,10 +86,9 @@ def model_info(model: str) -> ModelInfo:
 def default_models() -> list[str]:
     """What ``ithaca serve`` with no model serves: the default image model, then the default
     video model when the package ships it."""
-    from ithaca.models.registry import default_model_path
-    from ithaca.models.shapes import shipped_video_checkpoint_path
+    from ithaca.models.shapes import shipped_checkpoint_path, shipped_video_checkpoint_path
 
-    models = [default_model_path()]
+    models = [shipped_checkpoint_path()]
     with contextlib.suppress(FileNotFoundError):
         models.append(shipped_video_checkpoint_path())
     return models

@@ -199,13 +199,16 @@ class Engine:
         mistake and AdmissionError (400) for what cannot fit.
         """
         self._check_open()
-        alive = [i for i, ex in enumerate(self.executors) if ex.is_alive()]
-        if not alive:
+        # A ready group only: a restarted one is alive before its adapter table is
+        # replayed (:meth:`_start_executor`), and would call a POSTed adapter unknown.
+        pairs = zip(self.executors, self._ready, strict=True)
+        ready = [ex for ex, ev in pairs if ev.is_set() and ex.is_alive()]
+        if not ready:
             raise EngineDeadError("no worker group is alive (restarting)")
         try:
-            resolved = self.executors[alive[0]].validate(params)
+            resolved = ready[0].validate(params)
         except WorkerGroupDiedError as exc:
-            log.warning("validation on %s failed: %s", self.executors[alive[0]].name, exc)
+            log.warning("validation on %s failed: %s", ready[0].name, exc)
             raise EngineDeadError("no worker group is alive (restarting)") from None
         self.admit(cost_of(params, resolved))
         return resolved

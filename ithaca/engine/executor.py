@@ -111,9 +111,11 @@ def spec_from_json(text: str) -> tuple[PipelineSpec, float]:
 
 
 def default_model_path() -> str:
-    from ithaca.models.registry import default_model_path as _default  # lazy: models is optional
+    """The embedded default model: the trained shapes checkpoint shipped in the package
+    (``ithaca.models.shapes``); ``FileNotFoundError`` in an install without it."""
+    from ithaca.models.shapes import shipped_checkpoint_path  # lazy: models is optional
 
-    return _default()
+    return shipped_checkpoint_path()
 
 
 def load_pipeline(spec: PipelineSpec, state) -> Pipeline:

@@ -8,14 +8,11 @@ The diffusers families (the image families and Wan2.2) stand on
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 
 from ithaca.cache import BlockCacheAdapter, StepCache, build_cache
 from ithaca.config import CacheConfig
-from ithaca.models.spec import DEFAULTS, plain_cfg
+from ithaca.models.spec import plain_cfg
 from ithaca.runtime.loop import DenoisingLoop, Request
 from ithaca.types import GenerationParams, ParamError
 
@@ -29,23 +26,11 @@ class DenoisingPipeline(DenoisingLoop):
     default_steps: int = 50
     default_true_cfg_scale: float = 4.0
 
-    def take_defaults(self, defaults: Mapping[str, Any]) -> None:
-        """Set the defaults a spec or a checkpoint states, by request field name
-        (:data:`ithaca.models.spec.DEFAULTS`; other keys are not the loop's)."""
-        for key, value in defaults.items():
-            if key in DEFAULTS:
-                setattr(self, DEFAULTS[key], value)
+    guide = staticmethod(plain_cfg)
+    """``guide(positive, negative, scale)`` combines the branch predictions (``negative``
+    is None without CFG): the family's guidance rule, plain CFG unless it declares another."""
 
-    def guide(
-        self, positive: torch.Tensor, negative: torch.Tensor | None, scale: float
-    ) -> torch.Tensor:
-        """Combine the branch predictions (``negative`` is None without CFG): the
-        family's guidance rule, plain CFG unless it declares another."""
-        return self.guidance_rule(positive, negative, scale)
-
-    guidance_rule = staticmethod(plain_cfg)
-
-    # -- step caches and LoRA: what the family's transformers are -----------------------
+    # -- step caches: what the family's blocks are (LoRA's defaults: runtime.lora.LoraHost)
     def make_cache(self, config: CacheConfig) -> StepCache:
         """Install a step cache on the transformer (families with other layouts override)."""
         adapter = self.cache_adapter()
@@ -54,20 +39,6 @@ class DenoisingPipeline(DenoisingLoop):
     def cache_adapter(self) -> BlockCacheAdapter:
         """How this family's blocks look to a step cache."""
         raise ValueError(f"{type(self).__name__} does not support step caching")
-
-    def lora_targets(self) -> dict[str, torch.nn.Module]:
-        """The transformers an adapter is loaded into, by the name a request's
-        ``expert`` uses (Wan2.2: ``high_noise`` / ``low_noise``)."""
-        return {"transformer": self.transformer}
-
-    def lora_loader(self):
-        """The diffusers pipeline class whose LoRA converters read this family's files."""
-        return None
-
-    def lora_fusable(self) -> bool:
-        """Whether ``fuse_loras`` may merge adapters into the weights (not where weights
-        are swapped in from host copies, which would drop the merge)."""
-        return True
 
     # -- shared request validation (families call these from ``resolve``) ------
     multiple: int = 16

@@ -10,10 +10,10 @@ decodes. A family writes:
   ``encoder_hidden_states``, or the transformer's text arguments by name
   (:meth:`~FlowMatchPipeline.text_hidden` is the chat-template families' encoder call);
 - ``forward_inputs(requests, conds, latents)``: its other arguments (position ids ...);
+- an edit model: ``encode_images(request)``, what it makes of the input images;
 
-and, only where its reference differs, ``forward`` (Z-Image, Wan2.2), ``timestep``,
-``request_size`` (edit models size the output from the input image), the spec's
-guidance rule, ``checkpoint_spec`` (what a checkpoint changes in the spec),
+and, only where its reference differs, ``forward`` (Z-Image, Wan2.2), ``timestep``, the
+spec's guidance rule, ``checkpoint_spec`` (what a checkpoint changes in the spec),
 ``load_transformers`` (Wan2.2's two experts) or ``latent_shape`` (a frame axis).
 """
 
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
+import logging
 from typing import Any
 
 import numpy as np
@@ -34,12 +36,14 @@ from PIL import Image
 from ithaca.cache import checkpoint_coefficients
 from ithaca.models.base import DenoisingPipeline, seeded_noise, split_images
 from ithaca.models.registry import model_index
-from ithaca.models.spec import FamilySpec
+from ithaca.models.spec import DEFAULTS, FamilySpec
 from ithaca.parallel import ParallelState
 from ithaca.parallel.cfg import NEGATIVE, POSITIVE
 from ithaca.runtime.loop import Job, Request
 from ithaca.runtime.parallelize import parallelize
 from ithaca.types import GenerationParams, ParamError
+
+logger = logging.getLogger(__name__)
 
 pack_latents = _Packing._pack_latents
 """``(n, C, h, w)`` -> ``(n, h/2 * w/2, 4C)``: 2x2 patches as tokens (diffusers')."""
@@ -56,6 +60,12 @@ def load_part(model: str, name: str, index: dict, device, dtype):
     kwarg = "torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"
     module = cls.from_pretrained(model, subfolder=name, **{kwarg: dtype})
     return module.to(device).eval().requires_grad_(False)
+
+
+def reference_pipeline(cls: type):
+    """diffusers pipeline ``cls`` built without components: what its ``__init__`` sets
+    (prompt templates, their token counts) is read from it rather than copied."""
+    return cls(**dict.fromkeys(inspect.signature(cls).parameters))
 
 
 def repeat_rows(values: list, requests: list[Request]) -> list:
@@ -111,14 +121,20 @@ class FlowMatchPipeline(DenoisingPipeline):
     spec: FamilySpec
     output_kind: str = "image"
     """What the family makes ("video": Wan2.2), as error messages name it."""
+    guidance_embeds: bool = False
+    """Whether the transformer takes ``guidance_scale`` as an input (FLUX.1-dev); else,
+    unless the spec's ``cfg_aliases`` makes it the CFG scale, it is ignored with a warning."""
 
     def __init__(self, model: str, state: ParallelState, dtype: torch.dtype):
         super().__init__(state, dtype)
         self.model = model
         self.index = model_index(model)
         self.spec = spec = self.checkpoint_spec(model)
-        self.guidance_rule = spec.guidance
-        self.take_defaults({**spec.defaults, **(self.index.get("_ithaca_defaults") or {})})
+        self.guide = spec.guidance
+        # The spec's defaults, then the checkpoint's, by request field (other keys are not ours)
+        for key, value in {**spec.defaults, **(self.index.get("_ithaca_defaults") or {})}.items():
+            if key in DEFAULTS:
+                setattr(self, DEFAULTS[key], value)
         self.load_transformers(model)
         scheduler = spec.scheduler or FlowMatchEulerDiscreteScheduler
         self.scheduler_config = dict(scheduler.load_config(model, subfolder="scheduler"))
@@ -153,10 +169,14 @@ class FlowMatchPipeline(DenoisingPipeline):
         return (name == "vae" and self.spec.vae_dtype) or self.dtype
 
     def vae_scale(self, model: str) -> int:
-        """Pixels per latent (an ``AutoencoderKL``: 2 ** (stages - 1))."""
+        """Pixels per latent (an ``AutoencoderKL``: 2 ** (stages - 1); a Wan-style VAE,
+        Qwen-Image's: 2 ** its temporal stages, each halving height and width too)."""
         library, class_name = self.index["vae"]
         cls = getattr(importlib.import_module(library), class_name)
-        return 2 ** (len(cls.load_config(model, subfolder="vae")["block_out_channels"]) - 1)
+        config = cls.load_config(model, subfolder="vae")
+        if "temperal_downsample" in config:
+            return 2 ** len(config["temperal_downsample"])
+        return 2 ** (len(config["block_out_channels"]) - 1)
 
     def load_components(self, model: str) -> None:
         for name in self.spec.components:
@@ -191,11 +211,26 @@ class FlowMatchPipeline(DenoisingPipeline):
                     f"guidance_scale ({params.guidance_scale}) differ",
                 )
             scale = params.guidance_scale
+        elif params.guidance_scale is not None and not self.guidance_embeds:
+            logger.warning(
+                "guidance_scale is ignored: %s is not guidance-distilled", self.spec.name
+            )
         return self.default_true_cfg_scale if scale is None else float(scale)
 
     def request_size(self, params: GenerationParams) -> tuple[int, int]:
-        """Output ``(width, height)`` (edit families: from the input image)."""
-        return self.rounded_size(params.width, params.height)
+        """Output ``(width, height)``: the request's, else the default; an edit model's
+        default (:attr:`FamilySpec.edit_size`) is its last input image's :meth:`input_size`."""
+        w, h = params.width, params.height
+        if params.images and self.spec.edit_size:
+            iw, ih = self.input_size(params.images[-1])
+            w, h = iw if w is None else w, ih if h is None else h
+        return self.rounded_size(w, h)
+
+    def input_size(self, image: Image.Image, area: int | None = None) -> tuple[int, int]:
+        """``image``'s aspect ratio at ``area`` px (default: the default size's area), as
+        the reference sizes it (:attr:`FamilySpec.edit_size`)."""
+        area = area or self.default_width * self.default_height
+        return self.spec.edit_size(area, image.size[0] / image.size[1])
 
     def extra_key(self, params: GenerationParams) -> tuple:
         """Family settings two requests must share to run in one batch."""
@@ -275,17 +310,28 @@ class FlowMatchPipeline(DenoisingPipeline):
         text = parts[0] + "".join(pad * n + part for n, part in zip(counts, parts[1:], strict=True))
         return text, {"pixel_values": vision["pixel_values"], "image_grid_thw": grids}
 
+    def encode_images(self, request: Request) -> tuple[list[Image.Image] | None, dict]:
+        """What the model makes of a request's input images: the images as its text
+        encoder sees them (None: it sees none), passed on as ``encode_prompt(text, shown)``,
+        and condition entries (an edit's ``image_latents``: :meth:`image_tokens`)."""
+        return None, {}
+
+    @torch.no_grad()
     def condition(self, request: Request) -> dict[str, Any]:
+        """The prompt's encoding (with CFG the negative prompt's too), after what
+        :meth:`encode_images` makes of the input images."""
         p = request.params
-        cond = {"positive": self.encode_prompt(p.prompt)}
+        shown, cond = self.encode_images(request) if p.images else (None, {})
+        vision = () if shown is None else (shown,)
+        cond["positive"] = self.encode_prompt(p.prompt, *vision)
         if request.do_cfg:
-            cond["negative"] = self.encode_prompt(p.negative_prompt or "")
+            cond["negative"] = self.encode_prompt(p.negative_prompt or "", *vision)
         return cond
 
     # -- the batch -----------------------------------------------------------------
     def latent_hw(self, request: Request) -> tuple[int, int]:
-        """Latent height and width (before packing)."""
-        return 2 * (request.height // self.multiple), 2 * (request.width // self.multiple)
+        """Latent height and width (before packing; sizes are multiples of ``multiple``)."""
+        return request.height // self.vae_scale_factor, request.width // self.vae_scale_factor
 
     def latent_shape(self, request: Request) -> tuple[int, ...]:
         """One image's noise shape before packing: ``(C, h, w)`` (video: ``(C, F, h, w)``)."""
@@ -378,19 +424,18 @@ class FlowMatchPipeline(DenoisingPipeline):
         return self.forward(job, branch, t)
 
     # -- decoding (returning rank only) --------------------------------------------
-    def vae_latents(self, job: Job, latents: torch.Tensor) -> torch.Tensor:
-        """Loop latents -> what the VAE decodes (unpacked, unscaled, shifted)."""
+    @torch.no_grad()
+    def decode(self, job: Job, latents: torch.Tensor) -> list[list[Image.Image]]:
+        """Loop latents unpacked, unscaled and shifted, decoded, split per request."""
         if self.spec.packed:
             r = job.requests[0]
             latents = unpack_latents(latents, r.height, r.width, self.vae_scale_factor)
-        config = self.vae.config
-        return latents.to(self.vae.dtype) / config.scaling_factor + config.shift_factor
-
-    @torch.no_grad()
-    def decode(self, job: Job, latents: torch.Tensor) -> list[list[Image.Image]]:
-        images = self.vae.decode(self.vae_latents(job, latents), return_dict=False)[0]
-        if images.dim() == 5:  # (B, C, 1, H, W): a video VAE's one frame (Qwen-Image)
-            images = images[:, :, 0]
+        latents, config = latents.to(self.vae.dtype), self.vae.config
+        if "temperal_downsample" in config:  # a Wan-style 3D VAE (Qwen-Image's): one frame
+            images = decode_3d(self.vae, latents.unsqueeze(2))[:, :, 0]
+        else:
+            latents = latents / config.scaling_factor + config.shift_factor
+            images = self.vae.decode(latents, return_dict=False)[0]
         flat = self.image_processor.postprocess(images, output_type="pil")
         return split_images(flat, job.requests)
 

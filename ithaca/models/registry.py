@@ -119,11 +119,3 @@ def load_pipeline(
         )
     pipeline.configure_cache(cache)
     return pipeline
-
-
-def default_model_path() -> str:
-    """The embedded default model: the trained shapes checkpoint shipped in the package
-    (``ithaca.models.shapes``); ``FileNotFoundError`` in an install without it."""
-    from ithaca.models.shapes import shipped_checkpoint_path
-
-    return shipped_checkpoint_path()

@@ -77,6 +77,10 @@ class FamilySpec:
     for it in SD3, Z-Image, LongCat, Ovis); False: the family reads it itself."""
     images: tuple[int, int] = (0, 0)
     """(fewest, most) input images a request may carry."""
+    edit_size: Callable[[float, float], tuple[int, int]] | None = None
+    """The reference's ``calculate_dimensions(area, aspect ratio) -> (width, height)``: an
+    edit model's default output size is its last input image's aspect ratio at the
+    default size's area. None: the default size (Wan2.2's image-to-video too)."""
     packed: bool = True
     """Latents are 2x2 patches packed into tokens ``(B, S, 4C)`` (FLUX-style); False:
     ``(B, C, h, w)`` and the transformer patchifies."""

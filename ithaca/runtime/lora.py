@@ -271,10 +271,9 @@ def adapter_summary(refs: tuple[LoraRef, ...]) -> list[dict]:
 
 
 class LoraHost:
-    """A pipeline's LoRA side (see the module docstring). The model layer declares
-    ``lora_targets()`` (the transformers an adapter goes into, by the name a request's
-    ``expert`` uses), ``lora_loader()`` (the diffusers class whose converters read the
-    family's files) and ``lora_fusable()``."""
+    """A pipeline's LoRA side (see the module docstring). The model layer declares, where
+    its family differs from the defaults here, ``lora_targets()``, ``lora_loader()`` and
+    ``lora_fusable()``."""
 
     fuse_loras: bool = False
     """Merge the active adapter set into the weights while consecutive loops use it
@@ -284,6 +283,21 @@ class LoraHost:
     """At most this many adapters resident in the transformer (LRU); None: no bound."""
     loras: LoraAdapters | None = None
     """The adapter table (:meth:`lora_table`), created on first use."""
+
+    def lora_targets(self) -> dict[str, nn.Module]:
+        """The transformers an adapter is loaded into, by the name a request's
+        ``expert`` uses (Wan2.2: ``high_noise`` / ``low_noise``)."""
+        return {"transformer": self.transformer}
+
+    def lora_loader(self):
+        """The diffusers pipeline class whose LoRA converters read this family's files
+        (None: files in the diffusers/PEFT key layout only)."""
+        return None
+
+    def lora_fusable(self) -> bool:
+        """Whether ``fuse_loras`` may merge adapters into the weights (not where weights
+        are swapped in from host copies, which would drop the merge)."""
+        return True
 
     def lora_table(self) -> LoraAdapters:
         if self.loras is None:

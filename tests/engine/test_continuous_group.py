@@ -29,6 +29,9 @@ from ithaca.engine.group import WorkerGroupExecutor
 from ithaca.types import GenerationParams
 from tests.server.harness import REPO
 
+# A request joining mid-run depends on when it arrives: alone, not beside an xdist worker.
+pytestmark = pytest.mark.serial
+
 
 def P(rid: str, steps: int, seed: int, size: int = 32, **kw) -> GenerationParams:
     return GenerationParams("a red cat", negative_prompt="blurry", width=size, height=size,

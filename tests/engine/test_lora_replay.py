@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from ithaca.engine.engine import Engine
-from ithaca.engine.errors import GenerationFailedError
-from ithaca.types import LoraCommand
+from ithaca.engine.errors import EngineDeadError, GenerationFailedError
+from ithaca.types import GenerationParams, LoraCommand, LoraRef
 
 
 class TableExecutor:
@@ -48,6 +48,12 @@ class TableExecutor:
             self.table.pop(command.name)
         return [self.table[n] for n in sorted(self.table)]
 
+    def validate(self, params: GenerationParams) -> dict:
+        for ref in params.lora:
+            if ref.name not in self.table:
+                raise GenerationFailedError(f"unknown LoRA {ref.name!r} ({self.name})", "bad")
+        return {"width": 64, "height": 64, "steps": 2}
+
 
 def test_a_restarted_group_gets_the_table_replayed_before_it_serves():
     groups = [TableExecutor("g0", preload=(("A", "/a", 0.8),)),
@@ -69,6 +75,25 @@ def test_a_restarted_group_gets_the_table_replayed_before_it_serves():
     assert groups[0].table == groups[1].table
     assert sorted(groups[0].commands[1:]) == [("load", "B"), ("load", "C"), ("unload", "A")]
     assert engine._ready[0].is_set()
+
+
+def test_requests_are_validated_on_a_ready_group_not_one_still_replaying():
+    """A restarted group is alive before its table is replayed: a request naming a
+    POSTed adapter must not be checked there (it would be a 400 for a valid request)."""
+    groups = [TableExecutor("g0"), TableExecutor("g1")]
+    engine = Engine(groups)
+    for i in range(2):
+        assert engine._start_executor(i, first=True)
+    engine.manage_lora(LoraCommand("load", "B", "/b", 0.5))
+    groups[0].alive = False
+    engine._ready[0].clear()
+    groups[0].start()  # alive again, the replay of B not done yet (not ready)
+    params = GenerationParams(prompt="p", lora=(LoraRef("B"),))
+    assert engine.validate(params)["steps"] == 2  # group 1's answer
+    groups[1].alive = False
+    engine._ready[1].clear()
+    with pytest.raises(EngineDeadError):  # 503 "restarting", never "unknown LoRA"
+        engine.validate(params)
 
 
 def test_an_adapter_whose_file_is_gone_is_dropped_not_retried():

@@ -13,8 +13,9 @@ import torch
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
 from ithaca.config import CacheConfig, ParallelConfig
-from ithaca.models.registry import default_model_path, load_pipeline
+from ithaca.models.registry import load_pipeline
 from ithaca.models.rotary import apply_rope, real_freqs
+from ithaca.models.shapes import shipped_checkpoint_path
 from ithaca.parallel import ParallelState
 from ithaca.runtime.compiled import compile_pipeline, repeated_blocks, use_cache_dir
 from ithaca.testing.distributed import parallel_state
@@ -53,7 +54,7 @@ BATCH = [dict(prompt="a red circle", width=64, height=64, num_inference_steps=2,
 
 
 def test_compiled_default_model_matches_eager(tmp_path):
-    pipe = load_pipeline(default_model_path(), ParallelState.single())
+    pipe = load_pipeline(shipped_checkpoint_path(), ParallelState.single())
     eager, compiled, count = _eager_then_compiled(pipe, BATCH, str(tmp_path / "inductor"))
     assert count == len(pipe.transformer.transformer_blocks) == 4
     for x, y in zip(eager, compiled, strict=True):

@@ -87,7 +87,7 @@ FAMILIES = {
     "LongCat-Image-Edit": Family(
         LongCatImageEditPipeline,
         dict(BASE, **CFG, images=[_edit_image()]),  # 80x48 px output: 15 + 15 image tokens
-        attrs=dict(TEXT, target_area=3200)),
+        attrs=dict(TEXT, default_width=80, default_height=40)),  # a 3200 px edit area
     "Ovis-Image": Family(OvisImagePipeline, dict(BASE, **CFG)),
 }  # fmt: skip
 
@@ -202,7 +202,7 @@ def test_layout_caches_like_one_rank(worker_pool, runs, name, layout):
 
 
 @each_family
-def test_calibrate_teacache_command_sets_the_default(runs, name, tmp_path, monkeypatch, capsys):
+def test_calibrate_teacache_command_sets_the_default(runs, name, tmp_path, capsys):
     family = runs(name)
     path = tmp_path / "model"
     shutil.copytree(family.path, path)
@@ -211,7 +211,6 @@ def test_calibrate_teacache_command_sets_the_default(runs, name, tmp_path, monke
     for i, image in enumerate(family.spec.request.get("images", [])):  # edit models
         image.save(tmp_path / f"in{i}.png")
         argv += ["--image", str(tmp_path / f"in{i}.png")]
-    monkeypatch.setattr(LongCatImageEditPipeline, "target_area", 3200)  # not 1024^2 px
     pipe = load_pipeline(str(path), ParallelState.single())  # reads ithaca.json when asked
     # no fit of its own yet: FLUX.1's published one
     assert pipe.cache_adapter().teacache_coefficients == FLUX_COEFFICIENTS

@@ -13,6 +13,8 @@ and masks the padding. The batch mixes a request without CFG (Turbo's
 default, two images) and one with CFG and a negative prompt.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -55,7 +57,8 @@ def one_rank(checkpoint):
 
 
 def test_plan_is_valid_and_gathers_every_shard():
-    plan = z_image_sp_plan(n_refiner_layers=2, patches=("2-1",))
+    config = SimpleNamespace(n_refiner_layers=2, all_patch_size=(2,), all_f_patch_size=(1,))
+    plan = z_image_sp_plan(config)
     validate_sp_plan(plan)
     assert set(plan) == {"noise_refiner.0", "noise_refiner.*", "noise_refiner.1", "layers.0",
                          "layers.*", "all_final_layer.2-1"}  # fmt: skip

@@ -8,6 +8,7 @@ including the lazy ones inside functions: a lazy import is still an arrow.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,7 @@ def _imports(path: Path, name: str, known: set[str]) -> set[str]:
     return {m for m in found if m in known and m != name}
 
 
+@functools.cache  # read once per run, not once per test (13 tests; the tree is ~150 files)
 def _graph() -> dict[str, set[str]]:
     modules = _modules()
     known = set(modules)

@@ -93,6 +93,7 @@ def test_four_ranks(worker_pool, tiny_checkpoints, reference, name):
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # 8 ranks on 2 cores: alone, not beside an xdist worker
 def test_eight_ranks_cfg_ulysses_ring(worker_pool, tiny_checkpoints, reference):
     layout = dict(cfg_parallel_size=2, ulysses_degree=2, ring_degree=2)
     results = worker_pool(8).run(generate_fused, layout, tiny_checkpoints["t2i"], T2I_BATCH)

@@ -171,6 +171,7 @@ def test_bytes_sent_match_theory(worker_pool):
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # 8 ranks on 2 cores: alone, not beside an xdist worker
 def test_eight_ranks_hybrid_with_cfg_axis(worker_pool):
     # cfg x ulysses x ring = 2 x 2 x 2: attention runs within each cfg half.
     case = Case(image_len=13, text_len=7, text_mask=True)

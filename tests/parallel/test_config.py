@@ -107,6 +107,7 @@ def describe_state(layout: dict):
         }
 
 
+@pytest.mark.serial  # 8 ranks on 2 cores: alone, not beside an xdist worker
 def test_state_on_eight_ranks_follows_the_rank_map(worker_pool):
     layout = dict(ulysses_degree=2, ring_degree=2, cfg_parallel_size=2)
     for rank, info in enumerate(worker_pool(8).run(describe_state, layout)):

@@ -14,13 +14,18 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from ithaca.models.registry import default_model_path, load_pipeline
+from ithaca.engine.executor import default_model_path
+from ithaca.models.registry import load_pipeline
 from ithaca.parallel import ParallelState
 from ithaca.testing.distributed import free_port
 from ithaca.types import GenerationParams
 from tests.server.harness import REPO, ServerProcess
+
+# Two servers, 4 ranks and a bounded start-up: alone, not beside an xdist worker.
+pytestmark = pytest.mark.serial
 
 LAYOUT = ["--usp", "2", "--ring", "2", "--nnodes", "2", "--master-addr", "127.0.0.1"]
 REQUEST = dict(prompt="a red circle on a blue background", seed=7, num_inference_steps=3)

@@ -26,7 +26,7 @@ SMALL = {"num_inference_steps": 2}
 def server(serve):
     # The image model alone (with no model the server also runs the default video model,
     # tested in tests/models/test_default_video.py): these tests count its ranks.
-    from ithaca.models.registry import default_model_path
+    from ithaca.engine.executor import default_model_path
 
     return serve(default_model_path(), "--served-model-name", "ithaca-default",
                  "--usp", "2", "--max-batch-size", "4", "--batch-wait-ms", "300",

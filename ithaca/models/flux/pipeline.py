@@ -20,18 +20,12 @@ every rank holds the transformer.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline as _Ref
 
 from ithaca.models.flow import FlowMatchPipeline, repeat_rows
 from ithaca.models.flux.transformer import FLUX_ATTENTION, FLUX_CACHE, FluxTransformer2DModel
 from ithaca.models.spec import FamilySpec
-from ithaca.runtime.loop import Request
-from ithaca.types import GenerationParams
-
-logger = logging.getLogger(__name__)
 
 SPEC = FamilySpec(
     name="FLUX.1",
@@ -59,11 +53,6 @@ class FluxPipeline(FlowMatchPipeline):
         self.guidance_embeds = bool(self.transformer.config.guidance_embeds)
         if not self.guidance_embeds:
             self.default_steps = 4  # FLUX.1-schnell is timestep-distilled
-
-    def resolve(self, params: GenerationParams) -> Request:
-        if params.guidance_scale is not None and not self.guidance_embeds:
-            logger.warning("guidance_scale is ignored: this FLUX.1 model has no guidance input")
-        return super().resolve(params)
 
     @torch.no_grad()
     def encode_prompt(self, text: str) -> dict[str, torch.Tensor]:

@@ -38,7 +38,6 @@ from ithaca.models.flow import FlowMatchPipeline, pack_latents
 from ithaca.models.flux.transformer import FLUX_ATTENTION, FLUX_CACHE, FLUX_SP_PLAN, LONGCAT_TP_PLAN
 from ithaca.models.spec import FamilySpec, plain_cfg
 from ithaca.runtime.loop import Request
-from ithaca.types import GenerationParams
 
 PREFIX = (
     "<|im_start|>system\nAs an image captioning expert, generate a descriptive text prompt "
@@ -144,21 +143,22 @@ class LongCatImageEditPipeline(LongCatImagePipeline):
     """LongCat-Image-Edit (``meituan-longcat/LongCat-Image-Edit``): one input image.
 
     As diffusers' ``LongCatImageEditPipeline``: the output size is the input's aspect
-    ratio at ``target_area`` pixels (rounded up to multiples of 16; requested sizes are
-    ignored); the text encoder sees the prompt with the image at half that size, and the
-    embeddings keep the vision tokens; the image's VAE latents (mode,
-    ``(x - shift) * scale``) follow the noise tokens with position ids of modality 2;
-    CFG is plain ``neg + s * (pos - neg)`` (no renorm); noise is drawn in the model dtype.
+    ratio at the default area, 1024x1024 px (rounded up to multiples of 16), unless the
+    request gives a size (the reference takes none); the text encoder sees the prompt
+    with the image at half that size, and the embeddings keep the vision tokens; the
+    image's VAE latents (mode, ``(x - shift) * scale``) follow the noise tokens with
+    position ids of modality 2; CFG is plain ``neg + s * (pos - neg)`` (no renorm);
+    noise is drawn in the model dtype.
     """
 
     spec = dataclasses.replace(
         SPEC,
         guidance=plain_cfg,  # the edit pipeline has no renorm
         images=(1, 1),
+        edit_size=calculate_dimensions,
         noise_dtype=None,
         tiny_args={"edit": True},
     )
-    target_area = 1024 * 1024
 
     def load_components(self, model: str) -> None:
         super().load_components(model)
@@ -168,32 +168,22 @@ class LongCatImageEditPipeline(LongCatImagePipeline):
             model, subfolder="text_processor"
         )
 
-    def request_size(self, params: GenerationParams) -> tuple[int, int]:
-        image = params.images[0]
-        return self.rounded_size(
-            *calculate_dimensions(self.target_area, image.size[0] / image.size[1])
-        )
-
-    def _encode_with_image(self, text: str, image: Image.Image) -> torch.Tensor:
+    def encode_prompt(self, text: str, shown: list[Image.Image]) -> torch.Tensor:
         """Last hidden state from ``<|vision_start|>`` to the suffix: ``(V + 512, D)``."""
-        prefix, vision = self.expand_vision(EDIT_PREFIX, [image])
+        prefix, vision = self.expand_vision(EDIT_PREFIX, shown)
         tokens, prompt = self._wrapped(prefix, text)
         start = tokens["input_ids"][0].tolist().index(self.tokenizer.convert_tokens_to_ids(VISION))
         return self.text_hidden(tokens, keep=slice(start, prompt.stop), **vision)
 
-    @torch.no_grad()
-    def condition(self, request: Request) -> dict[str, Any]:
-        p = request.params
+    def encode_images(self, request: Request) -> tuple[list[Image.Image], dict]:
+        """The input image at the output size: its packed latents; shown to the text
+        encoder at half that size."""
         w, h = request.width, request.height
-        image = self.image_processor.resize(p.images[0], h, w)
-        shown = self.image_processor.resize(image, h // 2, w // 2)
-        cond = {"positive": self._encode_with_image(p.prompt, shown)}
-        if request.do_cfg:
-            cond["negative"] = self._encode_with_image(p.negative_prompt or "", shown)
+        image = self.image_processor.resize(request.params.images[0], h, w)
         pixels = self.image_processor.preprocess(image, h, w).to(self.device, self.dtype)
         latents = self.vae.encode(pixels).latent_dist.mode()
         config = self.vae.config
         latents = (latents - config.shift_factor) * config.scaling_factor
         lh, lw = latents.shape[2:]
-        cond["image_latents"] = pack_latents(latents, 1, self.latent_channels, lh, lw)
-        return cond
+        shown = self.image_processor.resize(image, h // 2, w // 2)
+        return [shown], {"image_latents": pack_latents(latents, 1, self.latent_channels, lh, lw)}

@@ -4,8 +4,8 @@ Numerics follow diffusers' ``OvisImagePipeline``; the shared flow-matching pipel
 (:mod:`ithaca.models.flow`) does the rest from :data:`SPEC`. The transformer has
 FLUX.1's layout and takes its plan and processor unchanged:
 
-- prompt: the system instruction prepended to the user turn, Qwen3 chat template
-  (``enable_thinking=False``), padded to ``28 + max_sequence_length`` (256) tokens;
+- prompt: the reference's system instruction prepended to the user turn, Qwen3 chat
+  template (``enable_thinking=False``), padded to ``28 + max_sequence_length`` (256) tokens;
   Qwen3's last hidden state with padding zeroed and the first 28 (template) tokens
   dropped: ``(256, D)``; text position ids ``(0, i, i)``, image ids FLUX's;
 - noise: ``torch.randn((n, C, H/8, W/8), generator=cpu Generator(seed))`` in the model
@@ -20,18 +20,12 @@ from __future__ import annotations
 
 import torch
 from diffusers import OvisImageTransformer2DModel as _DiffusersOvisTransformer
+from diffusers.pipelines.longcat_image.pipeline_longcat_image import prepare_pos_ids
 from diffusers.pipelines.ovis_image.pipeline_ovis_image import OvisImagePipeline as _Ref
 
-from ithaca.models.flow import FlowMatchPipeline
+from ithaca.models.flow import FlowMatchPipeline, reference_pipeline
 from ithaca.models.flux.transformer import FLUX_ATTENTION, FLUX_CACHE, FLUX_SP_PLAN, OVIS_TP_PLAN
 from ithaca.models.spec import FamilySpec
-
-SYSTEM_PROMPT = (
-    "Describe the image by detailing the color, quantity, text, shape, size, texture, "
-    "spatial relationships of the objects and background: "
-)
-TEMPLATE_TOKENS = 28
-"""Tokens of the chat template before the user's prompt (diffusers' user_prompt_begin_id)."""
 
 
 class OvisImageTransformer2DModel(_DiffusersOvisTransformer):
@@ -60,17 +54,16 @@ class OvisImagePipeline(FlowMatchPipeline):
 
     def encode_prompt(self, text: str) -> torch.Tensor:
         """Qwen3's last hidden state after the template, padding zeroed: ``(256, D)``."""
-        templated = self.chat(SYSTEM_PROMPT + text, enable_thinking=False)
-        length = self.max_sequence_length + TEMPLATE_TOKENS
-        tokens = self.tokens(templated, length, add_special_tokens=False)
-        return self.text_hidden(tokens, keep=slice(TEMPLATE_TOKENS, None), pads="zero")
+        ref = reference_pipeline(_Ref)  # its system prompt, the template's token count
+        templated = self.chat(ref.system_prompt + text, enable_thinking=False)
+        begin = ref.user_prompt_begin_id
+        tokens = self.tokens(templated, self.max_sequence_length + begin, add_special_tokens=False)
+        return self.text_hidden(tokens, keep=slice(begin, None), pads="zero")
 
     def forward_inputs(self, requests, conds, latents) -> dict:
         h, w = self.latent_hw(requests[0])
-        t = self.max_sequence_length
-        txt_ids = torch.zeros(t, 3)
-        txt_ids[:, 1] = torch.arange(t)
-        txt_ids[:, 2] = torch.arange(t)
+        # (0, i, i) per text token: diffusers' Ovis builds it inline, LongCat's helper the same
+        txt_ids = prepare_pos_ids(type="text", num_token=self.max_sequence_length)
         return {
             "txt_ids": txt_ids.to(self.device, self.dtype),
             "img_ids": _Ref._prepare_latent_image_ids(1, h // 2, w // 2, self.device, self.dtype),

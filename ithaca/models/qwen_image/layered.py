@@ -39,7 +39,6 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import (
     QwenImageLayeredPipeline as _Ref,
 )
-from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
 from PIL import Image
 
 from ithaca.models.flow import decode_3d, seeded_noise, split_images
@@ -86,9 +85,6 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
         self.caption_tokenizer = AutoTokenizer.from_pretrained(model, subfolder="processor")
 
     # -- request validation ----------------------------------------------------
-    def _dims(self, image: Image.Image, area: int) -> tuple[int, int]:
-        return calculate_dimensions(area, image.size[0] / image.size[1])
-
     def extra_key(self, params: GenerationParams) -> tuple:
         layers = self.default_layers if params.layers is None else params.layers
         if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
@@ -129,9 +125,9 @@ class QwenImageLayeredPipeline(QwenImageEditPipeline):
         if prompt in ("", " "):
             prompt = self.caption(image)
             logger.info("request %s: caption %r", p.request_id, prompt)
-        cond = {"positive": self._encode(self.template.format(prompt))}
+        cond = {"positive": self.encode_prompt(prompt)}
         if request.do_cfg:
-            cond["negative"] = self._encode(self.template.format(p.negative_prompt))
+            cond["negative"] = self.encode_prompt(p.negative_prompt)
         pixels = self.image_processor.preprocess(image, h, w).unsqueeze(2)  # (1, 4, 1, H, W)
         cond["image_latents"] = self._encode_image(pixels)
         return cond

@@ -1,7 +1,8 @@
 """Qwen-Image text-to-image and edit pipelines over the shared denoising loop.
 
 Numerics follow diffusers' ``QwenImagePipeline``, ``QwenImageEditPipeline`` and
-``QwenImageEditPlusPipeline`` (reused pieces: ``calculate_dimensions``); the shared
+``QwenImageEditPlusPipeline`` (reused pieces: ``calculate_dimensions``, the same in
+Edit, Edit-Plus and Layered); the shared
 flow-matching pipeline (:mod:`ithaca.models.flow`) does the rest from :data:`SPEC`:
 
 - prompt: chat template, encoder's last hidden state, system turn dropped (34 / 64
@@ -23,18 +24,12 @@ embeddings; every rank holds the transformer. See ``docs/models.md``.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any
 
 import torch
-from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import (
-    calculate_dimensions as _edit_dimensions,
-)
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
     CONDITION_IMAGE_SIZE,
-)
-from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
-    calculate_dimensions as _plus_dimensions,
+    calculate_dimensions,
 )
 from PIL import Image
 
@@ -42,7 +37,6 @@ from ithaca.models.flow import (
     FlowMatchPipeline,
     pack_latents,
     repeat_rows,
-    unpack_latents,
     vae_stats,
 )
 from ithaca.models.qwen_image import templates
@@ -52,10 +46,8 @@ from ithaca.models.qwen_image.transformer import (
     QwenImageTransformer2DModel,
 )
 from ithaca.models.spec import FamilySpec, rescaled_cfg
-from ithaca.runtime.loop import Job, Request
+from ithaca.runtime.loop import Request
 from ithaca.types import GenerationParams
-
-logger = logging.getLogger(__name__)
 
 SPEC = FamilySpec(
     name="Qwen-Image",
@@ -72,9 +64,12 @@ SPEC = FamilySpec(
 
 
 def variant(name: str, kind: str, **changes) -> FamilySpec:
-    """Qwen-Image's spec for another of its checkpoints: ``name``, the tiny recipe's
-    ``kind`` and what else differs (``images=(1, 16)``)."""
-    return dataclasses.replace(SPEC, name=name, tiny_args={"kind": kind}, **changes)
+    """Qwen-Image's spec for another of its checkpoints (each takes input images, sized
+    by ``calculate_dimensions``): ``name``, the tiny recipe's ``kind`` and what else
+    differs (``images=(1, 16)``)."""
+    return dataclasses.replace(
+        SPEC, name=name, tiny_args={"kind": kind}, edit_size=calculate_dimensions, **changes
+    )
 
 
 class QwenImagePipeline(FlowMatchPipeline):
@@ -94,46 +89,30 @@ class QwenImagePipeline(FlowMatchPipeline):
                 f"{model}: guidance-distilled Qwen-Image transformers are not supported"
             )
 
-    def vae_scale(self, model: str) -> int:
-        from diffusers import AutoencoderKLQwenImage
-
-        config = AutoencoderKLQwenImage.load_config(model, subfolder="vae")
-        return 2 ** len(config["temperal_downsample"])
-
-    def resolve(self, params: GenerationParams) -> Request:
-        if params.guidance_scale is not None:
-            logger.warning("guidance_scale is ignored: Qwen-Image is not guidance-distilled")
-        return super().resolve(params)
-
     # -- conditioning (returning rank only) ------------------------------------
-    def _encode(self, text: str, images: list[Image.Image] | None = None) -> torch.Tensor:
-        """Encoder last hidden state of one templated prompt, system turn dropped: (T, D)."""
-        vision: dict[str, torch.Tensor] = {}
-        if images:
-            text, vision = self.expand_vision(text, images)
+    def encode_prompt(self, text: str, shown: list[Image.Image] | None = None) -> torch.Tensor:
+        """Encoder last hidden state of ``text`` in the template (edit: with ``shown``, the
+        input images), system turn dropped: (T, D)."""
+        text, vision = self.template.format(text, len(shown or ())), {}
+        if shown:
+            text, vision = self.expand_vision(text, shown)
         drop, most = self.template.drop, self.tokenizer_max_length
         limit = {} if most is None else {"max_length": most + drop, "truncation": True}
         tokens = self.tokenizer(text, return_tensors="pt", **limit).to(self.device)
         keep = self.max_sequence_length and drop + self.max_sequence_length
         return self.text_hidden(tokens, keep=slice(drop, keep), **vision)
 
-    def encode_prompt(self, text: str) -> torch.Tensor:
-        return self._encode(self.template.format(text))
-
     # -- the batch -------------------------------------------------------------
     def batch_text(self, embeds: list[torch.Tensor], requests: list[Request]) -> dict:
         """Per-request (T_i, D) -> (B, T_max, D) and a (B, T_max) mask, None if unpadded
         (decided before the loop, so the check reads the device once per batch)."""
         rows = repeat_rows(embeds, requests)
-        t_max = max(e.shape[0] for e in rows)
-        batch = torch.stack(
-            [torch.cat([e, e.new_zeros(t_max - e.shape[0], e.shape[1])]) for e in rows]
-        )
+        batch = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # zeros after each
+        lengths = [e.shape[0] for e in rows]
         mask = None
-        if any(e.shape[0] != t_max for e in rows):
-            mask = torch.stack(
-                [torch.arange(t_max, device=batch.device) < e.shape[0] for e in rows]
-            )
+        if min(lengths) < batch.shape[1]:  # (B, T_max): True = a prompt token
+            positions = torch.arange(batch.shape[1], device=batch.device)
+            mask = positions < torch.tensor(lengths, device=batch.device)[:, None]
         return {"encoder_hidden_states": batch, "encoder_hidden_states_mask": mask}
 
     def _image_shapes(self, request: Request) -> list[tuple[int, int, int]]:
@@ -144,14 +123,6 @@ class QwenImagePipeline(FlowMatchPipeline):
         self.image_tokens(requests, conds, inputs)
         inputs["img_shapes"] = [self._image_shapes(requests[0])] * latents.shape[0]
         return inputs
-
-    # -- decoding (returning rank only) ----------------------------------------
-    def vae_latents(self, job: Job, latents: torch.Tensor) -> torch.Tensor:
-        r = job.requests[0]
-        latents = unpack_latents(latents, r.height, r.width, self.vae_scale_factor)
-        latents = latents.unsqueeze(2).to(self.vae.dtype)  # (B, C, 1, h, w): one frame
-        mean, std = vae_stats(self.vae, latents)
-        return latents / (1.0 / std) + mean
 
 
 class QwenImageEditPipeline(QwenImagePipeline):
@@ -171,24 +142,10 @@ class QwenImageEditPipeline(QwenImagePipeline):
         self.vision_processor = Qwen2VLImageProcessor.from_pretrained(model, subfolder="processor")
         self.tokenizer = AutoTokenizer.from_pretrained(model, subfolder="processor")
 
-    def _dims(self, image: Image.Image, area: int) -> tuple[int, int]:
-        return _edit_dimensions(area, image.size[0] / image.size[1])[:2]
-
-    def request_size(self, params: GenerationParams) -> tuple[int, int]:
-        """The output takes the input image's aspect ratio (the last image's, with several)
-        at the model's area (1024x1024 px), unless the request gives a size."""
-        w, h = self._vae_size(params.images[-1])
-        w = params.width if params.width is not None else w
-        h = params.height if params.height is not None else h
-        return self.rounded_size(w, h)
-
     def extra_key(self, params: GenerationParams) -> tuple:
-        return tuple(self._vae_size(im) for im in params.images)
-
-    def _vae_size(self, image: Image.Image) -> tuple[int, int]:
-        # The area: diffusers' 1024 * 1024 (Edit-Plus: VAE_IMAGE_SIZE, the same), or the
-        # trained size a checkpoint states (_ithaca_defaults)
-        return self._dims(image, self.default_width * self.default_height)
+        # Each image's VAE size at the default area: diffusers' 1024 * 1024 (Edit-Plus:
+        # VAE_IMAGE_SIZE, the same), or the trained size a checkpoint states
+        return tuple(self.input_size(im) for im in params.images)
 
     def _image_shapes(self, request: Request) -> list[tuple[int, int, int]]:
         shapes = super()._image_shapes(request)
@@ -203,27 +160,12 @@ class QwenImageEditPipeline(QwenImagePipeline):
         h, w = latents.shape[3:]
         return pack_latents(latents, 1, self.latent_channels, h, w)
 
-    def _condition_images(self, request: Request):
-        """(images shown to the text encoder, VAE pixel tensors)."""
-        image = request.params.images[0]
+    def encode_images(self, request: Request) -> tuple[list[Image.Image], dict]:
+        """The input image at its VAE size: shown to the text encoder, and its latents."""
         w, h = request.extra_key[0]
-        resized = self.image_processor.resize(image, h, w)
-        return [resized], [self.image_processor.preprocess(resized, h, w).unsqueeze(2)]
-
-    def _user_turn(self, prompt: str, num_images: int) -> str:
-        return prompt
-
-    def condition(self, request: Request) -> dict[str, Any]:
-        p = request.params
-        shown, pixels = self._condition_images(request)
-        n = len(shown)
-        prompt = self.template.format(self._user_turn(p.prompt, n))
-        cond = {"positive": self._encode(prompt, shown)}
-        if request.do_cfg:
-            negative = self.template.format(self._user_turn(p.negative_prompt, n))
-            cond["negative"] = self._encode(negative, shown)
-        cond["image_latents"] = torch.cat([self._encode_image(px) for px in pixels], dim=1)
-        return cond
+        shown = self.image_processor.resize(request.params.images[0], h, w)
+        pixels = self.image_processor.preprocess(shown, h, w).unsqueeze(2)  # (1, 3, 1, H, W)
+        return [shown], {"image_latents": self._encode_image(pixels)}
 
 
 class QwenImageEditPlusPipeline(QwenImageEditPipeline):
@@ -232,16 +174,13 @@ class QwenImageEditPlusPipeline(QwenImageEditPipeline):
     spec = variant("Qwen-Image-Edit-2509", "edit_plus", images=(1, 16))
     template = templates.EDIT_PLUS
 
-    def _dims(self, image: Image.Image, area: int) -> tuple[int, int]:
-        return _plus_dimensions(area, image.size[0] / image.size[1])
-
-    def _condition_images(self, request: Request):
-        shown, pixels = [], []
+    def encode_images(self, request: Request) -> tuple[list[Image.Image], dict]:
+        """Each image shown to the text encoder at ``CONDITION_IMAGE_SIZE`` px; their
+        latents, each at its VAE size, one after the other."""
+        shown, latents = [], []
         for image, (w, h) in zip(request.params.images, request.extra_key, strict=True):
-            cw, ch = self._dims(image, CONDITION_IMAGE_SIZE)
+            cw, ch = self.input_size(image, CONDITION_IMAGE_SIZE)
             shown.append(self.image_processor.resize(image, ch, cw))
-            pixels.append(self.image_processor.preprocess(image, h, w).unsqueeze(2))
-        return shown, pixels
-
-    def _user_turn(self, prompt: str, num_images: int) -> str:
-        return templates.edit_plus_user_turn(num_images, prompt)
+            pixels = self.image_processor.preprocess(image, h, w).unsqueeze(2)
+            latents.append(self._encode_image(pixels))
+        return shown, {"image_latents": torch.cat(latents, dim=1)}

@@ -63,9 +63,6 @@ class StableDiffusion3Pipeline(FlowMatchPipeline):
         super().__init__(model, state, dtype)
         self.multiple = self.vae_scale_factor * self.transformer.config.patch_size
 
-    def latent_hw(self, request):
-        return request.height // self.vae_scale_factor, request.width // self.vae_scale_factor
-
     @torch.no_grad()
     def _clip(self, tokenizer, encoder, text: str):
         ids = self.tokens(text, self.tokenizer.model_max_length, tokenizer).input_ids

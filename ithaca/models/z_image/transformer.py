@@ -44,6 +44,9 @@ calibrate-teacache`` and ship it in the checkpoint's ``ithaca.json``.
 
 from __future__ import annotations
 
+import functools
+from types import SimpleNamespace
+
 import torch
 from diffusers import ZImageTransformer2DModel as _DiffusersZImageTransformer
 
@@ -64,8 +67,8 @@ def _shard(dims: int) -> SequenceParallelInput:
     return SequenceParallelInput(split_dim=1, expected_dims=dims, auto_pad=True)
 
 
-def z_image_sp_plan(n_refiner_layers: int = 2, patches: tuple[str, ...] = ("2-1",)) -> dict:
-    """The plan for a transformer with ``n_refiner_layers`` and final layers ``patches``."""
+def z_image_sp_plan(config) -> dict:
+    """The plan for a transformer of ``config`` (its refiner depth, its final layers)."""
     plan: dict = {}
 
     def add(key: str, specs: dict) -> None:
@@ -73,11 +76,12 @@ def z_image_sp_plan(n_refiner_layers: int = 2, patches: tuple[str, ...] = ("2-1"
 
     add("noise_refiner.0", {"x": _shard(3)})
     add("noise_refiner.*", {"attn_mask": _shard(2), "freqs_cis": _shard(3)})
-    add(f"noise_refiner.{n_refiner_layers - 1}", {0: SequenceParallelOutput(1, expected_dims=3)})
+    last_refiner = f"noise_refiner.{config.n_refiner_layers - 1}"
+    add(last_refiner, {0: SequenceParallelOutput(1, expected_dims=3)})
     add("layers.0", {"x": _shard(3)})
     add("layers.*", {"attn_mask": _shard(2), "freqs_cis": _shard(3)})
-    for patch in patches:
-        add(f"all_final_layer.{patch}", {0: SequenceParallelOutput(1, expected_dims=3)})
+    for p, f in zip(config.all_patch_size, config.all_f_patch_size, strict=True):
+        add(f"all_final_layer.{p}-{f}", {0: SequenceParallelOutput(1, expected_dims=3)})
     return plan
 
 
@@ -102,7 +106,7 @@ every block list; QK norms are per head, so they stay whole. The AdaLN modulatio
 class ZImageTransformer2DModel(_DiffusersZImageTransformer):
     """diffusers' Z-Image transformer with its sequence- and tensor-parallel plans declared."""
 
-    _sp_plan = z_image_sp_plan()
+    _sp_plan = staticmethod(z_image_sp_plan)  # a function of the config
     _tp_plan = Z_IMAGE_TP_PLAN
 
 
@@ -151,27 +155,11 @@ class ZImageParallelAttnProcessor(ParallelProcessor):
         """The caption refiner sees whole, replicated captions: the same processor over
         plain local attention (no collective), so its RoPE is the real form too."""
         processor = self
-        if blocks == "context_refiner":
+        if blocks == "context_refiner":  # a runtime face: attention on this device only
             backend = getattr(self.runtime.attention, "backend", "auto")
-            processor = ZImageParallelAttnProcessor(_LocalAttention(backend))
+            attention = functools.partial(local_attention, backend=backend, need_lse=False)
+            processor = ZImageParallelAttnProcessor(SimpleNamespace(attention=attention))
         getattr(block, name).set_processor(processor)
-
-
-class _LocalAttention:
-    """A runtime face for replicated sequences: ``attention`` on this device only."""
-
-    def __init__(self, backend: str):
-        self.backend = backend
-
-    def attention(self, q, k, v, key_mask=None):  # (B, S, H, D) -> (B, S, H, D), no lse
-        return local_attention(q, k, v, key_mask, backend=self.backend, need_lse=False)
-
-
-def _plan(config) -> dict:
-    patches = tuple(
-        f"{p}-{f}" for p, f in zip(config.all_patch_size, config.all_f_patch_size, strict=True)
-    )
-    return z_image_sp_plan(config.n_refiner_layers, patches)
 
 
 Z_IMAGE_ATTENTION = AttentionLayout(
@@ -184,7 +172,6 @@ Z_IMAGE_ATTENTION = AttentionLayout(
         "context_refiner": ("attention",),
         "layers": ("attention",),
     },
-    plan=_plan,
     check_heads=False,  # the processor pads heads to a multiple of the Ulysses degree
 )
 
