@@ -107,13 +107,40 @@ def load_streamed(
     shard plus one tensor's part.
     """
     from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
 
-    device = torch.device(device)
     directory = component_dir(model, subfolder)
     with init_empty_weights(include_buffers=False):
         module = cls.from_config(cls.load_config(directory))
-    keep_fp32 = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
+    return stream_weights(
+        module,
+        weight_files(directory),
+        device=device,
+        dtype=dtype,
+        window_bytes=window_bytes,
+        shard=shard,
+    )
+
+
+def stream_weights(
+    module: nn.Module,
+    paths: list[str],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    window_bytes: int = 256 << 20,
+    shard: Callable[[nn.Module], nn.Module] | None = None,
+    skip: frozenset[str] = frozenset(),
+) -> nn.Module:
+    """The tensors of the safetensors files ``paths`` into ``module``, built on ``meta``
+    (buffers may be real: those the files lack keep their values), as
+    :func:`load_streamed` says; it is that loader for modules no diffusers config builds
+    (Bagel's). Tensors named in ``skip`` are not read; any other tensor that is not in
+    ``module``, and any parameter (or ``meta`` buffer) the files lack, is a
+    ``ValueError`` naming it."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    device, kind = torch.device(device), type(module).__name__  # (before a shard renames it)
+    keep_fp32 = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
 
     def target(name: str, stored: torch.dtype) -> torch.dtype:
         return _target_dtype(name, stored, dtype, keep_fp32)
@@ -127,12 +154,11 @@ def load_streamed(
     expected = dict(module.named_parameters()) | dict(module.named_buffers())
     slices = getattr(module, "_load_slices", {})  # left by a tensor-parallel shard
     loaded: set[str] = set()
-    for path, f, name, account in _read_windows(weight_files(directory), window_bytes):
+    for path, f, name, account in _read_windows(paths, window_bytes):
+        if name in skip:
+            continue
         if name not in expected:
-            raise ValueError(
-                f"{path}: tensor {name!r} is not a parameter of {cls.__name__}; "
-                f"load this checkpoint with from_pretrained"
-            )
+            raise ValueError(f"{path}: tensor {name!r} is not a parameter or buffer of {kind}")
         param = expected[name]
         tensor = read_part(f, name, param, slices.get(name))
         account(tensor.numel() * tensor.element_size())
@@ -147,10 +173,11 @@ def load_streamed(
         del tensor
         loaded.add(name)
     missing = [n for n, t in module.named_parameters() if n not in loaded or t.is_meta]
+    missing += [n for n, b in buffers.items() if n not in loaded and b.is_meta]
     if missing:
         raise ValueError(
-            f"{directory}: the checkpoint has no weights for {len(missing)} parameter(s) of "
-            f"{cls.__name__}, e.g. {missing[:5]}"
+            f"{os.path.dirname(paths[0])}: the checkpoint has no weights for {len(missing)} "
+            f"parameter(s) of {kind}, e.g. {missing[:5]}"
         )
     # Buffers the checkpoint does not hold (rotary tables, ...) were built on the CPU.
     for name, buf in buffers.items():

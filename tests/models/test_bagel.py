@@ -36,8 +36,7 @@ def parts():
 
     over = loader.overrides(CHECKPOINT)
     model = loader.load_weights(loader.build(CHECKPOINT), CHECKPOINT, torch.float32, "cpu")
-    vae, scale = loader.load_vae(CHECKPOINT, over, "cpu")
-    return model, vae, scale, loader.image_limits(over)
+    return model, loader.load_vae(CHECKPOINT, over, "cpu"), loader.image_limits(over)
 
 
 def run_case(parts, name: str, model=None):
@@ -45,7 +44,7 @@ def run_case(parts, name: str, model=None):
     from ithaca.models.bagel import inputs, sampling
     from ithaca.models.base import seeded_noise
 
-    base, vae, scale, (vae_lim, vit_lim) = parts
+    base, vae, (vae_lim, vit_lim) = parts
     model = model or base
     device = model.vae2llm.weight.device
     case, ref = load_case(name)
@@ -53,21 +52,20 @@ def run_case(parts, name: str, model=None):
     image = None
     if case["task"] == "edit":
         source = Image.open(GOLDEN / "cases" / name / "input.png")
-        image = inputs.encode_image(model, vae, scale, source, vae_lim, vit_lim, "cpu")
-        vit_pos = sampling.latent_positions(*image.vit_grid, 70)
+        image = inputs.encode_image(model, vae, source, vae_lim, vit_lim, "cpu")
+        vit_pos = sampling.latent_positions(*image["vit_grid"], 70)
         assert torch.equal(vit_pos, ref["input.vit_position_ids"])
         assert torch.equal(
-            sampling.latent_positions(*image.vae_grid, 64), ref["input.vae_position_ids"]
+            sampling.latent_positions(*image["vae_grid"], 64), ref["input.vae_position_ids"]
         )
         with torch.no_grad():
-            vit_hidden = model.vit_hidden(image.vit_patches, vit_pos)
+            vit_hidden = model.vit_hidden(image["vit_patches"], vit_pos)
             ours["input.connector_out"] = model.connector(vit_hidden)
         ours["input.vit_hidden"] = vit_hidden
-        ours["input.vit_patches"] = image.vit_patches
-        ours["input.vae_pixels"] = inputs.to_pixels(inputs.resized(source, vae_lim))[None]
-        ours["input.vae_latent"] = sampling.unpatchify(image.vae_tokens, *image.vae_grid)
-    params = dict(case["params"], cfg_interval=tuple(case["params"]["cfg_interval"]))
-    params = sampling.SamplingParams(**params)
+        ours["input.vit_patches"] = image["vit_patches"]
+        ours["input.vae_pixels"] = inputs.to_pixels(inputs.resized(source, vae_lim))
+        ours["input.vae_latent"] = sampling.unpatchify(image["vae_tokens"], *image["vae_grid"])
+    params = sampling.SamplingParams(**case["params"])  # cfg_interval: a JSON list
     block = torch.tensor([321, *case["token_ids"]["prompt"], 322], device=device)
     with torch.no_grad():
         run, segments = model.run, []  # each prefill segment: rows, positions, output
@@ -97,7 +95,7 @@ def run_case(parts, name: str, model=None):
             x = schedule.step(v, t, x, return_dict=False)[0]
         x = x.cpu()
         ours["final.latent_tokens"] = x
-        latent, decoded, u8 = inputs.decode_tokens(vae, scale, x, (h, w))
+        latent, decoded, u8 = inputs.decode_tokens(vae, x, (h, w))
     ours.update({"final.latent": latent, "final.vae_decoded": decoded})
     return case, ref, ours, contexts, segments, u8
 

@@ -116,6 +116,8 @@ def test_resolve_rejects_what_bagel_cannot_do_and_n_images_use_consecutive_seeds
         "unknown Bagel option": dict(model_options={"cfg_scale": 2.0}),
         "both sides <= 1024": dict(width=1040, height=64),
         "timestep_shift": dict(model_options={"timestep_shift": 0.0}),
+        "cfg_img_scale": dict(model_options={"cfg_img_scale": "high"}),  # a 400, not a TypeError
+        "cfg_renorm_type": dict(model_options={"cfg_renorm_type": "per_pixel"}),  # not via HTTP
     }
     for message, fields in bad.items():
         with pytest.raises(ValueError, match=message):

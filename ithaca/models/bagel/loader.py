@@ -2,10 +2,11 @@
 
 Read: ``llm_config.json`` (Qwen2), ``vit_config.json`` (SigLIP), ``ema.safetensors``
 (official key names), ``ae.safetensors`` (FLUX autoencoder key names), the slow Qwen2
-tokenizer files. Like the official loader: q/k-norm on, untied embeddings, the ViT uses
-``num_hidden_layers - 1`` layers. Every key of ``ema.safetensors`` is a parameter or
-buffer of the same name (``language_model.lm_head.weight`` is known and skipped:
-generation never reads logits); a missing or unknown key raises ``ValueError`` naming it.
+tokenizer files. Like the official loader: q/k-norm on, the ViT uses
+``num_hidden_layers - 1`` layers (no head). Every key of ``ema.safetensors`` is a
+parameter or buffer of the same name (``language_model.lm_head.weight`` is known and
+skipped: generation never reads logits); a missing or unknown key raises ``ValueError``
+naming it.
 
 The real checkpoint carries no autoencoder config (FLUX: ch 128, ch_mult 1,2,4,4) and no
 image-transform limits. An override file ``tiny_model.json`` (the golden fixture's
@@ -20,15 +21,15 @@ import os
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
 
 from ithaca.models.bagel.model import Bagel, BagelConfig
+from ithaca.runtime.loading import stream_weights
 
 CHECKPOINT_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors")
 OVERRIDES_FILE = "tiny_model.json"
 SKIPPED_KEYS = frozenset({"language_model.lm_head.weight"})
 FLUX_VAE = {"ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "z_channels": 16}
-FLUX_SCALE, FLUX_SHIFT = 0.3611, 0.1159
+FLUX_LATENTS = {"scale_factor": 0.3611, "shift_factor": 0.1159}
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,10 @@ def is_bagel_checkpoint(path: str) -> bool:
     try:
         from huggingface_hub import file_exists, try_to_load_from_cache
 
-        def present(name: str) -> bool:  # the local hub cache first (HF_HUB_OFFLINE=1)
-            return isinstance(try_to_load_from_cache(path, name), str) or file_exists(path, name)
-
-        return all(present(f) for f in CHECKPOINT_FILES)
+        return all(  # the local hub cache first (HF_HUB_OFFLINE=1)
+            isinstance(try_to_load_from_cache(path, f), str) or file_exists(path, f)
+            for f in CHECKPOINT_FILES
+        )
     except Exception:  # offline and not cached, or not a repository name
         return False
 
@@ -75,63 +76,36 @@ def build(path: str) -> Bagel:
     """The network with the checkpoint's sizes, on the meta device (no memory)."""
     from transformers import Qwen2Config, SiglipVisionConfig
 
-    with open(os.path.join(path, "llm_config.json")) as f:
-        llm = Qwen2Config(**{**json.load(f), "tie_word_embeddings": False})
-    with open(os.path.join(path, "vit_config.json")) as f:
-        vit_json = json.load(f)
-    vit_json["num_hidden_layers"] -= 1  # the official loader drops the last layer
-    vit = SiglipVisionConfig(**vit_json, vision_use_head=False)
+    llm = Qwen2Config.from_json_file(os.path.join(path, "llm_config.json"))
+    vit = SiglipVisionConfig.from_json_file(os.path.join(path, "vit_config.json"))
+    vit.num_hidden_layers -= 1  # the official loader drops the last layer
     vit._attn_implementation = "sdpa"
     with torch.device("meta"):
         return Bagel(llm, vit, BagelConfig())
 
 
 def load_weights(model: Bagel, path: str, dtype: torch.dtype, device, shard=None) -> Bagel:
-    """Every tensor of ``ema.safetensors`` into ``model`` (on ``meta``); missing / unknown
-    keys raise.
-
-    ``shard`` (HSDP's ``apply_hsdp_to_model`` bound to its mesh, or tensor parallel's
-    :func:`ithaca.parallel.tensor.split_weights`) splits ``model`` while it is still on
-    ``meta``; each rank then allocates and reads only the rows (HSDP) or pieces (the
-    ``_load_slices`` tensor parallel records) it keeps
-    (:func:`ithaca.runtime.loading.read_part`): its peak is its shard plus one tensor."""
-    from torch.distributed.tensor import DTensor
-
-    from ithaca.runtime.loading import read_part
-
-    wanted = set(model.state_dict())
-    with safe_open(os.path.join(path, "ema.safetensors"), "pt", device="cpu") as f:
-        keys = set(f.keys())
-        missing, unknown = sorted(wanted - keys), sorted(keys - wanted - SKIPPED_KEYS)
-        if missing or unknown:
-            raise ValueError(
-                f"{path}/ema.safetensors does not match Bagel: missing keys {missing}, "
-                f"unknown keys {unknown}"
-            )
-        model = model.to(dtype)  # on meta: nothing allocated yet
-        model = shard(model) if shard is not None else model
-        model.to_empty(device=device)  # this rank's part (every tensor is in the file)
-        targets = dict(model.named_parameters()) | dict(model.named_buffers())
-        pieces = getattr(model, "_load_slices", {})  # tensor parallel: name -> (dim, start, n)
-        with torch.no_grad():
-            for key in wanted:
-                target = targets[key]
-                local = target.to_local() if isinstance(target, DTensor) else target
-                local.copy_(read_part(f, key, target, pieces.get(key)))
-    return model.eval().requires_grad_(False)
+    """Every tensor of ``ema.safetensors`` into ``model`` (on ``meta``), streamed as the
+    diffusers families' transformers are (:func:`ithaca.runtime.loading.stream_weights`:
+    a missing or unknown key raises; ``shard``, HSDP's or tensor parallel's hook, splits
+    the model on ``meta`` so each rank reads only the part it keeps)."""
+    files = [os.path.join(path, "ema.safetensors")]
+    model = stream_weights(
+        model.to(dtype), files, device=device, dtype=dtype, shard=shard, skip=SKIPPED_KEYS
+    )
+    return model.requires_grad_(False)
 
 
 def load_vae(path: str, over: dict, device):
-    """diffusers' ``AutoencoderKL`` from ``ae.safetensors`` (fp32, FLUX key names)."""
+    """diffusers' ``AutoencoderKL`` from ``ae.safetensors`` (fp32, FLUX key names), its
+    config holding the latent scale and shift."""
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     from safetensors.torch import load_file
 
-    p = {**FLUX_VAE, **over.get("vae_params", {})}
+    p = {**FLUX_VAE, **FLUX_LATENTS, **over.get("vae_params", {})}
     n = len(p["ch_mult"])
     vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=tuple(p["ch"] * m for m in p["ch_mult"]),
@@ -140,11 +114,12 @@ def load_vae(path: str, over: dict, device):
         norm_num_groups=over.get("vae_group_norm_groups", 32),
         use_quant_conv=False,
         use_post_quant_conv=False,
+        scaling_factor=p["scale_factor"],
+        shift_factor=p["shift_factor"],
     )
     state = convert_ldm_vae_checkpoint(load_file(os.path.join(path, "ae.safetensors")), vae.config)
     vae.load_state_dict(state, strict=True)
-    scale = p.get("scale_factor", FLUX_SCALE), p.get("shift_factor", FLUX_SHIFT)
-    return vae.to(device).eval().requires_grad_(False), scale
+    return vae.to(device).eval().requires_grad_(False)
 
 
 def image_limits(over: dict) -> tuple[ImageLimits, ImageLimits]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import get_timestep_embedding
+from diffusers.models.embeddings import Timesteps
 from torch import nn
 from transformers import Qwen2Config, SiglipVisionConfig
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, apply_rotary_pos_emb
@@ -82,11 +82,9 @@ class MoTAttention(nn.Module):
             v = torch.cat([seg.past[layer][1], v], dim=2)
         if seg.store is not None:
             seg.store.append((k, v))
-        mask = None
-        if seg.causal:  # query i sees keys j <= L + i
-            total = k.shape[2]
-            rows = torch.arange(s, device=x.device)[:, None] + (total - s)
-            mask = torch.arange(total, device=x.device)[None, :] <= rows
+        mask = None  # causal: query i sees keys j <= L + i (the cache's L = total - s)
+        if seg.causal:
+            mask = torch.ones(s, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - s)
         # GQA without copying the cache: query head h reads KV head h // (heads / kv_heads)
         out = F.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(1, s, self.heads * self.head_dim)
@@ -141,14 +139,6 @@ class MoTModel(nn.Module):
         for layer in self.layers:
             hidden_states = layer(hidden_states, segment)
         return routed(hidden_states, self.norm, self.norm_moe_gen, segment.gen)
-
-
-def _tree(**children: nn.Module) -> nn.Module:
-    """A plain container, so that parameter names follow the checkpoint's key names."""
-    module = nn.Module()
-    for name, child in children.items():
-        module.add_module(name, child)
-    return module
 
 
 def _table(rows: int, dim: int) -> nn.Module:
@@ -239,22 +229,25 @@ class Bagel(nn.Module):
         self.cfg = cfg
         self.vit_patch_size = vit.patch_size
         d = llm.hidden_size
-        self.language_model = _tree(model=MoTModel(llm))
+        self.language_model = nn.ModuleDict(dict(model=MoTModel(llm)))  # the checkpoint's key names
         t_dim = cfg.timestep_embed_frequency_dim  # Linear-SiLU-Linear over the sinusoid
+        self.sinusoid = Timesteps(t_dim, flip_sin_to_cos=True, downscale_freq_shift=0)  # DiT's
         mlp = nn.Sequential(nn.Linear(t_dim, d), nn.SiLU(), nn.Linear(d, d))
-        self.time_embedder = _tree(mlp=mlp)
+        self.time_embedder = nn.ModuleDict(dict(mlp=mlp))
         patch = cfg.latent_patch_size**2 * cfg.latent_channels
         self.vae2llm, self.llm2vae = nn.Linear(patch, d), nn.Linear(d, patch)
         self.latent_pos_embed = _table(cfg.max_latent_size**2, d)
         vit_positions = cfg.vit_max_num_patch_per_side**2
         p = vit.patch_size
-        embeddings = _tree(  # the checkpoint stores the patch conv as a Linear (row, col, RGB)
+        embeddings = dict(  # the checkpoint stores the patch conv as a Linear (row, col, RGB)
             patch_embedding=nn.Linear(p * p * vit.num_channels, vit.hidden_size),
             position_embedding=nn.Embedding(vit_positions, vit.hidden_size),
         )
         post = nn.LayerNorm(vit.hidden_size, eps=vit.layer_norm_eps)
-        vision = _tree(embeddings=embeddings, encoder=SiglipEncoder(vit), post_layernorm=post)
-        self.vit_model = _tree(vision_model=vision)
+        vision = dict(
+            embeddings=nn.ModuleDict(embeddings), encoder=SiglipEncoder(vit), post_layernorm=post
+        )
+        self.vit_model = nn.ModuleDict(dict(vision_model=nn.ModuleDict(vision)))
         self.connector = nn.Sequential(  # fc1 -> gelu(tanh) -> fc2
             OrderedDict(fc1=nn.Linear(vit.hidden_size, d), act=nn.GELU("tanh"), fc2=nn.Linear(d, d))
         )
@@ -266,11 +259,8 @@ class Bagel(nn.Module):
 
     def t_emb(self, t: torch.Tensor) -> torch.Tensor:
         """Raw t in [0, 1] -> (1, D): DiT sinusoid, cos first, then Linear-SiLU-Linear."""
-        dim = self.cfg.timestep_embed_frequency_dim
-        freq = get_timestep_embedding(
-            t.reshape(1), dim, flip_sin_to_cos=True, downscale_freq_shift=0
-        )
-        return self.time_embedder.mlp(freq.to(self.vae2llm.weight.dtype))
+        freq = self.sinusoid(t.reshape(1)).to(self.vae2llm.weight.dtype)
+        return self.time_embedder.mlp(freq)
 
     def embed_latents(self, x: torch.Tensor, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Latent tokens (N, p*p*C) at time t -> decoder rows (N, D)."""

@@ -14,21 +14,9 @@ input image), more than one input image, sequence or CFG parallelism (every bran
 attends to its own KV cache: a layout that asks for either is refused at load, unless
 with ``use_hsdp`` or tensor parallelism).
 
-Tensor parallel (``tensor_parallel_size`` P, ``Bagel._tp_plan``): each rank reads and
-keeps 1/P of every decoder layer (both experts: q/k/v by heads, GQA's KV heads too, the
-SwiGLU MLP) and of every SigLIP layer; the split layers' outputs are all-reduced over the
-tp group, so every rank of it runs the whole request on the same hidden states (prefill,
-every branch, every step) and the KV caches hold each rank's KV heads. Beside P, the
-sequence / CFG axes of the replica compute redundantly (each tp group the whole request,
-logged as a warning): what "TP 2 x Ulysses 2" is for Bagel. TP with ``use_hsdp`` is
-refused by ``ParallelConfig`` (both split the weights).
-
-HSDP (``use_hsdp``): the weights are split over the replica's ranks (the units of
-``Bagel._hsdp_units``: each decoder layer with both experts, each ViT layer, the
-embedders), and every rank of the replica runs the whole request - prefill, every branch,
-every step - so each all-gathers the same units in the same order and computes what one
-rank computes; the returning rank decodes. The replica is formed by any of
-``ulysses_degree`` / ``ring_degree`` / ``cfg_parallel_size``, none of which splits work here.
+Tensor parallel (``Bagel._tp_plan``) and HSDP (``use_hsdp``, ``Bagel._hsdp_units``) split
+the weights over ranks that each run the whole request (prefill, every branch, every
+step); a replica's sequence / CFG axes compute redundantly (docs/parallel.md, "Bagel").
 Step caches wrap the decoder layers during generation only (not the prefill), with one
 state per image and CFG branch; the TeaCache indicator is the first layer's gen-expert
 input norm.
@@ -37,8 +25,8 @@ input norm.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-import os
 from typing import Any
 
 import torch
@@ -50,13 +38,13 @@ from ithaca.models.bagel import inputs, loader, sampling
 from ithaca.models.base import DenoisingPipeline, seeded_noise, split_images
 from ithaca.parallel import ParallelState
 from ithaca.parallel.tensor import apply_tensor_parallel
+from ithaca.runtime.loading import component_dir
 from ithaca.runtime.loop import Job, Request
 from ithaca.runtime.progress import up_block_chunks
 from ithaca.types import GenerationParams, ParamError
 
 logger = logging.getLogger(__name__)
 _OPTIONS = {f.name for f in dataclasses.fields(sampling.SamplingParams)}
-_FILES = ["*.json", "*.safetensors", "vocab.json", "merges.txt"]
 TINY_FIXTURE_COEFFICIENTS = (
     -3251.234782124325,
     684.2727096654733,
@@ -76,11 +64,8 @@ def gen_input_norm(layer: torch.nn.Module, args: dict) -> torch.Tensor:
 
 
 class BagelPipeline(DenoisingPipeline):
-    default_width = 1024
-    default_height = 1024
     default_steps = sampling.SamplingParams.num_timesteps - 1
     default_true_cfg_scale = sampling.SamplingParams.cfg_text_scale
-    family_name = "Bagel"
     joins_mid_run = False  # no step batches: each request attends to its own KV caches
     compile_refusal = (  # measured: docs/performance.md, "--compile and Bagel"
         "Bagel: its decoder layers recompile per layer and per segment shape (prefill, "
@@ -107,11 +92,7 @@ class BagelPipeline(DenoisingPipeline):
                 "would serve more requests with the same ranks",
                 state.tp.size, state.sp.size, state.cfg.size,
             )  # fmt: skip
-        if not os.path.isdir(model):
-            from huggingface_hub import snapshot_download
-
-            model = snapshot_download(model, allow_patterns=_FILES)
-        self.model_dir = model
+        self.model_dir = model = component_dir(model, None)  # a hub id: fetched, as any family
         over = loader.overrides(model)
         net = loader.build(model)  # on meta; HSDP / TP: each rank reads only its part
         shard = self.weight_shard(type(net))
@@ -120,7 +101,7 @@ class BagelPipeline(DenoisingPipeline):
         self.runtime = None  # no sequence-parallel runtime (the step caches' padding)
         # TP: the split layers' hooks, local head counts (marks the pipeline as split)
         self.transformer._ithaca_tp = apply_tensor_parallel(self.net, state, "Bagel")
-        self.vae, self.vae_scale = loader.load_vae(model, over, self.device)  # fp32
+        self.vae = loader.load_vae(model, over, self.device)  # fp32
         self.limits = loader.image_limits(over)
         self.tokenizer = Qwen2Tokenizer.from_pretrained(model)  # the slow one, as official
         ids = self.tokenizer.convert_tokens_to_ids
@@ -143,18 +124,10 @@ class BagelPipeline(DenoisingPipeline):
             raise ParamError(
                 unknown[0], f"unknown Bagel option(s) {unknown}; known: {sorted(_OPTIONS)}"
             )
-        scale = next(
-            (v for v in (params.true_cfg_scale, params.guidance_scale) if v is not None), None
-        )
-        if "cfg_text_scale" not in options and scale is not None:
-            options["cfg_text_scale"] = float(scale)  # the generic CFG fields, Bagel's name
-        if "num_timesteps" not in options:
-            options["num_timesteps"] = steps + 1
-        if "cfg_interval" in options:
-            options["cfg_interval"] = tuple(float(v) for v in options["cfg_interval"])
-            if len(options["cfg_interval"]) != 2:
-                message = f"cfg_interval ({list(options['cfg_interval'])}) needs 2 values"
-                raise ParamError("cfg_interval", message)
+        generic = [s for s in (params.true_cfg_scale, params.guidance_scale) if s is not None]
+        if generic:  # the generic CFG fields stand for Bagel's text scale
+            options.setdefault("cfg_text_scale", float(generic[0]))
+        options.setdefault("num_timesteps", steps + 1)
         try:
             spec = sampling.SamplingParams(**options)
         except ValueError as exc:  # its messages start with the field's name
@@ -165,11 +138,9 @@ class BagelPipeline(DenoisingPipeline):
             w, h = self.rounded_size(params.width, params.height)
         if max(w, h) > self.max_side:
             raise ParamError("size", f"size ({w}x{h}) must have both sides <= {self.max_side}")
-        scale = spec.cfg_text_scale
-        lora = self.resolve_lora(params)
+        steps, scale, lora = spec.num_timesteps - 1, spec.cfg_text_scale, self.resolve_lora(params)
         # do_cfg False: the loop's two-branch CFG is off, ``predict`` runs Bagel's branches
-        return Request(params, w, h, spec.num_timesteps - 1, scale, False, params.seed, (spec,),
-                       lora)  # fmt: skip
+        return Request(params, w, h, steps, scale, False, params.seed, (spec,), lora)
 
     def guides(self, request: Request) -> bool:
         """Bagel's own branches (``do_cfg`` stays False: the loop's two-branch CFG is off)."""
@@ -186,10 +157,7 @@ class BagelPipeline(DenoisingPipeline):
         block = torch.tensor(ids, device=self.device)
         image = None
         if p.images:
-            image = inputs.encode_image(
-                self.net, self.vae, self.vae_scale, p.images[0], *self.limits, self.device
-            )
-            image = dict(vars(image))  # tensors and grids: what the broadcast carries
+            image = inputs.encode_image(self.net, self.vae, p.images[0], *self.limits, self.device)
         return {"prompt_block": block, "image": image}
 
     @torch.no_grad()
@@ -206,8 +174,9 @@ class BagelPipeline(DenoisingPipeline):
         shape = (grid[0] * grid[1], self.net.llm2vae.out_features)
         queries, noise = [], []  # per image row
         for r, c in zip(requests, conds, strict=True):
-            image = c["image"] and sampling.ImageInputs(**c["image"])
-            contexts = sampling.build_contexts(self.net, c["prompt_block"], self.markers, image)
+            contexts = sampling.build_contexts(
+                self.net, c["prompt_block"], self.markers, c["image"]
+            )
             n = r.params.num_images
             queries += [sampling.Query(contexts, pos, spec, guided, self.markers)] * n
             image_seeds = range(c["seed"], c["seed"] + n)
@@ -223,21 +192,15 @@ class BagelPipeline(DenoisingPipeline):
         i, cache, out = job.step, self.step_cache, []
         for k, (query, x) in enumerate(zip(job.inputs["queries"], job.latents, strict=True)):
             rows = [Rows(k, -1, i, len(job.timesteps))]  # image k: its own state per branch
-
-            def call(branch: int, fn, rows=rows):
-                if cache is None:
-                    return fn()
-                with cache.step(i, branch, rows):
-                    return fn()
-
-            out.append(query.velocity(self.net, x, t, i, call)[0])
+            scope = None if cache is None else functools.partial(cache.step, i, rows=rows)
+            out.append(query.velocity(self.net, x, t, i, scope)[0])
         return torch.stack(out)
 
     @torch.no_grad()
     def decode(self, job: Job, latents: torch.Tensor) -> list[list[Image.Image]]:
         """Each image on its own (bit for bit what it decodes alone)."""
         grid = job.inputs["grid"]
-        u8 = [inputs.decode_tokens(self.vae, self.vae_scale, x, grid)[2] for x in latents]
+        u8 = [inputs.decode_tokens(self.vae, x, grid)[2] for x in latents]
         return split_images([Image.fromarray(u.cpu().numpy()) for u in u8], job.requests)
 
     def decode_chunks(self, job: Job, latents: torch.Tensor):
@@ -250,11 +213,7 @@ class BagelPipeline(DenoisingPipeline):
 
     # -- step caches --------------------------------------------------------------
     def cache_adapter(self) -> BlockCacheAdapter:
+        fitted = checkpoint_coefficients(self.model_dir, TINY_FIXTURE_COEFFICIENTS)
         return BlockCacheAdapter(
-            blocks="layers",
-            returns="hidden",
-            modulated_input=gen_input_norm,
-            teacache_coefficients=checkpoint_coefficients(
-                self.model_dir, TINY_FIXTURE_COEFFICIENTS
-            ),
+            "layers", returns="hidden", modulated_input=gen_input_norm, teacache_coefficients=fitted
         )

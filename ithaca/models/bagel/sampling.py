@@ -13,12 +13,14 @@ Conventions (those of the official inferencer; ``../shared/bagel-golden/README.m
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ithaca.models.bagel.model import Bagel
+from ithaca.models.spec import plain_cfg
 
 RENORM_TYPES = ("global", "channel", "text_channel")
 
@@ -72,18 +74,6 @@ def unpatchify(tokens: torch.Tensor, h: int, w: int, c: int = 16, p: int = 2) ->
     return x.reshape(1, c, h * p, w * p)
 
 
-def velocity(
-    model: Bagel, ctx: Context, x: torch.Tensor, t: torch.Tensor, pos: torch.Tensor, markers
-) -> torch.Tensor:
-    """One branch's velocity (N, p*p*C) of latent tokens ``x`` (N, p*p*C) at time ``t``
-    under context ``ctx``; ``markers`` = (vision start id, vision end id)."""
-    rows = marker_block(model, model.embed_latents(x, t, pos), *markers)
-    n = x.shape[0]
-    positions = torch.full((n + 2,), ctx.next_pos, device=x.device)
-    hidden = model.run(rows, positions, slice(1, n + 1), causal=False, past=ctx.kv)
-    return model.llm2vae(hidden[1 : n + 1])
-
-
 def scheduler(params: SamplingParams, device=None) -> FlowMatchEulerDiscreteScheduler:
     """diffusers' flow-matching Euler scheduler on Bagel's schedule: ``t = s*u / (1 +
     (s-1)*u)`` over ``u = linspace(1, 0, num_timesteps)`` (the final 0 is the scheduler's
@@ -103,24 +93,22 @@ def guided(t: float, params: SamplingParams) -> bool:
 
 def _renorm(v_c: torch.Tensor, a: torch.Tensor, per_token: bool, floor: float) -> torch.Tensor:
     """``a * clamp(|v_c| / (|a| + 1e-8), floor, 1)``, norms over all or per token."""
-    if per_token:
-        ratio = v_c.norm(dim=-1, keepdim=True) / (a.norm(dim=-1, keepdim=True) + 1e-8)
-    else:
-        ratio = v_c.norm() / (a.norm() + 1e-8)
-    return a * ratio.clamp(min=floor, max=1.0)
+    over = {"dim": -1, "keepdim": True} if per_token else {}
+    return a * (v_c.norm(**over) / (a.norm(**over) + 1e-8)).clamp(min=floor, max=1.0)
 
 
 def combine(v: dict[str, torch.Tensor], p: SamplingParams) -> torch.Tensor:
-    """Bagel's CFG of the branch velocities ``v``: text guidance, then image guidance (if
-    ``cfg_img_scale`` > 1), renormed to the cond velocity's norm."""
-    v_cond, v_text, v_img = v["cond"], v["cfg_text"], v.get("cfg_img")
-    a = v_text + p.cfg_text_scale * (v_cond - v_text)
-    if p.cfg_renorm_type == "text_channel":
-        a = _renorm(v_cond, a, True, p.cfg_renorm_min)
-        return v_img + p.cfg_img_scale * (a - v_img) if p.cfg_img_scale > 1.0 else a
-    if p.cfg_img_scale > 1.0:
-        a = v_img + p.cfg_img_scale * (a - v_img)
-    return _renorm(v_cond, a, p.cfg_renorm_type == "channel", p.cfg_renorm_min)
+    """Bagel's CFG of the branch velocities ``v`` (:func:`plain_cfg` twice): text guidance,
+    then image guidance (if a ``cfg_img`` velocity ran), renormed to the cond velocity's
+    norm (``text_channel``: per token, in between)."""
+    text_channel = p.cfg_renorm_type == "text_channel"
+    a = plain_cfg(v["cond"], v["cfg_text"], p.cfg_text_scale)
+    if text_channel:
+        a = _renorm(v["cond"], a, True, p.cfg_renorm_min)
+    a = plain_cfg(a, v.get("cfg_img"), p.cfg_img_scale)  # without cfg_img: a itself
+    if not text_channel:
+        a = _renorm(v["cond"], a, p.cfg_renorm_type == "channel", p.cfg_renorm_min)
+    return a
 
 
 @dataclass(frozen=True)
@@ -143,16 +131,22 @@ class SamplingParams:
     """Schedule length; the model runs ``num_timesteps - 1`` steps."""
 
     def __post_init__(self):
-        lo, hi = self.cfg_interval
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"cfg_interval ({[lo, hi]}) must satisfy 0 <= lo <= hi <= 1")
+        try:  # a JSON list (a request) as well as a tuple
+            interval = tuple(float(v) for v in self.cfg_interval)
+        except (TypeError, ValueError):
+            interval = ()
+        if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
+            message = f"cfg_interval ({self.cfg_interval!r}) must be [lo, hi], 0 <= lo <= hi <= 1"
+            raise ValueError(message)
+        object.__setattr__(self, "cfg_interval", interval)
         if self.cfg_renorm_type not in RENORM_TYPES:
             raise ValueError(
                 f"cfg_renorm_type ({self.cfg_renorm_type!r}) must be one of {RENORM_TYPES}"
             )
-        for name in ("cfg_text_scale", "cfg_img_scale", "cfg_renorm_min"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} ({getattr(self, name)!r}) must be >= 0")
+        for name in ("cfg_text_scale", "cfg_img_scale", "cfg_renorm_min", "timestep_shift"):
+            value = getattr(self, name)  # from a request: any JSON value
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise ValueError(f"{name} ({value!r}) must be a number >= 0")
         if not self.timestep_shift > 0:
             raise ValueError(f"timestep_shift ({self.timestep_shift!r}) must be > 0")
         if not isinstance(self.num_timesteps, int) or self.num_timesteps < 2:
@@ -162,20 +156,9 @@ class SamplingParams:
 BRANCHES = ("cond", "cfg_text", "cfg_img")
 
 
-@dataclass
-class ImageInputs:
-    """An edit's input image as Bagel sees it (already resized)."""
-
-    vae_tokens: torch.Tensor
-    """Clean latent tokens (n, p*p*C) in the scaled latent space."""
-    vae_grid: tuple[int, int]
-    vit_patches: torch.Tensor
-    """SigLIP patch rows (m, p*p*3)."""
-    vit_grid: tuple[int, int]
-
-
 def build_contexts(model: Bagel, prompt_block: torch.Tensor, markers, image=None) -> dict:
-    """The three contexts: cond = [image] + text, cfg_text = [image], cfg_img = text.
+    """The three contexts: cond = [image] + text, cfg_text = [image], cfg_img = text;
+    ``image``: an edit's input (:func:`ithaca.models.bagel.inputs.encode_image`).
 
     In text-to-image the cfg_img context is the cond context itself (identical prefill).
     """
@@ -183,12 +166,12 @@ def build_contexts(model: Bagel, prompt_block: torch.Tensor, markers, image=None
     if image is not None:
         cfg = model.cfg
         device = prompt_block.device
-        pos = latent_positions(*image.vae_grid, cfg.max_latent_size, device)
+        pos = latent_positions(*image["vae_grid"], cfg.max_latent_size, device)
         zero = torch.zeros((), device=device)
-        lat = marker_block(model, model.embed_latents(image.vae_tokens, zero, pos), *markers)
+        lat = marker_block(model, model.embed_latents(image["vae_tokens"], zero, pos), *markers)
         ctx = ctx.prefill(model, lat, slice(1, lat.shape[0] - 1), causal=False, span=1)
-        pos = latent_positions(*image.vit_grid, cfg.vit_max_num_patch_per_side, device)
-        vit = marker_block(model, model.embed_vit(image.vit_patches, pos), *markers)
+        pos = latent_positions(*image["vit_grid"], cfg.vit_max_num_patch_per_side, device)
+        vit = marker_block(model, model.embed_vit(image["vit_patches"], pos), *markers)
         ctx = ctx.prefill(model, vit, None, causal=False, span=1)
     rows = model.llm.embed_tokens(prompt_block)
     n = prompt_block.shape[0]
@@ -213,23 +196,22 @@ class Query:
     markers: tuple[int, int]
     """The ``<|vision_start|>`` and ``<|vision_end|>`` ids."""
 
-    def velocity(self, model: Bagel, x, t, i: int, call=None) -> tuple[torch.Tensor, dict]:
-        """The velocity the Euler step of step ``i`` (time ``t``) takes, fp32, and every
-        branch's: cond and, if guided, the guidance branches, combined (:func:`combine`).
-        ``call(branch index, fn)`` wraps each branch's forward (step caches). In
-        text-to-image the cfg_img context is the cond one: its velocity is not rerun."""
-        on, p, contexts = self.guided[i], self.params, self.contexts
-        shared_img = contexts["cfg_img"] is contexts["cond"]
-        names = ["cond", "cfg_text"] if on else ["cond"]
-        if on and p.cfg_img_scale > 1.0 and not shared_img:
-            names.append("cfg_img")
+    def velocity(self, model: Bagel, x, t, i: int, scope=None) -> tuple[torch.Tensor, dict]:
+        """The velocity (N, p*p*C) the Euler step of step ``i`` (time ``t``) takes, fp32,
+        and every branch's, for latent tokens ``x`` (N, p*p*C): cond and, if guided, the
+        guidance branches, combined (:func:`combine`); the query block is embedded once for
+        all. ``scope(branch index)`` brackets each branch's decoder run (step caches). In
+        text-to-image the cfg_img context is the cond one: not rerun."""
+        on, p, n = self.guided[i], self.params, x.shape[0]
+        rows = marker_block(model, model.embed_latents(x, t, self.pos), *self.markers)
         v = {}
-        for name in names:
-
-            def fn(name=name):
-                return velocity(model, contexts[name], x, t, self.pos, self.markers).float()
-
-            v[name] = call(BRANCHES.index(name), fn) if call else fn()
-        if on and p.cfg_img_scale > 1.0 and shared_img:
-            v["cfg_img"] = v["cond"]  # identical context: identical velocity
+        for b, name in enumerate(BRANCHES[: 1 if not on else 3 if p.cfg_img_scale > 1 else 2]):
+            ctx = self.contexts[name]
+            if name == "cfg_img" and ctx is self.contexts["cond"]:
+                v[name] = v["cond"]  # identical context: identical velocity
+                continue
+            positions = torch.full((n + 2,), ctx.next_pos, device=x.device)
+            with scope(b) if scope else contextlib.nullcontext():
+                hidden = model.run(rows, positions, slice(1, n + 1), causal=False, past=ctx.kv)
+            v[name] = model.llm2vae(hidden[1 : n + 1]).float()
         return (combine(v, p) if on else v["cond"]), v
