@@ -14,8 +14,8 @@
 The test process and every process it starts compute with one intra-op thread: the
 models are tiny, and on 2 cores shared with pool ranks, servers and other jobs a second
 OpenMP thread only spin-waits (a tiny diffusers run took 36 s with 2 threads against 2.3 s
-with 1 on a loaded machine). scripts/test runs the suite on 2 xdist workers and then the
-tests marked ``serial`` alone (docs/testing.md).
+with 1 on a loaded machine). ``ITHACA_TEST_WORKERS=2 bash scripts/test`` runs the suite on
+2 xdist workers and then the tests marked ``serial`` alone (docs/testing.md).
 """
 
 import contextlib
